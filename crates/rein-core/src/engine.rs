@@ -1,0 +1,672 @@
+//! The run engine: a deterministic ReAct state machine with no I/O.
+//!
+//! The engine does two things. [`Engine::apply`] folds one recorded [`Event`] into the run's
+//! state; [`Engine::next_effect`] looks at that state (and the time, passed in) and says what
+//! must happen next as an [`Effect`] value. The driver executes effects, records their outcomes
+//! as events and feeds them back. Because state is only ever changed by events, replaying a
+//! run's log through `apply` rebuilds the exact state it had: that is checkpoint and resume.
+//!
+//! Limits are enforced here, not in the driver: before every model call the worst case
+//! (estimated input + `max_output_tokens`, priced) is checked against the remaining tokens and
+//! money, so the call that would cross a cap is never made; after every call the actual usage
+//! is checked again.
+
+use crate::Usd;
+use crate::event::{Event, EventKind};
+use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
+use crate::run::{RunStatus, TerminationReason};
+use crate::spec::Agent;
+use crate::tool::{ErrorType, ToolResult};
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// How many times the model is asked to repair a final answer that fails the output schema.
+pub const MAX_OUTPUT_REPAIRS: u32 = 2;
+
+/// A model call the engine wants made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelCall {
+    /// Step number.
+    pub step: u32,
+    /// `provider/model`.
+    pub model: String,
+    /// Estimated input tokens (see [`estimate_tokens`]).
+    pub estimated_input_tokens: u64,
+    /// Output cap of the call.
+    pub max_output_tokens: u32,
+    /// Worst-case cost: estimated input plus the full output cap, priced.
+    pub worst_case_cost: Usd,
+}
+
+impl ModelCall {
+    /// The event that records this call before it is made.
+    pub fn requested(&self) -> EventKind {
+        EventKind::ModelRequested {
+            step: self.step,
+            model: self.model.clone(),
+            estimated_input_tokens: self.estimated_input_tokens,
+            max_output_tokens: self.max_output_tokens,
+            worst_case_cost: self.worst_case_cost,
+        }
+    }
+}
+
+/// A validated tool call the engine wants made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolInvocation {
+    /// Step number.
+    pub step: u32,
+    /// The model's id for the call.
+    pub call_id: String,
+    /// Tool name (known to the agent).
+    pub tool: String,
+    /// Arguments, valid against the tool's input schema.
+    pub arguments: Value,
+}
+
+impl ToolInvocation {
+    /// The event that records this call before it is made.
+    pub fn requested(&self) -> EventKind {
+        EventKind::ToolRequested {
+            step: self.step,
+            call_id: self.call_id.clone(),
+            tool: self.tool.clone(),
+            arguments: self.arguments.clone(),
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Record [`ModelCall::requested`], call the model with [`Engine::messages`], record the
+    /// outcome (`model_responded` or `model_failed`).
+    CallModel(ModelCall),
+    /// Record [`ToolInvocation::requested`], call the tool under its contract, record the
+    /// `tool_result`.
+    CallTool(ToolInvocation),
+    /// Record this event as it is: the engine decided it without outside input (a refused tool
+    /// call, the end of the run).
+    Record(EventKind),
+}
+
+/// A decided but not yet recorded end of the run.
+#[derive(Clone, Debug, PartialEq)]
+struct Finish {
+    reason: TerminationReason,
+    detail: Option<String>,
+    output: Option<Value>,
+}
+
+/// Why a log could not be replayed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The first event is not `run_started`, or `run_started` appears twice.
+    #[error("event {seq}: a run log must begin with exactly one run_started")]
+    BadStart {
+        /// Offending event.
+        seq: u64,
+    },
+    /// An event arrived after `run_finished`.
+    #[error("event {seq}: the run had already finished")]
+    AfterFinish {
+        /// Offending event.
+        seq: u64,
+    },
+}
+
+/// The state of one run, rebuilt from its events.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    agent: Arc<Agent>,
+    tool_definitions: Vec<ToolDefinition>,
+    fixed_tokens: u64,
+    started_ms: Option<i64>,
+    messages: Vec<Message>,
+    message_tokens: u64,
+    step: u32,
+    iterations: u32,
+    usage: Usage,
+    cost: Usd,
+    tool_calls: u32,
+    calls_per_tool: HashMap<String, u32>,
+    repeated_calls: HashMap<(String, String), u32>,
+    pending_tools: VecDeque<ToolCall>,
+    model_in_flight: bool,
+    repairs: u32,
+    finish: Option<Finish>,
+    finished: Option<(RunStatus, TerminationReason)>,
+    output: Option<Value>,
+}
+
+/// A conservative token estimate for text: one token per 3 UTF-8 bytes, rounded up.
+///
+/// Tokenizers for the OpenAI and Anthropic families average about 4 bytes per token on English
+/// prose and about 3 on JSON, so this errs high; a pre-flight reservation based on it refuses a
+/// call slightly early rather than overspending. Post-flight checks use the reported usage.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(3)
+}
+
+/// Per-message overhead (role and separators) in the estimate.
+const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
+
+fn message_tokens(message: &Message) -> u64 {
+    let mut tokens = MESSAGE_OVERHEAD_TOKENS;
+    if let Some(content) = &message.content {
+        tokens += estimate_tokens(content);
+    }
+    for call in &message.tool_calls {
+        tokens += estimate_tokens(&call.name)
+            + estimate_tokens(&call.arguments)
+            + MESSAGE_OVERHEAD_TOKENS;
+    }
+    tokens
+}
+
+impl Engine {
+    /// A new, not yet started run of `agent`.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        let tool_definitions: Vec<ToolDefinition> =
+            agent.spec.tools.iter().map(|t| t.definition()).collect();
+        let fixed_tokens = tool_definitions
+            .iter()
+            .map(|d| {
+                estimate_tokens(&d.name)
+                    + estimate_tokens(&d.description)
+                    + estimate_tokens(&d.parameters.to_string())
+                    + MESSAGE_OVERHEAD_TOKENS
+            })
+            .sum::<u64>()
+            + agent
+                .spec
+                .output_schema
+                .as_ref()
+                .map_or(0, |s| estimate_tokens(&s.to_string()));
+        Engine {
+            agent,
+            tool_definitions,
+            fixed_tokens,
+            started_ms: None,
+            messages: Vec::new(),
+            message_tokens: 0,
+            step: 0,
+            iterations: 0,
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            tool_calls: 0,
+            calls_per_tool: HashMap::new(),
+            repeated_calls: HashMap::new(),
+            pending_tools: VecDeque::new(),
+            model_in_flight: false,
+            repairs: 0,
+            finish: None,
+            finished: None,
+            output: None,
+        }
+    }
+
+    /// Rebuilds a run's state from its log.
+    pub fn replay<'a>(
+        agent: Arc<Agent>,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Engine, ReplayError> {
+        let mut engine = Engine::new(agent);
+        for event in events {
+            engine.apply(event)?;
+        }
+        Ok(engine)
+    }
+
+    /// The agent this run executes.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// The conversation so far, to send with the next model call.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The tools as the model sees them.
+    pub fn tool_definitions(&self) -> &[ToolDefinition] {
+        &self.tool_definitions
+    }
+
+    /// Model calls made.
+    pub fn iterations(&self) -> u32 {
+        self.iterations
+    }
+
+    /// Tokens used so far.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// Money spent so far.
+    pub fn cost(&self) -> Usd {
+        self.cost
+    }
+
+    /// Tool calls made or refused so far.
+    pub fn tool_calls(&self) -> u32 {
+        self.tool_calls
+    }
+
+    /// When the run must end, in ms since the epoch (once started).
+    pub fn deadline_ms(&self) -> Option<i64> {
+        let timeout = i64::try_from(self.agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
+        self.started_ms.map(|s| s.saturating_add(timeout))
+    }
+
+    /// How the run ended, once `run_finished` is recorded.
+    pub fn outcome(&self) -> Option<(RunStatus, TerminationReason)> {
+        self.finished
+    }
+
+    /// The final answer, once completed.
+    pub fn output(&self) -> Option<&Value> {
+        self.output.as_ref()
+    }
+
+    /// Whether `run_finished` has been recorded.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    fn push_message(&mut self, message: Message) {
+        self.message_tokens += message_tokens(&message);
+        self.messages.push(message);
+    }
+
+    fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
+        if self.finish.is_none() {
+            self.finish = Some(Finish {
+                reason,
+                detail: Some(detail.into()),
+                output: None,
+            });
+        }
+    }
+
+    /// Folds one recorded event into the state. Events must come in log order.
+    pub fn apply(&mut self, event: &Event) -> Result<(), ReplayError> {
+        let seq = event.seq;
+        if self.finished.is_some() {
+            return Err(ReplayError::AfterFinish { seq });
+        }
+        match (&event.kind, self.started_ms) {
+            (EventKind::RunStarted { .. }, Some(_)) => return Err(ReplayError::BadStart { seq }),
+            (EventKind::RunStarted { .. }, None) => {}
+            (_, None) => return Err(ReplayError::BadStart { seq }),
+            _ => {}
+        }
+        match &event.kind {
+            EventKind::RunStarted { input, .. } => {
+                self.started_ms = Some(event.ts_ms);
+                let system = Message::text(Role::System, self.agent.spec.instructions.clone());
+                self.push_message(system);
+                self.push_message(Message::text(Role::User, input.clone()));
+            }
+            EventKind::ModelRequested { step, .. } => {
+                self.step = self.step.max(*step);
+                self.iterations += 1;
+                self.model_in_flight = true;
+            }
+            EventKind::ModelResponded {
+                content,
+                tool_calls,
+                usage,
+                cost,
+                ..
+            } => {
+                self.model_in_flight = false;
+                self.usage.add(usage);
+                self.cost += *cost;
+                self.push_message(Message {
+                    role: Role::Assistant,
+                    content: content.clone(),
+                    tool_calls: tool_calls.clone(),
+                    tool_call_id: None,
+                });
+                self.after_model_reply(content.as_deref(), tool_calls);
+            }
+            EventKind::ModelFailed {
+                error_type,
+                message,
+                attempts,
+                ..
+            } => {
+                self.model_in_flight = false;
+                let kind = serde_json::to_value(error_type).unwrap_or_default();
+                let kind = kind.as_str().unwrap_or("error");
+                self.finish_with(
+                    TerminationReason::Error,
+                    format!(
+                        "the model call failed after {attempts} attempt(s) ({kind}): {message}"
+                    ),
+                );
+            }
+            EventKind::ToolRequested { step, .. } => {
+                self.step = self.step.max(*step);
+            }
+            EventKind::ToolResult {
+                step,
+                call_id,
+                result,
+                ..
+            } => {
+                self.step = self.step.max(*step);
+                let call = match self.pending_tools.front() {
+                    Some(front) if &front.id == call_id => self.pending_tools.pop_front(),
+                    _ => None,
+                };
+                if let Some(call) = call {
+                    self.tool_calls += 1;
+                    *self.calls_per_tool.entry(call.name.clone()).or_default() += 1;
+                    *self
+                        .repeated_calls
+                        .entry(call_signature(&call))
+                        .or_default() += 1;
+                }
+                self.push_message(Message {
+                    role: Role::Tool,
+                    content: Some(result.to_model_text()),
+                    tool_calls: Vec::new(),
+                    tool_call_id: Some(call_id.clone()),
+                });
+            }
+            EventKind::RunFinished {
+                status,
+                reason,
+                output,
+                ..
+            } => {
+                self.finished = Some((*status, *reason));
+                self.output = output.clone();
+                self.finish = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn after_model_reply(&mut self, content: Option<&str>, tool_calls: &[ToolCall]) {
+        let limits = &self.agent.spec.limits;
+        if self.usage.total() > limits.max_total_tokens {
+            let detail = format!(
+                "usage reached {} tokens, over the cap of {}",
+                self.usage.total(),
+                limits.max_total_tokens
+            );
+            self.finish_with(TerminationReason::MaxTokens, detail);
+            return;
+        }
+        if self.cost > limits.max_cost_usd {
+            let detail = format!(
+                "cost reached {}, over the cap of {}",
+                self.cost, limits.max_cost_usd
+            );
+            self.finish_with(TerminationReason::MaxCost, detail);
+            return;
+        }
+        if !tool_calls.is_empty() {
+            self.pending_tools.extend(tool_calls.iter().cloned());
+            return;
+        }
+        let text = content.unwrap_or_default();
+        let Some(validator) = self.agent.output_validator.clone() else {
+            self.finish = Some(Finish {
+                reason: TerminationReason::Completed,
+                detail: None,
+                output: Some(Value::String(text.to_string())),
+            });
+            return;
+        };
+        let problems = match parse_json_answer(text) {
+            Ok(value) => {
+                let problems: Vec<String> = validator
+                    .iter_errors(&value)
+                    .take(5)
+                    .map(|e| describe_schema_error(&e))
+                    .collect();
+                if problems.is_empty() {
+                    self.finish = Some(Finish {
+                        reason: TerminationReason::Completed,
+                        detail: None,
+                        output: Some(value),
+                    });
+                    return;
+                }
+                problems
+            }
+            Err(e) => vec![format!("the answer is not JSON: {e}")],
+        };
+        if self.repairs < MAX_OUTPUT_REPAIRS {
+            self.repairs += 1;
+            let correction = format!(
+                "Your final answer must be JSON that matches the output schema. Problems: {}. Reply with the corrected JSON only.",
+                problems.join("; ")
+            );
+            self.push_message(Message::text(Role::User, correction));
+        } else {
+            let detail = format!(
+                "the final answer still failed the output schema after {MAX_OUTPUT_REPAIRS} repairs: {}",
+                problems.join("; ")
+            );
+            self.finish_with(TerminationReason::OutputInvalid, detail);
+        }
+    }
+
+    /// Decides what happens next, given the current time in ms since the epoch.
+    ///
+    /// Returns `None` once the run is finished (or before it is started).
+    pub fn next_effect(&self, now_ms: i64) -> Option<Effect> {
+        if self.finished.is_some() {
+            return None;
+        }
+        self.started_ms?;
+        if let Some(finish) = &self.finish {
+            return Some(self.finish_effect(
+                finish.reason,
+                finish.detail.clone(),
+                finish.output.clone(),
+            ));
+        }
+        if let Some(deadline) = self.deadline_ms()
+            && now_ms >= deadline
+        {
+            let detail = format!(
+                "the run passed its wall-clock limit of {:?}",
+                self.agent.spec.limits.timeout
+            );
+            return Some(self.finish_effect(TerminationReason::Timeout, Some(detail), None));
+        }
+        if let Some(call) = self.pending_tools.front() {
+            return Some(self.tool_effect(call));
+        }
+        Some(self.model_effect())
+    }
+
+    fn finish_effect(
+        &self,
+        reason: TerminationReason,
+        detail: Option<String>,
+        output: Option<Value>,
+    ) -> Effect {
+        Effect::Record(EventKind::RunFinished {
+            status: reason.status(),
+            reason,
+            detail,
+            output,
+        })
+    }
+
+    fn model_effect(&self) -> Effect {
+        let spec = &self.agent.spec;
+        let limits = &spec.limits;
+        // A call recorded as requested but never answered (a crash) is made again; it was
+        // already counted, so it does not count twice.
+        let next_iteration = if self.model_in_flight {
+            self.iterations
+        } else {
+            self.iterations + 1
+        };
+        if next_iteration > limits.max_iterations {
+            let detail = format!("made {} model calls, the cap", self.iterations);
+            return self.finish_effect(TerminationReason::MaxIterations, Some(detail), None);
+        }
+        let estimated_input_tokens = 3 + self.fixed_tokens + self.message_tokens;
+        let max_output_tokens = spec.model.max_output_tokens;
+        let worst_case_tokens = estimated_input_tokens + u64::from(max_output_tokens);
+        if self.usage.total() + worst_case_tokens > limits.max_total_tokens {
+            let detail = format!(
+                "refused the next model call before making it: {} tokens used + up to {} for the call would exceed the cap of {}",
+                self.usage.total(),
+                worst_case_tokens,
+                limits.max_total_tokens
+            );
+            return self.finish_effect(TerminationReason::MaxTokens, Some(detail), None);
+        }
+        let worst_case_cost = self.agent.price.cost(&Usage {
+            input_tokens: estimated_input_tokens,
+            cached_input_tokens: 0,
+            output_tokens: u64::from(max_output_tokens),
+        });
+        if self.cost + worst_case_cost > limits.max_cost_usd {
+            let detail = format!(
+                "refused the next model call before making it: {} spent + up to {} for the call would exceed the cap of {}",
+                self.cost, worst_case_cost, limits.max_cost_usd
+            );
+            return self.finish_effect(TerminationReason::MaxCost, Some(detail), None);
+        }
+        Effect::CallModel(ModelCall {
+            step: if self.model_in_flight {
+                self.step
+            } else {
+                self.step + 1
+            },
+            model: spec.model.primary.clone(),
+            estimated_input_tokens,
+            max_output_tokens,
+            worst_case_cost,
+        })
+    }
+
+    fn tool_effect(&self, call: &ToolCall) -> Effect {
+        let limits = &self.agent.spec.limits;
+        let step = self.step + 1;
+        let signature = call_signature(call);
+        let repeats = self.repeated_calls.get(&signature).copied().unwrap_or(0);
+        if repeats + 1 >= limits.max_repeated_tool_calls {
+            let detail = format!(
+                "the model asked for `{}` with the same arguments {} times; the call was not made again",
+                call.name,
+                repeats + 1
+            );
+            return self.finish_effect(TerminationReason::LoopDetected, Some(detail), None);
+        }
+        let refuse = |message: String| {
+            Effect::Record(EventKind::ToolResult {
+                step,
+                call_id: call.id.clone(),
+                tool: call.name.clone(),
+                result: ToolResult::error(ErrorType::Permanent, message),
+                latency_ms: 0,
+                attempts: 0,
+            })
+        };
+        if self.tool_calls >= limits.max_tool_calls {
+            return refuse(format!(
+                "this run has used all {} tool calls it is allowed; answer with what you have",
+                limits.max_tool_calls
+            ));
+        }
+        let Some((tool, validator)) = self.agent.tool(&call.name) else {
+            let names: Vec<&str> = self
+                .tool_definitions
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
+            let available = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            };
+            return refuse(format!(
+                "there is no tool named `{}`; available tools: {available}",
+                call.name
+            ));
+        };
+        let arguments: Value = match serde_json::from_str(if call.arguments.trim().is_empty() {
+            "{}"
+        } else {
+            &call.arguments
+        }) {
+            Ok(v) => v,
+            Err(e) => {
+                return refuse(format!(
+                    "the arguments are not valid JSON ({e}); send a JSON object"
+                ));
+            }
+        };
+        let problems: Vec<String> = validator
+            .iter_errors(&arguments)
+            .take(5)
+            .map(|e| describe_schema_error(&e))
+            .collect();
+        if !problems.is_empty() {
+            return refuse(format!(
+                "the arguments do not match the input schema of `{}`: {}",
+                call.name,
+                problems.join("; ")
+            ));
+        }
+        if let Some(cap) = tool.contract.max_calls_per_run
+            && self.calls_per_tool.get(&call.name).copied().unwrap_or(0) >= cap
+        {
+            return refuse(format!(
+                "`{}` may be called at most {cap} times per run and that many calls were made",
+                call.name
+            ));
+        }
+        Effect::CallTool(ToolInvocation {
+            step,
+            call_id: call.id.clone(),
+            tool: call.name.clone(),
+            arguments,
+        })
+    }
+}
+
+/// The identity of a call for loop detection: tool name and canonical arguments (object keys
+/// sorted, as `serde_json` orders them), or the raw text when it is not JSON.
+fn call_signature(call: &ToolCall) -> (String, String) {
+    let args = serde_json::from_str::<Value>(&call.arguments)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| call.arguments.clone());
+    (call.name.clone(), args)
+}
+
+fn describe_schema_error(e: &jsonschema::ValidationError<'_>) -> String {
+    let at = e.instance_path().to_string();
+    if at.is_empty() {
+        e.to_string()
+    } else {
+        format!("{at}: {e}")
+    }
+}
+
+/// Reads a final answer as JSON, tolerating a Markdown code fence around it.
+fn parse_json_answer(text: &str) -> Result<Value, serde_json::Error> {
+    let trimmed = text.trim();
+    let unfenced = trimmed
+        .strip_prefix("```json")
+        .or_else(|| trimmed.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .unwrap_or(trimmed);
+    serde_json::from_str(unfenced.trim())
+}
+
+#[cfg(test)]
+mod tests;

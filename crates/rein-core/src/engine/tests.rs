@@ -1,0 +1,504 @@
+use super::*;
+use crate::ids::{SessionId, TenantId, UserId};
+use crate::message::ModelReply;
+use crate::price::PriceTable;
+use crate::spec::{Agent, BuiltinToolInfo, CheckContext};
+use crate::tool::ToolStatus;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+const SPEC: &str = r#"
+name: tester
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: Be brief.
+tools:
+  - name: lookup
+    source: {builtin: lookup}
+    contract: {max_calls_per_run: 4}
+limits:
+  max_iterations: 5
+  max_total_tokens: 100000
+  max_cost_usd: 1.0
+  timeout: 10s
+"#;
+
+fn agent(src: &str) -> Arc<Agent> {
+    let prices = PriceTable::default();
+    let mut builtins = BTreeMap::new();
+    builtins.insert(
+        "lookup".to_string(),
+        BuiltinToolInfo {
+            description: "Look a key up.".into(),
+            input_schema: json!({
+                "type": "object",
+                "properties": {"key": {"type": "string"}},
+                "required": ["key"],
+                "additionalProperties": false
+            }),
+        },
+    );
+    let ctx = CheckContext {
+        prices: &prices,
+        builtin_tools: &builtins,
+    };
+    Arc::new(Agent::parse("test.yaml", src, &ctx).unwrap())
+}
+
+fn call(id: &str, name: &str, args: &str) -> ToolCall {
+    ToolCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: args.into(),
+    }
+}
+
+fn reply(content: Option<&str>, calls: Vec<ToolCall>, input: u64, output: u64) -> ModelReply {
+    ModelReply {
+        model: "gpt-4o-mini".into(),
+        content: content.map(str::to_string),
+        tool_calls: calls,
+        usage: Usage {
+            input_tokens: input,
+            cached_input_tokens: 0,
+            output_tokens: output,
+        },
+        finish_reason: None,
+    }
+}
+
+/// Drives an engine in memory, the way the driver does over real I/O.
+struct Sim {
+    engine: Engine,
+    events: Vec<Event>,
+    now: i64,
+    tool_runs: Vec<ToolInvocation>,
+}
+
+impl Sim {
+    fn new(src: &str) -> Sim {
+        let mut sim = Sim {
+            engine: Engine::new(agent(src)),
+            events: Vec::new(),
+            now: 1_000_000,
+            tool_runs: Vec::new(),
+        };
+        sim.record(EventKind::RunStarted {
+            agent: "tester".into(),
+            agent_version: 1,
+            input: "hello".into(),
+            tenant: TenantId::new("t"),
+            user: UserId::new("u"),
+            session: SessionId::new("s"),
+            job: None,
+        });
+        sim
+    }
+
+    fn record(&mut self, kind: EventKind) {
+        let event = Event {
+            seq: self.events.len() as u64,
+            ts_ms: self.now,
+            kind,
+        };
+        self.engine.apply(&event).unwrap();
+        self.events.push(event);
+    }
+
+    /// Runs to the end: `model` answers each model call (given the model call's number, from 1),
+    /// tools echo their arguments.
+    fn run(
+        &mut self,
+        mut model: impl FnMut(u32, &Engine) -> ModelReply,
+    ) -> (RunStatus, TerminationReason) {
+        for _ in 0..1000 {
+            let Some(effect) = self.engine.next_effect(self.now) else {
+                return self.engine.outcome().unwrap();
+            };
+            match effect {
+                Effect::Record(kind) => self.record(kind),
+                Effect::CallModel(call) => {
+                    self.record(call.requested());
+                    let r = model(self.engine.iterations(), &self.engine);
+                    let cost = self.engine.agent().price.cost(&r.usage);
+                    self.record(EventKind::ModelResponded {
+                        step: call.step,
+                        model: call.model,
+                        content: r.content,
+                        tool_calls: r.tool_calls,
+                        usage: r.usage,
+                        cost,
+                        latency_ms: 1,
+                        attempts: 1,
+                    });
+                }
+                Effect::CallTool(inv) => {
+                    self.record(inv.requested());
+                    self.tool_runs.push(inv.clone());
+                    self.record(EventKind::ToolResult {
+                        step: inv.step,
+                        call_id: inv.call_id,
+                        tool: inv.tool,
+                        result: ToolResult::success(inv.arguments),
+                        latency_ms: 1,
+                        attempts: 1,
+                    });
+                }
+            }
+            self.now += 10;
+        }
+        panic!("the run did not end");
+    }
+
+    fn model_requests(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::ModelRequested { .. }))
+            .count()
+    }
+}
+
+#[test]
+fn a_run_that_loops_forever_ends_with_max_iterations() {
+    let mut sim = Sim::new(SPEC);
+    let outcome = sim.run(|step, _| {
+        reply(
+            None,
+            vec![call(
+                &format!("c{step}"),
+                "lookup",
+                &format!(r#"{{"key":"k{step}"}}"#),
+            )],
+            50,
+            10,
+        )
+    });
+    assert_eq!(
+        outcome,
+        (RunStatus::LimitExceeded, TerminationReason::MaxIterations)
+    );
+    assert_eq!(
+        sim.model_requests(),
+        5,
+        "exactly max_iterations model calls are made"
+    );
+}
+
+#[test]
+fn usage_that_crosses_the_token_cap_ends_with_max_tokens() {
+    let src = SPEC.replace("max_total_tokens: 100000", "max_total_tokens: 2000");
+    let mut sim = Sim::new(&src);
+    let outcome =
+        sim.run(|_, _| reply(None, vec![call("c", "lookup", r#"{"key":"a"}"#)], 2500, 10));
+    assert_eq!(outcome.1, TerminationReason::MaxTokens);
+    assert_eq!(sim.model_requests(), 1);
+}
+
+#[test]
+fn the_call_that_would_cross_the_cost_cap_is_never_made() {
+    // gpt-4o-mini: $0.15/M in, $0.60/M out. Each reply uses its whole output cap:
+    // 2000 * 0.6 = 1200 micro-dollars, plus a little input.
+    let src = SPEC
+        .replace("max_cost_usd: 1.0", "max_cost_usd: 0.005")
+        .replace("max_iterations: 5", "max_iterations: 50")
+        .replace("max_output_tokens: 100", "max_output_tokens: 2000");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|step, _| {
+        reply(
+            None,
+            vec![call(
+                &format!("c{step}"),
+                "lookup",
+                &format!(r#"{{"key":"k{step}"}}"#),
+            )],
+            60,
+            2000,
+        )
+    });
+    assert_eq!(
+        outcome,
+        (RunStatus::LimitExceeded, TerminationReason::MaxCost)
+    );
+    assert!(
+        sim.engine.cost() <= Usd::from_dollars(0.005).unwrap(),
+        "spent {}",
+        sim.engine.cost()
+    );
+    // Four calls spend about $0.0048; a fifth could cost up to $0.0012 more: refused.
+    assert_eq!(sim.model_requests(), 4);
+    let last = sim.events.last().unwrap();
+    let EventKind::RunFinished { detail, .. } = &last.kind else {
+        panic!("last event is not run_finished")
+    };
+    assert!(
+        detail
+            .as_deref()
+            .unwrap()
+            .contains("refused the next model call before making it")
+    );
+}
+
+#[test]
+fn a_run_past_its_wall_clock_limit_ends_with_timeout() {
+    let mut sim = Sim::new(SPEC);
+    sim.now += 10_001;
+    let outcome = sim.run(|_, _| reply(Some("late"), vec![], 1, 1));
+    assert_eq!(outcome.1, TerminationReason::Timeout);
+    assert_eq!(sim.model_requests(), 0);
+}
+
+#[test]
+fn identical_tool_calls_end_with_loop_detected_before_the_third_call() {
+    let mut sim = Sim::new(SPEC);
+    let outcome = sim.run(|step, _| {
+        reply(
+            None,
+            vec![call(&format!("c{step}"), "lookup", r#"{"key":"same"}"#)],
+            10,
+            10,
+        )
+    });
+    assert_eq!(outcome.1, TerminationReason::LoopDetected);
+    assert_eq!(
+        sim.tool_runs.len(),
+        2,
+        "the third identical call is not made"
+    );
+}
+
+#[test]
+fn argument_key_order_does_not_hide_a_loop() {
+    let src = SPEC.replace("\"additionalProperties\": false", "");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|step, _| {
+        let args = if step % 2 == 0 {
+            r#"{"key":"x"}"#
+        } else {
+            r#"{ "key" : "x" }"#
+        };
+        reply(
+            None,
+            vec![call(&format!("c{step}"), "lookup", args)],
+            10,
+            10,
+        )
+    });
+    assert_eq!(outcome.1, TerminationReason::LoopDetected);
+}
+
+#[test]
+fn a_hallucinated_tool_gets_a_structured_error_and_the_run_continues() {
+    let mut sim = Sim::new(SPEC);
+    let outcome = sim.run(|step, engine| match step {
+        1 => reply(None, vec![call("c1", "delete_everything", "{}")], 10, 10),
+        _ => {
+            let last = engine.messages().last().unwrap();
+            assert_eq!(last.role, Role::Tool);
+            let seen: Value = serde_json::from_str(last.content.as_deref().unwrap()).unwrap();
+            assert_eq!(seen["status"], "error");
+            assert_eq!(seen["error_type"], "permanent");
+            assert!(
+                seen["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no tool named `delete_everything`; available tools: lookup")
+            );
+            reply(Some("done"), vec![], 10, 10)
+        }
+    });
+    assert_eq!(
+        outcome,
+        (RunStatus::Completed, TerminationReason::Completed)
+    );
+    assert!(sim.tool_runs.is_empty());
+    assert_eq!(
+        sim.engine.tool_calls(),
+        1,
+        "a refused call counts against the limits"
+    );
+    assert_eq!(sim.engine.output(), Some(&json!("done")));
+}
+
+#[test]
+fn schema_invalid_and_malformed_arguments_are_refused_with_reasons() {
+    let mut sim = Sim::new(SPEC);
+    let mut seen = Vec::new();
+    let outcome = sim.run(|step, engine| {
+        if step > 1 {
+            seen.push(engine.messages().last().unwrap().content.clone().unwrap());
+        }
+        match step {
+            1 => reply(None, vec![call("c1", "lookup", r#"{"key": 7}"#)], 10, 10),
+            2 => reply(None, vec![call("c2", "lookup", r#"{"key": "#)], 10, 10),
+            3 => reply(None, vec![call("c3", "lookup", r#"{"key": "ok"}"#)], 10, 10),
+            _ => reply(Some("fine"), vec![], 10, 10),
+        }
+    });
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert!(
+        seen[0].contains("do not match the input schema of `lookup`") && seen[0].contains("/key"),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[1].contains("not valid JSON"), "{}", seen[1]);
+    assert!(seen[2].contains(r#""status":"success""#), "{}", seen[2]);
+    assert_eq!(sim.tool_runs.len(), 1);
+}
+
+#[test]
+fn a_tools_call_cap_is_enforced() {
+    let src = SPEC.replace("max_iterations: 5", "max_iterations: 20");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|step, _| {
+        if step <= 6 {
+            reply(
+                None,
+                vec![call(
+                    &format!("c{step}"),
+                    "lookup",
+                    &format!(r#"{{"key":"k{step}"}}"#),
+                )],
+                10,
+                10,
+            )
+        } else {
+            reply(Some("ok"), vec![], 10, 10)
+        }
+    });
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(sim.tool_runs.len(), 4, "max_calls_per_run: 4");
+    let refusal = sim
+        .engine
+        .messages()
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::Tool)
+        .unwrap();
+    assert!(
+        refusal
+            .content
+            .as_deref()
+            .unwrap()
+            .contains("at most 4 times per run")
+    );
+}
+
+#[test]
+fn replaying_a_log_rebuilds_the_same_state() {
+    let mut sim = Sim::new(SPEC);
+    sim.run(|step, _| {
+        if step < 3 {
+            reply(
+                None,
+                vec![call(
+                    &format!("c{step}"),
+                    "lookup",
+                    &format!(r#"{{"key":"k{step}"}}"#),
+                )],
+                40,
+                7,
+            )
+        } else {
+            reply(Some("final"), vec![], 40, 7)
+        }
+    });
+    for cut in 1..sim.events.len() {
+        let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events[..cut]).unwrap();
+        let mut live = Engine::new(sim.engine.agent().clone());
+        for e in &sim.events[..cut] {
+            live.apply(e).unwrap();
+        }
+        assert_eq!(
+            replayed.next_effect(sim.now),
+            live.next_effect(sim.now),
+            "after {cut} events"
+        );
+    }
+    let full = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    assert_eq!(full.usage(), sim.engine.usage());
+    assert_eq!(full.cost(), sim.engine.cost());
+    assert_eq!(
+        full.outcome(),
+        Some((RunStatus::Completed, TerminationReason::Completed))
+    );
+    assert_eq!(full.messages(), sim.engine.messages());
+}
+
+#[test]
+fn a_crash_between_request_and_response_repeats_the_model_call_without_double_counting() {
+    let mut sim = Sim::new(SPEC);
+    let Some(Effect::CallModel(call)) = sim.engine.next_effect(sim.now) else {
+        panic!()
+    };
+    sim.record(call.requested());
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let Some(Effect::CallModel(again)) = resumed.next_effect(sim.now) else {
+        panic!()
+    };
+    assert_eq!(
+        again.step, call.step,
+        "the unanswered call is made again as the same step"
+    );
+    assert_eq!(resumed.iterations(), 1);
+}
+
+#[test]
+fn a_log_must_start_with_run_started() {
+    let agent = agent(SPEC);
+    let bad = Event {
+        seq: 0,
+        ts_ms: 0,
+        kind: EventKind::ToolRequested {
+            step: 1,
+            call_id: "x".into(),
+            tool: "lookup".into(),
+            arguments: json!({}),
+        },
+    };
+    assert_eq!(
+        Engine::replay(agent, [&bad]).unwrap_err(),
+        ReplayError::BadStart { seq: 0 }
+    );
+}
+
+const SCHEMA_SPEC_TAIL: &str = r#"output_schema:
+  type: object
+  properties: {answer: {type: string}, confidence: {type: number}}
+  required: [answer]
+"#;
+
+#[test]
+fn an_answer_that_fails_the_output_schema_is_repaired() {
+    let src = format!("{SPEC}{SCHEMA_SPEC_TAIL}");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|step, _| match step {
+        1 => reply(Some("The answer is 42."), vec![], 10, 10),
+        _ => reply(Some("```json\n{\"answer\": \"42\"}\n```"), vec![], 10, 10),
+    });
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(sim.engine.output(), Some(&json!({"answer": "42"})));
+}
+
+#[test]
+fn an_answer_that_never_fits_the_output_schema_ends_with_output_invalid() {
+    let src = format!("{SPEC}{SCHEMA_SPEC_TAIL}");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|_, _| reply(Some(r#"{"answer": 42}"#), vec![], 10, 10));
+    assert_eq!(
+        outcome,
+        (RunStatus::Failed, TerminationReason::OutputInvalid)
+    );
+    assert_eq!(sim.model_requests(), 1 + MAX_OUTPUT_REPAIRS as usize);
+}
+
+#[test]
+fn tool_results_reach_the_model_as_typed_json() {
+    let result = ToolResult::error(ErrorType::RateLimit, "slow down");
+    let text = result.to_model_text();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v,
+        json!({"status": "error", "error_type": "rate_limit", "retry_safe": true, "message": "slow down"})
+    );
+    assert_eq!(ToolResult::success(json!(1)).status, ToolStatus::Success);
+}

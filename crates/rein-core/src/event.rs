@@ -1,0 +1,440 @@
+//! Events: the immutable records of a run, and the hash chain that makes the log tamper-evident.
+//!
+//! Each event's hash covers its header (run, sequence number, time, kind) and the SHA-256 of its
+//! payload, plus the previous event's hash. Because the chain covers the payload's *digest*, a
+//! payload can later be erased (retention, right to erasure) while the chain still verifies.
+
+use crate::Usd;
+use crate::ids::{JobId, RunId, SessionId, TenantId, UserId};
+use crate::message::{ToolCall, Usage};
+use crate::run::{RunStatus, TerminationReason};
+use crate::tool::{ErrorType, ToolResult};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of a run's first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What happened. Serialized with a `type` tag; the tag is also the event's `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A run began.
+    RunStarted {
+        /// Agent name.
+        agent: String,
+        /// Agent version.
+        agent_version: u32,
+        /// The user's input.
+        input: String,
+        /// Owner.
+        tenant: TenantId,
+        /// Attributed user.
+        user: UserId,
+        /// Session.
+        session: SessionId,
+        /// Optional batch job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<JobId>,
+    },
+    /// A model call passed its pre-flight limit check and is about to be made.
+    ModelRequested {
+        /// Step number within the run.
+        step: u32,
+        /// `provider/model`.
+        model: String,
+        /// Estimated input tokens of this call.
+        estimated_input_tokens: u64,
+        /// Output token cap of this call.
+        max_output_tokens: u32,
+        /// Worst-case cost of this call (estimated input + max output, priced).
+        worst_case_cost: Usd,
+    },
+    /// A model call answered.
+    ModelResponded {
+        /// Step number.
+        step: u32,
+        /// The model that answered.
+        model: String,
+        /// Text content.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<String>,
+        /// Tool calls requested.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<ToolCall>,
+        /// Reported usage.
+        usage: Usage,
+        /// Cost of the call.
+        cost: Usd,
+        /// Wall time of the call, in milliseconds, all attempts included.
+        latency_ms: u64,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A model call failed after its retries.
+    ModelFailed {
+        /// Step number.
+        step: u32,
+        /// `provider/model`.
+        model: String,
+        /// The class of the last failure.
+        error_type: ErrorType,
+        /// What went wrong (no secrets, no raw bodies).
+        message: String,
+        /// Wall time, in milliseconds.
+        latency_ms: u64,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A tool call passed validation and is about to be made.
+    ToolRequested {
+        /// Step number.
+        step: u32,
+        /// The model's id for the call.
+        call_id: String,
+        /// Tool name.
+        tool: String,
+        /// Validated arguments.
+        arguments: Value,
+    },
+    /// A tool call ended (or was refused before it was made).
+    ToolResult {
+        /// Step number.
+        step: u32,
+        /// The model's id for the call.
+        call_id: String,
+        /// Tool name as the model wrote it.
+        tool: String,
+        /// The typed result.
+        result: ToolResult,
+        /// Wall time, in milliseconds (0 when refused).
+        latency_ms: u64,
+        /// Attempts made (0 when refused).
+        attempts: u32,
+    },
+    /// The run ended.
+    RunFinished {
+        /// Final status.
+        status: RunStatus,
+        /// The one termination reason.
+        reason: TerminationReason,
+        /// What happened, for a person (which limit, what error).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        /// The final answer (text, or JSON when the spec has an output schema).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Value>,
+    },
+}
+
+impl EventKind {
+    /// The event's kind name (its `type` tag).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::RunStarted { .. } => "run_started",
+            EventKind::ModelRequested { .. } => "model_requested",
+            EventKind::ModelResponded { .. } => "model_responded",
+            EventKind::ModelFailed { .. } => "model_failed",
+            EventKind::ToolRequested { .. } => "tool_requested",
+            EventKind::ToolResult { .. } => "tool_result",
+            EventKind::RunFinished { .. } => "run_finished",
+        }
+    }
+}
+
+/// An event as the engine sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Position in the run's log, from 0.
+    pub seq: u64,
+    /// When it was recorded, in milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// An event ready to store: its payload serialized and its place in the chain computed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedEvent {
+    /// Run.
+    pub run_id: RunId,
+    /// Position in the log.
+    pub seq: u64,
+    /// Time, ms since the epoch.
+    pub ts_ms: i64,
+    /// Kind name.
+    pub kind: String,
+    /// JSON payload; `None` once erased.
+    pub payload: Option<String>,
+    /// SHA-256 of the payload, hex.
+    pub payload_sha256: String,
+    /// Hash of the previous event, hex ([`GENESIS_HASH`] for the first).
+    pub prev_hash: String,
+    /// This event's hash, hex.
+    pub hash: String,
+}
+
+/// Lower-case hex of a byte string.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// The chain hash over an event header. The layout is fixed and versioned (`rein-event-v1`):
+/// changing it would break verification of every stored log.
+pub fn chain_hash(
+    run_id: &RunId,
+    seq: u64,
+    ts_ms: i64,
+    kind: &str,
+    payload_sha256: &str,
+    prev_hash: &str,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(b"rein-event-v1\n");
+    for part in [
+        run_id.as_str(),
+        &seq.to_string(),
+        &ts_ms.to_string(),
+        kind,
+        payload_sha256,
+        prev_hash,
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
+}
+
+impl Event {
+    /// Serializes the event and links it after `prev_hash`.
+    pub fn seal(&self, run_id: &RunId, prev_hash: &str) -> SealedEvent {
+        // Serializing a derived enum of plain data cannot fail; fall back to null defensively.
+        let payload = serde_json::to_string(&self.kind).unwrap_or_else(|_| "null".into());
+        let payload_sha256 = sha256_hex(payload.as_bytes());
+        let kind = self.kind.name();
+        let hash = chain_hash(
+            run_id,
+            self.seq,
+            self.ts_ms,
+            kind,
+            &payload_sha256,
+            prev_hash,
+        );
+        SealedEvent {
+            run_id: run_id.clone(),
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            kind: kind.to_string(),
+            payload: Some(payload),
+            payload_sha256,
+            prev_hash: prev_hash.to_string(),
+            hash,
+        }
+    }
+}
+
+impl SealedEvent {
+    /// Decodes the payload back into an [`Event`].
+    pub fn decode(&self) -> Result<Event, DecodeError> {
+        let payload = self
+            .payload
+            .as_deref()
+            .ok_or(DecodeError::Erased { seq: self.seq })?;
+        let kind: EventKind = serde_json::from_str(payload).map_err(|e| DecodeError::Payload {
+            seq: self.seq,
+            message: e.to_string(),
+        })?;
+        Ok(Event {
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            kind,
+        })
+    }
+}
+
+/// Why a stored event could not be read back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload was erased; the event still verifies but cannot be replayed.
+    #[error("event {seq} has an erased payload")]
+    Erased {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// The payload is not a valid event.
+    #[error("event {seq} has an unreadable payload: {message}")]
+    Payload {
+        /// Sequence number.
+        seq: u64,
+        /// Parser message.
+        message: String,
+    },
+}
+
+/// The first place a stored log stops matching its chain.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("event {seq}: {reason}")]
+pub struct ChainBreak {
+    /// Sequence number of the first bad event (or where a missing one should be).
+    pub seq: u64,
+    /// What does not match.
+    pub reason: String,
+}
+
+/// Recomputes a run's chain. `head` is the (event count, last hash) the store recorded with the
+/// run, which catches events removed from the end of the log.
+pub fn verify_chain(events: &[SealedEvent], head: Option<(u64, &str)>) -> Result<(), ChainBreak> {
+    let mut prev = GENESIS_HASH.to_string();
+    for (index, event) in events.iter().enumerate() {
+        let expected_seq = index as u64;
+        let fail = |reason: String| {
+            Err(ChainBreak {
+                seq: event.seq,
+                reason,
+            })
+        };
+        if event.seq != expected_seq {
+            return Err(ChainBreak {
+                seq: expected_seq,
+                reason: format!(
+                    "expected event {expected_seq} here, found event {} (an event was removed or reordered)",
+                    event.seq
+                ),
+            });
+        }
+        if event.prev_hash != prev {
+            return fail("its link to the previous event does not match (an event was removed, inserted or reordered)".into());
+        }
+        if let Some(payload) = &event.payload
+            && sha256_hex(payload.as_bytes()) != event.payload_sha256
+        {
+            return fail(
+                "its payload does not match its recorded digest (the payload was altered)".into(),
+            );
+        }
+        let hash = chain_hash(
+            &event.run_id,
+            event.seq,
+            event.ts_ms,
+            &event.kind,
+            &event.payload_sha256,
+            &event.prev_hash,
+        );
+        if hash != event.hash {
+            return fail(
+                "its header does not match its hash (the time, kind or digest was altered)".into(),
+            );
+        }
+        prev = hash;
+    }
+    if let Some((count, last_hash)) = head {
+        let found = events.len() as u64;
+        if found < count {
+            return Err(ChainBreak {
+                seq: found,
+                reason: format!(
+                    "the run recorded {count} events but only {found} are stored (events were removed from the end)"
+                ),
+            });
+        }
+        if found == count && count > 0 && prev != last_hash {
+            return Err(ChainBreak {
+                seq: count - 1,
+                reason: "the last event does not match the run's recorded head hash".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(n: u64) -> Vec<SealedEvent> {
+        let run = RunId::new("run-1");
+        let mut prev = GENESIS_HASH.to_string();
+        (0..n)
+            .map(|seq| {
+                let event = Event {
+                    seq,
+                    ts_ms: 1_700_000_000_000 + seq as i64,
+                    kind: EventKind::RunFinished {
+                        status: RunStatus::Completed,
+                        reason: TerminationReason::Completed,
+                        detail: None,
+                        output: Some(Value::String(format!("answer {seq}"))),
+                    },
+                };
+                let sealed = event.seal(&run, &prev);
+                prev = sealed.hash.clone();
+                sealed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_untouched_log_verifies() {
+        let events = log(5);
+        let head = events.last().map(|e| (5, e.hash.as_str()));
+        assert_eq!(verify_chain(&events, head), Ok(()));
+    }
+
+    #[test]
+    fn an_altered_payload_is_found() {
+        let mut events = log(5);
+        let payload = events[2]
+            .payload
+            .take()
+            .unwrap()
+            .replace("answer 2", "answer X");
+        events[2].payload = Some(payload);
+        assert_eq!(verify_chain(&events, None).unwrap_err().seq, 2);
+    }
+
+    #[test]
+    fn an_erased_payload_still_verifies() {
+        let mut events = log(3);
+        events[1].payload = None;
+        assert_eq!(verify_chain(&events, None), Ok(()));
+    }
+
+    #[test]
+    fn removed_and_reordered_events_are_found() {
+        let mut events = log(5);
+        events.remove(3);
+        assert_eq!(verify_chain(&events, None).unwrap_err().seq, 3);
+
+        let mut events = log(5);
+        events.swap(1, 2);
+        assert_eq!(verify_chain(&events, None).unwrap_err().seq, 1);
+
+        let events = log(5);
+        let head = (5, events[4].hash.clone());
+        assert_eq!(
+            verify_chain(&events[..4], Some((head.0, &head.1)))
+                .unwrap_err()
+                .seq,
+            4
+        );
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        let events = log(1);
+        let decoded = events[0].decode().unwrap();
+        assert_eq!(decoded.seq, 0);
+        assert!(matches!(decoded.kind, EventKind::RunFinished { .. }));
+    }
+}

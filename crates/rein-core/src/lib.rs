@@ -1,0 +1,32 @@
+//! Rein's core: agent specs, the run engine, limits, prices and the event model.
+//!
+//! This crate is pure: it never touches the network, the disk, the clock or randomness. Time is
+//! passed in, ids are given, and every side effect is an [`Effect`] value that a driver outside
+//! this crate executes. That is what makes runs replayable from their event log and the engine
+//! testable with plain values. It must never depend on tokio, reqwest, sqlx or any other I/O
+//! crate.
+
+pub mod duration;
+pub mod engine;
+pub mod event;
+pub mod ids;
+pub mod message;
+pub mod money;
+pub mod price;
+pub mod run;
+pub mod spec;
+pub mod tool;
+pub mod yaml;
+
+pub use duration::parse_duration;
+pub use engine::{Effect, Engine, ModelCall, ReplayError, ToolInvocation, estimate_tokens};
+pub use event::{ChainBreak, Event, EventKind, GENESIS_HASH, SealedEvent, verify_chain};
+pub use ids::{JobId, RunId, SessionId, TenantId, UserId};
+pub use message::{Message, ModelReply, Role, ToolCall, ToolDefinition, Usage};
+pub use money::Usd;
+pub use price::{Price, PriceTable};
+pub use run::{RunStatus, TerminationReason};
+pub use spec::{
+    Agent, AgentSpec, BuiltinToolInfo, CheckContext, SpecErrors, ToolContract, ToolSource, ToolSpec,
+};
+pub use tool::{ErrorType, ToolResult, ToolStatus};

@@ -1,0 +1,1290 @@
+//! Agent specs: the YAML a user writes, parsed once into a typed, validated [`Agent`].
+//!
+//! Parsing collects *every* problem (unknown fields, wrong types, bad durations, invalid JSON
+//! Schemas, duplicate tool names, unpriced models) with its line and field path, so that
+//! `rein check` shows a user the whole list at once instead of one error per attempt.
+
+use crate::duration::parse_duration;
+use crate::price::{Price, PriceTable};
+use crate::yaml::{self, Node, NodeValue, Pos};
+use crate::{ToolDefinition, Usd};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default wall-clock limit of a run when `limits.timeout` is not set.
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default cap on tool calls in a run when `limits.max_tool_calls` is not set.
+pub const DEFAULT_MAX_TOOL_CALLS: u32 = 50;
+/// Default number of identical tool calls (same tool, same arguments) that counts as a loop.
+pub const DEFAULT_MAX_REPEATED_TOOL_CALLS: u32 = 3;
+/// Default cap on output tokens per model call when `model.max_output_tokens` is not set.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 1024;
+/// Default per-call timeout of a tool when its contract sets none.
+pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The model providers this build can call.
+pub const PROVIDERS: &[&str] = &["openai"];
+
+/// A validated agent spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentSpec {
+    /// Agent name (lowercase letters, digits, `-`, `_`).
+    pub name: String,
+    /// Spec version; a run pins the version it started with.
+    pub version: u32,
+    /// Which model to call and how.
+    pub model: ModelSpec,
+    /// The system prompt.
+    pub instructions: String,
+    /// The control flow.
+    pub flow: Flow,
+    /// Tools the agent may call.
+    pub tools: Vec<ToolSpec>,
+    /// Hard limits of every run.
+    pub limits: Limits,
+    /// JSON Schema the final answer must satisfy, if any.
+    pub output_schema: Option<Value>,
+}
+
+/// The model policy.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelSpec {
+    /// `provider/model`, e.g. `openai/gpt-4o-mini`.
+    pub primary: String,
+    /// Cap on output tokens per call (also the worst case reserved before each call).
+    pub max_output_tokens: u32,
+    /// Base URL of an OpenAI-compatible server, overriding `OPENAI_BASE_URL`.
+    pub base_url: Option<String>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+}
+
+impl ModelSpec {
+    /// The provider part of `primary`.
+    pub fn provider(&self) -> &str {
+        self.primary.split_once('/').map_or("", |(p, _)| p)
+    }
+
+    /// The model part of `primary`, as the provider names it.
+    pub fn model_name(&self) -> &str {
+        self.primary.split_once('/').map_or("", |(_, m)| m)
+    }
+}
+
+/// How a run is driven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    /// Reason, act (call tools), observe, repeat until a final answer.
+    React,
+}
+
+/// A tool as declared in a spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolSpec {
+    /// Name the model calls it by.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: String,
+    /// JSON Schema of its arguments (checked before every call).
+    pub input_schema: Value,
+    /// Where the call goes.
+    pub source: ToolSource,
+    /// What the runtime enforces around each call.
+    pub contract: ToolContract,
+}
+
+impl ToolSpec {
+    /// The tool as the model sees it.
+    pub fn definition(&self) -> ToolDefinition {
+        ToolDefinition {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            parameters: self.input_schema.clone(),
+        }
+    }
+}
+
+/// Where a tool call is executed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolSource {
+    /// A tool compiled into Rein, by name.
+    Builtin(String),
+    /// An HTTP endpoint.
+    Http(HttpSource),
+}
+
+/// An HTTP tool: `{field}` placeholders in the URL are filled from the arguments.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HttpSource {
+    /// URL template, e.g. `http://127.0.0.1:8089/orders/{order_id}`.
+    pub url: String,
+    /// HTTP method; arguments go in a JSON body for methods other than GET and DELETE.
+    pub method: HttpMethod,
+    /// Extra headers; `${VAR}` is replaced by the environment variable `VAR` at call time, so
+    /// secrets stay out of specs.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// HTTP methods an HTTP tool may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    /// GET (no body).
+    Get,
+    /// POST (JSON body).
+    Post,
+    /// PUT (JSON body).
+    Put,
+    /// PATCH (JSON body).
+    Patch,
+    /// DELETE (no body).
+    Delete,
+}
+
+/// What a tool may do to the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SideEffects {
+    /// Pure computation.
+    None,
+    /// Reads data.
+    Read,
+    /// Writes data Rein's users own.
+    Write,
+    /// Acts outside (sends email, pays, posts).
+    External,
+}
+
+/// How a failed tool call may be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first (1 = never retry).
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each time, with full jitter.
+    pub backoff: Duration,
+    /// Cap on any one delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The contract the runtime enforces around a tool, never the prompt.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolContract {
+    /// Per-call timeout (each attempt).
+    pub timeout: Duration,
+    /// Retry policy for failures that are safe to retry.
+    pub retry: RetryPolicy,
+    /// Whether repeating a call has no further effect.
+    pub idempotent: bool,
+    /// What the tool may do to the world (default: `external`, the most cautious).
+    pub side_effects: SideEffects,
+    /// Scope the caller must hold (enforced by the governor).
+    pub auth_scope: Option<String>,
+    /// Cap on calls of this tool in one run.
+    pub max_calls_per_run: Option<u32>,
+    /// Whether each call needs a person's approval.
+    pub confirm: bool,
+}
+
+impl Default for ToolContract {
+    fn default() -> Self {
+        ToolContract {
+            timeout: DEFAULT_TOOL_TIMEOUT,
+            retry: RetryPolicy::default(),
+            idempotent: false,
+            side_effects: SideEffects::External,
+            auth_scope: None,
+            max_calls_per_run: None,
+            confirm: false,
+        }
+    }
+}
+
+impl ToolContract {
+    /// Whether a failed call may be repeated: only when the failure says it is safe *and*
+    /// repeating cannot do the side effect twice.
+    pub fn may_retry(&self) -> bool {
+        self.retry.max_attempts > 1
+            && (self.idempotent
+                || matches!(self.side_effects, SideEffects::None | SideEffects::Read))
+    }
+}
+
+/// The hard limits of a run. The first three are required in every spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Limits {
+    /// Cap on model calls.
+    pub max_iterations: u32,
+    /// Cap on input + output tokens over the run.
+    pub max_total_tokens: u64,
+    /// Cap on cost over the run.
+    pub max_cost_usd: Usd,
+    /// Wall-clock limit of the run.
+    pub timeout: Duration,
+    /// Cap on tool calls over the run.
+    pub max_tool_calls: u32,
+    /// The same tool with the same arguments this many times ends the run as `loop_detected`.
+    pub max_repeated_tool_calls: u32,
+}
+
+/// What a built-in tool looks like, so specs that use it can be checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuiltinToolInfo {
+    /// Default description.
+    pub description: String,
+    /// JSON Schema of its arguments.
+    pub input_schema: Value,
+}
+
+/// What checking a spec needs to know about the world outside the file.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckContext<'a> {
+    /// Known model prices.
+    pub prices: &'a PriceTable,
+    /// Built-in tools by name.
+    pub builtin_tools: &'a BTreeMap<String, BuiltinToolInfo>,
+}
+
+/// One problem in a spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Where it is.
+    pub pos: Pos,
+    /// The field, e.g. `limits.max_cost_usd` or `tools[0].contract.timeout`.
+    pub path: String,
+    /// What is wrong, and what to write instead.
+    pub message: String,
+}
+
+/// Every problem found in one spec file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct SpecErrors {
+    /// The file, as the user named it.
+    pub file: String,
+    /// The problems, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            let field = if d.path.is_empty() {
+                "(document)"
+            } else {
+                &d.path
+            };
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file, d.pos.line, d.pos.col, field, d.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A spec ready to run: the typed spec, its price and its compiled validators.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    /// The spec.
+    pub spec: AgentSpec,
+    /// The price of the primary model.
+    pub price: Price,
+    /// Argument validators, index-aligned with `spec.tools`.
+    pub tool_validators: Vec<Arc<jsonschema::Validator>>,
+    /// Validator of the final answer, if the spec has an output schema.
+    pub output_validator: Option<Arc<jsonschema::Validator>>,
+}
+
+impl Agent {
+    /// Parses and checks a spec. `file` is only used in error messages.
+    pub fn parse(file: &str, source: &str, ctx: &CheckContext<'_>) -> Result<Agent, SpecErrors> {
+        let mut p = Parser {
+            diags: Vec::new(),
+            ctx,
+        };
+        let agent = match yaml::parse(source) {
+            Ok(root) => p.agent(&root),
+            Err(e) => {
+                p.diags.push(Diagnostic {
+                    pos: e.pos,
+                    path: String::new(),
+                    message: format!("invalid YAML: {}", e.message),
+                });
+                None
+            }
+        };
+        match agent {
+            Some(agent) if p.diags.is_empty() => Ok(agent),
+            _ => {
+                let mut diagnostics = p.diags;
+                diagnostics.sort_by_key(|d| (d.pos.line, d.pos.col));
+                Err(SpecErrors {
+                    file: file.to_string(),
+                    diagnostics,
+                })
+            }
+        }
+    }
+
+    /// The tool named `name` and its validator.
+    pub fn tool(&self, name: &str) -> Option<(&ToolSpec, &jsonschema::Validator)> {
+        self.spec
+            .tools
+            .iter()
+            .zip(&self.tool_validators)
+            .find(|(t, _)| t.name == name)
+            .map(|(t, v)| (t, v.as_ref()))
+    }
+}
+
+/// A mapping being read: reports unknown keys once, hands out known ones.
+struct Fields<'n> {
+    path: String,
+    pos: Pos,
+    entries: &'n [(String, Pos, Node)],
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, v)| v)
+    }
+
+    fn child(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+struct Parser<'c> {
+    diags: Vec<Diagnostic>,
+    ctx: &'c CheckContext<'c>,
+}
+
+impl Parser<'_> {
+    fn error(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            pos,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn fields<'n>(&mut self, node: &'n Node, path: &str, known: &[&str]) -> Option<Fields<'n>> {
+        let NodeValue::Map(entries) = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!("expected a mapping, found {}", node.value.type_name()),
+            );
+            return None;
+        };
+        for (key, key_pos, _) in entries {
+            if !known.contains(&key.as_str()) {
+                self.error(
+                    *key_pos,
+                    &join(path, key),
+                    format!(
+                        "unknown field `{key}`; expected one of: {}",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        Some(Fields {
+            path: path.to_string(),
+            pos: node.pos,
+            entries,
+        })
+    }
+
+    fn required<'n>(&mut self, f: &Fields<'n>, key: &str, why: &str) -> Option<&'n Node> {
+        let node = f.get(key);
+        if node.is_none() {
+            self.error(
+                f.pos,
+                &f.child(key),
+                format!("missing required field `{key}`{why}"),
+            );
+        }
+        node
+    }
+
+    fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.value {
+            NodeValue::Str(s) if !s.trim().is_empty() => Some(s.clone()),
+            NodeValue::Str(_) => {
+                self.error(node.pos, path, "must not be empty");
+                None
+            }
+            other => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected a string, found {}", other.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.value {
+            NodeValue::Bool(b) => Some(*b),
+            other => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected true or false, found {}", other.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> {
+        match &node.value {
+            NodeValue::Int(i) if (min..=max).contains(i) => Some(*i),
+            NodeValue::Int(i) => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("{i} is out of range; expected {min} to {max}"),
+                );
+                None
+            }
+            other => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected an integer, found {}", other.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn number(&mut self, node: &Node, path: &str) -> Option<f64> {
+        match &node.value {
+            NodeValue::Int(i) => Some(*i as f64),
+            NodeValue::Float(f) => Some(*f),
+            other => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected a number, found {}", other.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
+        match &node.value {
+            NodeValue::Str(s) => match parse_duration(s) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.error(node.pos, path, format!("bad duration: {e}"));
+                    None
+                }
+            },
+            other => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!(
+                        "expected a duration such as `30s`, found {}",
+                        other.type_name()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn one_of<T: Copy>(&mut self, node: &Node, path: &str, choices: &[(&str, T)]) -> Option<T> {
+        let text = self.string(node, path)?;
+        let found = choices
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, v)| *v);
+        if found.is_none() {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            self.error(
+                node.pos,
+                path,
+                format!("`{text}` is not one of: {}", names.join(", ")),
+            );
+        }
+        found
+    }
+
+    fn json_schema(&mut self, node: &Node, path: &str) -> Option<(Value, jsonschema::Validator)> {
+        let schema = node.to_json();
+        if !schema.is_object() {
+            self.error(node.pos, path, "a JSON Schema must be a mapping");
+            return None;
+        }
+        match jsonschema::validator_for(&schema) {
+            Ok(v) => Some((schema, v)),
+            Err(e) => {
+                let at = e.instance_path().to_string();
+                let location = if at.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at {at}")
+                };
+                self.error(
+                    node.pos,
+                    path,
+                    format!("invalid JSON Schema{location}: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn agent(&mut self, root: &Node) -> Option<Agent> {
+        const KNOWN: &[&str] = &[
+            "name",
+            "version",
+            "model",
+            "instructions",
+            "flow",
+            "tools",
+            "limits",
+            "output_schema",
+        ];
+        let f = self.fields(root, "", KNOWN)?;
+
+        let name = self.required(&f, "name", "").and_then(|n| {
+            let name = self.string(n, "name")?;
+            let ok = name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                self.error(
+                    n.pos,
+                    "name",
+                    "use at most 64 lowercase letters, digits, `-` and `_`",
+                );
+            }
+            ok.then_some(name)
+        });
+        let version = self
+            .required(&f, "version", "")
+            .and_then(|n| self.integer(n, "version", 1, i64::from(u32::MAX)))
+            .map(|v| v as u32);
+        let model = self.required(&f, "model", "").and_then(|n| self.model(n));
+        let price = model.as_ref().and_then(|m| self.price(&f, m));
+        let instructions = self
+            .required(&f, "instructions", "")
+            .and_then(|n| self.string(n, "instructions"));
+        let flow = match f.get("flow") {
+            None => Some(Flow::React),
+            Some(n) => self.string(n, "flow").and_then(|flow| match flow.as_str() {
+                "react" => Some(Flow::React),
+                "plan_execute" | "graph" => {
+                    self.error(n.pos, "flow", "this flow is not supported yet; use `react`");
+                    None
+                }
+                other => {
+                    self.error(
+                        n.pos,
+                        "flow",
+                        format!("`{other}` is not a flow; use `react`"),
+                    );
+                    None
+                }
+            }),
+        };
+        let tools = match f.get("tools") {
+            None => Some(Vec::new()),
+            Some(n) => self.tools(n),
+        };
+        let limits = self
+            .required(&f, "limits", "; every agent needs hard limits")
+            .and_then(|n| self.limits(n));
+        let output = match f.get("output_schema") {
+            None => Some(None),
+            Some(n) => self.json_schema(n, "output_schema").map(Some),
+        };
+
+        let (tools, tool_validators): (Vec<_>, Vec<_>) = tools?.into_iter().unzip();
+        let (output_schema, output_validator) = match output? {
+            Some((schema, validator)) => (Some(schema), Some(Arc::new(validator))),
+            None => (None, None),
+        };
+        Some(Agent {
+            spec: AgentSpec {
+                name: name?,
+                version: version?,
+                model: model?,
+                instructions: instructions?,
+                flow: flow?,
+                tools,
+                limits: limits?,
+                output_schema,
+            },
+            price: price?,
+            tool_validators,
+            output_validator,
+        })
+    }
+
+    fn model(&mut self, node: &Node) -> Option<ModelSpec> {
+        let f = self.fields(
+            node,
+            "model",
+            &["primary", "max_output_tokens", "base_url", "temperature"],
+        )?;
+        let primary = self.required(&f, "primary", "").and_then(|n| {
+            let primary = self.string(n, "model.primary")?;
+            match primary.split_once('/') {
+                Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {
+                    Some(primary)
+                }
+                Some((provider, model)) if !model.is_empty() => {
+                    self.error(
+                        n.pos,
+                        "model.primary",
+                        format!(
+                            "provider `{provider}` is not supported; use one of: {} (any OpenAI-compatible server works as `openai/<model>` with `base_url`)",
+                            PROVIDERS.join(", ")
+                        ),
+                    );
+                    None
+                }
+                _ => {
+                    self.error(
+                        n.pos,
+                        "model.primary",
+                        format!("`{primary}` must be `provider/model`, e.g. `openai/gpt-4o-mini`"),
+                    );
+                    None
+                }
+            }
+        });
+        let max_output_tokens = match f.get("max_output_tokens") {
+            None => Some(DEFAULT_MAX_OUTPUT_TOKENS),
+            Some(n) => self
+                .integer(n, "model.max_output_tokens", 1, 1_000_000)
+                .map(|v| v as u32),
+        };
+        let base_url = match f.get("base_url") {
+            None => Some(None),
+            Some(n) => self.string(n, "model.base_url").and_then(|url| {
+                if url.starts_with("http://") || url.starts_with("https://") {
+                    Some(Some(url.trim_end_matches('/').to_string()))
+                } else {
+                    self.error(
+                        n.pos,
+                        "model.base_url",
+                        "must start with http:// or https://",
+                    );
+                    None
+                }
+            }),
+        };
+        let temperature = match f.get("temperature") {
+            None => Some(None),
+            Some(n) => self.number(n, "model.temperature").and_then(|t| {
+                if (0.0..=2.0).contains(&t) {
+                    Some(Some(t))
+                } else {
+                    self.error(n.pos, "model.temperature", "must be between 0 and 2");
+                    None
+                }
+            }),
+        };
+        Some(ModelSpec {
+            primary: primary?,
+            max_output_tokens: max_output_tokens?,
+            base_url: base_url?,
+            temperature: temperature?,
+        })
+    }
+
+    fn price(&mut self, f: &Fields<'_>, model: &ModelSpec) -> Option<Price> {
+        let price = self.ctx.prices.get(&model.primary).copied();
+        if price.is_none() {
+            let pos = f
+                .get("model")
+                .map_or(f.pos, |m| m.get("primary").map_or(m.pos, |p| p.pos));
+            self.error(
+                pos,
+                "model.primary",
+                format!(
+                    "no price is known for `{}`: a cost cap on an unpriced model would mean nothing; add it to rein.toml under [prices.\"{}\"] with input, cached_input and output in USD per million tokens",
+                    model.primary, model.primary
+                ),
+            );
+        }
+        price
+    }
+
+    fn tools(&mut self, node: &Node) -> Option<Vec<(ToolSpec, Arc<jsonschema::Validator>)>> {
+        let NodeValue::Seq(items) = &node.value else {
+            self.error(
+                node.pos,
+                "tools",
+                format!("expected a list, found {}", node.value.type_name()),
+            );
+            return None;
+        };
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("tools[{i}]");
+            if let (Some(name_node), Some(name)) = (
+                item.get("name"),
+                item.get("name").and_then(|n| match &n.value {
+                    NodeValue::Str(s) => Some(s.clone()),
+                    _ => None,
+                }),
+            ) {
+                if let Some(first_line) = seen.get(&name) {
+                    self.error(
+                        name_node.pos,
+                        &format!("{path}.name"),
+                        format!(
+                            "duplicate tool name `{name}` (first defined at line {first_line})"
+                        ),
+                    );
+                    ok = false;
+                } else {
+                    seen.insert(name, name_node.pos.line);
+                }
+            }
+            match self.tool(item, &path) {
+                Some(tool) => out.push(tool),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn tool(&mut self, node: &Node, path: &str) -> Option<(ToolSpec, Arc<jsonschema::Validator>)> {
+        let f = self.fields(
+            node,
+            path,
+            &["name", "description", "input_schema", "source", "contract"],
+        )?;
+        let name = self.required(&f, "name", "").and_then(|n| {
+            let name = self.string(n, &f.child("name"))?;
+            let ok = name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                self.error(
+                    n.pos,
+                    &f.child("name"),
+                    "use at most 64 letters, digits, `_` and `-` (what model APIs accept)",
+                );
+            }
+            ok.then_some(name)
+        });
+        let source = self
+            .required(&f, "source", "")
+            .and_then(|n| self.source(n, &f.child("source")));
+        let builtin = match &source {
+            Some(ToolSource::Builtin(b)) => self.ctx.builtin_tools.get(b).cloned(),
+            _ => None,
+        };
+
+        let description = match (f.get("description"), &builtin) {
+            (Some(n), _) => self.string(n, &f.child("description")),
+            (None, Some(info)) => Some(info.description.clone()),
+            (None, None) => self
+                .required(&f, "description", "; the model needs it to choose the tool")
+                .and(None),
+        };
+        let schema = match (f.get("input_schema"), &builtin) {
+            (Some(n), _) => {
+                self.json_schema(n, &f.child("input_schema"))
+                    .and_then(|(schema, v)| {
+                        if schema.get("type").and_then(Value::as_str) != Some("object") {
+                            self.error(
+                                n.pos,
+                                &f.child("input_schema"),
+                                "a tool's input schema must have `type: object`",
+                            );
+                            return None;
+                        }
+                        Some((schema, v))
+                    })
+            }
+            (None, Some(info)) => match jsonschema::validator_for(&info.input_schema) {
+                Ok(v) => Some((info.input_schema.clone(), v)),
+                Err(e) => {
+                    self.error(
+                        f.pos,
+                        &f.child("input_schema"),
+                        format!("built-in schema is invalid: {e}"),
+                    );
+                    None
+                }
+            },
+            (None, None) => self.required(&f, "input_schema", "").and(None),
+        };
+        if let (Some(ToolSource::Http(http)), Some((schema, _)), Some(n)) =
+            (&source, &schema, f.get("source"))
+        {
+            for placeholder in url_placeholders(&http.url) {
+                let declared = schema
+                    .get("properties")
+                    .and_then(|p| p.get(placeholder))
+                    .is_some();
+                if !declared {
+                    self.error(
+                        n.pos,
+                        &f.child("source.http.url"),
+                        format!(
+                            "placeholder `{{{placeholder}}}` is not a property of input_schema"
+                        ),
+                    );
+                }
+            }
+        }
+        let contract = match f.get("contract") {
+            None => Some(ToolContract::default()),
+            Some(n) => self.contract(n, &f.child("contract")),
+        };
+        let (input_schema, validator) = schema?;
+        Some((
+            ToolSpec {
+                name: name?,
+                description: description?,
+                input_schema,
+                source: source?,
+                contract: contract?,
+            },
+            Arc::new(validator),
+        ))
+    }
+
+    fn source(&mut self, node: &Node, path: &str) -> Option<ToolSource> {
+        let f = self.fields(node, path, &["builtin", "http"])?;
+        if f.entries.len() != 1 {
+            self.error(
+                node.pos,
+                path,
+                "give exactly one source: `builtin` or `http`",
+            );
+            return None;
+        }
+        if let Some(n) = f.get("builtin") {
+            let name = self.string(n, &f.child("builtin"))?;
+            if !self.ctx.builtin_tools.contains_key(&name) {
+                let known: Vec<&str> = self.ctx.builtin_tools.keys().map(String::as_str).collect();
+                self.error(
+                    n.pos,
+                    &f.child("builtin"),
+                    format!(
+                        "no built-in tool `{name}`; built-ins are: {}",
+                        known.join(", ")
+                    ),
+                );
+                return None;
+            }
+            return Some(ToolSource::Builtin(name));
+        }
+        let n = f.get("http")?;
+        let path = f.child("http");
+        let h = self.fields(n, &path, &["url", "method", "headers"])?;
+        let url = self.required(&h, "url", "").and_then(|u| {
+            let url = self.string(u, &h.child("url"))?;
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Some(url)
+            } else {
+                self.error(
+                    u.pos,
+                    &h.child("url"),
+                    "must start with http:// or https://",
+                );
+                None
+            }
+        });
+        let method = match h.get("method") {
+            None => Some(HttpMethod::Get),
+            Some(m) => self.one_of(
+                m,
+                &h.child("method"),
+                &[
+                    ("GET", HttpMethod::Get),
+                    ("POST", HttpMethod::Post),
+                    ("PUT", HttpMethod::Put),
+                    ("PATCH", HttpMethod::Patch),
+                    ("DELETE", HttpMethod::Delete),
+                ],
+            ),
+        };
+        let headers = match h.get("headers") {
+            None => Some(BTreeMap::new()),
+            Some(hn) => match &hn.value {
+                NodeValue::Map(entries) => {
+                    let mut map = BTreeMap::new();
+                    for (k, _, v) in entries {
+                        if let Some(value) = self.string(v, &join(&h.child("headers"), k)) {
+                            map.insert(k.clone(), value);
+                        }
+                    }
+                    Some(map)
+                }
+                other => {
+                    self.error(
+                        hn.pos,
+                        &h.child("headers"),
+                        format!("expected a mapping, found {}", other.type_name()),
+                    );
+                    None
+                }
+            },
+        };
+        Some(ToolSource::Http(HttpSource {
+            url: url?,
+            method: method?,
+            headers: headers?,
+        }))
+    }
+
+    fn contract(&mut self, node: &Node, path: &str) -> Option<ToolContract> {
+        let f = self.fields(
+            node,
+            path,
+            &[
+                "timeout",
+                "retry",
+                "idempotent",
+                "side_effects",
+                "auth_scope",
+                "max_calls_per_run",
+                "confirm",
+            ],
+        )?;
+        let d = ToolContract::default();
+        let timeout = f
+            .get("timeout")
+            .map_or(Some(d.timeout), |n| self.duration(n, &f.child("timeout")));
+        let retry = f
+            .get("retry")
+            .map_or(Some(d.retry), |n| self.retry(n, &f.child("retry")));
+        let idempotent = f.get("idempotent").map_or(Some(d.idempotent), |n| {
+            self.boolean(n, &f.child("idempotent"))
+        });
+        let side_effects = f.get("side_effects").map_or(Some(d.side_effects), |n| {
+            self.one_of(
+                n,
+                &f.child("side_effects"),
+                &[
+                    ("none", SideEffects::None),
+                    ("read", SideEffects::Read),
+                    ("write", SideEffects::Write),
+                    ("external", SideEffects::External),
+                ],
+            )
+        });
+        let auth_scope = match f.get("auth_scope") {
+            None => Some(None),
+            Some(n) => self.string(n, &f.child("auth_scope")).map(Some),
+        };
+        let max_calls_per_run = match f.get("max_calls_per_run") {
+            None => Some(None),
+            Some(n) => self
+                .integer(n, &f.child("max_calls_per_run"), 1, 1_000_000)
+                .map(|v| Some(v as u32)),
+        };
+        let confirm = f
+            .get("confirm")
+            .map_or(Some(d.confirm), |n| self.boolean(n, &f.child("confirm")));
+        Some(ToolContract {
+            timeout: timeout?,
+            retry: retry?,
+            idempotent: idempotent?,
+            side_effects: side_effects?,
+            auth_scope: auth_scope?,
+            max_calls_per_run: max_calls_per_run?,
+            confirm: confirm?,
+        })
+    }
+
+    fn retry(&mut self, node: &Node, path: &str) -> Option<RetryPolicy> {
+        let f = self.fields(node, path, &["max_attempts", "backoff", "max_backoff"])?;
+        let d = RetryPolicy::default();
+        let max_attempts = f.get("max_attempts").map_or(Some(d.max_attempts), |n| {
+            self.integer(n, &f.child("max_attempts"), 1, 10)
+                .map(|v| v as u32)
+        });
+        let backoff = f
+            .get("backoff")
+            .map_or(Some(d.backoff), |n| self.duration(n, &f.child("backoff")));
+        let max_backoff = f.get("max_backoff").map_or(Some(d.max_backoff), |n| {
+            self.duration(n, &f.child("max_backoff"))
+        });
+        Some(RetryPolicy {
+            max_attempts: max_attempts?,
+            backoff: backoff?,
+            max_backoff: max_backoff?,
+        })
+    }
+
+    fn limits(&mut self, node: &Node) -> Option<Limits> {
+        let f = self.fields(
+            node,
+            "limits",
+            &[
+                "max_iterations",
+                "max_total_tokens",
+                "max_cost_usd",
+                "timeout",
+                "max_tool_calls",
+                "max_repeated_tool_calls",
+            ],
+        )?;
+        let max_iterations = self
+            .required(
+                &f,
+                "max_iterations",
+                "; every agent must cap its model calls",
+            )
+            .and_then(|n| self.integer(n, "limits.max_iterations", 1, 100_000))
+            .map(|v| v as u32);
+        let max_total_tokens = self
+            .required(&f, "max_total_tokens", "; every agent must cap its tokens")
+            .and_then(|n| self.integer(n, "limits.max_total_tokens", 1, i64::MAX))
+            .map(|v| v as u64);
+        let max_cost_usd = self
+            .required(&f, "max_cost_usd", "; every agent must cap its cost in USD")
+            .and_then(|n| {
+                let dollars = self.number(n, "limits.max_cost_usd")?;
+                match Usd::from_dollars(dollars) {
+                    Some(usd) if usd > Usd::ZERO => Some(usd),
+                    _ => {
+                        self.error(
+                            n.pos,
+                            "limits.max_cost_usd",
+                            "must be a positive amount of USD with at most 6 decimals",
+                        );
+                        None
+                    }
+                }
+            });
+        let timeout = f.get("timeout").map_or(Some(DEFAULT_RUN_TIMEOUT), |n| {
+            self.duration(n, "limits.timeout")
+        });
+        let max_tool_calls = f
+            .get("max_tool_calls")
+            .map_or(Some(DEFAULT_MAX_TOOL_CALLS), |n| {
+                self.integer(n, "limits.max_tool_calls", 0, 1_000_000)
+                    .map(|v| v as u32)
+            });
+        let max_repeated_tool_calls =
+            f.get("max_repeated_tool_calls")
+                .map_or(Some(DEFAULT_MAX_REPEATED_TOOL_CALLS), |n| {
+                    self.integer(n, "limits.max_repeated_tool_calls", 2, 1_000)
+                        .map(|v| v as u32)
+                });
+        Some(Limits {
+            max_iterations: max_iterations?,
+            max_total_tokens: max_total_tokens?,
+            max_cost_usd: max_cost_usd?,
+            timeout: timeout?,
+            max_tool_calls: max_tool_calls?,
+            max_repeated_tool_calls: max_repeated_tool_calls?,
+        })
+    }
+}
+
+/// The `{name}` placeholders of a URL template, in order.
+pub fn url_placeholders(url: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = url;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                out.push(&after[..end]);
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"name: order-support
+version: 1
+model:
+  primary: openai/gpt-4o-mini
+  max_output_tokens: 512
+instructions: You answer questions about orders. Use the tools.
+flow: react
+tools:
+  - name: get_order_status
+    description: Look up an order by its numeric id.
+    input_schema:
+      type: object
+      properties: {order_id: {type: string, pattern: "^[0-9]+$"}}
+      required: [order_id]
+      additionalProperties: false
+    source:
+      http: {url: "http://127.0.0.1:8089/orders/{order_id}", method: GET}
+    contract: {timeout: 5s, idempotent: true, side_effects: none, max_calls_per_run: 3, retry: {max_attempts: 3}}
+limits:
+  max_iterations: 10
+  max_total_tokens: 20000
+  max_cost_usd: 0.50
+  timeout: 60s
+"#;
+
+    fn check(src: &str) -> Result<Agent, SpecErrors> {
+        let prices = PriceTable::default();
+        let builtins = BTreeMap::new();
+        Agent::parse(
+            "agent.yaml",
+            src,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+    }
+
+    #[test]
+    fn the_issue_example_is_accepted_as_written() {
+        let agent = check(EXAMPLE).unwrap();
+        let spec = &agent.spec;
+        assert_eq!(spec.name, "order-support");
+        assert_eq!(spec.model.max_output_tokens, 512);
+        assert_eq!(spec.limits.max_cost_usd, Usd::from_micros(500_000));
+        assert_eq!(spec.limits.timeout, Duration::from_secs(60));
+        assert_eq!(spec.limits.max_tool_calls, DEFAULT_MAX_TOOL_CALLS);
+        let tool = &spec.tools[0];
+        assert_eq!(tool.contract.timeout, Duration::from_secs(5));
+        assert_eq!(tool.contract.max_calls_per_run, Some(3));
+        assert!(tool.contract.may_retry());
+        assert!(matches!(&tool.source, ToolSource::Http(h) if h.method == HttpMethod::Get));
+    }
+
+    #[test]
+    fn missing_cost_cap_is_rejected_naming_the_field() {
+        let src = EXAMPLE.replace("  max_cost_usd: 0.50\n", "");
+        let err = check(&src).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "agent.yaml:20:3: limits.max_cost_usd: missing required field `max_cost_usd`"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_and_field() {
+        let src = EXAMPLE
+            .replace("flow: react", "flow: react\ncolour: blue")
+            .replace("timeout: 5s", "timeout: 5 parsecs")
+            .replace("max_iterations: 10", "max_iterations: ten")
+            .replace("type: string, pattern", "type: strng, pattern");
+        let err = check(&src).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.diagnostics.len(), 4, "{text}");
+        assert!(
+            text.contains("agent.yaml:8:1: colour: unknown field `colour`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tools[0].input_schema: invalid JSON Schema"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tools[0].contract.timeout: bad duration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("limits.max_iterations: expected an integer, found a string"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn duplicate_tool_names_point_at_the_first() {
+        let tool = EXAMPLE
+            .split("tools:\n")
+            .nth(1)
+            .unwrap()
+            .split("limits:")
+            .next()
+            .unwrap();
+        let src = EXAMPLE.replace("limits:", &format!("{tool}limits:"));
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("duplicate tool name `get_order_status` (first defined at line 9)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unpriced_models_are_refused() {
+        let src = EXAMPLE.replace("gpt-4o-mini", "my-local-llama");
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("no price is known for `openai/my-local-llama`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn url_placeholders_must_be_declared_arguments() {
+        let src = EXAMPLE.replace("/orders/{order_id}", "/orders/{id}");
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("placeholder `{id}` is not a property"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_have_a_line() {
+        let text = check("name: [unclosed\nversion: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(text.starts_with("agent.yaml:"), "{text}");
+        assert!(text.contains("invalid YAML"), "{text}");
+    }
+}
