@@ -15,6 +15,7 @@ pub mod money;
 pub mod price;
 pub mod run;
 pub mod spec;
+pub mod time;
 pub mod tool;
 pub mod yaml;
 

@@ -1,1 +1,574 @@
-//! placeholder
+//! Rein's durable store: runs and their hash-chained event logs, in one SQLite file.
+//!
+//! The event log is the source of truth; the `runs` row is a projection of it, updated in the
+//! same transaction as each append so that listings never disagree with the log. Every query
+//! takes the caller's tenant: a run of another tenant is simply not found.
+//!
+//! This crate depends on the core for event and run types; it must never depend on providers,
+//! tools or the driver.
+
+use rein_core::{
+    GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
+    Usage, Usd, UserId,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// What can go wrong talking to the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened, read or written.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// Someone else appended at this position first (two writers on one run).
+    #[error("run {run_id}: event {seq} was already written by another writer")]
+    Conflict {
+        /// Run.
+        run_id: RunId,
+        /// Position.
+        seq: u64,
+    },
+    /// No such run for this tenant.
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// A stored value is not what Rein wrote.
+    #[error("run {run_id}: stored {field} is unreadable: {message}")]
+    Corrupt {
+        /// Run.
+        run_id: RunId,
+        /// Column.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A run about to start.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    /// Id (UUIDv7).
+    pub id: RunId,
+    /// Owner.
+    pub tenant: TenantId,
+    /// Attributed user.
+    pub user: UserId,
+    /// Session.
+    pub session: SessionId,
+    /// Optional job.
+    pub job: Option<JobId>,
+    /// Agent name.
+    pub agent: String,
+    /// Agent version.
+    pub agent_version: u32,
+    /// Spec source pinned by the run.
+    pub spec: String,
+    /// The input.
+    pub input: String,
+    /// Creation time, ms since the epoch.
+    pub created_ms: i64,
+}
+
+/// The run's state after an event, written with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Status.
+    pub status: RunStatus,
+    /// Termination reason, once finished.
+    pub reason: Option<TerminationReason>,
+    /// Detail of the termination, once finished.
+    pub detail: Option<String>,
+    /// Final output, once completed.
+    pub output: Option<serde_json::Value>,
+    /// Model calls made.
+    pub iterations: u32,
+    /// Tool calls made or refused.
+    pub tool_calls: u32,
+    /// Tokens used.
+    pub usage: Usage,
+    /// Money spent.
+    pub cost: Usd,
+}
+
+/// A stored run, as listed and shown.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunRecord {
+    /// Id.
+    pub id: RunId,
+    /// Owner.
+    pub tenant: TenantId,
+    /// User.
+    pub user: UserId,
+    /// Session.
+    pub session: SessionId,
+    /// Job.
+    pub job: Option<JobId>,
+    /// Agent name.
+    pub agent: String,
+    /// Agent version.
+    pub agent_version: u32,
+    /// Pinned spec source.
+    pub spec: String,
+    /// Input.
+    pub input: String,
+    /// State after the last event.
+    pub progress: Progress,
+    /// Events written.
+    pub event_count: u64,
+    /// Hash of the last event.
+    pub head_hash: String,
+    /// Created, ms since the epoch.
+    pub created_ms: i64,
+    /// Last event, ms since the epoch.
+    pub updated_ms: i64,
+}
+
+/// How hard SQLite works to make a commit survive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: every committed event survives a crash of the process;
+    /// a power loss may lose the last few commits (never corrupts). The default.
+    #[default]
+    Process,
+    /// WAL with `synchronous=FULL`: every committed event also survives a power loss, at the
+    /// cost of an fsync per event.
+    PowerLoss,
+}
+
+/// The SQLite store.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
+/// contains runtime values, which always go through `bind`.
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
+            "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms FROM runs ",
+            $tail
+        )
+    };
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>, durability: Durability) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Process => SqliteSynchronous::Normal,
+                Durability::PowerLoss => SqliteSynchronous::Full,
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(options).await
+    }
+
+    /// Opens a private in-memory store (tests, benchmarks of the engine alone).
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        // SQLite has one writer at a time; a small pool lets readers work beside it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Flushes the write-ahead log into the main file and closes every connection.
+    pub async fn close(&self) {
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await;
+        self.pool.close().await;
+    }
+
+    /// Records a new run (status `running`, no events yet).
+    pub async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(run.id.as_str())
+        .bind(run.tenant.as_str())
+        .bind(run.user.as_str())
+        .bind(run.session.as_str())
+        .bind(run.job.as_ref().map(JobId::as_str))
+        .bind(&run.agent)
+        .bind(i64::from(run.agent_version))
+        .bind(&run.spec)
+        .bind(&run.input)
+        .bind(RunStatus::Running.as_str())
+        .bind(GENESIS_HASH)
+        .bind(run.created_ms)
+        .bind(run.created_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends one sealed event and updates the run's projection, atomically.
+    ///
+    /// Fails with [`StoreError::Conflict`] if the position is taken, so a second writer on the
+    /// same run can never interleave its events with the first's.
+    pub async fn append(
+        &self,
+        tenant: &TenantId,
+        event: &SealedEvent,
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
+        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(event.run_id.as_str())
+        .bind(seq)
+        .bind(event.ts_ms)
+        .bind(&event.kind)
+        .bind(event.payload.as_deref())
+        .bind(&event.payload_sha256)
+        .bind(&event.prev_hash)
+        .bind(&event.hash)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::Conflict {
+                    run_id: event.run_id.clone(),
+                    seq: event.seq,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let output = progress.output.as_ref().map(serde_json::Value::to_string);
+        let updated = sqlx::query(
+            "UPDATE runs SET status = ?, termination_reason = ?, detail = ?, output = ?, iterations = ?, tool_calls = ?,
+                 input_tokens = ?, cached_input_tokens = ?, output_tokens = ?, cost_micros = ?,
+                 event_count = ?, head_hash = ?, updated_ms = ?
+             WHERE id = ? AND tenant = ? AND event_count = ?",
+        )
+        .bind(progress.status.as_str())
+        .bind(progress.reason.map(TerminationReason::as_str))
+        .bind(progress.detail.as_deref())
+        .bind(output)
+        .bind(i64::from(progress.iterations))
+        .bind(i64::from(progress.tool_calls))
+        .bind(to_i64(progress.usage.input_tokens))
+        .bind(to_i64(progress.usage.cached_input_tokens))
+        .bind(to_i64(progress.usage.output_tokens))
+        .bind(progress.cost.micros())
+        .bind(seq + 1)
+        .bind(&event.hash)
+        .bind(event.ts_ms)
+        .bind(event.run_id.as_str())
+        .bind(tenant.as_str())
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            // Either the run is not this tenant's, or the log moved under us.
+            return Err(StoreError::Conflict {
+                run_id: event.run_id.clone(),
+                seq: event.seq,
+            });
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One run of `tenant`.
+    pub async fn run(&self, tenant: &TenantId, id: &RunId) -> Result<RunRecord, StoreError> {
+        let row = sqlx::query(select_runs!("WHERE tenant = ? AND id = ?"))
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        run_from_row(&row)
+    }
+
+    /// The newest runs of `tenant`, newest first.
+    pub async fn list_runs(
+        &self,
+        tenant: &TenantId,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(select_runs!(
+            "WHERE tenant = ? ORDER BY created_ms DESC, id DESC LIMIT ?"
+        ))
+        .bind(tenant.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// The ids of every run of `tenant`, oldest first (for audits).
+    pub async fn run_ids(&self, tenant: &TenantId) -> Result<Vec<RunId>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM runs WHERE tenant = ? ORDER BY created_ms, id")
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(RunId::new(r.try_get::<String, _>("id")?)))
+            .collect()
+    }
+
+    /// A run's events in log order.
+    pub async fn events(
+        &self,
+        tenant: &TenantId,
+        id: &RunId,
+    ) -> Result<Vec<SealedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.seq, e.ts_ms, e.kind, e.payload, e.payload_sha256, e.prev_hash, e.hash
+             FROM events e JOIN runs r ON r.id = e.run_id
+             WHERE r.tenant = ? AND e.run_id = ? ORDER BY e.seq",
+        )
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SealedEvent {
+                    run_id: id.clone(),
+                    seq: r.try_get::<i64, _>("seq")?.max(0) as u64,
+                    ts_ms: r.try_get("ts_ms")?,
+                    kind: r.try_get("kind")?,
+                    payload: r.try_get("payload")?,
+                    payload_sha256: r.try_get("payload_sha256")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn parse_enum<T: for<'de> serde::Deserialize<'de>>(
+    id: &RunId,
+    field: &'static str,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|e| {
+        StoreError::Corrupt {
+            run_id: id.clone(),
+            field,
+            message: e.to_string(),
+        }
+    })
+}
+
+fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
+    let id = RunId::new(r.try_get::<String, _>("id")?);
+    let status: String = r.try_get("status")?;
+    let reason: Option<String> = r.try_get("termination_reason")?;
+    let output: Option<String> = r.try_get("output")?;
+    let output = output
+        .map(|o| serde_json::from_str(&o))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            run_id: id.clone(),
+            field: "output",
+            message: e.to_string(),
+        })?;
+    let count =
+        |name: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(name)?.max(0) as u64) };
+    Ok(RunRecord {
+        tenant: TenantId::new(r.try_get::<String, _>("tenant")?),
+        user: UserId::new(r.try_get::<String, _>("user_id")?),
+        session: SessionId::new(r.try_get::<String, _>("session_id")?),
+        job: r.try_get::<Option<String>, _>("job_id")?.map(JobId::new),
+        agent: r.try_get("agent")?,
+        agent_version: count("agent_version")? as u32,
+        spec: r.try_get("spec")?,
+        input: r.try_get("input")?,
+        progress: Progress {
+            status: parse_enum(&id, "status", &status)?,
+            reason: reason
+                .map(|r| parse_enum(&id, "termination_reason", &r))
+                .transpose()?,
+            detail: r.try_get("detail")?,
+            output,
+            iterations: count("iterations")? as u32,
+            tool_calls: count("tool_calls")? as u32,
+            usage: Usage {
+                input_tokens: count("input_tokens")?,
+                cached_input_tokens: count("cached_input_tokens")?,
+                output_tokens: count("output_tokens")?,
+            },
+            cost: Usd::from_micros(r.try_get("cost_micros")?),
+        },
+        event_count: count("event_count")?,
+        head_hash: r.try_get("head_hash")?,
+        created_ms: r.try_get("created_ms")?,
+        updated_ms: r.try_get("updated_ms")?,
+        id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rein_core::{Event, EventKind};
+
+    fn new_run(id: &str, tenant: &str) -> NewRun {
+        NewRun {
+            id: RunId::new(id),
+            tenant: TenantId::new(tenant),
+            user: UserId::new("u"),
+            session: SessionId::new("s"),
+            job: None,
+            agent: "a".into(),
+            agent_version: 1,
+            spec: "name: a".into(),
+            input: "hi".into(),
+            created_ms: 1,
+        }
+    }
+
+    fn progress() -> Progress {
+        Progress {
+            status: RunStatus::Running,
+            reason: None,
+            detail: None,
+            output: None,
+            iterations: 0,
+            tool_calls: 0,
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+        }
+    }
+
+    fn started(seq: u64) -> Event {
+        Event {
+            seq,
+            ts_ms: 10 + seq as i64,
+            kind: EventKind::RunStarted {
+                agent: "a".into(),
+                agent_version: 1,
+                input: "hi".into(),
+                tenant: TenantId::new("t1"),
+                user: UserId::new("u"),
+                session: SessionId::new("s"),
+                job: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn events_round_trip_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("r.db"), Durability::Process)
+            .await
+            .unwrap();
+        let t1 = TenantId::new("t1");
+        store.create_run(&new_run("r1", "t1")).await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store.append(&t1, &first, &progress()).await.unwrap();
+        let mut done = progress();
+        done.status = RunStatus::Completed;
+        done.reason = Some(TerminationReason::Completed);
+        done.output = Some(serde_json::json!({"a": 1}));
+        done.cost = Usd::from_micros(42);
+        let second = started(1).seal(&RunId::new("r1"), &first.hash);
+        store.append(&t1, &second, &done).await.unwrap();
+
+        let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
+        assert_eq!(events, vec![first, second.clone()]);
+        let run = store.run(&t1, &RunId::new("r1")).await.unwrap();
+        assert_eq!(run.progress, done);
+        assert_eq!(run.event_count, 2);
+        assert_eq!(run.head_hash, second.hash);
+        rein_core::verify_chain(&events, Some((run.event_count, &run.head_hash))).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_at_the_same_position_is_refused() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let t1 = TenantId::new("t1");
+        store.create_run(&new_run("r1", "t1")).await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store.append(&t1, &first, &progress()).await.unwrap();
+        let err = store.append(&t1, &first, &progress()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { seq: 0, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn another_tenants_runs_are_invisible() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store.create_run(&new_run("r1", "t1")).await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        let other = TenantId::new("t2");
+        assert!(matches!(
+            store.run(&other, &RunId::new("r1")).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.list_runs(&other, 10).await.unwrap().is_empty());
+        assert!(
+            store.append(&other, &first, &progress()).await.is_err(),
+            "cannot write into another tenant's run"
+        );
+        assert!(
+            store
+                .events(&other, &RunId::new("r1"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn stored_events_cannot_be_updated_or_deleted_through_sql() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let t1 = TenantId::new("t1");
+        store.create_run(&new_run("r1", "t1")).await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store.append(&t1, &first, &progress()).await.unwrap();
+        assert!(
+            sqlx::query("DELETE FROM events")
+                .execute(&store.pool)
+                .await
+                .is_err()
+        );
+        assert!(
+            sqlx::query("UPDATE events SET hash = 'x'")
+                .execute(&store.pool)
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,53 @@
+-- Runs: one row per run, a projection of its event log kept current in the same transaction
+-- as each append. The log in `events` is the source of truth.
+CREATE TABLE runs (
+    id                  TEXT PRIMARY KEY NOT NULL,
+    tenant              TEXT NOT NULL,
+    user_id             TEXT NOT NULL,
+    session_id          TEXT NOT NULL,
+    job_id              TEXT,
+    agent               TEXT NOT NULL,
+    agent_version       INTEGER NOT NULL,
+    spec                TEXT NOT NULL,          -- the spec source the run pinned
+    input               TEXT NOT NULL,
+    status              TEXT NOT NULL,
+    termination_reason  TEXT,
+    detail              TEXT,
+    output              TEXT,                   -- JSON
+    iterations          INTEGER NOT NULL DEFAULT 0,
+    tool_calls          INTEGER NOT NULL DEFAULT 0,
+    input_tokens        INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens       INTEGER NOT NULL DEFAULT 0,
+    cost_micros         INTEGER NOT NULL DEFAULT 0,
+    event_count         INTEGER NOT NULL DEFAULT 0,
+    head_hash           TEXT NOT NULL,          -- hash of the last event: catches removal from the end
+    created_ms          INTEGER NOT NULL,
+    updated_ms          INTEGER NOT NULL
+);
+CREATE INDEX runs_by_tenant ON runs (tenant, created_ms DESC);
+
+-- Events: append-only. (run_id, seq) is the primary key, so two writers can never both
+-- append the same position of one run.
+CREATE TABLE events (
+    run_id          TEXT NOT NULL REFERENCES runs (id),
+    seq             INTEGER NOT NULL,
+    ts_ms           INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    payload         TEXT,                       -- JSON; NULL once erased
+    payload_sha256  TEXT NOT NULL,
+    prev_hash       TEXT NOT NULL,
+    hash            TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+
+-- An event once written is never changed; only erasure of the payload (a later issue) may
+-- touch a row, and it keeps the digest.
+CREATE TRIGGER events_are_append_only BEFORE UPDATE OF run_id, seq, ts_ms, kind, payload_sha256, prev_hash, hash ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
+CREATE TRIGGER events_are_never_deleted BEFORE DELETE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
