@@ -275,6 +275,10 @@ impl Engine {
         self.finished.is_some()
     }
 
+    fn past_deadline(&self, ts_ms: i64) -> bool {
+        self.deadline_ms().is_some_and(|d| ts_ms >= d)
+    }
+
     fn push_message(&mut self, message: Message) {
         self.message_tokens += message_tokens(&message);
         self.messages.push(message);
@@ -339,6 +343,14 @@ impl Engine {
                 ..
             } => {
                 self.model_in_flight = false;
+                if self.past_deadline(event.ts_ms) {
+                    self.finish_with(
+                        TerminationReason::Timeout,
+                        format!(
+                            "the model call was cut off at the run's wall-clock limit: {message}"
+                        ),
+                    );
+                }
                 let kind = serde_json::to_value(error_type).unwrap_or_default();
                 let kind = kind.as_str().unwrap_or("error");
                 self.finish_with(
@@ -354,6 +366,7 @@ impl Engine {
             EventKind::ToolResult {
                 step,
                 call_id,
+                tool: tool_name,
                 result,
                 ..
             } => {
@@ -376,6 +389,13 @@ impl Engine {
                     tool_calls: Vec::new(),
                     tool_call_id: Some(call_id.clone()),
                 });
+                if !result.is_success() && self.past_deadline(event.ts_ms) {
+                    let detail = format!(
+                        "the call to `{}` was cut off at the run's wall-clock limit of {:?}",
+                        tool_name, self.agent.spec.limits.timeout
+                    );
+                    self.finish_with(TerminationReason::Timeout, detail);
+                }
             }
             EventKind::RunFinished {
                 status,

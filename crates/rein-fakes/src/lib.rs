@@ -1,1 +1,361 @@
-//! placeholder
+//! Fault-injecting fake servers on 127.0.0.1, for tests, the offline demo and the benchmark.
+//!
+//! They speak real HTTP over real sockets, so the code under test is exactly the code that
+//! talks to production services:
+//! - [`FakeOpenAi`]: an OpenAI-compatible `/v1/chat/completions` whose every answer (text, tool
+//!   calls, usage, HTTP errors, delays) is decided by a closure.
+//! - [`ToolService`]: an HTTP tool backend with an order lookup, a flaky endpoint that fails
+//!   a set number of times, a slow one, and a rate-limited one.
+//!
+//! Each server stops when its handle is dropped. Never depends on other Rein crates.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// A running server; stops when dropped.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Running {
+    /// The bound address (always 127.0.0.1 and an ephemeral port unless one was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn serve(router: Router, port: u16) -> std::io::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(Running { addr, task })
+}
+
+/// What the fake model answers to one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FakeResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: Value,
+    /// `Retry-After` header, in seconds.
+    pub retry_after: Option<u64>,
+    /// Delay before answering.
+    pub delay: Duration,
+}
+
+impl FakeResponse {
+    fn completion(message: Value, finish: &str, input_tokens: u64, output_tokens: u64) -> Self {
+        FakeResponse {
+            status: 200,
+            body: json!({
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": "fake-model",
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": {
+                    "prompt_tokens": input_tokens,
+                    "completion_tokens": output_tokens,
+                    "total_tokens": input_tokens + output_tokens,
+                    "prompt_tokens_details": {"cached_tokens": 0}
+                }
+            }),
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A final text answer with the given usage.
+    pub fn text(content: &str, input_tokens: u64, output_tokens: u64) -> Self {
+        Self::completion(
+            json!({"role": "assistant", "content": content}),
+            "stop",
+            input_tokens,
+            output_tokens,
+        )
+    }
+
+    /// One tool call with the given usage.
+    pub fn tool_call(
+        id: &str,
+        name: &str,
+        arguments: &Value,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> Self {
+        let call = json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments.to_string()}});
+        Self::completion(
+            json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+            "tool_calls",
+            input_tokens,
+            output_tokens,
+        )
+    }
+
+    /// An HTTP error in OpenAI's error shape.
+    pub fn error(status: u16, message: &str) -> Self {
+        FakeResponse {
+            status,
+            body: json!({"error": {"message": message, "type": "fake_error"}}),
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// The same response, after a delay.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// Decides the answer to the `n`th request (from 0), given its JSON body.
+pub type Responder = Arc<dyn Fn(usize, &Value) -> FakeResponse + Send + Sync>;
+
+/// A recorded request: its JSON body and its `Authorization` header.
+pub type RecordedRequest = (Value, Option<String>);
+
+#[derive(Clone)]
+struct OpenAiState {
+    responder: Responder,
+    count: Arc<AtomicUsize>,
+    recorded: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
+}
+
+/// A fake OpenAI-compatible server.
+pub struct FakeOpenAi {
+    server: Running,
+    state: OpenAiState,
+}
+
+impl FakeOpenAi {
+    /// Starts a server that records every request (body and `Authorization` header).
+    pub async fn start(
+        responder: impl Fn(usize, &Value) -> FakeResponse + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        Self::start_with(Arc::new(responder), true).await
+    }
+
+    /// Starts a server that only counts requests (for benchmarks: constant memory).
+    pub async fn start_unrecorded(
+        responder: impl Fn(usize, &Value) -> FakeResponse + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        Self::start_with(Arc::new(responder), false).await
+    }
+
+    async fn start_with(responder: Responder, record: bool) -> std::io::Result<Self> {
+        let state = OpenAiState {
+            responder,
+            count: Arc::new(AtomicUsize::new(0)),
+            recorded: record.then(|| Arc::new(Mutex::new(Vec::new()))),
+        };
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(state.clone());
+        Ok(FakeOpenAi {
+            server: serve(router, 0).await?,
+            state,
+        })
+    }
+
+    /// The base URL to give a client: `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("{}/v1", self.server.url())
+    }
+
+    /// Requests answered so far.
+    pub fn request_count(&self) -> usize {
+        self.state.count.load(Ordering::SeqCst)
+    }
+
+    /// Recorded request bodies with their `Authorization` header.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state
+            .recorded
+            .as_ref()
+            .map(|r| r.lock().map(|v| v.clone()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+async fn chat(
+    State(state): State<OpenAiState>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let n = state.count.fetch_add(1, Ordering::SeqCst);
+    if let Some(recorded) = &state.recorded {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Ok(mut r) = recorded.lock() {
+            r.push((body.clone(), auth));
+        }
+    }
+    let answer = (state.responder)(n, &body);
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(answer.body)).into_response();
+    if let Some(secs) = answer.retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    response
+}
+
+#[derive(Default)]
+struct ToolState {
+    hits: Mutex<HashMap<String, usize>>,
+}
+
+impl ToolState {
+    fn hit(&self, key: String) -> usize {
+        let mut hits = match self.hits.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let n = hits.entry(key).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+/// A fake HTTP tool backend:
+/// - `GET /orders/{id}`: orders 1 to 1000 exist (`200`), others are `404 {"error": ...}`.
+/// - `GET /flaky/{key}?fail=N`: the first N calls for each key answer `500`, then `200`.
+/// - `GET /slow?ms=N`: answers `200` after N milliseconds.
+/// - `GET /limited`: always `429` with `Retry-After: 1`.
+///
+/// Every route counts its hits (per order id, per flaky key).
+pub struct ToolService {
+    server: Running,
+    state: Arc<ToolState>,
+}
+
+#[derive(Deserialize)]
+struct FlakyQuery {
+    #[serde(default)]
+    fail: usize,
+}
+
+#[derive(Deserialize)]
+struct SlowQuery {
+    #[serde(default)]
+    ms: u64,
+}
+
+impl ToolService {
+    /// Starts on an ephemeral port of 127.0.0.1.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(0).await
+    }
+
+    /// Starts on a given port of 127.0.0.1 (0 for any).
+    pub async fn start_on(port: u16) -> std::io::Result<Self> {
+        let state = Arc::new(ToolState::default());
+        let router = Router::new()
+            .route("/orders/{id}", get(order))
+            .route("/flaky/{key}", get(flaky))
+            .route("/slow", get(slow))
+            .route("/limited", get(limited))
+            .with_state(state.clone());
+        Ok(ToolService {
+            server: serve(router, port).await?,
+            state,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// How many requests reached `key` (`orders/42`, `flaky/k`, `slow`, `limited`).
+    pub fn hits(&self, key: &str) -> usize {
+        self.state
+            .hits
+            .lock()
+            .map(|h| h.get(key).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+async fn order(State(state): State<Arc<ToolState>>, Path(id): Path<String>) -> Response {
+    state.hit(format!("orders/{id}"));
+    match id.parse::<u32>() {
+        Ok(n) if (1..=1000).contains(&n) => {
+            let status = ["processing", "shipped", "delivered"][(n % 3) as usize];
+            Json(json!({"order_id": id, "status": status})).into_response()
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no order {id}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn flaky(
+    State(state): State<Arc<ToolState>>,
+    Path(key): Path<String>,
+    Query(q): Query<FlakyQuery>,
+) -> Response {
+    let n = state.hit(format!("flaky/{key}"));
+    if n <= q.fail {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "temporarily unavailable"})),
+        )
+            .into_response()
+    } else {
+        Json(json!({"ok": true, "attempt": n})).into_response()
+    }
+}
+
+async fn slow(State(state): State<Arc<ToolState>>, Query(q): Query<SlowQuery>) -> Response {
+    state.hit("slow".into());
+    tokio::time::sleep(Duration::from_millis(q.ms.min(600_000))).await;
+    Json(json!({"slept_ms": q.ms})).into_response()
+}
+
+async fn limited(State(state): State<Arc<ToolState>>) -> Response {
+    state.hit("limited".into());
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({"error": "slow down"})),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    r
+}

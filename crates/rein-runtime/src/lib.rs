@@ -1,1 +1,439 @@
-//! placeholder
+//! Rein's driver: runs the engine against the real world.
+//!
+//! The loop is: ask the [`Engine`] for its next [`Effect`]; execute it through a provider, a
+//! tool or nothing at all, wrapped in policy (per-attempt timeouts, the run's wall-clock
+//! deadline, retries with full-jitter backoff only when the failure and the tool's contract
+//! say it is safe); append the outcome to the run's hash-chained log; feed it back. Every
+//! event is durable before the next effect starts, so a crash loses no recorded step.
+//!
+//! Limits are decided by the engine, not here: this crate never decides whether a run may
+//! spend, only how to carry out what the engine asked for.
+
+mod retry;
+
+use rein_core::{
+    Agent, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, ReplayError, RunId,
+    RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation, ToolResult, Usage, Usd,
+    UserId,
+};
+use rein_providers::{Model, ModelError, ModelRequest};
+use rein_store::{NewRun, Progress, SqliteStore, StoreError};
+use rein_tools::ToolBox;
+use retry::{Backoff, with_retries};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use retry::Backoff as RetryBackoff;
+
+/// Retry policy for model calls: 3 attempts, exponential backoff from 1 s capped at 8 s,
+/// full jitter, `Retry-After` honoured; only transient and rate-limit failures are retried.
+pub const MODEL_BACKOFF: Backoff = Backoff {
+    max_attempts: 3,
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(8),
+};
+
+/// Longest a single model attempt may take, whatever time the run has left.
+pub const MODEL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What can stop the driver itself (as opposed to ending a run, which is always an event).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The store failed; the run stays as its log last recorded it and can be resumed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored log could not be replayed.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// A stored event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] rein_core::event::DecodeError),
+}
+
+/// A run to start.
+#[derive(Clone, Debug)]
+pub struct RunRequest {
+    /// The checked agent.
+    pub agent: Arc<Agent>,
+    /// The spec source, pinned with the run.
+    pub spec_source: String,
+    /// The user's input.
+    pub input: String,
+    /// Owner.
+    pub tenant: TenantId,
+    /// Attributed user.
+    pub user: UserId,
+    /// Session.
+    pub session: SessionId,
+    /// Optional job.
+    pub job: Option<JobId>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOutcome {
+    /// Run id.
+    pub run_id: RunId,
+    /// Final status.
+    pub status: RunStatus,
+    /// The one termination reason.
+    pub reason: TerminationReason,
+    /// What happened, for a person.
+    pub detail: Option<String>,
+    /// Model calls made.
+    pub iterations: u32,
+    /// Tool calls made or refused.
+    pub tool_calls: u32,
+    /// Tokens used.
+    pub usage: Usage,
+    /// Money spent.
+    pub cost: Usd,
+    /// The final answer.
+    pub output: Option<Value>,
+    /// Events recorded.
+    pub events: u64,
+    /// Per model or tool step: the driver's and engine's own time (everything but the
+    /// provider's and tool's), in nanoseconds. Empty unless [`Runtime::with_step_timings`].
+    pub step_overheads_ns: Vec<u64>,
+}
+
+/// Executes runs.
+#[derive(Clone)]
+pub struct Runtime {
+    store: SqliteStore,
+    tools: ToolBox,
+    step_timings: bool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Runtime {
+    /// A runtime over a store and a toolbox.
+    pub fn new(store: SqliteStore, tools: ToolBox) -> Self {
+        Runtime {
+            store,
+            tools,
+            step_timings: false,
+        }
+    }
+
+    /// Records each step's own overhead in [`RunOutcome::step_overheads_ns`] (benchmarks).
+    pub fn with_step_timings(mut self, on: bool) -> Self {
+        self.step_timings = on;
+        self
+    }
+
+    /// The store runs are recorded in.
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    /// Starts a run and drives it to its end.
+    pub async fn run(
+        &self,
+        request: RunRequest,
+        model: &dyn Model,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let run_id = RunId::new(uuid::Uuid::now_v7().to_string());
+        let spec = &request.agent.spec;
+        self.store
+            .create_run(&NewRun {
+                id: run_id.clone(),
+                tenant: request.tenant.clone(),
+                user: request.user.clone(),
+                session: request.session.clone(),
+                job: request.job.clone(),
+                agent: spec.name.clone(),
+                agent_version: spec.version,
+                spec: request.spec_source.clone(),
+                input: request.input.clone(),
+                created_ms: now_ms(),
+            })
+            .await?;
+        let mut driver = Driver {
+            runtime: self,
+            model,
+            tenant: request.tenant.clone(),
+            run_id,
+            engine: Engine::new(request.agent.clone()),
+            prev_hash: rein_core::GENESIS_HASH.to_string(),
+            next_seq: 0,
+            overheads: Vec::new(),
+        };
+        driver
+            .record(EventKind::RunStarted {
+                agent: spec.name.clone(),
+                agent_version: spec.version,
+                input: request.input,
+                tenant: request.tenant,
+                user: request.user,
+                session: request.session,
+                job: request.job,
+            })
+            .await?;
+        driver.drive().await
+    }
+
+    /// Continues a run from its log (after a crash, or a run left `running`).
+    pub async fn resume(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        agent: Arc<Agent>,
+        model: &dyn Model,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let sealed = self.store.events(tenant, run_id).await?;
+        let events = sealed
+            .iter()
+            .map(|e| e.decode())
+            .collect::<Result<Vec<_>, _>>()?;
+        let engine = Engine::replay(agent, &events)?;
+        let mut driver = Driver {
+            runtime: self,
+            model,
+            tenant: tenant.clone(),
+            run_id: run_id.clone(),
+            engine,
+            prev_hash: sealed
+                .last()
+                .map_or_else(|| rein_core::GENESIS_HASH.to_string(), |e| e.hash.clone()),
+            next_seq: sealed.len() as u64,
+            overheads: Vec::new(),
+        };
+        driver.drive().await
+    }
+}
+
+/// One run being driven.
+struct Driver<'a> {
+    runtime: &'a Runtime,
+    model: &'a dyn Model,
+    tenant: TenantId,
+    run_id: RunId,
+    engine: Engine,
+    prev_hash: String,
+    next_seq: u64,
+    overheads: Vec<u64>,
+}
+
+impl Driver<'_> {
+    async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
+        let mut carried = Duration::ZERO;
+        while let Some(effect) = self.engine.next_effect(now_ms()) {
+            let started = Instant::now();
+            let io = match effect {
+                Effect::Record(kind) => {
+                    self.record(kind).await?;
+                    carried += started.elapsed();
+                    continue;
+                }
+                Effect::CallModel(call) => self.call_model(call).await?,
+                Effect::CallTool(invocation) => self.call_tool(invocation).await?,
+            };
+            if self.runtime.step_timings {
+                let own = started.elapsed().saturating_sub(io) + carried;
+                self.overheads
+                    .push(u64::try_from(own.as_nanos()).unwrap_or(u64::MAX));
+            }
+            carried = Duration::ZERO;
+        }
+        let (status, reason) = self
+            .engine
+            .outcome()
+            .unwrap_or((RunStatus::Failed, TerminationReason::Error));
+        let run = self.runtime.store.run(&self.tenant, &self.run_id).await?;
+        Ok(RunOutcome {
+            run_id: self.run_id.clone(),
+            status,
+            reason,
+            detail: run.progress.detail,
+            iterations: self.engine.iterations(),
+            tool_calls: self.engine.tool_calls(),
+            usage: self.engine.usage(),
+            cost: self.engine.cost(),
+            output: self.engine.output().cloned(),
+            events: self.next_seq,
+            step_overheads_ns: std::mem::take(&mut self.overheads),
+        })
+    }
+
+    /// Seals `kind` into the chain, folds it into the engine and makes it durable.
+    async fn record(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
+        let detail = match &kind {
+            EventKind::RunFinished { detail, .. } => detail.clone(),
+            _ => None,
+        };
+        let event = Event {
+            seq: self.next_seq,
+            ts_ms: now_ms(),
+            kind,
+        };
+        let sealed = event.seal(&self.run_id, &self.prev_hash);
+        self.engine.apply(&event)?;
+        let (status, reason) = match self.engine.outcome() {
+            Some((status, reason)) => (status, Some(reason)),
+            None => (RunStatus::Running, None),
+        };
+        let progress = Progress {
+            status,
+            reason,
+            detail,
+            output: self.engine.output().cloned(),
+            iterations: self.engine.iterations(),
+            tool_calls: self.engine.tool_calls(),
+            usage: self.engine.usage(),
+            cost: self.engine.cost(),
+        };
+        self.runtime
+            .store
+            .append(&self.tenant, &sealed, &progress)
+            .await?;
+        self.prev_hash = sealed.hash;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Time left before the run's wall-clock limit.
+    fn remaining(&self) -> Duration {
+        let left = self.engine.deadline_ms().map_or(i64::MAX, |d| d - now_ms());
+        Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    }
+
+    /// Returns the time spent waiting on the provider (attempts and backoff).
+    async fn call_model(&mut self, call: ModelCall) -> Result<Duration, RuntimeError> {
+        self.record(call.requested()).await?;
+        let agent = self.engine.agent().clone();
+        let spec = &agent.spec;
+        let request = ModelRequest {
+            model: spec.model.model_name(),
+            messages: self.engine.messages(),
+            tools: self.engine.tool_definitions(),
+            max_output_tokens: spec.model.max_output_tokens,
+            temperature: spec.model.temperature,
+            output_schema: spec.output_schema.as_ref(),
+        };
+        let model = self.model;
+        let started = Instant::now();
+        let outcome = with_retries(
+            &MODEL_BACKOFF,
+            self.remaining(),
+            MODEL_ATTEMPT_TIMEOUT,
+            || model.complete(request),
+            |result: &Result<_, ModelError>| match result {
+                Err(e) if e.is_retryable() => Some(e.retry_after),
+                _ => None,
+            },
+            |by_deadline| {
+                Err(ModelError::new(
+                    ErrorType::Transient,
+                    if by_deadline {
+                        "the run's wall-clock limit was reached while waiting for the model"
+                    } else {
+                        "the model did not answer in time"
+                    },
+                ))
+            },
+        )
+        .await;
+        let waited = started.elapsed();
+        let latency_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let kind = match outcome.output {
+            Ok(reply) => EventKind::ModelResponded {
+                step: call.step,
+                cost: agent.price.cost(&reply.usage),
+                model: reply.model,
+                content: reply.content,
+                tool_calls: reply.tool_calls,
+                usage: reply.usage,
+                latency_ms,
+                attempts: outcome.attempts,
+            },
+            Err(e) => EventKind::ModelFailed {
+                step: call.step,
+                model: call.model,
+                error_type: e.kind,
+                message: e.message,
+                latency_ms,
+                attempts: outcome.attempts,
+            },
+        };
+        self.record(kind).await?;
+        Ok(waited)
+    }
+
+    /// Returns the time spent waiting on the tool (attempts and backoff).
+    async fn call_tool(&mut self, invocation: ToolInvocation) -> Result<Duration, RuntimeError> {
+        self.record(invocation.requested()).await?;
+        let agent = self.engine.agent().clone();
+        let started = Instant::now();
+        let (result, attempts) = match agent.tool(&invocation.tool) {
+            Some((tool, _)) => {
+                let contract = &tool.contract;
+                let backoff = Backoff {
+                    max_attempts: if contract.may_retry() {
+                        contract.retry.max_attempts
+                    } else {
+                        1
+                    },
+                    base: contract.retry.backoff,
+                    cap: contract.retry.max_backoff,
+                };
+                // The key is stable across retries and resumes: the same step is the same call.
+                let key = format!("{}:{}", self.run_id, invocation.step);
+                let tools = &self.runtime.tools;
+                let args = &invocation.arguments;
+                let timeout = contract.timeout;
+                let name = tool.name.as_str();
+                let outcome = with_retries(
+                    &backoff,
+                    self.remaining(),
+                    timeout,
+                    || Box::pin(tools.call(tool, args, &key)),
+                    |r: &ToolResult| {
+                        (!r.is_success() && r.retry_safe)
+                            .then(|| r.retry_after_ms.map(Duration::from_millis))
+                    },
+                    |by_deadline| {
+                        if by_deadline {
+                            ToolResult::error(
+                                ErrorType::Transient,
+                                format!("`{name}` was cut off at the run's wall-clock limit"),
+                            )
+                        } else {
+                            ToolResult::error(
+                                ErrorType::Transient,
+                                format!("`{name}` did not answer within {timeout:?}"),
+                            )
+                        }
+                    },
+                )
+                .await;
+                (outcome.output, outcome.attempts)
+            }
+            // The engine only asks for tools the agent has; this is defence in depth.
+            None => (
+                ToolResult::error(
+                    ErrorType::Permanent,
+                    format!("there is no tool named `{}`", invocation.tool),
+                ),
+                0,
+            ),
+        };
+        let waited = started.elapsed();
+        self.record(EventKind::ToolResult {
+            step: invocation.step,
+            call_id: invocation.call_id,
+            tool: invocation.tool,
+            result,
+            latency_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            attempts,
+        })
+        .await?;
+        Ok(waited)
+    }
+}

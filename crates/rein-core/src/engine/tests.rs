@@ -502,3 +502,46 @@ fn tool_results_reach_the_model_as_typed_json() {
     );
     assert_eq!(ToolResult::success(json!(1)).status, ToolStatus::Success);
 }
+
+#[test]
+fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
+    let mut sim = Sim::new(SPEC);
+    let Some(Effect::CallModel(model_call)) = sim.engine.next_effect(sim.now) else {
+        panic!()
+    };
+    sim.record(model_call.requested());
+    sim.record(EventKind::ModelResponded {
+        step: model_call.step,
+        model: "m".into(),
+        content: None,
+        tool_calls: vec![call("c1", "lookup", r#"{"key":"slow"}"#)],
+        usage: Usage {
+            input_tokens: 10,
+            cached_input_tokens: 0,
+            output_tokens: 5,
+        },
+        cost: Usd::from_micros(5),
+        latency_ms: 1,
+        attempts: 1,
+    });
+    let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
+        panic!()
+    };
+    sim.record(inv.requested());
+    sim.now += 10_000;
+    sim.record(EventKind::ToolResult {
+        step: inv.step,
+        call_id: inv.call_id,
+        tool: inv.tool,
+        result: ToolResult::error(ErrorType::Transient, "cut off"),
+        latency_ms: 10_000,
+        attempts: 1,
+    });
+    let Some(Effect::Record(EventKind::RunFinished { reason, detail, .. })) =
+        sim.engine.next_effect(sim.now)
+    else {
+        panic!()
+    };
+    assert_eq!(reason, TerminationReason::Timeout);
+    assert!(detail.unwrap().contains("`lookup` was cut off"));
+}

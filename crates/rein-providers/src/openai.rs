@@ -1,0 +1,335 @@
+//! The OpenAI Chat Completions client, for OpenAI and every compatible server.
+
+use crate::{BoxFuture, Model, ModelError, ModelRequest};
+use rein_core::{ErrorType, Message, ModelReply, Role, ToolCall, Usage, estimate_tokens};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::fmt;
+use std::time::Duration;
+
+/// OpenAI's public endpoint, used when neither the spec nor `OPENAI_BASE_URL` names another.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Largest response body accepted from a provider.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// A Chat Completions client.
+#[derive(Clone)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+}
+
+impl fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl OpenAiClient {
+    /// A client for `base_url` (e.g. `http://127.0.0.1:8000/v1`) with an optional key.
+    pub fn new(
+        http: reqwest::Client,
+        base_url: impl Into<String>,
+        api_key: Option<String>,
+    ) -> Self {
+        OpenAiClient {
+            http,
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            api_key: api_key.filter(|k| !k.is_empty()),
+        }
+    }
+
+    /// A client configured as the official SDKs are: `base_url` if given (from the spec), else
+    /// `OPENAI_BASE_URL`, else OpenAI's endpoint; the key from `OPENAI_API_KEY`.
+    pub fn from_env(http: reqwest::Client, base_url: Option<&str>) -> Self {
+        let base = base_url
+            .map(str::to_string)
+            .or_else(|| {
+                std::env::var("OPENAI_BASE_URL")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        OpenAiClient::new(http, base, std::env::var("OPENAI_API_KEY").ok())
+    }
+
+    /// The endpoint this client calls.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    async fn call(&self, request: ModelRequest<'_>) -> Result<ModelReply, ModelError> {
+        let body = request_body(&request);
+        let mut http = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            http = http.bearer_auth(key);
+        }
+        let response = http.send().await.map_err(transport_error)?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        let bytes = read_limited(response).await?;
+        if !status.is_success() {
+            let mut error = classify_status(status.as_u16(), &bytes);
+            error.retry_after = retry_after;
+            return Err(error);
+        }
+        let parsed: ChatResponse = serde_json::from_slice(&bytes).map_err(|e| {
+            ModelError::new(
+                ErrorType::Transient,
+                format!("the provider sent a response Rein cannot read: {e}"),
+            )
+        })?;
+        reply_from(parsed, &body, request.model)
+    }
+}
+
+impl Model for OpenAiClient {
+    fn complete<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        Box::pin(self.call(request))
+    }
+}
+
+fn request_body(request: &ModelRequest<'_>) -> Value {
+    let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
+    let mut body = json!({
+        "model": request.model,
+        "messages": messages,
+        "max_tokens": request.max_output_tokens,
+    });
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+            .collect();
+    }
+    if let Some(t) = request.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(schema) = request.output_schema {
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": "final_answer", "schema": schema, "strict": false}
+        });
+    }
+    body
+}
+
+fn wire_message(m: &Message) -> Value {
+    let role = match m.role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    };
+    let mut out = json!({"role": role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        out["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+    }
+    if let Some(id) = &m.tool_call_id {
+        out["tool_call_id"] = json!(id);
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: WireMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    id: String,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+fn reply_from(
+    parsed: ChatResponse,
+    body: &Value,
+    requested_model: &str,
+) -> Result<ModelReply, ModelError> {
+    let choice = parsed.choices.into_iter().next().ok_or_else(|| {
+        ModelError::new(
+            ErrorType::Transient,
+            "the provider answered with no choices",
+        )
+    })?;
+    let tool_calls: Vec<ToolCall> = choice
+        .message
+        .tool_calls
+        .into_iter()
+        .map(|c| ToolCall {
+            id: c.id,
+            name: c.function.name,
+            arguments: c.function.arguments,
+        })
+        .collect();
+    // Some compatible servers omit usage; a cost cap must still count something, so estimate
+    // conservatively from what was sent and received.
+    let usage = match parsed.usage {
+        Some(u) => Usage {
+            input_tokens: u.prompt_tokens,
+            cached_input_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            output_tokens: u.completion_tokens,
+        },
+        None => Usage {
+            input_tokens: estimate_tokens(&body.to_string()),
+            cached_input_tokens: 0,
+            output_tokens: estimate_tokens(choice.message.content.as_deref().unwrap_or(""))
+                + tool_calls
+                    .iter()
+                    .map(|c| estimate_tokens(&c.name) + estimate_tokens(&c.arguments))
+                    .sum::<u64>(),
+        },
+    };
+    Ok(ModelReply {
+        model: parsed.model.unwrap_or_else(|| requested_model.to_string()),
+        content: choice.message.content,
+        tool_calls,
+        usage,
+        finish_reason: choice.finish_reason,
+    })
+}
+
+fn transport_error(e: reqwest::Error) -> ModelError {
+    let what = if e.is_timeout() {
+        "the provider did not answer in time"
+    } else if e.is_connect() {
+        "the provider could not be reached"
+    } else {
+        "the connection to the provider broke off"
+    };
+    ModelError::new(ErrorType::Transient, what)
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ModelError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ModelError::new(
+                ErrorType::Transient,
+                "the provider's response was too large",
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Classifies an HTTP error from a provider: 429 → rate limit; 408, 409, 5xx and 529
+/// (overloaded) → transient; anything else (auth, bad request, context length) → permanent.
+fn classify_status(status: u16, body: &[u8]) -> ModelError {
+    let detail = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(|s| s.chars().take(300).collect::<String>())
+        })
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    let kind = match status {
+        429 => ErrorType::RateLimit,
+        408 | 409 | 500..=599 => ErrorType::Transient,
+        _ => ErrorType::Permanent,
+    };
+    let what = match status {
+        401 | 403 => "the provider refused the API key (check OPENAI_API_KEY)".to_string(),
+        429 => "the provider is rate limiting requests".to_string(),
+        _ => format!("the provider answered HTTP {status}"),
+    };
+    ModelError::new(kind, format!("{what}{detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        assert_eq!(classify_status(429, b"").kind, ErrorType::RateLimit);
+        assert_eq!(classify_status(503, b"").kind, ErrorType::Transient);
+        assert_eq!(classify_status(529, b"").kind, ErrorType::Transient);
+        let e = classify_status(400, br#"{"error":{"message":"context_length_exceeded"}}"#);
+        assert_eq!(e.kind, ErrorType::Permanent);
+        assert!(e.message.contains("context_length_exceeded"));
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let c = OpenAiClient::new(
+            reqwest::Client::new(),
+            "http://x/v1",
+            Some("sk-secret-123".into()),
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("sk-secret-123") && shown.contains("[redacted]"),
+            "{shown}"
+        );
+    }
+}

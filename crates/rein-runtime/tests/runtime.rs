@@ -1,0 +1,372 @@
+//! The driver against real HTTP servers on 127.0.0.1: tools that fail, stall and refuse, and
+//! an OpenAI-compatible model server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_core::{
+    Agent, CheckContext, ErrorType, EventKind, PriceTable, RunStatus, SessionId, TenantId,
+    TerminationReason, ToolStatus, UserId,
+};
+use rein_fakes::{FakeOpenAi, FakeResponse, ToolService};
+use rein_providers::{Model, OpenAiClient, ScriptedModel};
+use rein_runtime::{RunOutcome, RunRequest, Runtime};
+use rein_store::SqliteStore;
+use rein_tools::{Builtins, HttpTools, ToolBox};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn spec(tool_url: &str, contract: &str, limits_timeout: &str) -> String {
+    format!(
+        r#"
+name: http-test
+version: 1
+model: {{primary: openai/gpt-4o-mini, max_output_tokens: 200}}
+instructions: Use the tool.
+tools:
+  - name: fetch
+    description: Fetches a resource.
+    input_schema: {{type: object, properties: {{}}, additionalProperties: false}}
+    source: {{http: {{url: "{tool_url}", method: GET}}}}
+    contract: {contract}
+  - name: nap
+    source: {{builtin: sleep}}
+    contract: {{timeout: 30s, side_effects: none}}
+limits:
+  max_iterations: 5
+  max_total_tokens: 50000
+  max_cost_usd: 0.10
+  timeout: {limits_timeout}
+"#
+    )
+}
+
+struct Harness {
+    runtime: Runtime,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    Harness {
+        runtime: Runtime::new(store, tools),
+        _dir: dir,
+    }
+}
+
+fn agent(src: &str) -> Arc<Agent> {
+    let prices = PriceTable::default();
+    let builtins = Builtins::standard().infos();
+    Arc::new(
+        Agent::parse(
+            "test.yaml",
+            src,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+        .unwrap(),
+    )
+}
+
+async fn run(h: &Harness, src: &str, model: &dyn Model) -> RunOutcome {
+    let request = RunRequest {
+        agent: agent(src),
+        spec_source: src.to_string(),
+        input: "go".into(),
+        tenant: TenantId::new("acme"),
+        user: UserId::new("ann"),
+        session: SessionId::new("s1"),
+        job: None,
+    };
+    h.runtime.run(request, model).await.unwrap()
+}
+
+/// Calls `tool` with `args` once, then answers "done".
+fn one_call(tool: &str, args: &str) -> ScriptedModel {
+    let script = format!(
+        "responses:\n  - tool_calls: [{{name: {tool}, raw_arguments: '{args}'}}]\n  - text: done\n"
+    );
+    ScriptedModel::parse("script.yaml", &script).unwrap()
+}
+
+async fn tool_results(h: &Harness, outcome: &RunOutcome) -> Vec<(rein_core::ToolResult, u32, u64)> {
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::ToolResult {
+                result,
+                attempts,
+                latency_ms,
+                ..
+            } => Some((result, attempts, latency_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_http_tool_that_fails_twice_then_succeeds_is_retried_to_success() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/flaky/a?fail=2", service.url()),
+        "{timeout: 5s, idempotent: true, retry: {max_attempts: 3, backoff: 10ms}}",
+        "60s",
+    );
+    let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    let results = tool_results(&h, &outcome).await;
+    assert_eq!(results.len(), 1);
+    assert_eq!(
+        results[0].0.status,
+        ToolStatus::Success,
+        "{:?}",
+        results[0].0
+    );
+    assert_eq!(
+        results[0].1, 3,
+        "two failures, then success on the third attempt"
+    );
+    assert_eq!(service.hits("flaky/a"), 3);
+}
+
+#[tokio::test]
+async fn a_side_effecting_tool_without_idempotency_is_not_retried() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/flaky/b?fail=2", service.url()),
+        "{timeout: 5s, side_effects: write, retry: {max_attempts: 3, backoff: 10ms}}",
+        "60s",
+    );
+    let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
+    let results = tool_results(&h, &outcome).await;
+    assert_eq!(
+        (results[0].0.error_type, results[0].1),
+        (Some(ErrorType::Transient), 1)
+    );
+    assert_eq!(service.hits("flaky/b"), 1);
+}
+
+#[tokio::test]
+async fn an_http_404_is_permanent_and_not_retried() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/orders/99999", service.url()),
+        "{timeout: 5s, idempotent: true, retry: {max_attempts: 3, backoff: 10ms}}",
+        "60s",
+    );
+    let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
+    assert_eq!(
+        outcome.reason,
+        TerminationReason::Completed,
+        "the model got the error and answered"
+    );
+    let results = tool_results(&h, &outcome).await;
+    let (result, attempts, _) = &results[0];
+    assert_eq!(
+        (result.error_type, result.retry_safe, *attempts),
+        (Some(ErrorType::Permanent), false, 1)
+    );
+    assert!(
+        result.message.as_deref().unwrap().contains("HTTP 404"),
+        "{result:?}"
+    );
+    assert_eq!(service.hits("orders/99999"), 1);
+}
+
+#[tokio::test]
+async fn an_http_tool_that_sleeps_past_its_timeout_is_cut_off_at_its_timeout() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/slow?ms=5000", service.url()),
+        "{timeout: 300ms, idempotent: true, retry: {max_attempts: 1}}",
+        "60s",
+    );
+    let started = Instant::now();
+    let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let results = tool_results(&h, &outcome).await;
+    let (result, attempts, latency_ms) = &results[0];
+    assert_eq!(
+        (result.error_type, *attempts),
+        (Some(ErrorType::Transient), 1)
+    );
+    assert!(
+        result
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("did not answer within 300ms"),
+        "{result:?}"
+    );
+    assert!(
+        (300..1500).contains(latency_ms),
+        "cut off near 300 ms, took {latency_ms} ms"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_tool_ends_the_run_with_timeout_at_the_wall_clock_limit() {
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "1s");
+    let started = Instant::now();
+    let outcome = run(&h, &src, &one_call("nap", r#"{"seconds": 20}"#)).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (RunStatus::LimitExceeded, TerminationReason::Timeout)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    assert!(outcome.detail.unwrap().contains("`nap` was cut off"));
+}
+
+#[tokio::test]
+async fn the_openai_client_runs_a_tool_call_then_a_final_answer_over_http() {
+    let server = FakeOpenAi::start(|n, _body| match n {
+        0 => FakeResponse::tool_call("call_1", "nap", &json!({"seconds": 0}), 120, 20),
+        _ => FakeResponse::text("all done", 180, 12),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let client = OpenAiClient::new(
+        reqwest::Client::new(),
+        server.base_url(),
+        Some("sk-test-key".into()),
+    );
+    let outcome = run(&h, &src, &client).await;
+
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.output, Some(json!("all done")));
+    assert_eq!(
+        (outcome.usage.input_tokens, outcome.usage.output_tokens),
+        (300, 32)
+    );
+    // gpt-4o-mini: 300 * $0.15/M + 32 * $0.60/M = 45 + 19.2 -> 65 micro-dollars (rounded up per call: 18+12, 27+8)
+    assert_eq!(outcome.cost.micros(), 18 + 12 + 27 + 8);
+
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    let (first, auth) = &requests[0];
+    assert_eq!(auth.as_deref(), Some("Bearer sk-test-key"));
+    assert_eq!(first["model"], "gpt-4o-mini");
+    assert_eq!(first["max_tokens"], 200);
+    assert_eq!(first["tools"][1]["function"]["name"], "nap");
+    let (second, _) = &requests[1];
+    let tool_message = second["messages"].as_array().unwrap().last().unwrap();
+    assert_eq!(tool_message["role"], "tool");
+    assert_eq!(tool_message["tool_call_id"], "call_1");
+
+    let run = h
+        .runtime
+        .store()
+        .run(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    assert_eq!(run.progress.cost, outcome.cost);
+    assert_eq!(run.progress.usage, outcome.usage);
+}
+
+#[tokio::test]
+async fn a_provider_that_is_overloaded_then_recovers_is_retried() {
+    let server = FakeOpenAi::start(|n, _| match n {
+        0 => FakeResponse::error(503, "overloaded"),
+        _ => FakeResponse::text("ok", 10, 2),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(server.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_rejected_api_key_fails_the_run_without_retrying() {
+    let server = FakeOpenAi::start(|_, _| FakeResponse::error(401, "Incorrect API key provided"))
+        .await
+        .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let client = OpenAiClient::new(
+        reqwest::Client::new(),
+        server.base_url(),
+        Some("sk-wrong".into()),
+    );
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (RunStatus::Failed, TerminationReason::Error)
+    );
+    assert_eq!(server.request_count(), 1);
+    let detail = outcome.detail.unwrap();
+    assert!(
+        detail.contains("refused the API key") && !detail.contains("sk-wrong"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
+async fn the_recorded_log_verifies_and_replays_to_the_same_outcome() {
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let outcome = run(&h, &src, &one_call("nap", r#"{"seconds": 0}"#)).await;
+    let tenant = TenantId::new("acme");
+    let events = h
+        .runtime
+        .store()
+        .events(&tenant, &outcome.run_id)
+        .await
+        .unwrap();
+    let record = h
+        .runtime
+        .store()
+        .run(&tenant, &outcome.run_id)
+        .await
+        .unwrap();
+    rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash))).unwrap();
+    assert_eq!(events.len() as u64, outcome.events);
+    let decoded: Vec<_> = events.iter().map(|e| e.decode().unwrap()).collect();
+    let replayed = rein_core::Engine::replay(agent(&src), &decoded).unwrap();
+    assert_eq!(replayed.outcome(), Some((outcome.status, outcome.reason)));
+    assert_eq!(replayed.usage(), outcome.usage);
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_started",
+            "model_requested",
+            "model_responded",
+            "tool_requested",
+            "tool_result",
+            "model_requested",
+            "model_responded",
+            "run_finished"
+        ]
+    );
+}
