@@ -1,1 +1,551 @@
-fn main() {}
+//! `rein`: run agents with hard limits, inspect their traces, verify their audit trail.
+//!
+//! Reading order for newcomers: this file (commands) → `rein_runtime::Runtime::run` (the
+//! driver loop) → `rein_core::Engine` (the state machine) → `rein_store::SqliteStore` (the log).
+
+mod bench;
+mod config;
+mod demo;
+mod render;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand};
+use rein_core::{Agent, CheckContext, Event, JobId, RunId, RunStatus, SessionId, TenantId, UserId};
+use rein_providers::{Model, OpenAiClient, ScriptedModel};
+use rein_runtime::{RunRequest, Runtime};
+use rein_store::{Durability, SqliteStore};
+use rein_tools::{Builtins, CONNECT_TIMEOUT, HttpTools, ToolBox};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit codes, stable for scripts and CI.
+pub mod exit {
+    /// The run completed (or the command succeeded).
+    pub const OK: u8 = 0;
+    /// Rein itself failed (store unreadable, I/O error).
+    pub const INTERNAL: u8 = 1;
+    /// Bad input: an invalid spec, script, config or flag. Nothing was run.
+    pub const BAD_INPUT: u8 = 2;
+    /// The run was stopped by a hard limit (`status: limit_exceeded`).
+    pub const LIMIT: u8 = 3;
+    /// The run failed (`status: failed`).
+    pub const FAILED: u8 = 4;
+    /// The run needs a person (`escalated`, `cancelled`, `awaiting_approval`).
+    pub const NEEDS_PERSON: u8 = 5;
+    /// `rein audit verify` found a tampered log.
+    pub const TAMPERED: u8 = 6;
+}
+
+/// Bad input from the user: reported as is, exit code 2.
+#[derive(Debug)]
+struct BadInput(String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// An already-reported outcome that only needs its exit code.
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+#[derive(Parser)]
+#[command(
+    name = "rein",
+    version,
+    about = "A production runtime for LLM agents: hard limits, governed tools, a tamper-evident log."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Debug)]
+struct StoreArgs {
+    /// SQLite file holding runs and their event logs.
+    #[arg(long, env = "REIN_DB", default_value = "rein.db")]
+    db: PathBuf,
+}
+
+#[derive(Args, Clone, Debug)]
+struct ConfigArgs {
+    /// Operator configuration (price overrides); default ./rein.toml when present.
+    #[arg(long, env = "REIN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an agent on one input until it ends.
+    Run(RunArgs),
+    /// Check an agent spec and report every problem with file, line and field.
+    Check {
+        /// The agent spec (YAML).
+        spec: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List and inspect recorded runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Verify the hash chains of recorded runs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Run the bundled example agents offline and show the guarantees at work.
+    Demo {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Measure the engine's own overhead per step and its memory per in-flight run.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The agent spec (YAML).
+    spec: PathBuf,
+    /// The input to the agent.
+    #[arg(long)]
+    input: String,
+    /// Tenant that owns the run.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// User the run is attributed to.
+    #[arg(long, default_value = "cli")]
+    user: String,
+    /// Session the run belongs to (default: a new one).
+    #[arg(long)]
+    session: Option<String>,
+    /// Batch job the run belongs to.
+    #[arg(long)]
+    job: Option<String>,
+    /// Replay model responses from this script instead of calling a provider.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// The newest runs of a tenant.
+    List {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// One run's trace tree: every step, then totals and the termination reason.
+    Show {
+        run_id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Print the run and its events as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute hash chains; name the first altered, removed or reordered event.
+    Verify {
+        /// One run (default: every run of the tenant).
+        run_id: Option<String>,
+        #[arg(long, default_value = "default", conflicts_with = "all_tenants")]
+        tenant: String,
+        /// Verify every run of every tenant.
+        #[arg(long)]
+        all_tenants: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+                return ExitCode::from(*code);
+            }
+            if let Some(bad) = e.downcast_ref::<BadInput>() {
+                eprintln!("{bad}");
+                return ExitCode::from(exit::BAD_INPUT);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::INTERNAL)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Check { spec, config } => check(&spec, &config),
+        Command::Runs { command } => runs(command).await,
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    run_id,
+                    tenant,
+                    all_tenants,
+                    store,
+                },
+        } => audit(run_id, &tenant, all_tenants, &store).await,
+        Command::Demo { store } => demo::run(&store.db).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Exit code for a finished run's status.
+pub fn status_code(status: RunStatus) -> u8 {
+    match status {
+        RunStatus::Completed => exit::OK,
+        RunStatus::LimitExceeded => exit::LIMIT,
+        RunStatus::Failed => exit::FAILED,
+        _ => exit::NEEDS_PERSON,
+    }
+}
+
+/// A reqwest client for providers and HTTP tools.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("rein/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// Parses and checks a spec, turning every problem into a [`BadInput`].
+pub fn parse_agent(
+    file: &str,
+    source: &str,
+    config: &config::Config,
+    builtins: &Builtins,
+) -> anyhow::Result<Arc<Agent>> {
+    let infos = builtins.infos();
+    let ctx = CheckContext {
+        prices: &config.prices,
+        builtin_tools: &infos,
+    };
+    Agent::parse(file, source, &ctx)
+        .map(Arc::new)
+        .map_err(|errors| {
+            let n = errors.diagnostics.len();
+            anyhow!(BadInput(format!(
+                "{errors}\n{file}: {n} problem{} found",
+                if n == 1 { "" } else { "s" }
+            )))
+        })
+}
+
+fn read_file(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow!(BadInput(format!("{}: cannot read: {e}", path.display()))))
+}
+
+fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
+    let config =
+        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let file = spec.display().to_string();
+    let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
+    let s = &agent.spec;
+    println!(
+        "{file}: ok: {} v{}, {} tool{}, model {} ({} per M input, {} per M output); limits: {} iterations, {} tokens, {}, {:?} wall clock",
+        s.name,
+        s.version,
+        s.tools.len(),
+        if s.tools.len() == 1 { "" } else { "s" },
+        s.model.primary,
+        agent.price.input,
+        agent.price.output,
+        s.limits.max_iterations,
+        s.limits.max_total_tokens,
+        s.limits.max_cost_usd,
+        s.limits.timeout,
+    );
+    Ok(exit::OK)
+}
+
+/// The model a spec runs on: the script if one is given, else its provider from the environment.
+pub fn model_for(
+    agent: &Agent,
+    script: Option<&Path>,
+    http: reqwest::Client,
+) -> anyhow::Result<Box<dyn Model>> {
+    if let Some(path) = script {
+        let model = ScriptedModel::parse(&path.display().to_string(), &read_file(path)?)
+            .map_err(|e| anyhow!(BadInput(e.to_string())))?;
+        return Ok(Box::new(model));
+    }
+    let client = OpenAiClient::from_env(http, agent.spec.model.base_url.as_deref());
+    if client.base_url() == rein_providers::DEFAULT_BASE_URL
+        && std::env::var("OPENAI_API_KEY").map_or(true, |k| k.is_empty())
+    {
+        return Err(anyhow!(BadInput(
+            "OPENAI_API_KEY is not set: set it, point OPENAI_BASE_URL or model.base_url at a compatible server, or pass --script FILE to replay scripted responses".into()
+        )));
+    }
+    Ok(Box::new(client))
+}
+
+async fn open_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
+    SqliteStore::open(&store.db, Durability::Process)
+        .await
+        .with_context(|| format!("cannot open the store {}", store.db.display()))
+}
+
+async fn open_existing_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
+    if !store.db.exists() {
+        return Err(anyhow!(BadInput(format!(
+            "{}: no such store; run an agent first (e.g. `rein demo`) or pass --db PATH",
+            store.db.display()
+        ))));
+    }
+    open_store(store).await
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let config = config::load(args.config.config.as_deref())
+        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let builtins = Builtins::standard();
+    let file = args.spec.display().to_string();
+    let source = read_file(&args.spec)?;
+    let agent = parse_agent(&file, &source, &config, &builtins)?;
+    let http = http_client()?;
+    let model = model_for(&agent, args.script.as_deref(), http.clone())?;
+    let store = open_store(&args.store).await?;
+    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
+    let request = RunRequest {
+        agent,
+        spec_source: source,
+        input: args.input,
+        tenant: TenantId::new(args.tenant),
+        user: UserId::new(args.user),
+        session: SessionId::new(
+            args.session
+                .unwrap_or_else(|| format!("cli-{}", std::process::id())),
+        ),
+        job: args.job.map(JobId::new),
+    };
+    let outcome = runtime.run(request, model.as_ref()).await?;
+    store.close().await;
+    if args.json {
+        println!("{}", render::outcome_json(&outcome));
+    } else {
+        println!(
+            "run {}: {} ({}) after {} model calls and {} tool calls, {} tokens, {}",
+            outcome.run_id,
+            outcome.status,
+            outcome.reason,
+            outcome.iterations,
+            outcome.tool_calls,
+            outcome.usage.total(),
+            outcome.cost
+        );
+        if let Some(detail) = &outcome.detail {
+            println!("why: {detail}");
+        }
+        match &outcome.output {
+            Some(serde_json::Value::String(text)) => println!("output:\n{text}"),
+            Some(value) => println!("output:\n{value:#}"),
+            None => {}
+        }
+    }
+    Ok(status_code(outcome.status))
+}
+
+async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
+    match command {
+        RunsCommand::List {
+            tenant,
+            limit,
+            json,
+            store,
+        } => {
+            let store = open_existing_store(&store).await?;
+            let runs = store.list_runs(&TenantId::new(tenant), limit).await?;
+            if json {
+                let list: Vec<_> = runs.iter().map(render::record_json).collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else if runs.is_empty() {
+                println!("no runs");
+            } else {
+                println!("{}", render::run_table(&runs));
+            }
+            Ok(exit::OK)
+        }
+        RunsCommand::Show {
+            run_id,
+            tenant,
+            json,
+            store,
+        } => {
+            let store = open_existing_store(&store).await?;
+            let tenant = TenantId::new(tenant);
+            let id = RunId::new(run_id);
+            let record = match store.run(&tenant, &id).await {
+                Ok(r) => r,
+                Err(rein_store::StoreError::NotFound(_)) => {
+                    return Err(anyhow!(BadInput(format!(
+                        "run {id} not found for tenant {tenant}"
+                    ))));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let sealed = store.events(&tenant, &id).await?;
+            let events: Vec<Event> = sealed.iter().filter_map(|e| e.decode().ok()).collect();
+            if json {
+                let events: Vec<_> = sealed
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "seq": e.seq,
+                            "ts": rein_core::time::format_utc(e.ts_ms),
+                            "kind": e.kind,
+                            "payload": e.payload.as_deref().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
+                            "hash": e.hash,
+                        })
+                    })
+                    .collect();
+                let mut out = render::record_json(&record);
+                out["events"] = serde_json::Value::Array(events);
+                println!("{out}");
+            } else {
+                println!("{}", render::trace(&record, &events));
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn audit(
+    run_id: Option<String>,
+    tenant: &str,
+    all_tenants: bool,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
+    let store = open_existing_store(store).await?;
+    let tenants = if all_tenants {
+        store.tenants().await?
+    } else {
+        vec![TenantId::new(tenant)]
+    };
+    let mut checked = 0usize;
+    let mut events_checked = 0usize;
+    let mut bad = 0usize;
+    for tenant in &tenants {
+        let ids = match &run_id {
+            Some(id) => {
+                let id = RunId::new(id.clone());
+                if let Err(rein_store::StoreError::NotFound(_)) = store.run(tenant, &id).await {
+                    return Err(anyhow!(BadInput(format!(
+                        "run {id} not found for tenant {tenant}"
+                    ))));
+                }
+                vec![id]
+            }
+            None => store.run_ids(tenant).await?,
+        };
+        for id in ids {
+            let record = store.run(tenant, &id).await?;
+            let events = store.events(tenant, &id).await?;
+            checked += 1;
+            events_checked += events.len();
+            if let Err(brk) =
+                rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash)))
+            {
+                bad += 1;
+                let kind = events
+                    .iter()
+                    .find(|e| e.seq == brk.seq)
+                    .map(|e| format!(" ({})", e.kind))
+                    .unwrap_or_default();
+                println!(
+                    "TAMPERED run {id} (tenant {tenant}): event {}{kind}: {}",
+                    brk.seq, brk.reason
+                );
+            } else if let Some(field) = summary_mismatch(&record, &events) {
+                bad += 1;
+                println!(
+                    "TAMPERED run {id} (tenant {tenant}): the run's stored {field} disagrees with its (intact) event log"
+                );
+            }
+        }
+    }
+    if bad > 0 {
+        println!("{bad} of {checked} runs failed verification");
+        return Err(anyhow!(Exit(exit::TAMPERED)));
+    }
+    println!("ok: {checked} runs, {events_checked} events: every hash chain is intact");
+    Ok(exit::OK)
+}
+
+/// The first field of a run's stored summary that its verified log contradicts.
+fn summary_mismatch(
+    record: &rein_store::RunRecord,
+    events: &[rein_core::SealedEvent],
+) -> Option<&'static str> {
+    let decoded: Vec<Event> = events.iter().filter_map(|e| e.decode().ok()).collect();
+    if decoded.len() != events.len() {
+        return None; // erased payloads: nothing to compare against
+    }
+    let log = rein_core::LogSummary::of(&decoded);
+    let p = &record.progress;
+    if log.usage != p.usage {
+        Some("token usage")
+    } else if log.cost != p.cost {
+        Some("cost")
+    } else if log.iterations != p.iterations {
+        Some("iteration count")
+    } else if log.tool_calls != p.tool_calls {
+        Some("tool call count")
+    } else if log.finished.map(|(s, _)| s).unwrap_or(RunStatus::Running) != p.status
+        || log.finished.map(|(_, r)| r) != p.reason
+    {
+        Some("status")
+    } else if log.output != p.output {
+        Some("output")
+    } else {
+        None
+    }
+}

@@ -358,6 +358,52 @@ pub fn verify_chain(events: &[SealedEvent], head: Option<(u64, &str)>) -> Result
     Ok(())
 }
 
+/// What a run's log says about it, folded from its events alone (no agent needed): the
+/// reference a stored summary of the run must agree with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogSummary {
+    /// Model calls requested.
+    pub iterations: u32,
+    /// Tool results recorded (made or refused).
+    pub tool_calls: u32,
+    /// Tokens reported by model calls.
+    pub usage: Usage,
+    /// Cost of model calls.
+    pub cost: Usd,
+    /// Status and reason from `run_finished`, if present.
+    pub finished: Option<(RunStatus, TerminationReason)>,
+    /// Output from `run_finished`.
+    pub output: Option<Value>,
+}
+
+impl LogSummary {
+    /// Folds a run's events.
+    pub fn of<'a>(events: impl IntoIterator<Item = &'a Event>) -> LogSummary {
+        let mut s = LogSummary::default();
+        for event in events {
+            match &event.kind {
+                EventKind::ModelRequested { .. } => s.iterations += 1,
+                EventKind::ModelResponded { usage, cost, .. } => {
+                    s.usage.add(usage);
+                    s.cost += *cost;
+                }
+                EventKind::ToolResult { .. } => s.tool_calls += 1,
+                EventKind::RunFinished {
+                    status,
+                    reason,
+                    output,
+                    ..
+                } => {
+                    s.finished = Some((*status, *reason));
+                    s.output = output.clone();
+                }
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

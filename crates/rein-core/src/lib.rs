@@ -21,7 +21,9 @@ pub mod yaml;
 
 pub use duration::parse_duration;
 pub use engine::{Effect, Engine, ModelCall, ReplayError, ToolInvocation, estimate_tokens};
-pub use event::{ChainBreak, Event, EventKind, GENESIS_HASH, SealedEvent, verify_chain};
+pub use event::{
+    ChainBreak, Event, EventKind, GENESIS_HASH, LogSummary, SealedEvent, verify_chain,
+};
 pub use ids::{JobId, RunId, SessionId, TenantId, UserId};
 pub use message::{Message, ModelReply, Role, ToolCall, ToolDefinition, Usage};
 pub use money::Usd;

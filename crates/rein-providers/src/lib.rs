@@ -13,7 +13,7 @@
 mod openai;
 mod scripted;
 
-pub use openai::OpenAiClient;
+pub use openai::{DEFAULT_BASE_URL, OpenAiClient};
 pub use scripted::{ScriptError, ScriptedModel};
 
 use rein_core::{ErrorType, Message, ModelReply, ToolDefinition};

@@ -141,9 +141,14 @@ pub enum Durability {
 }
 
 /// The SQLite store.
+///
+/// SQLite allows one writer at a time, so all writes go through a single connection (queued
+/// in order, never spinning on `SQLITE_BUSY`), while reads use a small pool of their own that
+/// WAL lets run beside the writer.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    reader: SqlitePool,
 }
 
 /// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
@@ -187,17 +192,23 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            reader: pool.clone(),
+            pool,
+        })
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
-        // SQLite has one writer at a time; a small pool lets readers work beside it.
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+            .max_connections(1)
+            .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { pool, reader })
     }
 
     /// Flushes the write-ahead log into the main file and closes every connection.
@@ -309,7 +320,7 @@ impl SqliteStore {
         let row = sqlx::query(select_runs!("WHERE tenant = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?
             .ok_or_else(|| StoreError::NotFound(id.clone()))?;
         run_from_row(&row)
@@ -326,7 +337,7 @@ impl SqliteStore {
         ))
         .bind(tenant.as_str())
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter().map(run_from_row).collect()
     }
@@ -335,10 +346,21 @@ impl SqliteStore {
     pub async fn run_ids(&self, tenant: &TenantId) -> Result<Vec<RunId>, StoreError> {
         let rows = sqlx::query("SELECT id FROM runs WHERE tenant = ? ORDER BY created_ms, id")
             .bind(tenant.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.iter()
             .map(|r| Ok(RunId::new(r.try_get::<String, _>("id")?)))
+            .collect()
+    }
+
+    /// Every tenant that owns at least one run (operator audits only: this is the one query
+    /// that is not scoped to a tenant).
+    pub async fn tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT tenant FROM runs ORDER BY tenant")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(TenantId::new(r.try_get::<String, _>("tenant")?)))
             .collect()
     }
 
@@ -355,7 +377,7 @@ impl SqliteStore {
         )
         .bind(tenant.as_str())
         .bind(id.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|r| {

@@ -1,0 +1,191 @@
+//! `rein demo`: the bundled example agents, run offline on the embedded defaults.
+//!
+//! Each scenario shows one guarantee. The specs and scripts live in `examples/demo/` and are
+//! compiled in, so the demo needs nothing but the binary. The flaky and order-lookup tools are
+//! served by the demo itself on 127.0.0.1.
+
+use crate::{BadInput, config, exit, http_client, parse_agent, render};
+use anyhow::{Context, anyhow};
+use rein_core::{SessionId, TenantId, TerminationReason, UserId};
+use rein_fakes::ToolService;
+use rein_providers::{Model, OpenAiClient, ScriptedModel};
+use rein_runtime::{RunOutcome, RunRequest, Runtime};
+use rein_store::{Durability, SqliteStore};
+use rein_tools::{Builtins, HttpTools, ToolBox};
+use std::path::Path;
+
+struct Scenario {
+    name: &'static str,
+    spec: &'static str,
+    script: &'static str,
+    input: &'static str,
+    shows: &'static str,
+    expect: TerminationReason,
+}
+
+macro_rules! scenario {
+    ($name:literal, $input:literal, $shows:literal, $expect:ident) => {
+        Scenario {
+            name: $name,
+            spec: include_str!(concat!("../../../examples/demo/", $name, ".yaml")),
+            script: include_str!(concat!("../../../examples/demo/", $name, ".script.yaml")),
+            input: $input,
+            shows: $shows,
+            expect: TerminationReason::$expect,
+        }
+    };
+}
+
+const SCENARIOS: &[Scenario] = &[
+    scenario!(
+        "runaway-loop",
+        "What is our refund policy?",
+        "a model that never stops is stopped by max_iterations",
+        MaxIterations
+    ),
+    scenario!(
+        "cost-cap",
+        "Summarise the annual report.",
+        "the call that could cross max_cost_usd is refused before it is made",
+        MaxCost
+    ),
+    scenario!(
+        "flaky-tool",
+        "Where is order 42?",
+        "an idempotent tool failing with HTTP 500 twice is retried to success",
+        Completed
+    ),
+    scenario!(
+        "hallucinated-tool",
+        "Where is my order? I am ann@example.com, order 42.",
+        "an invented tool and bad arguments become errors the model recovers from",
+        Completed
+    ),
+    scenario!(
+        "repeated-call",
+        "Tell me when order 7 is delivered.",
+        "the same call with the same arguments a third time ends the run",
+        LoopDetected
+    ),
+    scenario!(
+        "slow-tool",
+        "Report on the nightly batch.",
+        "a hanging tool is cut off at the run's wall-clock limit",
+        Timeout
+    ),
+];
+
+/// The scenario whose trace tree is printed in full.
+const TRACED: &str = "hallucinated-tool";
+
+pub async fn run(db: &Path) -> anyhow::Result<u8> {
+    let live = std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty());
+    if live {
+        println!(
+            "OPENAI_API_KEY is set: the demo agents call the real API (OPENAI_BASE_URL if set); results depend on the model.\n"
+        );
+    } else {
+        println!(
+            "No OPENAI_API_KEY: model answers are replayed by the scripted model (examples/demo/*.script.yaml) through the\n\
+             same driver a real provider uses. Limits, tools, retries and the hash-chained log are all real.\n"
+        );
+    }
+    let tools = ToolService::start()
+        .await
+        .context("cannot start the demo's tool service on 127.0.0.1")?;
+    let config = config::load(None).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let builtins = Builtins::standard();
+    let http = http_client()?;
+    let store = SqliteStore::open(db, Durability::Process)
+        .await
+        .with_context(|| format!("cannot open the store {}", db.display()))?;
+    let runtime = Runtime::new(
+        store.clone(),
+        ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
+    );
+    let tenant = TenantId::new("default");
+
+    let mut rows = vec![[
+        "AGENT".to_string(),
+        "SHOWS".into(),
+        "STATUS".into(),
+        "TERMINATION".into(),
+        "STEPS".into(),
+        "TOKENS".into(),
+        "COST".into(),
+    ]];
+    let mut outcomes: Vec<(&Scenario, RunOutcome)> = Vec::new();
+    for scenario in SCENARIOS {
+        let file = format!("examples/demo/{}.yaml", scenario.name);
+        let source = scenario.spec.replace("{{tools_url}}", &tools.url());
+        let agent = parse_agent(&file, &source, &config, &builtins)?;
+        let model: Box<dyn Model> = if live {
+            Box::new(OpenAiClient::from_env(
+                http.clone(),
+                agent.spec.model.base_url.as_deref(),
+            ))
+        } else {
+            let script = format!("examples/demo/{}.script.yaml", scenario.name);
+            Box::new(
+                ScriptedModel::parse(&script, scenario.script)
+                    .map_err(|e| anyhow!(BadInput(e.to_string())))?,
+            )
+        };
+        let request = RunRequest {
+            agent,
+            spec_source: source,
+            input: scenario.input.to_string(),
+            tenant: tenant.clone(),
+            user: UserId::new("demo"),
+            session: SessionId::new(format!("demo-{}", scenario.name)),
+            job: None,
+        };
+        let outcome = runtime.run(request, model.as_ref()).await?;
+        rows.push([
+            scenario.name.to_string(),
+            scenario.shows.to_string(),
+            outcome.status.to_string(),
+            outcome.reason.to_string(),
+            (outcome.iterations + outcome.tool_calls).to_string(),
+            outcome.usage.total().to_string(),
+            outcome.cost.to_string(),
+        ]);
+        outcomes.push((scenario, outcome));
+    }
+    println!("{}\n", render::table(&rows));
+
+    if let Some((_, traced)) = outcomes.iter().find(|(s, _)| s.name == TRACED) {
+        let record = store.run(&tenant, &traced.run_id).await?;
+        let events: Vec<_> = store
+            .events(&tenant, &traced.run_id)
+            .await?
+            .iter()
+            .filter_map(|e| e.decode().ok())
+            .collect();
+        println!(
+            "The trace of `{TRACED}`:\n{}\n",
+            render::trace(&record, &events)
+        );
+    }
+    for (scenario, outcome) in &outcomes {
+        if let Some(detail) = &outcome.detail {
+            println!("{}: {detail}", scenario.name);
+        }
+    }
+    store.close().await;
+    println!(
+        "\nThe runs are recorded in {db}. Next:\n  rein runs list --db {db}\n  rein runs show <RUN> --db {db}\n  rein audit verify --db {db}",
+        db = db.display()
+    );
+
+    let mismatched: Vec<String> = outcomes
+        .iter()
+        .filter(|(s, o)| o.reason != s.expect)
+        .map(|(s, o)| format!("{} ended with {} (expected {})", s.name, o.reason, s.expect))
+        .collect();
+    if !live && !mismatched.is_empty() {
+        eprintln!("\ndemo self-check FAILED: {}", mismatched.join("; "));
+        return Ok(exit::INTERNAL);
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,314 @@
+//! What people read: the trace tree of a run, run listings, and JSON summaries.
+
+use rein_core::time::format_utc;
+use rein_core::{Event, EventKind, ToolStatus, Usage};
+use rein_runtime::RunOutcome;
+use rein_store::RunRecord;
+use serde_json::{Value, json};
+use std::fmt::Write;
+
+fn tokens(u: &Usage) -> String {
+    if u.cached_input_tokens > 0 {
+        format!(
+            "{} in ({} cached) / {} out",
+            u.input_tokens, u.cached_input_tokens, u.output_tokens
+        )
+    } else {
+        format!("{} in / {} out", u.input_tokens, u.output_tokens)
+    }
+}
+
+fn short(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(max - 1).collect::<String>())
+    }
+}
+
+/// The trace tree of one run: each step with kind, name, latency, tokens, cost and status,
+/// then totals and the termination reason.
+pub fn trace(run: &RunRecord, events: &[Event]) -> String {
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    let mut finish = None;
+    for event in events {
+        match &event.kind {
+            EventKind::ModelResponded {
+                step,
+                model,
+                tool_calls,
+                usage,
+                cost,
+                latency_ms,
+                attempts,
+                content,
+            } => {
+                let what = if tool_calls.is_empty() {
+                    format!("answer: {}", short(content.as_deref().unwrap_or(""), 40))
+                } else {
+                    let names: Vec<&str> = tool_calls.iter().map(|c| c.name.as_str()).collect();
+                    format!("→ {}", names.join(", "))
+                };
+                let retries = if *attempts > 1 {
+                    format!(" ({attempts} attempts)")
+                } else {
+                    String::new()
+                };
+                rows.push([
+                    format!("#{step} model"),
+                    model.clone(),
+                    format!("{latency_ms} ms"),
+                    tokens(usage),
+                    cost.to_string(),
+                    format!("ok{retries} {what}"),
+                ]);
+            }
+            EventKind::ModelFailed {
+                step,
+                model,
+                error_type,
+                message,
+                latency_ms,
+                attempts,
+            } => {
+                let kind = serde_json::to_value(error_type).unwrap_or_default();
+                rows.push([
+                    format!("#{step} model"),
+                    model.clone(),
+                    format!("{latency_ms} ms"),
+                    "-".into(),
+                    "-".into(),
+                    format!(
+                        "FAILED after {attempts} attempt(s), {}: {}",
+                        kind.as_str().unwrap_or("error"),
+                        short(message, 60)
+                    ),
+                ]);
+            }
+            EventKind::ToolResult {
+                step,
+                tool,
+                result,
+                latency_ms,
+                attempts,
+                ..
+            } => {
+                let status = match (result.status, attempts) {
+                    (ToolStatus::Success, 1) => "success".to_string(),
+                    (ToolStatus::Success, n) => format!("success after {n} attempts"),
+                    (ToolStatus::Error, 0) => format!(
+                        "refused: {}",
+                        short(result.message.as_deref().unwrap_or(""), 70)
+                    ),
+                    (ToolStatus::Error, n) => {
+                        let kind = serde_json::to_value(result.error_type).unwrap_or_default();
+                        format!(
+                            "error ({}, {n} attempt(s)): {}",
+                            kind.as_str().unwrap_or("error"),
+                            short(result.message.as_deref().unwrap_or(""), 60)
+                        )
+                    }
+                };
+                rows.push([
+                    format!("#{step} tool"),
+                    tool.clone(),
+                    format!("{latency_ms} ms"),
+                    "-".into(),
+                    "-".into(),
+                    status,
+                ]);
+            }
+            EventKind::RunFinished { reason, detail, .. } => {
+                finish = Some((*reason, detail.clone()))
+            }
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    let p = &run.progress;
+    let _ = writeln!(
+        out,
+        "run {}  {} v{}  tenant={} user={} session={}{}",
+        run.id,
+        run.agent,
+        run.agent_version,
+        run.tenant,
+        run.user,
+        run.session,
+        run.job
+            .as_ref()
+            .map(|j| format!(" job={j}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "started {}  input: {}",
+        format_utc(run.created_ms),
+        short(&run.input, 60)
+    );
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for (i, row) in rows.iter().enumerate() {
+        let branch = if i + 1 == rows.len() && finish.is_none() {
+            "└─"
+        } else {
+            "├─"
+        };
+        let _ = writeln!(
+            out,
+            "{branch} {:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:>w4$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+            w4 = widths[4],
+        );
+    }
+    match &finish {
+        Some((reason, detail)) => {
+            let _ = writeln!(
+                out,
+                "└─ finished: {} ({}){}",
+                p.status,
+                reason,
+                detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "└─ {} (no run_finished event yet)", p.status);
+        }
+    }
+    let wall = (run.updated_ms - run.created_ms).max(0);
+    let _ = writeln!(
+        out,
+        "totals: {} model calls, {} tool calls, {} tokens ({}), {}, {}.{:03} s",
+        p.iterations,
+        p.tool_calls,
+        p.usage.total(),
+        tokens(&p.usage),
+        p.cost,
+        wall / 1000,
+        wall % 1000
+    );
+    let _ = write!(
+        out,
+        "termination: {}",
+        p.reason
+            .map_or_else(|| "(still running)".to_string(), |r| r.to_string())
+    );
+    out
+}
+
+/// A table of runs, newest first.
+pub fn run_table(runs: &[RunRecord]) -> String {
+    let mut rows = vec![[
+        "RUN".to_string(),
+        "AGENT".into(),
+        "STATUS".into(),
+        "REASON".into(),
+        "STEPS".into(),
+        "TOKENS".into(),
+        "COST".into(),
+        "CREATED (UTC)".into(),
+    ]];
+    for r in runs {
+        let p = &r.progress;
+        rows.push([
+            r.id.to_string(),
+            format!("{} v{}", r.agent, r.agent_version),
+            p.status.to_string(),
+            p.reason.map_or_else(|| "-".to_string(), |x| x.to_string()),
+            (p.iterations + p.tool_calls).to_string(),
+            p.usage.total().to_string(),
+            p.cost.to_string(),
+            format_utc(r.created_ms),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if i + 1 == N {
+                        cell.clone()
+                    } else {
+                        format!("{cell:<w$}", w = widths[i])
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The `--json` summary of a finished run.
+pub fn outcome_json(o: &RunOutcome) -> Value {
+    json!({
+        "run_id": o.run_id,
+        "status": o.status,
+        "termination_reason": o.reason,
+        "detail": o.detail,
+        "iterations": o.iterations,
+        "tool_calls": o.tool_calls,
+        "usage": usage_json(&o.usage),
+        "cost_usd": o.cost.as_dollars(),
+        "cost_micros": o.cost.micros(),
+        "output": o.output,
+        "events": o.events,
+    })
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "input_tokens": u.input_tokens,
+        "cached_input_tokens": u.cached_input_tokens,
+        "output_tokens": u.output_tokens,
+        "total_tokens": u.total(),
+    })
+}
+
+/// A stored run as JSON.
+pub fn record_json(r: &RunRecord) -> Value {
+    let p = &r.progress;
+    json!({
+        "run_id": r.id,
+        "agent": r.agent,
+        "agent_version": r.agent_version,
+        "tenant": r.tenant,
+        "user": r.user,
+        "session": r.session,
+        "job": r.job,
+        "status": p.status,
+        "termination_reason": p.reason,
+        "detail": p.detail,
+        "iterations": p.iterations,
+        "tool_calls": p.tool_calls,
+        "usage": usage_json(&p.usage),
+        "cost_usd": p.cost.as_dollars(),
+        "cost_micros": p.cost.micros(),
+        "output": p.output,
+        "events": r.event_count,
+        "created": format_utc(r.created_ms),
+        "updated": format_utc(r.updated_ms),
+    })
+}

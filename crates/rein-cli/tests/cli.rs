@@ -1,0 +1,262 @@
+//! The `rein` binary as a user runs it: exit codes, JSON output, error messages, the demo,
+//! and the audit trail catching one altered byte in the SQLite file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_fakes::{FakeOpenAi, FakeResponse};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn rein(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_issue_example_spec_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = repo().join("examples/order-support.yaml");
+    let out = rein(dir.path(), &["check", spec.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("ok: order-support v1, 1 tool"), "{stdout}");
+}
+
+#[test]
+fn a_spec_without_a_cost_cap_is_rejected_by_check_and_run_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml")).unwrap();
+    let broken = spec.replace("  max_cost_usd: 0.50\n", "");
+    assert_ne!(broken, spec);
+    std::fs::write(dir.path().join("agent.yaml"), broken).unwrap();
+
+    let out = rein(dir.path(), &["check", "agent.yaml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "agent.yaml:20:3: limits.max_cost_usd: missing required field `max_cost_usd`"
+        ),
+        "{stderr}"
+    );
+
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "agent.yaml",
+            "--input",
+            "hi",
+            "--script",
+            "nope.yaml",
+        ],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("limits.max_cost_usd"), "{stderr}");
+    assert!(
+        !dir.path().join("rein.db").exists(),
+        "a rejected spec runs nothing and creates nothing"
+    );
+}
+
+#[test]
+fn every_problem_in_a_spec_is_listed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml")).unwrap();
+    let broken = spec
+        .replace("flow: react", "flow: react\nguards: []")
+        .replace("timeout: 5s", "timeout: soon")
+        .replace("pattern: \"^[0-9]+$\"", "pattern: 7")
+        .replace("max_iterations: 10", "max_iterations: -1");
+    std::fs::write(dir.path().join("agent.yaml"), &broken).unwrap();
+    let out = rein(dir.path(), &["check", "agent.yaml"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    for needle in [
+        "agent.yaml:8:1: guards: unknown field `guards`",
+        "tools[0].input_schema: invalid JSON Schema",
+        "tools[0].contract.timeout: bad duration",
+        "limits.max_iterations: -1 is out of range",
+    ] {
+        assert!(stderr.contains(needle), "missing `{needle}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_scripted_runaway_run_prints_json_and_exits_with_the_limit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = repo().join("examples/demo");
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            demo.join("runaway-loop.yaml").to_str().unwrap(),
+            "--input",
+            "loop",
+            "--script",
+            demo.join("runaway-loop.script.yaml").to_str().unwrap(),
+            "--json",
+            "--tenant",
+            "acme",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "limit_exceeded");
+    assert_eq!(v["termination_reason"], "max_iterations");
+    assert_eq!(v["iterations"], 8);
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert!(v["cost_usd"].as_f64().unwrap() > 0.0);
+    assert!(v["run_id"].as_str().is_some() && v.get("output").is_some());
+
+    // The run belongs to tenant acme: another tenant does not see it.
+    let id = v["run_id"].as_str().unwrap();
+    let out = rein(
+        dir.path(),
+        &["runs", "show", id, "--db", "runs.db", "--tenant", "acme"],
+    );
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout.contains("termination: max_iterations") && stdout.contains("#16 tool"),
+        "{stdout}"
+    );
+    let out = rein(dir.path(), &["runs", "show", id, "--db", "runs.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "tenant `default` must not see acme's run"
+    );
+}
+
+#[test]
+fn the_openai_client_is_configured_from_the_standard_environment_variables() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(FakeOpenAi::start(|n, _| match n {
+            0 => FakeResponse::tool_call(
+                "call_1",
+                "get_order_status",
+                &json!({"order_id": "42"}),
+                100,
+                15,
+            ),
+            _ => FakeResponse::text("Order 42 has shipped.", 150, 8),
+        }))
+        .unwrap();
+    let tools = rt.block_on(rein_fakes::ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml"))
+        .unwrap()
+        .replace("http://127.0.0.1:8089", &tools.url());
+    std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "Where is order 42?",
+            "--json",
+        ])
+        .current_dir(dir.path())
+        .env("OPENAI_BASE_URL", server.base_url())
+        .env("OPENAI_API_KEY", "sk-from-env")
+        .env_remove("REIN_DB")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["output"], "Order 42 has shipped.");
+    assert_eq!(v["usage"]["total_tokens"], 273);
+    assert_eq!(
+        server.requests()[0].1.as_deref(),
+        Some("Bearer sk-from-env")
+    );
+    assert_eq!(tools.hits("orders/42"), 1);
+    assert!(!stdout.contains("sk-from-env") && !stderr.contains("sk-from-env"));
+}
+
+#[test]
+fn running_against_openai_without_a_key_is_a_clear_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = repo().join("examples/order-support.yaml");
+    let out = rein(
+        dir.path(),
+        &["run", spec.to_str().unwrap(), "--input", "hi"],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("OPENAI_API_KEY is not set"), "{stderr}");
+}
+
+#[test]
+fn the_demo_runs_offline_and_audit_verify_catches_one_altered_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = rein(dir.path(), &["demo"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for needle in [
+        "max_iterations",
+        "max_cost",
+        "loop_detected",
+        "timeout",
+        "no tool named",
+        "completed",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "the demo output lacks `{needle}`:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("scripted model"), "{stdout}");
+
+    let out = rein(dir.path(), &["audit", "verify"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("ok: 6 runs"), "{stdout}");
+
+    // Change one byte of one event's stored payload, in the SQLite file itself: the flaky
+    // tool's answer, recorded only in its tool_result event.
+    let db = dir.path().join("rein.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let needle = br#""attempt":3"#;
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the flaky tool's result in the file");
+    bytes[at + needle.len() - 1] = b'4';
+    std::fs::write(&db, &bytes).unwrap();
+
+    let out = rein(dir.path(), &["audit", "verify"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{stdout}");
+    assert!(
+        stdout.contains("TAMPERED run")
+            && stdout.contains("(tool_result): its payload does not match its recorded digest"),
+        "{stdout}"
+    );
+}
