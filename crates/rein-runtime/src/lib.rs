@@ -17,7 +17,7 @@ use rein_core::{
     UserId,
 };
 use rein_providers::{Model, ModelError, ModelRequest};
-use rein_store::{NewRun, Progress, SqliteStore, StoreError};
+use rein_store::{NewRun, SqliteStore, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
 use serde_json::Value;
@@ -164,6 +164,7 @@ impl Runtime {
             prev_hash: rein_core::GENESIS_HASH.to_string(),
             next_seq: 0,
             overheads: Vec::new(),
+            detail: None,
         };
         driver
             .record(EventKind::RunStarted {
@@ -204,6 +205,7 @@ impl Runtime {
                 .map_or_else(|| rein_core::GENESIS_HASH.to_string(), |e| e.hash.clone()),
             next_seq: sealed.len() as u64,
             overheads: Vec::new(),
+            detail: None,
         };
         driver.drive().await
     }
@@ -219,6 +221,7 @@ struct Driver<'a> {
     prev_hash: String,
     next_seq: u64,
     overheads: Vec<u64>,
+    detail: Option<String>,
 }
 
 impl Driver<'_> {
@@ -264,10 +267,9 @@ impl Driver<'_> {
 
     /// Seals `kind` into the chain, folds it into the engine and makes it durable.
     async fn record(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
-        let detail = match &kind {
-            EventKind::RunFinished { detail, .. } => detail.clone(),
-            _ => None,
-        };
+        if let EventKind::RunFinished { detail, .. } = &kind {
+            self.detail = detail.clone();
+        }
         let event = Event {
             seq: self.next_seq,
             ts_ms: now_ms(),
@@ -275,24 +277,7 @@ impl Driver<'_> {
         };
         let sealed = event.seal(&self.run_id, &self.prev_hash);
         self.engine.apply(&event)?;
-        let (status, reason) = match self.engine.outcome() {
-            Some((status, reason)) => (status, Some(reason)),
-            None => (RunStatus::Running, None),
-        };
-        let progress = Progress {
-            status,
-            reason,
-            detail,
-            output: self.engine.output().cloned(),
-            iterations: self.engine.iterations(),
-            tool_calls: self.engine.tool_calls(),
-            usage: self.engine.usage(),
-            cost: self.engine.cost(),
-        };
-        self.runtime
-            .store
-            .append(&self.tenant, &sealed, &progress)
-            .await?;
+        self.runtime.store.append(&self.tenant, &sealed).await?;
         self.prev_hash = sealed.hash;
         self.next_seq += 1;
         Ok(())

@@ -1,8 +1,9 @@
 //! Rein's durable store: runs and their hash-chained event logs, in one SQLite file.
 //!
-//! The event log is the source of truth; the `runs` row is a projection of it, updated in the
-//! same transaction as each append so that listings never disagree with the log. Every query
-//! takes the caller's tenant: a run of another tenant is simply not found.
+//! The event log is the source of truth; the `runs` row is a projection of it, derived by the
+//! database from each appended event within the appending statement, so listings never
+//! disagree with the log. Every query takes the caller's tenant: a run of another tenant is
+//! simply not found.
 //!
 //! This crate depends on the core for event and run types; it must never depend on providers,
 //! tools or the driver.
@@ -74,7 +75,7 @@ pub struct NewRun {
     pub created_ms: i64,
 }
 
-/// The run's state after an event, written with it.
+/// A run's counters and outcome, as projected from its log.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
     /// Status.
@@ -199,8 +200,13 @@ impl SqliteStore {
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        // The writer is used back to back; pinging it before every acquire would add a round
+        // trip to every append.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
@@ -243,21 +249,19 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Appends one sealed event and updates the run's projection, atomically.
+    /// Appends one sealed event; the run's summary row follows from it atomically (see the
+    /// `events_update_run` trigger). One statement, one commit: appends are on every step's
+    /// critical path.
     ///
-    /// Fails with [`StoreError::Conflict`] if the position is taken, so a second writer on the
-    /// same run can never interleave its events with the first's.
-    pub async fn append(
-        &self,
-        tenant: &TenantId,
-        event: &SealedEvent,
-        progress: &Progress,
-    ) -> Result<(), StoreError> {
+    /// Fails with [`StoreError::Conflict`] if the run is not `tenant`'s or its log does not end
+    /// just before `event.seq` (another writer got there first), so two writers can never
+    /// interleave events in one run.
+    pub async fn append(&self, tenant: &TenantId, event: &SealedEvent) -> Result<(), StoreError> {
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             SELECT ?, ?, ?, ?, ?, ?, ?, ?
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
         )
         .bind(event.run_id.as_str())
         .bind(seq)
@@ -267,52 +271,23 @@ impl SqliteStore {
         .bind(&event.payload_sha256)
         .bind(&event.prev_hash)
         .bind(&event.hash)
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(StoreError::Conflict {
-                    run_id: event.run_id.clone(),
-                    seq: event.seq,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let output = progress.output.as_ref().map(serde_json::Value::to_string);
-        let updated = sqlx::query(
-            "UPDATE runs SET status = ?, termination_reason = ?, detail = ?, output = ?, iterations = ?, tool_calls = ?,
-                 input_tokens = ?, cached_input_tokens = ?, output_tokens = ?, cost_micros = ?,
-                 event_count = ?, head_hash = ?, updated_ms = ?
-             WHERE id = ? AND tenant = ? AND event_count = ?",
-        )
-        .bind(progress.status.as_str())
-        .bind(progress.reason.map(TerminationReason::as_str))
-        .bind(progress.detail.as_deref())
-        .bind(output)
-        .bind(i64::from(progress.iterations))
-        .bind(i64::from(progress.tool_calls))
-        .bind(to_i64(progress.usage.input_tokens))
-        .bind(to_i64(progress.usage.cached_input_tokens))
-        .bind(to_i64(progress.usage.output_tokens))
-        .bind(progress.cost.micros())
-        .bind(seq + 1)
-        .bind(&event.hash)
-        .bind(event.ts_ms)
         .bind(event.run_id.as_str())
         .bind(tenant.as_str())
         .bind(seq)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            // Either the run is not this tenant's, or the log moved under us.
-            return Err(StoreError::Conflict {
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(done) if done.rows_affected() == 1 => Ok(()),
+            Ok(_) => Err(StoreError::Conflict {
                 run_id: event.run_id.clone(),
                 seq: event.seq,
-            });
+            }),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict {
+                run_id: event.run_id.clone(),
+                seq: event.seq,
+            }),
+            Err(e) => Err(e.into()),
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// One run of `tenant`.
@@ -394,10 +369,6 @@ impl SqliteStore {
             })
             .collect()
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn parse_enum<T: for<'de> serde::Deserialize<'de>>(
@@ -520,14 +491,23 @@ mod tests {
         let t1 = TenantId::new("t1");
         store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first, &progress()).await.unwrap();
+        store.append(&t1, &first).await.unwrap();
+        let finished = Event {
+            seq: 1,
+            ts_ms: 11,
+            kind: EventKind::RunFinished {
+                status: RunStatus::Completed,
+                reason: TerminationReason::Completed,
+                detail: None,
+                output: Some(serde_json::json!({"a": 1})),
+            },
+        };
+        let second = finished.seal(&RunId::new("r1"), &first.hash);
+        store.append(&t1, &second).await.unwrap();
         let mut done = progress();
         done.status = RunStatus::Completed;
         done.reason = Some(TerminationReason::Completed);
         done.output = Some(serde_json::json!({"a": 1}));
-        done.cost = Usd::from_micros(42);
-        let second = started(1).seal(&RunId::new("r1"), &first.hash);
-        store.append(&t1, &second, &done).await.unwrap();
 
         let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
         assert_eq!(events, vec![first, second.clone()]);
@@ -544,8 +524,8 @@ mod tests {
         let t1 = TenantId::new("t1");
         store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first, &progress()).await.unwrap();
-        let err = store.append(&t1, &first, &progress()).await.unwrap_err();
+        store.append(&t1, &first).await.unwrap();
+        let err = store.append(&t1, &first).await.unwrap_err();
         assert!(matches!(err, StoreError::Conflict { seq: 0, .. }), "{err}");
     }
 
@@ -561,7 +541,7 @@ mod tests {
         ));
         assert!(store.list_runs(&other, 10).await.unwrap().is_empty());
         assert!(
-            store.append(&other, &first, &progress()).await.is_err(),
+            store.append(&other, &first).await.is_err(),
             "cannot write into another tenant's run"
         );
         assert!(
@@ -579,7 +559,7 @@ mod tests {
         let t1 = TenantId::new("t1");
         store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first, &progress()).await.unwrap();
+        store.append(&t1, &first).await.unwrap();
         assert!(
             sqlx::query("DELETE FROM events")
                 .execute(&store.pool)

@@ -1,5 +1,6 @@
--- Runs: one row per run, a projection of its event log kept current in the same transaction
--- as each append. The log in `events` is the source of truth.
+-- Runs: one row per run. Its counters and outcome are a projection of the run's event log,
+-- maintained by the trigger below from each event's own payload, inside the statement that
+-- appends the event: the summary can never disagree with the log. The log is the truth.
 CREATE TABLE runs (
     id                  TEXT PRIMARY KEY NOT NULL,
     tenant              TEXT NOT NULL,
@@ -50,4 +51,29 @@ END;
 CREATE TRIGGER events_are_never_deleted BEFORE DELETE ON events
 BEGIN
     SELECT RAISE(ABORT, 'events are append-only');
+END;
+
+-- The projection: every appended event updates its run's summary from the event's payload.
+-- The JSON paths follow rein_core::EventKind (event format rein-event-v1).
+CREATE TRIGGER events_update_run AFTER INSERT ON events
+BEGIN
+    UPDATE runs SET
+        event_count = NEW.seq + 1,
+        head_hash = NEW.hash,
+        updated_ms = NEW.ts_ms,
+        iterations = iterations + (NEW.kind = 'model_requested'),
+        tool_calls = tool_calls + (NEW.kind = 'tool_result'),
+        input_tokens = input_tokens
+            + CASE NEW.kind WHEN 'model_responded' THEN coalesce(NEW.payload ->> '$.usage.input_tokens', 0) ELSE 0 END,
+        cached_input_tokens = cached_input_tokens
+            + CASE NEW.kind WHEN 'model_responded' THEN coalesce(NEW.payload ->> '$.usage.cached_input_tokens', 0) ELSE 0 END,
+        output_tokens = output_tokens
+            + CASE NEW.kind WHEN 'model_responded' THEN coalesce(NEW.payload ->> '$.usage.output_tokens', 0) ELSE 0 END,
+        cost_micros = cost_micros
+            + CASE NEW.kind WHEN 'model_responded' THEN coalesce(NEW.payload ->> '$.cost', 0) ELSE 0 END,
+        status = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload ->> '$.status' ELSE status END,
+        termination_reason = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload ->> '$.reason' ELSE termination_reason END,
+        detail = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload ->> '$.detail' ELSE detail END,
+        output = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload -> '$.output' ELSE output END
+    WHERE id = NEW.run_id;
 END;
