@@ -37,6 +37,10 @@ pub struct ModelCall {
     pub max_output_tokens: u32,
     /// Worst-case cost: estimated input plus the full output cap, priced.
     pub worst_case_cost: Usd,
+    /// Tokens left under the run's cap before this call (at least the worst case).
+    pub tokens_remaining: u64,
+    /// Money left under the run's cap before this call (at least the worst case).
+    pub cost_remaining: Usd,
 }
 
 impl ModelCall {
@@ -48,6 +52,8 @@ impl ModelCall {
             estimated_input_tokens: self.estimated_input_tokens,
             max_output_tokens: self.max_output_tokens,
             worst_case_cost: self.worst_case_cost,
+            tokens_remaining: self.tokens_remaining,
+            cost_remaining: self.cost_remaining,
         }
     }
 }
@@ -570,6 +576,8 @@ impl Engine {
             estimated_input_tokens,
             max_output_tokens,
             worst_case_cost,
+            tokens_remaining: limits.max_total_tokens.saturating_sub(self.usage.total()),
+            cost_remaining: limits.max_cost_usd.saturating_sub(self.cost),
         })
     }
 

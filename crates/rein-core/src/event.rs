@@ -50,6 +50,10 @@ pub enum EventKind {
         max_output_tokens: u32,
         /// Worst-case cost of this call (estimated input + max output, priced).
         worst_case_cost: Usd,
+        /// The pre-flight check this call passed: tokens left under `max_total_tokens` before it.
+        tokens_remaining: u64,
+        /// The pre-flight check this call passed: money left under `max_cost_usd` before it.
+        cost_remaining: Usd,
     },
     /// A model call answered.
     ModelResponded {

@@ -226,6 +226,25 @@ fn the_call_that_would_cross_the_cost_cap_is_never_made() {
     );
     // Four calls spend about $0.0048; a fifth could cost up to $0.0012 more: refused.
     assert_eq!(sim.model_requests(), 4);
+    // Each request records the headroom its pre-flight check saw, shrinking call by call.
+    let headroom: Vec<(Usd, Usd)> = sim
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ModelRequested {
+                cost_remaining,
+                worst_case_cost,
+                ..
+            } => Some((*cost_remaining, *worst_case_cost)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(headroom[0].0, Usd::from_dollars(0.005).unwrap());
+    assert!(headroom.windows(2).all(|w| w[1].0 < w[0].0));
+    assert!(
+        headroom.iter().all(|(left, worst)| worst <= left),
+        "every call made fit its worst case"
+    );
     let last = sim.events.last().unwrap();
     let EventKind::RunFinished { detail, .. } = &last.kind else {
         panic!("last event is not run_finished")
