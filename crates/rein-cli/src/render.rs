@@ -130,13 +130,14 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
     let _ = writeln!(
         out,
         "run {}  {} v{}  tenant={} user={} session={}{}",
-        run.id,
-        run.agent,
-        run.agent_version,
-        run.tenant,
-        run.user,
-        run.session,
-        run.job
+        run.info.id,
+        run.info.agent,
+        run.info.agent_version,
+        run.info.tenant,
+        run.info.user,
+        run.info.session,
+        run.info
+            .job
             .as_ref()
             .map(|j| format!(" job={j}"))
             .unwrap_or_default()
@@ -144,8 +145,8 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
     let _ = writeln!(
         out,
         "started {}  input: {}",
-        format_utc(run.created_ms),
-        short(&run.input, 60)
+        format_utc(run.info.created_ms),
+        short(&run.info.input, 60)
     );
     let widths: Vec<usize> = (0..5)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -189,7 +190,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
             let _ = writeln!(out, "└─ {} (no run_finished event yet)", p.status);
         }
     }
-    let wall = (run.updated_ms - run.created_ms).max(0);
+    let wall = (run.updated_ms - run.info.created_ms).max(0);
     let _ = writeln!(
         out,
         "totals: {} model calls, {} tool calls, {} tokens ({}), {}, {}.{:03} s",
@@ -225,14 +226,14 @@ pub fn run_table(runs: &[RunRecord]) -> String {
     for r in runs {
         let p = &r.progress;
         rows.push([
-            r.id.to_string(),
-            format!("{} v{}", r.agent, r.agent_version),
+            r.info.id.to_string(),
+            format!("{} v{}", r.info.agent, r.info.agent_version),
             p.status.to_string(),
             p.reason.map_or_else(|| "-".to_string(), |x| x.to_string()),
             (p.iterations + p.tool_calls).to_string(),
             p.usage.total().to_string(),
             p.cost.to_string(),
-            format_utc(r.created_ms),
+            format_utc(r.info.created_ms),
         ]);
     }
     table(&rows)
@@ -291,13 +292,13 @@ fn usage_json(u: &Usage) -> Value {
 pub fn record_json(r: &RunRecord) -> Value {
     let p = &r.progress;
     json!({
-        "run_id": r.id,
-        "agent": r.agent,
-        "agent_version": r.agent_version,
-        "tenant": r.tenant,
-        "user": r.user,
-        "session": r.session,
-        "job": r.job,
+        "run_id": r.info.id,
+        "agent": r.info.agent,
+        "agent_version": r.info.agent_version,
+        "tenant": r.info.tenant,
+        "user": r.info.user,
+        "session": r.info.session,
+        "job": r.info.job,
         "status": p.status,
         "termination_reason": p.reason,
         "detail": p.detail,
@@ -308,7 +309,7 @@ pub fn record_json(r: &RunRecord) -> Value {
         "cost_micros": p.cost.micros(),
         "output": p.output,
         "events": r.event_count,
-        "created": format_utc(r.created_ms),
+        "created": format_utc(r.info.created_ms),
         "updated": format_utc(r.updated_ms),
     })
 }

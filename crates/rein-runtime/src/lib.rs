@@ -17,7 +17,7 @@ use rein_core::{
     UserId,
 };
 use rein_providers::{Model, ModelError, ModelRequest};
-use rein_store::{NewRun, SqliteStore, StoreError};
+use rein_store::{RunInfo, SqliteStore, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
 use serde_json::Value;
@@ -142,7 +142,7 @@ impl Runtime {
         let run_id = RunId::new(uuid::Uuid::now_v7().to_string());
         let spec = &request.agent.spec;
         self.store
-            .create_run(&NewRun {
+            .create_run(&RunInfo {
                 id: run_id.clone(),
                 tenant: request.tenant.clone(),
                 user: request.user.clone(),

@@ -50,9 +50,9 @@ pub enum StoreError {
     },
 }
 
-/// A run about to start.
-#[derive(Clone, Debug)]
-pub struct NewRun {
+/// What a run is, fixed when it is created.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
     /// Id (UUIDv7).
     pub id: RunId,
     /// Owner.
@@ -99,32 +99,14 @@ pub struct Progress {
 /// A stored run, as listed and shown.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRecord {
-    /// Id.
-    pub id: RunId,
-    /// Owner.
-    pub tenant: TenantId,
-    /// User.
-    pub user: UserId,
-    /// Session.
-    pub session: SessionId,
-    /// Job.
-    pub job: Option<JobId>,
-    /// Agent name.
-    pub agent: String,
-    /// Agent version.
-    pub agent_version: u32,
-    /// Pinned spec source.
-    pub spec: String,
-    /// Input.
-    pub input: String,
+    /// What the run is.
+    pub info: RunInfo,
     /// State after the last event.
     pub progress: Progress,
     /// Events written.
     pub event_count: u64,
     /// Hash of the last event.
     pub head_hash: String,
-    /// Created, ms since the epoch.
-    pub created_ms: i64,
     /// Last event, ms since the epoch.
     pub updated_ms: i64,
 }
@@ -226,7 +208,7 @@ impl SqliteStore {
     }
 
     /// Records a new run (status `running`, no events yet).
-    pub async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
+    pub async fn create_run(&self, run: &RunInfo) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -400,7 +382,8 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
         })?;
     let count =
         |name: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(name)?.max(0) as u64) };
-    Ok(RunRecord {
+    let info = RunInfo {
+        id: id.clone(),
         tenant: TenantId::new(r.try_get::<String, _>("tenant")?),
         user: UserId::new(r.try_get::<String, _>("user_id")?),
         session: SessionId::new(r.try_get::<String, _>("session_id")?),
@@ -409,6 +392,9 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
         agent_version: count("agent_version")? as u32,
         spec: r.try_get("spec")?,
         input: r.try_get("input")?,
+        created_ms: r.try_get("created_ms")?,
+    };
+    Ok(RunRecord {
         progress: Progress {
             status: parse_enum(&id, "status", &status)?,
             reason: reason
@@ -427,9 +413,8 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
         },
         event_count: count("event_count")?,
         head_hash: r.try_get("head_hash")?,
-        created_ms: r.try_get("created_ms")?,
         updated_ms: r.try_get("updated_ms")?,
-        id,
+        info,
     })
 }
 
@@ -438,8 +423,8 @@ mod tests {
     use super::*;
     use rein_core::{Event, EventKind};
 
-    fn new_run(id: &str, tenant: &str) -> NewRun {
-        NewRun {
+    fn new_run(id: &str, tenant: &str) -> RunInfo {
+        RunInfo {
             id: RunId::new(id),
             tenant: TenantId::new(tenant),
             user: UserId::new("u"),
