@@ -5,6 +5,24 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::time::Duration;
+
+/// The longest wait Rein accepts from a `Retry-After` header.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Reads an HTTP `Retry-After` value given in seconds (`"2"`, `"1.5"`), capped at
+/// [`MAX_RETRY_AFTER`]. The HTTP-date form is not read: callers fall back to their backoff.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(rein_core::tool::parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
+/// assert_eq!(rein_core::tool::parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+/// ```
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let seconds: f64 = value.trim().parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64())))
+}
 
 /// Whether a tool call worked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,11 @@
 //! The OpenAI Chat Completions client, for OpenAI and every compatible server.
 
 use crate::{BoxFuture, Model, ModelError, ModelRequest};
+use rein_core::tool::parse_retry_after;
 use rein_core::{ErrorType, Message, ModelReply, Role, ToolCall, Usage, estimate_tokens};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::fmt;
-use std::time::Duration;
 
 /// OpenAI's public endpoint, used when neither the spec nor `OPENAI_BASE_URL` names another.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
@@ -78,9 +78,7 @@ impl OpenAiClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+            .and_then(parse_retry_after);
         let bytes = read_limited(response).await?;
         if !status.is_success() {
             let mut error = classify_status(status.as_u16(), &bytes);

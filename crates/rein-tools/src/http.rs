@@ -4,6 +4,7 @@
 //! failures → `transient` (safe to retry); any other 4xx → `permanent`.
 
 use rein_core::spec::{HttpMethod, HttpSource, url_placeholders};
+use rein_core::tool::parse_retry_after;
 use rein_core::{ErrorType, ToolResult};
 use serde_json::Value;
 use std::time::Duration;
@@ -79,8 +80,8 @@ impl HttpTools {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|secs| secs.saturating_mul(1000));
+            .and_then(parse_retry_after)
+            .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         let body = match read_limited(response).await {
             Ok(body) => body,
             Err(message) => {
