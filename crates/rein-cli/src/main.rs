@@ -470,66 +470,116 @@ async fn audit(
     } else {
         vec![TenantId::new(tenant)]
     };
-    let mut checked = 0usize;
-    let mut events_checked = 0usize;
-    let mut bad = 0usize;
+    let mut runs: Vec<(TenantId, RunId)> = Vec::new();
     for tenant in &tenants {
-        let ids = match &run_id {
+        match &run_id {
             Some(id) => {
                 let id = RunId::new(id.clone());
-                if let Err(rein_store::StoreError::NotFound(_)) = store.run(tenant, &id).await {
-                    return Err(anyhow!(BadInput(format!(
-                        "run {id} not found for tenant {tenant}"
-                    ))));
+                if store.run(tenant, &id).await.is_ok() {
+                    runs.push((tenant.clone(), id));
                 }
-                vec![id]
             }
-            None => store.run_ids(tenant).await?,
-        };
-        for id in ids {
-            let record = store.run(tenant, &id).await?;
-            let events = store.events(tenant, &id).await?;
-            checked += 1;
-            events_checked += events.len();
-            if let Err(brk) =
-                rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash)))
-            {
-                bad += 1;
-                let kind = events
-                    .iter()
-                    .find(|e| e.seq == brk.seq)
-                    .map(|e| format!(" ({})", e.kind))
-                    .unwrap_or_default();
-                println!(
-                    "TAMPERED run {id} (tenant {tenant}): event {}{kind}: {}",
-                    brk.seq, brk.reason
-                );
-            } else if let Some(field) = summary_mismatch(&record, &events) {
-                bad += 1;
-                println!(
-                    "TAMPERED run {id} (tenant {tenant}): the run's stored {field} disagrees with its (intact) event log"
-                );
-            }
+            None => runs.extend(
+                store
+                    .run_ids(tenant)
+                    .await?
+                    .into_iter()
+                    .map(|id| (tenant.clone(), id)),
+            ),
         }
     }
-    if bad > 0 {
-        println!("{bad} of {checked} runs failed verification");
+    if let (Some(id), true) = (&run_id, runs.is_empty()) {
+        let scope = if all_tenants {
+            "any tenant".to_string()
+        } else {
+            format!("tenant {tenant}")
+        };
+        return Err(anyhow!(BadInput(format!("run {id} not found for {scope}"))));
+    }
+    let mut events_checked = 0usize;
+    let mut problems = Vec::new();
+    for (tenant, id) in &runs {
+        let record = store.run(tenant, id).await?;
+        let events = store.events(tenant, id).await?;
+        events_checked += events.len();
+        if let Err(brk) =
+            rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash)))
+        {
+            let kind = events
+                .iter()
+                .find(|e| e.seq == brk.seq)
+                .map(|e| format!(" ({})", e.kind))
+                .unwrap_or_default();
+            problems.push(format!(
+                "run {id} (tenant {tenant}): event {}{kind}: {}",
+                brk.seq, brk.reason
+            ));
+        } else if let Some(field) = record_mismatch(&record, &events) {
+            problems.push(format!("run {id} (tenant {tenant}): the run's stored {field} disagrees with its intact event log"));
+        }
+    }
+    if run_id.is_none() {
+        for orphan in store.orphaned_logs().await? {
+            problems.push(format!(
+                "run {orphan}: its event log is stored but its run record was removed"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            println!("TAMPERED {p}");
+        }
+        println!("{} problem(s) in {} runs", problems.len(), runs.len());
         return Err(anyhow!(Exit(exit::TAMPERED)));
     }
-    println!("ok: {checked} runs, {events_checked} events: every hash chain is intact");
+    println!(
+        "ok: {} runs, {events_checked} events: every hash chain is intact and every run agrees with its log",
+        runs.len()
+    );
     Ok(exit::OK)
 }
 
-/// The first field of a run's stored summary that its verified log contradicts.
-fn summary_mismatch(
+/// The first thing a run's stored record says that its verified log contradicts.
+fn record_mismatch(
     record: &rein_store::RunRecord,
     events: &[rein_core::SealedEvent],
 ) -> Option<&'static str> {
-    let decoded: Vec<Event> = events.iter().filter_map(|e| e.decode().ok()).collect();
-    if decoded.len() != events.len() {
-        return None; // erased payloads: nothing to compare against
-    }
+    let decoded: Vec<Event> = match events.iter().map(|e| e.decode()).collect() {
+        Ok(decoded) => decoded,
+        Err(_) => return Some("log (an event payload cannot be read)"),
+    };
     let log = rein_core::LogSummary::of(&decoded);
+    let info = &record.info;
+    match &log.started {
+        Some(rein_core::EventKind::RunStarted {
+            agent,
+            agent_version,
+            spec_sha256,
+            input,
+            tenant,
+            user,
+            session,
+            job,
+        }) => {
+            if tenant != &info.tenant {
+                return Some("tenant");
+            }
+            if (user, session, job) != (&info.user, &info.session, &info.job) {
+                return Some("user, session or job");
+            }
+            if (agent, agent_version) != (&info.agent, &info.agent_version) {
+                return Some("agent or version");
+            }
+            if spec_sha256 != &rein_core::event::sha256_hex(info.spec.as_bytes()) {
+                return Some("pinned spec");
+            }
+            if input != &info.input {
+                return Some("input");
+            }
+        }
+        _ if events.is_empty() => {}
+        _ => return Some("log (it does not begin with run_started)"),
+    }
     let p = &record.progress;
     if log.usage != p.usage {
         Some("token usage")
@@ -539,7 +589,7 @@ fn summary_mismatch(
         Some("iteration count")
     } else if log.tool_calls != p.tool_calls {
         Some("tool call count")
-    } else if log.finished.map(|(s, _)| s).unwrap_or(RunStatus::Running) != p.status
+    } else if log.finished.map_or(RunStatus::Running, |(s, _)| s) != p.status
         || log.finished.map(|(_, r)| r) != p.reason
     {
         Some("status")

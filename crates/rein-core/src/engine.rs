@@ -140,6 +140,9 @@ pub struct Engine {
     repeated_calls: HashMap<(String, String), u32>,
     pending_tools: VecDeque<ToolCall>,
     model_in_flight: bool,
+    /// A tool call recorded as requested whose result is not recorded (only after a crash):
+    /// its call id and step.
+    tool_in_flight: Option<(String, u32)>,
     repairs: u32,
     finish: Option<Finish>,
     finished: Option<(RunStatus, TerminationReason)>,
@@ -206,6 +209,7 @@ impl Engine {
             repeated_calls: HashMap::new(),
             pending_tools: VecDeque::new(),
             model_in_flight: false,
+            tool_in_flight: None,
             repairs: 0,
             finish: None,
             finished: None,
@@ -320,8 +324,12 @@ impl Engine {
                 self.push_message(Message::text(Role::User, input.clone()));
             }
             EventKind::ModelRequested { step, .. } => {
+                // A call re-requested after a crash (same step, still in flight) is the same
+                // iteration, not a new one.
+                if !(self.model_in_flight && *step == self.step) {
+                    self.iterations += 1;
+                }
                 self.step = self.step.max(*step);
-                self.iterations += 1;
                 self.model_in_flight = true;
             }
             EventKind::ModelResponded {
@@ -366,8 +374,9 @@ impl Engine {
                     ),
                 );
             }
-            EventKind::ToolRequested { step, .. } => {
+            EventKind::ToolRequested { step, call_id, .. } => {
                 self.step = self.step.max(*step);
+                self.tool_in_flight = Some((call_id.clone(), *step));
             }
             EventKind::ToolResult {
                 step,
@@ -377,6 +386,7 @@ impl Engine {
                 ..
             } => {
                 self.step = self.step.max(*step);
+                self.tool_in_flight = None;
                 let call = match self.pending_tools.front() {
                     Some(front) if &front.id == call_id => self.pending_tools.pop_front(),
                     _ => None,
@@ -582,6 +592,11 @@ impl Engine {
     }
 
     fn tool_effect(&self, call: &ToolCall) -> Effect {
+        if let Some((call_id, step)) = &self.tool_in_flight
+            && call_id == &call.id
+        {
+            return self.interrupted_tool_effect(call, *step);
+        }
         let limits = &self.agent.spec.limits;
         let step = self.step + 1;
         let signature = call_signature(call);
@@ -664,6 +679,41 @@ impl Engine {
             tool: call.name.clone(),
             arguments,
         })
+    }
+}
+
+impl Engine {
+    /// A tool call was recorded as requested but its result never was: the process stopped
+    /// mid-call. Whether the call took effect is unknown. It is made again, as the same step
+    /// (so with the same idempotency key), only when repeating it is safe by contract;
+    /// otherwise it is reported to the model as failed with an unknown outcome, never repeated.
+    fn interrupted_tool_effect(&self, call: &ToolCall, step: u32) -> Effect {
+        let tool = self.agent.tool(&call.name).map(|(tool, _)| tool);
+        let arguments = serde_json::from_str::<Value>(&call.arguments).ok();
+        match (tool, arguments) {
+            (Some(tool), Some(arguments)) if tool.contract.may_retry() => {
+                Effect::CallTool(ToolInvocation {
+                    step,
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    arguments,
+                })
+            }
+            _ => Effect::Record(EventKind::ToolResult {
+                step,
+                call_id: call.id.clone(),
+                tool: call.name.clone(),
+                result: ToolResult::error(
+                    ErrorType::Permanent,
+                    format!(
+                        "the call to `{}` was interrupted before its result was recorded, so whether it took effect is unknown; it was not repeated because the tool has side effects",
+                        call.name
+                    ),
+                ),
+                latency_ms: 0,
+                attempts: 0,
+            }),
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub enum EventKind {
         agent: String,
         /// Agent version.
         agent_version: u32,
+        /// SHA-256 of the spec source the run pinned, so the chain covers the spec too.
+        spec_sha256: String,
         /// The user's input.
         input: String,
         /// Owner.
@@ -320,12 +322,19 @@ pub fn verify_chain(events: &[SealedEvent], head: Option<(u64, &str)>) -> Result
         if event.prev_hash != prev {
             return fail("its link to the previous event does not match (an event was removed, inserted or reordered)".into());
         }
-        if let Some(payload) = &event.payload
-            && sha256_hex(payload.as_bytes()) != event.payload_sha256
-        {
-            return fail(
-                "its payload does not match its recorded digest (the payload was altered)".into(),
-            );
+        match &event.payload {
+            Some(payload) if sha256_hex(payload.as_bytes()) != event.payload_sha256 => {
+                return fail(
+                    "its payload does not match its recorded digest (the payload was altered)"
+                        .into(),
+                );
+            }
+            Some(_) => {}
+            // The chain would still verify without the payload, but no erasure event exists
+            // yet: a payload can only be missing because it was removed.
+            None => {
+                return fail("its payload was removed and no erasure was recorded".into());
+            }
         }
         let hash = chain_hash(
             &event.run_id,
@@ -344,6 +353,14 @@ pub fn verify_chain(events: &[SealedEvent], head: Option<(u64, &str)>) -> Result
     }
     if let Some((count, last_hash)) = head {
         let found = events.len() as u64;
+        if found > count {
+            return Err(ChainBreak {
+                seq: count,
+                reason: format!(
+                    "the run recorded {count} events but {found} are stored (events were added after the recorded head)"
+                ),
+            });
+        }
         if found < count {
             return Err(ChainBreak {
                 seq: found,
@@ -366,7 +383,8 @@ pub fn verify_chain(events: &[SealedEvent], head: Option<(u64, &str)>) -> Result
 /// reference a stored summary of the run must agree with.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LogSummary {
-    /// Model calls requested.
+    /// Model calls answered (responded or failed): each model step ends with exactly one,
+    /// even when a crash made it be requested twice.
     pub iterations: u32,
     /// Tool results recorded (made or refused).
     pub tool_calls: u32,
@@ -378,6 +396,8 @@ pub struct LogSummary {
     pub finished: Option<(RunStatus, TerminationReason)>,
     /// Output from `run_finished`.
     pub output: Option<Value>,
+    /// The `run_started` event, if present.
+    pub started: Option<EventKind>,
 }
 
 impl LogSummary {
@@ -386,12 +406,14 @@ impl LogSummary {
         let mut s = LogSummary::default();
         for event in events {
             match &event.kind {
-                EventKind::ModelRequested { .. } => s.iterations += 1,
                 EventKind::ModelResponded { usage, cost, .. } => {
+                    s.iterations += 1;
                     s.usage.add(usage);
                     s.cost += *cost;
                 }
+                EventKind::ModelFailed { .. } => s.iterations += 1,
                 EventKind::ToolResult { .. } => s.tool_calls += 1,
+                EventKind::RunStarted { .. } => s.started = Some(event.kind.clone()),
                 EventKind::RunFinished {
                     status,
                     reason,
@@ -454,10 +476,24 @@ mod tests {
     }
 
     #[test]
-    fn an_erased_payload_still_verifies() {
+    fn a_removed_payload_is_found_while_no_erasure_is_recorded() {
         let mut events = log(3);
         events[1].payload = None;
-        assert_eq!(verify_chain(&events, None), Ok(()));
+        let err = verify_chain(&events, None).unwrap_err();
+        assert_eq!(err.seq, 1);
+        assert!(err.reason.contains("no erasure was recorded"));
+    }
+
+    #[test]
+    fn events_beyond_the_recorded_head_are_found() {
+        let events = log(5);
+        let head = (4, events[3].hash.clone());
+        assert_eq!(
+            verify_chain(&events, Some((head.0, &head.1)))
+                .unwrap_err()
+                .seq,
+            4
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ impl Runtime {
             .record(EventKind::RunStarted {
                 agent: spec.name.clone(),
                 agent_version: spec.version,
+                spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
                 input: request.input,
                 tenant: request.tenant,
                 user: request.user,

@@ -86,7 +86,7 @@ pub struct Progress {
     pub detail: Option<String>,
     /// Final output, once completed.
     pub output: Option<serde_json::Value>,
-    /// Model calls made.
+    /// Model calls answered (responded or failed).
     pub iterations: u32,
     /// Tool calls made or refused.
     pub tool_calls: u32,
@@ -321,6 +321,19 @@ impl SqliteStore {
             .collect()
     }
 
+    /// Runs that have events but no run row (its row was removed behind Rein's back).
+    /// An operator query for audits, like [`SqliteStore::tenants`].
+    pub async fn orphaned_logs(&self) -> Result<Vec<RunId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT run_id FROM events WHERE run_id NOT IN (SELECT id FROM runs) ORDER BY run_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(RunId::new(r.try_get::<String, _>("run_id")?)))
+            .collect()
+    }
+
     /// A run's events in log order.
     pub async fn events(
         &self,
@@ -458,6 +471,7 @@ mod tests {
             kind: EventKind::RunStarted {
                 agent: "a".into(),
                 agent_version: 1,
+                spec_sha256: String::new(),
                 input: "hi".into(),
                 tenant: TenantId::new("t1"),
                 user: UserId::new("u"),
@@ -539,7 +553,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stored_events_cannot_be_updated_or_deleted_through_sql() {
+    async fn stored_events_and_run_identities_cannot_be_changed_through_sql() {
         let store = SqliteStore::in_memory().await.unwrap();
         let t1 = TenantId::new("t1");
         store.create_run(&new_run("r1", "t1")).await.unwrap();
@@ -557,5 +571,16 @@ mod tests {
                 .await
                 .is_err()
         );
+        for forbidden in [
+            "UPDATE events SET payload = NULL",
+            "UPDATE runs SET tenant = 't2'",
+            "DELETE FROM runs",
+        ] {
+            assert!(
+                sqlx::query(forbidden).execute(&store.pool).await.is_err(),
+                "{forbidden}"
+            );
+        }
+        assert!(store.orphaned_logs().await.unwrap().is_empty());
     }
 }

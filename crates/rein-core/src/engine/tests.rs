@@ -86,6 +86,7 @@ impl Sim {
         sim.record(EventKind::RunStarted {
             agent: "tester".into(),
             agent_version: 1,
+            spec_sha256: String::new(),
             input: "hello".into(),
             tenant: TenantId::new("t"),
             user: UserId::new("u"),
@@ -459,6 +460,74 @@ fn a_crash_between_request_and_response_repeats_the_model_call_without_double_co
         "the unanswered call is made again as the same step"
     );
     assert_eq!(resumed.iterations(), 1);
+    // Recording the re-request does not count a second iteration.
+    sim.record(again.requested());
+    assert_eq!(sim.engine.iterations(), 1);
+}
+
+/// Starts a run whose first model reply asks for `tool`, and records the tool call as requested
+/// but never answered, as a crash would leave it.
+fn crashed_mid_tool(src: &str, tool: &str) -> (Sim, ToolInvocation) {
+    let mut sim = Sim::new(src);
+    let Some(Effect::CallModel(model_call)) = sim.engine.next_effect(sim.now) else {
+        panic!()
+    };
+    sim.record(model_call.requested());
+    sim.record(EventKind::ModelResponded {
+        step: model_call.step,
+        model: "m".into(),
+        content: None,
+        tool_calls: vec![call("c1", tool, r#"{"key":"k"}"#)],
+        usage: Usage {
+            input_tokens: 10,
+            cached_input_tokens: 0,
+            output_tokens: 5,
+        },
+        cost: Usd::from_micros(5),
+        latency_ms: 1,
+        attempts: 1,
+    });
+    let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
+        panic!()
+    };
+    sim.record(inv.requested());
+    (sim, inv)
+}
+
+#[test]
+fn an_interrupted_safe_tool_call_is_made_again_as_the_same_step() {
+    let src = SPEC.replace(
+        "contract: {max_calls_per_run: 4}",
+        "contract: {max_calls_per_run: 4, idempotent: true}",
+    );
+    let (sim, inv) = crashed_mid_tool(&src, "lookup");
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let Some(Effect::CallTool(again)) = resumed.next_effect(sim.now) else {
+        panic!("expected the call again")
+    };
+    assert_eq!(again, inv, "same step, so the same idempotency key");
+}
+
+#[test]
+fn an_interrupted_side_effecting_tool_call_is_never_repeated() {
+    let (sim, inv) = crashed_mid_tool(SPEC, "lookup");
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let Some(Effect::Record(EventKind::ToolResult {
+        step,
+        result,
+        attempts,
+        ..
+    })) = resumed.next_effect(sim.now)
+    else {
+        panic!("expected a recorded unknown outcome")
+    };
+    assert_eq!((step, attempts, result.retry_safe), (inv.step, 0, false));
+    assert!(
+        result
+            .message
+            .unwrap()
+            .contains("whether it took effect is unknown")
+    );
 }
 
 #[test]

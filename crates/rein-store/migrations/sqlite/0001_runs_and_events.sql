@@ -42,15 +42,26 @@ CREATE TABLE events (
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 
--- An event once written is never changed; only erasure of the payload (a later issue) may
--- touch a row, and it keeps the digest.
-CREATE TRIGGER events_are_append_only BEFORE UPDATE OF run_id, seq, ts_ms, kind, payload_sha256, prev_hash, hash ON events
+-- An event once written is never changed or removed. (Erasure of a payload, for retention and
+-- the right to erasure, will come as its own recorded event and mechanism.)
+CREATE TRIGGER events_are_append_only BEFORE UPDATE ON events
 BEGIN
     SELECT RAISE(ABORT, 'events are append-only');
 END;
 CREATE TRIGGER events_are_never_deleted BEFORE DELETE ON events
 BEGIN
     SELECT RAISE(ABORT, 'events are append-only');
+END;
+
+-- What a run is never changes, and a run is never removed (its log would be orphaned).
+CREATE TRIGGER runs_identity_is_immutable
+BEFORE UPDATE OF id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, created_ms ON runs
+BEGIN
+    SELECT RAISE(ABORT, 'a run''s identity is immutable');
+END;
+CREATE TRIGGER runs_are_never_deleted BEFORE DELETE ON runs
+BEGIN
+    SELECT RAISE(ABORT, 'runs are never deleted');
 END;
 
 -- The projection: every appended event updates its run's summary from the event's payload.
@@ -61,7 +72,7 @@ BEGIN
         event_count = NEW.seq + 1,
         head_hash = NEW.hash,
         updated_ms = NEW.ts_ms,
-        iterations = iterations + (NEW.kind = 'model_requested'),
+        iterations = iterations + (NEW.kind IN ('model_responded', 'model_failed')),
         tool_calls = tool_calls + (NEW.kind = 'tool_result'),
         input_tokens = input_tokens
             + CASE NEW.kind WHEN 'model_responded' THEN coalesce(NEW.payload ->> '$.usage.input_tokens', 0) ELSE 0 END,
