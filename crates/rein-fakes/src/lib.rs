@@ -236,9 +236,18 @@ async fn chat(
 #[derive(Default)]
 struct ToolState {
     hits: Mutex<HashMap<String, usize>>,
+    keys: Mutex<Vec<(String, String)>>,
 }
 
 impl ToolState {
+    fn saw_key(&self, route: &str, headers: &HeaderMap) {
+        if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+            && let Ok(mut keys) = self.keys.lock()
+        {
+            keys.push((route.to_string(), key.to_string()));
+        }
+    }
+
     fn hit(&self, key: String) -> usize {
         let mut hits = match self.hits.lock() {
             Ok(h) => h,
@@ -300,6 +309,20 @@ impl ToolService {
         self.server.url()
     }
 
+    /// The `Idempotency-Key` headers received on `route` (`slow`, `flaky/k`), in order.
+    pub fn idempotency_keys(&self, route: &str) -> Vec<String> {
+        self.state
+            .keys
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .filter(|(r, _)| r == route)
+                    .map(|(_, key)| key.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// How many requests reached `key` (`orders/42`, `flaky/k`, `slow`, `limited`).
     pub fn hits(&self, key: &str) -> usize {
         self.state
@@ -342,7 +365,12 @@ async fn flaky(
     }
 }
 
-async fn slow(State(state): State<Arc<ToolState>>, Query(q): Query<SlowQuery>) -> Response {
+async fn slow(
+    State(state): State<Arc<ToolState>>,
+    Query(q): Query<SlowQuery>,
+    headers: HeaderMap,
+) -> Response {
+    state.saw_key("slow", &headers);
     state.hit("slow".into());
     tokio::time::sleep(Duration::from_millis(q.ms.min(600_000))).await;
     Json(json!({"slept_ms": q.ms})).into_response()

@@ -12,9 +12,9 @@
 mod retry;
 
 use rein_core::{
-    Agent, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, ReplayError, RunId,
-    RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation, ToolResult, Usage, Usd,
-    UserId,
+    Agent, CheckContext, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, PriceTable,
+    ReplayError, RunId, RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation,
+    ToolResult, Usage, Usd, UserId,
 };
 use rein_providers::{Model, ModelError, ModelRequest};
 use rein_store::{RunInfo, SqliteStore, StoreError};
@@ -49,6 +49,9 @@ pub enum RuntimeError {
     /// A stored event could not be decoded.
     #[error(transparent)]
     Decode(#[from] rein_core::event::DecodeError),
+    /// The spec a run pinned no longer checks (a price or built-in it needs is gone).
+    #[error("{0}")]
+    PinnedSpec(rein_core::SpecErrors),
 }
 
 /// A run to start.
@@ -181,20 +184,33 @@ impl Runtime {
         driver.drive().await
     }
 
-    /// Continues a run from its log (after a crash, or a run left `running`).
+    /// Continues a run from its log (after a crash, or a run left `running`), under the spec
+    /// the run pinned when it started: changing a spec file never changes a running run's limits.
     pub async fn resume(
         &self,
         tenant: &TenantId,
         run_id: &RunId,
-        agent: Arc<Agent>,
+        prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
+        let record = self.store.run(tenant, run_id).await?;
+        let builtins = self.tools.builtins().infos();
+        let ctx = CheckContext {
+            prices,
+            builtin_tools: &builtins,
+        };
+        let agent = Agent::parse(
+            &format!("run {run_id} (pinned spec)"),
+            &record.info.spec,
+            &ctx,
+        )
+        .map_err(RuntimeError::PinnedSpec)?;
         let sealed = self.store.events(tenant, run_id).await?;
         let events = sealed
             .iter()
             .map(|e| e.decode())
             .collect::<Result<Vec<_>, _>>()?;
-        let engine = Engine::replay(agent, &events)?;
+        let engine = Engine::replay(Arc::new(agent), &events)?;
         let mut driver = Driver {
             runtime: self,
             model,
@@ -399,7 +415,13 @@ impl Driver<'_> {
                     },
                 )
                 .await;
-                (outcome.output, outcome.attempts)
+                let mut result = outcome.output;
+                // The model must not be told a failed call is safe to repeat when the contract
+                // says repeating it could do its side effect twice.
+                if !contract.may_retry() {
+                    result.retry_safe = false;
+                }
+                (result, outcome.attempts)
             }
             // The engine only asks for tools the agent has; this is defence in depth.
             None => (

@@ -370,3 +370,157 @@ async fn the_recorded_log_verifies_and_replays_to_the_same_outcome() {
         ]
     );
 }
+
+/// Starts a run in a task, waits until its tool call to the slow endpoint is recorded as
+/// requested, then kills the task as a crash would. Returns the run id.
+async fn crash_during_tool_call(h: &Harness, src: &str) -> rein_core::RunId {
+    let tenant = TenantId::new("acme");
+    let runtime = h.runtime.clone();
+    let model = Arc::new(one_call("fetch", "{}"));
+    let request = RunRequest {
+        agent: agent(src),
+        spec_source: src.to_string(),
+        input: "go".into(),
+        tenant: tenant.clone(),
+        user: UserId::new("ann"),
+        session: SessionId::new("s1"),
+        job: None,
+    };
+    let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
+    let started = Instant::now();
+    loop {
+        let runs = h.runtime.store().list_runs(&tenant, 1).await.unwrap();
+        if let Some(run) = runs.first() {
+            let events = h
+                .runtime
+                .store()
+                .events(&tenant, &run.info.id)
+                .await
+                .unwrap();
+            if events.last().is_some_and(|e| e.kind == "tool_requested") {
+                task.abort();
+                let _ = task.await;
+                return run.info.id.clone();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the tool call was never requested"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn resume(h: &Harness, id: &rein_core::RunId) -> RunOutcome {
+    let model = one_call("fetch", "{}");
+    h.runtime
+        .resume(&TenantId::new("acme"), id, &PriceTable::default(), &model)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_crash_mid_call_of_a_safe_tool_resumes_with_the_same_idempotency_key() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/slow?ms=300", service.url()),
+        "{timeout: 5s, idempotent: true, side_effects: read}",
+        "60s",
+    );
+    let id = crash_during_tool_call(&h, &src).await;
+    let outcome = resume(&h, &id).await;
+
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.iterations, 2);
+    let keys = service.idempotency_keys("slow");
+    assert_eq!(
+        keys.len(),
+        2,
+        "called once before the crash and once after: {keys:?}"
+    );
+    assert_eq!(keys[0], keys[1], "the same step, so the same key");
+    let tenant = TenantId::new("acme");
+    let events = h.runtime.store().events(&tenant, &id).await.unwrap();
+    let record = h.runtime.store().run(&tenant, &id).await.unwrap();
+    rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash))).unwrap();
+    assert_eq!(record.progress.iterations, 2);
+    let results = tool_results(&h, &outcome).await;
+    assert_eq!(results.len(), 1);
+    assert!(results[0].0.is_success());
+}
+
+#[tokio::test]
+async fn a_crash_mid_call_of_a_side_effecting_tool_never_repeats_it() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/slow?ms=300", service.url()),
+        "{timeout: 5s, side_effects: external}",
+        "60s",
+    );
+    let id = crash_during_tool_call(&h, &src).await;
+    let outcome = resume(&h, &id).await;
+
+    assert_eq!(
+        outcome.reason,
+        TerminationReason::Completed,
+        "the model was told and answered"
+    );
+    assert_eq!(
+        service.hits("slow"),
+        1,
+        "the side-effecting call was not made twice"
+    );
+    let results = tool_results(&h, &outcome).await;
+    let (result, attempts, _) = &results[0];
+    assert_eq!((result.retry_safe, *attempts), (false, 0));
+    assert!(
+        result
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("whether it took effect is unknown")
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_run_keeps_the_spec_it_pinned() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/slow?ms=300", service.url()),
+        "{timeout: 5s, idempotent: true}",
+        "60s",
+    );
+    let id = crash_during_tool_call(&h, &src).await;
+    // Resume with a price table that no longer knows the pinned model: refused, not guessed.
+    let model = one_call("fetch", "{}");
+    let err = h
+        .runtime
+        .resume(&TenantId::new("acme"), &id, &PriceTable::empty(), &model)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no price is known for `openai/gpt-4o-mini`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_unsafe_tool_is_never_reported_to_the_model_as_safe_to_repeat() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/flaky/p?fail=5", service.url()),
+        "{timeout: 5s, side_effects: external}",
+        "60s",
+    );
+    let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
+    let results = tool_results(&h, &outcome).await;
+    assert_eq!(
+        (results[0].0.error_type, results[0].0.retry_safe),
+        (Some(ErrorType::Transient), false)
+    );
+}
