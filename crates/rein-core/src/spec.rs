@@ -955,8 +955,25 @@ impl Parser<'_> {
             Some(hn) => match &hn.value {
                 NodeValue::Map(entries) => {
                     let mut map = BTreeMap::new();
-                    for (k, _, v) in entries {
-                        if let Some(value) = self.string(v, &join(&h.child("headers"), k)) {
+                    for (k, key_pos, v) in entries {
+                        let path = join(&h.child("headers"), k);
+                        if !is_header_name(k) {
+                            self.error(
+                                *key_pos,
+                                &path,
+                                format!("`{k}` is not a valid HTTP header name"),
+                            );
+                            continue;
+                        }
+                        if let Some(value) = self.string(v, &path) {
+                            if value.chars().any(|c| c.is_control()) {
+                                self.error(
+                                    v.pos,
+                                    &path,
+                                    "header values must not contain control characters",
+                                );
+                                continue;
+                            }
                             map.insert(k.clone(), value);
                         }
                     }
@@ -1126,6 +1143,14 @@ impl Parser<'_> {
     }
 }
 
+/// Whether `name` is an HTTP header name (an RFC 9110 token).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// The `{name}` placeholders of a URL template, in order.
 pub fn url_placeholders(url: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -1275,6 +1300,16 @@ limits:
         let text = check(&src).unwrap_err().to_string();
         assert!(
             text.contains("placeholder `{id}` is not a property"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_header_names_are_caught_at_check_time() {
+        let src = EXAMPLE.replace("method: GET}", "method: GET, headers: {\"X Token\": abc}}");
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("`X Token` is not a valid HTTP header name"),
             "{text}"
         );
     }

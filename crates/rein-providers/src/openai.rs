@@ -10,6 +10,10 @@ use std::fmt;
 /// OpenAI's public endpoint, used when neither the spec nor `OPENAI_BASE_URL` names another.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
+/// More tokens than any one call can use: a provider reporting more is broken, and its numbers
+/// must not reach cost sums.
+const MAX_PLAUSIBLE_TOKENS: u64 = 100_000_000;
+
 /// Largest response body accepted from a provider.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
@@ -44,18 +48,28 @@ impl OpenAiClient {
         }
     }
 
-    /// A client configured as the official SDKs are: `base_url` if given (from the spec), else
-    /// `OPENAI_BASE_URL`, else OpenAI's endpoint; the key from `OPENAI_API_KEY`.
-    pub fn from_env(http: reqwest::Client, base_url: Option<&str>) -> Self {
-        let base = base_url
-            .map(str::to_string)
-            .or_else(|| {
-                std::env::var("OPENAI_BASE_URL")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-            })
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-        OpenAiClient::new(http, base, std::env::var("OPENAI_API_KEY").ok())
+    /// A client configured as the official SDKs are: `OPENAI_BASE_URL`, else OpenAI's endpoint,
+    /// with the key from `OPENAI_API_KEY`.
+    ///
+    /// A spec's own `base_url` (a local or self-hosted server) is called **without** that key:
+    /// the operator's key only ever goes to the endpoint the operator configured, never to a
+    /// host a spec names.
+    pub fn from_env(http: reqwest::Client, spec_base_url: Option<&str>) -> Self {
+        let env_base = std::env::var("OPENAI_BASE_URL")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let operator_base = env_base.unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        match spec_base_url {
+            Some(base) if base.trim_end_matches('/') != operator_base.trim_end_matches('/') => {
+                OpenAiClient::new(http, base, None)
+            }
+            _ => OpenAiClient::new(http, operator_base, std::env::var("OPENAI_API_KEY").ok()),
+        }
+    }
+
+    /// Whether a key is attached to requests.
+    pub fn has_key(&self) -> bool {
+        self.api_key.is_some()
     }
 
     /// The endpoint this client calls.
@@ -64,7 +78,7 @@ impl OpenAiClient {
     }
 
     async fn call(&self, request: ModelRequest<'_>) -> Result<ModelReply, ModelError> {
-        let body = request_body(&request);
+        let body = request_body(&request, self.base_url == DEFAULT_BASE_URL);
         let mut http = self
             .http
             .post(format!("{}/chat/completions", self.base_url))
@@ -79,19 +93,29 @@ impl OpenAiClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let bytes = read_limited(response).await?;
         if !status.is_success() {
+            let bytes = read_limited(response).await.unwrap_or_default();
             let mut error = classify_status(status.as_u16(), &bytes);
             error.retry_after = retry_after;
             return Err(error);
         }
-        let parsed: ChatResponse = serde_json::from_slice(&bytes).map_err(|e| {
+        // Past a 2xx the call has probably been billed: whatever goes wrong from here is not
+        // retried, so one step can never be paid for several times over.
+        let billed = |what: String| {
             ModelError::new(
-                ErrorType::Transient,
-                format!("the provider sent a response Rein cannot read: {e}"),
+                ErrorType::Permanent,
+                format!("{what}; not retried because the call may already have been billed"),
             )
+        };
+        let bytes = read_limited(response)
+            .await
+            .map_err(|e| billed(e.message))?;
+        let parsed: ChatResponse = serde_json::from_slice(&bytes).map_err(|e| {
+            billed(format!(
+                "the provider sent a response Rein cannot read: {e}"
+            ))
         })?;
-        reply_from(parsed, &body, request.model)
+        reply_from(parsed, &body, request.model).map_err(|e| billed(e.message))
     }
 }
 
@@ -104,12 +128,19 @@ impl Model for OpenAiClient {
     }
 }
 
-fn request_body(request: &ModelRequest<'_>) -> Value {
+/// The request body. OpenAI's own endpoint takes `max_completion_tokens` (its reasoning models
+/// refuse `max_tokens`); compatible servers (vLLM, Ollama, llama.cpp) read `max_tokens`.
+fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
     let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
+    let cap = if openai_endpoint {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
     let mut body = json!({
         "model": request.model,
         "messages": messages,
-        "max_tokens": request.max_output_tokens,
+        cap: request.max_output_tokens,
     });
     if !request.tools.is_empty() {
         body["tools"] = request
@@ -244,6 +275,19 @@ fn reply_from(
                     .sum::<u64>(),
         },
     };
+    if [
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+    ]
+    .iter()
+    .any(|&n| n > MAX_PLAUSIBLE_TOKENS)
+    {
+        return Err(ModelError::new(
+            ErrorType::Permanent,
+            "the provider reported an impossible token usage",
+        ));
+    }
     Ok(ModelReply {
         model: parsed.model.unwrap_or_else(|| requested_model.to_string()),
         content: choice.message.content,
@@ -315,6 +359,56 @@ mod tests {
         let e = classify_status(400, br#"{"error":{"message":"context_length_exceeded"}}"#);
         assert_eq!(e.kind, ErrorType::Permanent);
         assert!(e.message.contains("context_length_exceeded"));
+    }
+
+    #[test]
+    fn openai_gets_max_completion_tokens_and_compatible_servers_max_tokens() {
+        let messages = [Message::text(Role::User, "hi")];
+        let request = ModelRequest {
+            model: "gpt-5-mini",
+            messages: &messages,
+            tools: &[],
+            max_output_tokens: 64,
+            temperature: None,
+            output_schema: None,
+        };
+        let official = request_body(&request, true);
+        assert_eq!(
+            (
+                official["max_completion_tokens"].as_u64(),
+                official.get("max_tokens")
+            ),
+            (Some(64), None)
+        );
+        let local = request_body(&request, false);
+        assert_eq!(
+            (
+                local["max_tokens"].as_u64(),
+                local.get("max_completion_tokens")
+            ),
+            (Some(64), None)
+        );
+    }
+
+    #[test]
+    fn impossible_usage_is_refused() {
+        let parsed: ChatResponse = serde_json::from_value(json!({
+            "choices": [{"message": {"content": "hi"}}],
+            "usage": {"prompt_tokens": u64::MAX, "completion_tokens": 1}
+        }))
+        .unwrap();
+        assert_eq!(
+            reply_from(parsed, &json!({}), "m").unwrap_err().kind,
+            ErrorType::Permanent
+        );
+    }
+
+    #[test]
+    fn a_spec_base_url_never_receives_the_operators_key() {
+        // Nothing is sent: this only checks where the client would send its key.
+        let c = OpenAiClient::from_env(reqwest::Client::new(), Some("http://127.0.0.1:18999/v1"));
+        assert!(!c.has_key());
+        assert_eq!(c.base_url(), "http://127.0.0.1:18999/v1");
     }
 
     #[test]
