@@ -239,10 +239,55 @@ fn the_demo_runs_offline_and_audit_verify_catches_one_altered_byte() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("ok: 6 runs"), "{stdout}");
 
+    // One run, looked up across tenants.
+    let out = rein(dir.path(), &["runs", "list", "--json"]);
+    let runs: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    let flaky = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "flaky-tool")
+        .unwrap();
+    let id = flaky["run_id"].as_str().unwrap();
+    let out = rein(dir.path(), &["audit", "verify", id, "--all-tenants"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+
+    // The run's input is stored twice: in its run_started event and in its run row. An edit to
+    // either copy is caught, each in its own way.
+    let db = dir.path().join("rein.db");
+    let original = std::fs::read(&db).unwrap();
+    let needle = b"Where is order 42?";
+    let mut verdicts = Vec::new();
+    for at in original
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+    {
+        let copy = dir.path().join(format!("copy-{at}.db"));
+        let mut bytes = original.clone();
+        bytes[at] = b'w';
+        std::fs::write(&copy, &bytes).unwrap();
+        let out = rein(
+            dir.path(),
+            &["audit", "verify", "--db", copy.to_str().unwrap()],
+        );
+        verdicts.push((out.status.code(), text(&out).0));
+    }
+    assert!(
+        verdicts.iter().any(|(code, out)| *code == Some(6)
+            && out.contains("(run_started): its payload does not match")),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts.iter().any(|(code, out)| *code == Some(6)
+            && out.contains("stored input disagrees with its intact event log")),
+        "{verdicts:?}"
+    );
+
     // Change one byte of one event's stored payload, in the SQLite file itself: the flaky
     // tool's answer, recorded only in its tool_result event.
-    let db = dir.path().join("rein.db");
-    let mut bytes = std::fs::read(&db).unwrap();
+    let mut bytes = original;
     let needle = br#""attempt":3"#;
     let at = bytes
         .windows(needle.len())
