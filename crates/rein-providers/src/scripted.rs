@@ -7,7 +7,7 @@
 //!       - {name: get_order_status, arguments: {order_id: "42"}}
 //!     usage: {input_tokens: 120, output_tokens: 18}   # optional: estimated when absent
 //!   - text: Order 42 has shipped.
-//!   - error: {type: transient, message: overloaded}  # a failed attempt
+//!   - error: {type: permanent, message: refused}     # this call fails, every attempt of it
 //! repeat_last: false   # true: keep answering with the last response forever
 //! ```
 //!
