@@ -171,6 +171,26 @@ enum RunsCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Continue a run that stopped before it finished (its process crashed or was killed),
+    /// under the spec it pinned.
+    Resume(ResumeArgs),
+}
+
+#[derive(Args)]
+struct ResumeArgs {
+    run_id: String,
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Replay model responses from this script instead of calling a provider.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Subcommand)]
@@ -369,7 +389,12 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let outcome = runtime.run(request, model.as_ref()).await?;
     store.close().await;
-    if args.json {
+    print_outcome(&outcome, args.json);
+    Ok(status_code(outcome.status))
+}
+
+fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
+    if json {
         println!("{}", render::outcome_json(&outcome));
     } else {
         println!(
@@ -391,11 +416,54 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
             None => {}
         }
     }
+}
+
+async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
+    let config = config::load(args.config.config.as_deref())
+        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let store = open_existing_store(&args.store).await?;
+    let tenant = TenantId::new(args.tenant);
+    let id = RunId::new(args.run_id);
+    let record = match store.run(&tenant, &id).await {
+        Ok(r) => r,
+        Err(rein_store::StoreError::NotFound(_)) => {
+            return Err(anyhow!(BadInput(format!(
+                "run {id} not found for tenant {tenant}"
+            ))));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if record.progress.status.is_terminal() {
+        return Err(anyhow!(BadInput(format!(
+            "run {id} already finished: {} ({})",
+            record.progress.status,
+            record
+                .progress
+                .reason
+                .map_or_else(|| "-".into(), |r| r.to_string())
+        ))));
+    }
+    let builtins = Builtins::standard();
+    let agent = parse_agent(
+        &format!("run {id} (pinned spec)"),
+        &record.info.spec,
+        &config,
+        &builtins,
+    )?;
+    let http = http_client()?;
+    let model = model_for(&agent, args.script.as_deref(), http.clone())?;
+    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
+    let outcome = runtime
+        .resume(&tenant, &id, &config.prices, model.as_ref())
+        .await?;
+    store.close().await;
+    print_outcome(&outcome, args.json);
     Ok(status_code(outcome.status))
 }
 
 async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
     match command {
+        RunsCommand::Resume(args) => resume(args).await,
         RunsCommand::List {
             tenant,
             limit,

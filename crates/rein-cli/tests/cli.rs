@@ -305,3 +305,88 @@ fn the_demo_runs_offline_and_audit_verify_catches_one_altered_byte() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_run_whose_process_is_killed_mid_tool_call_is_resumed_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"
+name: batch-report
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: Wait for the batch, then report.
+tools:
+  - name: wait_for_batch
+    source: {builtin: sleep}
+    contract: {timeout: 30s, side_effects: none}
+limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout: 60s}
+"#;
+    let script = "responses:\n  - tool_calls: [{name: wait_for_batch, arguments: {seconds: 1}}]\n  - text: The batch is done.\n";
+    std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), script).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "report",
+            "--script",
+            "script.yaml",
+        ])
+        .current_dir(dir.path())
+        .env_remove("REIN_DB")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the tool call is recorded as requested, then kill the process outright.
+    let started = std::time::Instant::now();
+    let id = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the tool call was never requested"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if !dir.path().join("rein.db").exists() {
+            continue;
+        }
+        let out = rein(dir.path(), &["runs", "list", "--json"]);
+        let Ok(runs) = serde_json::from_str::<Value>(text(&out).0.trim()) else {
+            continue;
+        };
+        if let Some(run) = runs.as_array().and_then(|r| r.first())
+            && run["events"].as_u64() >= Some(4)
+        {
+            break run["run_id"].as_str().unwrap().to_string();
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = rein(dir.path(), &["runs", "list", "--json"]);
+    let runs: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    assert_eq!(
+        runs[0]["status"], "running",
+        "the killed run was left running"
+    );
+
+    let out = rein(
+        dir.path(),
+        &["runs", "resume", &id, "--script", "script.yaml", "--json"],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["output"], "The batch is done.");
+    assert_eq!(v["iterations"], 2);
+
+    let out = rein(dir.path(), &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+    let out = rein(
+        dir.path(),
+        &["runs", "resume", &id, "--script", "script.yaml"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a finished run cannot be resumed again"
+    );
+}
