@@ -395,7 +395,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
 
 fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
     if json {
-        println!("{}", render::outcome_json(&outcome));
+        println!("{}", render::outcome_json(outcome));
     } else {
         println!(
             "run {}: {} ({}) after {} model calls and {} tool calls, {} tokens, {}",
