@@ -320,7 +320,7 @@ tools:
     contract: {timeout: 30s, side_effects: none}
 limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout: 60s}
 "#;
-    let script = "responses:\n  - tool_calls: [{name: wait_for_batch, arguments: {seconds: 1}}]\n  - text: The batch is done.\n";
+    let script = "responses:\n  - tool_calls: [{name: wait_for_batch, arguments: {seconds: 2}}]\n  - text: The batch is done.\n";
     std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
     std::fs::write(dir.path().join("script.yaml"), script).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))

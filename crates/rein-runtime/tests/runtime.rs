@@ -372,8 +372,9 @@ async fn the_recorded_log_verifies_and_replays_to_the_same_outcome() {
 }
 
 /// Starts a run in a task, waits until its tool call to the slow endpoint is recorded as
-/// requested, then kills the task as a crash would. Returns the run id.
-async fn crash_during_tool_call(h: &Harness, src: &str) -> rein_core::RunId {
+/// requested and has reached the service, then kills the task as a crash would. Returns the
+/// run id.
+async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -> rein_core::RunId {
     let tenant = TenantId::new("acme");
     let runtime = h.runtime.clone();
     let model = Arc::new(one_call("fetch", "{}"));
@@ -397,7 +398,9 @@ async fn crash_during_tool_call(h: &Harness, src: &str) -> rein_core::RunId {
                 .events(&tenant, &run.info.id)
                 .await
                 .unwrap();
-            if events.last().is_some_and(|e| e.kind == "tool_requested") {
+            if events.last().is_some_and(|e| e.kind == "tool_requested")
+                && service.hits("slow") == 1
+            {
                 task.abort();
                 let _ = task.await;
                 return run.info.id.clone();
@@ -428,7 +431,7 @@ async fn a_crash_mid_call_of_a_safe_tool_resumes_with_the_same_idempotency_key()
         "{timeout: 5s, idempotent: true, side_effects: read}",
         "60s",
     );
-    let id = crash_during_tool_call(&h, &src).await;
+    let id = crash_during_tool_call(&h, &service, &src).await;
     let outcome = resume(&h, &id).await;
 
     assert_eq!(outcome.reason, TerminationReason::Completed);
@@ -459,7 +462,7 @@ async fn a_crash_mid_call_of_a_side_effecting_tool_never_repeats_it() {
         "{timeout: 5s, side_effects: external}",
         "60s",
     );
-    let id = crash_during_tool_call(&h, &src).await;
+    let id = crash_during_tool_call(&h, &service, &src).await;
     let outcome = resume(&h, &id).await;
 
     assert_eq!(
@@ -493,7 +496,7 @@ async fn a_resumed_run_keeps_the_spec_it_pinned() {
         "{timeout: 5s, idempotent: true}",
         "60s",
     );
-    let id = crash_during_tool_call(&h, &src).await;
+    let id = crash_during_tool_call(&h, &service, &src).await;
     // Resume with a price table that no longer knows the pinned model: refused, not guessed.
     let model = one_call("fetch", "{}");
     let err = h
