@@ -239,7 +239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
 
     let us = |ns: u64| ns as f64 / 1000.0;
     if args.json {
-        println!(
+        say!(
             "{}",
             json!({
                 "steps": steps,
@@ -255,24 +255,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             })
         );
     } else {
-        println!(
+        say!(
             "Engine overhead per step (durable, hash-chained SQLite log; {steps} steps of one run against a zero-latency fake OpenAI server on 127.0.0.1):"
         );
-        println!(
+        say!(
             "  p50 {:.1} µs   p99 {:.1} µs   mean {:.1} µs   (target: p50 ≤ 400 µs)",
             us(p50),
             us(p99),
             us(mean)
         );
-        println!(
+        say!(
             "  outside the engine (provider round trip, tool): {:.1} µs per step",
             us(outside_per_step)
         );
-        println!(
+        say!(
             "Memory with {} runs in flight (each started and waiting on its first model call):",
             args.runs
         );
-        println!(
+        say!(
             "  {:.1} KB per in-flight run (RSS {} → {} KiB, filled in {:.1} s); peak while completing: {:.1} KB per run (target: < 50 KB)",
             per_run_bytes as f64 / 1000.0,
             baseline_kib,
@@ -280,7 +280,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             fill_time.as_secs_f64(),
             peak_per_run_bytes as f64 / 1000.0
         );
-        println!("  {completed} of {} runs completed", args.runs);
+        say!("  {completed} of {} runs completed", args.runs);
     }
     Ok(crate::exit::OK)
 }

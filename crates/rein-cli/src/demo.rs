@@ -81,11 +81,11 @@ const TRACED: &str = "hallucinated-tool";
 pub async fn run(db: &Path) -> anyhow::Result<u8> {
     let live = std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty());
     if live {
-        println!(
+        say!(
             "OPENAI_API_KEY is set: the demo agents call the real API (OPENAI_BASE_URL if set); results depend on the model.\n"
         );
     } else {
-        println!(
+        say!(
             "No OPENAI_API_KEY: model answers are replayed by the scripted model (examples/demo/*.script.yaml) through the\n\
              same driver a real provider uses. Limits, tools, retries and the hash-chained log are all real.\n"
         );
@@ -152,7 +152,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
         ]);
         outcomes.push((scenario, outcome));
     }
-    println!("{}\n", render::table(&rows));
+    say!("{}\n", render::table(&rows));
 
     if let Some((_, traced)) = outcomes.iter().find(|(s, _)| s.name == TRACED) {
         let record = store.run(&tenant, &traced.run_id).await?;
@@ -162,18 +162,18 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
             .iter()
             .filter_map(|e| e.decode().ok())
             .collect();
-        println!(
+        say!(
             "The trace of `{TRACED}`:\n{}\n",
             render::trace(&record, &events)
         );
     }
     for (scenario, outcome) in &outcomes {
         if let Some(detail) = &outcome.detail {
-            println!("{}: {detail}", scenario.name);
+            say!("{}: {detail}", scenario.name);
         }
     }
     store.close().await;
-    println!(
+    say!(
         "\nThe runs are recorded in {db}. Next:\n  rein runs list --db {db}\n  rein runs show <RUN> --db {db}\n  rein audit verify --db {db}",
         db = db.display()
     );

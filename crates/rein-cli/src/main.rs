@@ -3,6 +3,17 @@
 //! Reading order for newcomers: this file (commands) → `rein_runtime::Runtime::run` (the
 //! driver loop) → `rein_core::Engine` (the state machine) → `rein_store::SqliteStore` (the log).
 
+/// `println!` for command output that ends quietly when stdout's reader has gone away
+/// (`rein runs list | head`), instead of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod bench;
 mod config;
 mod demo;
@@ -309,7 +320,7 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
     let s = &agent.spec;
-    println!(
+    say!(
         "{file}: ok: {} v{}, {} tool{}, model {} ({} per M input, {} per M output); limits: {} iterations, {} tokens, {}, {:?} wall clock",
         s.name,
         s.version,
@@ -395,9 +406,9 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
 
 fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
     if json {
-        println!("{}", render::outcome_json(outcome));
+        say!("{}", render::outcome_json(outcome));
     } else {
-        println!(
+        say!(
             "run {}: {} ({}) after {} model calls and {} tool calls, {} tokens, {}",
             outcome.run_id,
             outcome.status,
@@ -408,11 +419,11 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
             outcome.cost
         );
         if let Some(detail) = &outcome.detail {
-            println!("why: {detail}");
+            say!("why: {detail}");
         }
         match &outcome.output {
-            Some(serde_json::Value::String(text)) => println!("output:\n{text}"),
-            Some(value) => println!("output:\n{value:#}"),
+            Some(serde_json::Value::String(text)) => say!("output:\n{text}"),
+            Some(value) => say!("output:\n{value:#}"),
             None => {}
         }
     }
@@ -474,11 +485,11 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
             let runs = store.list_runs(&TenantId::new(tenant), limit).await?;
             if json {
                 let list: Vec<_> = runs.iter().map(render::record_json).collect();
-                println!("{}", serde_json::Value::Array(list));
+                say!("{}", serde_json::Value::Array(list));
             } else if runs.is_empty() {
-                println!("no runs");
+                say!("no runs");
             } else {
-                println!("{}", render::run_table(&runs));
+                say!("{}", render::run_table(&runs));
             }
             Ok(exit::OK)
         }
@@ -517,9 +528,9 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
                     .collect();
                 let mut out = render::record_json(&record);
                 out["events"] = serde_json::Value::Array(events);
-                println!("{out}");
+                say!("{out}");
             } else {
-                println!("{}", render::trace(&record, &events));
+                say!("{}", render::trace(&record, &events));
             }
             Ok(exit::OK)
         }
@@ -595,12 +606,12 @@ async fn audit(
     }
     if !problems.is_empty() {
         for p in &problems {
-            println!("TAMPERED {p}");
+            say!("TAMPERED {p}");
         }
-        println!("{} problem(s) in {} runs", problems.len(), runs.len());
+        say!("{} problem(s) in {} runs", problems.len(), runs.len());
         return Err(anyhow!(Exit(exit::TAMPERED)));
     }
-    println!(
+    say!(
         "ok: {} runs, {events_checked} events: every hash chain is intact and every run agrees with its log",
         runs.len()
     );
