@@ -323,6 +323,24 @@ impl Engine {
                 self.push_message(system);
                 self.push_message(Message::text(Role::User, input.clone()));
             }
+            EventKind::BudgetReserved { .. } | EventKind::BudgetSettled { .. } => {}
+            EventKind::BudgetRefused {
+                scope,
+                standing,
+                amount,
+                ..
+            } => {
+                let detail = format!(
+                    "the shared budget {scope} could not cover the next model call: {} and {} tokens spent, {} and {} tokens held by other calls, {} and {} tokens needed",
+                    standing.spent.usd,
+                    standing.spent.tokens,
+                    standing.reserved.usd,
+                    standing.reserved.tokens,
+                    amount.usd,
+                    amount.tokens
+                );
+                self.finish_with(TerminationReason::BudgetExhausted, detail);
+            }
             EventKind::ModelRequested { step, .. } => {
                 // A call re-requested after a crash (same step, still in flight) is the same
                 // iteration, not a new one.

@@ -40,6 +40,37 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job: Option<JobId>,
     },
+    /// The worst case of the next model call is held in every shared budget scope.
+    BudgetReserved {
+        /// Step of the model call.
+        step: u32,
+        /// Reservation id.
+        reservation: String,
+        /// Scope keys held.
+        scopes: Vec<String>,
+        /// Amount held.
+        amount: crate::budget::Amount,
+    },
+    /// A shared budget could not cover the next model call: it was not made.
+    BudgetRefused {
+        /// Step of the model call.
+        step: u32,
+        /// The scope that could not cover it.
+        scope: crate::budget::Scope,
+        /// What that scope had used.
+        standing: crate::budget::Standing,
+        /// What the call needed.
+        amount: crate::budget::Amount,
+    },
+    /// The actual amount of a model call was settled and the rest of its reservation released.
+    BudgetSettled {
+        /// Step of the model call.
+        step: u32,
+        /// Reservation id.
+        reservation: String,
+        /// Amount spent.
+        amount: crate::budget::Amount,
+    },
     /// A model call passed its pre-flight limit check and is about to be made.
     ModelRequested {
         /// Step number within the run.
@@ -139,6 +170,9 @@ impl EventKind {
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::RunStarted { .. } => "run_started",
+            EventKind::BudgetReserved { .. } => "budget_reserved",
+            EventKind::BudgetRefused { .. } => "budget_refused",
+            EventKind::BudgetSettled { .. } => "budget_settled",
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
             EventKind::ModelFailed { .. } => "model_failed",

@@ -8,6 +8,8 @@
 //! This crate depends on the core for event and run types; it must never depend on providers,
 //! tools or the driver.
 
+mod counters;
+
 use rein_core::{
     GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
     Usage, Usd, UserId,

@@ -1,0 +1,233 @@
+//! Rein's shared counters on Redis, for several Rein processes serving the same tenants.
+//!
+//! Each operation is one Lua script, which Redis runs atomically: a reservation checks and
+//! holds every scope in one step, so racing processes can never both take the last of a
+//! budget. Keys live under a prefix (`rein` by default):
+//! - `PREFIX:budget:SCOPE`: hash of `spent_micros`, `spent_tokens`, `reserved_micros`,
+//!   `reserved_tokens`; it expires 8 days after its last change (longer than any daily
+//!   window, so only idle session scopes are ever forgotten);
+//! - `PREFIX:resv:ID`: hash of scope → `micros:tokens` held by reservation ID;
+//! - `PREFIX:resv-expiry`: sorted set of reservation ids by expiry time.
+//!
+//! The scripts touch keys they compute, so they target a single Redis (or a replicated
+//! primary), not Redis Cluster. This crate depends on the core only.
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+use rein_core::Usd;
+use rein_core::budget::{
+    Amount, BoxFuture, Cap, Counters, CountersError, Reservation, Scope, Standing,
+};
+
+/// Releases every reservation that expired by ARGV[2] (now); ARGV[1] is the key prefix.
+const RELEASE_EXPIRED: &str = r"
+-- `0 - x`, never `-x`: Lua prints negative zero as -0, which Redis rejects as an integer.
+local prefix = ARGV[1]
+local zkey = prefix .. ':resv-expiry'
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', ARGV[2])) do
+  local rkey = prefix .. ':resv:' .. rid
+  local held = redis.call('HGETALL', rkey)
+  for i = 1, #held, 2 do
+    local bkey = prefix .. ':budget:' .. held[i]
+    local m, t = string.match(held[i + 1], '(-?%d+):(-?%d+)')
+    redis.call('HINCRBY', bkey, 'reserved_micros', 0 - tonumber(m))
+    redis.call('HINCRBY', bkey, 'reserved_tokens', 0 - tonumber(t))
+  end
+  redis.call('DEL', rkey)
+  redis.call('ZREM', zkey, rid)
+end
+local function num(v) if v then return tonumber(v) else return 0 end end
+local function standing(scope)
+  local v = redis.call('HMGET', prefix .. ':budget:' .. scope, 'spent_micros', 'spent_tokens', 'reserved_micros', 'reserved_tokens')
+  return num(v[1]), num(v[2]), num(v[3]), num(v[4])
+end
+";
+
+/// ARGV: prefix, now, id, expires, micros, tokens, then (scope, cap_micros, cap_tokens) per
+/// scope, a cap of -1 meaning none. Returns {1} when granted, or {0, index, spent_micros,
+/// spent_tokens, reserved_micros, reserved_tokens} for the first scope that cannot cover it.
+const RESERVE: &str = r"
+local id, expires = ARGV[3], ARGV[4]
+local micros, tokens = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = (#ARGV - 6) / 3
+for i = 0, n - 1 do
+  local scope = ARGV[7 + i * 3]
+  local cap_m, cap_t = tonumber(ARGV[8 + i * 3]), tonumber(ARGV[9 + i * 3])
+  local sm, st, rm, rt = standing(scope)
+  if (cap_m >= 0 and sm + rm + micros > cap_m) or (cap_t >= 0 and st + rt + tokens > cap_t) then
+    return {0, i, sm, st, rm, rt}
+  end
+end
+local rkey = prefix .. ':resv:' .. id
+for i = 0, n - 1 do
+  local scope = ARGV[7 + i * 3]
+  local bkey = prefix .. ':budget:' .. scope
+  redis.call('HINCRBY', bkey, 'reserved_micros', micros)
+  redis.call('HINCRBY', bkey, 'reserved_tokens', tokens)
+  redis.call('HSET', rkey, scope, micros .. ':' .. tokens)
+  redis.call('EXPIRE', bkey, 691200)
+end
+redis.call('ZADD', zkey, expires, id)
+return {1}
+";
+
+/// ARGV: prefix, now, id, micros, tokens, then the scopes. Releases what reservation id still
+/// holds in each scope and adds the actual spend.
+const SETTLE: &str = r"
+local id = ARGV[3]
+local micros, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local rkey = prefix .. ':resv:' .. id
+for i = 6, #ARGV do
+  local scope = ARGV[i]
+  local bkey = prefix .. ':budget:' .. scope
+  local held = redis.call('HGET', rkey, scope)
+  if held then
+    local m, t = string.match(held, '(-?%d+):(-?%d+)')
+    redis.call('HINCRBY', bkey, 'reserved_micros', 0 - tonumber(m))
+    redis.call('HINCRBY', bkey, 'reserved_tokens', 0 - tonumber(t))
+  end
+  redis.call('HINCRBY', bkey, 'spent_micros', micros)
+  redis.call('HINCRBY', bkey, 'spent_tokens', tokens)
+  redis.call('EXPIRE', bkey, 691200)
+end
+redis.call('DEL', rkey)
+redis.call('ZREM', zkey, id)
+return 1
+";
+
+/// ARGV: prefix, now, scope. Returns {spent_micros, spent_tokens, reserved_micros, reserved_tokens}.
+const STANDING: &str = r"
+local sm, st, rm, rt = standing(ARGV[3])
+return {sm, st, rm, rt}
+";
+
+/// Budget counters in Redis.
+#[derive(Clone)]
+pub struct RedisCounters {
+    conn: ConnectionManager,
+    prefix: String,
+    reserve: Script,
+    settle: Script,
+    standing: Script,
+}
+
+fn err(e: redis::RedisError) -> CountersError {
+    CountersError(format!("redis: {e}"))
+}
+
+fn cap_arg(v: Option<i64>) -> i64 {
+    v.unwrap_or(-1)
+}
+
+fn standing_from(v: &[i64]) -> Standing {
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Standing {
+        spent: Amount {
+            usd: Usd::from_micros(at(0)),
+            tokens: at(1).max(0) as u64,
+        },
+        reserved: Amount {
+            usd: Usd::from_micros(at(2)),
+            tokens: at(3).max(0) as u64,
+        },
+    }
+}
+
+impl RedisCounters {
+    /// Connects to `url` (`redis://127.0.0.1:6379`); keys go under `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, CountersError> {
+        let client = redis::Client::open(url).map_err(err)?;
+        let conn = client.get_connection_manager().await.map_err(err)?;
+        Ok(RedisCounters {
+            conn,
+            prefix: prefix.to_string(),
+            reserve: Script::new(&format!("{RELEASE_EXPIRED}{RESERVE}")),
+            settle: Script::new(&format!("{RELEASE_EXPIRED}{SETTLE}")),
+            standing: Script::new(&format!("{RELEASE_EXPIRED}{STANDING}")),
+        })
+    }
+}
+
+fn tokens_arg(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Counters for RedisCounters {
+    fn reserve<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        amount: Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<Reservation, CountersError>> {
+        Box::pin(async move {
+            let mut call = self.reserve.prepare_invoke();
+            call.arg(&self.prefix)
+                .arg(now_ms)
+                .arg(id)
+                .arg(expires_ms)
+                .arg(amount.usd.micros())
+                .arg(tokens_arg(amount.tokens));
+            for scope in scopes {
+                let Cap { usd, tokens } = scope.cap;
+                call.arg(&scope.key)
+                    .arg(cap_arg(usd.map(Usd::micros)))
+                    .arg(cap_arg(tokens.map(tokens_arg)));
+            }
+            let mut conn = self.conn.clone();
+            let reply: Vec<i64> = call.invoke_async(&mut conn).await.map_err(err)?;
+            match reply.first() {
+                Some(1) => Ok(Reservation::Granted),
+                _ => {
+                    let index = reply.get(1).copied().unwrap_or(0).max(0) as usize;
+                    let scope = scopes.get(index).cloned().ok_or_else(|| {
+                        CountersError("redis: unexpected reply to reserve".into())
+                    })?;
+                    Ok(Reservation::Refused {
+                        scope,
+                        standing: standing_from(reply.get(2..).unwrap_or(&[])),
+                    })
+                }
+            }
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        actual: Amount,
+    ) -> BoxFuture<'a, Result<(), CountersError>> {
+        Box::pin(async move {
+            let mut call = self.settle.prepare_invoke();
+            // `now` is irrelevant to settling but the shared prelude expects it: pass 0 so
+            // nothing is released as expired on the way.
+            call.arg(&self.prefix)
+                .arg(0)
+                .arg(id)
+                .arg(actual.usd.micros())
+                .arg(tokens_arg(actual.tokens));
+            for scope in scopes {
+                call.arg(&scope.key);
+            }
+            let mut conn = self.conn.clone();
+            let _: i64 = call.invoke_async(&mut conn).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn standing<'a>(
+        &'a self,
+        scope_key: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Standing, CountersError>> {
+        Box::pin(async move {
+            let mut call = self.standing.prepare_invoke();
+            call.arg(&self.prefix).arg(now_ms).arg(scope_key);
+            let mut conn = self.conn.clone();
+            let reply: Vec<i64> = call.invoke_async(&mut conn).await.map_err(err)?;
+            Ok(standing_from(&reply))
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! One conformance suite for every budget counter backend: the embedded SQLite store and
+//! Redis (the real server on 127.0.0.1; `.ci/run` starts it when it is down).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_core::Usd;
+use rein_core::budget::{Amount, Cap, Counters, Reservation, Scope};
+use rein_redis::RedisCounters;
+use rein_store::SqliteStore;
+use std::sync::Arc;
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+fn scope(key: &str, usd: Option<f64>, tokens: Option<u64>) -> Scope {
+    Scope {
+        key: key.to_string(),
+        cap: Cap {
+            usd: usd.and_then(Usd::from_dollars),
+            tokens,
+        },
+    }
+}
+
+fn amount(usd: f64, tokens: u64) -> Amount {
+    Amount {
+        usd: Usd::from_dollars(usd).unwrap(),
+        tokens,
+    }
+}
+
+async fn redis() -> RedisCounters {
+    let prefix = format!("rein-test-{}", uuid::Uuid::now_v7());
+    RedisCounters::connect(REDIS_URL, &prefix)
+        .await
+        .expect("Redis must be running on 127.0.0.1:6379 for these tests (.ci/run starts it)")
+}
+
+async fn sqlite() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("c.db"), Default::default())
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+async fn reservations_are_all_or_nothing(c: &dyn Counters) {
+    let roomy = scope("tenant:t:day", Some(10.0), None);
+    let tight = scope("user:t:u:day", Some(1.0), None);
+    let both = [roomy.clone(), tight.clone()];
+    assert_eq!(
+        c.reserve("r1", &both, amount(0.8, 10), 0, 1000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    let refused = c
+        .reserve("r2", &both, amount(0.3, 10), 0, 1000)
+        .await
+        .unwrap();
+    let Reservation::Refused { scope, standing } = refused else {
+        panic!("expected a refusal")
+    };
+    assert_eq!(scope.key, tight.key);
+    assert_eq!(standing.reserved.usd, Usd::from_dollars(0.8).unwrap());
+    // Nothing of r2 is held in the scope that had room.
+    let roomy_now = c.standing(&roomy.key, 0).await.unwrap();
+    assert_eq!(roomy_now.reserved, amount(0.8, 10));
+}
+
+async fn settling_releases_the_rest_and_counts_the_spend(c: &dyn Counters) {
+    let s = [scope("tenant:t2:day", Some(1.0), Some(1000))];
+    assert_eq!(
+        c.reserve("r1", &s, amount(0.6, 600), 0, 1000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    c.settle("r1", &s, amount(0.25, 200)).await.unwrap();
+    let now = c.standing(&s[0].key, 0).await.unwrap();
+    assert_eq!(
+        (now.spent, now.reserved),
+        (amount(0.25, 200), amount(0.0, 0))
+    );
+    // The released headroom is usable again; the spend is not.
+    assert_eq!(
+        c.reserve("r2", &s, amount(0.75, 800), 0, 1000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    assert!(matches!(
+        c.reserve("r3", &s, amount(0.01, 1), 0, 1000).await.unwrap(),
+        Reservation::Refused { .. }
+    ));
+}
+
+async fn a_reservation_left_by_a_dead_process_expires(c: &dyn Counters) {
+    let s = [scope("session:t:s", Some(1.0), None)];
+    assert_eq!(
+        c.reserve("dead", &s, amount(1.0, 0), 0, 5_000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    assert!(matches!(
+        c.reserve("live", &s, amount(0.1, 0), 4_999, 9_000)
+            .await
+            .unwrap(),
+        Reservation::Refused { .. }
+    ));
+    assert_eq!(
+        c.reserve("live", &s, amount(0.1, 0), 5_000, 9_000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    // The dead holder's late settle still counts what it spent.
+    c.settle("dead", &s, amount(0.5, 0)).await.unwrap();
+    let now = c.standing(&s[0].key, 5_000).await.unwrap();
+    assert_eq!(
+        (now.spent.usd, now.reserved.usd),
+        (
+            Usd::from_dollars(0.5).unwrap(),
+            Usd::from_dollars(0.1).unwrap()
+        )
+    );
+}
+
+async fn racing_reservations_never_overcommit(c: Arc<dyn Counters>) {
+    let s = Arc::new([scope("tenant:race:day", Some(2.0), None)]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let (c, s) = (c.clone(), s.clone());
+        tasks.spawn(async move {
+            c.reserve(&format!("r{i}"), &s[..], amount(0.03, 1), 0, 60_000)
+                .await
+                .unwrap()
+        });
+    }
+    let mut granted = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.unwrap() == Reservation::Granted {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 66, "exactly floor(2.00 / 0.03) reservations fit");
+    let now = c.standing(&s[0].key, 0).await.unwrap();
+    assert_eq!(now.reserved.usd, Usd::from_dollars(1.98).unwrap());
+}
+
+#[tokio::test]
+async fn sqlite_counters_conform() {
+    let (store, _dir) = sqlite().await;
+    reservations_are_all_or_nothing(&store).await;
+    settling_releases_the_rest_and_counts_the_spend(&store).await;
+    a_reservation_left_by_a_dead_process_expires(&store).await;
+    racing_reservations_never_overcommit(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_counters_conform() {
+    let c = redis().await;
+    reservations_are_all_or_nothing(&c).await;
+    settling_releases_the_rest_and_counts_the_spend(&c).await;
+    a_reservation_left_by_a_dead_process_expires(&c).await;
+    racing_reservations_never_overcommit(Arc::new(c)).await;
+}

@@ -1,0 +1,183 @@
+//! The embedded budget counters: [`Counters`] on the SQLite store (the default backend).
+
+use crate::SqliteStore;
+use rein_core::Usd;
+use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
+use sqlx::{Row, Sqlite, Transaction};
+
+fn err(e: sqlx::Error) -> CountersError {
+    CountersError(e.to_string())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Releases every reservation that expired by `now_ms`.
+async fn release_expired(tx: &mut Transaction<'_, Sqlite>, now_ms: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE budget_counters SET
+             reserved_micros = reserved_micros - (SELECT coalesce(sum(micros), 0) FROM budget_reservations r
+                                                  WHERE r.scope = budget_counters.scope AND r.expires_ms <= ?),
+             reserved_tokens = reserved_tokens - (SELECT coalesce(sum(tokens), 0) FROM budget_reservations r
+                                                  WHERE r.scope = budget_counters.scope AND r.expires_ms <= ?)
+         WHERE scope IN (SELECT scope FROM budget_reservations WHERE expires_ms <= ?)",
+    )
+    .bind(now_ms)
+    .bind(now_ms)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("DELETE FROM budget_reservations WHERE expires_ms <= ?")
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn standing_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    scope: &str,
+) -> Result<Standing, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT spent_micros, spent_tokens, reserved_micros, reserved_tokens FROM budget_counters WHERE scope = ?",
+    )
+    .bind(scope)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match row {
+        None => Standing::default(),
+        Some(r) => Standing {
+            spent: Amount {
+                usd: Usd::from_micros(r.try_get("spent_micros")?),
+                tokens: r.try_get::<i64, _>("spent_tokens")?.max(0) as u64,
+            },
+            reserved: Amount {
+                usd: Usd::from_micros(r.try_get("reserved_micros")?),
+                tokens: r.try_get::<i64, _>("reserved_tokens")?.max(0) as u64,
+            },
+        },
+    })
+}
+
+impl SqliteStore {
+    async fn reserve_in_store(
+        &self,
+        id: &str,
+        scopes: &[Scope],
+        amount: Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<Reservation, sqlx::Error> {
+        // The store's single writer connection serialises this transaction with every other
+        // write in this database: no other reserve can interleave between check and hold.
+        let mut tx = self.pool.begin().await?;
+        release_expired(&mut tx, now_ms).await?;
+        for scope in scopes {
+            let standing = standing_in(&mut tx, &scope.key).await?;
+            if !standing.admits(&scope.cap, &amount) {
+                tx.rollback().await?;
+                return Ok(Reservation::Refused {
+                    scope: scope.clone(),
+                    standing,
+                });
+            }
+        }
+        for scope in scopes {
+            sqlx::query(
+                "INSERT INTO budget_counters (scope, reserved_micros, reserved_tokens) VALUES (?, ?, ?)
+                 ON CONFLICT (scope) DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros,
+                                                   reserved_tokens = reserved_tokens + excluded.reserved_tokens",
+            )
+            .bind(&scope.key)
+            .bind(amount.usd.micros())
+            .bind(to_i64(amount.tokens))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) VALUES (?, ?, ?, ?, ?)")
+                .bind(id)
+                .bind(&scope.key)
+                .bind(amount.usd.micros())
+                .bind(to_i64(amount.tokens))
+                .bind(expires_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Reservation::Granted)
+    }
+
+    async fn settle_in_store(
+        &self,
+        id: &str,
+        scopes: &[Scope],
+        actual: Amount,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for scope in scopes {
+            sqlx::query(
+                "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES (?, ?, ?)
+                 ON CONFLICT (scope) DO UPDATE SET
+                     spent_micros = spent_micros + excluded.spent_micros,
+                     spent_tokens = spent_tokens + excluded.spent_tokens,
+                     reserved_micros = reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0),
+                     reserved_tokens = reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0)",
+            )
+            .bind(&scope.key)
+            .bind(actual.usd.micros())
+            .bind(to_i64(actual.tokens))
+            .bind(id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM budget_reservations WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        release_expired(&mut tx, now_ms).await?;
+        let standing = standing_in(&mut tx, scope).await?;
+        tx.commit().await?;
+        Ok(standing)
+    }
+}
+
+impl Counters for SqliteStore {
+    fn reserve<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        amount: Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<Reservation, CountersError>> {
+        Box::pin(async move {
+            self.reserve_in_store(id, scopes, amount, now_ms, expires_ms)
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        actual: Amount,
+    ) -> BoxFuture<'a, Result<(), CountersError>> {
+        Box::pin(async move { self.settle_in_store(id, scopes, actual).await.map_err(err) })
+    }
+
+    fn standing<'a>(
+        &'a self,
+        scope_key: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Standing, CountersError>> {
+        Box::pin(async move { self.standing_in_store(scope_key, now_ms).await.map_err(err) })
+    }
+}
