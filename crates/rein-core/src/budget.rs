@@ -49,6 +49,32 @@ pub struct BudgetPolicy {
     pub global_hourly: Cap,
 }
 
+/// Budget policies for every tenant: defaults, and per-tenant overrides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Budgets {
+    /// What applies to a tenant without its own policy.
+    pub defaults: BudgetPolicy,
+    /// Per-tenant policies (each replaces the defaults for that tenant).
+    pub tenants: std::collections::BTreeMap<TenantId, BudgetPolicy>,
+}
+
+impl Budgets {
+    /// The policy for `tenant`.
+    pub fn policy(&self, tenant: &TenantId) -> &BudgetPolicy {
+        self.tenants.get(tenant).unwrap_or(&self.defaults)
+    }
+
+    /// Whether any scope of any tenant is capped.
+    pub fn any(&self) -> bool {
+        let capped = |p: &BudgetPolicy| {
+            [p.session, p.user_daily, p.tenant_daily, p.global_hourly]
+                .iter()
+                .any(Cap::is_set)
+        };
+        capped(&self.defaults) || self.tenants.values().any(capped)
+    }
+}
+
 /// One capped scope, named by its counter key (which includes its time window).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scope {

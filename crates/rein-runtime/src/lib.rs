@@ -11,6 +11,8 @@
 
 mod retry;
 
+use rein_core::budget::{Amount, Budgets, Counters, CountersError, Reservation, Scope};
+
 use rein_core::{
     Agent, CheckContext, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, PriceTable,
     ReplayError, RunId, RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation,
@@ -49,6 +51,10 @@ pub enum RuntimeError {
     /// A stored event could not be decoded.
     #[error(transparent)]
     Decode(#[from] rein_core::event::DecodeError),
+    /// The budget counters could not be reached: no model call is made without a reservation,
+    /// so the run stops where its log ends and can be resumed.
+    #[error(transparent)]
+    Counters(#[from] CountersError),
     /// The spec a run pinned no longer checks (a price or built-in it needs is gone).
     #[error("{0}")]
     PinnedSpec(rein_core::SpecErrors),
@@ -101,11 +107,25 @@ pub struct RunOutcome {
     pub step_overheads_ns: Vec<u64>,
 }
 
+/// Shared budgets and the counters that enforce them.
+#[derive(Clone)]
+pub struct Governor {
+    /// The counter backend (the SQLite store, or Redis for several processes).
+    pub counters: Arc<dyn Counters>,
+    /// Which scopes are capped, per tenant.
+    pub budgets: Budgets,
+}
+
+/// How long a reservation outlives the end of its run's wall-clock limit before it expires:
+/// past that, its holder is certainly gone.
+const RESERVATION_GRACE_MS: i64 = 30_000;
+
 /// Executes runs.
 #[derive(Clone)]
 pub struct Runtime {
     store: SqliteStore,
     tools: ToolBox,
+    governor: Option<Governor>,
     step_timings: bool,
 }
 
@@ -121,8 +141,16 @@ impl Runtime {
         Runtime {
             store,
             tools,
+            governor: None,
             step_timings: false,
         }
+    }
+
+    /// Enforces shared budgets: every model call reserves its worst case in every capped scope
+    /// first, and is not made if any scope cannot cover it.
+    pub fn with_governor(mut self, governor: Governor) -> Self {
+        self.governor = governor.budgets.any().then_some(governor);
+        self
     }
 
     /// Records each step's own overhead in [`RunOutcome::step_overheads_ns`] (benchmarks).
@@ -162,6 +190,8 @@ impl Runtime {
             runtime: self,
             model,
             tenant: request.tenant.clone(),
+            user: request.user.clone(),
+            session: request.session.clone(),
             run_id,
             engine: Engine::new(request.agent.clone()),
             prev_hash: rein_core::GENESIS_HASH.to_string(),
@@ -215,6 +245,8 @@ impl Runtime {
             runtime: self,
             model,
             tenant: tenant.clone(),
+            user: record.info.user.clone(),
+            session: record.info.session.clone(),
             run_id: run_id.clone(),
             engine,
             prev_hash: sealed
@@ -233,6 +265,8 @@ struct Driver<'a> {
     runtime: &'a Runtime,
     model: &'a dyn Model,
     tenant: TenantId,
+    user: UserId,
+    session: SessionId,
     run_id: RunId,
     engine: Engine,
     prev_hash: String,
@@ -306,8 +340,70 @@ impl Driver<'_> {
         Duration::from_millis(u64::try_from(left).unwrap_or(0))
     }
 
+    /// Reserves the worst case of `call` in every capped shared scope. Returns the reservation
+    /// to settle, or `Err(())` inside `Ok` when a scope refused (the refusal is recorded and
+    /// the engine ends the run).
+    async fn reserve(
+        &mut self,
+        call: &ModelCall,
+    ) -> Result<Result<Option<(String, Vec<Scope>)>, ()>, RuntimeError> {
+        let Some(governor) = self.runtime.governor.clone() else {
+            return Ok(Ok(None));
+        };
+        let now = now_ms();
+        let scopes = governor.budgets.policy(&self.tenant).scopes(
+            &self.tenant,
+            &self.user,
+            &self.session,
+            now,
+        );
+        if scopes.is_empty() {
+            return Ok(Ok(None));
+        }
+        let amount = Amount {
+            usd: call.worst_case_cost,
+            tokens: call.estimated_input_tokens + u64::from(call.max_output_tokens),
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let expires = self
+            .engine
+            .deadline_ms()
+            .unwrap_or(now)
+            .saturating_add(RESERVATION_GRACE_MS);
+        match governor
+            .counters
+            .reserve(&id, &scopes, amount, now, expires)
+            .await?
+        {
+            Reservation::Granted => {
+                self.record(EventKind::BudgetReserved {
+                    step: call.step,
+                    reservation: id.clone(),
+                    scopes: scopes.iter().map(|s| s.key.clone()).collect(),
+                    amount,
+                })
+                .await?;
+                Ok(Ok(Some((id, scopes))))
+            }
+            Reservation::Refused { scope, standing } => {
+                self.record(EventKind::BudgetRefused {
+                    step: call.step,
+                    scope,
+                    standing,
+                    amount,
+                })
+                .await?;
+                Ok(Err(()))
+            }
+        }
+    }
+
     /// Returns the time spent waiting on the provider (attempts and backoff).
     async fn call_model(&mut self, call: ModelCall) -> Result<Duration, RuntimeError> {
+        let reservation = match self.reserve(&call).await? {
+            Ok(reservation) => reservation,
+            Err(()) => return Ok(Duration::ZERO),
+        };
         self.record(call.requested()).await?;
         let agent = self.engine.agent().clone();
         let spec = &agent.spec;
@@ -364,7 +460,23 @@ impl Driver<'_> {
                 attempts: outcome.attempts,
             },
         };
+        let spent = match &kind {
+            EventKind::ModelResponded { usage, cost, .. } => Amount {
+                usd: *cost,
+                tokens: usage.total(),
+            },
+            _ => Amount::default(),
+        };
         self.record(kind).await?;
+        if let (Some((id, scopes)), Some(governor)) = (reservation, self.runtime.governor.clone()) {
+            governor.counters.settle(&id, &scopes, spent).await?;
+            self.record(EventKind::BudgetSettled {
+                step: call.step,
+                reservation: id,
+                amount: spent,
+            })
+            .await?;
+        }
         Ok(waited)
     }
 

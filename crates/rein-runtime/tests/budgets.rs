@@ -1,0 +1,197 @@
+//! Shared budgets under a race: many runs drawing on one tenant's daily budget at once never
+//! spend past it, on the embedded counters and on Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_core::budget::{BudgetPolicy, Budgets, Cap, Counters};
+use rein_core::{
+    Agent, CheckContext, PriceTable, SessionId, TenantId, TerminationReason, Usd, UserId,
+};
+use rein_providers::ScriptedModel;
+use rein_runtime::{Governor, RunRequest, Runtime};
+use rein_store::SqliteStore;
+use rein_tools::{Builtins, HttpTools, ToolBox};
+use std::sync::Arc;
+
+/// gpt-4o: $10 per million output tokens. Each answer uses its whole 4,000-token output cap and
+/// a sliver of input, so each model call costs about $0.04, right at its reserved worst case.
+const SPEC: &str = r#"
+name: summariser
+version: 1
+model: {primary: openai/gpt-4o, max_output_tokens: 4000}
+instructions: Summarise.
+tools:
+  - name: fetch
+    source: {builtin: echo}
+    contract: {side_effects: none}
+limits: {max_iterations: 5, max_total_tokens: 100000, max_cost_usd: 1.00}
+"#;
+
+const SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: fetch, arguments: {text: "part {n}"}}]
+    usage: {input_tokens: 20, output_tokens: 4000}
+  - text: Summary.
+    usage: {input_tokens: 20, output_tokens: 4000}
+"#;
+
+const BUDGET_USD: f64 = 3.0;
+const RUNS: usize = 500;
+
+fn budgets() -> Budgets {
+    Budgets {
+        defaults: BudgetPolicy {
+            tenant_daily: Cap {
+                usd: Usd::from_dollars(BUDGET_USD),
+                tokens: None,
+            },
+            ..BudgetPolicy::default()
+        },
+        ..Budgets::default()
+    }
+}
+
+async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
+    let runtime = Runtime::new(
+        store.clone(),
+        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+    )
+    .with_governor(Governor {
+        counters: counters.clone(),
+        budgets: budgets(),
+    });
+    let prices = PriceTable::default();
+    let builtins = Builtins::standard().infos();
+    let agent = Arc::new(
+        Agent::parse(
+            "s.yaml",
+            SPEC,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+        .unwrap(),
+    );
+    let model = Arc::new(ScriptedModel::parse("script.yaml", SCRIPT).unwrap());
+    let tenant = TenantId::new(format!("acme-{}", uuid::Uuid::now_v7()));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..RUNS {
+        let (runtime, model, agent, tenant) = (
+            runtime.clone(),
+            model.clone(),
+            agent.clone(),
+            tenant.clone(),
+        );
+        tasks.spawn(async move {
+            let request = RunRequest {
+                agent,
+                spec_source: SPEC.to_string(),
+                input: format!("document {n}"),
+                tenant,
+                user: UserId::new(format!("user-{}", n % 7)),
+                session: SessionId::new(format!("s-{n}")),
+                job: None,
+            };
+            runtime.run(request, model.as_ref()).await.unwrap()
+        });
+    }
+    let mut spent = Usd::ZERO;
+    let (mut completed, mut refused, mut spenders) = (0, 0, 0);
+    while let Some(outcome) = tasks.join_next().await {
+        let outcome = outcome.unwrap();
+        spent += outcome.cost;
+        if outcome.cost > Usd::ZERO {
+            spenders += 1;
+        }
+        match outcome.reason {
+            TerminationReason::Completed => completed += 1,
+            TerminationReason::BudgetExhausted => {
+                refused += 1;
+                assert!(
+                    outcome
+                        .detail
+                        .as_deref()
+                        .unwrap()
+                        .contains("could not cover the next model call")
+                );
+                let events = store.events(&tenant, &outcome.run_id).await.unwrap();
+                let last_two: Vec<&str> = events
+                    .iter()
+                    .rev()
+                    .take(2)
+                    .map(|e| e.kind.as_str())
+                    .collect();
+                assert_eq!(
+                    last_two,
+                    ["run_finished", "budget_refused"],
+                    "a refused call is never requested"
+                );
+            }
+            other => panic!("a run ended with {other}: {:?}", outcome.detail),
+        }
+    }
+    let budget = Usd::from_dollars(BUDGET_USD).unwrap();
+    let day = rein_core::time::format_utc(rein_core_now());
+    let standing = counters
+        .standing(&format!("tenant:{tenant}:{}", &day[..10]), rein_core_now())
+        .await
+        .unwrap();
+    println!(
+        "{RUNS} racing runs, budget {budget}: settled {} ({:.2}% of the budget) by {spenders} runs; {completed} completed, {refused} refused with budget_exhausted",
+        standing.spent.usd,
+        100.0 * standing.spent.usd.as_dollars() / budget.as_dollars()
+    );
+    assert!(
+        standing.spent.usd <= budget,
+        "overspent: {} > {budget}",
+        standing.spent.usd
+    );
+    assert_eq!(
+        standing.spent.usd, spent,
+        "the counters settled exactly what the runs recorded"
+    );
+    assert_eq!(
+        standing.reserved.usd,
+        Usd::ZERO,
+        "every reservation was settled"
+    );
+    assert!(
+        refused > 0 && spenders > 0,
+        "the budget must bite: {spenders} runs spent, {refused} refused"
+    );
+    assert!(
+        standing.spent.usd.as_dollars() > BUDGET_USD * 0.9,
+        "the budget was used, not wasted"
+    );
+}
+
+fn rein_core_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_runs_never_overspend_a_shared_budget_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    race(Arc::new(store.clone()), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_runs_never_overspend_a_shared_budget_on_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    let prefix = format!("rein-test-{}", uuid::Uuid::now_v7());
+    let counters = rein_redis::RedisCounters::connect("redis://127.0.0.1:6379", &prefix)
+        .await
+        .expect("Redis must be running on 127.0.0.1:6379 (.ci/run starts it)");
+    race(Arc::new(counters), store).await;
+}
