@@ -1,14 +1,26 @@
-//! `rein.toml`: operator configuration. Today it holds price overrides.
+//! `rein.toml`: operator configuration: prices, shared budgets, and where their counters live.
 //!
 //! ```toml
 //! [prices."openai/my-finetune"]   # USD per million tokens
 //! input = 0.30
 //! cached_input = 0.15             # defaults to `input`
 //! output = 1.20
+//!
+//! [budgets]                       # defaults for every tenant; absent keys are uncapped
+//! tenant_daily_usd = 50.0
+//! user_daily_usd = 5.0
+//!
+//! [tenants.acme]                  # per-tenant overrides of [budgets] keys
+//! tenant_daily_usd = 200.0
+//!
+//! [counters]                      # absent: the embedded store (one process)
+//! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
+//! prefix = "rein"
 //! ```
 
 use anyhow::{Context, anyhow};
-use rein_core::{Price, PriceTable};
+use rein_core::budget::{BudgetPolicy, Budgets, Cap};
+use rein_core::{Price, PriceTable, TenantId, Usd};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +30,93 @@ use std::path::{Path, PathBuf};
 struct ConfigFile {
     #[serde(default)]
     prices: BTreeMap<String, PriceEntry>,
+    #[serde(default)]
+    budgets: BudgetEntry,
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantEntry>,
+    #[serde(default)]
+    counters: Option<CountersConfig>,
+}
+
+/// Caps of the shared scopes; each key absent means uncapped (or, under a tenant, inherited).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetEntry {
+    session_usd: Option<f64>,
+    session_tokens: Option<u64>,
+    user_daily_usd: Option<f64>,
+    user_daily_tokens: Option<u64>,
+    tenant_daily_usd: Option<f64>,
+    tenant_daily_tokens: Option<u64>,
+    global_hourly_usd: Option<f64>,
+    global_hourly_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantEntry {
+    #[serde(flatten)]
+    budgets: BudgetEntry,
+}
+
+/// Where the shared counters live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersConfig {
+    /// `redis://HOST:PORT`.
+    pub url: String,
+    /// Key prefix, so several deployments can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "rein".to_string()
+}
+
+impl BudgetEntry {
+    /// `self` over `base`: keys set here win.
+    fn over(self, base: BudgetEntry) -> BudgetEntry {
+        BudgetEntry {
+            session_usd: self.session_usd.or(base.session_usd),
+            session_tokens: self.session_tokens.or(base.session_tokens),
+            user_daily_usd: self.user_daily_usd.or(base.user_daily_usd),
+            user_daily_tokens: self.user_daily_tokens.or(base.user_daily_tokens),
+            tenant_daily_usd: self.tenant_daily_usd.or(base.tenant_daily_usd),
+            tenant_daily_tokens: self.tenant_daily_tokens.or(base.tenant_daily_tokens),
+            global_hourly_usd: self.global_hourly_usd.or(base.global_hourly_usd),
+            global_hourly_tokens: self.global_hourly_tokens.or(base.global_hourly_tokens),
+        }
+    }
+
+    fn policy(&self, at: &str) -> anyhow::Result<BudgetPolicy> {
+        let usd = |v: Option<f64>, key: &str| -> anyhow::Result<Option<Usd>> {
+            v.map(|d| {
+                Usd::from_dollars(d).ok_or_else(|| {
+                    anyhow!("{at}.{key}: must be a non-negative USD amount with at most 6 decimals")
+                })
+            })
+            .transpose()
+        };
+        Ok(BudgetPolicy {
+            session: Cap {
+                usd: usd(self.session_usd, "session_usd")?,
+                tokens: self.session_tokens,
+            },
+            user_daily: Cap {
+                usd: usd(self.user_daily_usd, "user_daily_usd")?,
+                tokens: self.user_daily_tokens,
+            },
+            tenant_daily: Cap {
+                usd: usd(self.tenant_daily_usd, "tenant_daily_usd")?,
+                tokens: self.tenant_daily_tokens,
+            },
+            global_hourly: Cap {
+                usd: usd(self.global_hourly_usd, "global_hourly_usd")?,
+                tokens: self.global_hourly_tokens,
+            },
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -30,10 +129,14 @@ struct PriceEntry {
 }
 
 /// The loaded configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Built-in prices with the file's overrides applied.
     pub prices: PriceTable,
+    /// Shared budgets per tenant.
+    pub budgets: Budgets,
+    /// Redis for the shared counters; `None`: the embedded store.
+    pub counters: Option<CountersConfig>,
 }
 
 /// Loads `path` if given, else `./rein.toml` if it exists, else the defaults.
@@ -46,7 +149,10 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Config { prices });
+            return Ok(Config {
+                prices,
+                ..Config::default()
+            });
         }
         Err(e) => {
             return Err(e).with_context(|| format!("cannot read config file {}", path.display()));
@@ -63,5 +169,21 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             })?;
         prices.set(model, price);
     }
-    Ok(Config { prices })
+    let file_name = path.display().to_string();
+    let mut budgets = Budgets {
+        defaults: file.budgets.policy(&format!("{file_name}: budgets"))?,
+        ..Budgets::default()
+    };
+    for (name, tenant) in file.tenants {
+        let policy = tenant
+            .budgets
+            .over(file.budgets)
+            .policy(&format!("{file_name}: tenants.{name}"))?;
+        budgets.tenants.insert(TenantId::new(name), policy);
+    }
+    Ok(Config {
+        prices,
+        budgets,
+        counters: file.counters,
+    })
 }

@@ -9,9 +9,9 @@ use anyhow::{Context, anyhow};
 use rein_core::{SessionId, TenantId, TerminationReason, UserId};
 use rein_fakes::ToolService;
 use rein_providers::{Model, OpenAiClient, ScriptedModel};
-use rein_runtime::{RunOutcome, RunRequest, Runtime};
+use rein_runtime::{RunOutcome, RunRequest};
 use rein_store::{Durability, SqliteStore};
-use rein_tools::{Builtins, HttpTools, ToolBox};
+use rein_tools::Builtins;
 use std::path::Path;
 
 struct Scenario {
@@ -99,10 +99,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
     let store = SqliteStore::open(db, Durability::Process)
         .await
         .with_context(|| format!("cannot open the store {}", db.display()))?;
-    let runtime = Runtime::new(
-        store.clone(),
-        ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
-    );
+    let runtime = crate::runtime_for(&config, &store, builtins.clone(), http.clone()).await?;
     let tenant = TenantId::new("default");
 
     let mut rows = vec![[

@@ -359,6 +359,32 @@ pub fn model_for(
     Ok(Box::new(client))
 }
 
+/// The runtime the configuration asks for: shared budgets enforced through Redis when
+/// `[counters]` names one, else through the embedded store.
+pub async fn runtime_for(
+    config: &config::Config,
+    store: &SqliteStore,
+    builtins: Builtins,
+    http: reqwest::Client,
+) -> anyhow::Result<Runtime> {
+    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
+    if !config.budgets.any() {
+        return Ok(runtime);
+    }
+    let counters: Arc<dyn rein_core::budget::Counters> = match &config.counters {
+        Some(c) => Arc::new(
+            rein_redis::RedisCounters::connect(&c.url, &c.prefix)
+                .await
+                .with_context(|| format!("cannot reach the budget counters at {}", c.url))?,
+        ),
+        None => Arc::new(store.clone()),
+    };
+    Ok(runtime.with_governor(rein_runtime::Governor {
+        counters,
+        budgets: config.budgets.clone(),
+    }))
+}
+
 async fn open_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&store.db, Durability::Process)
         .await
@@ -385,7 +411,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let http = http_client()?;
     let model = model_for(&agent, args.script.as_deref(), http.clone())?;
     let store = open_store(&args.store).await?;
-    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
+    let runtime = runtime_for(&config, &store, builtins, http).await?;
     let request = RunRequest {
         agent,
         spec_source: source,
@@ -463,7 +489,7 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     )?;
     let http = http_client()?;
     let model = model_for(&agent, args.script.as_deref(), http.clone())?;
-    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
+    let runtime = runtime_for(&config, &store, builtins, http).await?;
     let outcome = runtime
         .resume(&tenant, &id, &config.prices, model.as_ref())
         .await?;

@@ -390,3 +390,140 @@ limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout
         "a finished run cannot be resumed again"
     );
 }
+
+const COSTLY_SPEC: &str = r#"
+name: summariser
+version: 1
+model: {primary: openai/gpt-4o, max_output_tokens: 4000}
+instructions: Summarise.
+tools:
+  - name: fetch
+    source: {builtin: echo}
+    contract: {side_effects: none}
+limits: {max_iterations: 5, max_total_tokens: 100000, max_cost_usd: 1.00}
+"#;
+
+/// Each model call spends its whole 4,000-token output cap: about $0.04 on gpt-4o.
+const COSTLY_SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: fetch, arguments: {text: "part {n}"}}]
+    usage: {input_tokens: 20, output_tokens: 4000}
+  - text: Summary.
+    usage: {input_tokens: 20, output_tokens: 4000}
+"#;
+
+#[test]
+fn a_run_refused_by_a_shared_budget_reports_budget_exhausted_with_the_limit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), COSTLY_SPEC).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), COSTLY_SCRIPT).unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[budgets]\ntenant_daily_usd = 0.05\n",
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "agent.yaml",
+        "--input",
+        "doc",
+        "--script",
+        "script.yaml",
+        "--json",
+    ];
+    let out = rein(dir.path(), &args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["termination_reason"].as_str()),
+        (Some("limit_exceeded"), Some("budget_exhausted"))
+    );
+    assert_eq!(
+        v["iterations"], 1,
+        "the first call fit the $0.05 day, the second could not"
+    );
+    // The day's budget is spent: the next run is refused before its first call.
+    let out = rein(dir.path(), &args);
+    let v: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    assert_eq!(
+        (v["termination_reason"].as_str(), v["iterations"].as_u64()),
+        (Some("budget_exhausted"), Some(0))
+    );
+
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[budgets]\ntenant_daily_usd = -1\n",
+    )
+    .unwrap();
+    let out = rein(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("budgets.tenant_daily_usd"),
+        "{}",
+        text(&out).1
+    );
+}
+
+#[test]
+fn separate_rein_processes_sharing_redis_never_overspend_one_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), COSTLY_SPEC).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), COSTLY_SCRIPT).unwrap();
+    let prefix = format!("rein-test-{}", std::process::id());
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        format!("[budgets]\ntenant_daily_usd = 0.20\n\n[counters]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}-{}\"\n", rand_suffix()),
+    )
+    .unwrap();
+    let children: Vec<_> = (0..12)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_rein"))
+                .args([
+                    "run",
+                    "agent.yaml",
+                    "--input",
+                    "doc",
+                    "--script",
+                    "script.yaml",
+                    "--json",
+                    "--tenant",
+                    "shared",
+                ])
+                .args(["--db", &format!("worker-{i}.db")])
+                .current_dir(dir.path())
+                .env_remove("REIN_DB")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut total = 0.0;
+    let mut refused = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = text(&out);
+        let v: Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}{stderr}"));
+        total += v["cost_usd"].as_f64().unwrap();
+        match v["termination_reason"].as_str() {
+            Some("completed") => assert_eq!(out.status.code(), Some(0)),
+            Some("budget_exhausted") => {
+                assert_eq!(out.status.code(), Some(3));
+                refused += 1;
+            }
+            other => panic!("unexpected ending {other:?}: {stdout}"),
+        }
+    }
+    println!("12 processes, budget $0.20: settled ${total:.6}, {refused} runs refused");
+    assert!(total <= 0.20 + 1e-9, "overspent across processes: ${total}");
+    assert!(refused > 0 && total > 0.0);
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
