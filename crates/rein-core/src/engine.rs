@@ -18,7 +18,7 @@ use crate::run::{RunStatus, TerminationReason};
 use crate::spec::Agent;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// How many times the model is asked to repair a final answer that fails the output schema.
@@ -138,6 +138,10 @@ pub struct Engine {
     tool_calls: u32,
     calls_per_tool: HashMap<String, u32>,
     repeated_calls: HashMap<(String, String), u32>,
+    repeated_errors: HashMap<(String, String), u32>,
+    consecutive_failures: u32,
+    seen_results: HashSet<(String, String)>,
+    steps_without_progress: u32,
     pending_tools: VecDeque<ToolCall>,
     model_in_flight: bool,
     /// A tool call recorded as requested whose result is not recorded (only after a crash):
@@ -207,6 +211,10 @@ impl Engine {
             tool_calls: 0,
             calls_per_tool: HashMap::new(),
             repeated_calls: HashMap::new(),
+            repeated_errors: HashMap::new(),
+            consecutive_failures: 0,
+            seen_results: HashSet::new(),
+            steps_without_progress: 0,
             pending_tools: VecDeque::new(),
             model_in_flight: false,
             tool_in_flight: None,
@@ -423,6 +431,7 @@ impl Engine {
                     tool_calls: Vec::new(),
                     tool_call_id: Some(call_id.clone()),
                 });
+                self.judge_progress(tool_name, result);
                 if !result.is_success() && self.past_deadline(event.ts_ms) {
                     let detail = format!(
                         "the call to `{}` was cut off at the run's wall-clock limit of {:?}",
@@ -443,6 +452,52 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Loop, no-progress and failure-streak detection over tool results.
+    fn judge_progress(&mut self, tool: &str, result: &ToolResult) {
+        let agent = self.agent.clone();
+        let limits = &agent.spec.limits;
+        if result.is_success() {
+            self.consecutive_failures = 0;
+            if self
+                .seen_results
+                .insert((tool.to_string(), result.data.to_string()))
+            {
+                self.steps_without_progress = 0;
+            } else {
+                self.steps_without_progress += 1;
+            }
+        } else {
+            self.consecutive_failures += 1;
+            self.steps_without_progress += 1;
+            let message = result.message.clone().unwrap_or_default();
+            let repeats = self
+                .repeated_errors
+                .entry((tool.to_string(), message.clone()))
+                .or_default();
+            *repeats += 1;
+            let repeats = *repeats;
+            if repeats >= limits.max_repeated_errors {
+                let detail =
+                    format!("`{tool}` failed with the same error {repeats} times: {message}");
+                self.finish_with(TerminationReason::LoopDetected, detail);
+            }
+        }
+        if self.consecutive_failures >= limits.max_consecutive_failures {
+            let detail = format!(
+                "{} tool calls in a row failed, so the run's own circuit breaker opened",
+                self.consecutive_failures
+            );
+            self.finish_with(TerminationReason::CircuitOpen, detail);
+        }
+        if self.steps_without_progress >= limits.max_steps_without_progress {
+            let detail = format!(
+                "{} tool results in a row brought nothing new (failures or data already seen)",
+                self.steps_without_progress
+            );
+            self.finish_with(TerminationReason::LoopDetected, detail);
+        }
     }
 
     fn after_model_reply(&mut self, content: Option<&str>, tool_calls: &[ToolCall]) {
@@ -688,6 +743,17 @@ impl Engine {
         {
             return refuse(format!(
                 "`{}` may be called at most {cap} times per run and that many calls were made",
+                call.name
+            ));
+        }
+        if let Some(violation) = tool
+            .contract
+            .limits
+            .iter()
+            .find_map(|rule| rule.violation(&arguments))
+        {
+            return refuse(format!(
+                "the call to `{}` was refused before it was made: {violation}; split the work into smaller calls",
                 call.name
             ));
         }

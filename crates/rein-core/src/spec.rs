@@ -21,6 +21,12 @@ pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_TOOL_CALLS: u32 = 50;
 /// Default number of identical tool calls (same tool, same arguments) that counts as a loop.
 pub const DEFAULT_MAX_REPEATED_TOOL_CALLS: u32 = 3;
+/// Default number of times the same tool error may repeat before the run is a loop.
+pub const DEFAULT_MAX_REPEATED_ERRORS: u32 = 3;
+/// Default number of tool results in a row that bring nothing new before the run is a loop.
+pub const DEFAULT_MAX_STEPS_WITHOUT_PROGRESS: u32 = 10;
+/// Default number of failed tool calls in a row that opens the run's own circuit breaker.
+pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 5;
 /// Default cap on output tokens per model call when `model.max_output_tokens` is not set.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 1024;
 /// Default per-call timeout of a tool when its contract sets none.
@@ -199,6 +205,57 @@ pub struct ToolContract {
     pub max_calls_per_run: Option<u32>,
     /// Whether each call needs a person's approval.
     pub confirm: bool,
+    /// Magnitude rules on arguments, by JSON pointer (e.g. `/rows`), checked before each call.
+    pub limits: Vec<MagnitudeRule>,
+}
+
+/// A bound on the magnitude of one argument: a number's value, an array's length, or a
+/// string's length. Stops "clean up duplicates" from deleting 10,000 rows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MagnitudeRule {
+    /// JSON pointer into the arguments.
+    pub pointer: String,
+    /// Smallest allowed magnitude.
+    pub min: Option<f64>,
+    /// Largest allowed magnitude.
+    pub max: Option<f64>,
+}
+
+impl MagnitudeRule {
+    /// A description of the violation, if `arguments` break this rule.
+    pub fn violation(&self, arguments: &Value) -> Option<String> {
+        let value = arguments.pointer(&self.pointer)?;
+        let (magnitude, what) = match value {
+            Value::Number(n) => (n.as_f64()?, "is"),
+            Value::Array(a) => (a.len() as f64, "has this many items:"),
+            Value::String(t) => (t.chars().count() as f64, "has this many characters:"),
+            _ => return None,
+        };
+        let show = |v: f64| {
+            if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                v.to_string()
+            }
+        };
+        if let Some(max) = self.max.filter(|m| magnitude > *m) {
+            return Some(format!(
+                "`{}` {what} {}, over the contract's limit of {}",
+                self.pointer,
+                show(magnitude),
+                show(max)
+            ));
+        }
+        if let Some(min) = self.min.filter(|m| magnitude < *m) {
+            return Some(format!(
+                "`{}` {what} {}, under the contract's minimum of {}",
+                self.pointer,
+                show(magnitude),
+                show(min)
+            ));
+        }
+        None
+    }
 }
 
 impl Default for ToolContract {
@@ -211,6 +268,7 @@ impl Default for ToolContract {
             auth_scope: None,
             max_calls_per_run: None,
             confirm: false,
+            limits: Vec::new(),
         }
     }
 }
@@ -240,6 +298,13 @@ pub struct Limits {
     pub max_tool_calls: u32,
     /// The same tool with the same arguments this many times ends the run as `loop_detected`.
     pub max_repeated_tool_calls: u32,
+    /// The same error from the same tool this many times ends the run as `loop_detected`.
+    pub max_repeated_errors: u32,
+    /// This many tool results in a row with nothing new (failures, or data already seen) end
+    /// the run as `loop_detected`.
+    pub max_steps_without_progress: u32,
+    /// This many failed tool calls in a row end the run as `circuit_open` (the run's own breaker).
+    pub max_consecutive_failures: u32,
 }
 
 /// What a built-in tool looks like, so specs that use it can be checked.
@@ -1008,6 +1073,7 @@ impl Parser<'_> {
                 "auth_scope",
                 "max_calls_per_run",
                 "confirm",
+                "limits",
             ],
         )?;
         let d = ToolContract::default();
@@ -1045,6 +1111,10 @@ impl Parser<'_> {
         let confirm = f
             .get("confirm")
             .map_or(Some(d.confirm), |n| self.boolean(n, &f.child("confirm")));
+        let limits = match f.get("limits") {
+            None => Some(Vec::new()),
+            Some(n) => self.magnitude_rules(n, &f.child("limits")),
+        };
         Some(ToolContract {
             timeout: timeout?,
             retry: retry?,
@@ -1053,7 +1123,58 @@ impl Parser<'_> {
             auth_scope: auth_scope?,
             max_calls_per_run: max_calls_per_run?,
             confirm: confirm?,
+            limits: limits?,
         })
+    }
+
+    fn magnitude_rules(&mut self, node: &Node, path: &str) -> Option<Vec<MagnitudeRule>> {
+        let NodeValue::Map(entries) = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!(
+                    "expected a mapping of JSON pointers to rules, found {}",
+                    node.value.type_name()
+                ),
+            );
+            return None;
+        };
+        let mut rules = Vec::new();
+        let mut ok = true;
+        for (pointer, key_pos, rule) in entries {
+            let at = format!("{path}.{pointer}");
+            if !pointer.starts_with('/') {
+                self.error(
+                    *key_pos,
+                    &at,
+                    format!("`{pointer}` is not a JSON pointer; write e.g. `/rows`"),
+                );
+                ok = false;
+                continue;
+            }
+            let Some(f) = self.fields(rule, &at, &["min", "max"]) else {
+                ok = false;
+                continue;
+            };
+            let min = f.get("min").map(|n| self.number(n, &f.child("min")));
+            let max = f.get("max").map(|n| self.number(n, &f.child("max")));
+            if matches!(min, Some(None)) || matches!(max, Some(None)) {
+                ok = false;
+                continue;
+            }
+            let (min, max) = (min.flatten(), max.flatten());
+            if min.is_none() && max.is_none() {
+                self.error(rule.pos, &at, "give `max`, `min` or both");
+                ok = false;
+                continue;
+            }
+            rules.push(MagnitudeRule {
+                pointer: pointer.clone(),
+                min,
+                max,
+            });
+        }
+        ok.then_some(rules)
     }
 
     fn retry(&mut self, node: &Node, path: &str) -> Option<RetryPolicy> {
@@ -1087,6 +1208,9 @@ impl Parser<'_> {
                 "timeout",
                 "max_tool_calls",
                 "max_repeated_tool_calls",
+                "max_repeated_errors",
+                "max_steps_without_progress",
+                "max_consecutive_failures",
             ],
         )?;
         let max_iterations = self
@@ -1132,7 +1256,23 @@ impl Parser<'_> {
                     self.integer(n, "limits.max_repeated_tool_calls", 2, 1_000)
                         .map(|v| v as u32)
                 });
+        let mut count = |key: &str, default: u32| {
+            f.get(key).map_or(Some(default), |n| {
+                self.integer(n, &format!("limits.{key}"), 2, 1_000)
+                    .map(|v| v as u32)
+            })
+        };
+        let max_repeated_errors = count("max_repeated_errors", DEFAULT_MAX_REPEATED_ERRORS);
+        let max_steps_without_progress = count(
+            "max_steps_without_progress",
+            DEFAULT_MAX_STEPS_WITHOUT_PROGRESS,
+        );
+        let max_consecutive_failures =
+            count("max_consecutive_failures", DEFAULT_MAX_CONSECUTIVE_FAILURES);
         Some(Limits {
+            max_repeated_errors: max_repeated_errors?,
+            max_steps_without_progress: max_steps_without_progress?,
+            max_consecutive_failures: max_consecutive_failures?,
             max_iterations: max_iterations?,
             max_total_tokens: max_total_tokens?,
             max_cost_usd: max_cost_usd?,
@@ -1302,6 +1442,17 @@ limits:
             text.contains("placeholder `{id}` is not a property"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn magnitude_rules_need_a_pointer_and_a_bound() {
+        let src = EXAMPLE.replace(
+            "max_calls_per_run: 3,",
+            "max_calls_per_run: 3, limits: {rows: {max: 1}, \"/n\": {}},",
+        );
+        let text = check(&src).unwrap_err().to_string();
+        assert!(text.contains("`rows` is not a JSON pointer"), "{text}");
+        assert!(text.contains("give `max`, `min` or both"), "{text}");
     }
 
     #[test]

@@ -633,3 +633,165 @@ fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
     assert_eq!(reason, TerminationReason::Timeout);
     assert!(detail.unwrap().contains("`lookup` was cut off"));
 }
+
+/// Tool results chosen per call, instead of echoing the arguments.
+fn run_with_tool_results(
+    src: &str,
+    mut model: impl FnMut(u32) -> ModelReply,
+    mut tool: impl FnMut(&ToolInvocation) -> ToolResult,
+) -> (Sim, (RunStatus, TerminationReason)) {
+    let mut sim = Sim::new(src);
+    for _ in 0..1000 {
+        let Some(effect) = sim.engine.next_effect(sim.now) else {
+            let outcome = sim.engine.outcome().unwrap();
+            return (sim, outcome);
+        };
+        match effect {
+            Effect::Record(kind) => sim.record(kind),
+            Effect::CallModel(c) => {
+                sim.record(c.requested());
+                let r = model(sim.engine.iterations());
+                sim.record(EventKind::ModelResponded {
+                    step: c.step,
+                    model: c.model,
+                    content: r.content,
+                    tool_calls: r.tool_calls,
+                    usage: r.usage,
+                    cost: Usd::from_micros(1),
+                    latency_ms: 1,
+                    attempts: 1,
+                });
+            }
+            Effect::CallTool(inv) => {
+                sim.record(inv.requested());
+                sim.tool_runs.push(inv.clone());
+                let result = tool(&inv);
+                sim.record(EventKind::ToolResult {
+                    step: inv.step,
+                    call_id: inv.call_id,
+                    tool: inv.tool,
+                    result,
+                    latency_ms: 1,
+                    attempts: 1,
+                });
+            }
+        }
+    }
+    panic!("the run did not end");
+}
+
+fn ask(n: u32) -> ModelReply {
+    reply(
+        None,
+        vec![call(
+            &format!("c{n}"),
+            "lookup",
+            &format!(r#"{{"key":"k{n}"}}"#),
+        )],
+        10,
+        10,
+    )
+}
+
+#[test]
+fn the_same_tool_error_repeated_ends_the_run_as_a_loop() {
+    let src = SPEC.replace("max_iterations: 5", "max_iterations: 20");
+    let (sim, outcome) = run_with_tool_results(&src, ask, |_| {
+        ToolResult::error(ErrorType::Permanent, "order not found")
+    });
+    assert_eq!(outcome.1, TerminationReason::LoopDetected);
+    assert_eq!(sim.tool_runs.len(), 3, "max_repeated_errors: 3");
+    let last = sim.events.last().unwrap();
+    let EventKind::RunFinished { detail, .. } = &last.kind else {
+        panic!()
+    };
+    assert!(
+        detail
+            .as_deref()
+            .unwrap()
+            .contains("same error 3 times: order not found")
+    );
+}
+
+#[test]
+fn consecutive_failures_open_the_runs_circuit() {
+    let src = SPEC
+        .replace("max_iterations: 5", "max_iterations: 20")
+        .replace("max_calls_per_run: 4", "max_calls_per_run: 40");
+    let (sim, outcome) = run_with_tool_results(&src, ask, |inv| {
+        ToolResult::error(ErrorType::Transient, format!("timeout {}", inv.step))
+    });
+    assert_eq!(outcome, (RunStatus::Failed, TerminationReason::CircuitOpen));
+    assert_eq!(sim.tool_runs.len(), 5, "max_consecutive_failures: 5");
+}
+
+#[test]
+fn tool_results_that_bring_nothing_new_end_the_run() {
+    let src = SPEC
+        .replace("max_iterations: 5", "max_iterations: 50")
+        .replace("max_calls_per_run: 4", "max_calls_per_run: 40")
+        .replace(
+            "timeout: 10s",
+            "timeout: 10s\n  max_steps_without_progress: 4",
+        );
+    let (sim, outcome) = run_with_tool_results(&src, ask, |_| {
+        ToolResult::success(json!({"status": "pending"}))
+    });
+    assert_eq!(outcome.1, TerminationReason::LoopDetected);
+    assert_eq!(
+        sim.tool_runs.len(),
+        5,
+        "one new result, then 4 repeats of it"
+    );
+}
+
+#[test]
+fn a_call_over_a_magnitude_limit_is_refused_before_it_is_made() {
+    let src = SPEC.replace(
+        "contract: {max_calls_per_run: 4}",
+        "input_schema: {type: object, properties: {key: {type: string}, rows: {type: array}}}\n    contract: {max_calls_per_run: 4, limits: {\"/rows\": {max: 100}}}",
+    );
+    let (sim, outcome) = run_with_tool_results(
+        &src,
+        |n| match n {
+            1 => reply(
+                None,
+                vec![call(
+                    "c1",
+                    "lookup",
+                    &format!(
+                        r#"{{"key":"dupes","rows":{:?}}}"#,
+                        (0..10_000).collect::<Vec<u32>>()
+                    ),
+                )],
+                10,
+                10,
+            ),
+            2 => reply(
+                None,
+                vec![call("c2", "lookup", r#"{"key":"dupes","rows":[1,2,3]}"#)],
+                10,
+                10,
+            ),
+            _ => reply(Some("cleaned"), vec![], 10, 10),
+        },
+        |inv| ToolResult::success(inv.arguments.clone()),
+    );
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(sim.tool_runs.len(), 1, "only the small call was made");
+    let refusal = sim
+        .engine
+        .messages()
+        .iter()
+        .find(|m| m.role == Role::Tool)
+        .unwrap();
+    assert!(
+        refusal
+            .content
+            .as_deref()
+            .unwrap()
+            .contains("`/rows` has this many items: 10000, over the contract's limit of 100"),
+        "{:?}",
+        refusal.content
+    );
+}
