@@ -118,6 +118,24 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Spend from recorded model calls, grouped by tenant, user, agent, model or day.
+    Costs {
+        /// How to group.
+        #[arg(long, value_enum, default_value = "agent")]
+        by: CostBy,
+        /// Only calls on or after this UTC day (`YYYY-MM-DD`).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "default", conflicts_with = "all_tenants")]
+        tenant: String,
+        /// Every tenant's spend (an operator view).
+        #[arg(long)]
+        all_tenants: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Run the bundled example agents offline and show the guarantees at work.
     Demo {
         #[command(flatten)]
@@ -125,6 +143,15 @@ enum Command {
     },
     /// Measure the engine's own overhead per step and its memory per in-flight run.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CostBy {
+    Tenant,
+    User,
+    Agent,
+    Model,
+    Day,
 }
 
 #[derive(Args)]
@@ -262,6 +289,14 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     store,
                 },
         } => audit(run_id, &tenant, all_tenants, &store).await,
+        Command::Costs {
+            by,
+            since,
+            tenant,
+            all_tenants,
+            json,
+            store,
+        } => costs(by, since.as_deref(), &tenant, all_tenants, json, &store).await,
         Command::Demo { store } => demo::run(&store.db).await,
         Command::Bench(args) => bench::run(args).await,
     }
@@ -703,4 +738,84 @@ fn record_mismatch(
     } else {
         None
     }
+}
+
+async fn costs(
+    by: CostBy,
+    since: Option<&str>,
+    tenant: &str,
+    all_tenants: bool,
+    json: bool,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
+    let since_ms = match since {
+        None => 0,
+        Some(day) => rein_core::time::parse_utc_day(day).ok_or_else(|| {
+            anyhow!(BadInput(format!(
+                "--since {day}: expected a UTC day as YYYY-MM-DD"
+            )))
+        })?,
+    };
+    let group = match by {
+        CostBy::Tenant => rein_store::CostGroup::Tenant,
+        CostBy::User => rein_store::CostGroup::User,
+        CostBy::Agent => rein_store::CostGroup::Agent,
+        CostBy::Model => rein_store::CostGroup::Model,
+        CostBy::Day => rein_store::CostGroup::Day,
+    };
+    let store = open_existing_store(store).await?;
+    let tenant = TenantId::new(tenant);
+    let lines = store
+        .costs((!all_tenants).then_some(&tenant), group, since_ms)
+        .await?;
+    let total = lines
+        .iter()
+        .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
+    if json {
+        let rows: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "key": l.key,
+                    "calls": l.calls,
+                    "input_tokens": l.usage.input_tokens,
+                    "cached_input_tokens": l.usage.cached_input_tokens,
+                    "output_tokens": l.usage.output_tokens,
+                    "cost_usd": l.cost.as_dollars(),
+                    "cost_micros": l.cost.micros(),
+                })
+            })
+            .collect();
+        say!(
+            "{}",
+            serde_json::json!({"by": format!("{by:?}").to_lowercase(), "rows": rows, "total_usd": total.as_dollars(), "total_micros": total.micros()})
+        );
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![[
+        format!("{by:?}").to_uppercase(),
+        "CALLS".into(),
+        "TOKENS".into(),
+        "COST".into(),
+    ]];
+    for l in &lines {
+        rows.push([
+            l.key.clone(),
+            l.calls.to_string(),
+            l.usage.total().to_string(),
+            l.cost.to_string(),
+        ]);
+    }
+    rows.push([
+        "total".into(),
+        lines.iter().map(|l| l.calls).sum::<u64>().to_string(),
+        lines
+            .iter()
+            .map(|l| l.usage.total())
+            .sum::<u64>()
+            .to_string(),
+        total.to_string(),
+    ]);
+    say!("{}", render::table(&rows));
+    Ok(exit::OK)
 }

@@ -527,3 +527,70 @@ fn rand_suffix() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+#[test]
+fn costs_totals_equal_the_sum_of_recorded_model_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(rein(dir.path(), &["demo"]).status.code(), Some(0));
+    let out = rein(dir.path(), &["runs", "list", "--json", "--limit", "100"]);
+    let runs: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    let expected: i64 = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cost_micros"].as_i64().unwrap())
+        .sum();
+    let expected_calls: u64 = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["iterations"].as_u64().unwrap())
+        .sum();
+    assert!(expected > 0);
+
+    for by in ["agent", "model", "day", "user", "tenant"] {
+        let out = rein(dir.path(), &["costs", "--by", by, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+        let v: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        let sum: i64 = rows
+            .iter()
+            .map(|r| r["cost_micros"].as_i64().unwrap())
+            .sum();
+        let calls: u64 = rows.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
+        assert_eq!(
+            (sum, v["total_micros"].as_i64().unwrap(), calls),
+            (expected, expected, expected_calls),
+            "by {by}"
+        );
+    }
+    let out = rein(dir.path(), &["costs", "--by", "agent", "--json"]);
+    let v: Value = serde_json::from_str(text(&out).0.trim()).unwrap();
+    let cost_cap = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "cost-cap")
+        .unwrap();
+    let run = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "cost-cap")
+        .unwrap();
+    assert_eq!(cost_cap["cost_micros"], run["cost_micros"]);
+
+    // Another tenant sees nothing; a day after today nothing either.
+    let out = rein(dir.path(), &["costs", "--tenant", "other", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(text(&out).0.trim()).unwrap()["total_micros"],
+        0
+    );
+    let out = rein(dir.path(), &["costs", "--since", "2999-01-01", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(text(&out).0.trim()).unwrap()["total_micros"],
+        0
+    );
+    let out = rein(dir.path(), &["costs", "--since", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+}

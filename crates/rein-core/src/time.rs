@@ -35,9 +35,47 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (y, m, d)
 }
 
+/// Milliseconds since the epoch at the start of a UTC day written `YYYY-MM-DD`; `None` for
+/// anything else (including days that do not exist, such as `2026-02-30`).
+pub fn parse_utc_day(day: &str) -> Option<i64> {
+    let mut parts = day.split('-');
+    let (y, m, d): (i64, i64, i64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's days_from_civil), the inverse of format_utc.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = days * 86_400_000;
+    (format_utc(ms).get(..10) == Some(day)).then_some(ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_days_parse_to_their_first_millisecond() {
+        assert_eq!(parse_utc_day("1970-01-01"), Some(0));
+        assert_eq!(
+            parse_utc_day("2026-11-23").map(format_utc).as_deref(),
+            Some("2026-11-23T00:00:00.000Z")
+        );
+        assert_eq!(
+            parse_utc_day("2024-02-29").map(format_utc).as_deref(),
+            Some("2024-02-29T00:00:00.000Z")
+        );
+        assert_eq!(parse_utc_day("2026-02-30"), None);
+        assert_eq!(parse_utc_day("yesterday"), None);
+    }
 
     #[test]
     fn leap_days_and_year_ends_format_correctly() {

@@ -24,10 +24,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened, read or written.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The schema could not be brought up to date.
-    #[error("database migration failed: {0}")]
+    #[error(transparent)]
     Migration(#[from] sqlx::migrate::MigrateError),
     /// Someone else appended at this position first (two writers on one run).
     #[error("run {run_id}: event {seq} was already written by another writer")]
@@ -50,6 +50,66 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// How `SqliteStore::costs` groups spend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CostGroup {
+    /// By tenant.
+    Tenant,
+    /// By user.
+    User,
+    /// By agent.
+    Agent,
+    /// By the model that answered.
+    Model,
+    /// By UTC day of the call.
+    Day,
+}
+
+/// Spend of one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CostLine {
+    /// The group's key (tenant, user, agent, model or `YYYY-MM-DD`).
+    pub key: String,
+    /// Model calls answered.
+    pub calls: u64,
+    /// Tokens used.
+    pub usage: Usage,
+    /// Money spent.
+    pub cost: Usd,
+}
+
+/// `SELECT <group>, totals FROM model_responded events of <tenants> since ? GROUP BY <group>`,
+/// one static statement per grouping: SQL text never carries runtime values.
+macro_rules! cost_query {
+    ($group:literal, $tenant_filter:literal) => {
+        concat!(
+            "SELECT ", $group, " AS key, count(*) AS calls,
+                    coalesce(sum(e.payload ->> '$.usage.input_tokens'), 0) AS input_tokens,
+                    coalesce(sum(e.payload ->> '$.usage.cached_input_tokens'), 0) AS cached_input_tokens,
+                    coalesce(sum(e.payload ->> '$.usage.output_tokens'), 0) AS output_tokens,
+                    coalesce(sum(e.payload ->> '$.cost'), 0) AS micros
+             FROM events e JOIN runs r ON r.id = e.run_id
+             WHERE e.kind = 'model_responded' AND e.ts_ms >= ? AND ", $tenant_filter, "
+             GROUP BY key ORDER BY micros DESC, key"
+        )
+    };
+}
+
+fn cost_sql(group: CostGroup, all_tenants: bool) -> &'static str {
+    match (group, all_tenants) {
+        (CostGroup::Tenant, false) => cost_query!("r.tenant", "r.tenant = ?"),
+        (CostGroup::User, false) => cost_query!("r.user_id", "r.tenant = ?"),
+        (CostGroup::Agent, false) => cost_query!("r.agent", "r.tenant = ?"),
+        (CostGroup::Model, false) => cost_query!("e.payload ->> '$.model'", "r.tenant = ?"),
+        (CostGroup::Day, false) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "r.tenant = ?"),
+        (CostGroup::Tenant, true) => cost_query!("r.tenant", "? IS NULL"),
+        (CostGroup::User, true) => cost_query!("r.user_id", "? IS NULL"),
+        (CostGroup::Agent, true) => cost_query!("r.agent", "? IS NULL"),
+        (CostGroup::Model, true) => cost_query!("e.payload ->> '$.model'", "? IS NULL"),
+        (CostGroup::Day, true) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "? IS NULL"),
+    }
 }
 
 /// What a run is, fixed when it is created.
@@ -320,6 +380,38 @@ impl SqliteStore {
             .await?;
         rows.iter()
             .map(|r| Ok(TenantId::new(r.try_get::<String, _>("tenant")?)))
+            .collect()
+    }
+
+    /// Spend from recorded model calls since `since_ms`, grouped: for one tenant, or for every
+    /// tenant when `tenant` is `None` (an operator query).
+    pub async fn costs(
+        &self,
+        tenant: Option<&TenantId>,
+        group: CostGroup,
+        since_ms: i64,
+    ) -> Result<Vec<CostLine>, StoreError> {
+        let rows = sqlx::query(cost_sql(group, tenant.is_none()))
+            .bind(since_ms)
+            .bind(tenant.map(TenantId::as_str))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let n = |name: &str| -> Result<u64, sqlx::Error> {
+                    Ok(r.try_get::<i64, _>(name)?.max(0) as u64)
+                };
+                Ok(CostLine {
+                    key: r.try_get::<Option<String>, _>("key")?.unwrap_or_default(),
+                    calls: n("calls")?,
+                    usage: Usage {
+                        input_tokens: n("input_tokens")?,
+                        cached_input_tokens: n("cached_input_tokens")?,
+                        output_tokens: n("output_tokens")?,
+                    },
+                    cost: Usd::from_micros(r.try_get("micros")?),
+                })
+            })
             .collect()
     }
 
