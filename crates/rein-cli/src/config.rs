@@ -7,6 +7,7 @@
 //! output = 1.20
 //!
 //! [budgets]                       # defaults for every tenant; absent keys are uncapped
+//! warn_at_percent = 75            # a budget_warning event when spend crosses this share of a cap
 //! tenant_daily_usd = 50.0
 //! user_daily_usd = 5.0
 //!
@@ -42,6 +43,7 @@ struct ConfigFile {
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BudgetEntry {
+    warn_at_percent: Option<u8>,
     session_usd: Option<f64>,
     session_tokens: Option<u64>,
     user_daily_usd: Option<f64>,
@@ -78,6 +80,7 @@ impl BudgetEntry {
     /// `self` over `base`: keys set here win.
     fn over(self, base: BudgetEntry) -> BudgetEntry {
         BudgetEntry {
+            warn_at_percent: self.warn_at_percent.or(base.warn_at_percent),
             session_usd: self.session_usd.or(base.session_usd),
             session_tokens: self.session_tokens.or(base.session_tokens),
             user_daily_usd: self.user_daily_usd.or(base.user_daily_usd),
@@ -170,8 +173,18 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         prices.set(model, price);
     }
     let file_name = path.display().to_string();
+    let warn_percent = file
+        .budgets
+        .warn_at_percent
+        .unwrap_or(rein_core::budget::DEFAULT_WARN_PERCENT);
+    if !(1..=100).contains(&warn_percent) {
+        return Err(anyhow!(
+            "{file_name}: budgets.warn_at_percent: must be from 1 to 100"
+        ));
+    }
     let mut budgets = Budgets {
         defaults: file.budgets.policy(&format!("{file_name}: budgets"))?,
+        warn_percent,
         ..Budgets::default()
     };
     for (name, tenant) in file.tenants {

@@ -50,12 +50,48 @@ pub struct BudgetPolicy {
 }
 
 /// Budget policies for every tenant: defaults, and per-tenant overrides.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Budgets {
     /// What applies to a tenant without its own policy.
     pub defaults: BudgetPolicy,
     /// Per-tenant policies (each replaces the defaults for that tenant).
     pub tenants: std::collections::BTreeMap<TenantId, BudgetPolicy>,
+    /// A `budget_warning` event is recorded when a scope's spend crosses this percentage of a cap.
+    pub warn_percent: u8,
+}
+
+/// Default for [`Budgets::warn_percent`].
+pub const DEFAULT_WARN_PERCENT: u8 = 75;
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            defaults: BudgetPolicy::default(),
+            tenants: std::collections::BTreeMap::new(),
+            warn_percent: DEFAULT_WARN_PERCENT,
+        }
+    }
+}
+
+/// The caps of `scope` whose warning line (`percent` of the cap) the spend crossed when it went
+/// from `before` to `after`: `(usd crossed, tokens crossed)`.
+pub fn crossed_warning(cap: &Cap, percent: u8, before: &Amount, after: &Amount) -> (bool, bool) {
+    let line = |cap: i128| cap * i128::from(percent);
+    let crossed = |cap: Option<i128>, before: i128, after: i128| {
+        cap.is_some_and(|c| before * 100 < line(c) && after * 100 >= line(c))
+    };
+    (
+        crossed(
+            cap.usd.map(|u| i128::from(u.micros())),
+            i128::from(before.usd.micros()),
+            i128::from(after.usd.micros()),
+        ),
+        crossed(
+            cap.tokens.map(i128::from),
+            i128::from(before.tokens),
+            i128::from(after.tokens),
+        ),
+    )
 }
 
 impl Budgets {
@@ -180,13 +216,14 @@ pub trait Counters: Send + Sync {
     ) -> BoxFuture<'a, Result<Reservation, CountersError>>;
 
     /// Releases reservation `id` (if it has not expired) and adds `actual` to every scope's
-    /// spend. Spend is always counted, even after the reservation expired.
+    /// spend. Spend is always counted, even after the reservation expired. Returns each scope's
+    /// standing as this settlement left it (in `scopes` order), read in the same atomic step.
     fn settle<'a>(
         &'a self,
         id: &'a str,
         scopes: &'a [Scope],
         actual: Amount,
-    ) -> BoxFuture<'a, Result<(), CountersError>>;
+    ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>>;
 
     /// What a scope has used (expired reservations released first).
     fn standing<'a>(
@@ -239,6 +276,31 @@ mod tests {
         );
         let keys: Vec<&str> = scopes.iter().map(|s| s.key.as_str()).collect();
         assert_eq!(keys, ["tenant:acme:2026-11-23", "global:2026-11-23T09"]);
+    }
+
+    #[test]
+    fn a_warning_fires_once_when_the_line_is_crossed() {
+        let cap = Cap {
+            usd: Usd::from_dollars(1.0),
+            tokens: None,
+        };
+        let at = |d: f64| Amount {
+            usd: Usd::from_dollars(d).unwrap(),
+            tokens: 0,
+        };
+        assert_eq!(
+            crossed_warning(&cap, 75, &at(0.70), &at(0.75)),
+            (true, false)
+        );
+        assert_eq!(
+            crossed_warning(&cap, 75, &at(0.75), &at(0.90)),
+            (false, false),
+            "already past the line"
+        );
+        assert_eq!(
+            crossed_warning(&cap, 75, &at(0.10), &at(0.74)),
+            (false, false)
+        );
     }
 
     #[test]

@@ -331,7 +331,9 @@ impl Engine {
                 self.push_message(system);
                 self.push_message(Message::text(Role::User, input.clone()));
             }
-            EventKind::BudgetReserved { .. } | EventKind::BudgetSettled { .. } => {}
+            EventKind::BudgetReserved { .. }
+            | EventKind::BudgetSettled { .. }
+            | EventKind::BudgetWarning { .. } => {}
             EventKind::BudgetRefused {
                 scope,
                 standing,

@@ -71,6 +71,15 @@ pub enum EventKind {
         /// Amount spent.
         amount: crate::budget::Amount,
     },
+    /// A shared budget's spend crossed its warning line (by default 75% of a cap).
+    BudgetWarning {
+        /// The scope.
+        scope: crate::budget::Scope,
+        /// Its spend after this run's settlement.
+        spent: crate::budget::Amount,
+        /// The warning line, in percent of the cap.
+        percent: u8,
+    },
     /// A model call passed its pre-flight limit check and is about to be made.
     ModelRequested {
         /// Step number within the run.
@@ -173,6 +182,7 @@ impl EventKind {
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",
+            EventKind::BudgetWarning { .. } => "budget_warning",
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
             EventKind::ModelFailed { .. } => "model_failed",

@@ -72,7 +72,7 @@ return {1}
 ";
 
 /// ARGV: prefix, now, id, micros, tokens, then the scopes. Releases what reservation id still
-/// holds in each scope and adds the actual spend.
+/// holds in each scope, adds the actual spend, and returns the four counters of each scope.
 const SETTLE: &str = r"
 local id = ARGV[3]
 local micros, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -92,7 +92,12 @@ for i = 6, #ARGV do
 end
 redis.call('DEL', rkey)
 redis.call('ZREM', zkey, id)
-return 1
+local after = {}
+for i = 6, #ARGV do
+  local sm, st, rm, rt = standing(ARGV[i])
+  table.insert(after, sm); table.insert(after, st); table.insert(after, rm); table.insert(after, rt)
+end
+return after
 ";
 
 /// ARGV: prefix, now, scope. Returns {spent_micros, spent_tokens, reserved_micros, reserved_tokens}.
@@ -198,7 +203,7 @@ impl Counters for RedisCounters {
         id: &'a str,
         scopes: &'a [Scope],
         actual: Amount,
-    ) -> BoxFuture<'a, Result<(), CountersError>> {
+    ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>> {
         Box::pin(async move {
             let mut call = self.settle.prepare_invoke();
             // `now` is irrelevant to settling but the shared prelude expects it: pass 0 so
@@ -212,8 +217,8 @@ impl Counters for RedisCounters {
                 call.arg(&scope.key);
             }
             let mut conn = self.conn.clone();
-            let _: i64 = call.invoke_async(&mut conn).await.map_err(err)?;
-            Ok(())
+            let reply: Vec<i64> = call.invoke_async(&mut conn).await.map_err(err)?;
+            Ok(reply.chunks(4).map(standing_from).collect())
         })
     }
 

@@ -11,7 +11,9 @@
 
 mod retry;
 
-use rein_core::budget::{Amount, Budgets, Counters, CountersError, Reservation, Scope};
+use rein_core::budget::{
+    self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing,
+};
 
 use rein_core::{
     Agent, CheckContext, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, PriceTable,
@@ -398,6 +400,39 @@ impl Driver<'_> {
         }
     }
 
+    /// Records a `budget_warning` for each scope whose warning line this settlement crossed.
+    async fn warn_on_crossing(
+        &mut self,
+        governor: &Governor,
+        scopes: Vec<Scope>,
+        standings: Vec<Standing>,
+        spent: Amount,
+    ) -> Result<(), RuntimeError> {
+        if spent == Amount::default() {
+            return Ok(());
+        }
+        let percent = governor.budgets.warn_percent;
+        for (scope, standing) in scopes.into_iter().zip(standings) {
+            // Read in the same atomic step as the settlement, so exactly one settlement is the
+            // one that crossed the line.
+            let after = standing.spent;
+            let before = Amount {
+                usd: after.usd - spent.usd,
+                tokens: after.tokens.saturating_sub(spent.tokens),
+            };
+            let (usd, tokens) = budget::crossed_warning(&scope.cap, percent, &before, &after);
+            if usd || tokens {
+                self.record(EventKind::BudgetWarning {
+                    scope,
+                    spent: after,
+                    percent,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the time spent waiting on the provider (attempts and backoff).
     async fn call_model(&mut self, call: ModelCall) -> Result<Duration, RuntimeError> {
         let reservation = match self.reserve(&call).await? {
@@ -469,13 +504,15 @@ impl Driver<'_> {
         };
         self.record(kind).await?;
         if let (Some((id, scopes)), Some(governor)) = (reservation, self.runtime.governor.clone()) {
-            governor.counters.settle(&id, &scopes, spent).await?;
+            let standings = governor.counters.settle(&id, &scopes, spent).await?;
             self.record(EventKind::BudgetSettled {
                 step: call.step,
                 reservation: id,
                 amount: spent,
             })
             .await?;
+            self.warn_on_crossing(&governor, scopes, standings, spent)
+                .await?;
         }
         Ok(waited)
     }

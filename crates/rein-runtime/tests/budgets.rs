@@ -195,3 +195,72 @@ async fn racing_runs_never_overspend_a_shared_budget_on_redis() {
         .expect("Redis must be running on 127.0.0.1:6379 (.ci/run starts it)");
     race(Arc::new(counters), store).await;
 }
+
+#[tokio::test]
+async fn crossing_the_warning_line_records_one_budget_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    // $0.10 a day; each call costs about $0.04: the second call crosses 75%.
+    let budgets = Budgets {
+        defaults: BudgetPolicy {
+            tenant_daily: Cap {
+                usd: Usd::from_dollars(0.10),
+                tokens: None,
+            },
+            ..BudgetPolicy::default()
+        },
+        ..Budgets::default()
+    };
+    let runtime = Runtime::new(
+        store.clone(),
+        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+    )
+    .with_governor(Governor {
+        counters: Arc::new(store.clone()),
+        budgets,
+    });
+    let prices = PriceTable::default();
+    let builtins = Builtins::standard().infos();
+    let agent = Arc::new(
+        Agent::parse(
+            "s.yaml",
+            SPEC,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+        .unwrap(),
+    );
+    let model = ScriptedModel::parse("script.yaml", SCRIPT).unwrap();
+    let tenant = TenantId::new("warned");
+    let request = RunRequest {
+        agent,
+        spec_source: SPEC.to_string(),
+        input: "doc".into(),
+        tenant: tenant.clone(),
+        user: UserId::new("u"),
+        session: SessionId::new("s"),
+        job: None,
+    };
+    let outcome = runtime.run(request, &model).await.unwrap();
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    let events = store.events(&tenant, &outcome.run_id).await.unwrap();
+    let warnings: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            rein_core::EventKind::BudgetWarning {
+                scope,
+                spent,
+                percent,
+            } => Some((scope.key, spent.usd, percent)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].2, 75);
+    assert!(warnings[0].0.starts_with("tenant:warned:"));
+    assert!(warnings[0].1 >= Usd::from_dollars(0.075).unwrap());
+}

@@ -112,7 +112,7 @@ impl SqliteStore {
         id: &str,
         scopes: &[Scope],
         actual: Amount,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<Standing>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         for scope in scopes {
             sqlx::query(
@@ -135,8 +135,12 @@ impl SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        let mut after = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            after.push(standing_in(&mut tx, &scope.key).await?);
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(after)
     }
 
     async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {
@@ -169,7 +173,7 @@ impl Counters for SqliteStore {
         id: &'a str,
         scopes: &'a [Scope],
         actual: Amount,
-    ) -> BoxFuture<'a, Result<(), CountersError>> {
+    ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>> {
         Box::pin(async move { self.settle_in_store(id, scopes, actual).await.map_err(err) })
     }
 
