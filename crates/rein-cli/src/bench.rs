@@ -92,6 +92,7 @@ fn request(agent: &Arc<Agent>, source: &str, n: usize) -> RunRequest {
         user: UserId::new("bench"),
         session: SessionId::new(format!("bench-{n}")),
         job: None,
+        granted_scopes: Vec::new(),
     }
 }
 

@@ -11,8 +11,11 @@
 //! tenant_daily_usd = 50.0
 //! user_daily_usd = 5.0
 //!
-//! [tenants.acme]                  # per-tenant overrides of [budgets] keys
+//! scopes = ["orders:read"]        # (top level) authorisation scopes every tenant is granted
+//!
+//! [tenants.acme]                  # per-tenant overrides of [budgets] keys, and its own scopes
 //! tenant_daily_usd = 200.0
+//! scopes = ["orders:read", "orders:write"]
 //!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
@@ -33,8 +36,12 @@ struct ConfigFile {
     prices: BTreeMap<String, PriceEntry>,
     #[serde(default)]
     budgets: BudgetEntry,
+    /// Authorisation scopes granted to every tenant without its own `scopes`.
     #[serde(default)]
-    tenants: BTreeMap<String, TenantEntry>,
+    scopes: Vec<String>,
+    /// Per-tenant tables: budget keys and `scopes`.
+    #[serde(default)]
+    tenants: BTreeMap<String, toml::Table>,
     #[serde(default)]
     counters: Option<CountersConfig>,
 }
@@ -52,13 +59,6 @@ struct BudgetEntry {
     tenant_daily_tokens: Option<u64>,
     global_hourly_usd: Option<f64>,
     global_hourly_tokens: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TenantEntry {
-    #[serde(flatten)]
-    budgets: BudgetEntry,
 }
 
 /// Where the shared counters live.
@@ -140,6 +140,20 @@ pub struct Config {
     pub budgets: Budgets,
     /// Redis for the shared counters; `None`: the embedded store.
     pub counters: Option<CountersConfig>,
+    /// Scopes granted to tenants without their own list.
+    pub default_scopes: Vec<String>,
+    /// Scopes granted per tenant.
+    pub tenant_scopes: BTreeMap<TenantId, Vec<String>>,
+}
+
+impl Config {
+    /// The authorisation scopes `tenant` is granted.
+    pub fn granted_scopes(&self, tenant: &TenantId) -> Vec<String> {
+        self.tenant_scopes
+            .get(tenant)
+            .unwrap_or(&self.default_scopes)
+            .clone()
+    }
 }
 
 /// Loads `path` if given, else `./rein.toml` if it exists, else the defaults.
@@ -187,16 +201,24 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         warn_percent,
         ..Budgets::default()
     };
-    for (name, tenant) in file.tenants {
-        let policy = tenant
-            .budgets
-            .over(file.budgets)
-            .policy(&format!("{file_name}: tenants.{name}"))?;
+    let mut tenant_scopes = BTreeMap::new();
+    for (name, mut table) in file.tenants {
+        let at = format!("{file_name}: tenants.{name}");
+        if let Some(scopes) = table.remove("scopes") {
+            let scopes: Vec<String> = scopes.try_into().map_err(|e| anyhow!("{at}.scopes: {e}"))?;
+            tenant_scopes.insert(TenantId::new(name.clone()), scopes);
+        }
+        let entry: BudgetEntry = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow!("{at}: {e}"))?;
+        let policy = entry.over(file.budgets).policy(&at)?;
         budgets.tenants.insert(TenantId::new(name), policy);
     }
     Ok(Config {
         prices,
         budgets,
         counters: file.counters,
+        default_scopes: file.scopes,
+        tenant_scopes,
     })
 }

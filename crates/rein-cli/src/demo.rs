@@ -136,6 +136,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
             user: UserId::new("demo"),
             session: SessionId::new(format!("demo-{}", scenario.name)),
             job: None,
+            granted_scopes: config.granted_scopes(&tenant),
         };
         let outcome = runtime.run(request, model.as_ref()).await?;
         rows.push([

@@ -451,6 +451,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         agent,
         spec_source: source,
         input: args.input,
+        granted_scopes: config.granted_scopes(&TenantId::new(args.tenant.clone())),
         tenant: TenantId::new(args.tenant),
         user: UserId::new(args.user),
         session: SessionId::new(
@@ -700,6 +701,7 @@ fn record_mismatch(
             user,
             session,
             job,
+            ..
         }) => {
             if tenant != &info.tenant {
                 return Some("tenant");

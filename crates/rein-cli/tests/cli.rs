@@ -594,3 +594,28 @@ fn costs_totals_equal_the_sum_of_recorded_model_calls() {
     let out = rein(dir.path(), &["costs", "--since", "soon"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn tenant_tables_are_read_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = repo().join("examples/order-support.yaml");
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "scopes = [\"a\"]\n[tenants.acme]\nscopes = [\"b\"]\ntenant_daily_usd = 1.0\n",
+    )
+    .unwrap();
+    let out = rein(dir.path(), &["check", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[tenants.acme]\ntenant_dayly_usd = 1.0\n",
+    )
+    .unwrap();
+    let out = rein(dir.path(), &["check", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("tenants.acme") && text(&out).1.contains("tenant_dayly_usd"),
+        "{}",
+        text(&out).1
+    );
+}

@@ -147,6 +147,8 @@ pub struct Engine {
     /// A tool call recorded as requested whose result is not recorded (only after a crash):
     /// its call id and step.
     tool_in_flight: Option<(String, u32)>,
+    /// Scopes the tenant granted, pinned at the start of the run.
+    granted_scopes: Vec<String>,
     repairs: u32,
     finish: Option<Finish>,
     finished: Option<(RunStatus, TerminationReason)>,
@@ -218,6 +220,7 @@ impl Engine {
             pending_tools: VecDeque::new(),
             model_in_flight: false,
             tool_in_flight: None,
+            granted_scopes: Vec::new(),
             repairs: 0,
             finish: None,
             finished: None,
@@ -325,8 +328,13 @@ impl Engine {
             _ => {}
         }
         match &event.kind {
-            EventKind::RunStarted { input, .. } => {
+            EventKind::RunStarted {
+                input,
+                granted_scopes,
+                ..
+            } => {
                 self.started_ms = Some(event.ts_ms);
+                self.granted_scopes = granted_scopes.clone();
                 let system = Message::text(Role::System, self.agent.spec.instructions.clone());
                 self.push_message(system);
                 self.push_message(Message::text(Role::User, input.clone()));
@@ -716,6 +724,21 @@ impl Engine {
                 call.name
             ));
         };
+        if let Some(scope) = &tool.contract.auth_scope {
+            let held = self.agent.spec.scopes.contains(scope);
+            let granted = self.granted_scopes.contains(scope);
+            if !(held && granted) {
+                let who = match (held, granted) {
+                    (false, false) => "this agent and its tenant are",
+                    (false, true) => "this agent is",
+                    _ => "this agent's tenant is",
+                };
+                return refuse(format!(
+                    "not authorised: `{}` needs the scope `{scope}`, which {who} not granted; do not call it again",
+                    call.name
+                ));
+            }
+        }
         let arguments: Value = match serde_json::from_str(if call.arguments.trim().is_empty() {
             "{}"
         } else {

@@ -39,6 +39,9 @@ pub enum EventKind {
         /// Optional batch job.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job: Option<JobId>,
+        /// Authorisation scopes the tenant was granted when the run started.
+        #[serde(default)]
+        granted_scopes: Vec<String>,
     },
     /// The worst case of the next model call is held in every shared budget scope.
     BudgetReserved {

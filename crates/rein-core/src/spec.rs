@@ -54,6 +54,9 @@ pub struct AgentSpec {
     pub limits: Limits,
     /// JSON Schema the final answer must satisfy, if any.
     pub output_schema: Option<Value>,
+    /// Authorisation scopes this agent holds; a tool with an `auth_scope` outside them (or
+    /// outside its tenant's grants) is refused.
+    pub scopes: Vec<String>,
 }
 
 /// The model policy.
@@ -647,6 +650,7 @@ impl Parser<'_> {
             "tools",
             "limits",
             "output_schema",
+            "scopes",
         ];
         let f = self.fields(root, "", KNOWN)?;
 
@@ -703,6 +707,29 @@ impl Parser<'_> {
             None => Some(None),
             Some(n) => self.json_schema(n, "output_schema").map(Some),
         };
+        let scopes = match f.get("scopes") {
+            None => Some(Vec::new()),
+            Some(n) => match &n.value {
+                NodeValue::Seq(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| self.string(item, &format!("scopes[{i}]")))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>(),
+                other => {
+                    self.error(
+                        n.pos,
+                        "scopes",
+                        format!(
+                            "expected a list of scope names, found {}",
+                            other.type_name()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
 
         let (tools, tool_validators): (Vec<_>, Vec<_>) = tools?.into_iter().unzip();
         let (output_schema, output_validator) = match output? {
@@ -719,6 +746,7 @@ impl Parser<'_> {
                 tools,
                 limits: limits?,
                 output_schema,
+                scopes: scopes?,
             },
             price: price?,
             tool_validators,

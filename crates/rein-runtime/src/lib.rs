@@ -79,6 +79,8 @@ pub struct RunRequest {
     pub session: SessionId,
     /// Optional job.
     pub job: Option<JobId>,
+    /// Authorisation scopes the tenant is granted (pinned with the run).
+    pub granted_scopes: Vec<String>,
 }
 
 /// How a run ended.
@@ -211,6 +213,7 @@ impl Runtime {
                 user: request.user,
                 session: request.session,
                 job: request.job,
+                granted_scopes: request.granted_scopes,
             })
             .await?;
         driver.drive().await

@@ -93,6 +93,7 @@ async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
                 user: UserId::new(format!("user-{}", n % 7)),
                 session: SessionId::new(format!("s-{n}")),
                 job: None,
+                granted_scopes: Vec::new(),
             };
             runtime.run(request, model.as_ref()).await.unwrap()
         });
@@ -244,6 +245,7 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
         user: UserId::new("u"),
         session: SessionId::new("s"),
         job: None,
+        granted_scopes: Vec::new(),
     };
     let outcome = runtime.run(request, &model).await.unwrap();
     assert_eq!(outcome.reason, TerminationReason::Completed);

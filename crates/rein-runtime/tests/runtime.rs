@@ -83,6 +83,7 @@ async fn run(h: &Harness, src: &str, model: &dyn Model) -> RunOutcome {
         user: UserId::new("ann"),
         session: SessionId::new("s1"),
         job: None,
+        granted_scopes: Vec::new(),
     };
     h.runtime.run(request, model).await.unwrap()
 }
@@ -386,6 +387,7 @@ async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -
         user: UserId::new("ann"),
         session: SessionId::new("s1"),
         job: None,
+        granted_scopes: Vec::new(),
     };
     let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
     let started = Instant::now();
@@ -526,4 +528,59 @@ async fn a_failed_unsafe_tool_is_never_reported_to_the_model_as_safe_to_repeat()
         (results[0].0.error_type, results[0].0.retry_safe),
         (Some(ErrorType::Transient), false)
     );
+}
+
+async fn run_granted(h: &Harness, src: &str, model: &dyn Model, granted: &[&str]) -> RunOutcome {
+    let request = RunRequest {
+        agent: agent(src),
+        spec_source: src.to_string(),
+        input: "go".into(),
+        tenant: TenantId::new("acme"),
+        user: UserId::new("ann"),
+        session: SessionId::new("s1"),
+        job: None,
+        granted_scopes: granted.iter().map(|s| s.to_string()).collect(),
+    };
+    h.runtime.run(request, model).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_tool_outside_the_granted_scopes_is_never_called() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let base = spec(
+        &format!("{}/orders/42", service.url()),
+        "{timeout: 5s, auth_scope: orders:read, side_effects: read}",
+        "60s",
+    );
+    let with_scope = base.replace(
+        "instructions: Use the tool.",
+        "instructions: Use the tool.\nscopes: [orders:read]",
+    );
+
+    // The agent holds the scope but the tenant was not granted it; then neither; then both.
+    for (src, granted, who) in [
+        (&with_scope, vec![], "this agent's tenant is"),
+        (&base, vec![], "this agent and its tenant are"),
+        (&base, vec!["orders:read"], "this agent is"),
+    ] {
+        let outcome = run_granted(&h, src, &one_call("fetch", "{}"), &granted).await;
+        assert_eq!(outcome.reason, TerminationReason::Completed);
+        let results = tool_results(&h, &outcome).await;
+        let (result, attempts, _) = &results[0];
+        assert_eq!(
+            (result.error_type, *attempts),
+            (Some(ErrorType::Permanent), 0)
+        );
+        let message = result.message.as_deref().unwrap();
+        assert!(
+            message.contains("not authorised") && message.contains(who),
+            "{message}"
+        );
+    }
+    assert_eq!(service.hits("orders/42"), 0, "no request reached the tool");
+
+    let outcome = run_granted(&h, &with_scope, &one_call("fetch", "{}"), &["orders:read"]).await;
+    assert!(tool_results(&h, &outcome).await[0].0.is_success());
+    assert_eq!(service.hits("orders/42"), 1);
 }

@@ -571,6 +571,7 @@ mod tests {
                 user: UserId::new("u"),
                 session: SessionId::new("s"),
                 job: None,
+                granted_scopes: Vec::new(),
             },
         }
     }

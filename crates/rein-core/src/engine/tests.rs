@@ -92,6 +92,7 @@ impl Sim {
             user: UserId::new("u"),
             session: SessionId::new("s"),
             job: None,
+            granted_scopes: Vec::new(),
         });
         sim
     }
