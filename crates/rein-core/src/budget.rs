@@ -225,6 +225,18 @@ pub trait Counters: Send + Sync {
         actual: Amount,
     ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>>;
 
+    /// Reads a shared state cell (circuit breaker state and the like); `None` if never written.
+    fn cell<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, CountersError>>;
+
+    /// Sets a cell to `new` only if it still holds `expected` (`None`: never written), atomically
+    /// across processes. Returns whether it did; on `false` the caller re-reads and retries.
+    fn swap_cell<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a str>,
+        new: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CountersError>>;
+
     /// What a scope has used (expired reservations released first).
     fn standing<'a>(
         &'a self,

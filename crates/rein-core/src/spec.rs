@@ -210,6 +210,8 @@ pub struct ToolContract {
     pub confirm: bool,
     /// Magnitude rules on arguments, by JSON pointer (e.g. `/rows`), checked before each call.
     pub limits: Vec<MagnitudeRule>,
+    /// When this tool's circuit breaker (one per tenant) opens, and for how long.
+    pub breaker: crate::breaker::BreakerPolicy,
 }
 
 /// A bound on the magnitude of one argument: a number's value, an array's length, or a
@@ -272,6 +274,7 @@ impl Default for ToolContract {
             max_calls_per_run: None,
             confirm: false,
             limits: Vec::new(),
+            breaker: crate::breaker::BreakerPolicy::default(),
         }
     }
 }
@@ -1102,6 +1105,7 @@ impl Parser<'_> {
                 "max_calls_per_run",
                 "confirm",
                 "limits",
+                "breaker",
             ],
         )?;
         let d = ToolContract::default();
@@ -1143,6 +1147,9 @@ impl Parser<'_> {
             None => Some(Vec::new()),
             Some(n) => self.magnitude_rules(n, &f.child("limits")),
         };
+        let breaker = f
+            .get("breaker")
+            .map_or(Some(d.breaker), |n| self.breaker(n, &f.child("breaker")));
         Some(ToolContract {
             timeout: timeout?,
             retry: retry?,
@@ -1152,6 +1159,28 @@ impl Parser<'_> {
             max_calls_per_run: max_calls_per_run?,
             confirm: confirm?,
             limits: limits?,
+            breaker: breaker?,
+        })
+    }
+
+    fn breaker(&mut self, node: &Node, path: &str) -> Option<crate::breaker::BreakerPolicy> {
+        let f = self.fields(node, path, &["failures", "window", "cool_down"])?;
+        let d = crate::breaker::BreakerPolicy::default();
+        let failures = f.get("failures").map_or(Some(d.failures), |n| {
+            self.integer(n, &f.child("failures"), 1, 10_000)
+                .map(|v| v as u32)
+        });
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let window = f.get("window").map_or(Some(d.window_ms), |n| {
+            self.duration(n, &f.child("window")).map(millis)
+        });
+        let cool_down = f.get("cool_down").map_or(Some(d.cool_down_ms), |n| {
+            self.duration(n, &f.child("cool_down")).map(millis)
+        });
+        Some(crate::breaker::BreakerPolicy {
+            failures: failures?,
+            window_ms: window?,
+            cool_down_ms: cool_down?,
         })
     }
 

@@ -106,6 +106,20 @@ local sm, st, rm, rt = standing(ARGV[3])
 return {sm, st, rm, rt}
 ";
 
+/// ARGV: prefix, key, expect_absent (`1` or `0`), expected, new. Sets the cell to new only if
+/// it holds expected (or is absent when expect_absent); returns 1 if it did.
+const SWAP_CELL: &str = r"
+local k = ARGV[1] .. ':cell:' .. ARGV[2]
+local cur = redis.call('GET', k)
+if ARGV[3] == '1' then
+  if cur then return 0 end
+elseif cur ~= ARGV[4] then
+  return 0
+end
+redis.call('SET', k, ARGV[5])
+return 1
+";
+
 /// Budget counters in Redis.
 #[derive(Clone)]
 pub struct RedisCounters {
@@ -114,6 +128,7 @@ pub struct RedisCounters {
     reserve: Script,
     settle: Script,
     standing: Script,
+    swap_cell: Script,
 }
 
 fn err(e: redis::RedisError) -> CountersError {
@@ -149,6 +164,7 @@ impl RedisCounters {
             reserve: Script::new(&format!("{RELEASE_EXPIRED}{RESERVE}")),
             settle: Script::new(&format!("{RELEASE_EXPIRED}{SETTLE}")),
             standing: Script::new(&format!("{RELEASE_EXPIRED}{STANDING}")),
+            swap_cell: Script::new(SWAP_CELL),
         })
     }
 }
@@ -158,6 +174,36 @@ fn tokens_arg(v: u64) -> i64 {
 }
 
 impl Counters for RedisCounters {
+    fn cell<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, CountersError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("GET")
+                .arg(format!("{}:cell:{key}", self.prefix))
+                .query_async(&mut conn)
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn swap_cell<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a str>,
+        new: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CountersError>> {
+        Box::pin(async move {
+            let mut call = self.swap_cell.prepare_invoke();
+            call.arg(&self.prefix)
+                .arg(key)
+                .arg(if expected.is_none() { "1" } else { "0" })
+                .arg(expected.unwrap_or(""))
+                .arg(new);
+            let mut conn = self.conn.clone();
+            let done: i64 = call.invoke_async(&mut conn).await.map_err(err)?;
+            Ok(done == 1)
+        })
+    }
+
     fn reserve<'a>(
         &'a self,
         id: &'a str,

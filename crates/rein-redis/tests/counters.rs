@@ -149,12 +149,29 @@ async fn racing_reservations_never_overcommit(c: Arc<dyn Counters>) {
     assert_eq!(now.reserved.usd, Usd::from_dollars(1.98).unwrap());
 }
 
+async fn cells_change_only_by_compare_and_swap(c: &dyn Counters) {
+    assert_eq!(c.cell("breaker:t:x").await.unwrap(), None);
+    assert!(c.swap_cell("breaker:t:x", None, "a").await.unwrap());
+    assert!(
+        !c.swap_cell("breaker:t:x", None, "b").await.unwrap(),
+        "already written"
+    );
+    assert!(
+        !c.swap_cell("breaker:t:x", Some("stale"), "b")
+            .await
+            .unwrap()
+    );
+    assert!(c.swap_cell("breaker:t:x", Some("a"), "b").await.unwrap());
+    assert_eq!(c.cell("breaker:t:x").await.unwrap().as_deref(), Some("b"));
+}
+
 #[tokio::test]
 async fn sqlite_counters_conform() {
     let (store, _dir) = sqlite().await;
     reservations_are_all_or_nothing(&store).await;
     settling_releases_the_rest_and_counts_the_spend(&store).await;
     a_reservation_left_by_a_dead_process_expires(&store).await;
+    cells_change_only_by_compare_and_swap(&store).await;
     racing_reservations_never_overcommit(Arc::new(store)).await;
 }
 
@@ -164,5 +181,6 @@ async fn redis_counters_conform() {
     reservations_are_all_or_nothing(&c).await;
     settling_releases_the_rest_and_counts_the_spend(&c).await;
     a_reservation_left_by_a_dead_process_expires(&c).await;
+    cells_change_only_by_compare_and_swap(&c).await;
     racing_reservations_never_overcommit(Arc::new(c)).await;
 }

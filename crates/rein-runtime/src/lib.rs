@@ -9,8 +9,10 @@
 //! Limits are decided by the engine, not here: this crate never decides whether a run may
 //! spend, only how to carry out what the engine asked for.
 
+mod breakers;
 mod retry;
 
+use rein_core::breaker::Admission;
 use rein_core::budget::{
     self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing,
 };
@@ -130,6 +132,7 @@ pub struct Runtime {
     store: SqliteStore,
     tools: ToolBox,
     governor: Option<Governor>,
+    breakers: Arc<breakers::Breakers>,
     step_timings: bool,
 }
 
@@ -143,6 +146,7 @@ impl Runtime {
     /// A runtime over a store and a toolbox.
     pub fn new(store: SqliteStore, tools: ToolBox) -> Self {
         Runtime {
+            breakers: Arc::new(breakers::Breakers::new(Arc::new(store.clone()))),
             store,
             tools,
             governor: None,
@@ -152,7 +156,11 @@ impl Runtime {
 
     /// Enforces shared budgets: every model call reserves its worst case in every capped scope
     /// first, and is not made if any scope cannot cover it.
+    ///
+    /// The governor's counters also hold the tools' circuit breakers, so processes that share
+    /// budgets share breakers too.
     pub fn with_governor(mut self, governor: Governor) -> Self {
+        self.breakers = Arc::new(breakers::Breakers::new(governor.counters.clone()));
         self.governor = governor.budgets.any().then_some(governor);
         self
     }
@@ -526,8 +534,30 @@ impl Driver<'_> {
         let agent = self.engine.agent().clone();
         let started = Instant::now();
         let (result, attempts) = match agent.tool(&invocation.tool) {
-            Some((tool, _)) => {
+            Some((tool, _)) => 'call: {
                 let contract = &tool.contract;
+                // One breaker per tenant and tool: a failing dependency of one tenant does not
+                // stop the others.
+                let breaker = format!("breaker:tool:{}:{}", self.tenant, tool.name);
+                let probe_ms = i64::try_from(contract.timeout.as_millis()).unwrap_or(i64::MAX);
+                let admission = self
+                    .runtime
+                    .breakers
+                    .admit(&breaker, &contract.breaker, now_ms(), probe_ms)
+                    .await?;
+                if let Admission::Refused { retry_in_ms } = admission {
+                    let mut refused = ToolResult::error(
+                        ErrorType::Transient,
+                        format!(
+                            "`{}` has been failing, so its circuit breaker is open and it was not called; it will be tried again in about {} s",
+                            tool.name,
+                            (retry_in_ms + 999) / 1000
+                        ),
+                    );
+                    refused.retry_safe = false;
+                    refused.retry_after_ms = u64::try_from(retry_in_ms).ok();
+                    break 'call (refused, 0);
+                }
                 let backoff = Backoff {
                     max_attempts: if contract.may_retry() {
                         contract.retry.max_attempts
@@ -573,6 +603,16 @@ impl Driver<'_> {
                 if !contract.may_retry() {
                     result.retry_safe = false;
                 }
+                // Only the service's own failures count against its breaker: a 4xx or a
+                // refused argument says nothing about the dependency's health.
+                let failed = matches!(
+                    result.error_type,
+                    Some(ErrorType::Transient | ErrorType::RateLimit)
+                );
+                self.runtime
+                    .breakers
+                    .record(&breaker, &contract.breaker, !failed, now_ms())
+                    .await?;
                 (result, outcome.attempts)
             }
             // The engine only asks for tools the agent has; this is defence in depth.

@@ -584,3 +584,98 @@ async fn a_tool_outside_the_granted_scopes_is_never_called() {
     assert!(tool_results(&h, &outcome).await[0].0.is_success());
     assert_eq!(service.hits("orders/42"), 1);
 }
+
+async fn run_as(h: &Harness, src: &str, tenant: &str) -> RunOutcome {
+    let request = RunRequest {
+        agent: agent(src),
+        spec_source: src.to_string(),
+        input: "go".into(),
+        tenant: TenantId::new(tenant),
+        user: UserId::new("ann"),
+        session: SessionId::new("s1"),
+        job: None,
+        granted_scopes: Vec::new(),
+    };
+    h.runtime
+        .run(request, &one_call("fetch", "{}"))
+        .await
+        .unwrap()
+}
+
+async fn first_tool_result(
+    h: &Harness,
+    outcome: &RunOutcome,
+    tenant: &str,
+) -> (rein_core::ToolResult, u32) {
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new(tenant), &outcome.run_id)
+        .await
+        .unwrap();
+    events
+        .iter()
+        .find_map(|e| match e.decode().unwrap().kind {
+            EventKind::ToolResult {
+                result, attempts, ..
+            } => Some((result, attempts)),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_failing_tool_opens_its_breaker_and_one_probe_goes_through_after_the_cool_down() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let contract = "{timeout: 5s, idempotent: true, retry: {max_attempts: 1}, breaker: {failures: 3, window: 60s, cool_down: 400ms}}";
+    let src = spec(
+        &format!("{}/flaky/b1?fail=3", service.url()),
+        contract,
+        "60s",
+    );
+
+    for n in 1..=3 {
+        let outcome = run_as(&h, &src, "acme").await;
+        let (result, attempts) = first_tool_result(&h, &outcome, "acme").await;
+        assert_eq!(
+            (result.error_type, attempts),
+            (Some(ErrorType::Transient), 1),
+            "call {n}"
+        );
+    }
+    assert_eq!(service.hits("flaky/b1"), 3);
+
+    // Open: refused without reaching the tool, and the model is told not to hammer it.
+    let outcome = run_as(&h, &src, "acme").await;
+    let (result, attempts) = first_tool_result(&h, &outcome, "acme").await;
+    assert_eq!((attempts, result.retry_safe), (0, false));
+    assert!(
+        result
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("circuit breaker is open"),
+        "{result:?}"
+    );
+    assert_eq!(service.hits("flaky/b1"), 3, "no request reached the tool");
+
+    // Another tenant's breaker for the same tool is its own.
+    let other = spec(&format!("{}/flaky/b2", service.url()), contract, "60s");
+    let outcome = run_as(&h, &other, "globex").await;
+    assert!(
+        first_tool_result(&h, &outcome, "globex")
+            .await
+            .0
+            .is_success()
+    );
+
+    // After the cool-down one probe goes through; it succeeds and closes the breaker.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let outcome = run_as(&h, &src, "acme").await;
+    assert!(first_tool_result(&h, &outcome, "acme").await.0.is_success());
+    assert_eq!(service.hits("flaky/b1"), 4);
+    let outcome = run_as(&h, &src, "acme").await;
+    assert!(first_tool_result(&h, &outcome, "acme").await.0.is_success());
+    assert_eq!(service.hits("flaky/b1"), 5);
+}

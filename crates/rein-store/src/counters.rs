@@ -152,7 +152,60 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    async fn cell_in_store(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query("SELECT value FROM counter_cells WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("value")).transpose()
+    }
+
+    async fn swap_cell_in_store(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        new: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = match expected {
+            None => sqlx::query(
+                "INSERT INTO counter_cells (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(new)
+            .execute(&self.pool)
+            .await?,
+            Some(expected) => {
+                sqlx::query("UPDATE counter_cells SET value = ? WHERE key = ? AND value = ?")
+                    .bind(new)
+                    .bind(key)
+                    .bind(expected)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected() == 1)
+    }
+}
+
 impl Counters for SqliteStore {
+    fn cell<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, CountersError>> {
+        Box::pin(async move { self.cell_in_store(key).await.map_err(err) })
+    }
+
+    fn swap_cell<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a str>,
+        new: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CountersError>> {
+        Box::pin(async move {
+            self.swap_cell_in_store(key, expected, new)
+                .await
+                .map_err(err)
+        })
+    }
+
     fn reserve<'a>(
         &'a self,
         id: &'a str,

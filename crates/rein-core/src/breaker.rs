@@ -1,0 +1,192 @@
+//! Circuit breakers: stop calling a dependency that keeps failing, then probe it carefully.
+//!
+//! Closed: calls go through; failures inside a window are counted. After `failures` of them
+//! the breaker opens: calls are refused without reaching the dependency (no retry storm).
+//! After `cool_down` one probe is let through (half-open): its success closes the breaker, its
+//! failure opens it again. The state is plain data so that any counter backend can store it
+//! and update it with compare-and-swap; the transitions here are the only logic.
+
+use serde::{Deserialize, Serialize};
+
+/// When a breaker opens and how long it stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BreakerPolicy {
+    /// Failures within `window_ms` that open the breaker.
+    pub failures: u32,
+    /// The counting window.
+    pub window_ms: i64,
+    /// How long the breaker stays open before one probe is let through.
+    pub cool_down_ms: i64,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: 5,
+            window_ms: 60_000,
+            cool_down_ms: 30_000,
+        }
+    }
+}
+
+/// A breaker's stored state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerState {
+    /// Failures counted in the current window.
+    pub failures: u32,
+    /// Start of the current window.
+    pub window_start_ms: i64,
+    /// When the breaker opened, while open.
+    pub opened_ms: Option<i64>,
+    /// While a probe is out: until when it may take.
+    pub probe_until_ms: Option<i64>,
+}
+
+/// Whether a call may go through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: go ahead.
+    Allowed,
+    /// Half-open: this call is the one probe.
+    Probe,
+    /// Open: do not call; try again after this many milliseconds.
+    Refused {
+        /// Milliseconds until a probe may be let through.
+        retry_in_ms: i64,
+    },
+}
+
+impl BreakerState {
+    /// Decides whether a call at `now_ms` may go through, and the state after deciding (a probe
+    /// is marked out until `now_ms + probe_ms`, so no second caller probes at the same time).
+    pub fn admit(
+        &self,
+        policy: &BreakerPolicy,
+        now_ms: i64,
+        probe_ms: i64,
+    ) -> (Admission, BreakerState) {
+        let Some(opened) = self.opened_ms else {
+            return (Admission::Allowed, self.clone());
+        };
+        let reopen_at = opened + policy.cool_down_ms;
+        if now_ms < reopen_at {
+            return (
+                Admission::Refused {
+                    retry_in_ms: reopen_at - now_ms,
+                },
+                self.clone(),
+            );
+        }
+        if let Some(until) = self.probe_until_ms.filter(|until| now_ms < *until) {
+            return (
+                Admission::Refused {
+                    retry_in_ms: until - now_ms,
+                },
+                self.clone(),
+            );
+        }
+        let mut next = self.clone();
+        next.probe_until_ms = Some(now_ms + probe_ms.max(1));
+        (Admission::Probe, next)
+    }
+
+    /// The state after a call that went through ended at `now_ms`.
+    pub fn record(&self, policy: &BreakerPolicy, succeeded: bool, now_ms: i64) -> BreakerState {
+        if succeeded {
+            return BreakerState::default();
+        }
+        if self.opened_ms.is_some() {
+            // A failed probe (or a late failure while open): open again for a full cool-down.
+            return BreakerState {
+                failures: self.failures,
+                window_start_ms: self.window_start_ms,
+                opened_ms: Some(now_ms),
+                probe_until_ms: None,
+            };
+        }
+        let in_window = now_ms - self.window_start_ms < policy.window_ms && self.failures > 0;
+        let failures = if in_window { self.failures + 1 } else { 1 };
+        let window_start_ms = if in_window {
+            self.window_start_ms
+        } else {
+            now_ms
+        };
+        BreakerState {
+            failures,
+            window_start_ms,
+            opened_ms: (failures >= policy.failures).then_some(now_ms),
+            probe_until_ms: None,
+        }
+    }
+
+    /// Whether the state records nothing worth storing (a healthy, closed breaker).
+    pub fn is_clear(&self) -> bool {
+        *self == BreakerState::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: BreakerPolicy = BreakerPolicy {
+        failures: 3,
+        window_ms: 1_000,
+        cool_down_ms: 500,
+    };
+
+    #[test]
+    fn opens_after_failures_in_a_window_and_refuses_until_the_cool_down() {
+        let mut s = BreakerState::default();
+        for t in [0, 100, 200] {
+            assert_eq!(s.admit(&P, t, 50).0, Admission::Allowed);
+            s = s.record(&P, false, t);
+        }
+        assert_eq!(s.opened_ms, Some(200));
+        assert_eq!(
+            s.admit(&P, 300, 50).0,
+            Admission::Refused { retry_in_ms: 400 }
+        );
+    }
+
+    #[test]
+    fn failures_spread_beyond_the_window_do_not_open_it() {
+        let mut s = BreakerState::default();
+        for t in [0, 600, 1_200, 1_800] {
+            s = s.record(&P, false, t);
+        }
+        assert_eq!(s.opened_ms, None, "{s:?}");
+    }
+
+    #[test]
+    fn one_probe_after_the_cool_down_closes_or_reopens_it() {
+        let mut s = BreakerState::default();
+        for t in [0, 1, 2] {
+            s = s.record(&P, false, t);
+        }
+        let (admission, probing) = s.admit(&P, 600, 50);
+        assert_eq!(admission, Admission::Probe);
+        assert!(
+            matches!(probing.admit(&P, 610, 50).0, Admission::Refused { .. }),
+            "one probe at a time"
+        );
+        let reopened = probing.record(&P, false, 620);
+        assert_eq!(
+            reopened.admit(&P, 700, 50).0,
+            Admission::Refused { retry_in_ms: 420 }
+        );
+        let closed = probing.record(&P, true, 620);
+        assert!(closed.is_clear());
+        assert_eq!(closed.admit(&P, 621, 50).0, Admission::Allowed);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_back_frees_the_slot_when_its_time_is_up() {
+        let mut s = BreakerState::default();
+        for t in [0, 1, 2] {
+            s = s.record(&P, false, t);
+        }
+        let (_, probing) = s.admit(&P, 600, 50);
+        assert_eq!(probing.admit(&P, 651, 50).0, Admission::Probe);
+    }
+}

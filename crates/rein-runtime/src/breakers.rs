@@ -1,0 +1,112 @@
+//! Per-tool circuit breakers, one per tenant and tool, shared through the counters.
+//!
+//! The transitions are `rein_core::breaker`'s; this module only loads and stores the state with
+//! compare-and-swap, so racing processes never lose an update. A healthy (clear) state read in
+//! the last second is trusted without a round trip: a breaker opened by another process is
+//! seen within a second, and tool calls on healthy tools cost nothing extra.
+
+use rein_core::breaker::{Admission, BreakerPolicy, BreakerState};
+use rein_core::budget::{Counters, CountersError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a clear state read from the counters is trusted.
+const CLEAR_STATE_TTL: Duration = Duration::from_secs(1);
+
+/// Compare-and-swap attempts before giving up on a contended breaker.
+const MAX_SWAPS: usize = 16;
+
+pub(crate) struct Breakers {
+    counters: Arc<dyn Counters>,
+    clear_since: Mutex<HashMap<String, Instant>>,
+}
+
+impl Breakers {
+    pub(crate) fn new(counters: Arc<dyn Counters>) -> Self {
+        Breakers {
+            counters,
+            clear_since: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn known_clear(&self, key: &str) -> bool {
+        self.clear_since
+            .lock()
+            .map(|m| m.get(key).is_some_and(|at| at.elapsed() < CLEAR_STATE_TTL))
+            .unwrap_or(false)
+    }
+
+    fn remember(&self, key: &str, state: &BreakerState) {
+        if let Ok(mut m) = self.clear_since.lock() {
+            if state.is_clear() {
+                m.insert(key.to_string(), Instant::now());
+            } else {
+                m.remove(key);
+            }
+        }
+    }
+
+    /// Applies `step` to the stored state until a compare-and-swap lands; returns what `step`
+    /// decided along with the state it stored.
+    async fn update<T>(
+        &self,
+        key: &str,
+        step: impl Fn(&BreakerState) -> (T, BreakerState),
+    ) -> Result<T, CountersError> {
+        for _ in 0..MAX_SWAPS {
+            let raw = self.counters.cell(key).await?;
+            let current: BreakerState = raw
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or_default();
+            let (decision, next) = step(&current);
+            if next == current {
+                self.remember(key, &next);
+                return Ok(decision);
+            }
+            let encoded = serde_json::to_string(&next).map_err(|e| CountersError(e.to_string()))?;
+            if self
+                .counters
+                .swap_cell(key, raw.as_deref(), &encoded)
+                .await?
+            {
+                self.remember(key, &next);
+                return Ok(decision);
+            }
+        }
+        Err(CountersError(format!(
+            "circuit breaker {key} is too contended to update"
+        )))
+    }
+
+    /// Whether a call may go through now.
+    pub(crate) async fn admit(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        now_ms: i64,
+        probe_ms: i64,
+    ) -> Result<Admission, CountersError> {
+        if self.known_clear(key) {
+            return Ok(Admission::Allowed);
+        }
+        self.update(key, |s| s.admit(policy, now_ms, probe_ms))
+            .await
+    }
+
+    /// Records how a call that went through ended.
+    pub(crate) async fn record(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        succeeded: bool,
+        now_ms: i64,
+    ) -> Result<(), CountersError> {
+        if succeeded && self.known_clear(key) {
+            return Ok(());
+        }
+        self.update(key, |s| ((), s.record(policy, succeeded, now_ms)))
+            .await
+    }
+}
