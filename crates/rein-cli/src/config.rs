@@ -17,6 +17,15 @@
 //! tenant_daily_usd = 200.0
 //! scopes = ["orders:read", "orders:write"]
 //!
+//! [rate_limits]                   # model calls and tokens per window; absent keys: unlimited
+//! window = "1m"
+//! mode = "delay"                  # or "reject"
+//! max_wait = "30s"                # delay at most this long, else reject
+//! tenant_requests = 600           # also tenant_tokens, user_requests/_tokens, session_requests/_tokens
+//!
+//! [tenants.acme.rate_limits]      # per-tenant overrides
+//! tenant_requests = 6000
+//!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
 //! prefix = "rein"
@@ -24,6 +33,7 @@
 
 use anyhow::{Context, anyhow};
 use rein_core::budget::{BudgetPolicy, Budgets, Cap};
+use rein_core::rate::{OverLimit, RateLimit, RateLimits, RatePolicy};
 use rein_core::{Price, PriceTable, TenantId, Usd};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -44,6 +54,73 @@ struct ConfigFile {
     tenants: BTreeMap<String, toml::Table>,
     #[serde(default)]
     counters: Option<CountersConfig>,
+    #[serde(default)]
+    rate_limits: RateEntry,
+}
+
+/// `[rate_limits]`: units per `window` for model calls; absent keys are unlimited.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateEntry {
+    window: Option<String>,
+    mode: Option<String>,
+    max_wait: Option<String>,
+    tenant_requests: Option<u64>,
+    tenant_tokens: Option<u64>,
+    user_requests: Option<u64>,
+    user_tokens: Option<u64>,
+    session_requests: Option<u64>,
+    session_tokens: Option<u64>,
+}
+
+impl RateEntry {
+    fn over(self, base: &RateEntry) -> RateEntry {
+        RateEntry {
+            window: self.window.or(base.window.clone()),
+            mode: self.mode.or(base.mode.clone()),
+            max_wait: self.max_wait.or(base.max_wait.clone()),
+            tenant_requests: self.tenant_requests.or(base.tenant_requests),
+            tenant_tokens: self.tenant_tokens.or(base.tenant_tokens),
+            user_requests: self.user_requests.or(base.user_requests),
+            user_tokens: self.user_tokens.or(base.user_tokens),
+            session_requests: self.session_requests.or(base.session_requests),
+            session_tokens: self.session_tokens.or(base.session_tokens),
+        }
+    }
+
+    fn policy(&self, at: &str) -> anyhow::Result<RatePolicy> {
+        let window_ms = match &self.window {
+            None => 60_000,
+            Some(w) => {
+                let d = rein_core::parse_duration(w).map_err(|e| anyhow!("{at}.window: {e}"))?;
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            }
+        };
+        let limit = |v: Option<u64>| v.map(|limit| RateLimit { limit, window_ms });
+        Ok(RatePolicy {
+            tenant_requests: limit(self.tenant_requests),
+            tenant_tokens: limit(self.tenant_tokens),
+            user_requests: limit(self.user_requests),
+            user_tokens: limit(self.user_tokens),
+            session_requests: limit(self.session_requests),
+            session_tokens: limit(self.session_tokens),
+        })
+    }
+
+    fn over_limit(&self, at: &str) -> anyhow::Result<OverLimit> {
+        match self.mode.as_deref() {
+            None | Some("delay") => {
+                let max_wait = self.max_wait.as_deref().unwrap_or("30s");
+                let d = rein_core::parse_duration(max_wait)
+                    .map_err(|e| anyhow!("{at}.max_wait: {e}"))?;
+                Ok(OverLimit::Delay {
+                    max_wait_ms: i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+                })
+            }
+            Some("reject") => Ok(OverLimit::Reject),
+            Some(other) => Err(anyhow!("{at}.mode: `{other}` is not `delay` or `reject`")),
+        }
+    }
 }
 
 /// Caps of the shared scopes; each key absent means uncapped (or, under a tenant, inherited).
@@ -144,6 +221,8 @@ pub struct Config {
     pub default_scopes: Vec<String>,
     /// Scopes granted per tenant.
     pub tenant_scopes: BTreeMap<TenantId, Vec<String>>,
+    /// Rate limits on model calls.
+    pub rate_limits: RateLimits,
 }
 
 impl Config {
@@ -201,9 +280,29 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         warn_percent,
         ..Budgets::default()
     };
+    let mut rate_limits = RateLimits {
+        defaults: file
+            .rate_limits
+            .policy(&format!("{file_name}: rate_limits"))?,
+        tenants: BTreeMap::new(),
+        over_limit: file
+            .rate_limits
+            .over_limit(&format!("{file_name}: rate_limits"))?,
+    };
     let mut tenant_scopes = BTreeMap::new();
     for (name, mut table) in file.tenants {
         let at = format!("{file_name}: tenants.{name}");
+        if let Some(rates) = table.remove("rate_limits") {
+            let entry: RateEntry = rates
+                .try_into()
+                .map_err(|e| anyhow!("{at}.rate_limits: {e}"))?;
+            let policy = entry
+                .over(&file.rate_limits)
+                .policy(&format!("{at}.rate_limits"))?;
+            rate_limits
+                .tenants
+                .insert(TenantId::new(name.clone()), policy);
+        }
         if let Some(scopes) = table.remove("scopes") {
             let scopes: Vec<String> = scopes.try_into().map_err(|e| anyhow!("{at}.scopes: {e}"))?;
             tenant_scopes.insert(TenantId::new(name.clone()), scopes);
@@ -220,5 +319,6 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         counters: file.counters,
         default_scopes: file.scopes,
         tenant_scopes,
+        rate_limits,
     })
 }

@@ -394,30 +394,30 @@ pub fn model_for(
     Ok(Box::new(client))
 }
 
-/// The runtime the configuration asks for: shared budgets enforced through Redis when
-/// `[counters]` names one, else through the embedded store.
+/// The runtime the configuration asks for: shared budgets, rate limits and breakers kept in
+/// Redis when `[counters]` names one, else in the embedded store.
 pub async fn runtime_for(
     config: &config::Config,
     store: &SqliteStore,
     builtins: Builtins,
     http: reqwest::Client,
 ) -> anyhow::Result<Runtime> {
-    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)));
-    if !config.budgets.any() {
-        return Ok(runtime);
-    }
     let counters: Arc<dyn rein_core::budget::Counters> = match &config.counters {
         Some(c) => Arc::new(
             rein_redis::RedisCounters::connect(&c.url, &c.prefix)
                 .await
-                .with_context(|| format!("cannot reach the budget counters at {}", c.url))?,
+                .with_context(|| format!("cannot reach the shared counters at {}", c.url))?,
         ),
         None => Arc::new(store.clone()),
     };
-    Ok(runtime.with_governor(rein_runtime::Governor {
-        counters,
-        budgets: config.budgets.clone(),
-    }))
+    Ok(
+        Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
+            .with_governor(rein_runtime::Governor {
+                counters,
+                budgets: config.budgets.clone(),
+            })
+            .with_rate_limits(config.rate_limits.clone()),
+    )
 }
 
 async fn open_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {

@@ -619,3 +619,54 @@ fn tenant_tables_are_read_strictly() {
         text(&out).1
     );
 }
+
+#[test]
+fn rate_limits_from_the_config_reject_the_call_over_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("script.yaml"),
+        "responses:\n  - text: done\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[rate_limits]\nmode = \"reject\"\ntenant_requests = 1\n",
+    )
+    .unwrap();
+    let spec = repo().join("examples/order-support.yaml");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--input",
+        "hi",
+        "--script",
+        "script.yaml",
+        "--json",
+    ];
+    assert_eq!(rein(dir.path(), &args).status.code(), Some(0));
+    let out = rein(dir.path(), &args);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{stdout}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["termination_reason"], "error");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit rate:tenant:default:requests reached"),
+        "{v}"
+    );
+
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[rate_limits]\nmode = \"drop\"\n",
+    )
+    .unwrap();
+    let out = rein(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("rate_limits.mode"),
+        "{}",
+        text(&out).1
+    );
+}

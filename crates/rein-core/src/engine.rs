@@ -342,6 +342,18 @@ impl Engine {
             EventKind::BudgetReserved { .. }
             | EventKind::BudgetSettled { .. }
             | EventKind::BudgetWarning { .. } => {}
+            EventKind::RateLimited { delayed: true, .. } => {}
+            EventKind::RateLimited { scope, wait_ms, .. } => {
+                let detail = if *wait_ms > 0 {
+                    format!(
+                        "rate limit {scope} reached: the next model call would have to wait {} s; try again then",
+                        (wait_ms + 999) / 1000
+                    )
+                } else {
+                    format!("rate limit {scope} is smaller than one model call needs")
+                };
+                self.finish_with(TerminationReason::Error, detail);
+            }
             EventKind::BudgetRefused {
                 scope,
                 standing,

@@ -83,6 +83,17 @@ pub enum EventKind {
         /// The warning line, in percent of the cap.
         percent: u8,
     },
+    /// A model call was over a rate limit: it waited, or was rejected.
+    RateLimited {
+        /// Step of the model call.
+        step: u32,
+        /// The limit's counter key.
+        scope: String,
+        /// How long it had to wait (0 when it could never fit).
+        wait_ms: i64,
+        /// Whether it waited (true) or was rejected (false, which ends the run).
+        delayed: bool,
+    },
     /// A model call passed its pre-flight limit check and is about to be made.
     ModelRequested {
         /// Step number within the run.
@@ -186,6 +197,7 @@ impl EventKind {
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",
             EventKind::BudgetWarning { .. } => "budget_warning",
+            EventKind::RateLimited { .. } => "rate_limited",
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
             EventKind::ModelFailed { .. } => "model_failed",

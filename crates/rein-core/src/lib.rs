@@ -15,6 +15,7 @@ pub mod ids;
 pub mod message;
 pub mod money;
 pub mod price;
+pub mod rate;
 pub mod run;
 pub mod spec;
 pub mod time;

@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 /// How long a clear state read from the counters is trusted.
 const CLEAR_STATE_TTL: Duration = Duration::from_secs(1);
 
-/// Compare-and-swap attempts before giving up on a contended breaker.
-const MAX_SWAPS: usize = 16;
-
 pub(crate) struct Breakers {
     counters: Arc<dyn Counters>,
     clear_since: Mutex<HashMap<String, Instant>>,
@@ -47,37 +44,14 @@ impl Breakers {
         }
     }
 
-    /// Applies `step` to the stored state until a compare-and-swap lands; returns what `step`
-    /// decided along with the state it stored.
     async fn update<T>(
         &self,
         key: &str,
         step: impl Fn(&BreakerState) -> (T, BreakerState),
     ) -> Result<T, CountersError> {
-        for _ in 0..MAX_SWAPS {
-            let raw = self.counters.cell(key).await?;
-            let current: BreakerState = raw
-                .as_deref()
-                .and_then(|r| serde_json::from_str(r).ok())
-                .unwrap_or_default();
-            let (decision, next) = step(&current);
-            if next == current {
-                self.remember(key, &next);
-                return Ok(decision);
-            }
-            let encoded = serde_json::to_string(&next).map_err(|e| CountersError(e.to_string()))?;
-            if self
-                .counters
-                .swap_cell(key, raw.as_deref(), &encoded)
-                .await?
-            {
-                self.remember(key, &next);
-                return Ok(decision);
-            }
-        }
-        Err(CountersError(format!(
-            "circuit breaker {key} is too contended to update"
-        )))
+        let (decision, state) = crate::cells::update(self.counters.as_ref(), key, step).await?;
+        self.remember(key, &state);
+        Ok(decision)
     }
 
     /// Whether a call may go through now.

@@ -10,12 +10,14 @@
 //! spend, only how to carry out what the engine asked for.
 
 mod breakers;
+mod cells;
 mod retry;
 
 use rein_core::breaker::Admission;
 use rein_core::budget::{
     self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing,
 };
+use rein_core::rate::{OverLimit, RateLimits, RateState, Take};
 
 use rein_core::{
     Agent, CheckContext, Effect, Engine, ErrorType, Event, EventKind, JobId, ModelCall, PriceTable,
@@ -132,7 +134,9 @@ pub struct Runtime {
     store: SqliteStore,
     tools: ToolBox,
     governor: Option<Governor>,
+    counters: Arc<dyn Counters>,
     breakers: Arc<breakers::Breakers>,
+    rate_limits: Option<RateLimits>,
     step_timings: bool,
 }
 
@@ -145,8 +149,11 @@ fn now_ms() -> i64 {
 impl Runtime {
     /// A runtime over a store and a toolbox.
     pub fn new(store: SqliteStore, tools: ToolBox) -> Self {
+        let counters: Arc<dyn Counters> = Arc::new(store.clone());
         Runtime {
-            breakers: Arc::new(breakers::Breakers::new(Arc::new(store.clone()))),
+            breakers: Arc::new(breakers::Breakers::new(counters.clone())),
+            counters,
+            rate_limits: None,
             store,
             tools,
             governor: None,
@@ -161,7 +168,15 @@ impl Runtime {
     /// budgets share breakers too.
     pub fn with_governor(mut self, governor: Governor) -> Self {
         self.breakers = Arc::new(breakers::Breakers::new(governor.counters.clone()));
+        self.counters = governor.counters.clone();
         self.governor = governor.budgets.any().then_some(governor);
+        self
+    }
+
+    /// Enforces rate limits on model calls (in the governor's counters if one is set, so set
+    /// the governor first).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = limits.any().then_some(limits);
         self
     }
 
@@ -444,8 +459,55 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// Takes `call` from every rate limit it falls under, waiting when the policy allows.
+    /// Returns false when it was rejected (recorded; the engine ends the run).
+    async fn throttle(&mut self, call: &ModelCall) -> Result<bool, RuntimeError> {
+        let Some(limits) = self.runtime.rate_limits.clone() else {
+            return Ok(true);
+        };
+        let tokens = call.estimated_input_tokens + u64::from(call.max_output_tokens);
+        for (key, limit, amount) in limits.takes(&self.tenant, &self.user, &self.session, tokens) {
+            loop {
+                let now = now_ms();
+                let counters = self.runtime.counters.clone();
+                let (take, _) = cells::update(counters.as_ref(), &key, |s: &RateState| {
+                    s.take(&limit, amount, now)
+                })
+                .await?;
+                let wait_ms = match take {
+                    Take::Granted => break,
+                    Take::Wait { wait_ms } => wait_ms,
+                    Take::TooLarge => 0,
+                };
+                let left = i64::try_from(self.remaining().as_millis()).unwrap_or(i64::MAX);
+                let delay = match limits.over_limit {
+                    OverLimit::Delay { max_wait_ms } => {
+                        wait_ms > 0 && wait_ms <= max_wait_ms && wait_ms < left
+                    }
+                    OverLimit::Reject => false,
+                };
+                self.record(EventKind::RateLimited {
+                    step: call.step,
+                    scope: key.clone(),
+                    wait_ms,
+                    delayed: delay,
+                })
+                .await?;
+                if !delay {
+                    return Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)))
+                    .await;
+            }
+        }
+        Ok(true)
+    }
+
     /// Returns the time spent waiting on the provider (attempts and backoff).
     async fn call_model(&mut self, call: ModelCall) -> Result<Duration, RuntimeError> {
+        if !self.throttle(&call).await? {
+            return Ok(Duration::ZERO);
+        }
         let reservation = match self.reserve(&call).await? {
             Ok(reservation) => reservation,
             Err(()) => return Ok(Duration::ZERO),

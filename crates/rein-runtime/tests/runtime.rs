@@ -679,3 +679,148 @@ async fn a_failing_tool_opens_its_breaker_and_one_probe_goes_through_after_the_c
     assert!(first_tool_result(&h, &outcome, "acme").await.0.is_success());
     assert_eq!(service.hits("flaky/b1"), 5);
 }
+
+async fn race_rate_limited(
+    limits: rein_core::rate::RateLimits,
+    runs: usize,
+) -> (Harness, Vec<RunOutcome>) {
+    let mut h = harness().await;
+    h.runtime = h.runtime.clone().with_rate_limits(limits);
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let model = Arc::new(ScriptedModel::parse("s.yaml", "responses:\n  - text: done\n").unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..runs {
+        let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
+        tasks.spawn(async move {
+            let request = RunRequest {
+                agent: agent(&src),
+                spec_source: src.clone(),
+                input: format!("q{n}"),
+                tenant: TenantId::new("acme"),
+                user: UserId::new(format!("u{n}")),
+                session: SessionId::new(format!("s{n}")),
+                job: None,
+                granted_scopes: Vec::new(),
+            };
+            runtime.run(request, model.as_ref()).await.unwrap()
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(o) = tasks.join_next().await {
+        outcomes.push(o.unwrap());
+    }
+    (h, outcomes)
+}
+
+async fn rate_events(h: &Harness, outcome: &RunOutcome) -> Vec<(bool, i64)> {
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::RateLimited {
+                delayed, wait_ms, ..
+            } => Some((delayed, wait_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tenant_requests(
+    limit: u64,
+    window_ms: i64,
+    over_limit: rein_core::rate::OverLimit,
+) -> rein_core::rate::RateLimits {
+    rein_core::rate::RateLimits {
+        defaults: rein_core::rate::RatePolicy {
+            tenant_requests: Some(rein_core::rate::RateLimit { limit, window_ms }),
+            ..Default::default()
+        },
+        over_limit,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn calls_over_a_rate_limit_are_rejected_with_the_time_to_wait() {
+    let (h, outcomes) = race_rate_limited(
+        tenant_requests(3, 60_000, rein_core::rate::OverLimit::Reject),
+        5,
+    )
+    .await;
+    let completed = outcomes
+        .iter()
+        .filter(|o| o.reason == TerminationReason::Completed)
+        .count();
+    assert_eq!(completed, 3, "three calls per minute");
+    for o in outcomes
+        .iter()
+        .filter(|o| o.reason != TerminationReason::Completed)
+    {
+        assert_eq!(o.reason, TerminationReason::Error);
+        assert!(
+            o.detail
+                .as_deref()
+                .unwrap()
+                .contains("would have to wait 20 s"),
+            "{:?}",
+            o.detail
+        );
+        assert_eq!(rate_events(&h, o).await, vec![(false, 20_000)]);
+        assert_eq!(o.iterations, 0, "the rejected call was never made");
+    }
+}
+
+#[tokio::test]
+async fn calls_over_a_rate_limit_wait_their_turn_when_the_policy_delays() {
+    let limits = tenant_requests(
+        2,
+        1_000,
+        rein_core::rate::OverLimit::Delay { max_wait_ms: 5_000 },
+    );
+    let (h, outcomes) = race_rate_limited(limits, 4).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.reason == TerminationReason::Completed)
+    );
+    let mut delayed = Vec::new();
+    let mut prompt = Vec::new();
+    for o in &outcomes {
+        let waits = rate_events(&h, o).await;
+        let requested = h
+            .runtime
+            .store()
+            .events(&TenantId::new("acme"), &o.run_id)
+            .await
+            .unwrap()
+            .iter()
+            .find(|e| e.kind == "model_requested")
+            .unwrap()
+            .ts_ms;
+        if waits.is_empty() {
+            prompt.push(requested)
+        } else {
+            delayed.push((waits, requested))
+        }
+    }
+    assert_eq!(
+        (prompt.len(), delayed.len()),
+        (2, 2),
+        "a burst of two, then two that wait"
+    );
+    assert!(
+        delayed
+            .iter()
+            .all(|(w, _)| w.iter().all(|(d, ms)| *d && *ms > 0 && *ms <= 1_000))
+    );
+    let first = prompt.iter().min().unwrap();
+    assert!(
+        delayed.iter().all(|(_, at)| at > first),
+        "the delayed calls were made after the burst"
+    );
+}
