@@ -770,7 +770,13 @@ async fn calls_over_a_rate_limit_are_rejected_with_the_time_to_wait() {
             "{:?}",
             o.detail
         );
-        assert_eq!(rate_events(&h, o).await, vec![(false, 20_000)]);
+        let events = rate_events(&h, o).await;
+        assert_eq!(events.len(), 1);
+        let (delayed, wait_ms) = events[0];
+        assert!(
+            !delayed && (19_000..=20_000).contains(&wait_ms),
+            "{events:?}"
+        );
         assert_eq!(o.iterations, 0, "the rejected call was never made");
     }
 }
