@@ -26,6 +26,11 @@
 //! [tenants.acme.rate_limits]      # per-tenant overrides
 //! tenant_requests = 6000
 //!
+//! [bulkheads]                     # concurrently executing runs per tenant; absent: no cap
+//! max_concurrent_runs = 10        # per tenant: [tenants.acme] max_concurrent_runs = 50
+//! max_queued = 100                # waiting runs beyond this are refused
+//! queue_wait = "60s"              # and so is a run that waited this long
+//!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
 //! prefix = "rein"
@@ -33,6 +38,7 @@
 
 use anyhow::{Context, anyhow};
 use rein_core::budget::{BudgetPolicy, Budgets, Cap};
+use rein_core::bulkhead::{BulkheadPolicy, Bulkheads};
 use rein_core::rate::{OverLimit, RateLimit, RateLimits, RatePolicy};
 use rein_core::{Price, PriceTable, TenantId, Usd};
 use serde::Deserialize;
@@ -56,6 +62,17 @@ struct ConfigFile {
     counters: Option<CountersConfig>,
     #[serde(default)]
     rate_limits: RateEntry,
+    #[serde(default)]
+    bulkheads: BulkheadEntry,
+}
+
+/// `[bulkheads]`: a cap on concurrently executing runs per tenant.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkheadEntry {
+    max_concurrent_runs: Option<u32>,
+    max_queued: Option<u32>,
+    queue_wait: Option<String>,
 }
 
 /// `[rate_limits]`: units per `window` for model calls; absent keys are unlimited.
@@ -223,6 +240,8 @@ pub struct Config {
     pub tenant_scopes: BTreeMap<TenantId, Vec<String>>,
     /// Rate limits on model calls.
     pub rate_limits: RateLimits,
+    /// Caps on concurrently executing runs.
+    pub bulkheads: Bulkheads,
 }
 
 impl Config {
@@ -289,6 +308,23 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             .rate_limits
             .over_limit(&format!("{file_name}: rate_limits"))?,
     };
+    let max_queued = file.bulkheads.max_queued.unwrap_or(100);
+    let bulkhead = |runs: u32| BulkheadPolicy {
+        max_concurrent_runs: runs,
+        max_queued,
+    };
+    let mut bulkheads = Bulkheads {
+        defaults: file.bulkheads.max_concurrent_runs.map(bulkhead),
+        tenants: BTreeMap::new(),
+        queue_wait_ms: match &file.bulkheads.queue_wait {
+            None => 60_000,
+            Some(w) => {
+                let d = rein_core::parse_duration(w)
+                    .map_err(|e| anyhow!("{file_name}: bulkheads.queue_wait: {e}"))?;
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            }
+        },
+    };
     let mut tenant_scopes = BTreeMap::new();
     for (name, mut table) in file.tenants {
         let at = format!("{file_name}: tenants.{name}");
@@ -302,6 +338,14 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             rate_limits
                 .tenants
                 .insert(TenantId::new(name.clone()), policy);
+        }
+        if let Some(runs) = table.remove("max_concurrent_runs") {
+            let runs: u32 = runs
+                .try_into()
+                .map_err(|e| anyhow!("{at}.max_concurrent_runs: {e}"))?;
+            bulkheads
+                .tenants
+                .insert(TenantId::new(name.clone()), bulkhead(runs));
         }
         if let Some(scopes) = table.remove("scopes") {
             let scopes: Vec<String> = scopes.try_into().map_err(|e| anyhow!("{at}.scopes: {e}"))?;
@@ -320,5 +364,6 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         default_scopes: file.scopes,
         tenant_scopes,
         rate_limits,
+        bulkheads,
     })
 }

@@ -265,6 +265,12 @@ fn main() -> ExitCode {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(*code);
             }
+            if let Some(rein_runtime::RuntimeError::Busy { .. }) =
+                e.downcast_ref::<rein_runtime::RuntimeError>()
+            {
+                eprintln!("{e}");
+                return ExitCode::from(exit::LIMIT);
+            }
             if let Some(bad) = e.downcast_ref::<BadInput>() {
                 eprintln!("{bad}");
                 return ExitCode::from(exit::BAD_INPUT);

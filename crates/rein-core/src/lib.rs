@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod bulkhead;
 pub mod duration;
 pub mod engine;
 pub mod event;

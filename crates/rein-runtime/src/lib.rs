@@ -17,6 +17,7 @@ use rein_core::breaker::Admission;
 use rein_core::budget::{
     self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing,
 };
+use rein_core::bulkhead::{BulkheadState, Bulkheads, Entry};
 use rein_core::rate::{OverLimit, RateLimits, RateState, Take};
 
 use rein_core::{
@@ -61,6 +62,14 @@ pub enum RuntimeError {
     /// so the run stops where its log ends and can be resumed.
     #[error(transparent)]
     Counters(#[from] CountersError),
+    /// The tenant's bulkhead had no slot for the run; nothing was recorded.
+    #[error("tenant {tenant} is at its cap of concurrent runs: {why}; try again later")]
+    Busy {
+        /// The tenant.
+        tenant: TenantId,
+        /// Why the run could not wait.
+        why: String,
+    },
     /// The spec a run pinned no longer checks (a price or built-in it needs is gone).
     #[error("{0}")]
     PinnedSpec(rein_core::SpecErrors),
@@ -128,6 +137,16 @@ pub struct Governor {
 /// past that, its holder is certainly gone.
 const RESERVATION_GRACE_MS: i64 = 30_000;
 
+/// How long a waiting run keeps its queue place without asking again.
+const QUEUE_LEASE_MS: i64 = 2_000;
+
+/// How long a run's slot is held before it expires (its holder is then certainly gone): the
+/// run's wall-clock limit plus a grace period.
+fn run_lease_ms(agent: &Agent) -> i64 {
+    i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX / 2)
+        + RESERVATION_GRACE_MS
+}
+
 /// Executes runs.
 #[derive(Clone)]
 pub struct Runtime {
@@ -137,6 +156,7 @@ pub struct Runtime {
     counters: Arc<dyn Counters>,
     breakers: Arc<breakers::Breakers>,
     rate_limits: Option<RateLimits>,
+    bulkheads: Option<Bulkheads>,
     step_timings: bool,
 }
 
@@ -154,6 +174,7 @@ impl Runtime {
             breakers: Arc::new(breakers::Breakers::new(counters.clone())),
             counters,
             rate_limits: None,
+            bulkheads: None,
             store,
             tools,
             governor: None,
@@ -180,6 +201,81 @@ impl Runtime {
         self
     }
 
+    /// Caps concurrently executing runs per tenant (in the governor's counters if one is set,
+    /// so set the governor first).
+    pub fn with_bulkheads(mut self, bulkheads: Bulkheads) -> Self {
+        self.bulkheads = bulkheads.any().then_some(bulkheads);
+        self
+    }
+
+    /// Waits for one of `tenant`'s run slots for `id` (FIFO, bounded), if the tenant is capped.
+    async fn enter_bulkhead(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        run_lease_ms: i64,
+    ) -> Result<(), RuntimeError> {
+        let Some(bulkheads) = &self.bulkheads else {
+            return Ok(());
+        };
+        let Some(policy) = bulkheads.policy(tenant).copied() else {
+            return Ok(());
+        };
+        let key = format!("bulkhead:{tenant}");
+        let give_up = now_ms().saturating_add(bulkheads.queue_wait_ms);
+        loop {
+            let now = now_ms();
+            let (entry, _) = cells::update(self.counters.as_ref(), &key, |s: &BulkheadState| {
+                s.enter(&policy, id, now, run_lease_ms, QUEUE_LEASE_MS)
+            })
+            .await?;
+            match entry {
+                Entry::Admitted => return Ok(()),
+                Entry::Full => {
+                    return Err(RuntimeError::Busy {
+                        tenant: tenant.clone(),
+                        why: format!(
+                            "{} runs are executing and {} are already queued",
+                            policy.max_concurrent_runs, policy.max_queued
+                        ),
+                    });
+                }
+                Entry::Queued { .. } if now >= give_up => {
+                    self.leave_bulkhead(tenant, id).await?;
+                    return Err(RuntimeError::Busy {
+                        tenant: tenant.clone(),
+                        why: format!(
+                            "no run slot freed up within {} s of queueing",
+                            bulkheads.queue_wait_ms / 1000
+                        ),
+                    });
+                }
+                Entry::Queued { .. } => {
+                    tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..30))).await
+                }
+            }
+        }
+    }
+
+    async fn leave_bulkhead(&self, tenant: &TenantId, id: &str) -> Result<(), RuntimeError> {
+        if self
+            .bulkheads
+            .as_ref()
+            .and_then(|b| b.policy(tenant))
+            .is_none()
+        {
+            return Ok(());
+        }
+        let now = now_ms();
+        cells::update(
+            self.counters.as_ref(),
+            &format!("bulkhead:{tenant}"),
+            |s: &BulkheadState| ((), s.leave(id, now)),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Records each step's own overhead in [`RunOutcome::step_overheads_ns`] (benchmarks).
     pub fn with_step_timings(mut self, on: bool) -> Self {
         self.step_timings = on;
@@ -191,13 +287,29 @@ impl Runtime {
         &self.store
     }
 
-    /// Starts a run and drives it to its end.
+    /// Starts a run and drives it to its end. When the tenant's bulkhead is full the run waits
+    /// for a slot in a first-come, first-served queue (or is refused with
+    /// [`RuntimeError::Busy`] before anything is recorded).
     pub async fn run(
         &self,
         request: RunRequest,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
         let run_id = RunId::new(uuid::Uuid::now_v7().to_string());
+        let tenant = request.tenant.clone();
+        let lease = run_lease_ms(&request.agent);
+        self.enter_bulkhead(&tenant, run_id.as_str(), lease).await?;
+        let outcome = self.run_admitted(run_id.clone(), request, model).await;
+        self.leave_bulkhead(&tenant, run_id.as_str()).await?;
+        outcome
+    }
+
+    async fn run_admitted(
+        &self,
+        run_id: RunId,
+        request: RunRequest,
+        model: &dyn Model,
+    ) -> Result<RunOutcome, RuntimeError> {
         let spec = &request.agent.spec;
         self.store
             .create_run(&RunInfo {
@@ -268,7 +380,9 @@ impl Runtime {
             .iter()
             .map(|e| e.decode())
             .collect::<Result<Vec<_>, _>>()?;
+        let lease = run_lease_ms(&agent);
         let engine = Engine::replay(Arc::new(agent), &events)?;
+        self.enter_bulkhead(tenant, run_id.as_str(), lease).await?;
         let mut driver = Driver {
             runtime: self,
             model,
@@ -284,7 +398,9 @@ impl Runtime {
             overheads: Vec::new(),
             detail: None,
         };
-        driver.drive().await
+        let outcome = driver.drive().await;
+        self.leave_bulkhead(tenant, run_id.as_str()).await?;
+        outcome
     }
 }
 

@@ -830,3 +830,117 @@ async fn calls_over_a_rate_limit_wait_their_turn_when_the_policy_delays() {
         "the delayed calls were made after the burst"
     );
 }
+
+#[tokio::test]
+async fn a_tenants_bulkhead_caps_its_concurrent_runs_and_queues_the_rest() {
+    use rein_core::bulkhead::{BulkheadPolicy, Bulkheads};
+    let mut h = harness().await;
+    h.runtime = h.runtime.clone().with_bulkheads(Bulkheads {
+        defaults: Some(BulkheadPolicy {
+            max_concurrent_runs: 2,
+            max_queued: 10,
+        }),
+        ..Bulkheads::default()
+    });
+    // Each run naps 150 ms in a tool, so runs overlap unless the bulkhead keeps them apart.
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let model = Arc::new(one_call("nap", r#"{"seconds": 0.15}"#));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..5 {
+        let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
+        tasks.spawn(async move {
+            let request = RunRequest {
+                agent: agent(&src),
+                spec_source: src.clone(),
+                input: format!("q{n}"),
+                tenant: TenantId::new("acme"),
+                user: UserId::new("ann"),
+                session: SessionId::new(format!("s{n}")),
+                job: None,
+                granted_scopes: Vec::new(),
+            };
+            runtime.run(request, model.as_ref()).await.unwrap()
+        });
+    }
+    let mut spans = Vec::new();
+    while let Some(o) = tasks.join_next().await {
+        let o = o.unwrap();
+        assert_eq!(o.reason, TerminationReason::Completed);
+        let events = h
+            .runtime
+            .store()
+            .events(&TenantId::new("acme"), &o.run_id)
+            .await
+            .unwrap();
+        spans.push((events.first().unwrap().ts_ms, events.last().unwrap().ts_ms));
+    }
+    // At no run's start were two others already executing.
+    for (start, _) in &spans {
+        let executing = spans.iter().filter(|(s, e)| s < start && e > start).count();
+        assert!(
+            executing < 2,
+            "{executing} runs executing when one started: {spans:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_a_run_before_anything_is_recorded() {
+    use rein_core::bulkhead::{BulkheadPolicy, Bulkheads};
+    let mut h = harness().await;
+    h.runtime = h.runtime.clone().with_bulkheads(Bulkheads {
+        defaults: Some(BulkheadPolicy {
+            max_concurrent_runs: 1,
+            max_queued: 0,
+        }),
+        ..Bulkheads::default()
+    });
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let slow = Arc::new(one_call("nap", r#"{"seconds": 0.5}"#));
+    let runtime = h.runtime.clone();
+    let first = {
+        let src = src.clone();
+        tokio::spawn(async move {
+            let request = RunRequest {
+                agent: agent(&src),
+                spec_source: src.clone(),
+                input: "first".into(),
+                tenant: TenantId::new("acme"),
+                user: UserId::new("ann"),
+                session: SessionId::new("s"),
+                job: None,
+                granted_scopes: Vec::new(),
+            };
+            runtime.run(request, slow.as_ref()).await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = RunRequest {
+        agent: agent(&src),
+        spec_source: src.clone(),
+        input: "second".into(),
+        tenant: TenantId::new("acme"),
+        user: UserId::new("ann"),
+        session: SessionId::new("s"),
+        job: None,
+        granted_scopes: Vec::new(),
+    };
+    let err = h
+        .runtime
+        .run(request, &one_call("nap", r#"{"seconds": 0}"#))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tenant acme is at its cap of concurrent runs"),
+        "{err}"
+    );
+    assert_eq!(first.await.unwrap().reason, TerminationReason::Completed);
+    let runs = h
+        .runtime
+        .store()
+        .list_runs(&TenantId::new("acme"), 10)
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 1, "the refused run left no record");
+}
