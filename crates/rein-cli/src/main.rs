@@ -422,7 +422,8 @@ pub async fn runtime_for(
                 counters,
                 budgets: config.budgets.clone(),
             })
-            .with_rate_limits(config.rate_limits.clone()),
+            .with_rate_limits(config.rate_limits.clone())
+            .with_bulkheads(config.bulkheads.clone()),
     )
 }
 

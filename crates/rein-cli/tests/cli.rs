@@ -670,3 +670,76 @@ fn rate_limits_from_the_config_reject_the_call_over_the_limit() {
         text(&out).1
     );
 }
+
+#[test]
+fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("script.yaml"),
+        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 2}}]\n  - text: done\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        "name: napper\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Nap.\ntools:\n  - {name: nap, source: {builtin: sleep}, contract: {side_effects: none}}\nlimits: {max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[bulkheads]\nmax_concurrent_runs = 1\nmax_queued = 0\n",
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "agent.yaml",
+        "--input",
+        "hi",
+        "--script",
+        "script.yaml",
+        "--json",
+    ];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("REIN_DB")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first run holds its slot (its run exists), then try a second.
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if dir.path().join("rein.db").exists() {
+            let out = rein(dir.path(), &["runs", "list", "--json"]);
+            if serde_json::from_str::<Value>(text(&out).0.trim())
+                .is_ok_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+            {
+                break;
+            }
+        }
+    }
+    let out = rein(dir.path(), &args);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        text(&out).0,
+        text(&out).1
+    );
+    assert!(
+        text(&out).1.contains("at its cap of concurrent runs"),
+        "{}",
+        text(&out).1
+    );
+    assert!(first.wait().unwrap().success());
+    let out = rein(dir.path(), &["runs", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(text(&out).0.trim())
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
