@@ -90,21 +90,39 @@ impl BreakerState {
         (Admission::Probe, next)
     }
 
-    /// The state after a call that went through ended at `now_ms`.
-    pub fn record(&self, policy: &BreakerPolicy, succeeded: bool, now_ms: i64) -> BreakerState {
-        if succeeded {
-            return BreakerState::default();
-        }
+    /// The state after a call that went through ended at `now_ms`; `was_probe` says whether it
+    /// was let through as the half-open probe.
+    ///
+    /// While open, only the probe's outcome counts: a slow call admitted before the breaker
+    /// opened cannot close it by succeeding late. While closed, a success does not wipe the
+    /// failures counted in the current window (a tool failing 4 calls in 5 still opens it).
+    pub fn record(
+        &self,
+        policy: &BreakerPolicy,
+        succeeded: bool,
+        was_probe: bool,
+        now_ms: i64,
+    ) -> BreakerState {
         if self.opened_ms.is_some() {
-            // A failed probe (or a late failure while open): open again for a full cool-down.
-            return BreakerState {
-                failures: self.failures,
-                window_start_ms: self.window_start_ms,
-                opened_ms: Some(now_ms),
-                probe_until_ms: None,
+            return match (was_probe, succeeded) {
+                (true, true) => BreakerState::default(),
+                (true, false) => BreakerState {
+                    failures: self.failures,
+                    window_start_ms: self.window_start_ms,
+                    opened_ms: Some(now_ms),
+                    probe_until_ms: None,
+                },
+                (false, _) => self.clone(),
             };
         }
-        let in_window = now_ms - self.window_start_ms < policy.window_ms && self.failures > 0;
+        let in_window = self.failures > 0 && now_ms - self.window_start_ms < policy.window_ms;
+        if succeeded {
+            return if in_window {
+                self.clone()
+            } else {
+                BreakerState::default()
+            };
+        }
         let failures = if in_window { self.failures + 1 } else { 1 };
         let window_start_ms = if in_window {
             self.window_start_ms
@@ -140,7 +158,7 @@ mod tests {
         let mut s = BreakerState::default();
         for t in [0, 100, 200] {
             assert_eq!(s.admit(&P, t, 50).0, Admission::Allowed);
-            s = s.record(&P, false, t);
+            s = s.record(&P, false, false, t);
         }
         assert_eq!(s.opened_ms, Some(200));
         assert_eq!(
@@ -153,7 +171,7 @@ mod tests {
     fn failures_spread_beyond_the_window_do_not_open_it() {
         let mut s = BreakerState::default();
         for t in [0, 600, 1_200, 1_800] {
-            s = s.record(&P, false, t);
+            s = s.record(&P, false, false, t);
         }
         assert_eq!(s.opened_ms, None, "{s:?}");
     }
@@ -162,7 +180,7 @@ mod tests {
     fn one_probe_after_the_cool_down_closes_or_reopens_it() {
         let mut s = BreakerState::default();
         for t in [0, 1, 2] {
-            s = s.record(&P, false, t);
+            s = s.record(&P, false, false, t);
         }
         let (admission, probing) = s.admit(&P, 600, 50);
         assert_eq!(admission, Admission::Probe);
@@ -170,21 +188,39 @@ mod tests {
             matches!(probing.admit(&P, 610, 50).0, Admission::Refused { .. }),
             "one probe at a time"
         );
-        let reopened = probing.record(&P, false, 620);
+        let reopened = probing.record(&P, false, true, 620);
         assert_eq!(
             reopened.admit(&P, 700, 50).0,
             Admission::Refused { retry_in_ms: 420 }
         );
-        let closed = probing.record(&P, true, 620);
+        let closed = probing.record(&P, true, true, 620);
         assert!(closed.is_clear());
         assert_eq!(closed.admit(&P, 621, 50).0, Admission::Allowed);
+    }
+
+    #[test]
+    fn a_late_success_while_open_does_not_close_it() {
+        let mut s = BreakerState::default();
+        for t in [0, 1, 2] {
+            s = s.record(&P, false, false, t);
+        }
+        assert_eq!(s.record(&P, true, false, 100), s, "not the probe: ignored");
+    }
+
+    #[test]
+    fn successes_between_failures_do_not_hide_them() {
+        let mut s = BreakerState::default();
+        for (t, ok) in [(0, false), (10, true), (20, false), (30, true), (40, false)] {
+            s = s.record(&P, ok, false, t);
+        }
+        assert_eq!(s.opened_ms, Some(40));
     }
 
     #[test]
     fn a_probe_that_never_reports_back_frees_the_slot_when_its_time_is_up() {
         let mut s = BreakerState::default();
         for t in [0, 1, 2] {
-            s = s.record(&P, false, t);
+            s = s.record(&P, false, false, t);
         }
         let (_, probing) = s.admit(&P, 600, 50);
         assert_eq!(probing.admit(&P, 651, 50).0, Admission::Probe);

@@ -20,6 +20,17 @@ use std::pin::Pin;
 /// A boxed, sendable future (the backends are async).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// One part of a counter key: `%` and `:` are percent-encoded, so ids that contain `:` can
+/// never make two different scopes share a key (tenant `a` with user `b:c` vs tenant `a:b`
+/// with user `c`).
+///
+/// ```
+/// assert_eq!(rein_core::budget::key_part("a:b%c"), "a%3Ab%25c");
+/// ```
+pub fn key_part(part: &str) -> String {
+    part.replace('%', "%25").replace(':', "%3A")
+}
+
 /// Caps of one scope; `None` means uncapped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cap {
@@ -132,6 +143,11 @@ impl BudgetPolicy {
         let stamp = crate::time::format_utc(now_ms);
         let day = &stamp[..10];
         let hour = &stamp[..13];
+        let (tenant, user, session) = (
+            key_part(tenant.as_str()),
+            key_part(user.as_str()),
+            key_part(session.as_str()),
+        );
         [
             (format!("session:{tenant}:{session}"), self.session),
             (format!("user:{tenant}:{user}:{day}"), self.user_daily),

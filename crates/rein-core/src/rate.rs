@@ -128,6 +128,12 @@ impl RateLimits {
         tokens: u64,
     ) -> Vec<(String, RateLimit, u64)> {
         let p = self.tenants.get(tenant).unwrap_or(&self.defaults);
+        use crate::budget::key_part;
+        let (tenant, user, session) = (
+            key_part(tenant.as_str()),
+            key_part(user.as_str()),
+            key_part(session.as_str()),
+        );
         [
             (
                 format!("rate:tenant:{tenant}:requests"),

@@ -75,12 +75,15 @@ impl Breakers {
         key: &str,
         policy: &BreakerPolicy,
         succeeded: bool,
+        was_probe: bool,
         now_ms: i64,
     ) -> Result<(), CountersError> {
-        if succeeded && self.known_clear(key) {
+        if succeeded && !was_probe && self.known_clear(key) {
             return Ok(());
         }
-        self.update(key, |s| ((), s.record(policy, succeeded, now_ms)))
-            .await
+        self.update(key, |s| {
+            ((), s.record(policy, succeeded, was_probe, now_ms))
+        })
+        .await
     }
 }

@@ -15,7 +15,7 @@ mod retry;
 
 use rein_core::breaker::Admission;
 use rein_core::budget::{
-    self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing,
+    self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing, key_part,
 };
 use rein_core::bulkhead::{BulkheadState, Bulkheads, Entry};
 use rein_core::rate::{OverLimit, RateLimits, RateState, Take};
@@ -221,7 +221,7 @@ impl Runtime {
         let Some(policy) = bulkheads.policy(tenant).copied() else {
             return Ok(());
         };
-        let key = format!("bulkhead:{tenant}");
+        let key = format!("bulkhead:{}", key_part(tenant.as_str()));
         let give_up = now_ms().saturating_add(bulkheads.queue_wait_ms);
         loop {
             let now = now_ms();
@@ -269,7 +269,7 @@ impl Runtime {
         let now = now_ms();
         cells::update(
             self.counters.as_ref(),
-            &format!("bulkhead:{tenant}"),
+            &format!("bulkhead:{}", key_part(tenant.as_str())),
             |s: &BulkheadState| ((), s.leave(id, now)),
         )
         .await?;
@@ -708,100 +708,117 @@ impl Driver<'_> {
 
     /// Returns the time spent waiting on the tool (attempts and backoff).
     async fn call_tool(&mut self, invocation: ToolInvocation) -> Result<Duration, RuntimeError> {
-        self.record(invocation.requested()).await?;
         let agent = self.engine.agent().clone();
-        let started = Instant::now();
-        let (result, attempts) = match agent.tool(&invocation.tool) {
-            Some((tool, _)) => 'call: {
-                let contract = &tool.contract;
-                // One breaker per tenant and tool: a failing dependency of one tenant does not
-                // stop the others.
-                let breaker = format!("breaker:tool:{}:{}", self.tenant, tool.name);
-                let probe_ms = i64::try_from(contract.timeout.as_millis()).unwrap_or(i64::MAX);
-                let admission = self
-                    .runtime
-                    .breakers
-                    .admit(&breaker, &contract.breaker, now_ms(), probe_ms)
-                    .await?;
-                if let Admission::Refused { retry_in_ms } = admission {
-                    let mut refused = ToolResult::error(
-                        ErrorType::Transient,
-                        format!(
-                            "`{}` has been failing, so its circuit breaker is open and it was not called; it will be tried again in about {} s",
-                            tool.name,
-                            (retry_in_ms + 999) / 1000
-                        ),
-                    );
-                    refused.retry_safe = false;
-                    refused.retry_after_ms = u64::try_from(retry_in_ms).ok();
-                    break 'call (refused, 0);
-                }
-                let backoff = Backoff {
-                    max_attempts: if contract.may_retry() {
-                        contract.retry.max_attempts
-                    } else {
-                        1
-                    },
-                    base: contract.retry.backoff,
-                    cap: contract.retry.max_backoff,
-                };
-                // The key is stable across retries and resumes: the same step is the same call.
-                let key = format!("{}:{}", self.run_id, invocation.step);
-                let tools = &self.runtime.tools;
-                let args = &invocation.arguments;
-                let timeout = contract.timeout;
-                let name = tool.name.as_str();
-                let outcome = with_retries(
-                    &backoff,
-                    self.remaining(),
-                    timeout,
-                    || Box::pin(tools.call(tool, args, &key)),
-                    |r: &ToolResult| {
-                        (!r.is_success() && r.retry_safe)
-                            .then(|| r.retry_after_ms.map(Duration::from_millis))
-                    },
-                    |by_deadline| {
-                        if by_deadline {
-                            ToolResult::error(
-                                ErrorType::Transient,
-                                format!("`{name}` was cut off at the run's wall-clock limit"),
-                            )
-                        } else {
-                            ToolResult::error(
-                                ErrorType::Transient,
-                                format!("`{name}` did not answer within {timeout:?}"),
-                            )
-                        }
-                    },
-                )
-                .await;
-                let mut result = outcome.output;
-                // The model must not be told a failed call is safe to repeat when the contract
-                // says repeating it could do its side effect twice.
-                if !contract.may_retry() {
-                    result.retry_safe = false;
-                }
-                // Only the service's own failures count against its breaker: a 4xx or a
-                // refused argument says nothing about the dependency's health.
-                let failed = matches!(
-                    result.error_type,
-                    Some(ErrorType::Transient | ErrorType::RateLimit)
-                );
-                self.runtime
-                    .breakers
-                    .record(&breaker, &contract.breaker, !failed, now_ms())
-                    .await?;
-                (result, outcome.attempts)
-            }
+        let Some((tool, _)) = agent.tool(&invocation.tool) else {
             // The engine only asks for tools the agent has; this is defence in depth.
-            None => (
-                ToolResult::error(
-                    ErrorType::Permanent,
-                    format!("there is no tool named `{}`", invocation.tool),
-                ),
-                0,
-            ),
+            let result = ToolResult::error(
+                ErrorType::Permanent,
+                format!("there is no tool named `{}`", invocation.tool),
+            );
+            self.record(EventKind::ToolResult {
+                step: invocation.step,
+                call_id: invocation.call_id,
+                tool: invocation.tool,
+                result,
+                latency_ms: 0,
+                attempts: 0,
+            })
+            .await?;
+            return Ok(Duration::ZERO);
         };
+        let contract = &tool.contract;
+        // One breaker per tenant, agent and tool: a failing dependency of one tenant does not
+        // stop the others. Breaker bookkeeping is best effort: an outage of the counters must
+        // neither stop tools nor lose what a tool did.
+        let breaker = format!(
+            "breaker:tool:{}:{}:{}",
+            key_part(self.tenant.as_str()),
+            key_part(&agent.spec.name),
+            key_part(&tool.name)
+        );
+        let probe_ms = i64::try_from(contract.timeout.as_millis()).unwrap_or(i64::MAX);
+        let admission = self
+            .runtime
+            .breakers
+            .admit(&breaker, &contract.breaker, now_ms(), probe_ms)
+            .await
+            .unwrap_or(Admission::Allowed);
+        if let Admission::Refused { retry_in_ms } = admission {
+            // Refused before it was requested: the call was never made.
+            let mut refused = ToolResult::error(
+                ErrorType::Transient,
+                format!(
+                    "`{}` has been failing, so its circuit breaker is open and it was not called; it will be tried again in about {} s",
+                    tool.name,
+                    (retry_in_ms + 999) / 1000
+                ),
+            );
+            refused.retry_safe = false;
+            refused.retry_after_ms = u64::try_from(retry_in_ms).ok();
+            self.record(EventKind::ToolResult {
+                step: invocation.step,
+                call_id: invocation.call_id,
+                tool: invocation.tool,
+                result: refused,
+                latency_ms: 0,
+                attempts: 0,
+            })
+            .await?;
+            return Ok(Duration::ZERO);
+        }
+        self.record(invocation.requested()).await?;
+        let started = Instant::now();
+        let backoff = Backoff {
+            max_attempts: if contract.may_retry() {
+                contract.retry.max_attempts
+            } else {
+                1
+            },
+            base: contract.retry.backoff,
+            cap: contract.retry.max_backoff,
+        };
+        // The key is stable across retries and resumes: the same step is the same call.
+        let key = format!("{}:{}", self.run_id, invocation.step);
+        let tools = &self.runtime.tools;
+        let args = &invocation.arguments;
+        let timeout = contract.timeout;
+        let name = tool.name.as_str();
+        let outcome = with_retries(
+            &backoff,
+            self.remaining(),
+            timeout,
+            || Box::pin(tools.call(tool, args, &key)),
+            |r: &ToolResult| {
+                (!r.is_success() && r.retry_safe)
+                    .then(|| r.retry_after_ms.map(Duration::from_millis))
+            },
+            |by_deadline| {
+                if by_deadline {
+                    ToolResult::error(
+                        ErrorType::Transient,
+                        format!("`{name}` was cut off at the run's wall-clock limit"),
+                    )
+                } else {
+                    ToolResult::error(
+                        ErrorType::Transient,
+                        format!("`{name}` did not answer within {timeout:?}"),
+                    )
+                }
+            },
+        )
+        .await;
+        let mut result = outcome.output;
+        // The model must not be told a failed call is safe to repeat when the contract says
+        // repeating it could do its side effect twice.
+        if !contract.may_retry() {
+            result.retry_safe = false;
+        }
+        // Only the service's own failures count against its breaker: a 4xx or a refused
+        // argument says nothing about the dependency's health.
+        let failed = matches!(
+            result.error_type,
+            Some(ErrorType::Transient | ErrorType::RateLimit)
+        );
         let waited = started.elapsed();
         self.record(EventKind::ToolResult {
             step: invocation.step,
@@ -809,9 +826,20 @@ impl Driver<'_> {
             tool: invocation.tool,
             result,
             latency_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            attempts,
+            attempts: outcome.attempts,
         })
         .await?;
+        let _ = self
+            .runtime
+            .breakers
+            .record(
+                &breaker,
+                &contract.breaker,
+                !failed,
+                admission == Admission::Probe,
+                now_ms(),
+            )
+            .await;
         Ok(waited)
     }
 }
