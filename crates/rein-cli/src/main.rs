@@ -463,7 +463,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         user: UserId::new(args.user),
         session: SessionId::new(
             args.session
-                .unwrap_or_else(|| format!("cli-{}", std::process::id())),
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         ),
         job: args.job.map(JobId::new),
     };

@@ -232,8 +232,9 @@ pub trait Counters: Send + Sync {
     ) -> BoxFuture<'a, Result<Reservation, CountersError>>;
 
     /// Releases reservation `id` (if it has not expired) and adds `actual` to every scope's
-    /// spend. Spend is always counted, even after the reservation expired. Returns each scope's
-    /// standing as this settlement left it (in `scopes` order), read in the same atomic step.
+    /// spend. Spend is always counted, even after the reservation expired, and exactly once:
+    /// settling the same id again changes nothing. Returns each scope's standing as this
+    /// settlement left it (in `scopes` order), read in the same atomic step.
     fn settle<'a>(
         &'a self,
         id: &'a str,

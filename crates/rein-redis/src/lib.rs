@@ -77,10 +77,13 @@ const SETTLE: &str = r"
 local id = ARGV[3]
 local micros, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rkey = prefix .. ':resv:' .. id
+-- Idempotent: a reservation is settled once; a repeat only reports the standings.
+local first = redis.call('SET', prefix .. ':settled:' .. id, '1', 'NX', 'EX', 691200)
+if not first then micros, tokens = 0, 0 end
 for i = 6, #ARGV do
   local scope = ARGV[i]
   local bkey = prefix .. ':budget:' .. scope
-  local held = redis.call('HGET', rkey, scope)
+  local held = first and redis.call('HGET', rkey, scope)
   if held then
     local m, t = string.match(held, '(-?%d+):(-?%d+)')
     redis.call('HINCRBY', bkey, 'reserved_micros', 0 - tonumber(m))

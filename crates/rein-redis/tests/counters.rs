@@ -79,6 +79,11 @@ async fn settling_releases_the_rest_and_counts_the_spend(c: &dyn Counters) {
     let now = c.standing(&s[0].key, 0).await.unwrap();
     assert_eq!(after, vec![now], "settle returns the standing it left");
     assert_eq!(
+        c.settle("r1", &s, amount(0.25, 200)).await.unwrap(),
+        vec![now],
+        "settling twice counts once"
+    );
+    assert_eq!(
         (now.spent, now.reserved),
         (amount(0.25, 200), amount(0.0, 0))
     );

@@ -398,7 +398,10 @@ impl Runtime {
             overheads: Vec::new(),
             detail: None,
         };
-        let outcome = driver.drive().await;
+        let outcome = match driver.settle_leftovers(&events).await {
+            Ok(()) => driver.drive().await,
+            Err(e) => Err(e),
+        };
         self.leave_bulkhead(tenant, run_id.as_str()).await?;
         outcome
     }
@@ -540,6 +543,67 @@ impl Driver<'_> {
                 Ok(Err(()))
             }
         }
+    }
+
+    /// Settles every reservation the log shows as held but not settled (the process stopped,
+    /// or the counters failed, in between), with the cost the log recorded for its step, or
+    /// nothing if the call was never answered. Settling is idempotent, so a settlement that
+    /// landed just before the crash is not counted twice.
+    async fn settle_leftovers(&mut self, events: &[Event]) -> Result<(), RuntimeError> {
+        let settled: std::collections::HashSet<&str> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::BudgetSettled { reservation, .. } => Some(reservation.as_str()),
+                _ => None,
+            })
+            .collect();
+        let open: Vec<(u32, String, Vec<String>)> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::BudgetReserved {
+                    step,
+                    reservation,
+                    scopes,
+                    ..
+                } if !settled.contains(reservation.as_str()) => {
+                    Some((*step, reservation.clone(), scopes.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (step, id, keys) in open {
+            let spent = events
+                .iter()
+                .rev()
+                .find_map(|e| match &e.kind {
+                    EventKind::ModelResponded {
+                        step: s,
+                        usage,
+                        cost,
+                        ..
+                    } if *s == step => Some(Amount {
+                        usd: *cost,
+                        tokens: usage.total(),
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let scopes: Vec<Scope> = keys
+                .into_iter()
+                .map(|key| Scope {
+                    key,
+                    cap: Default::default(),
+                })
+                .collect();
+            self.runtime.counters.settle(&id, &scopes, spent).await?;
+            self.record(EventKind::BudgetSettled {
+                step,
+                reservation: id,
+                amount: spent,
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Records a `budget_warning` for each scope whose warning line this settlement crossed.

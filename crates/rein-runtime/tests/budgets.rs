@@ -266,3 +266,150 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
     assert!(warnings[0].0.starts_with("tenant:warned:"));
     assert!(warnings[0].1 >= Usd::from_dollars(0.075).unwrap());
 }
+
+/// Counters whose first settlement fails, as a Redis blip or a crash right after the model
+/// answered would leave it.
+struct FirstSettleFails {
+    inner: SqliteStore,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Counters for FirstSettleFails {
+    fn reserve<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [rein_core::budget::Scope],
+        amount: rein_core::budget::Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> rein_core::budget::BoxFuture<
+        'a,
+        Result<rein_core::budget::Reservation, rein_core::budget::CountersError>,
+    > {
+        self.inner.reserve(id, scopes, amount, now_ms, expires_ms)
+    }
+    fn settle<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [rein_core::budget::Scope],
+        actual: rein_core::budget::Amount,
+    ) -> rein_core::budget::BoxFuture<
+        'a,
+        Result<Vec<rein_core::budget::Standing>, rein_core::budget::CountersError>,
+    > {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(rein_core::budget::CountersError(
+                    "redis: connection reset".into(),
+                ))
+            });
+        }
+        self.inner.settle(id, scopes, actual)
+    }
+    fn standing<'a>(
+        &'a self,
+        key: &'a str,
+        now_ms: i64,
+    ) -> rein_core::budget::BoxFuture<
+        'a,
+        Result<rein_core::budget::Standing, rein_core::budget::CountersError>,
+    > {
+        self.inner.standing(key, now_ms)
+    }
+    fn cell<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> rein_core::budget::BoxFuture<'a, Result<Option<String>, rein_core::budget::CountersError>>
+    {
+        self.inner.cell(key)
+    }
+    fn swap_cell<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a str>,
+        new: &'a str,
+    ) -> rein_core::budget::BoxFuture<'a, Result<bool, rein_core::budget::CountersError>> {
+        self.inner.swap_cell(key, expected, new)
+    }
+}
+
+#[tokio::test]
+async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    let flaky = Arc::new(FirstSettleFails {
+        inner: store.clone(),
+        failed: Default::default(),
+    });
+    let runtime = Runtime::new(
+        store.clone(),
+        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+    )
+    .with_governor(Governor {
+        counters: flaky,
+        budgets: budgets(),
+    });
+    let prices = PriceTable::default();
+    let builtins = Builtins::standard().infos();
+    let agent = Arc::new(
+        Agent::parse(
+            "s.yaml",
+            SPEC,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+        .unwrap(),
+    );
+    let model = ScriptedModel::parse("script.yaml", SCRIPT).unwrap();
+    let tenant = TenantId::new("resumed");
+    let request = RunRequest {
+        agent,
+        spec_source: SPEC.to_string(),
+        input: "doc".into(),
+        tenant: tenant.clone(),
+        user: UserId::new("u"),
+        session: SessionId::new("s"),
+        job: None,
+        granted_scopes: Vec::new(),
+    };
+    let err = runtime.run(request, &model).await.unwrap_err();
+    assert!(err.to_string().contains("connection reset"), "{err}");
+    let run_id = store.list_runs(&tenant, 1).await.unwrap()[0]
+        .info
+        .id
+        .clone();
+    let key = |t: &TenantId| {
+        format!(
+            "tenant:{t}:{}",
+            &rein_core::time::format_utc(rein_core_now())[..10]
+        )
+    };
+    let before = store
+        .standing(&key(&tenant), rein_core_now())
+        .await
+        .unwrap();
+    assert_eq!(
+        before.spent.usd,
+        Usd::ZERO,
+        "the failed settlement counted nothing yet"
+    );
+
+    let outcome = runtime
+        .resume(&tenant, &run_id, &prices, &model)
+        .await
+        .unwrap();
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    let after = store
+        .standing(&key(&tenant), rein_core_now())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.spent.usd, outcome.cost,
+        "every recorded call's cost is settled, once"
+    );
+    assert_eq!(after.reserved.usd, Usd::ZERO);
+}

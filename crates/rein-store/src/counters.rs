@@ -114,6 +114,23 @@ impl SqliteStore {
         actual: Amount,
     ) -> Result<Vec<Standing>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let first = sqlx::query(
+            "INSERT INTO budget_settlements (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first {
+            // Already settled: report the standings, change nothing.
+            let mut after = Vec::with_capacity(scopes.len());
+            for scope in scopes {
+                after.push(standing_in(&mut tx, &scope.key).await?);
+            }
+            tx.commit().await?;
+            return Ok(after);
+        }
         for scope in scopes {
             sqlx::query(
                 "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES (?, ?, ?)

@@ -70,7 +70,8 @@ pub enum CostGroup {
 /// Spend of one group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CostLine {
-    /// The group's key (tenant, user, agent, model or `YYYY-MM-DD`).
+    /// The group's key (tenant, user, agent, model or `YYYY-MM-DD`; across tenants a user is
+    /// `tenant/user`, since user ids are only unique within their tenant).
     pub key: String,
     /// Model calls answered.
     pub calls: u64,
@@ -105,7 +106,7 @@ fn cost_sql(group: CostGroup, all_tenants: bool) -> &'static str {
         (CostGroup::Model, false) => cost_query!("e.payload ->> '$.model'", "r.tenant = ?"),
         (CostGroup::Day, false) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "r.tenant = ?"),
         (CostGroup::Tenant, true) => cost_query!("r.tenant", "? IS NULL"),
-        (CostGroup::User, true) => cost_query!("r.user_id", "? IS NULL"),
+        (CostGroup::User, true) => cost_query!("r.tenant || '/' || r.user_id", "? IS NULL"),
         (CostGroup::Agent, true) => cost_query!("r.agent", "? IS NULL"),
         (CostGroup::Model, true) => cost_query!("e.payload ->> '$.model'", "? IS NULL"),
         (CostGroup::Day, true) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "? IS NULL"),
