@@ -19,12 +19,16 @@ use rein_core::budget::{
     Amount, BoxFuture, Cap, Counters, CountersError, Reservation, Scope, Standing,
 };
 
-/// Releases every reservation that expired by ARGV[2] (now); ARGV[1] is the key prefix.
+/// Releases every reservation that expired by Redis's own clock (`TIME`), so processes whose
+/// clocks disagree never release each other's live reservations; ARGV[1] is the key prefix and
+/// ARGV[2] the caller's clock, used only to turn its expiry time into a duration.
 const RELEASE_EXPIRED: &str = r"
 -- `0 - x`, never `-x`: Lua prints negative zero as -0, which Redis rejects as an integer.
 local prefix = ARGV[1]
 local zkey = prefix .. ':resv-expiry'
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', ARGV[2])) do
+local clock = redis.call('TIME')
+local server_now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', server_now)) do
   local rkey = prefix .. ':resv:' .. rid
   local held = redis.call('HGETALL', rkey)
   for i = 1, #held, 2 do
@@ -47,7 +51,8 @@ end
 /// scope, a cap of -1 meaning none. Returns {1} when granted, or {0, index, spent_micros,
 /// spent_tokens, reserved_micros, reserved_tokens} for the first scope that cannot cover it.
 const RESERVE: &str = r"
-local id, expires = ARGV[3], ARGV[4]
+local id = ARGV[3]
+local expires = server_now + math.max(0, tonumber(ARGV[4]) - tonumber(ARGV[2]))
 local micros, tokens = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n = (#ARGV - 6) / 3
 for i = 0, n - 1 do

@@ -102,29 +102,37 @@ async fn settling_releases_the_rest_and_counts_the_spend(c: &dyn Counters) {
 
 async fn a_reservation_left_by_a_dead_process_expires(c: &dyn Counters) {
     let s = [scope("session:t:s", Some(1.0), None)];
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let t0 = now();
     assert_eq!(
-        c.reserve("dead", &s, amount(1.0, 0), 0, 5_000)
+        c.reserve("dead", &s, amount(1.0, 0), t0, t0 + 300)
             .await
             .unwrap(),
         Reservation::Granted
     );
     assert!(matches!(
-        c.reserve("live", &s, amount(0.1, 0), 4_999, 9_000)
+        c.reserve("live", &s, amount(0.1, 0), now(), now() + 60_000)
             .await
             .unwrap(),
         Reservation::Refused { .. }
     ));
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(
-        c.reserve("live", &s, amount(0.1, 0), 5_000, 9_000)
+        c.reserve("live", &s, amount(0.1, 0), now(), now() + 60_000)
             .await
             .unwrap(),
         Reservation::Granted
     );
     // The dead holder's late settle still counts what it spent.
     c.settle("dead", &s, amount(0.5, 0)).await.unwrap();
-    let now = c.standing(&s[0].key, 5_000).await.unwrap();
+    let standing = c.standing(&s[0].key, now()).await.unwrap();
     assert_eq!(
-        (now.spent.usd, now.reserved.usd),
+        (standing.spent.usd, standing.reserved.usd),
         (
             Usd::from_dollars(0.5).unwrap(),
             Usd::from_dollars(0.1).unwrap()
