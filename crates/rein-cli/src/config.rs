@@ -332,6 +332,11 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             let entry: RateEntry = rates
                 .try_into()
                 .map_err(|e| anyhow!("{at}.rate_limits: {e}"))?;
+            if entry.mode.is_some() || entry.max_wait.is_some() {
+                return Err(anyhow!(
+                    "{at}.rate_limits: `mode` and `max_wait` are set once for the whole deployment, under [rate_limits]"
+                ));
+            }
             let policy = entry
                 .over(&file.rate_limits)
                 .policy(&format!("{at}.rate_limits"))?;
@@ -350,6 +355,19 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         if let Some(scopes) = table.remove("scopes") {
             let scopes: Vec<String> = scopes.try_into().map_err(|e| anyhow!("{at}.scopes: {e}"))?;
             tenant_scopes.insert(TenantId::new(name.clone()), scopes);
+        }
+        // A deployment-wide setting cannot differ per tenant: refuse it here rather than
+        // silently ignore it.
+        for key in [
+            "warn_at_percent",
+            "global_hourly_usd",
+            "global_hourly_tokens",
+        ] {
+            if table.contains_key(key) {
+                return Err(anyhow!(
+                    "{at}.{key}: this is set once for the whole deployment, under [budgets]"
+                ));
+            }
         }
         let entry: BudgetEntry = toml::Value::Table(table)
             .try_into()

@@ -226,15 +226,59 @@ pub struct MagnitudeRule {
     pub max: Option<f64>,
 }
 
+#[cfg(test)]
+mod magnitude_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_rule_cannot_be_slipped_past_by_leaving_out_or_reshaping_the_argument() {
+        let rule = MagnitudeRule {
+            pointer: "/rows".into(),
+            min: Some(1.0),
+            max: Some(100.0),
+        };
+        assert!(rule.violation(&json!({})).unwrap().contains("missing"));
+        assert!(
+            rule.violation(&json!({"rows": {"all": true}}))
+                .unwrap()
+                .contains("must be a number, a list or a text")
+        );
+        assert!(rule.violation(&json!({"rows": [1, 2]})).is_none());
+        let max_only = MagnitudeRule {
+            pointer: "/rows".into(),
+            min: None,
+            max: Some(100.0),
+        };
+        assert!(max_only.violation(&json!({})).is_none(), "nothing to bound");
+    }
+}
+
 impl MagnitudeRule {
     /// A description of the violation, if `arguments` break this rule.
+    ///
+    /// An absent argument passes a rule with only `max` (nothing to bound) but fails one with
+    /// `min`; a value with no magnitude (object, boolean, null) fails any rule, so a rule can
+    /// never be slipped past by sending the argument in another shape.
     pub fn violation(&self, arguments: &Value) -> Option<String> {
-        let value = arguments.pointer(&self.pointer)?;
+        let Some(value) = arguments.pointer(&self.pointer) else {
+            return self.min.map(|_| {
+                format!(
+                    "`{}` is missing, and the contract requires a minimum",
+                    self.pointer
+                )
+            });
+        };
         let (magnitude, what) = match value {
-            Value::Number(n) => (n.as_f64()?, "is"),
+            Value::Number(n) => (n.as_f64().unwrap_or(f64::INFINITY), "is"),
             Value::Array(a) => (a.len() as f64, "has this many items:"),
             Value::String(t) => (t.chars().count() as f64, "has this many characters:"),
-            _ => return None,
+            _ => {
+                return Some(format!(
+                    "`{}` must be a number, a list or a text for the contract to bound it",
+                    self.pointer
+                ));
+            }
         };
         let show = |v: f64| {
             if v.fract() == 0.0 {
@@ -977,6 +1021,30 @@ impl Parser<'_> {
             None => Some(ToolContract::default()),
             Some(n) => self.contract(n, &f.child("contract")),
         };
+        if let (Some(contract), Some((schema, _)), Some(n)) =
+            (&contract, &schema, f.get("contract"))
+        {
+            for rule in &contract.limits {
+                let first = rule
+                    .pointer
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or("");
+                let first = first.replace("~1", "/").replace("~0", "~");
+                if schema
+                    .get("properties")
+                    .and_then(|p| p.get(&first))
+                    .is_none()
+                {
+                    self.error(
+                        n.pos,
+                        &f.child("contract.limits"),
+                        format!("`{}` does not point into an argument of input_schema (no property `{first}`)", rule.pointer),
+                    );
+                }
+            }
+        }
         let (input_schema, validator) = schema?;
         Some((
             ToolSpec {
@@ -1222,6 +1290,17 @@ impl Parser<'_> {
             let (min, max) = (min.flatten(), max.flatten());
             if min.is_none() && max.is_none() {
                 self.error(rule.pos, &at, "give `max`, `min` or both");
+                ok = false;
+                continue;
+            }
+            if let (Some(lo), Some(hi)) = (min, max)
+                && lo > hi
+            {
+                self.error(
+                    rule.pos,
+                    &at,
+                    format!("`min` ({lo}) is above `max` ({hi}): no call could pass"),
+                );
                 ok = false;
                 continue;
             }
@@ -1499,6 +1578,25 @@ limits:
             text.contains("placeholder `{id}` is not a property"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn magnitude_rules_must_point_at_an_argument_and_be_satisfiable() {
+        let src = EXAMPLE.replace(
+            "max_calls_per_run: 3,",
+            "max_calls_per_run: 3, limits: {\"/order_idd\": {max: 9}},",
+        );
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("`/order_idd` does not point into an argument"),
+            "{text}"
+        );
+        let src = EXAMPLE.replace(
+            "max_calls_per_run: 3,",
+            "max_calls_per_run: 3, limits: {\"/order_id\": {min: 5, max: 1}},",
+        );
+        let text = check(&src).unwrap_err().to_string();
+        assert!(text.contains("`min` (5) is above `max` (1)"), "{text}");
     }
 
     #[test]
