@@ -16,11 +16,15 @@ pub struct RateLimit {
     pub window_ms: i64,
 }
 
-/// A rate limiter's stored state: the theoretical arrival time, in microseconds.
+/// A rate limiter's stored state: the theoretical arrival time, exactly: `tat_ns` whole
+/// nanoseconds plus `frac` / limit of a nanosecond (so no rounding ever lets more through).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateState {
     /// When the scope will have spent everything admitted so far at the allowed pace.
-    pub tat_us: i64,
+    pub tat_ns: i64,
+    /// The fractional nanosecond of `tat_ns`, in units of 1/limit.
+    #[serde(default)]
+    pub frac: u64,
 }
 
 /// The answer to taking units from a limit.
@@ -43,18 +47,31 @@ impl RateState {
         if limit.limit == 0 || amount > limit.limit {
             return (Take::TooLarge, *self);
         }
-        let window_us = i128::from(limit.window_ms.max(1)) * 1_000;
-        let interval_us = window_us / i128::from(limit.limit);
-        let now_us = i128::from(now_ms) * 1_000;
-        let tat = i128::from(self.tat_us).max(now_us);
-        let new_tat = tat + interval_us * i128::from(amount);
-        let allowed_at = new_tat - window_us;
-        if allowed_at > now_us {
-            let wait_ms = i64::try_from((allowed_at - now_us + 999) / 1_000).unwrap_or(i64::MAX);
+        // All in units of 1/limit of a nanosecond, so the arithmetic is exact.
+        // In these units one unit of the resource costs exactly `window_ns`: the window is
+        // `window_ns * limit` units long and holds `limit` of them.
+        let n = i128::from(limit.limit);
+        let window_ns = i128::from(limit.window_ms.max(1)) * 1_000_000;
+        let window = window_ns * n;
+        let now = i128::from(now_ms) * 1_000_000 * n;
+        // A remainder from a different limit (the configuration changed) is dropped.
+        let frac = if self.frac < limit.limit {
+            i128::from(self.frac)
+        } else {
+            0
+        };
+        let tat = (i128::from(self.tat_ns) * n + frac).max(now);
+        let new_tat = tat + window_ns * i128::from(amount);
+        let allowed_at = new_tat - window;
+        if allowed_at > now {
+            let per_ms = 1_000_000 * n;
+            let wait_ms =
+                i64::try_from((allowed_at - now + per_ms - 1) / per_ms).unwrap_or(i64::MAX);
             return (Take::Wait { wait_ms }, *self);
         }
-        let tat_us = i64::try_from(new_tat).unwrap_or(i64::MAX);
-        (Take::Granted, RateState { tat_us })
+        let tat_ns = i64::try_from(new_tat / n).unwrap_or(i64::MAX);
+        let frac = u64::try_from(new_tat % n).unwrap_or(0);
+        (Take::Granted, RateState { tat_ns, frac })
     }
 }
 
@@ -207,6 +224,20 @@ mod tests {
             s.take(&THREE_PER_SECOND, 3, 1_000).0,
             Take::Granted,
             "a full window later, a full burst"
+        );
+    }
+
+    #[test]
+    fn a_huge_limit_still_limits() {
+        let huge = RateLimit {
+            limit: 100_000_000,
+            window_ms: 60_000,
+        };
+        let (take, s) = RateState::default().take(&huge, 100_000_000, 0);
+        assert_eq!(take, Take::Granted);
+        assert!(
+            matches!(s.take(&huge, 1_000, 0).0, Take::Wait { .. }),
+            "the window is spent"
         );
     }
 
