@@ -6,7 +6,8 @@
 
 use crate::{BadInput, config, exit, http_client, parse_agent, render};
 use anyhow::{Context, anyhow};
-use rein_core::{SessionId, TenantId, TerminationReason, UserId};
+use rein_core::budget::{BudgetPolicy, Cap};
+use rein_core::{SessionId, TenantId, TerminationReason, Usd, UserId};
 use rein_fakes::ToolService;
 use rein_providers::{Model, OpenAiClient, ScriptedModel};
 use rein_runtime::{RunOutcome, RunRequest};
@@ -16,6 +17,7 @@ use std::path::Path;
 
 struct Scenario {
     name: &'static str,
+    tenant: &'static str,
     spec: &'static str,
     script: &'static str,
     input: &'static str,
@@ -25,8 +27,12 @@ struct Scenario {
 
 macro_rules! scenario {
     ($name:literal, $input:literal, $shows:literal, $expect:ident) => {
+        scenario!($name, "default", $input, $shows, $expect)
+    };
+    ($name:literal, $tenant:literal, $input:literal, $shows:literal, $expect:ident) => {
         Scenario {
             name: $name,
+            tenant: $tenant,
             spec: include_str!(concat!("../../../examples/demo/", $name, ".yaml")),
             script: include_str!(concat!("../../../examples/demo/", $name, ".script.yaml")),
             input: $input,
@@ -36,7 +42,23 @@ macro_rules! scenario {
     };
 }
 
+/// The demo's own tenant with a small shared daily budget.
+const BUDGET_TENANT: &str = "demo-budget";
+
 const SCENARIOS: &[Scenario] = &[
+    scenario!(
+        "shared-budget",
+        "demo-budget",
+        "Summarise the annual report.",
+        "a tenant's shared daily budget refuses the call it cannot cover",
+        BudgetExhausted
+    ),
+    scenario!(
+        "unauthorised-tool",
+        "Cancel order 42.",
+        "a tool outside the agent's scopes is refused by the runtime, never called",
+        Completed
+    ),
     scenario!(
         "runaway-loop",
         "What is our refund policy?",
@@ -93,7 +115,23 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
     let tools = ToolService::start()
         .await
         .context("cannot start the demo's tool service on 127.0.0.1")?;
-    let config = config::load(None).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let mut config = config::load(None).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    // The demo's own policies, in this process only: a small daily budget for its budget tenant,
+    // and order scopes for the default tenant (the unauthorised-tool agent itself lacks one).
+    config.budgets.tenants.insert(
+        TenantId::new(BUDGET_TENANT),
+        BudgetPolicy {
+            tenant_daily: Cap {
+                usd: Usd::from_dollars(0.05),
+                tokens: None,
+            },
+            ..BudgetPolicy::default()
+        },
+    );
+    config.tenant_scopes.insert(
+        TenantId::new("default"),
+        vec!["orders:read".into(), "orders:write".into()],
+    );
     let builtins = Builtins::standard();
     let http = http_client()?;
     let store = SqliteStore::open(db, Durability::Process)
@@ -132,11 +170,11 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
             agent,
             spec_source: source,
             input: scenario.input.to_string(),
-            tenant: tenant.clone(),
+            tenant: TenantId::new(scenario.tenant),
             user: UserId::new("demo"),
             session: SessionId::new(format!("demo-{}", scenario.name)),
             job: None,
-            granted_scopes: config.granted_scopes(&tenant),
+            granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
         };
         let outcome = runtime.run(request, model.as_ref()).await?;
         rows.push([
