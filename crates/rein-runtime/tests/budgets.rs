@@ -85,16 +85,13 @@ async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
             tenant.clone(),
         );
         tasks.spawn(async move {
-            let request = RunRequest {
+            let request = request(
                 agent,
-                spec_source: SPEC.to_string(),
-                input: format!("document {n}"),
-                tenant,
-                user: UserId::new(format!("user-{}", n % 7)),
-                session: SessionId::new(format!("s-{n}")),
-                job: None,
-                granted_scopes: Vec::new(),
-            };
+                &format!("document {n}"),
+                tenant.as_str(),
+                &format!("user-{}", n % 7),
+                &format!("s-{n}"),
+            );
             runtime.run(request, model.as_ref()).await.unwrap()
         });
     }
@@ -168,6 +165,20 @@ async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
     );
 }
 
+/// A request to run the summariser with `input`, as `user` of `tenant` in `session`.
+fn request(agent: Arc<Agent>, input: &str, tenant: &str, user: &str, session: &str) -> RunRequest {
+    RunRequest {
+        agent,
+        spec_source: SPEC.to_string(),
+        input: input.to_string(),
+        tenant: TenantId::new(tenant),
+        user: UserId::new(user),
+        session: SessionId::new(session),
+        job: None,
+        granted_scopes: Vec::new(),
+    }
+}
+
 fn rein_core_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -237,16 +248,7 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
     );
     let model = ScriptedModel::parse("script.yaml", SCRIPT).unwrap();
     let tenant = TenantId::new("warned");
-    let request = RunRequest {
-        agent,
-        spec_source: SPEC.to_string(),
-        input: "doc".into(),
-        tenant: tenant.clone(),
-        user: UserId::new("u"),
-        session: SessionId::new("s"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(agent, "doc", tenant.as_str(), "u", "s");
     let outcome = runtime.run(request, &model).await.unwrap();
     assert_eq!(outcome.reason, TerminationReason::Completed);
     let events = store.events(&tenant, &outcome.run_id).await.unwrap();
@@ -366,16 +368,7 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
     );
     let model = ScriptedModel::parse("script.yaml", SCRIPT).unwrap();
     let tenant = TenantId::new("resumed");
-    let request = RunRequest {
-        agent,
-        spec_source: SPEC.to_string(),
-        input: "doc".into(),
-        tenant: tenant.clone(),
-        user: UserId::new("u"),
-        session: SessionId::new("s"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(agent, "doc", tenant.as_str(), "u", "s");
     let err = runtime.run(request, &model).await.unwrap_err();
     assert!(err.to_string().contains("connection reset"), "{err}");
     let run_id = store.list_runs(&tenant, 1).await.unwrap()[0]

@@ -58,6 +58,27 @@ async fn harness() -> Harness {
     }
 }
 
+/// A request to run `src` with `input`, as `user` of `tenant` in `session`.
+fn request(
+    src: &str,
+    input: &str,
+    tenant: &str,
+    user: &str,
+    session: &str,
+    granted: &[&str],
+) -> RunRequest {
+    RunRequest {
+        agent: agent(src),
+        spec_source: src.to_string(),
+        input: input.to_string(),
+        tenant: TenantId::new(tenant),
+        user: UserId::new(user),
+        session: SessionId::new(session),
+        job: None,
+        granted_scopes: granted.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
 fn agent(src: &str) -> Arc<Agent> {
     let prices = PriceTable::default();
     let builtins = Builtins::standard().infos();
@@ -75,16 +96,7 @@ fn agent(src: &str) -> Arc<Agent> {
 }
 
 async fn run(h: &Harness, src: &str, model: &dyn Model) -> RunOutcome {
-    let request = RunRequest {
-        agent: agent(src),
-        spec_source: src.to_string(),
-        input: "go".into(),
-        tenant: TenantId::new("acme"),
-        user: UserId::new("ann"),
-        session: SessionId::new("s1"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(src, "go", "acme", "ann", "s1", &[]);
     h.runtime.run(request, model).await.unwrap()
 }
 
@@ -379,16 +391,7 @@ async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -
     let tenant = TenantId::new("acme");
     let runtime = h.runtime.clone();
     let model = Arc::new(one_call("fetch", "{}"));
-    let request = RunRequest {
-        agent: agent(src),
-        spec_source: src.to_string(),
-        input: "go".into(),
-        tenant: tenant.clone(),
-        user: UserId::new("ann"),
-        session: SessionId::new("s1"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(src, "go", tenant.as_str(), "ann", "s1", &[]);
     let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
     let started = Instant::now();
     loop {
@@ -531,16 +534,7 @@ async fn a_failed_unsafe_tool_is_never_reported_to_the_model_as_safe_to_repeat()
 }
 
 async fn run_granted(h: &Harness, src: &str, model: &dyn Model, granted: &[&str]) -> RunOutcome {
-    let request = RunRequest {
-        agent: agent(src),
-        spec_source: src.to_string(),
-        input: "go".into(),
-        tenant: TenantId::new("acme"),
-        user: UserId::new("ann"),
-        session: SessionId::new("s1"),
-        job: None,
-        granted_scopes: granted.iter().map(|s| s.to_string()).collect(),
-    };
+    let request = request(src, "go", "acme", "ann", "s1", granted);
     h.runtime.run(request, model).await.unwrap()
 }
 
@@ -586,16 +580,7 @@ async fn a_tool_outside_the_granted_scopes_is_never_called() {
 }
 
 async fn run_as(h: &Harness, src: &str, tenant: &str) -> RunOutcome {
-    let request = RunRequest {
-        agent: agent(src),
-        spec_source: src.to_string(),
-        input: "go".into(),
-        tenant: TenantId::new(tenant),
-        user: UserId::new("ann"),
-        session: SessionId::new("s1"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(src, "go", tenant, "ann", "s1", &[]);
     h.runtime
         .run(request, &one_call("fetch", "{}"))
         .await
@@ -692,16 +677,14 @@ async fn race_rate_limited(
     for n in 0..runs {
         let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
         tasks.spawn(async move {
-            let request = RunRequest {
-                agent: agent(&src),
-                spec_source: src.clone(),
-                input: format!("q{n}"),
-                tenant: TenantId::new("acme"),
-                user: UserId::new(format!("u{n}")),
-                session: SessionId::new(format!("s{n}")),
-                job: None,
-                granted_scopes: Vec::new(),
-            };
+            let request = request(
+                &src,
+                &format!("q{n}"),
+                "acme",
+                &format!("u{n}"),
+                &format!("s{n}"),
+                &[],
+            );
             runtime.run(request, model.as_ref()).await.unwrap()
         });
     }
@@ -849,16 +832,7 @@ async fn a_tenants_bulkhead_caps_its_concurrent_runs_and_queues_the_rest() {
     for n in 0..5 {
         let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
         tasks.spawn(async move {
-            let request = RunRequest {
-                agent: agent(&src),
-                spec_source: src.clone(),
-                input: format!("q{n}"),
-                tenant: TenantId::new("acme"),
-                user: UserId::new("ann"),
-                session: SessionId::new(format!("s{n}")),
-                job: None,
-                granted_scopes: Vec::new(),
-            };
+            let request = request(&src, &format!("q{n}"), "acme", "ann", &format!("s{n}"), &[]);
             runtime.run(request, model.as_ref()).await.unwrap()
         });
     }
@@ -901,30 +875,12 @@ async fn a_full_queue_refuses_a_run_before_anything_is_recorded() {
     let first = {
         let src = src.clone();
         tokio::spawn(async move {
-            let request = RunRequest {
-                agent: agent(&src),
-                spec_source: src.clone(),
-                input: "first".into(),
-                tenant: TenantId::new("acme"),
-                user: UserId::new("ann"),
-                session: SessionId::new("s"),
-                job: None,
-                granted_scopes: Vec::new(),
-            };
+            let request = request(&src, "first", "acme", "ann", "s", &[]);
             runtime.run(request, slow.as_ref()).await.unwrap()
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let request = RunRequest {
-        agent: agent(&src),
-        spec_source: src.clone(),
-        input: "second".into(),
-        tenant: TenantId::new("acme"),
-        user: UserId::new("ann"),
-        session: SessionId::new("s"),
-        job: None,
-        granted_scopes: Vec::new(),
-    };
+    let request = request(&src, "second", "acme", "ann", "s", &[]);
     let err = h
         .runtime
         .run(request, &one_call("nap", r#"{"seconds": 0}"#))
