@@ -122,6 +122,49 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
             EventKind::RunFinished { reason, detail, .. } => {
                 finish = Some((*reason, detail.clone()))
             }
+            // The governor at work: what a person asks about when a run was slow or stopped.
+            EventKind::BudgetRefused {
+                step,
+                scope,
+                amount,
+                ..
+            } => rows.push([
+                format!("#{step} budget"),
+                scope.key.clone(),
+                "-".into(),
+                format!("{} tokens", amount.tokens),
+                amount.usd.to_string(),
+                format!("REFUSED: {scope} could not cover the call"),
+            ]),
+            EventKind::BudgetWarning {
+                scope,
+                spent,
+                percent,
+            } => rows.push([
+                "   budget".into(),
+                scope.key.clone(),
+                "-".into(),
+                "-".into(),
+                spent.usd.to_string(),
+                format!("warning: past {percent}% of {scope}"),
+            ]),
+            EventKind::RateLimited {
+                step,
+                scope,
+                wait_ms,
+                delayed,
+            } => rows.push([
+                format!("#{step} rate"),
+                scope.clone(),
+                format!("{wait_ms} ms"),
+                "-".into(),
+                "-".into(),
+                if *delayed {
+                    "waited its turn".to_string()
+                } else {
+                    "REJECTED: over the limit".to_string()
+                },
+            ]),
             _ => {}
         }
     }
