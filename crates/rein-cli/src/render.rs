@@ -122,6 +122,28 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
             EventKind::RunFinished { reason, detail, .. } => {
                 finish = Some((*reason, detail.clone()))
             }
+            EventKind::ModelAttemptFailed {
+                step,
+                model,
+                attempt,
+                error_type,
+                message,
+                retry_in_ms,
+            } => {
+                let kind = serde_json::to_value(error_type).unwrap_or_default();
+                rows.push([
+                    format!("#{step} model"),
+                    model.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!(
+                        "attempt {attempt} failed ({}): {}; retried after {retry_in_ms} ms",
+                        kind.as_str().unwrap_or("error"),
+                        short(message, 50)
+                    ),
+                ]);
+            }
             // The governor at work: what a person asks about when a run was slow or stopped.
             EventKind::BudgetRefused {
                 step,

@@ -340,6 +340,7 @@ impl Engine {
                 self.push_message(Message::text(Role::User, input.clone()));
             }
             EventKind::BudgetReserved { .. }
+            | EventKind::ModelAttemptFailed { .. }
             | EventKind::BudgetSettled { .. }
             | EventKind::BudgetWarning { .. } => {}
             EventKind::RateLimited { delayed: true, .. } => {}

@@ -132,6 +132,21 @@ pub enum EventKind {
         /// Attempts made.
         attempts: u32,
     },
+    /// One attempt of a model call failed and the call is retried after `retry_in_ms`.
+    ModelAttemptFailed {
+        /// Step number.
+        step: u32,
+        /// `provider/model`.
+        model: String,
+        /// Which attempt, from 1.
+        attempt: u32,
+        /// The class of the failure.
+        error_type: ErrorType,
+        /// What went wrong.
+        message: String,
+        /// The wait before the next attempt.
+        retry_in_ms: u64,
+    },
     /// A model call failed after its retries.
     ModelFailed {
         /// Step number.
@@ -200,6 +215,7 @@ impl EventKind {
             EventKind::RateLimited { .. } => "rate_limited",
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
+            EventKind::ModelAttemptFailed { .. } => "model_attempt_failed",
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::ToolRequested { .. } => "tool_requested",
             EventKind::ToolResult { .. } => "tool_result",

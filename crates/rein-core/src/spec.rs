@@ -70,7 +70,21 @@ pub struct ModelSpec {
     pub base_url: Option<String>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// Retries of a failed call (transient and rate-limit failures only).
+    pub retry: RetryPolicy,
+    /// Longest one attempt may take.
+    pub timeout: Duration,
 }
+
+/// Default model retry policy: 3 attempts, backoff from 1 s, capped at 8 s, full jitter.
+pub const DEFAULT_MODEL_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    backoff: Duration::from_secs(1),
+    max_backoff: Duration::from_secs(8),
+};
+
+/// Default longest time one model attempt may take.
+pub const DEFAULT_MODEL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl ModelSpec {
     /// The provider part of `primary`.
@@ -805,7 +819,14 @@ impl Parser<'_> {
         let f = self.fields(
             node,
             "model",
-            &["primary", "max_output_tokens", "base_url", "temperature"],
+            &[
+                "primary",
+                "max_output_tokens",
+                "base_url",
+                "temperature",
+                "retry",
+                "timeout",
+            ],
         )?;
         let primary = self.required(&f, "primary", "").and_then(|n| {
             let primary = self.string(n, "model.primary")?;
@@ -866,11 +887,44 @@ impl Parser<'_> {
                 }
             }),
         };
+        let retry = f
+            .get("retry")
+            .map_or(Some(DEFAULT_MODEL_RETRY), |n| self.model_retry(n));
+        let timeout = f.get("timeout").map_or(Some(DEFAULT_MODEL_TIMEOUT), |n| {
+            self.duration(n, "model.timeout")
+        });
         Some(ModelSpec {
             primary: primary?,
             max_output_tokens: max_output_tokens?,
             base_url: base_url?,
             temperature: temperature?,
+            retry: retry?,
+            timeout: timeout?,
+        })
+    }
+
+    /// `model.retry: {max_attempts, base_delay, max_delay}`.
+    fn model_retry(&mut self, node: &Node) -> Option<RetryPolicy> {
+        let f = self.fields(
+            node,
+            "model.retry",
+            &["max_attempts", "base_delay", "max_delay"],
+        )?;
+        let d = DEFAULT_MODEL_RETRY;
+        let max_attempts = f.get("max_attempts").map_or(Some(d.max_attempts), |n| {
+            self.integer(n, "model.retry.max_attempts", 1, 10)
+                .map(|v| v as u32)
+        });
+        let backoff = f.get("base_delay").map_or(Some(d.backoff), |n| {
+            self.duration(n, "model.retry.base_delay")
+        });
+        let max_backoff = f.get("max_delay").map_or(Some(d.max_backoff), |n| {
+            self.duration(n, "model.retry.max_delay")
+        });
+        Some(RetryPolicy {
+            max_attempts: max_attempts?,
+            backoff: backoff?,
+            max_backoff: max_backoff?,
         })
     }
 

@@ -35,17 +35,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use retry::Backoff as RetryBackoff;
 
-/// Retry policy for model calls: 3 attempts, exponential backoff from 1 s capped at 8 s,
-/// full jitter, `Retry-After` honoured; only transient and rate-limit failures are retried.
-pub const MODEL_BACKOFF: Backoff = Backoff {
-    max_attempts: 3,
-    base: Duration::from_secs(1),
-    cap: Duration::from_secs(8),
-};
-
-/// Longest a single model attempt may take, whatever time the run has left.
-pub const MODEL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// What can stop the driver itself (as opposed to ending a run, which is always an event).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -706,9 +695,13 @@ impl Driver<'_> {
         let model = self.model;
         let started = Instant::now();
         let outcome = with_retries(
-            &MODEL_BACKOFF,
+            &Backoff {
+                max_attempts: spec.model.retry.max_attempts,
+                base: spec.model.retry.backoff,
+                cap: spec.model.retry.max_backoff,
+            },
             self.remaining(),
-            MODEL_ATTEMPT_TIMEOUT,
+            spec.model.timeout,
             || model.complete(request),
             |result: &Result<_, ModelError>| match result {
                 Err(e) if e.is_retryable() => Some(e.retry_after),
@@ -728,6 +721,20 @@ impl Driver<'_> {
         .await;
         let waited = started.elapsed();
         let latency_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        // Every attempt is named in the log: the ones that failed and were retried first.
+        for (attempt, (failed, wait)) in outcome.retried.into_iter().enumerate() {
+            if let Err(e) = failed {
+                self.record(EventKind::ModelAttemptFailed {
+                    step: call.step,
+                    model: call.model.clone(),
+                    attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
+                    error_type: e.kind,
+                    message: e.message,
+                    retry_in_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                })
+                .await?;
+            }
+        }
         let kind = match outcome.output {
             Ok(reply) => EventKind::ModelResponded {
                 step: call.step,

@@ -28,10 +28,12 @@ impl Backoff {
     }
 }
 
-/// The output of the last attempt and how many attempts were made.
+/// The output of the last attempt, how many attempts were made, and each earlier attempt's
+/// output with the wait that followed it.
 pub struct Attempted<T> {
     pub output: T,
     pub attempts: u32,
+    pub retried: Vec<(T, Duration)>,
 }
 
 /// Runs `attempt` until it succeeds, fails for good, runs out of attempts or `budget` runs out.
@@ -55,6 +57,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + budget;
     let mut attempts = 0;
+    let mut retried = Vec::new();
     loop {
         attempts += 1;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -64,10 +67,18 @@ where
             Err(_) => on_timeout(by_budget),
         };
         if attempts >= backoff.max_attempts.max(1) {
-            return Attempted { output, attempts };
+            return Attempted {
+                output,
+                attempts,
+                retried,
+            };
         }
         let Some(advised) = retry_after(&output) else {
-            return Attempted { output, attempts };
+            return Attempted {
+                output,
+                attempts,
+                retried,
+            };
         };
         let wait = advised.map_or_else(
             || backoff.delay(attempts),
@@ -75,8 +86,13 @@ where
         );
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if wait >= left {
-            return Attempted { output, attempts };
+            return Attempted {
+                output,
+                attempts,
+                retried,
+            };
         }
+        retried.push((output, wait));
         tokio::time::sleep(wait).await;
     }
 }
@@ -115,6 +131,12 @@ mod tests {
         )
         .await;
         assert_eq!((out.output, out.attempts), (2, 2));
+        assert_eq!(
+            out.retried.len(),
+            1,
+            "the failed first attempt is handed back"
+        );
+        assert_eq!(out.retried[0].0, 1);
     }
 
     #[tokio::test(start_paused = true)]

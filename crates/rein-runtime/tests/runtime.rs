@@ -900,3 +900,76 @@ async fn a_full_queue_refuses_a_run_before_anything_is_recorded() {
         .unwrap();
     assert_eq!(runs.len(), 1, "the refused run left no record");
 }
+
+#[tokio::test]
+async fn every_failed_model_attempt_is_named_in_the_log() {
+    let server = FakeOpenAi::start(|n, _| match n {
+        0 => FakeResponse::error(503, "overloaded"),
+        1 => FakeResponse::error(429, "slow down"),
+        _ => FakeResponse::text("ok", 10, 2),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "max_output_tokens: 200}",
+        "max_output_tokens: 200, retry: {max_attempts: 3, base_delay: 10ms, max_delay: 20ms}, timeout: 5s}",
+    );
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    let attempts: Vec<(u32, ErrorType, u64)> = events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::ModelAttemptFailed {
+                attempt,
+                error_type,
+                retry_in_ms,
+                ..
+            } => Some((attempt, error_type, retry_in_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        attempts.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>(),
+        [(1, ErrorType::Transient), (2, ErrorType::RateLimit)]
+    );
+    assert!(
+        attempts.iter().all(|a| a.2 <= 20),
+        "delays within max_delay: {attempts:?}"
+    );
+    let responded = events.iter().find_map(|e| match e.decode().unwrap().kind {
+        EventKind::ModelResponded { attempts, .. } => Some(attempts),
+        _ => None,
+    });
+    assert_eq!(responded, Some(3));
+}
+
+#[tokio::test]
+async fn a_hung_provider_is_cut_off_at_the_model_timeout() {
+    let server =
+        FakeOpenAi::start(|_, _| FakeResponse::text("late", 1, 1).after(Duration::from_secs(5)))
+            .await
+            .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "max_output_tokens: 200}",
+        "max_output_tokens: 200, retry: {max_attempts: 1}, timeout: 300ms}",
+    );
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let started = Instant::now();
+    let outcome = run(&h, &src, &client).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(outcome.reason, TerminationReason::Error);
+    assert!(outcome.detail.unwrap().contains("did not answer in time"));
+}
