@@ -71,6 +71,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 message,
                 latency_ms,
                 attempts,
+                ..
             } => {
                 let kind = serde_json::to_value(error_type).unwrap_or_default();
                 rows.push([
@@ -144,6 +145,18 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     ),
                 ]);
             }
+            EventKind::ModelFellBack {
+                step,
+                model,
+                reason,
+            } => rows.push([
+                format!("#{step} model"),
+                model.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("passed over: {}", short(reason, 70)),
+            ]),
             // The governor at work: what a person asks about when a run was slow or stopped.
             EventKind::BudgetRefused {
                 step,
@@ -340,6 +353,7 @@ pub fn outcome_json(o: &RunOutcome) -> Value {
         "cost_usd": o.cost.as_dollars(),
         "cost_micros": o.cost.micros(),
         "output": o.output,
+        "models_used": o.models_used,
         "events": o.events,
     })
 }

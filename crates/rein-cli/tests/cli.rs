@@ -191,6 +191,7 @@ fn the_openai_client_is_configured_from_the_standard_environment_variables() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["output"], "Order 42 has shipped.");
+    assert_eq!(v["models_used"], json!({"openai/gpt-4o-mini": 2}));
     assert_eq!(v["usage"]["total_tokens"], 273);
     assert_eq!(
         server.requests()[0].1.as_deref(),

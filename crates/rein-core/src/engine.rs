@@ -341,6 +341,7 @@ impl Engine {
             }
             EventKind::BudgetReserved { .. }
             | EventKind::ModelAttemptFailed { .. }
+            | EventKind::ModelFellBack { .. }
             | EventKind::BudgetSettled { .. }
             | EventKind::BudgetWarning { .. } => {}
             EventKind::RateLimited { delayed: true, .. } => {}
@@ -403,9 +404,16 @@ impl Engine {
                 error_type,
                 message,
                 attempts,
+                all_circuits_open,
                 ..
             } => {
                 self.model_in_flight = false;
+                if *all_circuits_open {
+                    self.finish_with(
+                        TerminationReason::CircuitOpen,
+                        format!("every model this step could use has an open circuit breaker, so none was called: {message}"),
+                    );
+                }
                 if self.past_deadline(event.ts_ms) {
                     self.finish_with(
                         TerminationReason::Timeout,

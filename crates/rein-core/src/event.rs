@@ -147,6 +147,15 @@ pub enum EventKind {
         /// The wait before the next attempt.
         retry_in_ms: u64,
     },
+    /// A model of the step's chain was passed over; the step goes to the next one.
+    ModelFellBack {
+        /// Step number.
+        step: u32,
+        /// The model passed over.
+        model: String,
+        /// Why (its breaker is open, or it failed for good).
+        reason: String,
+    },
     /// A model call failed after its retries.
     ModelFailed {
         /// Step number.
@@ -161,6 +170,9 @@ pub enum EventKind {
         latency_ms: u64,
         /// Attempts made.
         attempts: u32,
+        /// Every model of the chain had an open circuit breaker: nothing was called.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all_circuits_open: bool,
     },
     /// A tool call passed validation and is about to be made.
     ToolRequested {
@@ -216,6 +228,7 @@ impl EventKind {
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
             EventKind::ModelAttemptFailed { .. } => "model_attempt_failed",
+            EventKind::ModelFellBack { .. } => "model_fell_back",
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::ToolRequested { .. } => "tool_requested",
             EventKind::ToolResult { .. } => "tool_result",

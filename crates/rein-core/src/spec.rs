@@ -70,6 +70,8 @@ pub struct ModelSpec {
     pub base_url: Option<String>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// Models to try, in order, when the primary fails for good or its breaker is open.
+    pub fallbacks: Vec<String>,
     /// Retries of a failed call (transient and rate-limit failures only).
     pub retry: RetryPolicy,
     /// Longest one attempt may take.
@@ -87,6 +89,11 @@ pub const DEFAULT_MODEL_RETRY: RetryPolicy = RetryPolicy {
 pub const DEFAULT_MODEL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl ModelSpec {
+    /// The primary, then the fallbacks: the order a step tries them in.
+    pub fn chain(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.primary.as_str()).chain(self.fallbacks.iter().map(String::as_str))
+    }
+
     /// The provider part of `primary`.
     pub fn provider(&self) -> &str {
         self.primary.split_once('/').map_or("", |(p, _)| p)
@@ -435,8 +442,11 @@ impl fmt::Display for SpecErrors {
 pub struct Agent {
     /// The spec.
     pub spec: AgentSpec,
-    /// The price of the primary model.
+    /// The worst case of the chain's prices (each rate the highest of any model in it): what
+    /// pre-flight checks reserve, so a fallback can never break a cap.
     pub price: Price,
+    /// Each model's own price, to cost what actually answered.
+    pub prices: BTreeMap<String, Price>,
     /// Argument validators, index-aligned with `spec.tools`.
     pub tool_validators: Vec<Arc<jsonschema::Validator>>,
     /// Validator of the final answer, if the spec has an output schema.
@@ -735,7 +745,18 @@ impl Parser<'_> {
             .and_then(|n| self.integer(n, "version", 1, i64::from(u32::MAX)))
             .map(|v| v as u32);
         let model = self.required(&f, "model", "").and_then(|n| self.model(n));
-        let price = model.as_ref().and_then(|m| self.price(&f, m));
+        let prices: Option<BTreeMap<String, Price>> = model.as_ref().map(|m| {
+            m.chain()
+                .filter_map(|entry| self.ctx.prices.get(entry).map(|p| (entry.to_string(), *p)))
+                .collect()
+        });
+        let price = prices.as_ref().and_then(|all| {
+            all.values().copied().reduce(|a, b| Price {
+                input: a.input.max(b.input),
+                cached_input: a.cached_input.max(b.cached_input),
+                output: a.output.max(b.output),
+            })
+        });
         let instructions = self
             .required(&f, "instructions", "")
             .and_then(|n| self.string(n, "instructions"));
@@ -810,6 +831,7 @@ impl Parser<'_> {
                 scopes: scopes?,
             },
             price: price?,
+            prices: prices?,
             tool_validators,
             output_validator,
         })
@@ -821,6 +843,7 @@ impl Parser<'_> {
             "model",
             &[
                 "primary",
+                "fallbacks",
                 "max_output_tokens",
                 "base_url",
                 "temperature",
@@ -828,33 +851,32 @@ impl Parser<'_> {
                 "timeout",
             ],
         )?;
-        let primary = self.required(&f, "primary", "").and_then(|n| {
-            let primary = self.string(n, "model.primary")?;
-            match primary.split_once('/') {
-                Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {
-                    Some(primary)
-                }
-                Some((provider, model)) if !model.is_empty() => {
+        let primary = self
+            .required(&f, "primary", "")
+            .and_then(|n| self.model_entry(n, "model.primary"));
+        let fallbacks = match f.get("fallbacks") {
+            None => Some(Vec::new()),
+            Some(n) => match &n.value {
+                NodeValue::Seq(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| self.model_entry(item, &format!("model.fallbacks[{i}]")))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>(),
+                other => {
                     self.error(
                         n.pos,
-                        "model.primary",
+                        "model.fallbacks",
                         format!(
-                            "provider `{provider}` is not supported; use one of: {} (any OpenAI-compatible server works as `openai/<model>` with `base_url`)",
-                            PROVIDERS.join(", ")
+                            "expected a list of `provider/model`, found {}",
+                            other.type_name()
                         ),
                     );
                     None
                 }
-                _ => {
-                    self.error(
-                        n.pos,
-                        "model.primary",
-                        format!("`{primary}` must be `provider/model`, e.g. `openai/gpt-4o-mini`"),
-                    );
-                    None
-                }
-            }
-        });
+            },
+        };
         let max_output_tokens = match f.get("max_output_tokens") {
             None => Some(DEFAULT_MAX_OUTPUT_TOKENS),
             Some(n) => self
@@ -895,6 +917,7 @@ impl Parser<'_> {
         });
         Some(ModelSpec {
             primary: primary?,
+            fallbacks: fallbacks?,
             max_output_tokens: max_output_tokens?,
             base_url: base_url?,
             temperature: temperature?,
@@ -928,22 +951,42 @@ impl Parser<'_> {
         })
     }
 
-    fn price(&mut self, f: &Fields<'_>, model: &ModelSpec) -> Option<Price> {
-        let price = self.ctx.prices.get(&model.primary).copied();
-        if price.is_none() {
-            let pos = f
-                .get("model")
-                .map_or(f.pos, |m| m.get("primary").map_or(m.pos, |p| p.pos));
+    /// A model entry: `provider/model` with a supported provider and a known price.
+    fn model_entry(&mut self, n: &Node, path: &str) -> Option<String> {
+        let entry = self.string(n, path)?;
+        match entry.split_once('/') {
+            Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {}
+            Some((provider, model)) if !model.is_empty() => {
+                self.error(
+                    n.pos,
+                    path,
+                    format!(
+                        "provider `{provider}` is not supported; use one of: {} (any OpenAI-compatible server works as `openai/<model>` with `base_url`)",
+                        PROVIDERS.join(", ")
+                    ),
+                );
+                return None;
+            }
+            _ => {
+                self.error(
+                    n.pos,
+                    path,
+                    format!("`{entry}` must be `provider/model`, e.g. `openai/gpt-4o-mini`"),
+                );
+                return None;
+            }
+        }
+        if self.ctx.prices.get(&entry).is_none() {
             self.error(
-                pos,
-                "model.primary",
+                n.pos,
+                path,
                 format!(
-                    "no price is known for `{}`: a cost cap on an unpriced model would mean nothing; add it to rein.toml under [prices.\"{}\"] with input, cached_input and output in USD per million tokens",
-                    model.primary, model.primary
+                    "no price is known for `{entry}`: a cost cap on an unpriced model would mean nothing; add it to rein.toml under [prices.\"{entry}\"] with input, cached_input and output in USD per million tokens"
                 ),
             );
+            return None;
         }
-        price
+        Some(entry)
     }
 
     fn tools(&mut self, node: &Node) -> Option<Vec<(ToolSpec, Arc<jsonschema::Validator>)>> {
@@ -1621,6 +1664,32 @@ limits:
         assert!(
             text.contains("no price is known for `openai/my-local-llama`"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn every_fallback_must_be_a_priced_supported_model() {
+        let src = EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  fallbacks: [openai/gpt-4o, openai/my-llama, cohere/command]",
+        );
+        let text = check(&src).unwrap_err().to_string();
+        assert!(
+            text.contains("model.fallbacks[1]: no price is known for `openai/my-llama`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("model.fallbacks[2]: provider `cohere` is not supported"),
+            "{text}"
+        );
+        let ok = check(&EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  fallbacks: [openai/gpt-4o]",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.price.output, ok.prices["openai/gpt-4o"].output,
+            "pre-flight uses the dearest model of the chain"
         );
     }
 

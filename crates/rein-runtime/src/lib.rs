@@ -106,6 +106,8 @@ pub struct RunOutcome {
     pub cost: Usd,
     /// The final answer.
     pub output: Option<Value>,
+    /// Each model that answered a step, with how many steps it answered.
+    pub models_used: std::collections::BTreeMap<String, u32>,
     /// Events recorded.
     pub events: u64,
     /// Per model or tool step: the driver's and engine's own time (everything but the
@@ -326,6 +328,7 @@ impl Runtime {
             next_seq: 0,
             overheads: Vec::new(),
             detail: None,
+            models_used: Default::default(),
         };
         driver
             .record(EventKind::RunStarted {
@@ -386,7 +389,13 @@ impl Runtime {
             next_seq: sealed.len() as u64,
             overheads: Vec::new(),
             detail: None,
+            models_used: Default::default(),
         };
+        for event in &events {
+            if let EventKind::ModelResponded { model, .. } = &event.kind {
+                *driver.models_used.entry(model.clone()).or_default() += 1;
+            }
+        }
         let outcome = match driver.settle_leftovers(&events).await {
             Ok(()) => driver.drive().await,
             Err(e) => Err(e),
@@ -409,6 +418,7 @@ struct Driver<'a> {
     next_seq: u64,
     overheads: Vec<u64>,
     detail: Option<String>,
+    models_used: std::collections::BTreeMap<String, u32>,
 }
 
 impl Driver<'_> {
@@ -447,6 +457,7 @@ impl Driver<'_> {
             usage: self.engine.usage(),
             cost: self.engine.cost(),
             output: self.engine.output().cloned(),
+            models_used: std::mem::take(&mut self.models_used),
             events: self.next_seq,
             step_overheads_ns: std::mem::take(&mut self.overheads),
         })
@@ -454,6 +465,9 @@ impl Driver<'_> {
 
     /// Seals `kind` into the chain, folds it into the engine and makes it durable.
     async fn record(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
+        if let EventKind::ModelResponded { model, .. } = &kind {
+            *self.models_used.entry(model.clone()).or_default() += 1;
+        }
         if let EventKind::RunFinished { detail, .. } = &kind {
             self.detail = detail.clone();
         }
@@ -684,75 +698,157 @@ impl Driver<'_> {
         self.record(call.requested()).await?;
         let agent = self.engine.agent().clone();
         let spec = &agent.spec;
-        let request = ModelRequest {
-            model: spec.model.model_name(),
-            messages: self.engine.messages(),
-            tools: self.engine.tool_definitions(),
-            max_output_tokens: spec.model.max_output_tokens,
-            temperature: spec.model.temperature,
-            output_schema: spec.output_schema.as_ref(),
-        };
         let model = self.model;
         let started = Instant::now();
-        let outcome = with_retries(
-            &Backoff {
-                max_attempts: spec.model.retry.max_attempts,
-                base: spec.model.retry.backoff,
-                cap: spec.model.retry.max_backoff,
-            },
-            self.remaining(),
-            spec.model.timeout,
-            || model.complete(request),
-            |result: &Result<_, ModelError>| match result {
-                Err(e) if e.is_retryable() => Some(e.retry_after),
-                _ => None,
-            },
-            |by_deadline| {
-                Err(ModelError::new(
-                    ErrorType::Transient,
-                    if by_deadline {
-                        "the run's wall-clock limit was reached while waiting for the model"
-                    } else {
-                        "the model did not answer in time"
-                    },
-                ))
-            },
-        )
-        .await;
-        let waited = started.elapsed();
-        let latency_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-        // Every attempt is named in the log: the ones that failed and were retried first.
-        for (attempt, (failed, wait)) in outcome.retried.into_iter().enumerate() {
-            if let Err(e) = failed {
-                self.record(EventKind::ModelAttemptFailed {
+        let chain: Vec<&str> = spec.model.chain().collect();
+        let mut answered: Option<(&str, rein_core::ModelReply, u32)> = None;
+        let mut last_failure: Option<(&str, ModelError, u32)> = None;
+        let mut open_breakers = 0;
+        for (index, &entry) in chain.iter().enumerate() {
+            let has_next = index + 1 < chain.len();
+            // One breaker per provider/model, shared by every tenant and process: a provider
+            // that keeps failing is skipped without a network attempt.
+            let breaker = format!("breaker:model:{}", key_part(entry));
+            let probe_ms = i64::try_from(spec.model.timeout.as_millis()).unwrap_or(i64::MAX);
+            let policy = rein_core::breaker::BreakerPolicy::default();
+            let admission = self
+                .runtime
+                .breakers
+                .admit(&breaker, &policy, now_ms(), probe_ms)
+                .await
+                .unwrap_or(Admission::Allowed);
+            if let Admission::Refused { retry_in_ms } = admission {
+                open_breakers += 1;
+                self.record(EventKind::ModelFellBack {
                     step: call.step,
-                    model: call.model.clone(),
-                    attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
-                    error_type: e.kind,
-                    message: e.message,
-                    retry_in_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    model: entry.to_string(),
+                    reason: format!(
+                        "its circuit breaker is open (about {} s to the next probe)",
+                        (retry_in_ms + 999) / 1000
+                    ),
                 })
                 .await?;
+                continue;
+            }
+            let model_name = entry.split_once('/').map_or(entry, |(_, m)| m);
+            let outcome = {
+                let request = ModelRequest {
+                    model: model_name,
+                    messages: self.engine.messages(),
+                    tools: self.engine.tool_definitions(),
+                    max_output_tokens: spec.model.max_output_tokens,
+                    temperature: spec.model.temperature,
+                    output_schema: spec.output_schema.as_ref(),
+                };
+                with_retries(
+                    &Backoff {
+                        max_attempts: spec.model.retry.max_attempts,
+                        base: spec.model.retry.backoff,
+                        cap: spec.model.retry.max_backoff,
+                    },
+                    self.remaining(),
+                    spec.model.timeout,
+                    || model.complete(request),
+                    |result: &Result<_, ModelError>| match result {
+                        Err(e) if e.is_retryable() => Some(e.retry_after),
+                        _ => None,
+                    },
+                    |by_deadline| {
+                        Err(ModelError::new(
+                            ErrorType::Transient,
+                            if by_deadline {
+                                "the run's wall-clock limit was reached while waiting for the model"
+                            } else {
+                                "the model did not answer in time"
+                            },
+                        ))
+                    },
+                )
+                .await
+            };
+            // Every attempt is named in the log: the ones that failed and were retried first.
+            for (attempt, (failed, wait)) in outcome.retried.into_iter().enumerate() {
+                if let Err(e) = failed {
+                    self.record(EventKind::ModelAttemptFailed {
+                        step: call.step,
+                        model: entry.to_string(),
+                        attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
+                        error_type: e.kind,
+                        message: e.message,
+                        retry_in_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    })
+                    .await?;
+                }
+            }
+            let provider_failed = matches!(&outcome.output, Err(e) if e.is_retryable());
+            let _ = self
+                .runtime
+                .breakers
+                .record(
+                    &breaker,
+                    &policy,
+                    !provider_failed,
+                    admission == Admission::Probe,
+                    now_ms(),
+                )
+                .await;
+            match outcome.output {
+                Ok(reply) => {
+                    answered = Some((entry, reply, outcome.attempts));
+                    break;
+                }
+                Err(e) => {
+                    if has_next {
+                        self.record(EventKind::ModelFellBack {
+                            step: call.step,
+                            model: entry.to_string(),
+                            reason: format!(
+                                "it failed for good after {} attempt(s): {}",
+                                outcome.attempts, e.message
+                            ),
+                        })
+                        .await?;
+                    }
+                    last_failure = Some((entry, e, outcome.attempts));
+                }
             }
         }
-        let kind = match outcome.output {
-            Ok(reply) => EventKind::ModelResponded {
+        let waited = started.elapsed();
+        let latency_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let kind = match (answered, last_failure) {
+            (Some((entry, reply, attempts)), _) => EventKind::ModelResponded {
                 step: call.step,
-                cost: agent.price.cost(&reply.usage),
-                model: reply.model,
+                cost: agent
+                    .prices
+                    .get(entry)
+                    .unwrap_or(&agent.price)
+                    .cost(&reply.usage),
+                model: entry.to_string(),
                 content: reply.content,
                 tool_calls: reply.tool_calls,
                 usage: reply.usage,
                 latency_ms,
-                attempts: outcome.attempts,
+                attempts,
             },
-            Err(e) => EventKind::ModelFailed {
+            (None, Some((entry, e, attempts))) => EventKind::ModelFailed {
                 step: call.step,
-                model: call.model,
+                model: entry.to_string(),
                 error_type: e.kind,
                 message: e.message,
                 latency_ms,
-                attempts: outcome.attempts,
+                attempts,
+                all_circuits_open: false,
+            },
+            (None, None) => EventKind::ModelFailed {
+                step: call.step,
+                model: call.model.clone(),
+                error_type: ErrorType::Transient,
+                message: format!(
+                    "all {open_breakers} model(s) of the chain are failing and were skipped"
+                ),
+                latency_ms,
+                attempts: 0,
+                all_circuits_open: true,
             },
         };
         let spent = match &kind {

@@ -973,3 +973,130 @@ async fn a_hung_provider_is_cut_off_at_the_model_timeout() {
     assert_eq!(outcome.reason, TerminationReason::Error);
     assert!(outcome.detail.unwrap().contains("did not answer in time"));
 }
+
+/// The primary (`gpt-4o-mini`) always fails with `status`; `gpt-4o` answers.
+async fn primary_fails_with(status: u16) -> FakeOpenAi {
+    FakeOpenAi::start(move |_, body| {
+        if body["model"] == "gpt-4o-mini" {
+            FakeResponse::error(status, "down")
+        } else {
+            FakeResponse::text("from the fallback", 100, 10)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn with_models(models: &str) -> String {
+    spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "model: {primary: openai/gpt-4o-mini, max_output_tokens: 200}",
+        &format!("model: {{primary: openai/gpt-4o-mini, {models} max_output_tokens: 200, retry: {{max_attempts: 1}}}}"),
+    )
+}
+
+fn requests_for(server: &FakeOpenAi, model: &str) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|(body, _)| body["model"] == model)
+        .count()
+}
+
+#[tokio::test]
+async fn a_dead_primary_falls_back_to_the_next_model_within_one_step() {
+    let server = primary_fails_with(401).await;
+    let h = harness().await;
+    let src = with_models("fallbacks: [openai/gpt-4o],");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(
+        (outcome.reason, outcome.iterations),
+        (TerminationReason::Completed, 1)
+    );
+    assert_eq!(outcome.output, Some(json!("from the fallback")));
+    // gpt-4o's rate: 100 * $2.50/M + 10 * $10/M = 350 micro-dollars.
+    assert_eq!(outcome.cost.micros(), 350);
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    let story: Vec<(String, String)> = events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::ModelFellBack { model, reason, .. } => Some((model, reason)),
+            EventKind::ModelResponded { model, .. } => Some((model, "answered".into())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(story.len(), 2, "{story:?}");
+    assert_eq!(story[0].0, "openai/gpt-4o-mini");
+    assert!(
+        story[0].1.contains("failed for good after 1 attempt(s)"),
+        "{story:?}"
+    );
+    assert_eq!(
+        story[1],
+        ("openai/gpt-4o".to_string(), "answered".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_provider_failing_continuously_opens_its_breaker_and_is_skipped_without_a_request() {
+    let server = primary_fails_with(500).await;
+    let h = harness().await;
+    let src = with_models("fallbacks: [openai/gpt-4o],");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    for _ in 0..5 {
+        assert_eq!(
+            run(&h, &src, &client).await.reason,
+            TerminationReason::Completed
+        );
+    }
+    assert_eq!(
+        requests_for(&server, "gpt-4o-mini"),
+        5,
+        "five failures open the breaker"
+    );
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(
+        requests_for(&server, "gpt-4o-mini"),
+        5,
+        "the open breaker was skipped without a request"
+    );
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    assert!(events.iter().any(|e| matches!(e.decode().unwrap().kind, EventKind::ModelFellBack { reason, .. } if reason.contains("circuit breaker is open"))));
+}
+
+#[tokio::test]
+async fn when_every_model_of_a_step_is_open_the_run_ends_with_circuit_open() {
+    let server = primary_fails_with(503).await;
+    let h = harness().await;
+    let src = with_models("");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    for _ in 0..5 {
+        assert_eq!(
+            run(&h, &src, &client).await.reason,
+            TerminationReason::Error
+        );
+    }
+    let before = server.request_count();
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (RunStatus::Failed, TerminationReason::CircuitOpen)
+    );
+    assert_eq!(
+        server.request_count(),
+        before,
+        "no retry storm: nothing was called"
+    );
+    assert!(outcome.detail.unwrap().contains("open circuit breaker"));
+}
