@@ -72,10 +72,26 @@ pub struct ModelSpec {
     pub temperature: Option<f64>,
     /// Models to try, in order, when the primary fails for good or its breaker is open.
     pub fallbacks: Vec<String>,
+    /// Whether and which tool the model must call: `auto`, `required`, `none`, or a tool's name.
+    pub tool_choice: Option<ToolChoice>,
     /// Retries of a failed call (transient and rate-limit failures only).
     pub retry: RetryPolicy,
     /// Longest one attempt may take.
     pub timeout: Duration,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// The model must call some tool.
+    Required,
+    /// The model must not call tools.
+    None,
+    /// The model must call this tool (some local servers only emit tool calls this way).
+    Tool(String),
 }
 
 /// Default model retry policy: 3 attempts, backoff from 1 s, capped at 8 s, full jitter.
@@ -813,6 +829,26 @@ impl Parser<'_> {
             },
         };
 
+        if let (
+            Some(ModelSpec {
+                tool_choice: Some(ToolChoice::Tool(name)),
+                ..
+            }),
+            Some(tools),
+        ) = (&model, &tools)
+            && !tools.iter().any(|(t, _)| &t.name == name)
+        {
+            let pos = f
+                .get("model")
+                .and_then(|m| m.get("tool_choice"))
+                .map_or(f.pos, |n| n.pos);
+            self.error(
+                pos,
+                "model.tool_choice",
+                format!("`{name}` is not `auto`, `required`, `none` or one of this agent's tools"),
+            );
+            return None;
+        }
         let (tools, tool_validators): (Vec<_>, Vec<_>) = tools?.into_iter().unzip();
         let (output_schema, output_validator) = match output? {
             Some((schema, validator)) => (Some(schema), Some(Arc::new(validator))),
@@ -844,6 +880,7 @@ impl Parser<'_> {
             &[
                 "primary",
                 "fallbacks",
+                "tool_choice",
                 "max_output_tokens",
                 "base_url",
                 "temperature",
@@ -909,6 +946,17 @@ impl Parser<'_> {
                 }
             }),
         };
+        let tool_choice = match f.get("tool_choice") {
+            None => Some(None),
+            Some(n) => self.string(n, "model.tool_choice").map(|choice| {
+                Some(match choice.as_str() {
+                    "auto" => ToolChoice::Auto,
+                    "required" => ToolChoice::Required,
+                    "none" => ToolChoice::None,
+                    _ => ToolChoice::Tool(choice),
+                })
+            }),
+        };
         let retry = f
             .get("retry")
             .map_or(Some(DEFAULT_MODEL_RETRY), |n| self.model_retry(n));
@@ -918,6 +966,7 @@ impl Parser<'_> {
         Some(ModelSpec {
             primary: primary?,
             fallbacks: fallbacks?,
+            tool_choice: tool_choice?,
             max_output_tokens: max_output_tokens?,
             base_url: base_url?,
             temperature: temperature?,
@@ -1690,6 +1739,29 @@ limits:
         assert_eq!(
             ok.price.output, ok.prices["openai/gpt-4o"].output,
             "pre-flight uses the dearest model of the chain"
+        );
+    }
+
+    #[test]
+    fn tool_choice_must_name_a_mode_or_one_of_the_agents_tools() {
+        let ok = check(&EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  tool_choice: get_order_status",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.spec.model.tool_choice,
+            Some(ToolChoice::Tool("get_order_status".into()))
+        );
+        let text = check(&EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  tool_choice: get_weather",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("model.tool_choice: `get_weather` is not `auto`, `required`, `none`"),
+            "{text}"
         );
     }
 

@@ -40,6 +40,8 @@ pub struct ModelRequest<'a> {
     pub temperature: Option<f64>,
     /// JSON Schema the final answer must match, if any.
     pub output_schema: Option<&'a Value>,
+    /// Whether and which tool the model must call.
+    pub tool_choice: Option<&'a rein_core::spec::ToolChoice>,
 }
 
 /// A failed model call, classified.

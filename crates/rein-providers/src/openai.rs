@@ -131,7 +131,11 @@ impl Model for OpenAiClient {
 /// The request body. OpenAI's own endpoint takes `max_completion_tokens` (its reasoning models
 /// refuse `max_tokens`); compatible servers (vLLM, Ollama, llama.cpp) read `max_tokens`.
 fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
-    let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(|m| wire_message(m, openai_endpoint))
+        .collect();
     let cap = if openai_endpoint {
         "max_completion_tokens"
     } else {
@@ -149,6 +153,15 @@ fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
             .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
             .collect();
     }
+    if let Some(choice) = request.tool_choice.filter(|_| !request.tools.is_empty()) {
+        use rein_core::spec::ToolChoice;
+        body["tool_choice"] = match choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Tool(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+    }
     if let Some(t) = request.temperature {
         body["temperature"] = json!(t);
     }
@@ -161,14 +174,20 @@ fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
     body
 }
 
-fn wire_message(m: &Message) -> Value {
+/// One message on the wire. Compatible servers (llama.cpp) reject an assistant turn whose
+/// `content` is null, so they get an empty string; OpenAI gets null, as its SDKs send.
+fn wire_message(m: &Message, openai_endpoint: bool) -> Value {
     let role = match m.role {
         Role::System => "system",
         Role::User => "user",
         Role::Assistant => "assistant",
         Role::Tool => "tool",
     };
-    let mut out = json!({"role": role, "content": m.content});
+    let content = match &m.content {
+        None if !openai_endpoint => Some(String::new()),
+        other => other.clone(),
+    };
+    let mut out = json!({"role": role, "content": content});
     if !m.tool_calls.is_empty() {
         out["tool_calls"] = m
             .tool_calls
@@ -371,6 +390,7 @@ mod tests {
             max_output_tokens: 64,
             temperature: None,
             output_schema: None,
+            tool_choice: None,
         };
         let official = request_body(&request, true);
         assert_eq!(
@@ -388,6 +408,48 @@ mod tests {
             ),
             (Some(64), None)
         );
+    }
+
+    #[test]
+    fn tool_choice_and_assistant_turns_match_each_servers_expectations() {
+        use rein_core::spec::ToolChoice;
+        let messages = [Message {
+            role: Role::Assistant,
+            content: None,
+            tool_calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "lookup".into(),
+                arguments: "{}".into(),
+            }],
+            tool_call_id: None,
+        }];
+        let tools = [rein_core::ToolDefinition {
+            name: "lookup".into(),
+            description: "d".into(),
+            parameters: json!({"type": "object"}),
+        }];
+        let choice = ToolChoice::Tool("lookup".into());
+        let request = ModelRequest {
+            model: "m",
+            messages: &messages,
+            tools: &tools,
+            max_output_tokens: 8,
+            temperature: None,
+            output_schema: None,
+            tool_choice: Some(&choice),
+        };
+        let local = request_body(&request, false);
+        assert_eq!(
+            local["tool_choice"],
+            json!({"type": "function", "function": {"name": "lookup"}})
+        );
+        assert_eq!(
+            local["messages"][0]["content"],
+            json!(""),
+            "llama.cpp rejects null content"
+        );
+        let official = request_body(&request, true);
+        assert_eq!(official["messages"][0]["content"], Value::Null);
     }
 
     #[test]

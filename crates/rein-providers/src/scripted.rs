@@ -186,6 +186,7 @@ mod tests {
             max_output_tokens: 100,
             temperature: None,
             output_schema: None,
+            tool_choice: None,
         }
     }
 
