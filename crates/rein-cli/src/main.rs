@@ -92,7 +92,7 @@ struct StoreArgs {
 
 #[derive(Args, Clone, Debug)]
 struct ConfigArgs {
-    /// Operator configuration (price overrides); default ./rein.toml when present.
+    /// Operator configuration (prices, budgets, rate limits, bulkheads, scopes, counters); default ./rein.toml when present.
     #[arg(long, env = "REIN_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -154,6 +154,21 @@ enum CostBy {
     Day,
 }
 
+/// How a run is executed and reported: shared by `run` and `runs resume`.
+#[derive(Args)]
+struct ExecArgs {
+    /// Replay model responses from this script instead of calling a provider.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// The agent spec (YAML).
@@ -173,16 +188,8 @@ struct RunArgs {
     /// Batch job the run belongs to.
     #[arg(long)]
     job: Option<String>,
-    /// Replay model responses from this script instead of calling a provider.
-    #[arg(long)]
-    script: Option<PathBuf>,
-    /// Print one JSON object instead of a summary.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    store: StoreArgs,
-    #[command(flatten)]
-    config: ConfigArgs,
+    exec: ExecArgs,
 }
 
 #[derive(Subcommand)]
@@ -219,16 +226,8 @@ struct ResumeArgs {
     run_id: String,
     #[arg(long, default_value = "default")]
     tenant: String,
-    /// Replay model responses from this script instead of calling a provider.
-    #[arg(long)]
-    script: Option<PathBuf>,
-    /// Print one JSON object instead of a summary.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    store: StoreArgs,
-    #[command(flatten)]
-    config: ConfigArgs,
+    exec: ExecArgs,
 }
 
 #[derive(Subcommand)]
@@ -444,15 +443,15 @@ async fn open_existing_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let config = config::load(args.config.config.as_deref())
+    let config = config::load(args.exec.config.config.as_deref())
         .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     let builtins = Builtins::standard();
     let file = args.spec.display().to_string();
     let source = read_file(&args.spec)?;
     let agent = parse_agent(&file, &source, &config, &builtins)?;
     let http = http_client()?;
-    let model = model_for(&agent, args.script.as_deref(), http.clone())?;
-    let store = open_store(&args.store).await?;
+    let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
+    let store = open_store(&args.exec.store).await?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
     let request = RunRequest {
         agent,
@@ -469,7 +468,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let outcome = runtime.run(request, model.as_ref()).await?;
     store.close().await;
-    print_outcome(&outcome, args.json);
+    print_outcome(&outcome, args.exec.json);
     Ok(status_code(outcome.status))
 }
 
@@ -499,9 +498,9 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
-    let config = config::load(args.config.config.as_deref())
+    let config = config::load(args.exec.config.config.as_deref())
         .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
-    let store = open_existing_store(&args.store).await?;
+    let store = open_existing_store(&args.exec.store).await?;
     let tenant = TenantId::new(args.tenant);
     let id = RunId::new(args.run_id);
     let record = match store.run(&tenant, &id).await {
@@ -531,13 +530,13 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
         &builtins,
     )?;
     let http = http_client()?;
-    let model = model_for(&agent, args.script.as_deref(), http.clone())?;
+    let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
     let outcome = runtime
         .resume(&tenant, &id, &config.prices, model.as_ref())
         .await?;
     store.close().await;
-    print_outcome(&outcome, args.json);
+    print_outcome(&outcome, args.exec.json);
     Ok(status_code(outcome.status))
 }
 
