@@ -466,13 +466,39 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         job: args.job.map(JobId::new),
     };
-    let outcome = runtime.run(request, model.as_ref()).await?;
+    let outcome = if args.exec.json {
+        runtime.run(request, model.as_ref()).await?
+    } else {
+        // A person is watching: print the model's text as it arrives.
+        let streamed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = streamed.clone();
+        let sink = move |piece: &str| {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            if out
+                .write_all(piece.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                std::process::exit(0);
+            }
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        };
+        let outcome = runtime
+            .run_streaming(request, model.as_ref(), Some(&sink))
+            .await?;
+        if streamed.load(std::sync::atomic::Ordering::Relaxed) {
+            say!("\n");
+        }
+        outcome
+    };
     store.close().await;
-    print_outcome(&outcome, args.exec.json);
+    print_outcome(&outcome, args.exec.json, args.exec.json);
     Ok(status_code(outcome.status))
 }
 
-fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
+/// Prints how a run ended; `show_output` is false when its text was already streamed.
+fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bool) {
     if json {
         say!("{}", render::outcome_json(outcome));
     } else {
@@ -489,7 +515,7 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool) {
         if let Some(detail) = &outcome.detail {
             say!("why: {detail}");
         }
-        match &outcome.output {
+        match outcome.output.as_ref().filter(|_| show_output) {
             Some(serde_json::Value::String(text)) => say!("output:\n{text}"),
             Some(value) => say!("output:\n{value:#}"),
             None => {}
@@ -536,7 +562,7 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
         .resume(&tenant, &id, &config.prices, model.as_ref())
         .await?;
     store.close().await;
-    print_outcome(&outcome, args.exec.json);
+    print_outcome(&outcome, args.exec.json, true);
     Ok(status_code(outcome.status))
 }
 

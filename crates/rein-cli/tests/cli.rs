@@ -744,3 +744,36 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
         1
     );
 }
+
+#[test]
+fn rein_run_streams_the_answer_to_a_person_as_it_arrives() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(FakeOpenAi::start(|_, _| {
+            FakeResponse::text("Streaming works, piece by piece.", 20, 8)
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        "name: streamer\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Answer.\nlimits: {max_iterations: 2, max_total_tokens: 10000, max_cost_usd: 0.1}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(["run", "agent.yaml", "--input", "hi"])
+        .current_dir(dir.path())
+        .env("OPENAI_BASE_URL", server.base_url())
+        .env("OPENAI_API_KEY", "sk-test")
+        .env_remove("REIN_DB")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches("Streaming works, piece by piece.").count(),
+        1,
+        "{stdout}"
+    );
+    assert!(stdout.contains("completed (completed)"), "{stdout}");
+    assert_eq!(server.requests()[0].0["stream"], true);
+}

@@ -68,6 +68,8 @@ pub struct FakeResponse {
     pub retry_after: Option<u64>,
     /// Delay before answering.
     pub delay: Duration,
+    /// When streaming: stop after the first chunk, without `[DONE]` (a broken stream).
+    pub truncate_stream: bool,
 }
 
 impl FakeResponse {
@@ -88,6 +90,7 @@ impl FakeResponse {
             }),
             retry_after: None,
             delay: Duration::ZERO,
+            truncate_stream: false,
         }
     }
 
@@ -125,7 +128,14 @@ impl FakeResponse {
             body: json!({"error": {"message": message, "type": "fake_error"}}),
             retry_after: None,
             delay: Duration::ZERO,
+            truncate_stream: false,
         }
+    }
+
+    /// When the request asks to stream: send the first chunk, then close the stream early.
+    pub fn truncated(mut self) -> Self {
+        self.truncate_stream = true;
+        self
     }
 
     /// The same response, after a delay.
@@ -223,6 +233,9 @@ async fn chat(
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
     }
+    if body["stream"] == true && answer.status == 200 {
+        return stream_of(&answer);
+    }
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(answer.body)).into_response();
     if let Some(secs) = answer.retry_after {
@@ -231,6 +244,60 @@ async fn chat(
             .insert("retry-after", HeaderValue::from(secs));
     }
     response
+}
+
+/// A completion as OpenAI streams it: content in small pieces, each tool call's arguments in
+/// two pieces (clients must join deltas by index), the finish reason, the usage, `[DONE]`.
+fn stream_of(answer: &FakeResponse) -> Response {
+    let body = &answer.body;
+    let model = body["model"].clone();
+    let message = &body["choices"][0]["message"];
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events: Vec<Value> = vec![chunk(json!({"role": "assistant"}), Value::Null)];
+    if let Some(text) = message["content"].as_str() {
+        let chars: Vec<char> = text.chars().collect();
+        for piece in chars.chunks(4) {
+            events.push(chunk(
+                json!({"content": piece.iter().collect::<String>()}),
+                Value::Null,
+            ));
+        }
+    }
+    for (index, call) in message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let args = call["function"]["arguments"].as_str().unwrap_or("");
+        let (first, rest) = args.split_at(args.len() / 2);
+        events.push(chunk(
+            json!({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                   "function": {"name": call["function"]["name"], "arguments": first}}]}),
+            Value::Null,
+        ));
+        events.push(chunk(
+            json!({"tool_calls": [{"index": index, "function": {"arguments": rest}}]}),
+            Value::Null,
+        ));
+    }
+    events.push(chunk(
+        json!({}),
+        body["choices"][0]["finish_reason"].clone(),
+    ));
+    events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": body["usage"]}));
+    let mut text = String::new();
+    for (i, event) in events.iter().enumerate() {
+        text.push_str(&format!("data: {event}\n\n"));
+        if answer.truncate_stream && i == 1 {
+            return ([("content-type", "text/event-stream")], text).into_response();
+        }
+    }
+    text.push_str("data: [DONE]\n\n");
+    ([("content-type", "text/event-stream")], text).into_response()
 }
 
 #[derive(Default)]

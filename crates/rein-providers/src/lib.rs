@@ -72,6 +72,9 @@ impl ModelError {
     }
 }
 
+/// Receives the text of an answer piece by piece, as the provider sends it.
+pub type TokenSink = dyn Fn(&str) + Send + Sync;
+
 /// A chat model.
 pub trait Model: Send + Sync {
     /// Makes one attempt at `request`.
@@ -79,4 +82,20 @@ pub trait Model: Send + Sync {
         &'a self,
         request: ModelRequest<'a>,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>>;
+
+    /// Makes one attempt at `request`, handing the answer's text to `sink` as it arrives.
+    /// Providers that cannot stream hand it over whole when the answer is complete.
+    fn complete_streaming<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+        sink: &'a TokenSink,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        Box::pin(async move {
+            let reply = self.complete(request).await?;
+            if let Some(text) = &reply.content {
+                sink(text);
+            }
+            Ok(reply)
+        })
+    }
 }

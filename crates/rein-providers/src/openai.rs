@@ -1,6 +1,6 @@
 //! The OpenAI Chat Completions client, for OpenAI and every compatible server.
 
-use crate::{BoxFuture, Model, ModelError, ModelRequest};
+use crate::{BoxFuture, Model, ModelError, ModelRequest, TokenSink};
 use rein_core::tool::parse_retry_after;
 use rein_core::{ErrorType, Message, ModelReply, Role, ToolCall, Usage, estimate_tokens};
 use serde::Deserialize;
@@ -125,6 +125,167 @@ impl Model for OpenAiClient {
         request: ModelRequest<'a>,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
         Box::pin(self.call(request))
+    }
+
+    fn complete_streaming<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+        sink: &'a TokenSink,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        Box::pin(self.call_streaming(request, sink))
+    }
+}
+
+/// A tool call being assembled from stream deltas (they arrive by index, in pieces).
+#[derive(Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+impl OpenAiClient {
+    async fn call_streaming(
+        &self,
+        request: ModelRequest<'_>,
+        sink: &TokenSink,
+    ) -> Result<ModelReply, ModelError> {
+        let mut body = request_body(&request, self.base_url == DEFAULT_BASE_URL);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let mut http = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            http = http.bearer_auth(key);
+        }
+        let mut response = http.send().await.map_err(transport_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let bytes = read_limited(response).await.unwrap_or_default();
+            let mut error = classify_status(status.as_u16(), &bytes);
+            error.retry_after = retry_after;
+            return Err(error);
+        }
+        // Past a 2xx the call is probably billed: a broken stream is not retried.
+        let broke = |what: &str| {
+            ModelError::new(
+                ErrorType::Permanent,
+                format!(
+                    "the provider's stream {what}; not retried because the call may already have been billed"
+                ),
+            )
+        };
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut content = String::new();
+        let mut calls: Vec<PartialCall> = Vec::new();
+        let mut usage: Option<WireUsage> = None;
+        let mut finish_reason = None;
+        let mut model = None;
+        let mut received = 0usize;
+        let mut done = false;
+        while !done {
+            let Some(chunk) = response.chunk().await.map_err(|_| broke("broke off"))? else {
+                break;
+            };
+            received += chunk.len();
+            if received > MAX_BODY_BYTES {
+                return Err(broke("was too large"));
+            }
+            buffer.extend_from_slice(&chunk);
+            // Server-sent events end with a blank line; each `data:` line holds one JSON chunk.
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buffer.drain(..end + 2).collect();
+                for line in String::from_utf8_lossy(&event).lines() {
+                    let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                        continue;
+                    };
+                    if data == "[DONE]" {
+                        done = true;
+                        continue;
+                    }
+                    let value: Value = serde_json::from_str(data)
+                        .map_err(|_| broke("sent a chunk Rein cannot read"))?;
+                    if let Some(m) = value.get("model").and_then(Value::as_str) {
+                        model = Some(m.to_string());
+                    }
+                    if let Some(u) = value.get("usage").filter(|u| !u.is_null()) {
+                        usage = serde_json::from_value(u.clone()).ok();
+                    }
+                    let Some(choice) = value.pointer("/choices/0") else {
+                        continue;
+                    };
+                    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                        finish_reason = Some(reason.to_string());
+                    }
+                    let delta = &choice["delta"];
+                    if let Some(text) = delta
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .filter(|t| !t.is_empty())
+                    {
+                        content.push_str(text);
+                        sink(text);
+                    }
+                    for call in delta
+                        .get("tool_calls")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                        if index > 128 {
+                            return Err(broke("named an impossible tool-call index"));
+                        }
+                        if calls.len() <= index {
+                            calls.resize_with(index + 1, PartialCall::default);
+                        }
+                        let part = &mut calls[index];
+                        if let Some(id) = call.get("id").and_then(Value::as_str) {
+                            part.id = id.to_string();
+                        }
+                        if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                            part.name.push_str(name);
+                        }
+                        if let Some(args) =
+                            call.pointer("/function/arguments").and_then(Value::as_str)
+                        {
+                            part.arguments.push_str(args);
+                        }
+                    }
+                }
+            }
+        }
+        if !done {
+            return Err(broke("ended before it was complete"));
+        }
+        let parsed = ChatResponse {
+            model,
+            choices: vec![Choice {
+                message: WireMessage {
+                    content: (!content.is_empty()).then_some(content),
+                    tool_calls: calls
+                        .into_iter()
+                        .map(|c| WireToolCall {
+                            id: c.id,
+                            function: WireFunction {
+                                name: c.name,
+                                arguments: c.arguments,
+                            },
+                        })
+                        .collect(),
+                },
+                finish_reason,
+            }],
+            usage,
+        };
+        reply_from(parsed, &body, request.model).map_err(|e| broke(&e.message))
     }
 }
 

@@ -25,7 +25,7 @@ use rein_core::{
     ReplayError, RunId, RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation,
     ToolResult, Usage, Usd, UserId,
 };
-use rein_providers::{Model, ModelError, ModelRequest};
+use rein_providers::{Model, ModelError, ModelRequest, TokenSink};
 use rein_store::{RunInfo, SqliteStore, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
@@ -286,11 +286,24 @@ impl Runtime {
         request: RunRequest,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
+        self.run_streaming(request, model, None).await
+    }
+
+    /// [`Runtime::run`], handing the text of every answer to `sink` as the provider streams it.
+    /// (Text of an attempt that then fails is not taken back.)
+    pub async fn run_streaming(
+        &self,
+        request: RunRequest,
+        model: &dyn Model,
+        sink: Option<&TokenSink>,
+    ) -> Result<RunOutcome, RuntimeError> {
         let run_id = RunId::new(uuid::Uuid::now_v7().to_string());
         let tenant = request.tenant.clone();
         let lease = run_lease_ms(&request.agent);
         self.enter_bulkhead(&tenant, run_id.as_str(), lease).await?;
-        let outcome = self.run_admitted(run_id.clone(), request, model).await;
+        let outcome = self
+            .run_admitted(run_id.clone(), request, model, sink)
+            .await;
         self.leave_bulkhead(&tenant, run_id.as_str()).await?;
         outcome
     }
@@ -300,6 +313,7 @@ impl Runtime {
         run_id: RunId,
         request: RunRequest,
         model: &dyn Model,
+        sink: Option<&TokenSink>,
     ) -> Result<RunOutcome, RuntimeError> {
         let spec = &request.agent.spec;
         self.store
@@ -319,6 +333,7 @@ impl Runtime {
         let mut driver = Driver {
             runtime: self,
             model,
+            sink,
             tenant: request.tenant.clone(),
             user: request.user.clone(),
             session: request.session.clone(),
@@ -378,6 +393,7 @@ impl Runtime {
         let mut driver = Driver {
             runtime: self,
             model,
+            sink: None,
             tenant: tenant.clone(),
             user: record.info.user.clone(),
             session: record.info.session.clone(),
@@ -409,6 +425,7 @@ impl Runtime {
 struct Driver<'a> {
     runtime: &'a Runtime,
     model: &'a dyn Model,
+    sink: Option<&'a TokenSink>,
     tenant: TenantId,
     user: UserId,
     session: SessionId,
@@ -699,6 +716,7 @@ impl Driver<'_> {
         let agent = self.engine.agent().clone();
         let spec = &agent.spec;
         let model = self.model;
+        let sink = self.sink;
         let started = Instant::now();
         let chain: Vec<&str> = spec.model.chain().collect();
         let mut answered: Option<(&str, rein_core::ModelReply, u32)> = None;
@@ -749,7 +767,10 @@ impl Driver<'_> {
                     },
                     self.remaining(),
                     spec.model.timeout,
-                    || model.complete(request),
+                    || match sink {
+                        Some(sink) => model.complete_streaming(request, sink),
+                        None => model.complete(request),
+                    },
                     |result: &Result<_, ModelError>| match result {
                         Err(e) if e.is_retryable() => Some(e.retry_after),
                         _ => None,

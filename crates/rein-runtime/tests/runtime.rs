@@ -1100,3 +1100,89 @@ async fn when_every_model_of_a_step_is_open_the_run_ends_with_circuit_open() {
     );
     assert!(outcome.detail.unwrap().contains("open circuit breaker"));
 }
+
+#[tokio::test]
+async fn a_streamed_answer_reaches_the_caller_piece_by_piece_with_usage_recorded() {
+    let server = FakeOpenAi::start(|n, _| match n {
+        0 => FakeResponse::tool_call("call_1", "nap", &json!({"seconds": 0}), 120, 20),
+        _ => FakeResponse::text("Order 42 has shipped today.", 180, 12),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let pieces = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let collected = pieces.clone();
+    let sink = move |piece: &str| collected.lock().unwrap().push(piece.to_string());
+    let outcome = h
+        .runtime
+        .run_streaming(
+            request(&src, "go", "acme", "ann", "s1", &[]),
+            &client,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.output, Some(json!("Order 42 has shipped today.")));
+    let pieces = pieces.lock().unwrap().clone();
+    assert!(pieces.len() > 3, "delivered in pieces: {pieces:?}");
+    assert_eq!(pieces.concat(), "Order 42 has shipped today.");
+    assert_eq!(
+        (outcome.usage.input_tokens, outcome.usage.output_tokens),
+        (300, 32),
+        "usage from the stream's last chunk"
+    );
+    assert_eq!(
+        outcome.tool_calls, 1,
+        "the tool call was assembled from its deltas"
+    );
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|(body, _)| body["stream"] == true)
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_off_ends_the_run_with_an_error_not_a_crash() {
+    let server = FakeOpenAi::start(|_, _| {
+        FakeResponse::text("This answer never finishes", 10, 5).truncated()
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let sink = |_: &str| {};
+    let outcome = h
+        .runtime
+        .run_streaming(
+            request(&src, "go", "acme", "ann", "s1", &[]),
+            &client,
+            Some(&sink),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (RunStatus::Failed, TerminationReason::Error)
+    );
+    assert!(
+        outcome
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("ended before it was complete"),
+        "{:?}",
+        outcome.detail
+    );
+    assert_eq!(
+        server.request_count(),
+        1,
+        "not retried: the call may already have been billed"
+    );
+}
