@@ -4,6 +4,7 @@
 //! [prices."openai/my-finetune"]   # USD per million tokens
 //! input = 0.30
 //! cached_input = 0.15             # defaults to `input`
+//! cache_write = 0.375             # prompt-cache writes; defaults to `input`
 //! output = 1.20
 //!
 //! [budgets]                       # defaults for every tenant; absent keys are uncapped
@@ -223,6 +224,9 @@ struct PriceEntry {
     #[serde(default)]
     cached_input: Option<f64>,
     output: f64,
+    /// Prompt-cache writes; defaults to `input`.
+    #[serde(default)]
+    cache_write: Option<f64>,
 }
 
 /// The loaded configuration.
@@ -276,6 +280,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     let file: ConfigFile = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     for (model, entry) in file.prices {
         let price = Price::per_million(entry.input, entry.cached_input.unwrap_or(entry.input), entry.output)
+        .and_then(|p| p.with_cache_write(entry.cache_write.unwrap_or(entry.input)))
             .ok_or_else(|| {
                 anyhow!(
                     "{}: prices.\"{model}\": prices must be non-negative USD per million tokens with at most 6 decimals",

@@ -671,6 +671,7 @@ impl Engine {
         let worst_case_cost = self.agent.price.cost(&Usage {
             input_tokens: estimated_input_tokens,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: u64::from(max_output_tokens),
         });
         if self.cost + worst_case_cost > limits.max_cost_usd {

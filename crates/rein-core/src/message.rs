@@ -10,6 +10,10 @@ pub struct Usage {
     /// The part of `input_tokens` served from the provider's prompt cache.
     #[serde(default)]
     pub cached_input_tokens: u64,
+    /// The part of `input_tokens` written into the provider's prompt cache (Anthropic prices
+    /// these above plain input).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
 }
@@ -26,8 +30,15 @@ impl Usage {
         self.cached_input_tokens = self
             .cached_input_tokens
             .saturating_add(other.cached_input_tokens);
+        self.cache_write_tokens = self
+            .cache_write_tokens
+            .saturating_add(other.cache_write_tokens);
         self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Who wrote a message.

@@ -17,6 +17,9 @@ pub struct Price {
     pub cached_input: Usd,
     /// Output (completion) tokens.
     pub output: Usd,
+    /// Input tokens written into the prompt cache (Anthropic: 1.25 times `input`; OpenAI bills
+    /// no separate write, so it equals `input`).
+    pub cache_write: Usd,
 }
 
 impl Price {
@@ -26,15 +29,24 @@ impl Price {
             input: Usd::from_dollars(input)?,
             cached_input: Usd::from_dollars(cached_input)?,
             output: Usd::from_dollars(output)?,
+            cache_write: Usd::from_dollars(input)?,
         })
+    }
+
+    /// The same price with cache writes at `cache_write` dollars per million tokens.
+    pub fn with_cache_write(mut self, cache_write: f64) -> Option<Price> {
+        self.cache_write = Usd::from_dollars(cache_write)?;
+        Some(self)
     }
 
     /// The cost of `usage`, rounded up to the next micro-dollar so that caps err on the safe side.
     pub fn cost(&self, usage: &Usage) -> Usd {
         let cached = usage.cached_input_tokens.min(usage.input_tokens);
-        let uncached = usage.input_tokens - cached;
+        let written = usage.cache_write_tokens.min(usage.input_tokens - cached);
+        let uncached = usage.input_tokens - cached - written;
         let per_million = u128::from(uncached) * self.input.micros().max(0) as u128
             + u128::from(cached) * self.cached_input.micros().max(0) as u128
+            + u128::from(written) * self.cache_write.micros().max(0) as u128
             + u128::from(usage.output_tokens) * self.output.micros().max(0) as u128;
         let micros = per_million.div_ceil(1_000_000);
         Usd::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
@@ -69,7 +81,15 @@ impl Default for PriceTable {
         let prices = DEFAULT_PRICES
             .iter()
             .filter_map(|&(name, input, cached, output)| {
-                Price::per_million(input, cached, output).map(|p| (name.to_string(), p))
+                // Anthropic bills prompt-cache writes at 1.25 times the input price.
+                let write = if name.starts_with("anthropic/") {
+                    input * 1.25
+                } else {
+                    input
+                };
+                Price::per_million(input, cached, output)
+                    .and_then(|p| p.with_cache_write(write))
+                    .map(|p| (name.to_string(), p))
             })
             .collect();
         PriceTable { prices }
@@ -111,9 +131,24 @@ mod tests {
         let usage = Usage {
             input_tokens: 1_000_000,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: 1_000_000,
         };
         assert_eq!(price.cost(&usage), Usd::from_dollars(0.75).unwrap());
+    }
+
+    #[test]
+    fn anthropic_cache_reads_and_writes_are_priced_at_their_own_rates() {
+        let table = PriceTable::default();
+        let sonnet = table.get("anthropic/claude-sonnet-4-5").unwrap();
+        // 1,000 plain input at $3/M, 2,000 read at $0.30/M, 4,000 written at $3.75/M, 100 out at $15/M.
+        let usage = Usage {
+            input_tokens: 7_000,
+            cached_input_tokens: 2_000,
+            cache_write_tokens: 4_000,
+            output_tokens: 100,
+        };
+        assert_eq!(sonnet.cost(&usage).micros(), 3_000 + 600 + 15_000 + 1_500);
     }
 
     #[test]
@@ -122,6 +157,7 @@ mod tests {
         let usage = Usage {
             input_tokens: 1000,
             cached_input_tokens: 400,
+            cache_write_tokens: 0,
             output_tokens: 1,
         };
         // 600 * 1.0 + 400 * 0.1 + 1 * 2.0 = 642 dollars per million = 642 micro-dollars
@@ -129,6 +165,7 @@ mod tests {
         let tiny = Usage {
             input_tokens: 1,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: 0,
         };
         assert_eq!(

@@ -771,6 +771,7 @@ impl Parser<'_> {
                 input: a.input.max(b.input),
                 cached_input: a.cached_input.max(b.cached_input),
                 output: a.output.max(b.output),
+                cache_write: a.cache_write.max(b.cache_write),
             })
         });
         let instructions = self

@@ -443,11 +443,13 @@ fn reply_from(
         Some(u) => Usage {
             input_tokens: u.prompt_tokens,
             cached_input_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            cache_write_tokens: 0,
             output_tokens: u.completion_tokens,
         },
         None => Usage {
             input_tokens: estimate_tokens(&body.to_string()),
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: estimate_tokens(choice.message.content.as_deref().unwrap_or(""))
                 + tool_calls
                     .iter()
@@ -458,6 +460,7 @@ fn reply_from(
     if [
         usage.input_tokens,
         usage.cached_input_tokens,
+        usage.cache_write_tokens,
         usage.output_tokens,
     ]
     .iter()

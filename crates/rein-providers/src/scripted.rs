@@ -140,6 +140,7 @@ impl ScriptedModel {
                 .map(|m| 4 + estimate_tokens(m.content.as_deref().unwrap_or("")))
                 .sum(),
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: (estimate_tokens(content.as_deref().unwrap_or(""))
                 + tool_calls
                     .iter()

@@ -408,6 +408,7 @@ impl SqliteStore {
                     usage: Usage {
                         input_tokens: n("input_tokens")?,
                         cached_input_tokens: n("cached_input_tokens")?,
+                        cache_write_tokens: 0,
                         output_tokens: n("output_tokens")?,
                     },
                     cost: Usd::from_micros(r.try_get("micros")?),
@@ -515,6 +516,7 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
             usage: Usage {
                 input_tokens: count("input_tokens")?,
                 cached_input_tokens: count("cached_input_tokens")?,
+                cache_write_tokens: 0,
                 output_tokens: count("output_tokens")?,
             },
             cost: Usd::from_micros(r.try_get("cost_micros")?),

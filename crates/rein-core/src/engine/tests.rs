@@ -61,6 +61,7 @@ fn reply(content: Option<&str>, calls: Vec<ToolCall>, input: u64, output: u64) -
         usage: Usage {
             input_tokens: input,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: output,
         },
         finish_reason: None,
@@ -482,6 +483,7 @@ fn crashed_mid_tool(src: &str, tool: &str) -> (Sim, ToolInvocation) {
         usage: Usage {
             input_tokens: 10,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: 5,
         },
         cost: Usd::from_micros(5),
@@ -607,6 +609,7 @@ fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
         usage: Usage {
             input_tokens: 10,
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
             output_tokens: 5,
         },
         cost: Usd::from_micros(5),
