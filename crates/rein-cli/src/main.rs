@@ -22,7 +22,7 @@ mod render;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use rein_core::{Agent, CheckContext, Event, JobId, RunId, RunStatus, SessionId, TenantId, UserId};
-use rein_providers::{Model, OpenAiClient, ScriptedModel};
+use rein_providers::{AnthropicClient, Model, OpenAiClient, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunRequest, Runtime};
 use rein_store::{Durability, SqliteStore};
 use rein_tools::{Builtins, CONNECT_TIMEOUT, HttpTools, ToolBox};
@@ -388,15 +388,35 @@ pub fn model_for(
             .map_err(|e| anyhow!(BadInput(e.to_string())))?;
         return Ok(Box::new(model));
     }
-    let client = OpenAiClient::from_env(http, agent.spec.model.base_url.as_deref());
-    if client.base_url() == rein_providers::DEFAULT_BASE_URL
-        && std::env::var("OPENAI_API_KEY").map_or(true, |k| k.is_empty())
+    let router = ProviderRouter {
+        openai: OpenAiClient::from_env(http.clone(), agent.spec.model.base_url.as_deref()),
+        anthropic: AnthropicClient::from_env(http, None),
+    };
+    let uses = |provider: &str| {
+        agent
+            .spec
+            .model
+            .chain()
+            .any(|m| m.starts_with(&format!("{provider}/")))
+    };
+    let missing = |var: &str| std::env::var(var).map_or(true, |k| k.is_empty());
+    if uses("openai")
+        && router.openai.base_url() == rein_providers::DEFAULT_BASE_URL
+        && missing("OPENAI_API_KEY")
     {
         return Err(anyhow!(BadInput(
             "OPENAI_API_KEY is not set: set it, point OPENAI_BASE_URL or model.base_url at a compatible server, or pass --script FILE to replay scripted responses".into()
         )));
     }
-    Ok(Box::new(client))
+    if uses("anthropic")
+        && router.anthropic.base_url() == rein_providers::ANTHROPIC_BASE_URL
+        && missing("ANTHROPIC_API_KEY")
+    {
+        return Err(anyhow!(BadInput(
+            "ANTHROPIC_API_KEY is not set: set it, point ANTHROPIC_BASE_URL at a compatible endpoint, or pass --script FILE to replay scripted responses".into()
+        )));
+    }
+    Ok(Box::new(router))
 }
 
 /// The runtime the configuration asks for: shared budgets, rate limits and breakers kept in

@@ -33,7 +33,7 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 1024;
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The model providers this build can call.
-pub const PROVIDERS: &[&str] = &["openai"];
+pub const PROVIDERS: &[&str] = &["openai", "anthropic"];
 
 /// A validated agent spec.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -132,6 +132,32 @@ impl FakeResponse {
         }
     }
 
+    /// An Anthropic Messages answer: `text`, then one `tool_use` block per `(id, name, input)`,
+    /// with cache reads and writes in its usage.
+    pub fn anthropic(text: Option<&str>, tools: &[(&str, &str, Value)], usage: [u64; 4]) -> Self {
+        let mut content: Vec<Value> = text
+            .map(|t| json!({"type": "text", "text": t}))
+            .into_iter()
+            .collect();
+        for (id, name, input) in tools {
+            content.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+        }
+        let [input, cache_read, cache_write, output] = usage;
+        FakeResponse {
+            status: 200,
+            body: json!({
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
+                "content": content,
+                "stop_reason": if tools.is_empty() { "end_turn" } else { "tool_use" },
+                "usage": {"input_tokens": input, "cache_read_input_tokens": cache_read,
+                          "cache_creation_input_tokens": cache_write, "output_tokens": output}
+            }),
+            retry_after: None,
+            delay: Duration::ZERO,
+            truncate_stream: false,
+        }
+    }
+
     /// When the request asks to stream: send the first chunk, then close the stream early.
     pub fn truncated(mut self) -> Self {
         self.truncate_stream = true;
@@ -158,7 +184,8 @@ struct OpenAiState {
     recorded: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
 }
 
-/// A fake OpenAI-compatible server.
+/// A fake OpenAI-compatible server; it also answers Anthropic's `/v1/messages` through the same
+/// responder (give it [`FakeResponse::anthropic`] answers).
 pub struct FakeOpenAi {
     server: Running,
     state: OpenAiState,
@@ -187,6 +214,7 @@ impl FakeOpenAi {
         };
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/messages", post(chat))
             .with_state(state.clone());
         Ok(FakeOpenAi {
             server: serve(router, 0).await?,
@@ -197,6 +225,11 @@ impl FakeOpenAi {
     /// The base URL to give a client: `http://127.0.0.1:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("{}/v1", self.server.url())
+    }
+
+    /// The server's root, `http://127.0.0.1:PORT` (what an Anthropic client is given).
+    pub fn url(&self) -> String {
+        self.server.url()
     }
 
     /// Requests answered so far.
@@ -223,6 +256,7 @@ async fn chat(
     if let Some(recorded) = &state.recorded {
         let auth = headers
             .get("authorization")
+            .or_else(|| headers.get("x-api-key"))
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         if let Ok(mut r) = recorded.lock() {

@@ -10,9 +10,11 @@
 //! API keys come from the environment only and never appear in errors or `Debug` output.
 //! This crate depends on the core only.
 
+mod anthropic;
 mod openai;
 mod scripted;
 
+pub use anthropic::{ANTHROPIC_BASE_URL, AnthropicClient};
 pub use openai::{DEFAULT_BASE_URL, OpenAiClient};
 pub use scripted::{ScriptError, ScriptedModel};
 
@@ -97,5 +99,42 @@ pub trait Model: Send + Sync {
             }
             Ok(reply)
         })
+    }
+}
+
+/// Sends each call to the provider its model names (`openai/...`, `anthropic/...`).
+#[derive(Clone, Debug)]
+pub struct ProviderRouter {
+    /// For `openai/...` models.
+    pub openai: OpenAiClient,
+    /// For `anthropic/...` models.
+    pub anthropic: AnthropicClient,
+}
+
+impl Model for ProviderRouter {
+    fn complete<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        match request.model.split_once('/').map(|(p, _)| p) {
+            Some("anthropic") => self.anthropic.complete(request),
+            Some("openai") | None => self.openai.complete(request),
+            Some(other) => {
+                let message = format!("provider `{other}` is not supported");
+                Box::pin(async move { Err(ModelError::new(ErrorType::Permanent, message)) })
+            }
+        }
+    }
+
+    fn complete_streaming<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+        sink: &'a TokenSink,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        match request.model.split_once('/').map(|(p, _)| p) {
+            Some("anthropic") => self.anthropic.complete_streaming(request, sink),
+            Some("openai") | None => self.openai.complete_streaming(request, sink),
+            Some(_) => self.complete(request),
+        }
     }
 }

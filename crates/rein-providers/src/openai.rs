@@ -303,7 +303,7 @@ fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
         "max_tokens"
     };
     let mut body = json!({
-        "model": request.model,
+        "model": request.model.strip_prefix("openai/").unwrap_or(request.model),
         "messages": messages,
         cap: request.max_output_tokens,
     });
@@ -480,7 +480,7 @@ fn reply_from(
     })
 }
 
-fn transport_error(e: reqwest::Error) -> ModelError {
+pub(crate) fn transport_error(e: reqwest::Error) -> ModelError {
     let what = if e.is_timeout() {
         "the provider did not answer in time"
     } else if e.is_connect() {
@@ -491,7 +491,7 @@ fn transport_error(e: reqwest::Error) -> ModelError {
     ModelError::new(ErrorType::Transient, what)
 }
 
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ModelError> {
+pub(crate) async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ModelError> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
         if body.len() + chunk.len() > MAX_BODY_BYTES {
@@ -507,7 +507,7 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ModelE
 
 /// Classifies an HTTP error from a provider: 429 → rate limit; 408, 409, 5xx and 529
 /// (overloaded) → transient; anything else (auth, bad request, context length) → permanent.
-fn classify_status(status: u16, body: &[u8]) -> ModelError {
+pub(crate) fn classify_status(status: u16, body: &[u8]) -> ModelError {
     let detail = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| {

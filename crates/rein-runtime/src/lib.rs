@@ -748,10 +748,12 @@ impl Driver<'_> {
                 .await?;
                 continue;
             }
-            let model_name = entry.split_once('/').map_or(entry, |(_, m)| m);
+
             let outcome = {
                 let request = ModelRequest {
-                    model: model_name,
+                    // The full `provider/model`: a router sends it to its provider, which
+                    // strips its own prefix.
+                    model: entry,
                     messages: self.engine.messages(),
                     tools: self.engine.tool_definitions(),
                     max_output_tokens: spec.model.max_output_tokens,

@@ -1186,3 +1186,68 @@ async fn a_stream_that_breaks_off_ends_the_run_with_an_error_not_a_crash() {
         "not retried: the call may already have been billed"
     );
 }
+
+#[tokio::test]
+async fn an_anthropic_agent_runs_over_the_messages_api_with_its_prefix_cached_and_cache_priced() {
+    let server = FakeOpenAi::start(|n, _| match n {
+        0 => FakeResponse::anthropic(
+            None,
+            &[("toolu_1", "nap", json!({"seconds": 0}))],
+            [50, 0, 1000, 20],
+        ),
+        _ => FakeResponse::anthropic(Some("Done napping."), &[], [60, 1000, 0, 10]),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "primary: openai/gpt-4o-mini",
+        "primary: anthropic/claude-haiku-4-5",
+    );
+    let router = rein_providers::ProviderRouter {
+        openai: OpenAiClient::new(reqwest::Client::new(), "http://127.0.0.1:9/v1", None),
+        anthropic: rein_providers::AnthropicClient::new(
+            reqwest::Client::new(),
+            server.url(),
+            Some("sk-ant-test".into()),
+        ),
+    };
+    let outcome = run(&h, &src, &router).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.output, Some(json!("Done napping.")));
+    assert_eq!(
+        outcome.models_used.get("anthropic/claude-haiku-4-5"),
+        Some(&2)
+    );
+
+    let requests = server.requests();
+    let (first, key) = &requests[0];
+    assert_eq!(key.as_deref(), Some("sk-ant-test"), "sent as x-api-key");
+    assert_eq!(first["model"], "claude-haiku-4-5");
+    assert_eq!(first["system"][0]["text"], "Use the tool.");
+    assert_eq!(first["system"][0]["cache_control"]["type"], "ephemeral");
+    let tools = first["tools"].as_array().unwrap();
+    assert!(
+        tools.last().unwrap()["cache_control"].is_object()
+            && tools[0].get("cache_control").is_none()
+    );
+    let (second, _) = &requests[1];
+    let turns = second["messages"].as_array().unwrap();
+    assert_eq!(turns.last().unwrap()["content"][0]["type"], "tool_result");
+    assert_eq!(
+        turns.last().unwrap()["content"][0]["tool_use_id"],
+        "toolu_1"
+    );
+
+    // haiku 4.5: $1/M input, $0.10/M cache read, $1.25/M cache write, $5/M output.
+    // call 1: 50*1 + 1000*1.25 + 20*5 = 1400 micro-dollars; call 2: 60*1 + 1000*0.1 + 10*5 = 210.
+    assert_eq!(outcome.cost.micros(), 1400 + 210);
+    assert_eq!(
+        (
+            outcome.usage.input_tokens,
+            outcome.usage.cached_input_tokens,
+            outcome.usage.cache_write_tokens
+        ),
+        (2110, 1000, 1000)
+    );
+}
