@@ -57,6 +57,43 @@ async fn serve(router: Router, port: u16) -> std::io::Result<Running> {
     Ok(Running { addr, task })
 }
 
+/// A server on 127.0.0.1 that accepts each connection and closes it at once, without a word:
+/// a provider whose connections are reset. Stops when dropped.
+pub struct ResettingServer {
+    server: Running,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl ResettingServer {
+    /// Starts on an ephemeral port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Ok(ResettingServer {
+            server: Running { addr, task },
+            accepted,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("{}/v1", self.server.url())
+    }
+
+    /// Connections accepted (and reset) so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
 /// What the fake model answers to one request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FakeResponse {
@@ -70,6 +107,8 @@ pub struct FakeResponse {
     pub delay: Duration,
     /// When streaming: stop after the first chunk, without `[DONE]` (a broken stream).
     pub truncate_stream: bool,
+    /// Send this text as the body instead of `body` (malformed JSON).
+    pub raw_body: Option<String>,
 }
 
 impl FakeResponse {
@@ -91,6 +130,7 @@ impl FakeResponse {
             retry_after: None,
             delay: Duration::ZERO,
             truncate_stream: false,
+            raw_body: None,
         }
     }
 
@@ -129,6 +169,7 @@ impl FakeResponse {
             retry_after: None,
             delay: Duration::ZERO,
             truncate_stream: false,
+            raw_body: None,
         }
     }
 
@@ -155,7 +196,16 @@ impl FakeResponse {
             retry_after: None,
             delay: Duration::ZERO,
             truncate_stream: false,
+            raw_body: None,
         }
+    }
+
+    /// A 200 whose body is not the JSON it claims to be.
+    pub fn malformed() -> Self {
+        let mut r = FakeResponse::text("", 0, 0);
+        r.raw_body =
+            Some(r#"{"id": "chatcmpl-fake", "choices": [{"message": {"content": "cut"#.into());
+        r
     }
 
     /// When the request asks to stream: send the first chunk, then close the stream early.
@@ -271,7 +321,10 @@ async fn chat(
         return stream_of(&answer);
     }
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, Json(answer.body)).into_response();
+    let mut response = match answer.raw_body {
+        Some(raw) => (status, [("content-type", "application/json")], raw).into_response(),
+        None => (status, Json(answer.body)).into_response(),
+    };
     if let Some(secs) = answer.retry_after {
         response
             .headers_mut()

@@ -1251,3 +1251,60 @@ async fn an_anthropic_agent_runs_over_the_messages_api_with_its_prefix_cached_an
         (2110, 1000, 1000)
     );
 }
+
+#[tokio::test]
+async fn no_provider_fault_crashes_the_process_or_leaves_a_run_without_a_termination_reason() {
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s")
+        .replace("max_output_tokens: 200}", "max_output_tokens: 200, retry: {max_attempts: 2, base_delay: 10ms, max_delay: 20ms}, timeout: 300ms}");
+    let faults: Vec<(&str, FakeResponse)> = vec![
+        ("429 with Retry-After", {
+            let mut r = FakeResponse::error(429, "slow down");
+            r.retry_after = Some(0);
+            r
+        }),
+        ("500", FakeResponse::error(500, "boom")),
+        ("503", FakeResponse::error(503, "overloaded")),
+        (
+            "hang past the timeout",
+            FakeResponse::text("late", 1, 1).after(Duration::from_secs(3)),
+        ),
+        ("malformed JSON", FakeResponse::malformed()),
+        (
+            "a tool that does not exist",
+            FakeResponse::tool_call("c1", "launch_rockets", &json!({}), 10, 5),
+        ),
+    ];
+    for (name, fault) in faults {
+        let server = FakeOpenAi::start(move |_, _| fault.clone()).await.unwrap();
+        let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+        let outcome = run(&h, &src, &client).await;
+        assert!(outcome.status.is_terminal(), "{name}: {outcome:?}");
+        let record = h
+            .runtime
+            .store()
+            .run(&TenantId::new("acme"), &outcome.run_id)
+            .await
+            .unwrap();
+        assert_eq!(
+            record.progress.reason,
+            Some(outcome.reason),
+            "{name}: the log records how it ended"
+        );
+    }
+    // A provider that resets every connection: transient, retried, then the run fails cleanly.
+    let resetting = rein_fakes::ResettingServer::start().await.unwrap();
+    let client = OpenAiClient::new(reqwest::Client::new(), resetting.base_url(), None);
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(outcome.reason, TerminationReason::Error);
+    assert_eq!(
+        resetting.connections(),
+        2,
+        "reset connections are transient: retried once"
+    );
+    let detail = outcome.detail.unwrap();
+    assert!(
+        detail.contains("after 2 attempt(s) (transient)"),
+        "{detail}"
+    );
+}
