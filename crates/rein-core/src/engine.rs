@@ -16,6 +16,7 @@ use crate::event::{Event, EventKind};
 use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
 use crate::spec::Agent;
+use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -126,6 +127,7 @@ pub enum ReplayError {
 #[derive(Clone, Debug)]
 pub struct Engine {
     agent: Arc<Agent>,
+    counter: TokenCounter,
     tool_definitions: Vec<ToolDefinition>,
     fixed_tokens: u64,
     started_ms: Option<i64>,
@@ -155,27 +157,25 @@ pub struct Engine {
     output: Option<Value>,
 }
 
-/// A conservative token estimate for text: one token per 3 UTF-8 bytes, rounded up.
-///
-/// Tokenizers for the OpenAI and Anthropic families average about 4 bytes per token on English
-/// prose and about 3 on JSON, so this errs high; a pre-flight reservation based on it refuses a
-/// call slightly early rather than overspending. Post-flight checks use the reported usage.
+/// A conservative token estimate for text when no tokenizer is known: see
+/// [`crate::tokens::TokenCounter::Bytes`] for how it was measured.
 pub fn estimate_tokens(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(3)
+    TokenCounter::Bytes.count(text)
 }
 
 /// Per-message overhead (role and separators) in the estimate.
 const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
 
-fn message_tokens(message: &Message) -> u64 {
+/// Input tokens of one message: its text counted by `counter`, plus OpenAI's documented
+/// per-message overhead (which the other providers' formats stay within).
+fn message_tokens(counter: TokenCounter, message: &Message) -> u64 {
     let mut tokens = MESSAGE_OVERHEAD_TOKENS;
     if let Some(content) = &message.content {
-        tokens += estimate_tokens(content);
+        tokens += counter.count(content);
     }
     for call in &message.tool_calls {
-        tokens += estimate_tokens(&call.name)
-            + estimate_tokens(&call.arguments)
-            + MESSAGE_OVERHEAD_TOKENS;
+        tokens +=
+            counter.count(&call.name) + counter.count(&call.arguments) + MESSAGE_OVERHEAD_TOKENS;
     }
     tokens
 }
@@ -183,14 +183,15 @@ fn message_tokens(message: &Message) -> u64 {
 impl Engine {
     /// A new, not yet started run of `agent`.
     pub fn new(agent: Arc<Agent>) -> Self {
+        let counter = TokenCounter::for_chain(agent.spec.model.chain());
         let tool_definitions: Vec<ToolDefinition> =
             agent.spec.tools.iter().map(|t| t.definition()).collect();
         let fixed_tokens = tool_definitions
             .iter()
             .map(|d| {
-                estimate_tokens(&d.name)
-                    + estimate_tokens(&d.description)
-                    + estimate_tokens(&d.parameters.to_string())
+                counter.count(&d.name)
+                    + counter.count(&d.description)
+                    + counter.count(&d.parameters.to_string())
                     + MESSAGE_OVERHEAD_TOKENS
             })
             .sum::<u64>()
@@ -198,9 +199,10 @@ impl Engine {
                 .spec
                 .output_schema
                 .as_ref()
-                .map_or(0, |s| estimate_tokens(&s.to_string()));
+                .map_or(0, |s| counter.count(&s.to_string()));
         Engine {
             agent,
+            counter,
             tool_definitions,
             fixed_tokens,
             started_ms: None,
@@ -301,7 +303,7 @@ impl Engine {
     }
 
     fn push_message(&mut self, message: Message) {
-        self.message_tokens += message_tokens(&message);
+        self.message_tokens += message_tokens(self.counter, &message);
         self.messages.push(message);
     }
 

@@ -20,6 +20,7 @@ pub mod rate;
 pub mod run;
 pub mod spec;
 pub mod time;
+pub mod tokens;
 pub mod tool;
 pub mod yaml;
 
