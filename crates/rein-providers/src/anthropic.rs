@@ -4,10 +4,9 @@
 //! run, so both end in a `cache_control` breakpoint: later calls read them from the cache at a
 //! tenth of the input price. Cache reads and writes are reported and priced separately.
 
-use crate::openai::{classify_status, read_limited, transport_error};
+use crate::openai::{billed, error_from, read_limited, transport_error};
 use crate::{BoxFuture, Model, ModelError, ModelRequest};
 use rein_core::spec::ToolChoice;
-use rein_core::tool::parse_retry_after;
 use rein_core::{ErrorType, ModelReply, Role, ToolCall, Usage};
 use serde_json::{Value, json};
 use std::fmt;
@@ -80,24 +79,9 @@ impl AnthropicClient {
             http = http.header("x-api-key", key);
         }
         let response = http.send().await.map_err(transport_error)?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
-            let bytes = read_limited(response).await.unwrap_or_default();
-            let mut error = classify_status(status.as_u16(), &bytes);
-            error.retry_after = retry_after;
-            return Err(error);
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
         }
-        let billed = |what: String| {
-            ModelError::new(
-                ErrorType::Permanent,
-                format!("{what}; not retried because the call may already have been billed"),
-            )
-        };
         let bytes = read_limited(response)
             .await
             .map_err(|e| billed(e.message))?;

@@ -87,26 +87,9 @@ impl OpenAiClient {
             http = http.bearer_auth(key);
         }
         let response = http.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        if !status.is_success() {
-            let bytes = read_limited(response).await.unwrap_or_default();
-            let mut error = classify_status(status.as_u16(), &bytes);
-            error.retry_after = retry_after;
-            return Err(error);
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
         }
-        // Past a 2xx the call has probably been billed: whatever goes wrong from here is not
-        // retried, so one step can never be paid for several times over.
-        let billed = |what: String| {
-            ModelError::new(
-                ErrorType::Permanent,
-                format!("{what}; not retried because the call may already have been billed"),
-            )
-        };
         let bytes = read_limited(response)
             .await
             .map_err(|e| billed(e.message))?;
@@ -161,27 +144,10 @@ impl OpenAiClient {
             http = http.bearer_auth(key);
         }
         let mut response = http.send().await.map_err(transport_error)?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
-            let bytes = read_limited(response).await.unwrap_or_default();
-            let mut error = classify_status(status.as_u16(), &bytes);
-            error.retry_after = retry_after;
-            return Err(error);
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
         }
-        // Past a 2xx the call is probably billed: a broken stream is not retried.
-        let broke = |what: &str| {
-            ModelError::new(
-                ErrorType::Permanent,
-                format!(
-                    "the provider's stream {what}; not retried because the call may already have been billed"
-                ),
-            )
-        };
+        let broke = |what: &str| billed(format!("the provider's stream {what}"));
         let mut buffer: Vec<u8> = Vec::new();
         let mut content = String::new();
         let mut calls: Vec<PartialCall> = Vec::new();
@@ -478,6 +444,29 @@ fn reply_from(
         usage,
         finish_reason: choice.finish_reason,
     })
+}
+
+/// The classified error of a provider's non-2xx answer, with the wait it advised.
+pub(crate) async fn error_from(response: reqwest::Response) -> ModelError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let bytes = read_limited(response).await.unwrap_or_default();
+    let mut error = classify_status(status, &bytes);
+    error.retry_after = retry_after;
+    error
+}
+
+/// A failure after a 2xx. The call has probably been billed by then, so it is never retried:
+/// one step can never be paid for several times over.
+pub(crate) fn billed(what: impl std::fmt::Display) -> ModelError {
+    ModelError::new(
+        ErrorType::Permanent,
+        format!("{what}; not retried because the call may already have been billed"),
+    )
 }
 
 pub(crate) fn transport_error(e: reqwest::Error) -> ModelError {
