@@ -662,6 +662,31 @@ impl Parser<'_> {
         }
     }
 
+    /// A list whose items are each read by `item` (given its path, e.g. `scopes[2]`); every
+    /// bad item is reported.
+    fn list<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        expected: &str,
+        mut item: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let NodeValue::Seq(items) = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!("expected {expected}, found {}", node.value.type_name()),
+            );
+            return None;
+        };
+        let read: Vec<Option<T>> = items
+            .iter()
+            .enumerate()
+            .map(|(i, n)| item(self, n, &format!("{path}[{i}]")))
+            .collect();
+        read.into_iter().collect()
+    }
+
     fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
         match &node.value {
             NodeValue::Str(s) => match parse_duration(s) {
@@ -808,26 +833,9 @@ impl Parser<'_> {
         };
         let scopes = match f.get("scopes") {
             None => Some(Vec::new()),
-            Some(n) => match &n.value {
-                NodeValue::Seq(items) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| self.string(item, &format!("scopes[{i}]")))
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>(),
-                other => {
-                    self.error(
-                        n.pos,
-                        "scopes",
-                        format!(
-                            "expected a list of scope names, found {}",
-                            other.type_name()
-                        ),
-                    );
-                    None
-                }
-            },
+            Some(n) => self.list(n, "scopes", "a list of scope names", |p, item, path| {
+                p.string(item, path)
+            }),
         };
 
         if let (
@@ -894,26 +902,12 @@ impl Parser<'_> {
             .and_then(|n| self.model_entry(n, "model.primary"));
         let fallbacks = match f.get("fallbacks") {
             None => Some(Vec::new()),
-            Some(n) => match &n.value {
-                NodeValue::Seq(items) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| self.model_entry(item, &format!("model.fallbacks[{i}]")))
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>(),
-                other => {
-                    self.error(
-                        n.pos,
-                        "model.fallbacks",
-                        format!(
-                            "expected a list of `provider/model`, found {}",
-                            other.type_name()
-                        ),
-                    );
-                    None
-                }
-            },
+            Some(n) => self.list(
+                n,
+                "model.fallbacks",
+                "a list of `provider/model`",
+                |p, item, path| p.model_entry(item, path),
+            ),
         };
         let max_output_tokens = match f.get("max_output_tokens") {
             None => Some(DEFAULT_MAX_OUTPUT_TOKENS),
