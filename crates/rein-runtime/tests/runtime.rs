@@ -665,17 +665,17 @@ async fn a_failing_tool_opens_its_breaker_and_one_probe_goes_through_after_the_c
     assert_eq!(service.hits("flaky/b1"), 5);
 }
 
-async fn race_rate_limited(
-    limits: rein_core::rate::RateLimits,
+/// Starts `runs` runs of `src` at once as tenant acme (a user and session of its own each),
+/// and waits for them all.
+async fn run_concurrently(
+    runtime: &Runtime,
+    src: &str,
+    model: Arc<dyn Model>,
     runs: usize,
-) -> (Harness, Vec<RunOutcome>) {
-    let mut h = harness().await;
-    h.runtime = h.runtime.clone().with_rate_limits(limits);
-    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
-    let model = Arc::new(ScriptedModel::parse("s.yaml", "responses:\n  - text: done\n").unwrap());
+) -> Vec<RunOutcome> {
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..runs {
-        let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
+        let (runtime, model, src) = (runtime.clone(), model.clone(), src.to_string());
         tasks.spawn(async move {
             let request = request(
                 &src,
@@ -692,6 +692,18 @@ async fn race_rate_limited(
     while let Some(o) = tasks.join_next().await {
         outcomes.push(o.unwrap());
     }
+    outcomes
+}
+
+async fn race_rate_limited(
+    limits: rein_core::rate::RateLimits,
+    runs: usize,
+) -> (Harness, Vec<RunOutcome>) {
+    let mut h = harness().await;
+    h.runtime = h.runtime.clone().with_rate_limits(limits);
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let model = Arc::new(ScriptedModel::parse("s.yaml", "responses:\n  - text: done\n").unwrap());
+    let outcomes = run_concurrently(&h.runtime, &src, model, runs).await;
     (h, outcomes)
 }
 
@@ -828,17 +840,8 @@ async fn a_tenants_bulkhead_caps_its_concurrent_runs_and_queues_the_rest() {
     // Each run naps 150 ms in a tool, so runs overlap unless the bulkhead keeps them apart.
     let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
     let model = Arc::new(one_call("nap", r#"{"seconds": 0.15}"#));
-    let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..5 {
-        let (runtime, model, src) = (h.runtime.clone(), model.clone(), src.clone());
-        tasks.spawn(async move {
-            let request = request(&src, &format!("q{n}"), "acme", "ann", &format!("s{n}"), &[]);
-            runtime.run(request, model.as_ref()).await.unwrap()
-        });
-    }
     let mut spans = Vec::new();
-    while let Some(o) = tasks.join_next().await {
-        let o = o.unwrap();
+    for o in run_concurrently(&h.runtime, &src, model, 5).await {
         assert_eq!(o.reason, TerminationReason::Completed);
         let events = h
             .runtime
