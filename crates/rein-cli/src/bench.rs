@@ -43,11 +43,11 @@ pub struct BenchArgs {
     json: bool,
 }
 
-fn spec(base_url: &str, steps: u32) -> String {
+fn spec(steps: u32) -> String {
     format!(
         r#"name: bench
 version: 1
-model: {{primary: openai/gpt-4o-mini, max_output_tokens: 64, base_url: "{base_url}"}}
+model: {{primary: openai/gpt-4o-mini, max_output_tokens: 64}}
 instructions: Echo each item, then say done.
 tools:
   - name: echo
@@ -152,7 +152,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     // 1. Overhead per step over one long run.
     let turns = (args.steps / 2).max(1) as usize;
     let fake = FakeOpenAi::start_unrecorded(responder(turns)).await?;
-    let source = spec(&fake.base_url(), args.steps + 2);
+    let source = spec(args.steps + 2);
     let agent = parse_agent("bench.yaml", &source, &config, &builtins)?;
     let store = SqliteStore::open(dir.join("bench-steps.db"), Durability::Process).await?;
     let runtime = Runtime::new(
@@ -196,7 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
     );
     let fake = FakeOpenAi::start_unrecorded(|_, _| FakeResponse::text("done", 30, 2)).await?;
-    let short = spec(&fake.base_url(), 4);
+    let short = spec(4);
     let short_agent = parse_agent("bench.yaml", &short, &config, &builtins)?;
     let (open_tx, open_rx) = watch::channel(false);
     let gated = Arc::new(Gated {

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use rein_core::budget::{BudgetPolicy, Cap};
 use rein_core::{SessionId, TenantId, TerminationReason, Usd, UserId};
 use rein_fakes::ToolService;
-use rein_providers::{Model, OpenAiClient, ScriptedModel};
+use rein_providers::{Model, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunOutcome, RunRequest};
 use rein_store::{Durability, SqliteStore};
 use rein_tools::Builtins;
@@ -155,10 +155,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
         let source = scenario.spec.replace("{{tools_url}}", &tools.url());
         let agent = parse_agent(&file, &source, &config, &builtins)?;
         let model: Box<dyn Model> = if live {
-            Box::new(OpenAiClient::from_env(
-                http.clone(),
-                agent.spec.model.base_url.as_deref(),
-            ))
+            Box::new(ProviderRouter::from_env(http.clone()))
         } else {
             let script = format!("examples/demo/{}.script.yaml", scenario.name);
             Box::new(

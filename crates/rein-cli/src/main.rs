@@ -22,7 +22,7 @@ mod render;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use rein_core::{Agent, CheckContext, Event, JobId, RunId, RunStatus, SessionId, TenantId, UserId};
-use rein_providers::{AnthropicClient, Model, OpenAiClient, ProviderRouter, ScriptedModel};
+use rein_providers::{Model, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunRequest, Runtime};
 use rein_store::{Durability, SqliteStore};
 use rein_tools::{Builtins, CONNECT_TIMEOUT, HttpTools, ToolBox};
@@ -367,8 +367,8 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         s.tools.len(),
         if s.tools.len() == 1 { "" } else { "s" },
         s.model.primary,
-        agent.price.input,
-        agent.price.output,
+        agent.prices[&s.model.primary.id].input,
+        agent.prices[&s.model.primary.id].output,
         s.limits.max_iterations,
         s.limits.max_total_tokens,
         s.limits.max_cost_usd,
@@ -388,16 +388,15 @@ pub fn model_for(
             .map_err(|e| anyhow!(BadInput(e.to_string())))?;
         return Ok(Box::new(model));
     }
-    let router = ProviderRouter {
-        openai: OpenAiClient::from_env(http.clone(), agent.spec.model.base_url.as_deref()),
-        anthropic: AnthropicClient::from_env(http, None),
-    };
+    let router = ProviderRouter::from_env(http);
+    // Only models of the configured endpoints need the operator's keys; a compatible server
+    // named in the spec brings its own (or none).
     let uses = |provider: &str| {
         agent
             .spec
             .model
-            .chain()
-            .any(|m| m.starts_with(&format!("{provider}/")))
+            .all()
+            .any(|m| m.provider() == provider && m.base_url.is_none())
     };
     let missing = |var: &str| std::env::var(var).map_or(true, |k| k.is_empty());
     if uses("openai")
@@ -405,7 +404,7 @@ pub fn model_for(
         && missing("OPENAI_API_KEY")
     {
         return Err(anyhow!(BadInput(
-            "OPENAI_API_KEY is not set: set it, point OPENAI_BASE_URL or model.base_url at a compatible server, or pass --script FILE to replay scripted responses".into()
+            "OPENAI_API_KEY is not set: set it, point OPENAI_BASE_URL at a compatible server (or name one in the spec as `{name, provider: openai, base_url}`), or pass --script FILE to replay scripted responses".into()
         )));
     }
     if uses("anthropic")

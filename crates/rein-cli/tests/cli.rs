@@ -202,6 +202,67 @@ fn the_openai_client_is_configured_from_the_standard_environment_variables() {
 }
 
 #[test]
+fn a_compatible_server_named_in_the_spec_gets_its_own_key_and_never_the_operators() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The spec's own server is down for good (400); the step falls back to OpenAI's
+    // configured endpoint, which answers.
+    let local = rt
+        .block_on(FakeOpenAi::start(|_, _| {
+            FakeResponse::error(400, "no such model")
+        }))
+        .unwrap();
+    let operator = rt
+        .block_on(FakeOpenAi::start(|_, _| {
+            FakeResponse::text("From the operator.", 20, 5)
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        r#"name: mixed
+version: 1
+model:
+  primary: {{name: gemma3, provider: openai, base_url: "{}", api_key_env: LOCAL_LLM_KEY}}
+  fallbacks: [openai/gpt-4o-mini]
+  retry: {{max_attempts: 1}}
+instructions: Answer.
+limits: {{max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.10}}
+"#,
+        local.base_url()
+    );
+    std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[prices.\"openai/gemma3\"]\ninput = 0\noutput = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(["run", "agent.yaml", "--input", "hi", "--json"])
+        .current_dir(dir.path())
+        .env("OPENAI_BASE_URL", operator.base_url())
+        .env("OPENAI_API_KEY", "sk-operator")
+        .env("LOCAL_LLM_KEY", "sk-local")
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["output"], "From the operator.");
+    assert_eq!(v["models_used"], json!({"openai/gpt-4o-mini": 1}));
+    let local_requests = local.requests();
+    assert_eq!(local_requests.len(), 1);
+    assert_eq!(local_requests[0].0["model"], "gemma3");
+    assert_eq!(local_requests[0].1.as_deref(), Some("Bearer sk-local"));
+    let operator_requests = operator.requests();
+    assert_eq!(operator_requests[0].0["model"], "gpt-4o-mini");
+    assert_eq!(
+        operator_requests[0].1.as_deref(),
+        Some("Bearer sk-operator")
+    );
+}
+
+#[test]
 fn running_against_openai_without_a_key_is_a_clear_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let spec = repo().join("examples/order-support.yaml");

@@ -15,23 +15,24 @@ use crate::Usd;
 use crate::event::{Event, EventKind};
 use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
-use crate::spec::Agent;
+use crate::spec::{Agent, ModelRef, StepKind, ToolChoice};
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-/// How many times the model is asked to repair a final answer that fails the output schema.
-pub const MAX_OUTPUT_REPAIRS: u32 = 2;
-
 /// A model call the engine wants made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelCall {
     /// Step number.
     pub step: u32,
-    /// `provider/model`.
+    /// `provider/model` of the first model the step tries.
     pub model: String,
+    /// What the call is for.
+    pub kind: StepKind,
+    /// Whether `model.routes` chose the model for this kind of step.
+    pub routed: bool,
     /// Estimated input tokens (see [`estimate_tokens`]).
     pub estimated_input_tokens: u64,
     /// Output cap of the call.
@@ -55,6 +56,8 @@ impl ModelCall {
             worst_case_cost: self.worst_case_cost,
             tokens_remaining: self.tokens_remaining,
             cost_remaining: self.cost_remaining,
+            step_kind: Some(self.kind),
+            routed: self.routed,
         }
     }
 }
@@ -152,6 +155,8 @@ pub struct Engine {
     /// Scopes the tenant granted, pinned at the start of the run.
     granted_scopes: Vec<String>,
     repairs: u32,
+    /// The last thing sent to the model is a request to repair its answer.
+    repair_pending: bool,
     finish: Option<Finish>,
     finished: Option<(RunStatus, TerminationReason)>,
     output: Option<Value>,
@@ -183,7 +188,7 @@ fn message_tokens(counter: TokenCounter, message: &Message) -> u64 {
 impl Engine {
     /// A new, not yet started run of `agent`.
     pub fn new(agent: Arc<Agent>) -> Self {
-        let counter = TokenCounter::for_chain(agent.spec.model.chain());
+        let counter = TokenCounter::for_chain(agent.spec.model.all().map(|m| m.id.as_str()));
         let tool_definitions: Vec<ToolDefinition> =
             agent.spec.tools.iter().map(|t| t.definition()).collect();
         let fixed_tokens = tool_definitions
@@ -224,6 +229,7 @@ impl Engine {
             tool_in_flight: None,
             granted_scopes: Vec::new(),
             repairs: 0,
+            repair_pending: false,
             finish: None,
             finished: None,
             output: None,
@@ -392,6 +398,7 @@ impl Engine {
                 ..
             } => {
                 self.model_in_flight = false;
+                self.repair_pending = false;
                 self.usage.add(usage);
                 self.cost += *cost;
                 self.push_message(Message {
@@ -584,8 +591,10 @@ impl Engine {
             }
             Err(e) => vec![format!("the answer is not JSON: {e}")],
         };
-        if self.repairs < MAX_OUTPUT_REPAIRS {
+        let max_repairs = self.agent.spec.max_repairs;
+        if self.repairs < max_repairs {
             self.repairs += 1;
+            self.repair_pending = true;
             let correction = format!(
                 "Your final answer must be JSON that matches the output schema. Problems: {}. Reply with the corrected JSON only.",
                 problems.join("; ")
@@ -593,7 +602,7 @@ impl Engine {
             self.push_message(Message::text(Role::User, correction));
         } else {
             let detail = format!(
-                "the final answer still failed the output schema after {MAX_OUTPUT_REPAIRS} repairs: {}",
+                "the final answer still failed the output schema after {max_repairs} repair(s): {}",
                 problems.join("; ")
             );
             self.finish_with(TerminationReason::OutputInvalid, detail);
@@ -670,7 +679,9 @@ impl Engine {
             );
             return self.finish_effect(TerminationReason::MaxTokens, Some(detail), None);
         }
-        let worst_case_cost = self.agent.price.cost(&Usage {
+        let kind = self.step_kind(next_iteration);
+        let chain = spec.model.step_chain(kind);
+        let worst_case_cost = self.agent.worst_price(&chain).cost(&Usage {
             input_tokens: estimated_input_tokens,
             cached_input_tokens: 0,
             cache_write_tokens: 0,
@@ -689,13 +700,35 @@ impl Engine {
             } else {
                 self.step + 1
             },
-            model: spec.model.primary.clone(),
+            model: chain.first().map_or(&spec.model.primary, |m| *m).id.clone(),
+            kind,
+            routed: spec.model.routes.contains_key(&kind),
             estimated_input_tokens,
             max_output_tokens,
             worst_case_cost,
             tokens_remaining: limits.max_total_tokens.saturating_sub(self.usage.total()),
             cost_remaining: limits.max_cost_usd.saturating_sub(self.cost),
         })
+    }
+
+    /// What the next model call is for, which `model.routes` maps to a model.
+    fn step_kind(&self, iteration: u32) -> StepKind {
+        let spec = &self.agent.spec;
+        let can_call_tools = !spec.tools.is_empty()
+            && spec.model.tool_choice != Some(ToolChoice::None)
+            && self.tool_calls < spec.limits.max_tool_calls;
+        if self.repair_pending || !can_call_tools {
+            StepKind::Final
+        } else if iteration <= 1 {
+            StepKind::Plan
+        } else {
+            StepKind::ToolCall
+        }
+    }
+
+    /// The models the next step of `kind` tries, in order.
+    pub fn step_chain(&self, kind: StepKind) -> Vec<&ModelRef> {
+        self.agent.spec.model.step_chain(kind)
     }
 
     fn tool_effect(&self, call: &ToolCall) -> Effect {

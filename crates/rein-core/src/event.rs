@@ -110,6 +110,12 @@ pub enum EventKind {
         tokens_remaining: u64,
         /// The pre-flight check this call passed: money left under `max_cost_usd` before it.
         cost_remaining: Usd,
+        /// What the call is for (absent in logs written before step kinds were recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step_kind: Option<crate::spec::StepKind>,
+        /// Whether `model.routes` chose `model` for this kind of step.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        routed: bool,
     },
     /// A model call answered.
     ModelResponded {

@@ -8,7 +8,7 @@ use crate::duration::parse_duration;
 use crate::price::{Price, PriceTable};
 use crate::yaml::{self, Node, NodeValue, Pos};
 use crate::{ToolDefinition, Usd};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +35,9 @@ pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The model providers this build can call.
 pub const PROVIDERS: &[&str] = &["openai", "anthropic"];
 
+/// The operator's provider keys: sent only to the endpoints the operator configured.
+pub const OPERATOR_KEY_ENVS: &[&str] = &["OPENAI_API_KEY", "ANTHROPIC_API_KEY"];
+
 /// A validated agent spec.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AgentSpec {
@@ -54,6 +57,9 @@ pub struct AgentSpec {
     pub limits: Limits,
     /// JSON Schema the final answer must satisfy, if any.
     pub output_schema: Option<Value>,
+    /// How many times a final answer that fails `output_schema` is sent back for repair
+    /// before the run ends `output_invalid`.
+    pub max_repairs: u32,
     /// Authorisation scopes this agent holds; a tool with an `auth_scope` outside them (or
     /// outside its tenant's grants) is refused.
     pub scopes: Vec<String>,
@@ -62,22 +68,116 @@ pub struct AgentSpec {
 /// The model policy.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelSpec {
-    /// `provider/model`, e.g. `openai/gpt-4o-mini`.
-    pub primary: String,
+    /// The model every step starts with unless a route names another.
+    pub primary: ModelRef,
     /// Cap on output tokens per call (also the worst case reserved before each call).
     pub max_output_tokens: u32,
-    /// Base URL of an OpenAI-compatible server, overriding `OPENAI_BASE_URL`.
-    pub base_url: Option<String>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
     /// Models to try, in order, when the primary fails for good or its breaker is open.
-    pub fallbacks: Vec<String>,
+    pub fallbacks: Vec<ModelRef>,
+    /// A model per step kind, so cheap steps use cheap models; the primary and the fallbacks
+    /// stay behind it as its fallbacks.
+    pub routes: BTreeMap<StepKind, ModelRef>,
     /// Whether and which tool the model must call: `auto`, `required`, `none`, or a tool's name.
     pub tool_choice: Option<ToolChoice>,
     /// Retries of a failed call (transient and rate-limit failures only).
     pub retry: RetryPolicy,
     /// Longest one attempt may take.
     pub timeout: Duration,
+    /// When a model's circuit breaker (one per provider/model, shared by every run) opens.
+    pub breaker: crate::breaker::BreakerPolicy,
+}
+
+/// One model a step may call: `provider/model`, or a compatible server by base URL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelRef {
+    /// `provider/model`: the name prices, breakers, events and `models_used` go by.
+    pub id: String,
+    /// A compatible server's base URL (map form), instead of the provider's configured one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// The environment variable whose value is sent as the key to `base_url`, and only there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+}
+
+impl ModelRef {
+    /// A model of a provider's configured endpoint, e.g. `ModelRef::named("openai/gpt-4o")`.
+    pub fn named(id: impl Into<String>) -> Self {
+        ModelRef {
+            id: id.into(),
+            base_url: None,
+            api_key_env: None,
+        }
+    }
+
+    /// The provider part of the id (`openai`, `anthropic`): the wire format spoken.
+    pub fn provider(&self) -> &str {
+        self.id.split_once('/').map_or("", |(p, _)| p)
+    }
+
+    /// The model as its server names it.
+    pub fn name(&self) -> &str {
+        self.id.split_once('/').map_or("", |(_, m)| m)
+    }
+
+    /// The id, and the server when it is not the provider's configured one: two servers
+    /// running the same model fail apart, so each has its own breaker.
+    pub fn endpoint_key(&self) -> String {
+        match &self.base_url {
+            Some(url) => format!("{}@{url}", self.id),
+            None => self.id.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.base_url {
+            Some(url) => write!(f, "{} at {url}", self.id),
+            None => f.write_str(&self.id),
+        }
+    }
+}
+
+/// What a model call is for; `model.routes` picks a model per kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// The first call of a run, which chooses the approach (the planner in `plan_execute`).
+    Plan,
+    /// A later call while tools may still be called.
+    ToolCall,
+    /// Condensing a conversation (a session's summary).
+    Summarize,
+    /// Scoring an answer (an LLM-as-judge guard).
+    Judge,
+    /// A call that can only answer: an output repair, a run whose tool calls are spent, an
+    /// agent without tools or with `tool_choice: none`.
+    Final,
+}
+
+impl StepKind {
+    /// Every kind, in the order the spec documents them.
+    pub const ALL: [StepKind; 5] = [
+        StepKind::Plan,
+        StepKind::ToolCall,
+        StepKind::Summarize,
+        StepKind::Judge,
+        StepKind::Final,
+    ];
+
+    /// The name used in specs and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Plan => "plan",
+            StepKind::ToolCall => "tool_call",
+            StepKind::Summarize => "summarize",
+            StepKind::Judge => "judge",
+            StepKind::Final => "final",
+        }
+    }
 }
 
 /// Whether and which tool the model must call.
@@ -104,20 +204,30 @@ pub const DEFAULT_MODEL_RETRY: RetryPolicy = RetryPolicy {
 /// Default longest time one model attempt may take.
 pub const DEFAULT_MODEL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Default number of times a final answer that fails the output schema is sent back for repair.
+pub const DEFAULT_MAX_REPAIRS: u32 = 2;
+
 impl ModelSpec {
-    /// The primary, then the fallbacks: the order a step tries them in.
-    pub fn chain(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.primary.as_str()).chain(self.fallbacks.iter().map(String::as_str))
+    /// The primary, then the fallbacks: the order an unrouted step tries them in.
+    pub fn chain(&self) -> impl Iterator<Item = &ModelRef> {
+        std::iter::once(&self.primary).chain(self.fallbacks.iter())
     }
 
-    /// The provider part of `primary`.
-    pub fn provider(&self) -> &str {
-        self.primary.split_once('/').map_or("", |(p, _)| p)
+    /// The models a step of `kind` tries, in order: its route (if any), then the primary and
+    /// the fallbacks, each once.
+    pub fn step_chain(&self, kind: StepKind) -> Vec<&ModelRef> {
+        let mut out: Vec<&ModelRef> = Vec::new();
+        for m in self.routes.get(&kind).into_iter().chain(self.chain()) {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
     }
 
-    /// The model part of `primary`, as the provider names it.
-    pub fn model_name(&self) -> &str {
-        self.primary.split_once('/').map_or("", |(_, m)| m)
+    /// Every model the spec names: the chain and the routes.
+    pub fn all(&self) -> impl Iterator<Item = &ModelRef> {
+        self.chain().chain(self.routes.values())
     }
 }
 
@@ -458,10 +568,7 @@ impl fmt::Display for SpecErrors {
 pub struct Agent {
     /// The spec.
     pub spec: AgentSpec,
-    /// The worst case of the chain's prices (each rate the highest of any model in it): what
-    /// pre-flight checks reserve, so a fallback can never break a cap.
-    pub price: Price,
-    /// Each model's own price, to cost what actually answered.
+    /// Each model's own price (by `provider/model`), to cost what actually answered.
     pub prices: BTreeMap<String, Price>,
     /// Argument validators, index-aligned with `spec.tools`.
     pub tool_validators: Vec<Arc<jsonschema::Validator>>,
@@ -498,6 +605,22 @@ impl Agent {
                 })
             }
         }
+    }
+
+    /// The worst case of a step's prices (each rate the highest of any model it may call):
+    /// what pre-flight checks reserve, so a fallback can never break a cap.
+    pub fn worst_price(&self, chain: &[&ModelRef]) -> Price {
+        chain
+            .iter()
+            .filter_map(|m| self.prices.get(&m.id))
+            .copied()
+            .reduce(|a, b| Price {
+                input: a.input.max(b.input),
+                cached_input: a.cached_input.max(b.cached_input),
+                output: a.output.max(b.output),
+                cache_write: a.cache_write.max(b.cache_write),
+            })
+            .unwrap_or_default()
     }
 
     /// The tool named `name` and its validator.
@@ -762,6 +885,7 @@ impl Parser<'_> {
             "tools",
             "limits",
             "output_schema",
+            "max_repairs",
             "scopes",
         ];
         let f = self.fields(root, "", KNOWN)?;
@@ -787,17 +911,14 @@ impl Parser<'_> {
             .map(|v| v as u32);
         let model = self.required(&f, "model", "").and_then(|n| self.model(n));
         let prices: Option<BTreeMap<String, Price>> = model.as_ref().map(|m| {
-            m.chain()
-                .filter_map(|entry| self.ctx.prices.get(entry).map(|p| (entry.to_string(), *p)))
+            m.all()
+                .filter_map(|entry| {
+                    self.ctx
+                        .prices
+                        .get(&entry.id)
+                        .map(|p| (entry.id.clone(), *p))
+                })
                 .collect()
-        });
-        let price = prices.as_ref().and_then(|all| {
-            all.values().copied().reduce(|a, b| Price {
-                input: a.input.max(b.input),
-                cached_input: a.cached_input.max(b.cached_input),
-                output: a.output.max(b.output),
-                cache_write: a.cache_write.max(b.cache_write),
-            })
         });
         let instructions = self
             .required(&f, "instructions", "")
@@ -830,6 +951,18 @@ impl Parser<'_> {
         let output = match f.get("output_schema") {
             None => Some(None),
             Some(n) => self.json_schema(n, "output_schema").map(Some),
+        };
+        let max_repairs = match (f.get("max_repairs"), f.get("output_schema")) {
+            (None, _) => Some(DEFAULT_MAX_REPAIRS),
+            (Some(n), None) => {
+                self.error(
+                    n.pos,
+                    "max_repairs",
+                    "repairs are of answers that fail `output_schema`, and this agent has none",
+                );
+                None
+            }
+            (Some(n), Some(_)) => self.integer(n, "max_repairs", 0, 10).map(|v| v as u32),
         };
         let scopes = match f.get("scopes") {
             None => Some(Vec::new()),
@@ -873,9 +1006,9 @@ impl Parser<'_> {
                 tools,
                 limits: limits?,
                 output_schema,
+                max_repairs: max_repairs?,
                 scopes: scopes?,
             },
-            price: price?,
             prices: prices?,
             tool_validators,
             output_validator,
@@ -889,12 +1022,13 @@ impl Parser<'_> {
             &[
                 "primary",
                 "fallbacks",
+                "routes",
                 "tool_choice",
                 "max_output_tokens",
-                "base_url",
                 "temperature",
                 "retry",
                 "timeout",
+                "breaker",
             ],
         )?;
         let primary = self
@@ -905,30 +1039,18 @@ impl Parser<'_> {
             Some(n) => self.list(
                 n,
                 "model.fallbacks",
-                "a list of `provider/model`",
+                "a list of model entries",
                 |p, item, path| p.model_entry(item, path),
             ),
         };
+        let routes = f
+            .get("routes")
+            .map_or(Some(BTreeMap::new()), |n| self.routes(n));
         let max_output_tokens = match f.get("max_output_tokens") {
             None => Some(DEFAULT_MAX_OUTPUT_TOKENS),
             Some(n) => self
                 .integer(n, "model.max_output_tokens", 1, 1_000_000)
                 .map(|v| v as u32),
-        };
-        let base_url = match f.get("base_url") {
-            None => Some(None),
-            Some(n) => self.string(n, "model.base_url").and_then(|url| {
-                if url.starts_with("http://") || url.starts_with("https://") {
-                    Some(Some(url.trim_end_matches('/').to_string()))
-                } else {
-                    self.error(
-                        n.pos,
-                        "model.base_url",
-                        "must start with http:// or https://",
-                    );
-                    None
-                }
-            }),
         };
         let temperature = match f.get("temperature") {
             None => Some(None),
@@ -958,16 +1080,41 @@ impl Parser<'_> {
         let timeout = f.get("timeout").map_or(Some(DEFAULT_MODEL_TIMEOUT), |n| {
             self.duration(n, "model.timeout")
         });
+        let breaker = f
+            .get("breaker")
+            .map_or(Some(crate::breaker::BreakerPolicy::default()), |n| {
+                self.breaker(n, "model.breaker")
+            });
         Some(ModelSpec {
             primary: primary?,
             fallbacks: fallbacks?,
+            routes: routes?,
             tool_choice: tool_choice?,
             max_output_tokens: max_output_tokens?,
-            base_url: base_url?,
             temperature: temperature?,
             retry: retry?,
             timeout: timeout?,
+            breaker: breaker?,
         })
+    }
+
+    /// `model.routes: {plan: entry, tool_call: entry, ...}`.
+    fn routes(&mut self, node: &Node) -> Option<BTreeMap<StepKind, ModelRef>> {
+        let names: Vec<&str> = StepKind::ALL.iter().map(|k| k.as_str()).collect();
+        let f = self.fields(node, "model.routes", &names)?;
+        let mut routes = BTreeMap::new();
+        let mut ok = true;
+        for kind in StepKind::ALL {
+            if let Some(n) = f.get(kind.as_str()) {
+                match self.model_entry(n, &f.child(kind.as_str())) {
+                    Some(entry) => {
+                        routes.insert(kind, entry);
+                    }
+                    None => ok = false,
+                }
+            }
+        }
+        ok.then_some(routes)
     }
 
     /// `model.retry: {max_attempts, base_delay, max_delay}`.
@@ -995,42 +1142,124 @@ impl Parser<'_> {
         })
     }
 
-    /// A model entry: `provider/model` with a supported provider and a known price.
-    fn model_entry(&mut self, n: &Node, path: &str) -> Option<String> {
-        let entry = self.string(n, path)?;
-        match entry.split_once('/') {
-            Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {}
-            Some((provider, model)) if !model.is_empty() => {
-                self.error(
-                    n.pos,
-                    path,
-                    format!(
-                        "provider `{provider}` is not supported; use one of: {} (any OpenAI-compatible server works as `openai/<model>` with `base_url`)",
-                        PROVIDERS.join(", ")
-                    ),
-                );
-                return None;
+    /// A model entry: `provider/model`, or `{name, provider, base_url, api_key_env}` for a
+    /// compatible server; either way a supported provider and a known price.
+    fn model_entry(&mut self, n: &Node, path: &str) -> Option<ModelRef> {
+        let entry = if let NodeValue::Map(_) = &n.value {
+            self.model_entry_map(n, path)?
+        } else {
+            let id = self.string(n, path)?;
+            match id.split_once('/') {
+                Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {}
+                Some((provider, model)) if !model.is_empty() => {
+                    self.error(
+                        n.pos,
+                        path,
+                        format!(
+                            "provider `{provider}` is not supported; use one of: {} (a compatible server is `{{name, provider: openai, base_url}}`)",
+                            PROVIDERS.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                _ => {
+                    self.error(
+                        n.pos,
+                        path,
+                        format!("`{id}` must be `provider/model`, e.g. `openai/gpt-4o-mini`"),
+                    );
+                    return None;
+                }
             }
-            _ => {
-                self.error(
-                    n.pos,
-                    path,
-                    format!("`{entry}` must be `provider/model`, e.g. `openai/gpt-4o-mini`"),
-                );
-                return None;
-            }
-        }
-        if self.ctx.prices.get(&entry).is_none() {
+            ModelRef::named(id)
+        };
+        if self.ctx.prices.get(&entry.id).is_none() {
             self.error(
                 n.pos,
                 path,
                 format!(
-                    "no price is known for `{entry}`: a cost cap on an unpriced model would mean nothing; add it to rein.toml under [prices.\"{entry}\"] with input, cached_input and output in USD per million tokens"
+                    "no price is known for `{id}`: a cost cap on an unpriced model would mean nothing; add it to rein.toml under [prices.\"{id}\"] with input, cached_input and output in USD per million tokens",
+                    id = entry.id
                 ),
             );
             return None;
         }
         Some(entry)
+    }
+
+    /// `{name, provider, base_url, api_key_env}`.
+    fn model_entry_map(&mut self, n: &Node, path: &str) -> Option<ModelRef> {
+        let f = self.fields(n, path, &["name", "provider", "base_url", "api_key_env"])?;
+        let name = self
+            .required(&f, "name", "")
+            .and_then(|v| self.string(v, &f.child("name")))
+            .and_then(|name| {
+                if name.trim().is_empty() || name.contains(char::is_whitespace) {
+                    self.error(
+                        n.pos,
+                        &f.child("name"),
+                        "must be the model's name as its server knows it, without spaces",
+                    );
+                    None
+                } else {
+                    Some(name)
+                }
+            });
+        let provider = self
+            .required(&f, "provider", "")
+            .and_then(|v| {
+                let provider = self.string(v, &f.child("provider"))?;
+                if PROVIDERS.contains(&provider.as_str()) {
+                    Some(provider)
+                } else {
+                    self.error(
+                        v.pos,
+                        &f.child("provider"),
+                        format!(
+                            "`{provider}` is not a wire format Rein speaks; use one of: {} (vLLM, Ollama and llama.cpp speak `openai`)",
+                            PROVIDERS.join(", ")
+                        ),
+                    );
+                    None
+                }
+            });
+        let base_url = self.required(&f, "base_url", "").and_then(|v| {
+            let url = self.string(v, &f.child("base_url"))?;
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Some(url.trim_end_matches('/').to_string())
+            } else {
+                self.error(
+                    v.pos,
+                    &f.child("base_url"),
+                    "must start with http:// or https://",
+                );
+                None
+            }
+        });
+        let api_key_env = match f.get("api_key_env") {
+            None => Some(None),
+            Some(v) => self.string(v, &f.child("api_key_env")).and_then(|var| {
+                let well_formed = var.starts_with(|c: char| c.is_ascii_uppercase())
+                    && var.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                if !well_formed {
+                    self.error(v.pos, &f.child("api_key_env"), format!("`{var}` is not an environment variable name (upper-case letters, digits and `_`)"));
+                    None
+                } else if OPERATOR_KEY_ENVS.contains(&var.as_str()) {
+                    // The operator's provider keys only ever go to the endpoints the operator
+                    // configured (`OPENAI_BASE_URL`, `ANTHROPIC_BASE_URL`), never to a URL a
+                    // spec names: otherwise a spec could send them anywhere.
+                    self.error(v.pos, &f.child("api_key_env"), format!("`{var}` is only sent to the endpoint the operator configured; name the server's own key variable, or use the `provider/model` form"));
+                    None
+                } else {
+                    Some(Some(var))
+                }
+            }),
+        };
+        Some(ModelRef {
+            id: format!("{}/{}", provider?, name?),
+            base_url: Some(base_url?),
+            api_key_env: api_key_env?,
+        })
     }
 
     fn tools(&mut self, node: &Node) -> Option<Vec<(ToolSpec, Arc<jsonschema::Validator>)>> {
@@ -1731,10 +1960,169 @@ limits:
             "max_output_tokens: 512\n  fallbacks: [openai/gpt-4o]",
         ))
         .unwrap();
+        let chain: Vec<&ModelRef> = ok.spec.model.chain().collect();
         assert_eq!(
-            ok.price.output, ok.prices["openai/gpt-4o"].output,
+            ok.worst_price(&chain).output,
+            ok.prices["openai/gpt-4o"].output,
             "pre-flight uses the dearest model of the chain"
         );
+    }
+
+    fn check_with_price(src: &str, id: &str) -> Result<Agent, SpecErrors> {
+        let mut prices = PriceTable::default();
+        prices.set(id, crate::price::Price::default());
+        let builtins = BTreeMap::new();
+        Agent::parse(
+            "agent.yaml",
+            src,
+            &CheckContext {
+                prices: &prices,
+                builtin_tools: &builtins,
+            },
+        )
+    }
+
+    #[test]
+    fn a_compatible_server_is_a_map_entry_with_its_own_url_and_key_variable() {
+        let src = EXAMPLE.replace(
+            "primary: openai/gpt-4o-mini",
+            "primary: {name: gemma3, provider: openai, base_url: \"http://127.0.0.1:8080/v1/\", api_key_env: LOCAL_LLM_KEY}",
+        );
+        let agent = check_with_price(&src, "openai/gemma3").unwrap();
+        assert_eq!(
+            agent.spec.model.primary,
+            ModelRef {
+                id: "openai/gemma3".into(),
+                base_url: Some("http://127.0.0.1:8080/v1".into()),
+                api_key_env: Some("LOCAL_LLM_KEY".into()),
+            }
+        );
+        assert_eq!(agent.spec.model.primary.name(), "gemma3");
+        assert_eq!(
+            agent.spec.model.primary.endpoint_key(),
+            "openai/gemma3@http://127.0.0.1:8080/v1"
+        );
+    }
+
+    #[test]
+    fn a_map_entry_may_not_send_the_operators_keys_to_its_url() {
+        for var in OPERATOR_KEY_ENVS {
+            let src = EXAMPLE.replace(
+                "primary: openai/gpt-4o-mini",
+                &format!("primary: {{name: gemma3, provider: openai, base_url: \"https://evil.example\", api_key_env: {var}}}"),
+            );
+            let text = check_with_price(&src, "openai/gemma3")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains(&format!("model.primary.api_key_env: `{var}` is only sent to the endpoint the operator configured")),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_map_entry_names_each_field_at_fault() {
+        let src = EXAMPLE.replace(
+            "primary: openai/gpt-4o-mini",
+            "primary: {name: gemma3, provider: ollama, base_url: \"ftp://x\", api_key_env: lower, port: 1}",
+        );
+        let text = check_with_price(&src, "openai/gemma3")
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "model.primary.port: unknown field",
+            "model.primary.provider: `ollama` is not a wire format Rein speaks",
+            "model.primary.base_url: must start with http:// or https://",
+            "model.primary.api_key_env: `lower` is not an environment variable name",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+        let unpriced = EXAMPLE.replace(
+            "primary: openai/gpt-4o-mini",
+            "primary: {name: qwen, provider: openai, base_url: \"http://127.0.0.1:1/v1\"}",
+        );
+        let text = check(&unpriced).unwrap_err().to_string();
+        assert!(
+            text.contains("no price is known for `openai/qwen`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn routes_name_known_step_kinds_and_priced_models() {
+        let src = EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  routes: {plan: openai/gpt-5, final: openai/gpt-4.1-nano}",
+        );
+        let agent = check(&src).unwrap();
+        let ids = |kind| -> Vec<String> {
+            agent
+                .spec
+                .model
+                .step_chain(kind)
+                .into_iter()
+                .map(|m| m.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(StepKind::Plan), ["openai/gpt-5", "openai/gpt-4o-mini"]);
+        assert_eq!(ids(StepKind::ToolCall), ["openai/gpt-4o-mini"]);
+        let bad = EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  routes: {think: openai/gpt-5, final: openai/nope}",
+        );
+        let text = check(&bad).unwrap_err().to_string();
+        assert!(text.contains("model.routes.think: unknown field"), "{text}");
+        assert!(
+            text.contains("model.routes.final: no price is known for `openai/nope`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn max_repairs_needs_an_output_schema_and_a_small_bound() {
+        let text = check(&format!("{EXAMPLE}max_repairs: 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("max_repairs: repairs are of answers that fail `output_schema`"),
+            "{text}"
+        );
+        let schema = "output_schema: {type: object}\n";
+        assert_eq!(
+            check(&format!("{EXAMPLE}{schema}max_repairs: 3\n"))
+                .unwrap()
+                .spec
+                .max_repairs,
+            3
+        );
+        assert_eq!(
+            check(&format!("{EXAMPLE}{schema}"))
+                .unwrap()
+                .spec
+                .max_repairs,
+            DEFAULT_MAX_REPAIRS
+        );
+        assert!(check(&format!("{EXAMPLE}{schema}max_repairs: 11\n")).is_err());
+    }
+
+    #[test]
+    fn the_model_breaker_policy_is_read_from_the_spec() {
+        let src = EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  breaker: {failures: 2, window: 10s, cool_down: 5s}",
+        );
+        let policy = check(&src).unwrap().spec.model.breaker;
+        assert_eq!(
+            (policy.failures, policy.window_ms, policy.cool_down_ms),
+            (2, 10_000, 5_000)
+        );
+        let bad = EXAMPLE.replace(
+            "max_output_tokens: 512",
+            "max_output_tokens: 512\n  breaker: {failures: 0}",
+        );
+        let text = check(&bad).unwrap_err().to_string();
+        assert!(text.contains("model.breaker.failures"), "{text}");
     }
 
     #[test]

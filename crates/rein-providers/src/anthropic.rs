@@ -49,18 +49,18 @@ impl AnthropicClient {
     }
 
     /// Configured as the official SDKs are: `ANTHROPIC_BASE_URL` (else Anthropic's endpoint)
-    /// with `ANTHROPIC_API_KEY`. A spec's own `base_url` gets no key.
-    pub fn from_env(http: reqwest::Client, spec_base_url: Option<&str>) -> Self {
-        let operator_base = std::env::var("ANTHROPIC_BASE_URL")
+    /// with `ANTHROPIC_API_KEY`, which only ever goes to this endpoint.
+    pub fn from_env(http: reqwest::Client) -> Self {
+        let base = std::env::var("ANTHROPIC_BASE_URL")
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| ANTHROPIC_BASE_URL.to_string());
-        match spec_base_url {
-            Some(base) if base.trim_end_matches('/') != operator_base.trim_end_matches('/') => {
-                AnthropicClient::new(http, base, None)
-            }
-            _ => AnthropicClient::new(http, operator_base, std::env::var("ANTHROPIC_API_KEY").ok()),
-        }
+        AnthropicClient::new(http, base, std::env::var("ANTHROPIC_API_KEY").ok())
+    }
+
+    /// The HTTP client requests go through.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// The endpoint this client calls.
@@ -320,6 +320,7 @@ mod tests {
             temperature: None,
             output_schema: None,
             tool_choice: None,
+            endpoint: None,
         });
         assert_eq!(body["model"], "claude-haiku-4-5");
         assert_eq!(

@@ -44,6 +44,36 @@ pub struct ModelRequest<'a> {
     pub output_schema: Option<&'a Value>,
     /// Whether and which tool the model must call.
     pub tool_choice: Option<&'a rein_core::spec::ToolChoice>,
+    /// A compatible server to call instead of the provider's configured endpoint, and the
+    /// environment variable holding its key (a spec's map-form model entry).
+    pub endpoint: Option<Endpoint<'a>>,
+}
+
+/// A compatible server named by a spec.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint<'a> {
+    /// Base URL (for `openai`, up to and including `/v1`; for `anthropic`, without it).
+    pub base_url: &'a str,
+    /// The variable whose value is sent as the key, to this URL only.
+    pub api_key_env: Option<&'a str>,
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint of a map-form model entry; `None` for a provider's configured one.
+    pub fn of(model: &'a rein_core::spec::ModelRef) -> Option<Self> {
+        model.base_url.as_deref().map(|base_url| Endpoint {
+            base_url,
+            api_key_env: model.api_key_env.as_deref(),
+        })
+    }
+
+    /// The key, read from the environment when the call is made (so a rotated key is
+    /// picked up without a restart).
+    fn api_key(&self) -> Option<String> {
+        self.api_key_env
+            .and_then(|var| std::env::var(var).ok())
+            .filter(|k| !k.is_empty())
+    }
 }
 
 /// A failed model call, classified.
@@ -102,7 +132,9 @@ pub trait Model: Send + Sync {
     }
 }
 
-/// Sends each call to the provider its model names (`openai/...`, `anthropic/...`).
+/// Sends each call to the provider its model names (`openai/...`, `anthropic/...`): to the
+/// operator's configured endpoint, or to the compatible server a spec's map-form entry names
+/// (with that entry's own key, never the operator's).
 #[derive(Clone, Debug)]
 pub struct ProviderRouter {
     /// For `openai/...` models.
@@ -111,19 +143,56 @@ pub struct ProviderRouter {
     pub anthropic: AnthropicClient,
 }
 
+/// The client one call goes through.
+enum Routed<'a> {
+    OpenAi(std::borrow::Cow<'a, OpenAiClient>),
+    Anthropic(std::borrow::Cow<'a, AnthropicClient>),
+    Unsupported(String),
+}
+
+impl ProviderRouter {
+    /// Both providers configured from the environment, as their official SDKs are.
+    pub fn from_env(http: reqwest::Client) -> Self {
+        ProviderRouter {
+            openai: OpenAiClient::from_env(http.clone()),
+            anthropic: AnthropicClient::from_env(http),
+        }
+    }
+
+    fn route<'a>(&'a self, request: &ModelRequest<'_>) -> Routed<'a> {
+        use std::borrow::Cow;
+        let provider = request.model.split_once('/').map(|(p, _)| p);
+        match (provider, request.endpoint) {
+            (Some("anthropic"), None) => Routed::Anthropic(Cow::Borrowed(&self.anthropic)),
+            (Some("anthropic"), Some(e)) => Routed::Anthropic(Cow::Owned(AnthropicClient::new(
+                self.anthropic.http().clone(),
+                e.base_url,
+                e.api_key(),
+            ))),
+            (Some("openai") | None, None) => Routed::OpenAi(Cow::Borrowed(&self.openai)),
+            (Some("openai") | None, Some(e)) => Routed::OpenAi(Cow::Owned(OpenAiClient::new(
+                self.openai.http().clone(),
+                e.base_url,
+                e.api_key(),
+            ))),
+            (Some(other), _) => Routed::Unsupported(format!("provider `{other}` is not supported")),
+        }
+    }
+}
+
 impl Model for ProviderRouter {
     fn complete<'a>(
         &'a self,
         request: ModelRequest<'a>,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
-        match request.model.split_once('/').map(|(p, _)| p) {
-            Some("anthropic") => self.anthropic.complete(request),
-            Some("openai") | None => self.openai.complete(request),
-            Some(other) => {
-                let message = format!("provider `{other}` is not supported");
-                Box::pin(async move { Err(ModelError::new(ErrorType::Permanent, message)) })
+        let routed = self.route(&request);
+        Box::pin(async move {
+            match routed {
+                Routed::OpenAi(c) => c.complete(request).await,
+                Routed::Anthropic(c) => c.complete(request).await,
+                Routed::Unsupported(message) => Err(ModelError::new(ErrorType::Permanent, message)),
             }
-        }
+        })
     }
 
     fn complete_streaming<'a>(
@@ -131,10 +200,13 @@ impl Model for ProviderRouter {
         request: ModelRequest<'a>,
         sink: &'a TokenSink,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
-        match request.model.split_once('/').map(|(p, _)| p) {
-            Some("anthropic") => self.anthropic.complete_streaming(request, sink),
-            Some("openai") | None => self.openai.complete_streaming(request, sink),
-            Some(_) => self.complete(request),
-        }
+        let routed = self.route(&request);
+        Box::pin(async move {
+            match routed {
+                Routed::OpenAi(c) => c.complete_streaming(request, sink).await,
+                Routed::Anthropic(c) => c.complete_streaming(request, sink).await,
+                Routed::Unsupported(message) => Err(ModelError::new(ErrorType::Permanent, message)),
+            }
+        })
     }
 }

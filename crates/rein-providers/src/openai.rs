@@ -49,22 +49,19 @@ impl OpenAiClient {
     }
 
     /// A client configured as the official SDKs are: `OPENAI_BASE_URL`, else OpenAI's endpoint,
-    /// with the key from `OPENAI_API_KEY`.
-    ///
-    /// A spec's own `base_url` (a local or self-hosted server) is called **without** that key:
-    /// the operator's key only ever goes to the endpoint the operator configured, never to a
-    /// host a spec names.
-    pub fn from_env(http: reqwest::Client, spec_base_url: Option<&str>) -> Self {
-        let env_base = std::env::var("OPENAI_BASE_URL")
+    /// with the key from `OPENAI_API_KEY`. That key only ever goes to this endpoint: a server a
+    /// spec names gets a client of its own (see [`crate::ProviderRouter`]).
+    pub fn from_env(http: reqwest::Client) -> Self {
+        let base = std::env::var("OPENAI_BASE_URL")
             .ok()
-            .filter(|s| !s.is_empty());
-        let operator_base = env_base.unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-        match spec_base_url {
-            Some(base) if base.trim_end_matches('/') != operator_base.trim_end_matches('/') => {
-                OpenAiClient::new(http, base, None)
-            }
-            _ => OpenAiClient::new(http, operator_base, std::env::var("OPENAI_API_KEY").ok()),
-        }
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        OpenAiClient::new(http, base, std::env::var("OPENAI_API_KEY").ok())
+    }
+
+    /// The HTTP client requests go through.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// Whether a key is attached to requests.
@@ -544,6 +541,7 @@ mod tests {
             temperature: None,
             output_schema: None,
             tool_choice: None,
+            endpoint: None,
         };
         let official = request_body(&request, true);
         assert_eq!(
@@ -590,6 +588,7 @@ mod tests {
             temperature: None,
             output_schema: None,
             tool_choice: Some(&choice),
+            endpoint: None,
         };
         let local = request_body(&request, false);
         assert_eq!(
@@ -616,14 +615,6 @@ mod tests {
             reply_from(parsed, &json!({}), "m").unwrap_err().kind,
             ErrorType::Permanent
         );
-    }
-
-    #[test]
-    fn a_spec_base_url_never_receives_the_operators_key() {
-        // Nothing is sent: this only checks where the client would send its key.
-        let c = OpenAiClient::from_env(reqwest::Client::new(), Some("http://127.0.0.1:18999/v1"));
-        assert!(!c.has_key());
-        assert_eq!(c.base_url(), "http://127.0.0.1:18999/v1");
     }
 
     #[test]

@@ -188,6 +188,7 @@ mod tests {
             temperature: None,
             output_schema: None,
             tool_choice: None,
+            endpoint: None,
         }
     }
 

@@ -25,7 +25,7 @@ use rein_core::{
     ReplayError, RunId, RunStatus, SessionId, TenantId, TerminationReason, ToolInvocation,
     ToolResult, Usage, Usd, UserId,
 };
-use rein_providers::{Model, ModelError, ModelRequest, TokenSink};
+use rein_providers::{Endpoint, Model, ModelError, ModelRequest, TokenSink};
 use rein_store::{RunInfo, SqliteStore, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
@@ -718,17 +718,18 @@ impl Driver<'_> {
         let model = self.model;
         let sink = self.sink;
         let started = Instant::now();
-        let chain: Vec<&str> = spec.model.chain().collect();
+        let chain = spec.model.step_chain(call.kind);
         let mut answered: Option<(&str, rein_core::ModelReply, u32)> = None;
         let mut last_failure: Option<(&str, ModelError, u32)> = None;
         let mut open_breakers = 0;
-        for (index, &entry) in chain.iter().enumerate() {
+        for (index, &model_ref) in chain.iter().enumerate() {
+            let entry = model_ref.id.as_str();
             let has_next = index + 1 < chain.len();
-            // One breaker per provider/model, shared by every tenant and process: a provider
-            // that keeps failing is skipped without a network attempt.
-            let breaker = format!("breaker:model:{}", key_part(entry));
+            // One breaker per provider/model (and server), shared by every tenant and process:
+            // a provider that keeps failing is skipped without a network attempt.
+            let breaker = format!("breaker:model:{}", key_part(&model_ref.endpoint_key()));
             let probe_ms = i64::try_from(spec.model.timeout.as_millis()).unwrap_or(i64::MAX);
-            let policy = rein_core::breaker::BreakerPolicy::default();
+            let policy = spec.model.breaker;
             let admission = self
                 .runtime
                 .breakers
@@ -760,6 +761,7 @@ impl Driver<'_> {
                     temperature: spec.model.temperature,
                     output_schema: spec.output_schema.as_ref(),
                     tool_choice: spec.model.tool_choice.as_ref(),
+                    endpoint: Endpoint::of(model_ref),
                 };
                 with_retries(
                     &Backoff {
@@ -845,7 +847,8 @@ impl Driver<'_> {
                 cost: agent
                     .prices
                     .get(entry)
-                    .unwrap_or(&agent.price)
+                    .copied()
+                    .unwrap_or_else(|| agent.worst_price(&chain))
                     .cost(&reply.usage),
                 model: entry.to_string(),
                 content: reply.content,

@@ -1105,6 +1105,78 @@ async fn when_every_model_of_a_step_is_open_the_run_ends_with_circuit_open() {
 }
 
 #[tokio::test]
+async fn a_model_breaker_opens_after_the_failures_its_spec_allows() {
+    let server = primary_fails_with(500).await;
+    let h = harness().await;
+    let src = with_models(
+        "fallbacks: [openai/gpt-4o], breaker: {failures: 2, window: 60s, cool_down: 60s},",
+    );
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    for _ in 0..4 {
+        assert_eq!(
+            run(&h, &src, &client).await.reason,
+            TerminationReason::Completed
+        );
+    }
+    assert_eq!(
+        requests_for(&server, "gpt-4o-mini"),
+        2,
+        "`breaker.failures: 2` opens it after two failures, not the default five"
+    );
+}
+
+#[tokio::test]
+async fn a_routed_step_calls_its_model_and_falls_back_to_the_primary() {
+    // The cheap model routed to `plan` is rejected for good; the primary answers the step.
+    let server = FakeOpenAi::start(|_, body| {
+        if body["model"] == "gpt-4.1-nano" {
+            FakeResponse::error(400, "model not found")
+        } else {
+            FakeResponse::text("from the primary", 100, 10)
+        }
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = with_models("routes: {plan: openai/gpt-4.1-nano, final: openai/gpt-4.1-nano},");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let outcome = run(&h, &src, &client).await;
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.models_used.get("openai/gpt-4o-mini"), Some(&1));
+    assert_eq!(requests_for(&server, "gpt-4.1-nano"), 1);
+    let events = h
+        .runtime
+        .store()
+        .events(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    let story: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::ModelRequested {
+                model,
+                step_kind,
+                routed,
+                ..
+            } => Some(format!(
+                "requested {model} for {step_kind:?} routed={routed}"
+            )),
+            EventKind::ModelFellBack { model, .. } => Some(format!("fell back from {model}")),
+            EventKind::ModelResponded { model, .. } => Some(format!("answered by {model}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "requested openai/gpt-4.1-nano for Some(Plan) routed=true",
+            "fell back from openai/gpt-4.1-nano",
+            "answered by openai/gpt-4o-mini",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_streamed_answer_reaches_the_caller_piece_by_piece_with_usage_recorded() {
     let server = FakeOpenAi::start(|n, _| match n {
         0 => FakeResponse::tool_call("call_1", "nap", &json!({"seconds": 0}), 120, 20),

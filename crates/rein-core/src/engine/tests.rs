@@ -123,7 +123,7 @@ impl Sim {
                 Effect::CallModel(call) => {
                     self.record(call.requested());
                     let r = model(self.engine.iterations(), &self.engine);
-                    let cost = self.engine.agent().price.cost(&r.usage);
+                    let cost = self.engine.agent().prices[&call.model].cost(&r.usage);
                     self.record(EventKind::ModelResponded {
                         step: call.step,
                         model: call.model,
@@ -579,7 +579,119 @@ fn an_answer_that_never_fits_the_output_schema_ends_with_output_invalid() {
         outcome,
         (RunStatus::Failed, TerminationReason::OutputInvalid)
     );
-    assert_eq!(sim.model_requests(), 1 + MAX_OUTPUT_REPAIRS as usize);
+    assert_eq!(
+        sim.model_requests(),
+        1 + crate::spec::DEFAULT_MAX_REPAIRS as usize
+    );
+}
+
+#[test]
+fn max_repairs_bounds_the_repairs_of_an_invalid_answer() {
+    for (repairs, requests) in [(0, 1), (1, 2), (4, 5)] {
+        let src = format!("{SPEC}{SCHEMA_SPEC_TAIL}max_repairs: {repairs}\n");
+        let mut sim = Sim::new(&src);
+        let outcome = sim.run(|_, _| reply(Some("not json"), vec![], 10, 10));
+        assert_eq!(outcome.1, TerminationReason::OutputInvalid);
+        assert_eq!(sim.model_requests(), requests, "max_repairs: {repairs}");
+    }
+}
+
+/// `(step kind, routed, model)` of every model call in the log.
+fn routing(sim: &Sim) -> Vec<(StepKind, bool, String)> {
+    sim.events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ModelRequested {
+                step_kind: Some(kind),
+                routed,
+                model,
+                ..
+            } => Some((*kind, *routed, model.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn routes_pick_a_model_per_step_kind_and_price_the_reservation_at_it() {
+    let src = format!(
+        "{}{SCHEMA_SPEC_TAIL}",
+        SPEC.replace(
+            "model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}",
+            "model:\n  primary: openai/gpt-4o-mini\n  max_output_tokens: 100\n  routes: {plan: openai/gpt-5, final: openai/gpt-4.1-nano}",
+        )
+    );
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|step, _| match step {
+        1 => reply(None, vec![call("c1", "lookup", r#"{"key":"a"}"#)], 10, 10),
+        2 => reply(Some("not json"), vec![], 10, 10),
+        _ => reply(Some(r#"{"answer": "a"}"#), vec![], 10, 10),
+    });
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(
+        routing(&sim),
+        vec![
+            (StepKind::Plan, true, "openai/gpt-5".to_string()),
+            (StepKind::ToolCall, false, "openai/gpt-4o-mini".to_string()),
+            (StepKind::Final, true, "openai/gpt-4.1-nano".to_string()),
+        ]
+    );
+    // A routed step keeps the primary behind its route, so it reserves at the dearer of the
+    // two; an unrouted step reserves at the primary alone.
+    let agent = sim.engine.agent().clone();
+    let reserved: Vec<Usd> = sim
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ModelRequested {
+                worst_case_cost,
+                estimated_input_tokens,
+                max_output_tokens,
+                model,
+                ..
+            } => {
+                let chain = agent.spec.model.step_chain(match model.as_str() {
+                    "openai/gpt-5" => StepKind::Plan,
+                    "openai/gpt-4.1-nano" => StepKind::Final,
+                    _ => StepKind::ToolCall,
+                });
+                let expected = agent.worst_price(&chain).cost(&Usage {
+                    input_tokens: *estimated_input_tokens,
+                    output_tokens: u64::from(*max_output_tokens),
+                    ..Usage::default()
+                });
+                assert_eq!(*worst_case_cost, expected, "{model}");
+                Some(*worst_case_cost)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reserved[0] > reserved[1],
+        "gpt-5 is dearer than gpt-4o-mini: {reserved:?}"
+    );
+    assert_eq!(
+        agent.worst_price(&agent.spec.model.step_chain(StepKind::Final)),
+        agent.prices["openai/gpt-4o-mini"],
+        "nano is cheaper than the primary that backs it"
+    );
+}
+
+#[test]
+fn a_run_whose_tool_calls_are_spent_routes_to_final() {
+    let src = SPEC
+        .replace(
+            "model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}",
+            "model: {primary: openai/gpt-4o-mini, max_output_tokens: 100, routes: {final: openai/gpt-4.1-nano}}",
+        )
+        .replace("  timeout: 10s\n", "  timeout: 10s\n  max_tool_calls: 1\n");
+    let mut sim = Sim::new(&src);
+    sim.run(|step, _| match step {
+        1 => reply(None, vec![call("c1", "lookup", r#"{"key":"a"}"#)], 10, 10),
+        _ => reply(Some("done"), vec![], 10, 10),
+    });
+    let kinds: Vec<StepKind> = routing(&sim).into_iter().map(|(k, _, _)| k).collect();
+    assert_eq!(kinds, vec![StepKind::Plan, StepKind::Final]);
 }
 
 #[test]
