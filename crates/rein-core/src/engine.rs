@@ -33,6 +33,9 @@ pub struct ModelCall {
     pub kind: StepKind,
     /// Whether `model.routes` chose the model for this kind of step.
     pub routed: bool,
+    /// Whether and which tool the model must call: the spec's choice, except that a `final`
+    /// step of an agent with tools is told to call none (a call there would only be refused).
+    pub tool_choice: Option<ToolChoice>,
     /// Estimated input tokens (see [`estimate_tokens`]).
     pub estimated_input_tokens: u64,
     /// Output cap of the call.
@@ -703,6 +706,11 @@ impl Engine {
             model: chain.first().map_or(&spec.model.primary, |m| *m).id.clone(),
             kind,
             routed: spec.model.routes.contains_key(&kind),
+            tool_choice: if kind == StepKind::Final && !spec.tools.is_empty() {
+                Some(ToolChoice::None)
+            } else {
+                spec.model.tool_choice.clone()
+            },
             estimated_input_tokens,
             max_output_tokens,
             worst_case_cost,

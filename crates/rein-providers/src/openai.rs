@@ -274,7 +274,7 @@ fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
         body["tools"] = request
             .tools
             .iter()
-            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": wire_schema(&t.parameters, openai_endpoint)}}))
             .collect();
     }
     if let Some(choice) = request.tool_choice.filter(|_| !request.tools.is_empty()) {
@@ -292,10 +292,57 @@ fn request_body(request: &ModelRequest<'_>, openai_endpoint: bool) -> Value {
     if let Some(schema) = request.output_schema {
         body["response_format"] = json!({
             "type": "json_schema",
-            "json_schema": {"name": "final_answer", "schema": schema, "strict": false}
+            "json_schema": {"name": "final_answer", "schema": wire_schema(schema, openai_endpoint), "strict": false}
         });
     }
     body
+}
+
+/// A JSON Schema as sent to the provider. Compatible servers get it without `maxLength` and
+/// `maxItems`: constrained decoders such as llama.cpp's expand each bound into that many grammar
+/// repetitions, and a bound of a few thousand kills its server. Nothing is lost: Rein checks
+/// every tool call's arguments and every final answer against the full schema itself.
+fn wire_schema(schema: &Value, openai_endpoint: bool) -> Value {
+    let mut schema = schema.clone();
+    if !openai_endpoint {
+        drop_repetition_bounds(&mut schema);
+    }
+    schema
+}
+
+fn drop_repetition_bounds(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    map.remove("maxLength");
+    map.remove("maxItems");
+    for (keyword, value) in map.iter_mut() {
+        match (keyword.as_str(), value) {
+            // Maps from names to subschemas: the names are data, not keywords.
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas",
+                Value::Object(subschemas),
+            ) => subschemas.values_mut().for_each(drop_repetition_bounds),
+            (
+                "items"
+                | "additionalProperties"
+                | "not"
+                | "if"
+                | "then"
+                | "else"
+                | "contains"
+                | "propertyNames"
+                | "unevaluatedProperties"
+                | "unevaluatedItems"
+                | "additionalItems",
+                v,
+            ) if v.is_object() => drop_repetition_bounds(v),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(subschemas)) => {
+                subschemas.iter_mut().for_each(drop_repetition_bounds)
+            }
+            _ => {}
+        }
+    }
 }
 
 /// One message on the wire. Compatible servers (llama.cpp) reject an assistant turn whose
@@ -602,6 +649,38 @@ mod tests {
         );
         let official = request_body(&request, true);
         assert_eq!(official["messages"][0]["content"], Value::Null);
+    }
+
+    #[test]
+    fn compatible_servers_get_schemas_without_repetition_bounds() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "text": {"type": "string", "maxLength": 100000, "minLength": 1},
+                "maxLength": {"type": "array", "maxItems": 5000, "items": {"type": "string", "maxLength": 9}},
+                "choice": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "integer"}]}
+            },
+            "additionalProperties": false
+        });
+        let relaxed = wire_schema(&schema, false);
+        assert_eq!(
+            relaxed,
+            json!({
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "minLength": 1},
+                    "maxLength": {"type": "array", "items": {"type": "string"}},
+                    "choice": {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+                },
+                "additionalProperties": false
+            }),
+            "a property named `maxLength` is data and stays"
+        );
+        assert_eq!(
+            wire_schema(&schema, true),
+            schema,
+            "OpenAI gets the schema as written"
+        );
     }
 
     #[test]

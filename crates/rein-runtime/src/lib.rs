@@ -760,7 +760,7 @@ impl Driver<'_> {
                     max_output_tokens: spec.model.max_output_tokens,
                     temperature: spec.model.temperature,
                     output_schema: spec.output_schema.as_ref(),
-                    tool_choice: spec.model.tool_choice.as_ref(),
+                    tool_choice: call.tool_choice.as_ref(),
                     endpoint: Endpoint::of(model_ref),
                 };
                 with_retries(

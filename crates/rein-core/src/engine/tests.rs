@@ -911,3 +911,64 @@ fn a_call_over_a_magnitude_limit_is_refused_before_it_is_made() {
         refusal.content
     );
 }
+
+#[test]
+fn a_final_step_tells_the_model_to_call_no_tool() {
+    let src = SPEC
+        .replace(
+            "model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}",
+            "model: {primary: openai/gpt-4o-mini, max_output_tokens: 100, tool_choice: lookup}",
+        )
+        .replace("  timeout: 10s\n", "  timeout: 10s\n  max_tool_calls: 1\n");
+    let mut sim = Sim::new(&src);
+    let mut choices = Vec::new();
+    for _ in 0..20 {
+        let Some(effect) = sim.engine.next_effect(sim.now) else {
+            break;
+        };
+        match effect {
+            Effect::CallModel(model_call) => {
+                choices.push((model_call.kind, model_call.tool_choice.clone()));
+                sim.record(model_call.requested());
+                let r = if choices.len() == 1 {
+                    reply(None, vec![call("c1", "lookup", r#"{"key":"a"}"#)], 10, 10)
+                } else {
+                    reply(Some("done"), vec![], 10, 10)
+                };
+                sim.record(EventKind::ModelResponded {
+                    step: model_call.step,
+                    model: model_call.model,
+                    content: r.content,
+                    tool_calls: r.tool_calls,
+                    usage: r.usage,
+                    cost: Usd::ZERO,
+                    latency_ms: 1,
+                    attempts: 1,
+                });
+            }
+            Effect::CallTool(inv) => {
+                sim.record(inv.requested());
+                sim.record(EventKind::ToolResult {
+                    step: inv.step,
+                    call_id: inv.call_id,
+                    tool: inv.tool,
+                    result: ToolResult::success(json!("a")),
+                    latency_ms: 1,
+                    attempts: 1,
+                });
+            }
+            Effect::Record(kind) => sim.record(kind),
+        }
+    }
+    assert_eq!(
+        choices,
+        vec![
+            (StepKind::Plan, Some(ToolChoice::Tool("lookup".into()))),
+            (StepKind::Final, Some(ToolChoice::None)),
+        ]
+    );
+    assert_eq!(
+        sim.engine.outcome().map(|o| o.1),
+        Some(TerminationReason::Completed)
+    );
+}
