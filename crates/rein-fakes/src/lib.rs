@@ -208,6 +208,13 @@ impl FakeResponse {
         r
     }
 
+    /// A 200 that, when the request asks to stream, sends `events` as the stream, verbatim.
+    pub fn raw_stream(events: &str) -> Self {
+        let mut r = FakeResponse::text("", 0, 0);
+        r.raw_body = Some(events.to_string());
+        r
+    }
+
     /// When the request asks to stream: send the first chunk, then close the stream early.
     pub fn truncated(mut self) -> Self {
         self.truncate_stream = true;
@@ -318,7 +325,14 @@ async fn chat(
         tokio::time::sleep(answer.delay).await;
     }
     if body["stream"] == true && answer.status == 200 {
-        return stream_of(&answer);
+        if let Some(raw) = answer.raw_body {
+            return ([("content-type", "text/event-stream")], raw).into_response();
+        }
+        return if answer.body["type"] == "message" {
+            anthropic_stream_of(&answer)
+        } else {
+            stream_of(&answer)
+        };
     }
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = match answer.raw_body {
@@ -384,6 +398,59 @@ fn stream_of(answer: &FakeResponse) -> Response {
         }
     }
     text.push_str("data: [DONE]\n\n");
+    ([("content-type", "text/event-stream")], text).into_response()
+}
+
+/// A message as Anthropic streams it: `message_start` with the input usage, a `ping`, each
+/// content block opened, filled (text in small pieces, tool input as partial JSON in two
+/// pieces) and closed, `message_delta` with the stop reason and output usage, `message_stop`.
+fn anthropic_stream_of(answer: &FakeResponse) -> Response {
+    let body = &answer.body;
+    let mut usage = body["usage"].clone();
+    let output_tokens = usage["output_tokens"].clone();
+    usage["output_tokens"] = json!(1);
+    let mut events: Vec<Value> = vec![
+        json!({"type": "message_start", "message": {
+            "id": body["id"], "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": null, "usage": usage}}),
+        json!({"type": "ping"}),
+    ];
+    for (index, block) in body["content"].as_array().into_iter().flatten().enumerate() {
+        if block["type"] == "text" {
+            events.push(json!({"type": "content_block_start", "index": index,
+                               "content_block": {"type": "text", "text": ""}}));
+            let chars: Vec<char> = block["text"].as_str().unwrap_or("").chars().collect();
+            for piece in chars.chunks(4) {
+                events.push(json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": piece.iter().collect::<String>()}}));
+            }
+        } else {
+            events.push(json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}}));
+            let input = block["input"].to_string();
+            let (first, rest) = input.split_at(input.len() / 2);
+            for piece in [first, rest] {
+                events.push(json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": piece}}));
+            }
+        }
+        events.push(json!({"type": "content_block_stop", "index": index}));
+    }
+    events.push(
+        json!({"type": "message_delta", "delta": {"stop_reason": body["stop_reason"]},
+                       "usage": {"output_tokens": output_tokens}}),
+    );
+    events.push(json!({"type": "message_stop"}));
+    let mut text = String::new();
+    for (i, event) in events.iter().enumerate() {
+        text.push_str(&format!(
+            "event: {}\ndata: {event}\n\n",
+            event["type"].as_str().unwrap_or("")
+        ));
+        if answer.truncate_stream && i == 2 {
+            break;
+        }
+    }
     ([("content-type", "text/event-stream")], text).into_response()
 }
 

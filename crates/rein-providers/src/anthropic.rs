@@ -4,8 +4,9 @@
 //! run, so both end in a `cache_control` breakpoint: later calls read them from the cache at a
 //! tenth of the input price. Cache reads and writes are reported and priced separately.
 
-use crate::openai::{billed, error_from, read_limited, transport_error};
-use crate::{BoxFuture, Model, ModelError, ModelRequest};
+use crate::openai::{MAX_BODY_BYTES, billed, error_from, read_limited, transport_error};
+use crate::sse::{SseReader, broke};
+use crate::{BoxFuture, Model, ModelError, ModelRequest, TokenSink};
 use rein_core::spec::ToolChoice;
 use rein_core::{ErrorType, ModelReply, Role, ToolCall, Usage};
 use serde_json::{Value, json};
@@ -68,13 +69,12 @@ impl AnthropicClient {
         &self.base_url
     }
 
-    async fn call(&self, request: ModelRequest<'_>) -> Result<ModelReply, ModelError> {
-        let body = request_body(&request);
+    async fn send(&self, body: &Value) -> Result<reqwest::Response, ModelError> {
         let mut http = self
             .http
             .post(format!("{}/v1/messages", self.base_url))
             .header("anthropic-version", API_VERSION)
-            .json(&body);
+            .json(body);
         if let Some(key) = &self.api_key {
             http = http.header("x-api-key", key);
         }
@@ -82,6 +82,11 @@ impl AnthropicClient {
         if !response.status().is_success() {
             return Err(error_from(response).await);
         }
+        Ok(response)
+    }
+
+    async fn call(&self, request: ModelRequest<'_>) -> Result<ModelReply, ModelError> {
+        let response = self.send(&request_body(&request)).await?;
         let bytes = read_limited(response)
             .await
             .map_err(|e| billed(e.message))?;
@@ -92,6 +97,137 @@ impl AnthropicClient {
         })?;
         reply_from(&parsed, request.model).map_err(|e| billed(e.message))
     }
+
+    /// The same call, streamed: the message is rebuilt from its events (`message_start`,
+    /// content blocks opened, extended by text or partial-JSON deltas and closed,
+    /// `message_delta` with the stop reason and the output usage, `message_stop`) and then read
+    /// exactly as a whole answer is, so usage and cache tokens are priced the same either way.
+    async fn call_streaming(
+        &self,
+        request: ModelRequest<'_>,
+        sink: &TokenSink,
+    ) -> Result<ModelReply, ModelError> {
+        let mut body = request_body(&request);
+        body["stream"] = json!(true);
+        let response = self.send(&body).await?;
+        let mut events = SseReader::new(response, MAX_BODY_BYTES);
+        let mut message: Option<Value> = None;
+        // Tool inputs arrive as pieces of JSON text, joined per block and parsed at its end.
+        let mut partial_json: Vec<String> = Vec::new();
+        let mut stopped = false;
+        while let Some(data) = events.next().await? {
+            let event: Value =
+                serde_json::from_str(&data).map_err(|_| broke("sent an event Rein cannot read"))?;
+            let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind == "error" {
+                let what = event
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                return Err(broke(&format!("reported an error ({what})")));
+            }
+            if kind == "message_start" {
+                // The shape is checked here so that the indexing below cannot fail: an object
+                // with an empty content list (blocks arrive as events) and an object of usage.
+                let Some(Value::Object(mut started)) = event.get("message").cloned() else {
+                    return Err(broke("began without a message"));
+                };
+                started.insert("content".into(), json!([]));
+                if !started.get("usage").is_some_and(Value::is_object) {
+                    started.insert("usage".into(), json!({}));
+                }
+                message = Some(Value::Object(started));
+                partial_json.clear();
+                continue;
+            }
+            let Some(message) = message.as_mut() else {
+                if kind == "ping" {
+                    continue;
+                }
+                return Err(broke("did not begin with message_start"));
+            };
+            let index = event.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let opened = index < partial_json.len();
+            if matches!(kind, "content_block_delta" | "content_block_stop") && !opened {
+                return Err(broke("named a content block it had not opened"));
+            }
+            match kind {
+                "content_block_start" => {
+                    if index > 128 || index != partial_json.len() {
+                        return Err(broke("opened content blocks out of order"));
+                    }
+                    let block = event
+                        .get("content_block")
+                        .filter(|b| b.is_object())
+                        .cloned()
+                        .ok_or_else(|| broke("opened a content block that is not an object"))?;
+                    match message.get_mut("content").and_then(Value::as_array_mut) {
+                        Some(blocks) => blocks.push(block),
+                        None => message["content"] = json!([block]),
+                    }
+                    partial_json.push(String::new());
+                }
+                "content_block_delta" => {
+                    let delta = event.get("delta").cloned().unwrap_or(Value::Null);
+                    let content = &mut message["content"][index];
+                    match delta.get("type").and_then(Value::as_str) {
+                        Some("text_delta") => {
+                            let text = delta.get("text").and_then(Value::as_str).unwrap_or("");
+                            let joined = format!(
+                                "{}{text}",
+                                content.get("text").and_then(Value::as_str).unwrap_or("")
+                            );
+                            content["text"] = json!(joined);
+                            if !text.is_empty() {
+                                sink(text);
+                            }
+                        }
+                        Some("input_json_delta") => {
+                            let piece = delta
+                                .get("partial_json")
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            partial_json[index].push_str(piece);
+                        }
+                        _ => {}
+                    }
+                }
+                "content_block_stop" => {
+                    let content = &mut message["content"][index];
+                    if content.get("type").and_then(Value::as_str) == Some("tool_use") {
+                        let text = partial_json[index].trim();
+                        if !text.is_empty() {
+                            content["input"] = serde_json::from_str(text)
+                                .map_err(|_| broke("sent tool input that is not JSON"))?;
+                        }
+                    }
+                }
+                "message_delta" => {
+                    if let Some(reason) = event.pointer("/delta/stop_reason") {
+                        message["stop_reason"] = reason.clone();
+                    }
+                    // Counts in `message_delta` are cumulative: they replace the start's.
+                    if let Some(usage) = event.get("usage").and_then(Value::as_object) {
+                        for (key, count) in usage {
+                            if count.is_u64() {
+                                message["usage"][key.as_str()] = count.clone();
+                            }
+                        }
+                    }
+                }
+                "message_stop" => {
+                    stopped = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let message = message.filter(|_| stopped);
+        let Some(message) = message else {
+            return Err(broke("ended before it was complete"));
+        };
+        reply_from(&message, request.model).map_err(|e| broke(&e.message))
+    }
 }
 
 impl Model for AnthropicClient {
@@ -100,6 +236,14 @@ impl Model for AnthropicClient {
         request: ModelRequest<'a>,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
         Box::pin(self.call(request))
+    }
+
+    fn complete_streaming<'a>(
+        &'a self,
+        request: ModelRequest<'a>,
+        sink: &'a TokenSink,
+    ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
+        Box::pin(self.call_streaming(request, sink))
     }
 }
 

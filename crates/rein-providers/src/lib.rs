@@ -13,6 +13,7 @@
 mod anthropic;
 mod openai;
 mod scripted;
+mod sse;
 
 pub use anthropic::{ANTHROPIC_BASE_URL, AnthropicClient};
 pub use openai::{DEFAULT_BASE_URL, OpenAiClient};

@@ -1,5 +1,6 @@
 //! The OpenAI Chat Completions client, for OpenAI and every compatible server.
 
+use crate::sse::{SseReader, broke};
 use crate::{BoxFuture, Model, ModelError, ModelRequest, TokenSink};
 use rein_core::tool::parse_retry_after;
 use rein_core::{ErrorType, Message, ModelReply, Role, ToolCall, Usage, estimate_tokens};
@@ -15,7 +16,7 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 const MAX_PLAUSIBLE_TOKENS: u64 = 100_000_000;
 
 /// Largest response body accepted from a provider.
-const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// A Chat Completions client.
 #[derive(Clone)]
@@ -140,88 +141,69 @@ impl OpenAiClient {
         if let Some(key) = &self.api_key {
             http = http.bearer_auth(key);
         }
-        let mut response = http.send().await.map_err(transport_error)?;
+        let response = http.send().await.map_err(transport_error)?;
         if !response.status().is_success() {
             return Err(error_from(response).await);
         }
-        let broke = |what: &str| billed(format!("the provider's stream {what}"));
-        let mut buffer: Vec<u8> = Vec::new();
+        let mut events = SseReader::new(response, MAX_BODY_BYTES);
         let mut content = String::new();
         let mut calls: Vec<PartialCall> = Vec::new();
         let mut usage: Option<WireUsage> = None;
         let mut finish_reason = None;
         let mut model = None;
-        let mut received = 0usize;
         let mut done = false;
-        while !done {
-            let Some(chunk) = response.chunk().await.map_err(|_| broke("broke off"))? else {
+        while let Some(data) = events.next().await? {
+            // Each event's data is one JSON chunk; `[DONE]` ends the stream.
+            let data = data.trim();
+            if data == "[DONE]" {
+                done = true;
                 break;
-            };
-            received += chunk.len();
-            if received > MAX_BODY_BYTES {
-                return Err(broke("was too large"));
             }
-            buffer.extend_from_slice(&chunk);
-            // Server-sent events end with a blank line; each `data:` line holds one JSON chunk.
-            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buffer.drain(..end + 2).collect();
-                for line in String::from_utf8_lossy(&event).lines() {
-                    let Some(data) = line.strip_prefix("data:").map(str::trim) else {
-                        continue;
-                    };
-                    if data == "[DONE]" {
-                        done = true;
-                        continue;
-                    }
-                    let value: Value = serde_json::from_str(data)
-                        .map_err(|_| broke("sent a chunk Rein cannot read"))?;
-                    if let Some(m) = value.get("model").and_then(Value::as_str) {
-                        model = Some(m.to_string());
-                    }
-                    if let Some(u) = value.get("usage").filter(|u| !u.is_null()) {
-                        usage = serde_json::from_value(u.clone()).ok();
-                    }
-                    let Some(choice) = value.pointer("/choices/0") else {
-                        continue;
-                    };
-                    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-                        finish_reason = Some(reason.to_string());
-                    }
-                    let delta = &choice["delta"];
-                    if let Some(text) = delta
-                        .get("content")
-                        .and_then(Value::as_str)
-                        .filter(|t| !t.is_empty())
-                    {
-                        content.push_str(text);
-                        sink(text);
-                    }
-                    for call in delta
-                        .get("tool_calls")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                        if index > 128 {
-                            return Err(broke("named an impossible tool-call index"));
-                        }
-                        if calls.len() <= index {
-                            calls.resize_with(index + 1, PartialCall::default);
-                        }
-                        let part = &mut calls[index];
-                        if let Some(id) = call.get("id").and_then(Value::as_str) {
-                            part.id = id.to_string();
-                        }
-                        if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
-                            part.name.push_str(name);
-                        }
-                        if let Some(args) =
-                            call.pointer("/function/arguments").and_then(Value::as_str)
-                        {
-                            part.arguments.push_str(args);
-                        }
-                    }
+            let value: Value =
+                serde_json::from_str(data).map_err(|_| broke("sent a chunk Rein cannot read"))?;
+            if let Some(m) = value.get("model").and_then(Value::as_str) {
+                model = Some(m.to_string());
+            }
+            if let Some(u) = value.get("usage").filter(|u| !u.is_null()) {
+                usage = serde_json::from_value(u.clone()).ok();
+            }
+            let Some(choice) = value.pointer("/choices/0") else {
+                continue;
+            };
+            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                finish_reason = Some(reason.to_string());
+            }
+            let delta = &choice["delta"];
+            if let Some(text) = delta
+                .get("content")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                content.push_str(text);
+                sink(text);
+            }
+            for call in delta
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                if index > 128 {
+                    return Err(broke("named an impossible tool-call index"));
+                }
+                if calls.len() <= index {
+                    calls.resize_with(index + 1, PartialCall::default);
+                }
+                let part = &mut calls[index];
+                if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    part.id = id.to_string();
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    part.name.push_str(name);
+                }
+                if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    part.arguments.push_str(args);
                 }
             }
         }

@@ -1328,6 +1328,143 @@ async fn an_anthropic_agent_runs_over_the_messages_api_with_its_prefix_cached_an
 }
 
 #[tokio::test]
+async fn an_anthropic_answer_streams_piece_by_piece_with_its_tool_input_and_cache_usage_intact() {
+    let server = FakeOpenAi::start(|n, _| match n {
+        0 => FakeResponse::anthropic(
+            None,
+            &[("toolu_1", "nap", json!({"seconds": 0}))],
+            [50, 0, 1000, 20],
+        ),
+        1 => FakeResponse::anthropic(Some("Done napping."), &[], [60, 1000, 0, 10]),
+        _ => FakeResponse::anthropic(Some("This answer never finishes"), &[], [1, 0, 0, 1])
+            .truncated(),
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "primary: openai/gpt-4o-mini",
+        "primary: anthropic/claude-haiku-4-5",
+    );
+    let router = rein_providers::ProviderRouter {
+        openai: OpenAiClient::new(reqwest::Client::new(), "http://127.0.0.1:9/v1", None),
+        anthropic: rein_providers::AnthropicClient::new(reqwest::Client::new(), server.url(), None),
+    };
+    let pieces = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let collected = pieces.clone();
+    let sink = move |piece: &str| collected.lock().unwrap().push(piece.to_string());
+    let streamed = |session: &'static str| {
+        h.runtime.run_streaming(
+            request(&src, "go", "acme", "ann", session, &[]),
+            &router,
+            Some(&sink),
+        )
+    };
+    let outcome = streamed("s1").await.unwrap();
+    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.output, Some(json!("Done napping.")));
+    assert_eq!(
+        outcome.tool_calls, 1,
+        "the tool input was joined from partial JSON"
+    );
+    let pieces = pieces.lock().unwrap().clone();
+    assert!(pieces.len() > 2, "delivered in pieces: {pieces:?}");
+    assert_eq!(pieces.concat(), "Done napping.");
+    // The same usage and price as the whole answers of the non-streaming test.
+    assert_eq!(outcome.cost.micros(), 1400 + 210);
+    assert_eq!(
+        (
+            outcome.usage.input_tokens,
+            outcome.usage.cached_input_tokens,
+            outcome.usage.cache_write_tokens,
+            outcome.usage.output_tokens
+        ),
+        (2110, 1000, 1000, 30)
+    );
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|(body, _)| body["stream"] == true)
+    );
+
+    let broken = streamed("s2").await.unwrap();
+    assert_eq!(broken.reason, TerminationReason::Error);
+    let detail = broken.detail.unwrap();
+    assert!(detail.contains("ended before it was complete"), "{detail}");
+    assert_eq!(
+        server.request_count(),
+        3,
+        "a broken stream may be billed: not retried"
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_anthropic_stream_ends_the_run_with_an_error_never_a_panic() {
+    let start = r#"data: {"type":"message_start","message":{"model":"m","content":[],"usage":{"input_tokens":5}}}"#;
+    let streams: Vec<(&str, String)> = vec![
+        ("message is not an object", r#"data: {"type":"message_start","message":5}"#.to_string() + "\n\n"),
+        ("delta before message_start", r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}"#.to_string() + "\n\n"),
+        ("delta to a block never opened", format!("{start}\n\n{}\n\n", r#"data: {"type":"content_block_delta","index":3,"delta":{"type":"text_delta","text":"x"}}"#)),
+        ("block that is not an object", format!("{start}\n\n{}\n\n", r#"data: {"type":"content_block_start","index":0,"content_block":7}"#)),
+        ("tool input that is not JSON", format!(
+            "{start}\n\n{}\n\n{}\n\n{}\n\n",
+            r#"data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"t","name":"nap","input":{}}}"#,
+            r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"sec"}}"#,
+            r#"data: {"type":"content_block_stop","index":0}"#
+        )),
+        ("usage that is not an object", format!(
+            "{}\n\n{}\n\n{}\n\n",
+            r#"data: {"type":"message_start","message":{"content":[],"usage":3}}"#,
+            r#"data: {"type":"message_delta","delta":{},"usage":{"output_tokens":2}}"#,
+            r#"data: {"type":"message_stop"}"#
+        )),
+        ("an error event", format!("{start}\n\nevent: error\n{}\n\n", r#"data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#)),
+        ("not JSON at all", "data: {{{\n\n".to_string()),
+    ];
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s").replace(
+        "primary: openai/gpt-4o-mini",
+        "primary: anthropic/claude-haiku-4-5",
+    );
+    for (name, stream) in streams {
+        let server = FakeOpenAi::start(move |_, _| FakeResponse::raw_stream(&stream))
+            .await
+            .unwrap();
+        let router = rein_providers::ProviderRouter {
+            openai: OpenAiClient::new(reqwest::Client::new(), "http://127.0.0.1:9/v1", None),
+            anthropic: rein_providers::AnthropicClient::new(
+                reqwest::Client::new(),
+                server.url(),
+                None,
+            ),
+        };
+        let sink = |_: &str| {};
+        let outcome = h
+            .runtime
+            .run_streaming(
+                request(&src, "go", "acme", "ann", name, &[]),
+                &router,
+                Some(&sink),
+            )
+            .await
+            .unwrap();
+        // A usage that is not an object is survivable: the message itself is complete.
+        if name == "usage that is not an object" {
+            assert_eq!(outcome.reason, TerminationReason::Completed, "{name}");
+            assert_eq!(outcome.usage.output_tokens, 2, "{name}");
+        } else {
+            assert_eq!(
+                outcome.reason,
+                TerminationReason::Error,
+                "{name}: {outcome:?}"
+            );
+            assert_eq!(server.request_count(), 1, "{name}: not retried after a 2xx");
+        }
+    }
+}
+
+#[tokio::test]
 async fn no_provider_fault_crashes_the_process_or_leaves_a_run_without_a_termination_reason() {
     let h = harness().await;
     let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s")
