@@ -170,9 +170,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let outcome = runtime.run(request(&agent, &source, 1), &model).await?;
     let wall = started.elapsed();
-    if outcome.reason != TerminationReason::Completed {
+    if outcome.reason != Some(TerminationReason::Completed) {
         return Err(anyhow!(
-            "the benchmark run ended with {} instead of completing: {:?}",
+            "the benchmark run ended with {:?} instead of completing: {:?}",
             outcome.reason,
             outcome.detail
         ));
@@ -229,7 +229,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let _ = open_tx.send(true);
     let mut completed = 0usize;
     while let Some(result) = tasks.join_next().await {
-        if matches!(result, Ok(Ok(TerminationReason::Completed))) {
+        if matches!(result, Ok(Ok(Some(TerminationReason::Completed)))) {
             completed += 1;
         }
     }

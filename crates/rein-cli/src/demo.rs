@@ -178,7 +178,9 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
             scenario.name.to_string(),
             scenario.shows.to_string(),
             outcome.status.to_string(),
-            outcome.reason.to_string(),
+            outcome
+                .reason
+                .map_or_else(|| outcome.status.to_string(), |r| r.to_string()),
             (outcome.iterations + outcome.tool_calls).to_string(),
             outcome.usage.total().to_string(),
             outcome.cost.to_string(),
@@ -213,8 +215,8 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
 
     let mismatched: Vec<String> = outcomes
         .iter()
-        .filter(|(s, o)| o.reason != s.expect)
-        .map(|(s, o)| format!("{} ended with {} (expected {})", s.name, o.reason, s.expect))
+        .filter(|(s, o)| o.reason != Some(s.expect))
+        .map(|(s, o)| format!("{} ended with {} (expected {})", s.name, o.status, s.expect))
         .collect();
     if !live && !mismatched.is_empty() {
         eprintln!("\ndemo self-check FAILED: {}", mismatched.join("; "));

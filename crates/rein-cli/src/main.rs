@@ -113,6 +113,9 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Decide a run's pending approval, then continue the run: the held tool call is made
+    /// (or, with --deny, reported to the model as refused).
+    Approve(ApproveArgs),
     /// Verify the hash chains of recorded runs.
     Audit {
         #[command(subcommand)]
@@ -230,6 +233,24 @@ struct ResumeArgs {
     exec: ExecArgs,
 }
 
+#[derive(Args)]
+struct ApproveArgs {
+    run_id: String,
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Refuse the held action instead of approving it.
+    #[arg(long)]
+    deny: bool,
+    /// Why, recorded with the decision (and told to the model on a denial).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who decides, recorded with the decision (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Recompute hash chains; name the first altered, removed or reordered event.
@@ -285,6 +306,23 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Run(args) => run(args).await,
         Command::Check { spec, config } => check(&spec, &config),
         Command::Runs { command } => runs(command).await,
+        Command::Approve(args) => {
+            let by = args
+                .by
+                .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+                .unwrap_or_else(|| "cli".into());
+            let decision = rein_runtime::Decision {
+                approved: !args.deny,
+                by,
+                reason: args.reason,
+            };
+            let resume = ResumeArgs {
+                run_id: args.run_id,
+                tenant: args.tenant,
+                exec: args.exec,
+            };
+            continue_run(resume, Some(decision)).await
+        }
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -525,7 +563,9 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bo
             "run {}: {} ({}) after {} model calls and {} tool calls, {} tokens, {}",
             outcome.run_id,
             outcome.status,
-            outcome.reason,
+            outcome
+                .reason
+                .map_or_else(|| "not finished".into(), |r| r.to_string()),
             outcome.iterations,
             outcome.tool_calls,
             outcome.usage.total(),
@@ -533,6 +573,17 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bo
         );
         if let Some(detail) = &outcome.detail {
             say!("why: {detail}");
+        }
+        if let Some(pending) = &outcome.awaiting {
+            say!(
+                "awaiting approval: `{}` with {} ({}); decide with `rein approve {}` or `rein approve {} --deny --reason TEXT`; it times out at {}",
+                pending.tool,
+                pending.arguments,
+                pending.reason,
+                outcome.run_id,
+                outcome.run_id,
+                rein_core::time::format_utc(pending.expires_at_ms)
+            );
         }
         match outcome.output.as_ref().filter(|_| show_output) {
             Some(serde_json::Value::String(text)) => say!("output:\n{text}"),
@@ -543,6 +594,14 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bo
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
+    continue_run(args, None).await
+}
+
+/// Continues an unfinished run, after recording `decision` on its pending approval if given.
+async fn continue_run(
+    args: ResumeArgs,
+    decision: Option<rein_runtime::Decision>,
+) -> anyhow::Result<u8> {
     let config = config::load(args.exec.config.config.as_deref())
         .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     let store = open_existing_store(&args.exec.store).await?;
@@ -558,8 +617,13 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
         Err(e) => return Err(e.into()),
     };
     if record.progress.status.is_terminal() {
+        let not_waiting = if decision.is_some() {
+            "is not awaiting approval: it "
+        } else {
+            ""
+        };
         return Err(anyhow!(BadInput(format!(
-            "run {id} already finished: {} ({})",
+            "run {id} {not_waiting}already finished: {} ({})",
             record.progress.status,
             record
                 .progress
@@ -577,9 +641,22 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     let http = http_client()?;
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
-    let outcome = runtime
-        .resume(&tenant, &id, &config.prices, model.as_ref())
-        .await?;
+    let outcome = match decision {
+        None => {
+            runtime
+                .resume(&tenant, &id, &config.prices, model.as_ref())
+                .await?
+        }
+        Some(decision) => match runtime
+            .decide(&tenant, &id, &config.prices, model.as_ref(), decision)
+            .await
+        {
+            Err(e @ rein_runtime::RuntimeError::NotAwaitingApproval(_)) => {
+                return Err(anyhow!(BadInput(e.to_string())));
+            }
+            other => other?,
+        },
+    };
     store.close().await;
     print_outcome(&outcome, args.exec.json, true);
     Ok(status_code(outcome.status))
@@ -782,9 +859,7 @@ fn record_mismatch(
         Some("iteration count")
     } else if log.tool_calls != p.tool_calls {
         Some("tool call count")
-    } else if log.finished.map_or(RunStatus::Running, |(s, _)| s) != p.status
-        || log.finished.map(|(_, r)| r) != p.reason
-    {
+    } else if log.status() != p.status || log.finished.map(|(_, r)| r) != p.reason {
         Some("status")
     } else if log.output != p.output {
         Some("output")

@@ -157,6 +157,36 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 "-".into(),
                 format!("passed over: {}", short(reason, 70)),
             ]),
+            EventKind::ApprovalRequested {
+                step, tool, reason, ..
+            } => rows.push([
+                format!("#{step} approval"),
+                tool.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("held: {}", short(reason, 70)),
+            ]),
+            EventKind::ApprovalDecided {
+                step,
+                approved,
+                by,
+                reason,
+                ..
+            } => rows.push([
+                format!("#{step} approval"),
+                by.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "{}{}",
+                    if *approved { "approved" } else { "DENIED" },
+                    reason
+                        .as_deref()
+                        .map_or(String::new(), |r| format!(": {}", short(r, 60)))
+                ),
+            ]),
             // The governor at work: what a person asks about when a run was slow or stopped.
             EventKind::BudgetRefused {
                 step,
@@ -355,6 +385,14 @@ pub fn outcome_json(o: &RunOutcome) -> Value {
         "output": o.output,
         "models_used": o.models_used,
         "events": o.events,
+        "awaiting_approval": o.awaiting.as_ref().map(|p| json!({
+            "step": p.step,
+            "call_id": p.call_id,
+            "tool": p.tool,
+            "arguments": p.arguments,
+            "reason": p.reason,
+            "expires_at": rein_core::time::format_utc(p.expires_at_ms),
+        })),
     })
 }
 

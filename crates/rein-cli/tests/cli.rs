@@ -838,3 +838,139 @@ fn rein_run_streams_the_answer_to_a_person_as_it_arrives() {
     assert!(stdout.contains("completed (completed)"), "{stdout}");
     assert_eq!(server.requests()[0].0["stream"], true);
 }
+
+const CONFIRM_SPEC: &str = r#"
+name: careful
+version: 1
+model: {primary: openai/gpt-4o-mini}
+instructions: Echo, then say done.
+tools:
+  - name: echo
+    source: {builtin: echo}
+    contract: {confirm: true, side_effects: write}
+limits: {max_iterations: 4, max_total_tokens: 10000, max_cost_usd: 0.05}
+"#;
+
+const CONFIRM_SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: echo, arguments: {text: "refund 42"}}]
+  - text: done
+"#;
+
+#[test]
+fn rein_approve_decides_a_held_call_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), CONFIRM_SPEC).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), CONFIRM_SCRIPT).unwrap();
+    let script = ["--script", "script.yaml", "--json", "--db", "runs.db"];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "agent.yaml", "--input", "refund"];
+        args.extend_from_slice(extra);
+        rein(dir.path(), &args)
+    };
+
+    let out = run(&script);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "needs a person: {stdout}{stderr}"
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "awaiting_approval");
+    assert_eq!(v["termination_reason"], Value::Null);
+    assert_eq!(v["awaiting_approval"]["tool"], "echo");
+    assert_eq!(
+        v["awaiting_approval"]["arguments"],
+        json!({"text": "refund 42"})
+    );
+    let id = v["run_id"].as_str().unwrap().to_string();
+    let listed = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["status"], "awaiting_approval");
+
+    let mut approve = vec!["approve", id.as_str(), "--by", "ann"];
+    approve.extend_from_slice(&script);
+    let out = rein(dir.path(), &approve);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["output"].as_str()),
+        (Some("completed"), Some("done"))
+    );
+
+    let shown = rein(
+        dir.path(),
+        &["runs", "show", &id, "--json", "--db", "runs.db"],
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    let at = |kind: &str| kinds.iter().position(|k| *k == kind).unwrap();
+    assert!(
+        at("approval_requested") < at("approval_decided")
+            && at("approval_decided") < at("tool_requested"),
+        "{kinds:?}"
+    );
+    let decided = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "approval_decided")
+        .unwrap();
+    assert_eq!(
+        (
+            decided["payload"]["by"].as_str(),
+            decided["payload"]["approved"].as_bool()
+        ),
+        (Some("ann"), Some(true))
+    );
+
+    let out = rein(dir.path(), &approve);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("is not awaiting approval"), "{stderr}");
+    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+
+    // Denied: the call is never made; the model hears why and answers.
+    let out = run(&script);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut deny = vec![
+        "approve",
+        id.as_str(),
+        "--deny",
+        "--reason",
+        "refunds are paused",
+    ];
+    deny.extend_from_slice(&script);
+    let out = rein(dir.path(), &deny);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let shown = rein(
+        dir.path(),
+        &["runs", "show", &id, "--json", "--db", "runs.db"],
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let result = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "tool_result")
+        .unwrap();
+    assert_eq!(result["payload"]["result"]["status"], "error");
+    assert!(
+        result["payload"]["result"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refunds are paused")
+    );
+}

@@ -15,11 +15,11 @@ use crate::Usd;
 use crate::event::{Event, EventKind};
 use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
-use crate::spec::{Agent, ModelRef, StepKind, ToolChoice};
+use crate::spec::{Agent, ModelRef, OnDeny, OnTimeout, RuleAction, StepKind, ToolChoice};
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::Value;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A model call the engine wants made.
@@ -100,8 +100,52 @@ pub enum Effect {
     /// `tool_result`.
     CallTool(ToolInvocation),
     /// Record this event as it is: the engine decided it without outside input (a refused tool
-    /// call, the end of the run).
+    /// call, an approval request, the end of the run).
     Record(EventKind),
+    /// Nothing can happen until a person decides the pending approval (or it times out): the
+    /// driver stops, leaving the run `awaiting_approval`.
+    AwaitApproval(PendingApproval),
+}
+
+/// A tool call held for a person's decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingApproval {
+    /// The step the call will be made as.
+    pub step: u32,
+    /// The model's id for the call.
+    pub call_id: String,
+    /// The tool.
+    pub tool: String,
+    /// Its arguments.
+    pub arguments: Value,
+    /// Why it needs approval.
+    pub reason: String,
+    /// When the request times out, in ms since the epoch.
+    pub expires_at_ms: i64,
+    /// What a timeout turns into.
+    pub on_timeout: OnTimeout,
+    requested_ms: i64,
+}
+
+impl PendingApproval {
+    /// The event that records a decision on this call.
+    pub fn decided(&self, approved: bool, by: &str, reason: Option<String>) -> EventKind {
+        EventKind::ApprovalDecided {
+            step: self.step,
+            call_id: self.call_id.clone(),
+            approved,
+            by: by.to_string(),
+            reason,
+        }
+    }
+}
+
+/// Where a tool call that needs approval stands.
+#[derive(Clone, Debug, PartialEq)]
+enum Approval {
+    Pending(PendingApproval),
+    Approved,
+    Denied { by: String, reason: Option<String> },
 }
 
 /// A decided but not yet recorded end of the run.
@@ -158,6 +202,10 @@ pub struct Engine {
     /// Scopes the tenant granted, pinned at the start of the run.
     granted_scopes: Vec<String>,
     repairs: u32,
+    /// Approvals by the step of the call they hold.
+    approvals: BTreeMap<u32, Approval>,
+    /// Time spent awaiting approvals: it does not count against the run's wall clock.
+    paused_ms: i64,
     /// The last thing sent to the model is a request to repair its answer.
     repair_pending: bool,
     finish: Option<Finish>,
@@ -232,6 +280,8 @@ impl Engine {
             tool_in_flight: None,
             granted_scopes: Vec::new(),
             repairs: 0,
+            approvals: BTreeMap::new(),
+            paused_ms: 0,
             repair_pending: false,
             finish: None,
             finished: None,
@@ -286,10 +336,20 @@ impl Engine {
         self.tool_calls
     }
 
-    /// When the run must end, in ms since the epoch (once started).
+    /// When the run must end, in ms since the epoch (once started). Time spent waiting for a
+    /// person's approval is not counted: a run's wall clock limits its own work.
     pub fn deadline_ms(&self) -> Option<i64> {
         let timeout = i64::try_from(self.agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
-        self.started_ms.map(|s| s.saturating_add(timeout))
+        self.started_ms
+            .map(|s| s.saturating_add(timeout).saturating_add(self.paused_ms))
+    }
+
+    /// The tool call waiting for a person's decision, if any.
+    pub fn pending_approval(&self) -> Option<&PendingApproval> {
+        self.approvals.values().find_map(|a| match a {
+            Approval::Pending(p) => Some(p),
+            _ => None,
+        })
     }
 
     /// How the run ended, once `run_finished` is recorded.
@@ -483,6 +543,57 @@ impl Engine {
                     self.finish_with(TerminationReason::Timeout, detail);
                 }
             }
+            EventKind::ApprovalRequested {
+                step,
+                call_id,
+                tool,
+                arguments,
+                reason,
+                expires_at_ms,
+                on_timeout,
+            } => {
+                let pending = PendingApproval {
+                    step: *step,
+                    call_id: call_id.clone(),
+                    tool: tool.clone(),
+                    arguments: arguments.clone(),
+                    reason: reason.clone(),
+                    expires_at_ms: *expires_at_ms,
+                    on_timeout: *on_timeout,
+                    requested_ms: event.ts_ms,
+                };
+                self.approvals.insert(*step, Approval::Pending(pending));
+            }
+            EventKind::ApprovalDecided {
+                step,
+                approved,
+                by,
+                reason,
+                ..
+            } => {
+                if let Some(Approval::Pending(p)) = self.approvals.get(step) {
+                    self.paused_ms += (event.ts_ms - p.requested_ms).max(0);
+                    let tool = p.tool.clone();
+                    let decision = if *approved {
+                        Approval::Approved
+                    } else {
+                        Approval::Denied {
+                            by: by.clone(),
+                            reason: reason.clone(),
+                        }
+                    };
+                    self.approvals.insert(*step, decision);
+                    if !*approved && self.agent.spec.approval.on_deny == OnDeny::End {
+                        let why = reason
+                            .as_deref()
+                            .map_or(String::new(), |r| format!(": {r}"));
+                        self.finish_with(
+                            TerminationReason::ApprovalDenied,
+                            format!("{by} denied the call to `{tool}`{why}"),
+                        );
+                    }
+                }
+            }
             EventKind::RunFinished {
                 status,
                 reason,
@@ -627,6 +738,28 @@ impl Engine {
                 finish.output.clone(),
             ));
         }
+        if let Some(pending) = self.pending_approval() {
+            // The run's clock is stopped while it waits; only the approval's own timeout runs.
+            if now_ms < pending.expires_at_ms {
+                return Some(Effect::AwaitApproval(pending.clone()));
+            }
+            let waited = self.agent.spec.approval.timeout;
+            return Some(match pending.on_timeout {
+                OnTimeout::Deny => Effect::Record(pending.decided(
+                    false,
+                    "policy",
+                    Some(format!("no one decided within {waited:?}")),
+                )),
+                OnTimeout::Escalate => self.finish_effect(
+                    TerminationReason::Escalated,
+                    Some(format!(
+                        "no one decided within {waited:?} whether `{}` may be called with {} ({}); handed to a person",
+                        pending.tool, pending.arguments, pending.reason
+                    )),
+                    None,
+                ),
+            });
+        }
         if let Some(deadline) = self.deadline_ms()
             && now_ms >= deadline
         {
@@ -637,7 +770,7 @@ impl Engine {
             return Some(self.finish_effect(TerminationReason::Timeout, Some(detail), None));
         }
         if let Some(call) = self.pending_tools.front() {
-            return Some(self.tool_effect(call));
+            return Some(self.tool_effect(call, now_ms));
         }
         Some(self.model_effect())
     }
@@ -739,7 +872,7 @@ impl Engine {
         self.agent.spec.model.step_chain(kind)
     }
 
-    fn tool_effect(&self, call: &ToolCall) -> Effect {
+    fn tool_effect(&self, call: &ToolCall, now_ms: i64) -> Effect {
         if let Some((call_id, step)) = &self.tool_in_flight
             && call_id == &call.id
         {
@@ -840,12 +973,53 @@ impl Engine {
             .contract
             .limits
             .iter()
+            .filter(|rule| rule.action == RuleAction::Refuse)
             .find_map(|rule| rule.violation(&arguments))
         {
             return refuse(format!(
                 "the call to `{}` was refused before it was made: {violation}; split the work into smaller calls",
                 call.name
             ));
+        }
+        let needs_approval = if tool.contract.confirm {
+            Some(format!(
+                "every call to `{}` needs a person's approval (confirm: true)",
+                call.name
+            ))
+        } else {
+            tool.contract
+                .limits
+                .iter()
+                .filter(|rule| rule.action == RuleAction::Approve)
+                .find_map(|rule| rule.violation(&arguments))
+                .map(|v| format!("{v}, which needs a person's approval"))
+        };
+        if let Some(reason) = needs_approval {
+            match self.approvals.get(&step) {
+                Some(Approval::Approved) => {}
+                Some(Approval::Denied { by, reason }) => {
+                    let why = reason
+                        .as_deref()
+                        .map_or(String::new(), |r| format!(": {r}"));
+                    return refuse(format!(
+                        "a person ({by}) denied this call to `{}`{why}; do not make it again as it was, and tell the user if it matters",
+                        call.name
+                    ));
+                }
+                Some(Approval::Pending(_)) | None => {
+                    let timeout = i64::try_from(self.agent.spec.approval.timeout.as_millis())
+                        .unwrap_or(i64::MAX);
+                    return Effect::Record(EventKind::ApprovalRequested {
+                        step,
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                        arguments,
+                        reason,
+                        expires_at_ms: now_ms.saturating_add(timeout),
+                        on_timeout: self.agent.spec.approval.on_timeout,
+                    });
+                }
+            }
         }
         Effect::CallTool(ToolInvocation {
             step,

@@ -206,6 +206,37 @@ pub enum EventKind {
         /// Attempts made (0 when refused).
         attempts: u32,
     },
+    /// A tool call waits for a person's approval; the run is `awaiting_approval` until an
+    /// `approval_decided` for the same call.
+    ApprovalRequested {
+        /// The step the call will be made as (its idempotency key).
+        step: u32,
+        /// The model's id for the call.
+        call_id: String,
+        /// The tool.
+        tool: String,
+        /// The arguments, valid against the tool's input schema.
+        arguments: Value,
+        /// Why approval is needed (the contract's `confirm`, or a magnitude rule).
+        reason: String,
+        /// When the request times out, in ms since the epoch.
+        expires_at_ms: i64,
+        /// What a timeout turns into.
+        on_timeout: crate::spec::OnTimeout,
+    },
+    /// A person (or, on a timeout, the policy) decided a pending approval.
+    ApprovalDecided {
+        /// The step of the pending call.
+        step: u32,
+        /// The model's id for the call.
+        call_id: String,
+        /// Whether the call may be made.
+        approved: bool,
+        /// Who decided (`policy` for a timeout).
+        by: String,
+        /// Why, if they said.
+        reason: Option<String>,
+    },
     /// The run ended.
     RunFinished {
         /// Final status.
@@ -238,6 +269,8 @@ impl EventKind {
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::ToolRequested { .. } => "tool_requested",
             EventKind::ToolResult { .. } => "tool_result",
+            EventKind::ApprovalRequested { .. } => "approval_requested",
+            EventKind::ApprovalDecided { .. } => "approval_decided",
             EventKind::RunFinished { .. } => "run_finished",
         }
     }
@@ -492,6 +525,19 @@ pub struct LogSummary {
     pub output: Option<Value>,
     /// The `run_started` event, if present.
     pub started: Option<EventKind>,
+    /// Approvals requested and not yet decided.
+    pub pending_approvals: u32,
+}
+
+impl LogSummary {
+    /// The run's status as its log shows it.
+    pub fn status(&self) -> RunStatus {
+        match (self.finished, self.pending_approvals) {
+            (Some((status, _)), _) => status,
+            (None, 0) => RunStatus::Running,
+            (None, _) => RunStatus::AwaitingApproval,
+        }
+    }
 }
 
 impl LogSummary {
@@ -507,6 +553,10 @@ impl LogSummary {
                 }
                 EventKind::ModelFailed { .. } => s.iterations += 1,
                 EventKind::ToolResult { .. } => s.tool_calls += 1,
+                EventKind::ApprovalRequested { .. } => s.pending_approvals += 1,
+                EventKind::ApprovalDecided { .. } => {
+                    s.pending_approvals = s.pending_approvals.saturating_sub(1)
+                }
                 EventKind::RunStarted { .. } => s.started = Some(event.kind.clone()),
                 EventKind::RunFinished {
                     status,

@@ -63,7 +63,48 @@ pub struct AgentSpec {
     /// Authorisation scopes this agent holds; a tool with an `auth_scope` outside them (or
     /// outside its tenant's grants) is refused.
     pub scopes: Vec<String>,
+    /// What happens around a person's approval (of a `confirm: true` tool call, or one a
+    /// magnitude rule sends for approval).
+    pub approval: ApprovalPolicy,
 }
+
+/// How approvals are waited for and what a denial or silence means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ApprovalPolicy {
+    /// How long a request waits for a decision.
+    pub timeout: Duration,
+    /// What happens when no one decides in time.
+    pub on_timeout: OnTimeout,
+    /// What a denial does to the run.
+    pub on_deny: OnDeny,
+}
+
+/// What an approval that waited past its timeout turns into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// A denial (by `policy`), handled as `on_deny` says.
+    Deny,
+    /// The run ends `escalated`, handing the pending action to a person.
+    Escalate,
+}
+
+/// What a denied action does to the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeny {
+    /// The model is told the call was refused, and why, and goes on.
+    Continue,
+    /// The run ends `approval_denied`.
+    End,
+}
+
+/// Default approval policy: wait a day, then deny; a denial is reported to the model.
+pub const DEFAULT_APPROVAL: ApprovalPolicy = ApprovalPolicy {
+    timeout: Duration::from_secs(24 * 3600),
+    on_timeout: OnTimeout::Deny,
+    on_deny: OnDeny::Continue,
+};
 
 /// The model policy.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -371,6 +412,18 @@ pub struct MagnitudeRule {
     pub min: Option<f64>,
     /// Largest allowed magnitude.
     pub max: Option<f64>,
+    /// What a call outside the bounds gets.
+    pub action: RuleAction,
+}
+
+/// What a magnitude rule does with a call outside its bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// Refused before it is made; the model is told why.
+    Refuse,
+    /// Held until a person approves it.
+    Approve,
 }
 
 #[cfg(test)]
@@ -384,6 +437,7 @@ mod magnitude_tests {
             pointer: "/rows".into(),
             min: Some(1.0),
             max: Some(100.0),
+            action: RuleAction::Refuse,
         };
         assert!(rule.violation(&json!({})).unwrap().contains("missing"));
         assert!(
@@ -396,6 +450,7 @@ mod magnitude_tests {
             pointer: "/rows".into(),
             min: None,
             max: Some(100.0),
+            action: RuleAction::Refuse,
         };
         assert!(max_only.violation(&json!({})).is_none(), "nothing to bound");
     }
@@ -887,6 +942,7 @@ impl Parser<'_> {
             "output_schema",
             "max_repairs",
             "scopes",
+            "approval",
         ];
         let f = self.fields(root, "", KNOWN)?;
 
@@ -964,6 +1020,9 @@ impl Parser<'_> {
             }
             (Some(n), Some(_)) => self.integer(n, "max_repairs", 0, 10).map(|v| v as u32),
         };
+        let approval = f
+            .get("approval")
+            .map_or(Some(DEFAULT_APPROVAL), |n| self.approval(n));
         let scopes = match f.get("scopes") {
             None => Some(Vec::new()),
             Some(n) => self.list(n, "scopes", "a list of scope names", |p, item, path| {
@@ -1008,6 +1067,7 @@ impl Parser<'_> {
                 output_schema,
                 max_repairs: max_repairs?,
                 scopes: scopes?,
+                approval: approval?,
             },
             prices: prices?,
             tool_validators,
@@ -1095,6 +1155,34 @@ impl Parser<'_> {
             retry: retry?,
             timeout: timeout?,
             breaker: breaker?,
+        })
+    }
+
+    /// `approval: {timeout, on_timeout, on_deny}`.
+    fn approval(&mut self, node: &Node) -> Option<ApprovalPolicy> {
+        let f = self.fields(node, "approval", &["timeout", "on_timeout", "on_deny"])?;
+        let d = DEFAULT_APPROVAL;
+        let timeout = f
+            .get("timeout")
+            .map_or(Some(d.timeout), |n| self.duration(n, "approval.timeout"));
+        let on_timeout = f.get("on_timeout").map_or(Some(d.on_timeout), |n| {
+            self.one_of(
+                n,
+                "approval.on_timeout",
+                &[("deny", OnTimeout::Deny), ("escalate", OnTimeout::Escalate)],
+            )
+        });
+        let on_deny = f.get("on_deny").map_or(Some(d.on_deny), |n| {
+            self.one_of(
+                n,
+                "approval.on_deny",
+                &[("continue", OnDeny::Continue), ("end", OnDeny::End)],
+            )
+        });
+        Some(ApprovalPolicy {
+            timeout: timeout?,
+            on_timeout: on_timeout?,
+            on_deny: on_deny?,
         })
     }
 
@@ -1647,9 +1735,26 @@ impl Parser<'_> {
                 ok = false;
                 continue;
             }
-            let Some(f) = self.fields(rule, &at, &["min", "max"]) else {
+            let Some(f) = self.fields(rule, &at, &["min", "max", "action"]) else {
                 ok = false;
                 continue;
+            };
+            let action = match f.get("action") {
+                None => RuleAction::Refuse,
+                Some(n) => match self.one_of(
+                    n,
+                    &f.child("action"),
+                    &[
+                        ("refuse", RuleAction::Refuse),
+                        ("approve", RuleAction::Approve),
+                    ],
+                ) {
+                    Some(a) => a,
+                    None => {
+                        ok = false;
+                        continue;
+                    }
+                },
             };
             let min = f.get("min").map(|n| self.number(n, &f.child("min")));
             let max = f.get("max").map(|n| self.number(n, &f.child("max")));
@@ -1678,6 +1783,7 @@ impl Parser<'_> {
                 pointer: pointer.clone(),
                 min,
                 max,
+                action,
             });
         }
         ok.then_some(rules)
@@ -2104,6 +2210,32 @@ limits:
             DEFAULT_MAX_REPAIRS
         );
         assert!(check(&format!("{EXAMPLE}{schema}max_repairs: 11\n")).is_err());
+    }
+
+    #[test]
+    fn approval_policy_and_rule_actions_are_checked() {
+        let ok = check(&format!(
+            "{EXAMPLE}approval: {{timeout: 2h, on_timeout: escalate, on_deny: end}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.spec.approval,
+            ApprovalPolicy {
+                timeout: Duration::from_secs(7200),
+                on_timeout: OnTimeout::Escalate,
+                on_deny: OnDeny::End,
+            }
+        );
+        assert_eq!(check(EXAMPLE).unwrap().spec.approval, DEFAULT_APPROVAL);
+        let bad = EXAMPLE.replace(
+            "max_calls_per_run: 3,",
+            "max_calls_per_run: 3, limits: {\"/order_id\": {max: 9, action: ask}},",
+        );
+        let text = check(&format!("{bad}approval: {{on_timeout: wait}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("limits./order_id.action"), "{text}");
+        assert!(text.contains("approval.on_timeout"), "{text}");
     }
 
     #[test]

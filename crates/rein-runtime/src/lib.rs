@@ -62,6 +62,20 @@ pub enum RuntimeError {
     /// The spec a run pinned no longer checks (a price or built-in it needs is gone).
     #[error("{0}")]
     PinnedSpec(rein_core::SpecErrors),
+    /// A decision was given for a run that is not waiting for one.
+    #[error("run {0} is not awaiting approval")]
+    NotAwaitingApproval(RunId),
+}
+
+/// A person's decision on a run's pending approval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the held action may go ahead.
+    pub approved: bool,
+    /// Who decided.
+    pub by: String,
+    /// Why, if they said.
+    pub reason: Option<String>,
 }
 
 /// A run to start.
@@ -90,10 +104,12 @@ pub struct RunRequest {
 pub struct RunOutcome {
     /// Run id.
     pub run_id: RunId,
-    /// Final status.
+    /// Status: terminal, or `awaiting_approval` when the run stopped to wait for a person.
     pub status: RunStatus,
-    /// The one termination reason.
-    pub reason: TerminationReason,
+    /// The one termination reason, once the run has ended.
+    pub reason: Option<TerminationReason>,
+    /// The action waiting for a person's decision, when the run is `awaiting_approval`.
+    pub awaiting: Option<rein_core::engine::PendingApproval>,
     /// What happened, for a person.
     pub detail: Option<String>,
     /// Model calls made.
@@ -370,6 +386,32 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
+        self.continue_run(tenant, run_id, prices, model, None).await
+    }
+
+    /// Records a person's decision on the run's pending approval, then drives the run on: an
+    /// approved call is made, a denied one is reported to the model as refused (or ends the
+    /// run, per the spec's `approval.on_deny`). A run not awaiting approval is left untouched.
+    pub async fn decide(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        prices: &PriceTable,
+        model: &dyn Model,
+        decision: Decision,
+    ) -> Result<RunOutcome, RuntimeError> {
+        self.continue_run(tenant, run_id, prices, model, Some(decision))
+            .await
+    }
+
+    async fn continue_run(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        prices: &PriceTable,
+        model: &dyn Model,
+        decision: Option<Decision>,
+    ) -> Result<RunOutcome, RuntimeError> {
         let record = self.store.run(tenant, run_id).await?;
         let builtins = self.tools.builtins().infos();
         let ctx = CheckContext {
@@ -389,6 +431,11 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()?;
         let lease = run_lease_ms(&agent);
         let engine = Engine::replay(Arc::new(agent), &events)?;
+        let decided = match (&decision, engine.pending_approval()) {
+            (None, _) => None,
+            (Some(d), Some(pending)) => Some(pending.decided(d.approved, &d.by, d.reason.clone())),
+            (Some(_), None) => return Err(RuntimeError::NotAwaitingApproval(run_id.clone())),
+        };
         self.enter_bulkhead(tenant, run_id.as_str(), lease).await?;
         let mut driver = Driver {
             runtime: self,
@@ -412,10 +459,14 @@ impl Runtime {
                 *driver.models_used.entry(model.clone()).or_default() += 1;
             }
         }
-        let outcome = match driver.settle_leftovers(&events).await {
-            Ok(()) => driver.drive().await,
-            Err(e) => Err(e),
-        };
+        let outcome = async {
+            driver.settle_leftovers(&events).await?;
+            if let Some(kind) = decided {
+                driver.record(kind).await?;
+            }
+            driver.drive().await
+        }
+        .await;
         self.leave_bulkhead(tenant, run_id.as_str()).await?;
         outcome
     }
@@ -441,9 +492,14 @@ struct Driver<'a> {
 impl Driver<'_> {
     async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
         let mut carried = Duration::ZERO;
+        let mut awaiting = None;
         while let Some(effect) = self.engine.next_effect(now_ms()) {
             let started = Instant::now();
             let io = match effect {
+                Effect::AwaitApproval(pending) => {
+                    awaiting = Some(pending);
+                    break;
+                }
                 Effect::Record(kind) => {
                     self.record(kind).await?;
                     carried += started.elapsed();
@@ -459,15 +515,17 @@ impl Driver<'_> {
             }
             carried = Duration::ZERO;
         }
-        let (status, reason) = self
-            .engine
-            .outcome()
-            .unwrap_or((RunStatus::Failed, TerminationReason::Error));
+        let (status, reason) = match (self.engine.outcome(), &awaiting) {
+            (Some((status, reason)), _) => (status, Some(reason)),
+            (None, Some(_)) => (RunStatus::AwaitingApproval, None),
+            (None, None) => (RunStatus::Failed, Some(TerminationReason::Error)),
+        };
         let run = self.runtime.store.run(&self.tenant, &self.run_id).await?;
         Ok(RunOutcome {
             run_id: self.run_id.clone(),
             status,
             reason,
+            awaiting,
             detail: run.progress.detail,
             iterations: self.engine.iterations(),
             tool_calls: self.engine.tool_calls(),

@@ -104,8 +104,8 @@ async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
             spenders += 1;
         }
         match outcome.reason {
-            TerminationReason::Completed => completed += 1,
-            TerminationReason::BudgetExhausted => {
+            Some(TerminationReason::Completed) => completed += 1,
+            Some(TerminationReason::BudgetExhausted) => {
                 refused += 1;
                 assert!(
                     outcome
@@ -127,7 +127,7 @@ async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
                     "a refused call is never requested"
                 );
             }
-            other => panic!("a run ended with {other}: {:?}", outcome.detail),
+            other => panic!("a run ended with {other:?}: {:?}", outcome.detail),
         }
     }
     let budget = Usd::from_dollars(BUDGET_USD).unwrap();
@@ -250,7 +250,7 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
     let tenant = TenantId::new("warned");
     let request = request(agent, "doc", tenant.as_str(), "u", "s");
     let outcome = runtime.run(request, &model).await.unwrap();
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     let events = store.events(&tenant, &outcome.run_id).await.unwrap();
     let warnings: Vec<_> = events
         .iter()
@@ -395,7 +395,7 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
         .resume(&tenant, &run_id, &prices, &model)
         .await
         .unwrap();
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     let after = store
         .standing(&key(&tenant), rein_core_now())
         .await

@@ -139,7 +139,7 @@ async fn an_http_tool_that_fails_twice_then_succeeds_is_retried_to_success() {
         "60s",
     );
     let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     let results = tool_results(&h, &outcome).await;
     assert_eq!(results.len(), 1);
     assert_eq!(
@@ -185,7 +185,7 @@ async fn an_http_404_is_permanent_and_not_retried() {
     let outcome = run(&h, &src, &one_call("fetch", "{}")).await;
     assert_eq!(
         outcome.reason,
-        TerminationReason::Completed,
+        Some(TerminationReason::Completed),
         "the model got the error and answered"
     );
     let results = tool_results(&h, &outcome).await;
@@ -246,7 +246,7 @@ async fn a_slow_tool_ends_the_run_with_timeout_at_the_wall_clock_limit() {
     let took = started.elapsed();
     assert_eq!(
         (outcome.status, outcome.reason),
-        (RunStatus::LimitExceeded, TerminationReason::Timeout)
+        (RunStatus::LimitExceeded, Some(TerminationReason::Timeout))
     );
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
@@ -272,7 +272,7 @@ async fn the_openai_client_runs_a_tool_call_then_a_final_answer_over_http() {
     );
     let outcome = run(&h, &src, &client).await;
 
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.output, Some(json!("all done")));
     assert_eq!(
         (outcome.usage.input_tokens, outcome.usage.output_tokens),
@@ -315,7 +315,7 @@ async fn a_provider_that_is_overloaded_then_recovers_is_retried() {
     let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
     let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
     let outcome = run(&h, &src, &client).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(server.request_count(), 2);
 }
 
@@ -334,7 +334,7 @@ async fn a_rejected_api_key_fails_the_run_without_retrying() {
     let outcome = run(&h, &src, &client).await;
     assert_eq!(
         (outcome.status, outcome.reason),
-        (RunStatus::Failed, TerminationReason::Error)
+        (RunStatus::Failed, Some(TerminationReason::Error))
     );
     assert_eq!(server.request_count(), 1);
     let detail = outcome.detail.unwrap();
@@ -366,7 +366,10 @@ async fn the_recorded_log_verifies_and_replays_to_the_same_outcome() {
     assert_eq!(events.len() as u64, outcome.events);
     let decoded: Vec<_> = events.iter().map(|e| e.decode().unwrap()).collect();
     let replayed = rein_core::Engine::replay(agent(&src), &decoded).unwrap();
-    assert_eq!(replayed.outcome(), Some((outcome.status, outcome.reason)));
+    assert_eq!(
+        replayed.outcome(),
+        outcome.reason.map(|r| (outcome.status, r))
+    );
     assert_eq!(replayed.usage(), outcome.usage);
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
@@ -439,7 +442,7 @@ async fn a_crash_mid_call_of_a_safe_tool_resumes_with_the_same_idempotency_key()
     let id = crash_during_tool_call(&h, &service, &src).await;
     let outcome = resume(&h, &id).await;
 
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.iterations, 2);
     let keys = service.idempotency_keys("slow");
     assert_eq!(
@@ -472,7 +475,7 @@ async fn a_crash_mid_call_of_a_side_effecting_tool_never_repeats_it() {
 
     assert_eq!(
         outcome.reason,
-        TerminationReason::Completed,
+        Some(TerminationReason::Completed),
         "the model was told and answered"
     );
     assert_eq!(
@@ -559,7 +562,7 @@ async fn a_tool_outside_the_granted_scopes_is_never_called() {
         (&base, vec!["orders:read"], "this agent is"),
     ] {
         let outcome = run_granted(&h, src, &one_call("fetch", "{}"), &granted).await;
-        assert_eq!(outcome.reason, TerminationReason::Completed);
+        assert_eq!(outcome.reason, Some(TerminationReason::Completed));
         let results = tool_results(&h, &outcome).await;
         let (result, attempts, _) = &results[0];
         assert_eq!(
@@ -749,14 +752,14 @@ async fn calls_over_a_rate_limit_are_rejected_with_the_time_to_wait() {
     .await;
     let completed = outcomes
         .iter()
-        .filter(|o| o.reason == TerminationReason::Completed)
+        .filter(|o| o.reason == Some(TerminationReason::Completed))
         .count();
     assert_eq!(completed, 3, "three calls per minute");
     for o in outcomes
         .iter()
-        .filter(|o| o.reason != TerminationReason::Completed)
+        .filter(|o| o.reason != Some(TerminationReason::Completed))
     {
-        assert_eq!(o.reason, TerminationReason::Error);
+        assert_eq!(o.reason, Some(TerminationReason::Error));
         assert!(
             o.detail
                 .as_deref()
@@ -787,7 +790,7 @@ async fn calls_over_a_rate_limit_wait_their_turn_when_the_policy_delays() {
     assert!(
         outcomes
             .iter()
-            .all(|o| o.reason == TerminationReason::Completed)
+            .all(|o| o.reason == Some(TerminationReason::Completed))
     );
     let mut delayed = Vec::new();
     let mut prompt = Vec::new();
@@ -842,7 +845,7 @@ async fn a_tenants_bulkhead_caps_its_concurrent_runs_and_queues_the_rest() {
     let model = Arc::new(one_call("nap", r#"{"seconds": 0.15}"#));
     let mut spans = Vec::new();
     for o in run_concurrently(&h.runtime, &src, model, 5).await {
-        assert_eq!(o.reason, TerminationReason::Completed);
+        assert_eq!(o.reason, Some(TerminationReason::Completed));
         let events = h
             .runtime
             .store()
@@ -894,7 +897,10 @@ async fn a_full_queue_refuses_a_run_before_anything_is_recorded() {
             .contains("tenant acme is at its cap of concurrent runs"),
         "{err}"
     );
-    assert_eq!(first.await.unwrap().reason, TerminationReason::Completed);
+    assert_eq!(
+        first.await.unwrap().reason,
+        Some(TerminationReason::Completed)
+    );
     let runs = h
         .runtime
         .store()
@@ -920,7 +926,7 @@ async fn every_failed_model_attempt_is_named_in_the_log() {
     );
     let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
     let outcome = run(&h, &src, &client).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     let events = h
         .runtime
         .store()
@@ -973,7 +979,7 @@ async fn a_hung_provider_is_cut_off_at_the_model_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(outcome.reason, TerminationReason::Error);
+    assert_eq!(outcome.reason, Some(TerminationReason::Error));
     assert!(outcome.detail.unwrap().contains("did not answer in time"));
 }
 
@@ -1014,7 +1020,7 @@ async fn a_dead_primary_falls_back_to_the_next_model_within_one_step() {
     let outcome = run(&h, &src, &client).await;
     assert_eq!(
         (outcome.reason, outcome.iterations),
-        (TerminationReason::Completed, 1)
+        (Some(TerminationReason::Completed), 1)
     );
     assert_eq!(outcome.output, Some(json!("from the fallback")));
     // gpt-4o's rate: 100 * $2.50/M + 10 * $10/M = 350 micro-dollars.
@@ -1054,7 +1060,7 @@ async fn a_provider_failing_continuously_opens_its_breaker_and_is_skipped_withou
     for _ in 0..5 {
         assert_eq!(
             run(&h, &src, &client).await.reason,
-            TerminationReason::Completed
+            Some(TerminationReason::Completed)
         );
     }
     assert_eq!(
@@ -1063,7 +1069,7 @@ async fn a_provider_failing_continuously_opens_its_breaker_and_is_skipped_withou
         "five failures open the breaker"
     );
     let outcome = run(&h, &src, &client).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(
         requests_for(&server, "gpt-4o-mini"),
         5,
@@ -1087,14 +1093,14 @@ async fn when_every_model_of_a_step_is_open_the_run_ends_with_circuit_open() {
     for _ in 0..5 {
         assert_eq!(
             run(&h, &src, &client).await.reason,
-            TerminationReason::Error
+            Some(TerminationReason::Error)
         );
     }
     let before = server.request_count();
     let outcome = run(&h, &src, &client).await;
     assert_eq!(
         (outcome.status, outcome.reason),
-        (RunStatus::Failed, TerminationReason::CircuitOpen)
+        (RunStatus::Failed, Some(TerminationReason::CircuitOpen))
     );
     assert_eq!(
         server.request_count(),
@@ -1115,7 +1121,7 @@ async fn a_model_breaker_opens_after_the_failures_its_spec_allows() {
     for _ in 0..4 {
         assert_eq!(
             run(&h, &src, &client).await.reason,
-            TerminationReason::Completed
+            Some(TerminationReason::Completed)
         );
     }
     assert_eq!(
@@ -1141,7 +1147,7 @@ async fn a_routed_step_calls_its_model_and_falls_back_to_the_primary() {
     let src = with_models("routes: {plan: openai/gpt-4.1-nano, final: openai/gpt-4.1-nano},");
     let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
     let outcome = run(&h, &src, &client).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.models_used.get("openai/gpt-4o-mini"), Some(&1));
     assert_eq!(requests_for(&server, "gpt-4.1-nano"), 1);
     let events = h
@@ -1200,7 +1206,7 @@ async fn a_streamed_answer_reaches_the_caller_piece_by_piece_with_usage_recorded
         .await
         .unwrap();
 
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.output, Some(json!("Order 42 has shipped today.")));
     let pieces = pieces.lock().unwrap().clone();
     assert!(pieces.len() > 3, "delivered in pieces: {pieces:?}");
@@ -1244,7 +1250,7 @@ async fn a_stream_that_breaks_off_ends_the_run_with_an_error_not_a_crash() {
         .unwrap();
     assert_eq!(
         (outcome.status, outcome.reason),
-        (RunStatus::Failed, TerminationReason::Error)
+        (RunStatus::Failed, Some(TerminationReason::Error))
     );
     assert!(
         outcome
@@ -1288,7 +1294,7 @@ async fn an_anthropic_agent_runs_over_the_messages_api_with_its_prefix_cached_an
         ),
     };
     let outcome = run(&h, &src, &router).await;
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.output, Some(json!("Done napping.")));
     assert_eq!(
         outcome.models_used.get("anthropic/claude-haiku-4-5"),
@@ -1361,7 +1367,7 @@ async fn an_anthropic_answer_streams_piece_by_piece_with_its_tool_input_and_cach
         )
     };
     let outcome = streamed("s1").await.unwrap();
-    assert_eq!(outcome.reason, TerminationReason::Completed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
     assert_eq!(outcome.output, Some(json!("Done napping.")));
     assert_eq!(
         outcome.tool_calls, 1,
@@ -1389,7 +1395,7 @@ async fn an_anthropic_answer_streams_piece_by_piece_with_its_tool_input_and_cach
     );
 
     let broken = streamed("s2").await.unwrap();
-    assert_eq!(broken.reason, TerminationReason::Error);
+    assert_eq!(broken.reason, Some(TerminationReason::Error));
     let detail = broken.detail.unwrap();
     assert!(detail.contains("ended before it was complete"), "{detail}");
     assert_eq!(
@@ -1451,12 +1457,12 @@ async fn a_hostile_anthropic_stream_ends_the_run_with_an_error_never_a_panic() {
             .unwrap();
         // A usage that is not an object is survivable: the message itself is complete.
         if name == "usage that is not an object" {
-            assert_eq!(outcome.reason, TerminationReason::Completed, "{name}");
+            assert_eq!(outcome.reason, Some(TerminationReason::Completed), "{name}");
             assert_eq!(outcome.usage.output_tokens, 2, "{name}");
         } else {
             assert_eq!(
                 outcome.reason,
-                TerminationReason::Error,
+                Some(TerminationReason::Error),
                 "{name}: {outcome:?}"
             );
             assert_eq!(server.request_count(), 1, "{name}: not retried after a 2xx");
@@ -1499,8 +1505,7 @@ async fn no_provider_fault_crashes_the_process_or_leaves_a_run_without_a_termina
             .await
             .unwrap();
         assert_eq!(
-            record.progress.reason,
-            Some(outcome.reason),
+            record.progress.reason, outcome.reason,
             "{name}: the log records how it ended"
         );
     }
@@ -1508,7 +1513,7 @@ async fn no_provider_fault_crashes_the_process_or_leaves_a_run_without_a_termina
     let resetting = rein_fakes::ResettingServer::start().await.unwrap();
     let client = OpenAiClient::new(reqwest::Client::new(), resetting.base_url(), None);
     let outcome = run(&h, &src, &client).await;
-    assert_eq!(outcome.reason, TerminationReason::Error);
+    assert_eq!(outcome.reason, Some(TerminationReason::Error));
     assert_eq!(
         resetting.connections(),
         2,
@@ -1518,5 +1523,102 @@ async fn no_provider_fault_crashes_the_process_or_leaves_a_run_without_a_termina
     assert!(
         detail.contains("after 2 attempt(s) (transient)"),
         "{detail}"
+    );
+}
+
+async fn decide(
+    h: &Harness,
+    id: &rein_core::RunId,
+    approved: bool,
+) -> Result<RunOutcome, rein_runtime::RuntimeError> {
+    h.runtime
+        .decide(
+            &TenantId::new("acme"),
+            id,
+            &PriceTable::default(),
+            &one_call("fetch", "{}"),
+            rein_runtime::Decision {
+                approved,
+                by: "ann".into(),
+                reason: (!approved).then(|| "not today".to_string()),
+            },
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_confirm_tool_is_never_called_before_a_person_approves_it() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/orders/42", service.url()),
+        "{timeout: 5s, confirm: true, side_effects: write}",
+        "60s",
+    );
+    let waiting = run(&h, &src, &one_call("fetch", "{}")).await;
+    assert_eq!(
+        (waiting.status, waiting.reason),
+        (RunStatus::AwaitingApproval, None)
+    );
+    let pending = waiting.awaiting.clone().unwrap();
+    assert_eq!(pending.tool, "fetch");
+    assert_eq!(service.hits("orders/42"), 0, "held, not called");
+    let tenant = TenantId::new("acme");
+    let record = h
+        .runtime
+        .store()
+        .run(&tenant, &waiting.run_id)
+        .await
+        .unwrap();
+    assert_eq!(record.progress.status, RunStatus::AwaitingApproval);
+
+    // A resume before anyone decides changes nothing.
+    let again = resume(&h, &waiting.run_id).await;
+    assert_eq!(again.status, RunStatus::AwaitingApproval);
+    assert_eq!(again.events, waiting.events);
+
+    let done = decide(&h, &waiting.run_id, true).await.unwrap();
+    assert_eq!(done.reason, Some(TerminationReason::Completed));
+    assert_eq!(service.hits("orders/42"), 1, "called once, after approval");
+    let events = h
+        .runtime
+        .store()
+        .events(&tenant, &done.run_id)
+        .await
+        .unwrap();
+    let decided: Vec<(String, bool)> = events
+        .iter()
+        .filter_map(|e| match e.decode().unwrap().kind {
+            EventKind::ApprovalDecided { by, approved, .. } => Some((by, approved)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decided, [("ann".to_string(), true)]);
+    let record = h.runtime.store().run(&tenant, &done.run_id).await.unwrap();
+    rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash))).unwrap();
+    assert!(matches!(
+        decide(&h, &done.run_id, true).await,
+        Err(rein_runtime::RuntimeError::NotAwaitingApproval(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_denied_call_is_never_made_and_the_model_hears_why() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = spec(
+        &format!("{}/orders/42", service.url()),
+        "{timeout: 5s, confirm: true, side_effects: write}",
+        "60s",
+    );
+    let waiting = run(&h, &src, &one_call("fetch", "{}")).await;
+    let done = decide(&h, &waiting.run_id, false).await.unwrap();
+    assert_eq!(done.reason, Some(TerminationReason::Completed));
+    assert_eq!(service.hits("orders/42"), 0);
+    let results = tool_results(&h, &done).await;
+    let message = results[0].0.message.clone().unwrap();
+    assert!(
+        message.contains("a person (ann) denied this call to `fetch`: not today"),
+        "{message}"
     );
 }

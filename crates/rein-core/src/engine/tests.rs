@@ -112,13 +112,25 @@ impl Sim {
     /// tools echo their arguments.
     fn run(
         &mut self,
-        mut model: impl FnMut(u32, &Engine) -> ModelReply,
+        model: impl FnMut(u32, &Engine) -> ModelReply,
     ) -> (RunStatus, TerminationReason) {
+        match self.advance(model) {
+            Ok(outcome) => outcome,
+            Err(pending) => panic!("the run waits for approval: {pending:?}"),
+        }
+    }
+
+    /// Runs until the end, or until it waits for a person's approval.
+    fn advance(
+        &mut self,
+        mut model: impl FnMut(u32, &Engine) -> ModelReply,
+    ) -> Result<(RunStatus, TerminationReason), Box<PendingApproval>> {
         for _ in 0..1000 {
             let Some(effect) = self.engine.next_effect(self.now) else {
-                return self.engine.outcome().unwrap();
+                return Ok(self.engine.outcome().unwrap());
             };
             match effect {
+                Effect::AwaitApproval(pending) => return Err(Box::new(pending)),
                 Effect::Record(kind) => self.record(kind),
                 Effect::CallModel(call) => {
                     self.record(call.requested());
@@ -763,6 +775,7 @@ fn run_with_tool_results(
             return (sim, outcome);
         };
         match effect {
+            Effect::AwaitApproval(pending) => panic!("no tool here needs approval: {pending:?}"),
             Effect::Record(kind) => sim.record(kind),
             Effect::CallModel(c) => {
                 sim.record(c.requested());
@@ -958,6 +971,7 @@ fn a_final_step_tells_the_model_to_call_no_tool() {
                 });
             }
             Effect::Record(kind) => sim.record(kind),
+            Effect::AwaitApproval(pending) => panic!("nothing needs approval: {pending:?}"),
         }
     }
     assert_eq!(
@@ -970,5 +984,142 @@ fn a_final_step_tells_the_model_to_call_no_tool() {
     assert_eq!(
         sim.engine.outcome().map(|o| o.1),
         Some(TerminationReason::Completed)
+    );
+}
+
+fn approval_spec(contract: &str, approval: &str) -> String {
+    let src = SPEC.replace(
+        "contract: {max_calls_per_run: 4}",
+        &format!("contract: {{max_calls_per_run: 4, {contract}}}"),
+    );
+    format!("{src}{approval}")
+}
+
+/// Calls `lookup` once, then answers with the last tool message it saw.
+fn call_once_then_answer(step: u32, engine: &Engine) -> ModelReply {
+    if step == 1 {
+        reply(None, vec![call("c1", "lookup", r#"{"key":"a"}"#)], 10, 10)
+    } else {
+        let seen = engine.messages().last().and_then(|m| m.content.clone());
+        reply(seen.as_deref(), vec![], 10, 10)
+    }
+}
+
+#[test]
+fn a_confirm_tool_waits_for_approval_and_runs_only_once_approved() {
+    let mut sim = Sim::new(&approval_spec("confirm: true", ""));
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    assert_eq!((pending.tool.as_str(), pending.step), ("lookup", 2));
+    assert!(
+        pending.reason.contains("confirm: true"),
+        "{}",
+        pending.reason
+    );
+    assert!(sim.tool_runs.is_empty(), "nothing ran before the decision");
+    // Asked again (a resume before anyone decided), it still waits and records nothing new.
+    let events = sim.events.len();
+    assert_eq!(sim.advance(call_once_then_answer).unwrap_err(), pending);
+    assert_eq!(sim.events.len(), events);
+
+    sim.now += 3_600_000; // an hour later: the run's own 10 s clock was stopped meanwhile
+    sim.record(pending.decided(true, "ann", None));
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(sim.tool_runs.len(), 1);
+    assert_eq!(
+        sim.tool_runs[0].step, pending.step,
+        "same step, same idempotency key"
+    );
+}
+
+#[test]
+fn a_denied_call_is_reported_to_the_model_which_carries_on() {
+    let mut sim = Sim::new(&approval_spec("confirm: true", ""));
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.record(pending.decided(false, "ann", Some("refunds are paused".into())));
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert!(sim.tool_runs.is_empty());
+    let answer = sim.engine.output().unwrap().as_str().unwrap().to_string();
+    assert!(
+        answer.contains("a person (ann) denied this call to `lookup`: refunds are paused"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn a_denial_ends_the_run_when_the_policy_says_so() {
+    let mut sim = Sim::new(&approval_spec(
+        "confirm: true",
+        "approval: {on_deny: end}\n",
+    ));
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.record(pending.decided(false, "ann", None));
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(
+        outcome,
+        (RunStatus::Failed, TerminationReason::ApprovalDenied)
+    );
+    assert!(sim.tool_runs.is_empty());
+}
+
+#[test]
+fn an_approval_that_times_out_is_denied_or_escalated_per_policy() {
+    let mut sim = Sim::new(&approval_spec("confirm: true", "approval: {timeout: 1m}\n"));
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.now = pending.expires_at_ms;
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert!(sim.tool_runs.is_empty());
+    assert!(sim.events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::ApprovalDecided { approved: false, by, .. } if by == "policy"
+    )));
+
+    let mut sim = Sim::new(&approval_spec(
+        "confirm: true",
+        "approval: {timeout: 1m, on_timeout: escalate}\n",
+    ));
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.now = pending.expires_at_ms + 1;
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(
+        outcome,
+        (RunStatus::Escalated, TerminationReason::Escalated)
+    );
+    assert!(sim.tool_runs.is_empty());
+}
+
+#[test]
+fn a_magnitude_rule_with_action_approve_holds_only_the_calls_past_its_bound() {
+    let src = approval_spec(r#"limits: {"/key": {max: 3, action: approve}}"#, "");
+    let mut sim = Sim::new(&src);
+    let outcome = sim.advance(call_once_then_answer).unwrap();
+    assert_eq!(
+        outcome.1,
+        TerminationReason::Completed,
+        "`a` is within the bound"
+    );
+    assert_eq!(sim.tool_runs.len(), 1);
+
+    let mut sim = Sim::new(&src);
+    let pending = sim
+        .advance(|step, engine| {
+            if step == 1 {
+                reply(
+                    None,
+                    vec![call("c1", "lookup", r#"{"key":"abcdef"}"#)],
+                    10,
+                    10,
+                )
+            } else {
+                call_once_then_answer(step, engine)
+            }
+        })
+        .unwrap_err();
+    assert!(
+        pending.reason.contains("which needs a person's approval"),
+        "{}",
+        pending.reason
     );
 }
