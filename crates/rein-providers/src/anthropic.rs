@@ -331,6 +331,11 @@ pub(crate) fn request_body(request: &ModelRequest<'_>) -> Value {
     if let Some(t) = request.temperature {
         body["temperature"] = json!(t.min(1.0));
     }
+    // Structured outputs (generally available since 2026-02): the answer is decoded against the
+    // schema. Rein still validates it and asks for repairs, as for every provider.
+    if let Some(schema) = request.output_schema {
+        body["output_config"] = json!({"format": {"type": "json_schema", "schema": schema}});
+    }
     body
 }
 
@@ -482,6 +487,27 @@ mod tests {
         assert_eq!(
             (results.len(), &results[1]["tool_use_id"]),
             (2, &json!("t2"))
+        );
+        assert!(body.get("output_config").is_none(), "no schema, no format");
+    }
+
+    #[test]
+    fn an_output_schema_goes_as_the_native_json_schema_format() {
+        let schema = json!({"type": "object", "properties": {"answer": {"type": "string"}}});
+        let messages = vec![Message::text(Role::User, "hi")];
+        let body = request_body(&ModelRequest {
+            model: "anthropic/claude-haiku-4-5",
+            messages: &messages,
+            tools: &[],
+            max_output_tokens: 100,
+            temperature: None,
+            output_schema: Some(&schema),
+            tool_choice: None,
+            endpoint: None,
+        });
+        assert_eq!(
+            body["output_config"],
+            json!({"format": {"type": "json_schema", "schema": schema}})
         );
     }
 
