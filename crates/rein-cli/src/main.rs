@@ -523,8 +523,14 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         job: args.job.map(JobId::new),
     };
+    // The run id comes first, on stderr, before anything can go wrong: a process killed
+    // mid-run is resumed by it (`rein runs resume RUN_ID`).
+    let run_id = rein_runtime::Runtime::new_run_id();
+    eprintln!("{run_id}");
     let outcome = if args.exec.json {
-        runtime.run(request, model.as_ref()).await?
+        runtime
+            .run_as(run_id, request, model.as_ref(), None)
+            .await?
     } else {
         // A person is watching: print the model's text as it arrives.
         let streamed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -542,7 +548,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
             seen.store(true, std::sync::atomic::Ordering::Relaxed);
         };
         let outcome = runtime
-            .run_streaming(request, model.as_ref(), Some(&sink))
+            .run_as(run_id, request, model.as_ref(), Some(&sink))
             .await?;
         if streamed.load(std::sync::atomic::Ordering::Relaxed) {
             say!("\n");

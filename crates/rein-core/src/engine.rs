@@ -876,7 +876,7 @@ impl Engine {
         if let Some((call_id, step)) = &self.tool_in_flight
             && call_id == &call.id
         {
-            return self.interrupted_tool_effect(call, *step);
+            return self.interrupted_tool_effect(call, *step, now_ms);
         }
         let limits = &self.agent.spec.limits;
         let step = self.step + 1;
@@ -1033,18 +1033,42 @@ impl Engine {
 impl Engine {
     /// A tool call was recorded as requested but its result never was: the process stopped
     /// mid-call. Whether the call took effect is unknown. It is made again, as the same step
-    /// (so with the same idempotency key), only when repeating it is safe by contract;
-    /// otherwise it is reported to the model as failed with an unknown outcome, never repeated.
-    fn interrupted_tool_effect(&self, call: &ToolCall, step: u32) -> Effect {
+    /// (so with the same idempotency key), when that is safe: the contract says repeating it
+    /// has no further effect, or the tool is an HTTP tool, which sends the key so the service
+    /// applies the effect once. Otherwise a person decides: approved, it is made again;
+    /// denied, it is reported to the model as failed with an unknown outcome.
+    fn interrupted_tool_effect(&self, call: &ToolCall, step: u32, now_ms: i64) -> Effect {
         let tool = self.agent.tool(&call.name).map(|(tool, _)| tool);
         let arguments = serde_json::from_str::<Value>(&call.arguments).ok();
-        match (tool, arguments) {
-            (Some(tool), Some(arguments)) if tool.contract.may_retry() => {
-                Effect::CallTool(ToolInvocation {
+        let again = |arguments: Value| {
+            Effect::CallTool(ToolInvocation {
+                step,
+                call_id: call.id.clone(),
+                tool: call.name.clone(),
+                arguments,
+            })
+        };
+        match (tool, arguments, self.approvals.get(&step)) {
+            (Some(tool), Some(arguments), _)
+                if tool.contract.may_retry() || tool.sends_idempotency_key() =>
+            {
+                again(arguments)
+            }
+            (Some(_), Some(arguments), Some(Approval::Approved)) => again(arguments),
+            (Some(_), Some(arguments), None) => {
+                let timeout =
+                    i64::try_from(self.agent.spec.approval.timeout.as_millis()).unwrap_or(i64::MAX);
+                Effect::Record(EventKind::ApprovalRequested {
                     step,
                     call_id: call.id.clone(),
                     tool: call.name.clone(),
                     arguments,
+                    reason: format!(
+                        "the call to `{}` was interrupted before its result was recorded, so whether it took effect is unknown, and the tool has side effects and no idempotency key; approve to make it again, deny to report it as failed",
+                        call.name
+                    ),
+                    expires_at_ms: now_ms.saturating_add(timeout),
+                    on_timeout: self.agent.spec.approval.on_timeout,
                 })
             }
             _ => Effect::Record(EventKind::ToolResult {

@@ -296,6 +296,12 @@ pub struct ToolSpec {
 }
 
 impl ToolSpec {
+    /// Whether each call carries the `Idempotency-Key` (`run_id:step`) the service can apply
+    /// its effect once by: HTTP tools send it.
+    pub fn sends_idempotency_key(&self) -> bool {
+        matches!(self.source, ToolSource::Http(_))
+    }
+
     /// The tool as the model sees it.
     pub fn definition(&self) -> ToolDefinition {
         ToolDefinition {

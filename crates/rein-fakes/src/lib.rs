@@ -458,6 +458,8 @@ fn anthropic_stream_of(answer: &FakeResponse) -> Response {
 struct ToolState {
     hits: Mutex<HashMap<String, usize>>,
     keys: Mutex<Vec<(String, String)>>,
+    /// Effects applied by `/apply`, by idempotency key.
+    applied: Mutex<HashMap<String, usize>>,
 }
 
 impl ToolState {
@@ -518,6 +520,7 @@ impl ToolService {
             .route("/flaky/{key}", get(flaky))
             .route("/slow", get(slow))
             .route("/limited", get(limited))
+            .route("/apply", post(apply))
             .with_state(state.clone());
         Ok(ToolService {
             server: serve(router, port).await?,
@@ -544,7 +547,16 @@ impl ToolService {
             .unwrap_or_default()
     }
 
-    /// How many requests reached `key` (`orders/42`, `flaky/k`, `slow`, `limited`).
+    /// How many times `/apply` applied its effect for each idempotency key.
+    pub fn applied(&self) -> HashMap<String, usize> {
+        self.state
+            .applied
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// How many requests reached `key` (`orders/42`, `flaky/k`, `slow`, `limited`, `apply`).
     pub fn hits(&self, key: &str) -> usize {
         self.state
             .hits
@@ -595,6 +607,36 @@ async fn slow(
     state.hit("slow".into());
     tokio::time::sleep(Duration::from_millis(q.ms.min(600_000))).await;
     Json(json!({"slept_ms": q.ms})).into_response()
+}
+
+/// A side effect that a service applies once per `Idempotency-Key`, as payment APIs do: it
+/// waits `ms` (a process can die meanwhile), then applies the effect unless that key already
+/// did; a repeat gets the same answer without a second effect. A request without a key
+/// always applies.
+async fn apply(
+    State(state): State<Arc<ToolState>>,
+    Query(q): Query<SlowQuery>,
+    headers: HeaderMap,
+) -> Response {
+    state.saw_key("apply", &headers);
+    state.hit("apply".into());
+    tokio::time::sleep(Duration::from_millis(q.ms.min(600_000))).await;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || format!("no-key-{}", state.hit("apply-unkeyed".into())),
+            str::to_string,
+        );
+    let mut applied = match state.applied.lock() {
+        Ok(a) => a,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let first = !applied.contains_key(&key);
+    if first {
+        applied.insert(key.clone(), 1);
+    }
+    Json(json!({"applied": true, "key": key, "replayed": !first})).into_response()
 }
 
 async fn limited(State(state): State<Arc<ToolState>>) -> Response {

@@ -313,7 +313,24 @@ impl Runtime {
         model: &dyn Model,
         sink: Option<&TokenSink>,
     ) -> Result<RunOutcome, RuntimeError> {
-        let run_id = RunId::new(uuid::Uuid::now_v7().to_string());
+        self.run_as(Runtime::new_run_id(), request, model, sink)
+            .await
+    }
+
+    /// A new run id (UUIDv7: time-ordered).
+    pub fn new_run_id() -> RunId {
+        RunId::new(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// [`Runtime::run_streaming`] under an id the caller chose (and may already have shown, so
+    /// that a process killed mid-run can be resumed by it). The id must be new.
+    pub async fn run_as(
+        &self,
+        run_id: RunId,
+        request: RunRequest,
+        model: &dyn Model,
+        sink: Option<&TokenSink>,
+    ) -> Result<RunOutcome, RuntimeError> {
         let tenant = request.tenant.clone();
         let lease = run_lease_ms(&request.agent);
         self.enter_bulkhead(&tenant, run_id.as_str(), lease).await?;
@@ -332,20 +349,18 @@ impl Runtime {
         sink: Option<&TokenSink>,
     ) -> Result<RunOutcome, RuntimeError> {
         let spec = &request.agent.spec;
-        self.store
-            .create_run(&RunInfo {
-                id: run_id.clone(),
-                tenant: request.tenant.clone(),
-                user: request.user.clone(),
-                session: request.session.clone(),
-                job: request.job.clone(),
-                agent: spec.name.clone(),
-                agent_version: spec.version,
-                spec: request.spec_source.clone(),
-                input: request.input.clone(),
-                created_ms: now_ms(),
-            })
-            .await?;
+        let info = RunInfo {
+            id: run_id.clone(),
+            tenant: request.tenant.clone(),
+            user: request.user.clone(),
+            session: request.session.clone(),
+            job: request.job.clone(),
+            agent: spec.name.clone(),
+            agent_version: spec.version,
+            spec: request.spec_source.clone(),
+            input: request.input.clone(),
+            created_ms: now_ms(),
+        };
         let mut driver = Driver {
             runtime: self,
             model,
@@ -362,17 +377,20 @@ impl Runtime {
             models_used: Default::default(),
         };
         driver
-            .record(EventKind::RunStarted {
-                agent: spec.name.clone(),
-                agent_version: spec.version,
-                spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
-                input: request.input,
-                tenant: request.tenant,
-                user: request.user,
-                session: request.session,
-                job: request.job,
-                granted_scopes: request.granted_scopes,
-            })
+            .start(
+                &info,
+                EventKind::RunStarted {
+                    agent: spec.name.clone(),
+                    agent_version: spec.version,
+                    spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
+                    input: request.input,
+                    tenant: request.tenant,
+                    user: request.user,
+                    session: request.session,
+                    job: request.job,
+                    granted_scopes: request.granted_scopes,
+                },
+            )
             .await?;
         driver.drive().await
     }
@@ -536,6 +554,21 @@ impl Driver<'_> {
             events: self.next_seq,
             step_overheads_ns: std::mem::take(&mut self.overheads),
         })
+    }
+
+    /// Stores the run and its first event (`run_started`) at once, and folds it into the engine.
+    async fn start(&mut self, info: &RunInfo, kind: EventKind) -> Result<(), RuntimeError> {
+        let event = Event {
+            seq: 0,
+            ts_ms: info.created_ms,
+            kind,
+        };
+        let sealed = event.seal(&self.run_id, rein_core::GENESIS_HASH);
+        self.engine.apply(&event)?;
+        self.runtime.store.create_run(info, &sealed).await?;
+        self.prev_hash = sealed.hash;
+        self.next_seq = 1;
+        Ok(())
     }
 
     /// Seals `kind` into the chain, folds it into the engine and makes it durable.

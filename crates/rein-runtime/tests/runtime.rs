@@ -407,7 +407,7 @@ async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -
                 .await
                 .unwrap();
             if events.last().is_some_and(|e| e.kind == "tool_requested")
-                && service.hits("slow") == 1
+                && service.hits("slow") + service.hits("apply") == 1
             {
                 task.abort();
                 let _ = task.await;
@@ -462,37 +462,36 @@ async fn a_crash_mid_call_of_a_safe_tool_resumes_with_the_same_idempotency_key()
 }
 
 #[tokio::test]
-async fn a_crash_mid_call_of_a_side_effecting_tool_never_repeats_it() {
+async fn a_crash_mid_call_of_a_side_effecting_http_tool_repeats_it_under_the_same_key_so_it_lands_once()
+ {
     let service = ToolService::start().await.unwrap();
     let h = harness().await;
     let src = spec(
-        &format!("{}/slow?ms=300", service.url()),
+        &format!("{}/apply?ms=300", service.url()),
         "{timeout: 5s, side_effects: external}",
         "60s",
-    );
+    )
+    .replace("method: GET", "method: POST");
     let id = crash_during_tool_call(&h, &service, &src).await;
     let outcome = resume(&h, &id).await;
 
+    assert_eq!(outcome.reason, Some(TerminationReason::Completed));
+    let keys = service.idempotency_keys("apply");
     assert_eq!(
-        outcome.reason,
-        Some(TerminationReason::Completed),
-        "the model was told and answered"
+        keys.len(),
+        2,
+        "sent before the crash and again after: {keys:?}"
     );
+    assert_eq!(keys[0], keys[1], "the same step, so the same key");
+    assert_eq!(keys[0], format!("{id}:2"), "`run_id:step`");
+    let applied = service.applied();
     assert_eq!(
-        service.hits("slow"),
+        applied.len(),
         1,
-        "the side-effecting call was not made twice"
+        "one logical call, one effect: {applied:?}"
     );
     let results = tool_results(&h, &outcome).await;
-    let (result, attempts, _) = &results[0];
-    assert_eq!((result.retry_safe, *attempts), (false, 0));
-    assert!(
-        result
-            .message
-            .as_deref()
-            .unwrap()
-            .contains("whether it took effect is unknown")
-    );
+    assert!(results[0].0.is_success());
 }
 
 #[tokio::test]

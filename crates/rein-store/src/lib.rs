@@ -270,8 +270,17 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    /// Records a new run (status `running`, no events yet).
-    pub async fn create_run(&self, run: &RunInfo) -> Result<(), StoreError> {
+    /// Records a new run together with its first event, `run_started`, in one transaction: a
+    /// run is never stored without the event that starts its log, so a process killed at any
+    /// point leaves either nothing or a run that can be resumed.
+    pub async fn create_run(&self, run: &RunInfo, started: &SealedEvent) -> Result<(), StoreError> {
+        if started.seq != 0 || started.run_id != run.id || started.kind != "run_started" {
+            return Err(StoreError::Conflict {
+                run_id: run.id.clone(),
+                seq: started.seq,
+            });
+        }
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -289,8 +298,10 @@ impl SqliteStore {
         .bind(GENESIS_HASH)
         .bind(run.created_ms)
         .bind(run.created_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        insert_event(&mut *tx, &run.tenant, started).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -302,37 +313,7 @@ impl SqliteStore {
     /// just before `event.seq` (another writer got there first), so two writers can never
     /// interleave events in one run.
     pub async fn append(&self, tenant: &TenantId, event: &SealedEvent) -> Result<(), StoreError> {
-        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-        let inserted = sqlx::query(
-            "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
-             SELECT ?, ?, ?, ?, ?, ?, ?, ?
-             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
-        )
-        .bind(event.run_id.as_str())
-        .bind(seq)
-        .bind(event.ts_ms)
-        .bind(&event.kind)
-        .bind(event.payload.as_deref())
-        .bind(&event.payload_sha256)
-        .bind(&event.prev_hash)
-        .bind(&event.hash)
-        .bind(event.run_id.as_str())
-        .bind(tenant.as_str())
-        .bind(seq)
-        .execute(&self.pool)
-        .await;
-        match inserted {
-            Ok(done) if done.rows_affected() == 1 => Ok(()),
-            Ok(_) => Err(StoreError::Conflict {
-                run_id: event.run_id.clone(),
-                seq: event.seq,
-            }),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict {
-                run_id: event.run_id.clone(),
-                seq: event.seq,
-            }),
-            Err(e) => Err(e.into()),
-        }
+        insert_event(&self.pool, tenant, event).await
     }
 
     /// One run of `tenant`.
@@ -528,6 +509,45 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
     })
 }
 
+/// Inserts `event` if it extends `tenant`'s run by exactly one (see [`SqliteStore::append`]).
+async fn insert_event<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    tenant: &TenantId,
+    event: &SealedEvent,
+) -> Result<(), StoreError> {
+    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+    let inserted = sqlx::query(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?
+         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
+    )
+    .bind(event.run_id.as_str())
+    .bind(seq)
+    .bind(event.ts_ms)
+    .bind(&event.kind)
+    .bind(event.payload.as_deref())
+    .bind(&event.payload_sha256)
+    .bind(&event.prev_hash)
+    .bind(&event.hash)
+    .bind(event.run_id.as_str())
+    .bind(tenant.as_str())
+    .bind(seq)
+    .execute(executor)
+    .await;
+    match inserted {
+        Ok(done) if done.rows_affected() == 1 => Ok(()),
+        Ok(_) => Err(StoreError::Conflict {
+            run_id: event.run_id.clone(),
+            seq: event.seq,
+        }),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict {
+            run_id: event.run_id.clone(),
+            seq: event.seq,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,9 +606,11 @@ mod tests {
             .await
             .unwrap();
         let t1 = TenantId::new("t1");
-        store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first).await.unwrap();
+        store
+            .create_run(&new_run("r1", "t1"), &first)
+            .await
+            .unwrap();
         let finished = Event {
             seq: 1,
             ts_ms: 11,
@@ -619,9 +641,11 @@ mod tests {
     async fn a_second_writer_at_the_same_position_is_refused() {
         let store = SqliteStore::in_memory().await.unwrap();
         let t1 = TenantId::new("t1");
-        store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first).await.unwrap();
+        store
+            .create_run(&new_run("r1", "t1"), &first)
+            .await
+            .unwrap();
         let err = store.append(&t1, &first).await.unwrap_err();
         assert!(matches!(err, StoreError::Conflict { seq: 0, .. }), "{err}");
     }
@@ -629,8 +653,11 @@ mod tests {
     #[tokio::test]
     async fn another_tenants_runs_are_invisible() {
         let store = SqliteStore::in_memory().await.unwrap();
-        store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store
+            .create_run(&new_run("r1", "t1"), &first)
+            .await
+            .unwrap();
         let other = TenantId::new("t2");
         assert!(matches!(
             store.run(&other, &RunId::new("r1")).await,
@@ -653,10 +680,11 @@ mod tests {
     #[tokio::test]
     async fn stored_events_and_run_identities_cannot_be_changed_through_sql() {
         let store = SqliteStore::in_memory().await.unwrap();
-        let t1 = TenantId::new("t1");
-        store.create_run(&new_run("r1", "t1")).await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
-        store.append(&t1, &first).await.unwrap();
+        store
+            .create_run(&new_run("r1", "t1"), &first)
+            .await
+            .unwrap();
         assert!(
             sqlx::query("DELETE FROM events")
                 .execute(&store.pool)

@@ -524,15 +524,42 @@ fn an_interrupted_safe_tool_call_is_made_again_as_the_same_step() {
 }
 
 #[test]
-fn an_interrupted_side_effecting_tool_call_is_never_repeated() {
-    let (sim, inv) = crashed_mid_tool(SPEC, "lookup");
-    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+fn an_interrupted_side_effecting_call_without_a_key_waits_for_a_person() {
+    let (mut sim, inv) = crashed_mid_tool(SPEC, "lookup");
+    sim.engine = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let Some(Effect::Record(request @ EventKind::ApprovalRequested { .. })) =
+        sim.engine.next_effect(sim.now)
+    else {
+        panic!("expected a person to be asked")
+    };
+    sim.record(request);
+    let Some(Effect::AwaitApproval(pending)) = sim.engine.next_effect(sim.now) else {
+        panic!("expected the run to wait")
+    };
+    assert_eq!(pending.step, inv.step);
+    assert!(pending.reason.contains("interrupted"), "{}", pending.reason);
+
+    // Approved: made again as the same step (the same idempotency key).
+    let mut approved = Sim {
+        engine: sim.engine.clone(),
+        events: sim.events.clone(),
+        now: sim.now,
+        tool_runs: Vec::new(),
+    };
+    approved.record(pending.decided(true, "ann", None));
+    assert_eq!(
+        approved.engine.next_effect(approved.now),
+        Some(Effect::CallTool(inv.clone()))
+    );
+
+    // Denied: reported as failed with an unknown outcome, never repeated.
+    sim.record(pending.decided(false, "ann", None));
     let Some(Effect::Record(EventKind::ToolResult {
         step,
         result,
         attempts,
         ..
-    })) = resumed.next_effect(sim.now)
+    })) = sim.engine.next_effect(sim.now)
     else {
         panic!("expected a recorded unknown outcome")
     };

@@ -1,0 +1,216 @@
+//! kill -9 in the middle: a `rein run` process is killed at chosen and at random points of a
+//! multi-step run with side-effecting HTTP tools; `rein runs resume` finishes it. Every
+//! recorded step survives, the audit chain verifies, and the tool service applied each
+//! logical call's effect exactly once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_fakes::ToolService;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: pay, arguments: {n: 1}}]
+  - tool_calls: [{name: pay, arguments: {n: 2}}]
+  - tool_calls: [{name: pay, arguments: {n: 3}}]
+  - text: paid three times
+"#;
+
+fn spec(url: &str) -> String {
+    format!(
+        r#"
+name: payer
+version: 1
+model: {{primary: openai/gpt-4o-mini}}
+instructions: Pay.
+tools:
+  - name: pay
+    description: Makes a payment.
+    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    source: {{http: {{url: "{url}/apply?ms=400", method: POST}}}}
+    contract: {{timeout: 5s, side_effects: external}}
+limits: {{max_iterations: 8, max_total_tokens: 20000, max_cost_usd: 0.10}}
+"#
+    )
+}
+
+fn rein(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// Starts `rein run`, reads the run id it prints first on stderr, and kills it with SIGKILL
+/// when `kill_when` says so (or once it has run `kill_after`). Returns the run id.
+fn run_and_kill(dir: &Path, kill_after: Duration, kill_when: impl Fn() -> bool) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "pay",
+            "--script",
+            "script.yaml",
+            "--json",
+        ])
+        .args(["--db", "runs.db"])
+        .current_dir(dir)
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < kill_after && !kill_when() {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill(); // SIGKILL: no destructor, no flush, no goodbye
+    let _ = child.wait();
+    first.trim().to_string()
+}
+
+/// Resumes the run until it has finished (a run killed before its first event is started again).
+fn finish(dir: &Path, id: &str) -> Value {
+    let out = rein(dir, &["runs", "show", id, "--json", "--db", "runs.db"]);
+    if out.status.code() == Some(2) {
+        return Value::Null; // killed before the run was recorded: nothing to resume
+    }
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if shown["status"] != "completed" {
+        let out = rein(
+            dir,
+            &[
+                "runs",
+                "resume",
+                id,
+                "--script",
+                "script.yaml",
+                "--json",
+                "--db",
+                "runs.db",
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = rein(dir, &["runs", "show", id, "--json", "--db", "runs.db"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each tool step of a finished run and its `tool_result` status.
+fn tool_steps(shown: &Value) -> Vec<(u64, String)> {
+    shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "tool_result")
+        .map(|e| {
+            (
+                e["payload"]["step"].as_u64().unwrap(),
+                e["payload"]["result"]["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_call_and_at_random_points_resumes_and_applies_each_effect_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), spec(&service.url())).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+
+    // Kill points: inside the first payment call (its request reached the service), then at
+    // pseudo-random times (the seed is printed so a failure can be replayed).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    eprintln!("kill-point seed: {seed}");
+    let mut state = seed | 1;
+    let mut random_ms = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        20 + state % 1500
+    };
+    let mut finished = Vec::new();
+    let before = service.hits("apply");
+    let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
+        service.hits("apply") > before
+    });
+    finished.push((id.clone(), finish(dir.path(), &id)));
+    for _ in 0..3 {
+        let after = Duration::from_millis(random_ms());
+        let id = run_and_kill(dir.path(), after, || false);
+        finished.push((id.clone(), finish(dir.path(), &id)));
+    }
+
+    let applied = service.applied();
+    let mut expected_effects = 0;
+    for (id, shown) in &finished {
+        if shown.is_null() {
+            continue;
+        }
+        assert_eq!(shown["status"], "completed", "{id}: {shown}");
+        assert_eq!(shown["output"], "paid three times", "{id}");
+        let steps = tool_steps(shown);
+        assert_eq!(
+            steps.len(),
+            3,
+            "{id}: every recorded step is there: {steps:?}"
+        );
+        for (step, status) in &steps {
+            assert_eq!(status, "success", "{id} step {step}");
+            let key = format!("{id}:{step}");
+            assert_eq!(
+                applied.get(&key),
+                Some(&1),
+                "{key} applied once: {applied:?}"
+            );
+        }
+        expected_effects += 3;
+        let out = rein(dir.path(), &["audit", "verify", id, "--db", "runs.db"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(
+        expected_effects >= 3,
+        "the first run was recorded and killed mid-call"
+    );
+    assert_eq!(
+        applied.len(),
+        expected_effects,
+        "no effect beyond one per logical call: {applied:?}"
+    );
+}
