@@ -15,7 +15,9 @@ use crate::Usd;
 use crate::event::{Event, EventKind};
 use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
-use crate::spec::{Agent, ModelRef, OnDeny, OnTimeout, RuleAction, StepKind, ToolChoice};
+use crate::spec::{
+    Agent, EscalationTrigger, ModelRef, OnDeny, OnTimeout, RuleAction, StepKind, ToolChoice,
+};
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::Value;
@@ -202,6 +204,10 @@ pub struct Engine {
     /// Scopes the tenant granted, pinned at the start of the run.
     granted_scopes: Vec<String>,
     repairs: u32,
+    /// The user's input, for a handoff.
+    input: String,
+    /// Each tool call's outcome so far, for a handoff.
+    steps_done: Vec<Value>,
     /// Approvals by the step of the call they hold.
     approvals: BTreeMap<u32, Approval>,
     /// Time spent awaiting approvals: it does not count against the run's wall clock.
@@ -280,6 +286,8 @@ impl Engine {
             tool_in_flight: None,
             granted_scopes: Vec::new(),
             repairs: 0,
+            input: String::new(),
+            steps_done: Vec::new(),
             approvals: BTreeMap::new(),
             paused_ms: 0,
             repair_pending: false,
@@ -376,6 +384,65 @@ impl Engine {
         self.messages.push(message);
     }
 
+    /// What a person taking the run over needs: what was asked, what was done, what is
+    /// pending, and why it came to them. (The driver adds where the trace is.)
+    fn handoff(&self, trigger: &str, why: &str, pending: Value) -> Value {
+        serde_json::json!({"handoff": {
+            "trigger": trigger,
+            "why": why,
+            "asked": self.input,
+            "done": self.steps_done,
+            "pending": pending,
+        }})
+    }
+
+    /// The action the run was about to take: a held call, or the tool calls not yet made.
+    fn pending_action(&self) -> Value {
+        if let Some(p) = self.pending_approval() {
+            return serde_json::json!({"tool": p.tool, "arguments": p.arguments, "held_because": p.reason});
+        }
+        let calls: Vec<Value> = self
+            .pending_tools
+            .iter()
+            .map(|c| {
+                let arguments = serde_json::from_str::<Value>(&c.arguments)
+                    .unwrap_or_else(|_| Value::String(c.arguments.clone()));
+                serde_json::json!({"tool": c.name, "arguments": arguments})
+            })
+            .collect();
+        if calls.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(calls)
+        }
+    }
+
+    /// Ends the run with `reason`, or hands it to a person when the spec escalates on
+    /// `trigger`.
+    fn end_or_escalate(
+        &mut self,
+        reason: TerminationReason,
+        trigger: EscalationTrigger,
+        detail: String,
+    ) {
+        if self.finish.is_some() {
+            return;
+        }
+        if self.agent.spec.escalation.on(trigger) {
+            let output = self.handoff(trigger.as_str(), &detail, self.pending_action());
+            self.finish = Some(Finish {
+                reason: TerminationReason::Escalated,
+                detail: Some(format!(
+                    "handed to a person ({}): {detail}",
+                    trigger.as_str()
+                )),
+                output: Some(output),
+            });
+        } else {
+            self.finish_with(reason, detail);
+        }
+    }
+
     fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
         if self.finish.is_none() {
             self.finish = Some(Finish {
@@ -406,6 +473,7 @@ impl Engine {
             } => {
                 self.started_ms = Some(event.ts_ms);
                 self.granted_scopes = granted_scopes.clone();
+                self.input = input.clone();
                 let system = Message::text(Role::System, self.agent.spec.instructions.clone());
                 self.push_message(system);
                 self.push_message(Message::text(Role::User, input.clone()));
@@ -413,8 +481,22 @@ impl Engine {
             EventKind::BudgetReserved { .. }
             | EventKind::ModelAttemptFailed { .. }
             | EventKind::ModelFellBack { .. }
-            | EventKind::BudgetSettled { .. }
-            | EventKind::BudgetWarning { .. } => {}
+            | EventKind::BudgetSettled { .. } => {}
+            EventKind::BudgetWarning { scope, percent, .. } => {
+                if self
+                    .agent
+                    .spec
+                    .escalation
+                    .on(EscalationTrigger::BudgetWarning)
+                {
+                    let detail = format!("the shared budget {scope} passed {percent}% of its cap");
+                    self.end_or_escalate(
+                        TerminationReason::Escalated,
+                        EscalationTrigger::BudgetWarning,
+                        detail,
+                    );
+                }
+            }
             EventKind::RateLimited { delayed: true, .. } => {}
             EventKind::RateLimited { scope, wait_ms, .. } => {
                 let detail = if *wait_ms > 0 {
@@ -481,8 +563,9 @@ impl Engine {
             } => {
                 self.model_in_flight = false;
                 if *all_circuits_open {
-                    self.finish_with(
+                    self.end_or_escalate(
                         TerminationReason::CircuitOpen,
+                        EscalationTrigger::CircuitOpen,
                         format!("every model this step could use has an open circuit breaker, so none was called: {message}"),
                     );
                 }
@@ -520,6 +603,17 @@ impl Engine {
                     Some(front) if &front.id == call_id => self.pending_tools.pop_front(),
                     _ => None,
                 };
+                let arguments = call
+                    .as_ref()
+                    .and_then(|c| serde_json::from_str::<Value>(&c.arguments).ok())
+                    .unwrap_or(Value::Null);
+                self.steps_done.push(serde_json::json!({
+                    "step": step,
+                    "tool": tool_name,
+                    "arguments": arguments,
+                    "status": if result.is_success() { "success" } else { "error" },
+                    "message": result.message,
+                }));
                 if let Some(call) = call {
                     self.tool_calls += 1;
                     *self.calls_per_tool.entry(call.name.clone()).or_default() += 1;
@@ -635,7 +729,11 @@ impl Engine {
             if repeats >= limits.max_repeated_errors {
                 let detail =
                     format!("`{tool}` failed with the same error {repeats} times: {message}");
-                self.finish_with(TerminationReason::LoopDetected, detail);
+                self.end_or_escalate(
+                    TerminationReason::LoopDetected,
+                    EscalationTrigger::RepeatedToolFailure,
+                    detail,
+                );
             }
         }
         if self.consecutive_failures >= limits.max_consecutive_failures {
@@ -643,7 +741,11 @@ impl Engine {
                 "{} tool calls in a row failed, so the run's own circuit breaker opened",
                 self.consecutive_failures
             );
-            self.finish_with(TerminationReason::CircuitOpen, detail);
+            self.end_or_escalate(
+                TerminationReason::CircuitOpen,
+                EscalationTrigger::RepeatedToolFailure,
+                detail,
+            );
         }
         if self.steps_without_progress >= limits.max_steps_without_progress {
             let detail = format!(
@@ -694,6 +796,27 @@ impl Engine {
                     .map(|e| describe_schema_error(&e))
                     .collect();
                 if problems.is_empty() {
+                    let escalation = &self.agent.spec.escalation;
+                    let confidence = value.get("confidence").and_then(Value::as_f64);
+                    if let (true, Some(min), Some(c)) = (
+                        escalation.on(EscalationTrigger::LowConfidence),
+                        escalation.min_confidence,
+                        confidence,
+                    ) && c < min
+                    {
+                        let why = format!("the answer's confidence {c} is below {min}");
+                        let output = self.handoff(
+                            EscalationTrigger::LowConfidence.as_str(),
+                            &why,
+                            serde_json::json!({"answer": value}),
+                        );
+                        self.finish = Some(Finish {
+                            reason: TerminationReason::Escalated,
+                            detail: Some(format!("handed to a person (low_confidence): {why}")),
+                            output: Some(output),
+                        });
+                        return;
+                    }
                     self.finish = Some(Finish {
                         reason: TerminationReason::Completed,
                         detail: None,
@@ -750,14 +873,17 @@ impl Engine {
                     "policy",
                     Some(format!("no one decided within {waited:?}")),
                 )),
-                OnTimeout::Escalate => self.finish_effect(
-                    TerminationReason::Escalated,
-                    Some(format!(
-                        "no one decided within {waited:?} whether `{}` may be called with {} ({}); handed to a person",
+                OnTimeout::Escalate => {
+                    let why = format!(
+                        "no one decided within {waited:?} whether `{}` may be called with {} ({})",
                         pending.tool, pending.arguments, pending.reason
-                    )),
-                    None,
-                ),
+                    );
+                    self.finish_effect(
+                        TerminationReason::Escalated,
+                        Some(format!("handed to a person (approval_timeout): {why}")),
+                        Some(self.handoff("approval_timeout", &why, self.pending_action())),
+                    )
+                }
             });
         }
         if let Some(deadline) = self.deadline_ms()

@@ -66,6 +66,50 @@ pub struct AgentSpec {
     /// What happens around a person's approval (of a `confirm: true` tool call, or one a
     /// magnitude rule sends for approval).
     pub approval: ApprovalPolicy,
+    /// When the run is handed to a person instead of ending in a failure.
+    pub escalation: Escalation,
+}
+
+/// When a run ends `escalated`, with a handoff for a person, instead of failing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Escalation {
+    /// The triggers that escalate.
+    pub on: Vec<EscalationTrigger>,
+    /// For `low_confidence`: a final answer whose `confidence` field is below this escalates.
+    pub min_confidence: Option<f64>,
+}
+
+impl Escalation {
+    /// Whether `trigger` escalates.
+    pub fn on(&self, trigger: EscalationTrigger) -> bool {
+        self.on.contains(&trigger)
+    }
+}
+
+/// What can escalate a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationTrigger {
+    /// Tool calls keep failing: the same error repeated, or failures in a row.
+    RepeatedToolFailure,
+    /// Every model the step could use has an open circuit breaker.
+    CircuitOpen,
+    /// The final answer's `confidence` is below `min_confidence`.
+    LowConfidence,
+    /// A shared budget crossed its warning line.
+    BudgetWarning,
+}
+
+impl EscalationTrigger {
+    /// The name used in specs and handoffs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationTrigger::RepeatedToolFailure => "repeated_tool_failure",
+            EscalationTrigger::CircuitOpen => "circuit_open",
+            EscalationTrigger::LowConfidence => "low_confidence",
+            EscalationTrigger::BudgetWarning => "budget_warning",
+        }
+    }
 }
 
 /// How approvals are waited for and what a denial or silence means.
@@ -949,6 +993,7 @@ impl Parser<'_> {
             "max_repairs",
             "scopes",
             "approval",
+            "escalation",
         ];
         let f = self.fields(root, "", KNOWN)?;
 
@@ -1029,6 +1074,11 @@ impl Parser<'_> {
         let approval = f
             .get("approval")
             .map_or(Some(DEFAULT_APPROVAL), |n| self.approval(n));
+        let escalation = f
+            .get("escalation")
+            .map_or(Some(Escalation::default()), |n| {
+                self.escalation(n, f.get("output_schema").is_some())
+            });
         let scopes = match f.get("scopes") {
             None => Some(Vec::new()),
             Some(n) => self.list(n, "scopes", "a list of scope names", |p, item, path| {
@@ -1074,6 +1124,7 @@ impl Parser<'_> {
                 max_repairs: max_repairs?,
                 scopes: scopes?,
                 approval: approval?,
+                escalation: escalation?,
             },
             prices: prices?,
             tool_validators,
@@ -1162,6 +1213,59 @@ impl Parser<'_> {
             timeout: timeout?,
             breaker: breaker?,
         })
+    }
+
+    /// `escalation: {on: [...], min_confidence}`.
+    fn escalation(&mut self, node: &Node, has_schema: bool) -> Option<Escalation> {
+        let f = self.fields(node, "escalation", &["on", "min_confidence"])?;
+        let triggers = [
+            EscalationTrigger::RepeatedToolFailure,
+            EscalationTrigger::CircuitOpen,
+            EscalationTrigger::LowConfidence,
+            EscalationTrigger::BudgetWarning,
+        ];
+        let choices: Vec<(&str, EscalationTrigger)> =
+            triggers.iter().map(|t| (t.as_str(), *t)).collect();
+        let on = match f.get("on") {
+            None => {
+                self.error(
+                    node.pos,
+                    "escalation.on",
+                    "name what escalates: repeated_tool_failure, circuit_open, low_confidence, budget_warning",
+                );
+                None
+            }
+            Some(n) => self.list(n, "escalation.on", "a list of triggers", |p, item, path| {
+                p.one_of(item, path, &choices)
+            }),
+        };
+        let min_confidence = match f.get("min_confidence") {
+            None => Some(None),
+            Some(n) => self.number(n, "escalation.min_confidence").and_then(|c| {
+                if (0.0..=1.0).contains(&c) {
+                    Some(Some(c))
+                } else {
+                    self.error(
+                        n.pos,
+                        "escalation.min_confidence",
+                        "must be between 0 and 1",
+                    );
+                    None
+                }
+            }),
+        };
+        let (on, min_confidence) = (on?, min_confidence?);
+        if on.contains(&EscalationTrigger::LowConfidence)
+            && (min_confidence.is_none() || !has_schema)
+        {
+            self.error(
+                node.pos,
+                "escalation.on",
+                "low_confidence needs `escalation.min_confidence` and an `output_schema` with a numeric `confidence` field",
+            );
+            return None;
+        }
+        Some(Escalation { on, min_confidence })
     }
 
     /// `approval: {timeout, on_timeout, on_deny}`.
@@ -2242,6 +2346,27 @@ limits:
             .to_string();
         assert!(text.contains("limits./order_id.action"), "{text}");
         assert!(text.contains("approval.on_timeout"), "{text}");
+    }
+
+    #[test]
+    fn escalation_names_known_triggers_and_low_confidence_needs_its_threshold() {
+        let ok = check(&format!(
+            "{EXAMPLE}escalation: {{on: [repeated_tool_failure, budget_warning]}}\n"
+        ))
+        .unwrap();
+        assert!(ok.spec.escalation.on(EscalationTrigger::BudgetWarning));
+        assert!(!ok.spec.escalation.on(EscalationTrigger::CircuitOpen));
+        let text = check(&format!("{EXAMPLE}escalation: {{on: [tired]}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("escalation.on[0]"), "{text}");
+        let text = check(&format!("{EXAMPLE}escalation: {{on: [low_confidence]}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("low_confidence needs `escalation.min_confidence`"),
+            "{text}"
+        );
     }
 
     #[test]

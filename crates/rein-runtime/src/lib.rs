@@ -572,7 +572,25 @@ impl Driver<'_> {
     }
 
     /// Seals `kind` into the chain, folds it into the engine and makes it durable.
-    async fn record(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
+    async fn record(&mut self, mut kind: EventKind) -> Result<(), RuntimeError> {
+        // A handoff says where the whole story is: the run's trace.
+        if let EventKind::RunFinished {
+            reason: TerminationReason::Escalated,
+            output: Some(output),
+            ..
+        } = &mut kind
+            && let Some(handoff) = output.get_mut("handoff").and_then(Value::as_object_mut)
+        {
+            let id = self.run_id.as_str();
+            handoff.insert(
+                "trace".into(),
+                serde_json::json!({
+                    "run_id": id,
+                    "cli": format!("rein runs show {id}"),
+                    "api": format!("/v1/runs/{id}/trace"),
+                }),
+            );
+        }
         if let EventKind::ModelResponded { model, .. } = &kind {
             *self.models_used.entry(model.clone()).or_default() += 1;
         }

@@ -1621,3 +1621,50 @@ async fn a_denied_call_is_never_made_and_the_model_hears_why() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn an_escalated_run_hands_over_its_steps_and_where_its_trace_is() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    // Every lookup is of an order that does not exist: the same error, three times.
+    let src = format!(
+        r#"
+name: lookup
+version: 1
+model: {{primary: openai/gpt-4o-mini}}
+instructions: Look the order up.
+tools:
+  - name: fetch
+    description: Looks an order up.
+    input_schema: {{type: object, properties: {{n: {{type: string}}}}, required: [n]}}
+    source: {{http: {{url: "{}/orders/0", method: GET}}}}
+    contract: {{timeout: 5s, side_effects: read}}
+limits: {{max_iterations: 10, max_total_tokens: 50000, max_cost_usd: 0.10}}
+escalation: {{on: [repeated_tool_failure]}}
+"#,
+        service.url()
+    );
+    let model = ScriptedModel::parse(
+        "script.yaml",
+        "responses:\n  - tool_calls: [{name: fetch, arguments: {n: \"{n}\"}}]\nrepeat_last: true\n",
+    )
+    .unwrap();
+    let outcome = run(&h, &src, &model).await;
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (RunStatus::Escalated, Some(TerminationReason::Escalated))
+    );
+    let handoff = &outcome.output.as_ref().unwrap()["handoff"];
+    assert_eq!(handoff["trigger"], "repeated_tool_failure");
+    assert_eq!(handoff["asked"], "go");
+    assert_eq!(handoff["done"].as_array().unwrap().len(), 3, "{handoff}");
+    assert_eq!(handoff["trace"]["run_id"], outcome.run_id.as_str());
+    let record = h
+        .runtime
+        .store()
+        .run(&TenantId::new("acme"), &outcome.run_id)
+        .await
+        .unwrap();
+    assert_eq!(record.progress.status, RunStatus::Escalated);
+    assert_eq!(record.progress.output.as_ref(), outcome.output.as_ref());
+}

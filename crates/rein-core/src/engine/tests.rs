@@ -1150,3 +1150,122 @@ fn a_magnitude_rule_with_action_approve_holds_only_the_calls_past_its_bound() {
         pending.reason
     );
 }
+
+/// The handoff of an escalated run: its `run_finished` output.
+fn handoff(sim: &Sim) -> Value {
+    let Some(EventKind::RunFinished { output, .. }) = sim.events.last().map(|e| &e.kind) else {
+        panic!("the run did not finish")
+    };
+    output.clone().unwrap()["handoff"].clone()
+}
+
+#[test]
+fn repeated_tool_failure_escalates_with_a_handoff_of_what_was_asked_done_and_pending() {
+    let src = format!(
+        "{}escalation: {{on: [repeated_tool_failure]}}\n",
+        SPEC.replace("max_iterations: 5", "max_iterations: 20")
+    );
+    let (sim, outcome) = run_with_tool_results(&src, ask, |_| {
+        ToolResult::error(ErrorType::Permanent, "order not found")
+    });
+    assert_eq!(
+        outcome,
+        (RunStatus::Escalated, TerminationReason::Escalated)
+    );
+    let h = handoff(&sim);
+    assert_eq!(h["trigger"], "repeated_tool_failure");
+    assert_eq!(h["asked"], "hello");
+    let done = h["done"].as_array().unwrap();
+    assert_eq!(done.len(), 3, "every step taken: {h}");
+    assert_eq!(done[0]["tool"], "lookup");
+    assert_eq!(done[0]["arguments"], json!({"key": "k1"}));
+    assert_eq!(done[2]["message"], "order not found");
+    assert!(h["why"].as_str().unwrap().contains("same error 3 times"));
+
+    // Without `escalation`, the same run ends as a loop (see above): escalation is opt-in.
+    let plain = SPEC.replace("max_iterations: 5", "max_iterations: 20");
+    let (_, outcome) = run_with_tool_results(&plain, ask, |_| {
+        ToolResult::error(ErrorType::Permanent, "order not found")
+    });
+    assert_eq!(outcome.1, TerminationReason::LoopDetected);
+}
+
+#[test]
+fn a_low_confidence_answer_escalates_with_the_answer_pending() {
+    let src = format!(
+        "{SPEC}{SCHEMA_SPEC_TAIL}escalation: {{on: [low_confidence], min_confidence: 0.7}}\n"
+    );
+    let mut sim = Sim::new(&src);
+    let outcome = sim.run(|_, _| {
+        reply(
+            Some(r#"{"answer": "maybe 42", "confidence": 0.4}"#),
+            vec![],
+            10,
+            10,
+        )
+    });
+    assert_eq!(outcome.1, TerminationReason::Escalated);
+    let h = handoff(&sim);
+    assert_eq!(h["trigger"], "low_confidence");
+    assert_eq!(
+        h["pending"]["answer"],
+        json!({"answer": "maybe 42", "confidence": 0.4})
+    );
+
+    let mut sure = Sim::new(&src);
+    let outcome = sure.run(|_, _| {
+        reply(
+            Some(r#"{"answer": "42", "confidence": 0.9}"#),
+            vec![],
+            10,
+            10,
+        )
+    });
+    assert_eq!(outcome.1, TerminationReason::Completed);
+}
+
+#[test]
+fn an_approval_timeout_that_escalates_hands_over_the_held_call() {
+    let src = approval_spec(
+        "confirm: true",
+        "approval: {timeout: 1m, on_timeout: escalate}\n",
+    );
+    let mut sim = Sim::new(&src);
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.now = pending.expires_at_ms;
+    sim.advance(call_once_then_answer).unwrap();
+    let h = handoff(&sim);
+    assert_eq!(h["trigger"], "approval_timeout");
+    assert_eq!(h["pending"]["tool"], "lookup");
+    assert_eq!(h["pending"]["arguments"], json!({"key": "a"}));
+}
+
+#[test]
+fn a_budget_warning_escalates_only_when_the_spec_says_so() {
+    let warning = EventKind::BudgetWarning {
+        scope: crate::budget::Scope {
+            key: "tenant:t:2026-11-23".into(),
+            cap: crate::budget::Cap {
+                usd: Some(Usd::from_micros(1_000_000)),
+                tokens: None,
+            },
+        },
+        spent: crate::budget::Amount::default(),
+        percent: 75,
+    };
+    let mut sim = Sim::new(&format!("{SPEC}escalation: {{on: [budget_warning]}}\n"));
+    sim.record(warning.clone());
+    let Some(Effect::Record(EventKind::RunFinished { reason, .. })) =
+        sim.engine.next_effect(sim.now)
+    else {
+        panic!("expected the run to end")
+    };
+    assert_eq!(reason, TerminationReason::Escalated);
+
+    let mut plain = Sim::new(SPEC);
+    plain.record(warning);
+    assert!(matches!(
+        plain.engine.next_effect(plain.now),
+        Some(Effect::CallModel(_))
+    ));
+}
