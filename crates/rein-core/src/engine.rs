@@ -24,6 +24,17 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+/// The instructions of a session's summary step.
+pub const SUMMARIZE_INSTRUCTIONS: &str = "Summarize the conversation below for whoever continues it: the user's goals, facts and decisions established, and anything left open. Be brief; do not invent anything.";
+
+/// The message a summarized session continues from.
+pub fn session_summary_message(summary: &str) -> Message {
+    Message::text(
+        Role::User,
+        format!("(Summary of this session's earlier conversation: {summary})"),
+    )
+}
+
 /// A model call the engine wants made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelCall {
@@ -206,6 +217,10 @@ pub struct Engine {
     repairs: u32,
     /// The user's input, for a handoff.
     input: String,
+    /// The first model call condenses the session's earlier conversation.
+    summarizing: bool,
+    /// Model calls spent on a session summary (so the run's own first call is still `plan`).
+    summary_calls: u32,
     /// Each tool call's outcome so far, for a handoff.
     steps_done: Vec<Value>,
     /// Approvals by the step of the call they hold.
@@ -287,6 +302,8 @@ impl Engine {
             granted_scopes: Vec::new(),
             repairs: 0,
             input: String::new(),
+            summarizing: false,
+            summary_calls: 0,
             steps_done: Vec::new(),
             approvals: BTreeMap::new(),
             paused_ms: 0,
@@ -478,6 +495,37 @@ impl Engine {
                 self.push_message(system);
                 self.push_message(Message::text(Role::User, input.clone()));
             }
+            EventKind::SessionContext {
+                messages,
+                summarize,
+            } => {
+                self.messages.clear();
+                self.message_tokens = 0;
+                if *summarize {
+                    // The first call is the summary; the run proper starts once it is in.
+                    self.summarizing = true;
+                    let transcript: Vec<String> = messages
+                        .iter()
+                        .filter_map(|m| {
+                            let who = match m.role {
+                                Role::User => "User",
+                                Role::Assistant => "Assistant",
+                                _ => return None,
+                            };
+                            m.content.as_ref().map(|c| format!("{who}: {c}"))
+                        })
+                        .collect();
+                    self.push_message(Message::text(Role::System, SUMMARIZE_INSTRUCTIONS));
+                    self.push_message(Message::text(Role::User, transcript.join("\n\n")));
+                } else {
+                    let system = Message::text(Role::System, self.agent.spec.instructions.clone());
+                    self.push_message(system);
+                    for m in messages {
+                        self.push_message(m.clone());
+                    }
+                    self.push_message(Message::text(Role::User, self.input.clone()));
+                }
+            }
             EventKind::BudgetReserved { .. }
             | EventKind::ModelAttemptFailed { .. }
             | EventKind::ModelFellBack { .. }
@@ -546,6 +594,18 @@ impl Engine {
                 self.repair_pending = false;
                 self.usage.add(usage);
                 self.cost += *cost;
+                if self.summarizing {
+                    self.summarizing = false;
+                    self.summary_calls += 1;
+                    self.messages.clear();
+                    self.message_tokens = 0;
+                    let system = Message::text(Role::System, self.agent.spec.instructions.clone());
+                    self.push_message(system);
+                    let summary = content.clone().unwrap_or_default();
+                    self.push_message(session_summary_message(&summary));
+                    self.push_message(Message::text(Role::User, self.input.clone()));
+                    return Ok(());
+                }
                 self.push_message(Message {
                     role: Role::Assistant,
                     content: content.clone(),
@@ -965,10 +1025,11 @@ impl Engine {
             model: chain.first().map_or(&spec.model.primary, |m| *m).id.clone(),
             kind,
             routed: spec.model.routes.contains_key(&kind),
-            tool_choice: if kind == StepKind::Final && !spec.tools.is_empty() {
-                Some(ToolChoice::None)
-            } else {
-                spec.model.tool_choice.clone()
+            tool_choice: match kind {
+                // A summary is sent without tools.
+                StepKind::Summarize => None,
+                StepKind::Final if !spec.tools.is_empty() => Some(ToolChoice::None),
+                _ => spec.model.tool_choice.clone(),
             },
             estimated_input_tokens,
             max_output_tokens,
@@ -981,12 +1042,15 @@ impl Engine {
     /// What the next model call is for, which `model.routes` maps to a model.
     fn step_kind(&self, iteration: u32) -> StepKind {
         let spec = &self.agent.spec;
+        if self.summarizing {
+            return StepKind::Summarize;
+        }
         let can_call_tools = !spec.tools.is_empty()
             && spec.model.tool_choice != Some(ToolChoice::None)
             && self.tool_calls < spec.limits.max_tool_calls;
         if self.repair_pending || !can_call_tools {
             StepKind::Final
-        } else if iteration <= 1 {
+        } else if iteration <= 1 + self.summary_calls {
             StepKind::Plan
         } else {
             StepKind::ToolCall

@@ -43,6 +43,16 @@ pub enum EventKind {
         #[serde(default)]
         granted_scopes: Vec<String>,
     },
+    /// The conversation this run continues: the earlier turns of its session (recorded with
+    /// `run_started`, so a resumed run begins from the same place). With `summarize`, the
+    /// session was idle past its TTL: the run's first model call condenses `messages` into a
+    /// summary, and the run starts from that summary instead of the raw history.
+    SessionContext {
+        /// Earlier turns of the session, oldest first.
+        messages: Vec<crate::message::Message>,
+        /// Whether to summarize them first.
+        summarize: bool,
+    },
     /// The worst case of the next model call is held in every shared budget scope.
     BudgetReserved {
         /// Step of the model call.
@@ -257,6 +267,7 @@ impl EventKind {
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::RunStarted { .. } => "run_started",
+            EventKind::SessionContext { .. } => "session_context",
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",

@@ -68,6 +68,15 @@ pub struct AgentSpec {
     pub approval: ApprovalPolicy,
     /// When the run is handed to a person instead of ending in a failure.
     pub escalation: Escalation,
+    /// Multi-turn conversations: runs in one session continue its conversation.
+    pub session: Option<SessionPolicy>,
+}
+
+/// How runs of one session share a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionPolicy {
+    /// A session idle this long is closed: the next run starts from a summary of it.
+    pub ttl: Duration,
 }
 
 /// When a run ends `escalated`, with a handoff for a person, instead of failing.
@@ -994,6 +1003,7 @@ impl Parser<'_> {
             "scopes",
             "approval",
             "escalation",
+            "session",
         ];
         let f = self.fields(root, "", KNOWN)?;
 
@@ -1074,6 +1084,16 @@ impl Parser<'_> {
         let approval = f
             .get("approval")
             .map_or(Some(DEFAULT_APPROVAL), |n| self.approval(n));
+        let session = match f.get("session") {
+            None => Some(None),
+            Some(n) => self.fields(n, "session", &["ttl"]).and_then(|sf| {
+                let ttl = match sf.get("ttl") {
+                    None => Some(Duration::from_secs(30 * 60)),
+                    Some(t) => self.duration(t, "session.ttl"),
+                };
+                ttl.map(|ttl| Some(SessionPolicy { ttl }))
+            }),
+        };
         let escalation = f
             .get("escalation")
             .map_or(Some(Escalation::default()), |n| {
@@ -1125,6 +1145,7 @@ impl Parser<'_> {
                 scopes: scopes?,
                 approval: approval?,
                 escalation: escalation?,
+                session: session?,
             },
             prices: prices?,
             tool_validators,

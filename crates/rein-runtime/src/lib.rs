@@ -361,6 +361,13 @@ impl Runtime {
             input: request.input.clone(),
             created_ms: now_ms(),
         };
+        let context = match spec.session {
+            Some(policy) => {
+                self.session_context(&request.tenant, &request.session, policy.ttl)
+                    .await?
+            }
+            None => None,
+        };
         let mut driver = Driver {
             runtime: self,
             model,
@@ -379,7 +386,7 @@ impl Runtime {
         driver
             .start(
                 &info,
-                EventKind::RunStarted {
+                std::iter::once(EventKind::RunStarted {
                     agent: spec.name.clone(),
                     agent_version: spec.version,
                     spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
@@ -389,10 +396,71 @@ impl Runtime {
                     session: request.session,
                     job: request.job,
                     granted_scopes: request.granted_scopes,
-                },
+                })
+                .chain(context)
+                .collect(),
             )
             .await?;
         driver.drive().await
+    }
+
+    /// The conversation a new run of `session` continues: the context of the session's latest
+    /// run, plus that run's own turn (its input and answer). A session idle past `ttl` is
+    /// closed: the new run starts by summarizing that conversation.
+    async fn session_context(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        ttl: Duration,
+    ) -> Result<Option<EventKind>, RuntimeError> {
+        let Some(last) = self.store.latest_in_session(tenant, session).await? else {
+            return Ok(None);
+        };
+        let events = self.store.events(tenant, &last.info.id).await?;
+        let mut messages = Vec::new();
+        let mut summarized = false;
+        for sealed in &events {
+            match sealed.decode()?.kind {
+                EventKind::SessionContext {
+                    messages: earlier,
+                    summarize,
+                } => {
+                    summarized = summarize;
+                    if !summarize {
+                        messages = earlier;
+                    }
+                }
+                // A summarized run's first answer is the summary it continued from.
+                EventKind::ModelResponded { content, .. } if summarized => {
+                    messages = vec![rein_core::engine::session_summary_message(
+                        content.as_deref().unwrap_or_default(),
+                    )];
+                    summarized = false;
+                }
+                _ => {}
+            }
+        }
+        if let (RunStatus::Completed, Some(output)) = (last.progress.status, &last.progress.output)
+        {
+            let answer = match output {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            messages.push(rein_core::Message::text(
+                rein_core::Role::User,
+                last.info.input.clone(),
+            ));
+            messages.push(rein_core::Message::text(rein_core::Role::Assistant, answer));
+        }
+        if messages.is_empty() {
+            return Ok(None);
+        }
+        let idle_ms = now_ms() - last.updated_ms;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        Ok(Some(EventKind::SessionContext {
+            messages,
+            summarize: idle_ms >= ttl_ms,
+        }))
     }
 
     /// Continues a run from its log (after a crash, or a run left `running`), under the spec
@@ -556,18 +624,25 @@ impl Driver<'_> {
         })
     }
 
-    /// Stores the run and its first event (`run_started`) at once, and folds it into the engine.
-    async fn start(&mut self, info: &RunInfo, kind: EventKind) -> Result<(), RuntimeError> {
-        let event = Event {
-            seq: 0,
-            ts_ms: info.created_ms,
-            kind,
-        };
-        let sealed = event.seal(&self.run_id, rein_core::GENESIS_HASH);
-        self.engine.apply(&event)?;
+    /// Stores the run with its first events (`run_started`, and the session's context if
+    /// any) at once, and folds them into the engine.
+    async fn start(&mut self, info: &RunInfo, kinds: Vec<EventKind>) -> Result<(), RuntimeError> {
+        let mut sealed = Vec::with_capacity(kinds.len());
+        let mut prev = rein_core::GENESIS_HASH.to_string();
+        for (seq, kind) in kinds.into_iter().enumerate() {
+            let event = Event {
+                seq: seq as u64,
+                ts_ms: info.created_ms,
+                kind,
+            };
+            let one = event.seal(&self.run_id, &prev);
+            self.engine.apply(&event)?;
+            prev = one.hash.clone();
+            sealed.push(one);
+        }
         self.runtime.store.create_run(info, &sealed).await?;
-        self.prev_hash = sealed.hash;
-        self.next_seq = 1;
+        self.prev_hash = prev;
+        self.next_seq = sealed.len() as u64;
         Ok(())
     }
 
@@ -828,6 +903,7 @@ impl Driver<'_> {
         let sink = self.sink;
         let started = Instant::now();
         let chain = spec.model.step_chain(call.kind);
+        let summary = call.kind == rein_core::spec::StepKind::Summarize;
         let mut answered: Option<(&str, rein_core::ModelReply, u32)> = None;
         let mut last_failure: Option<(&str, ModelError, u32)> = None;
         let mut open_breakers = 0;
@@ -865,10 +941,14 @@ impl Driver<'_> {
                     // strips its own prefix.
                     model: entry,
                     messages: self.engine.messages(),
-                    tools: self.engine.tool_definitions(),
+                    tools: if summary {
+                        &[]
+                    } else {
+                        self.engine.tool_definitions()
+                    },
                     max_output_tokens: spec.model.max_output_tokens,
                     temperature: spec.model.temperature,
-                    output_schema: spec.output_schema.as_ref(),
+                    output_schema: spec.output_schema.as_ref().filter(|_| !summary),
                     tool_choice: call.tool_choice.as_ref(),
                     endpoint: Endpoint::of(model_ref),
                 };

@@ -1668,3 +1668,108 @@ escalation: {{on: [repeated_tool_failure]}}
     assert_eq!(record.progress.status, RunStatus::Escalated);
     assert_eq!(record.progress.output.as_ref(), outcome.output.as_ref());
 }
+
+#[tokio::test]
+async fn a_session_carries_its_conversation_and_an_expired_one_starts_from_a_summary() {
+    let server = FakeOpenAi::start(|_, body| {
+        let first = body["messages"][0]["content"].as_str().unwrap_or("");
+        let last = body["messages"].as_array().unwrap().last().unwrap()["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if first == rein_core::engine::SUMMARIZE_INSTRUCTIONS {
+            FakeResponse::text("The user is Ann.", 50, 5)
+        } else {
+            FakeResponse::text(&format!("reply to: {last}"), 20, 5)
+        }
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = r#"
+name: chat
+version: 1
+model: {primary: openai/gpt-4o-mini}
+instructions: Chat.
+tools:
+  - name: nap
+    source: {builtin: sleep}
+    contract: {side_effects: none}
+limits: {max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}
+session: {ttl: 400ms}
+"#;
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let turn = |input: &'static str| {
+        let request = request(src, input, "acme", "ann", "conv", &[]);
+        let runtime = h.runtime.clone();
+        let client = client.clone();
+        async move { runtime.run(request, &client).await.unwrap() }
+    };
+    let contents = |body: &serde_json::Value| -> Vec<String> {
+        body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+
+    turn("My name is Ann.").await;
+    let second = turn("What is my name?").await;
+    assert_eq!(second.reason, Some(TerminationReason::Completed));
+    let requests = server.requests();
+    assert_eq!(
+        contents(&requests[1].0),
+        [
+            "Chat.",
+            "My name is Ann.",
+            "reply to: My name is Ann.",
+            "What is my name?"
+        ],
+        "within the TTL the run continues the conversation"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = turn("Anything else?").await;
+    assert_eq!(third.reason, Some(TerminationReason::Completed));
+    let requests = server.requests();
+    let (summary_call, _) = &requests[2];
+    assert_eq!(
+        contents(summary_call)[0],
+        rein_core::engine::SUMMARIZE_INSTRUCTIONS
+    );
+    assert!(contents(summary_call)[1].contains("User: What is my name?"));
+    assert!(
+        summary_call.get("tools").is_none(),
+        "a summary is asked without tools"
+    );
+    let (answer_call, _) = &requests[3];
+    let sent = contents(answer_call);
+    assert_eq!(
+        sent,
+        [
+            "Chat.",
+            "(Summary of this session's earlier conversation: The user is Ann.)",
+            "Anything else?"
+        ],
+        "after the TTL the run starts from the summary, not the old messages"
+    );
+    assert_eq!(
+        third.iterations, 2,
+        "the summary is one of the run's own, budgeted calls"
+    );
+
+    // The next run continues from the summary plus the latest turn.
+    turn("Thanks.").await;
+    let requests = server.requests();
+    assert_eq!(
+        contents(&requests[4].0),
+        [
+            "Chat.",
+            "(Summary of this session's earlier conversation: The user is Ann.)",
+            "Anything else?",
+            "reply to: Anything else?",
+            "Thanks."
+        ]
+    );
+}

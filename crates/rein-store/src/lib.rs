@@ -270,14 +270,18 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    /// Records a new run together with its first event, `run_started`, in one transaction: a
-    /// run is never stored without the event that starts its log, so a process killed at any
-    /// point leaves either nothing or a run that can be resumed.
-    pub async fn create_run(&self, run: &RunInfo, started: &SealedEvent) -> Result<(), StoreError> {
-        if started.seq != 0 || started.run_id != run.id || started.kind != "run_started" {
+    /// Records a new run together with the first events of its log (`run_started`, and the
+    /// session context it starts from) in one transaction: a run is never stored without the
+    /// events that start it, so a process killed at any point leaves either nothing or a run
+    /// that can be resumed.
+    pub async fn create_run(&self, run: &RunInfo, first: &[SealedEvent]) -> Result<(), StoreError> {
+        let starts = first
+            .first()
+            .is_some_and(|e| e.seq == 0 && e.kind == "run_started");
+        if !starts || first.iter().any(|e| e.run_id != run.id) {
             return Err(StoreError::Conflict {
                 run_id: run.id.clone(),
-                seq: started.seq,
+                seq: 0,
             });
         }
         let mut tx = self.pool.begin().await?;
@@ -300,7 +304,9 @@ impl SqliteStore {
         .bind(run.created_ms)
         .execute(&mut *tx)
         .await?;
-        insert_event(&mut *tx, &run.tenant, started).await?;
+        for event in first {
+            insert_event(&mut *tx, &run.tenant, event).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -314,6 +320,22 @@ impl SqliteStore {
     /// interleave events in one run.
     pub async fn append(&self, tenant: &TenantId, event: &SealedEvent) -> Result<(), StoreError> {
         insert_event(&self.pool, tenant, event).await
+    }
+
+    /// The newest run of `tenant`'s `session`, if any.
+    pub async fn latest_in_session(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let row = sqlx::query(select_runs!(
+            "WHERE tenant = ? AND session_id = ? ORDER BY created_ms DESC, id DESC LIMIT 1"
+        ))
+        .bind(tenant.as_str())
+        .bind(session.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| run_from_row(&r)).transpose()
     }
 
     /// One run of `tenant`.
@@ -608,7 +630,7 @@ mod tests {
         let t1 = TenantId::new("t1");
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), &first)
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
             .await
             .unwrap();
         let finished = Event {
@@ -643,7 +665,7 @@ mod tests {
         let t1 = TenantId::new("t1");
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), &first)
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
             .await
             .unwrap();
         let err = store.append(&t1, &first).await.unwrap_err();
@@ -655,7 +677,7 @@ mod tests {
         let store = SqliteStore::in_memory().await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), &first)
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
             .await
             .unwrap();
         let other = TenantId::new("t2");
@@ -682,7 +704,7 @@ mod tests {
         let store = SqliteStore::in_memory().await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), &first)
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
             .await
             .unwrap();
         assert!(
