@@ -146,6 +146,9 @@ enum Command {
     },
     /// Measure the engine's own overhead per step and its memory per in-flight run.
     Bench(bench::BenchArgs),
+    /// Execute queued runs (`rein run --detach`), and take over runs whose process died,
+    /// under leases: several workers share one store and never drive one run at once.
+    Worker(WorkerArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -191,8 +194,28 @@ struct RunArgs {
     /// Batch job the run belongs to.
     #[arg(long)]
     job: Option<String>,
+    /// Queue the run for `rein worker` and print its id at once, instead of running it here.
+    #[arg(long)]
+    detach: bool,
     #[command(flatten)]
     exec: ExecArgs,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// How long a claimed run's lease lasts unless renewed (it is, a third of the way in);
+    /// a worker that dies loses its runs to the others once it expires.
+    #[arg(long, default_value = "30s", value_parser = parse_lease)]
+    lease: std::time::Duration,
+    /// Exit once no run is queued or running (default: wait for more).
+    #[arg(long)]
+    until_idle: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
+    rein_core::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -229,6 +252,9 @@ struct ResumeArgs {
     run_id: String,
     #[arg(long, default_value = "default")]
     tenant: String,
+    /// Resume even while another process holds the run's lease (it is known to be dead).
+    #[arg(long)]
+    take_over: bool,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -319,6 +345,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             let resume = ResumeArgs {
                 run_id: args.run_id,
                 tenant: args.tenant,
+                take_over: false,
                 exec: args.exec,
             };
             continue_run(resume, Some(decision)).await
@@ -342,6 +369,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         } => costs(by, since.as_deref(), &tenant, all_tenants, json, &store).await,
         Command::Demo { store } => demo::run(&store.db).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Worker(args) => worker(args).await,
     }
 }
 
@@ -507,7 +535,15 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let source = read_file(&args.spec)?;
     let agent = parse_agent(&file, &source, &config, &builtins)?;
     let http = http_client()?;
-    let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
+    // A detached run is executed by a worker, which brings its own model.
+    let model = match args.detach {
+        true => None,
+        false => Some(model_for(
+            &agent,
+            args.exec.script.as_deref(),
+            http.clone(),
+        )?),
+    };
     let store = open_store(&args.exec.store).await?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
     let request = RunRequest {
@@ -522,6 +558,12 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         ),
         job: args.job.map(JobId::new),
+    };
+    let Some(model) = model else {
+        let id = runtime.enqueue(request).await?;
+        store.close().await;
+        say!("{id}");
+        return Ok(exit::OK);
     };
     // The run id comes first, on stderr, before anything can go wrong: a process killed
     // mid-run is resumed by it (`rein runs resume RUN_ID`).
@@ -599,6 +641,38 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bo
     }
 }
 
+/// `rein worker`: claims and drives runs until stopped (or, with --until-idle, until none is
+/// queued or running).
+async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
+    let config = config::load(args.exec.config.config.as_deref())
+        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let store = open_store(&args.exec.store).await?;
+    let builtins = Builtins::standard();
+    let http = http_client()?;
+    let model: Box<dyn Model> = match args.exec.script.as_deref() {
+        Some(path) => Box::new(
+            ScriptedModel::parse(&path.display().to_string(), &read_file(path)?)
+                .map_err(|e| anyhow!(BadInput(e.to_string())))?,
+        ),
+        None => Box::new(ProviderRouter::from_env(http.clone())),
+    };
+    let runtime = runtime_for(&config, &store, builtins, http)
+        .await?
+        .with_lease(args.lease);
+    loop {
+        match runtime.work_one(&config.prices, model.as_ref()).await {
+            Ok(Some(outcome)) => print_outcome(&outcome, args.exec.json, false),
+            Ok(None) if args.until_idle && store.unfinished().await? == 0 => break,
+            Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            // One run's failure (a spec that no longer checks, a lost lease) is reported and
+            // the worker goes on with the next.
+            Err(e) => eprintln!("worker: {e}"),
+        }
+    }
+    store.close().await;
+    Ok(exit::OK)
+}
+
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     continue_run(args, None).await
 }
@@ -648,11 +722,22 @@ async fn continue_run(
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
     let outcome = match decision {
-        None => {
+        None if args.take_over => {
             runtime
-                .resume(&tenant, &id, &config.prices, model.as_ref())
+                .take_over(&tenant, &id, &config.prices, model.as_ref())
                 .await?
         }
+        None => match runtime
+            .resume(&tenant, &id, &config.prices, model.as_ref())
+            .await
+        {
+            Err(e @ rein_runtime::RuntimeError::Leased(_)) => {
+                return Err(anyhow!(BadInput(format!(
+                    "{e} (pass --take-over if that process is known to be dead)"
+                ))));
+            }
+            other => other?,
+        },
         Some(decision) => match runtime
             .decide(&tenant, &id, &config.prices, model.as_ref(), decision)
             .await
@@ -865,7 +950,7 @@ fn record_mismatch(
         Some("iteration count")
     } else if log.tool_calls != p.tool_calls {
         Some("tool call count")
-    } else if log.status() != p.status || log.finished.map(|(_, r)| r) != p.reason {
+    } else if !same_status(log.status(), p.status) || log.finished.map(|(_, r)| r) != p.reason {
         Some("status")
     } else if log.output != p.output {
         Some("output")
@@ -952,4 +1037,14 @@ async fn costs(
     ]);
     say!("{}", render::table(&rows));
     Ok(exit::OK)
+}
+
+/// Whether a log's status and its run row's agree. A log cannot tell a queued run from a
+/// running one (claiming a run is not an event), so those two agree with each other.
+fn same_status(from_log: RunStatus, stored: RunStatus) -> bool {
+    let settled = |s| match s {
+        RunStatus::Queued => RunStatus::Running,
+        other => other,
+    };
+    settled(from_log) == settled(stored)
 }

@@ -100,6 +100,7 @@ fn finish(dir: &Path, id: &str) -> Value {
                 "runs",
                 "resume",
                 id,
+                "--take-over",
                 "--script",
                 "script.yaml",
                 "--json",

@@ -62,6 +62,11 @@ pub enum RuntimeError {
     /// The spec a run pinned no longer checks (a price or built-in it needs is gone).
     #[error("{0}")]
     PinnedSpec(rein_core::SpecErrors),
+    /// Another process holds a live lease on the run: it is being driven there.
+    #[error(
+        "run {0} is being driven by another process (it holds the run's lease); try again once that process is done or its lease expires"
+    )]
+    Leased(RunId),
     /// A decision was given for a run that is not waiting for one.
     #[error("run {0} is not awaiting approval")]
     NotAwaitingApproval(RunId),
@@ -165,6 +170,65 @@ pub struct Runtime {
     rate_limits: Option<RateLimits>,
     bulkheads: Option<Bulkheads>,
     step_timings: bool,
+    /// This process's name as a lease holder.
+    owner: String,
+    /// How long a lease lasts unless renewed.
+    lease_ms: i64,
+}
+
+/// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
+pub const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// Renews a run's lease in the background while the run is driven; stops when dropped.
+struct LeaseKeeper(tokio::task::JoinHandle<()>);
+
+impl LeaseKeeper {
+    fn start(store: SqliteStore, run: RunId, owner: String, lease_ms: i64) -> Self {
+        LeaseKeeper(tokio::spawn(async move {
+            let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1).max(1));
+            loop {
+                tokio::time::sleep(every).await;
+                let lease = rein_store::Lease {
+                    owner: &owner,
+                    until_ms: now_ms() + lease_ms,
+                };
+                // A lost lease means another worker took the run over (this one was presumed
+                // dead); this one's next append then fails on position and it stops.
+                if !matches!(store.renew(&run, lease).await, Ok(true)) {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Seals a new run's first events into the start of its chain.
+fn seal_first(
+    run_id: &RunId,
+    ts_ms: i64,
+    kinds: Vec<EventKind>,
+) -> Vec<(Event, rein_core::SealedEvent)> {
+    let mut prev = rein_core::GENESIS_HASH.to_string();
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(seq, kind)| {
+            let event = Event {
+                seq: seq as u64,
+                ts_ms,
+                kind,
+            };
+            let sealed = event.seal(run_id, &prev);
+            prev = sealed.hash.clone();
+            (event, sealed)
+        })
+        .collect()
 }
 
 fn now_ms() -> i64 {
@@ -186,7 +250,45 @@ impl Runtime {
             tools,
             governor: None,
             step_timings: false,
+            owner: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            lease_ms: DEFAULT_LEASE_MS,
         }
+    }
+
+    /// How long this process's leases on runs last unless renewed.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(30);
+        self
+    }
+
+    /// Queues a run for a worker (`rein worker`) and returns its id at once: the run is stored
+    /// with its first events, `queued` and unleased.
+    pub async fn enqueue(&self, request: RunRequest) -> Result<RunId, RuntimeError> {
+        let run_id = Runtime::new_run_id();
+        let (info, kinds) = self.first_events(&run_id, request).await?;
+        let sealed = seal_first(&run_id, info.created_ms, kinds);
+        let events: Vec<_> = sealed.into_iter().map(|(_, s)| s).collect();
+        self.store.create_run(&info, &events, None).await?;
+        Ok(run_id)
+    }
+
+    /// Claims one run a worker may drive (queued, or running under an expired lease) and drives
+    /// it under a renewed lease; `None` when there is none.
+    pub async fn work_one(
+        &self,
+        prices: &PriceTable,
+        model: &dyn Model,
+    ) -> Result<Option<RunOutcome>, RuntimeError> {
+        let lease = rein_store::Lease {
+            owner: &self.owner,
+            until_ms: now_ms() + self.lease_ms,
+        };
+        let Some((tenant, run_id)) = self.store.claim(lease, now_ms()).await? else {
+            return Ok(None);
+        };
+        self.continue_run(&tenant, &run_id, prices, model, None, false)
+            .await
+            .map(Some)
     }
 
     /// Enforces shared budgets: every model call reserves its worst case in every capped scope
@@ -348,6 +450,48 @@ impl Runtime {
         model: &dyn Model,
         sink: Option<&TokenSink>,
     ) -> Result<RunOutcome, RuntimeError> {
+        let agent = request.agent.clone();
+        let (tenant, user, session) = (
+            request.tenant.clone(),
+            request.user.clone(),
+            request.session.clone(),
+        );
+        let (info, kinds) = self.first_events(&run_id, request).await?;
+        let mut driver = Driver {
+            runtime: self,
+            model,
+            sink,
+            tenant,
+            user,
+            session,
+            run_id: run_id.clone(),
+            engine: Engine::new(agent),
+            prev_hash: rein_core::GENESIS_HASH.to_string(),
+            next_seq: 0,
+            overheads: Vec::new(),
+            detail: None,
+            models_used: Default::default(),
+        };
+        driver.start(&info, kinds).await?;
+        let keeper = LeaseKeeper::start(
+            self.store.clone(),
+            run_id.clone(),
+            self.owner.clone(),
+            self.lease_ms,
+        );
+        let outcome = driver.drive().await;
+        drop(keeper);
+        self.store.release(&run_id, &self.owner).await?;
+        outcome
+    }
+
+    /// A new run's identity and the events its log starts with: `run_started`, and the
+    /// session's conversation when the spec continues sessions.
+    async fn first_events(
+        &self,
+        run_id: &RunId,
+        request: RunRequest,
+    ) -> Result<(RunInfo, Vec<EventKind>), RuntimeError> {
         let spec = &request.agent.spec;
         let info = RunInfo {
             id: run_id.clone(),
@@ -368,40 +512,20 @@ impl Runtime {
             }
             None => None,
         };
-        let mut driver = Driver {
-            runtime: self,
-            model,
-            sink,
-            tenant: request.tenant.clone(),
-            user: request.user.clone(),
-            session: request.session.clone(),
-            run_id,
-            engine: Engine::new(request.agent.clone()),
-            prev_hash: rein_core::GENESIS_HASH.to_string(),
-            next_seq: 0,
-            overheads: Vec::new(),
-            detail: None,
-            models_used: Default::default(),
-        };
-        driver
-            .start(
-                &info,
-                std::iter::once(EventKind::RunStarted {
-                    agent: spec.name.clone(),
-                    agent_version: spec.version,
-                    spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
-                    input: request.input,
-                    tenant: request.tenant,
-                    user: request.user,
-                    session: request.session,
-                    job: request.job,
-                    granted_scopes: request.granted_scopes,
-                })
-                .chain(context)
-                .collect(),
-            )
-            .await?;
-        driver.drive().await
+        let kinds = std::iter::once(EventKind::RunStarted {
+            agent: spec.name.clone(),
+            agent_version: spec.version,
+            spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
+            input: request.input,
+            tenant: request.tenant,
+            user: request.user,
+            session: request.session,
+            job: request.job,
+            granted_scopes: request.granted_scopes,
+        })
+        .chain(context)
+        .collect();
+        Ok((info, kinds))
     }
 
     /// The conversation a new run of `session` continues: the context of the session's latest
@@ -472,7 +596,21 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
-        self.continue_run(tenant, run_id, prices, model, None).await
+        self.continue_run(tenant, run_id, prices, model, None, false)
+            .await
+    }
+
+    /// [`Runtime::resume`] even while another process holds the run's lease: for an operator
+    /// who knows that process is gone (`kill -9`) and will not wait for the lease to expire.
+    pub async fn take_over(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        prices: &PriceTable,
+        model: &dyn Model,
+    ) -> Result<RunOutcome, RuntimeError> {
+        self.continue_run(tenant, run_id, prices, model, None, true)
+            .await
     }
 
     /// Records a person's decision on the run's pending approval, then drives the run on: an
@@ -486,7 +624,7 @@ impl Runtime {
         model: &dyn Model,
         decision: Decision,
     ) -> Result<RunOutcome, RuntimeError> {
-        self.continue_run(tenant, run_id, prices, model, Some(decision))
+        self.continue_run(tenant, run_id, prices, model, Some(decision), false)
             .await
     }
 
@@ -497,6 +635,7 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
         decision: Option<Decision>,
+        take_over: bool,
     ) -> Result<RunOutcome, RuntimeError> {
         let record = self.store.run(tenant, run_id).await?;
         let builtins = self.tools.builtins().infos();
@@ -517,6 +656,20 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()?;
         let lease = run_lease_ms(&agent);
         let engine = Engine::replay(Arc::new(agent), &events)?;
+        let held = rein_store::Lease {
+            owner: &self.owner,
+            until_ms: now_ms() + self.lease_ms,
+        };
+        let now = if take_over { i64::MAX } else { now_ms() };
+        if !self.store.acquire(run_id, held, now).await? {
+            return Err(RuntimeError::Leased(run_id.clone()));
+        }
+        let _keeper = LeaseKeeper::start(
+            self.store.clone(),
+            run_id.clone(),
+            self.owner.clone(),
+            self.lease_ms,
+        );
         let decided = match (&decision, engine.pending_approval()) {
             (None, _) => None,
             (Some(d), Some(pending)) => Some(pending.decided(d.approved, &d.by, d.reason.clone())),
@@ -554,6 +707,7 @@ impl Runtime {
         }
         .await;
         self.leave_bulkhead(tenant, run_id.as_str()).await?;
+        self.store.release(run_id, &self.owner).await?;
         outcome
     }
 }
@@ -628,20 +782,21 @@ impl Driver<'_> {
     /// any) at once, and folds them into the engine.
     async fn start(&mut self, info: &RunInfo, kinds: Vec<EventKind>) -> Result<(), RuntimeError> {
         let mut sealed = Vec::with_capacity(kinds.len());
-        let mut prev = rein_core::GENESIS_HASH.to_string();
-        for (seq, kind) in kinds.into_iter().enumerate() {
-            let event = Event {
-                seq: seq as u64,
-                ts_ms: info.created_ms,
-                kind,
-            };
-            let one = event.seal(&self.run_id, &prev);
+        for (event, one) in seal_first(&self.run_id, info.created_ms, kinds) {
             self.engine.apply(&event)?;
-            prev = one.hash.clone();
             sealed.push(one);
         }
-        self.runtime.store.create_run(info, &sealed).await?;
-        self.prev_hash = prev;
+        let lease = rein_store::Lease {
+            owner: &self.runtime.owner,
+            until_ms: now_ms() + self.runtime.lease_ms,
+        };
+        self.runtime
+            .store
+            .create_run(info, &sealed, Some(lease))
+            .await?;
+        self.prev_hash = sealed
+            .last()
+            .map_or_else(|| rein_core::GENESIS_HASH.to_string(), |e| e.hash.clone());
         self.next_seq = sealed.len() as u64;
         Ok(())
     }

@@ -274,7 +274,13 @@ impl SqliteStore {
     /// session context it starts from) in one transaction: a run is never stored without the
     /// events that start it, so a process killed at any point leaves either nothing or a run
     /// that can be resumed.
-    pub async fn create_run(&self, run: &RunInfo, first: &[SealedEvent]) -> Result<(), StoreError> {
+    /// `lease` is `None` for a queued run (a worker will claim it), or its holder and expiry.
+    pub async fn create_run(
+        &self,
+        run: &RunInfo,
+        first: &[SealedEvent],
+        lease: Option<Lease<'_>>,
+    ) -> Result<(), StoreError> {
         let starts = first
             .first()
             .is_some_and(|e| e.seq == 0 && e.kind == "run_started");
@@ -286,8 +292,8 @@ impl SqliteStore {
         }
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(run.id.as_str())
         .bind(run.tenant.as_str())
@@ -298,10 +304,15 @@ impl SqliteStore {
         .bind(i64::from(run.agent_version))
         .bind(&run.spec)
         .bind(&run.input)
-        .bind(RunStatus::Running.as_str())
+        .bind(match lease {
+            Some(_) => RunStatus::Running.as_str(),
+            None => RunStatus::Queued.as_str(),
+        })
         .bind(GENESIS_HASH)
         .bind(run.created_ms)
         .bind(run.created_ms)
+        .bind(lease.map(|l| l.owner))
+        .bind(lease.map_or(0, |l| l.until_ms))
         .execute(&mut *tx)
         .await?;
         for event in first {
@@ -320,6 +331,90 @@ impl SqliteStore {
     /// interleave events in one run.
     pub async fn append(&self, tenant: &TenantId, event: &SealedEvent) -> Result<(), StoreError> {
         insert_event(&self.pool, tenant, event).await
+    }
+
+    /// Claims the oldest run a worker may drive: a queued one, or a running one whose lease
+    /// expired (its holder died). One statement, so two workers never claim the same run.
+    pub async fn claim(
+        &self,
+        lease: Lease<'_>,
+        now_ms: i64,
+    ) -> Result<Option<(TenantId, RunId)>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE runs SET status = 'running', lease_owner = ?, lease_until_ms = ?
+             WHERE id = (SELECT id FROM runs
+                         WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < ?)
+                         ORDER BY created_ms LIMIT 1)
+               AND (status = 'queued' OR (status = 'running' AND lease_until_ms < ?))
+             RETURNING tenant, id",
+        )
+        .bind(lease.owner)
+        .bind(lease.until_ms)
+        .bind(now_ms)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok((
+                TenantId::new(r.try_get::<String, _>("tenant")?),
+                RunId::new(r.try_get::<String, _>("id")?),
+            ))
+        })
+        .transpose()
+    }
+
+    /// Takes the lease on `run` for `lease.owner` if no one else holds a live one; `false` when
+    /// another process is driving it.
+    pub async fn acquire(
+        &self,
+        run: &RunId,
+        lease: Lease<'_>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE runs SET lease_owner = ?, lease_until_ms = ?
+             WHERE id = ? AND (lease_until_ms < ? OR lease_owner = ?)",
+        )
+        .bind(lease.owner)
+        .bind(lease.until_ms)
+        .bind(run.as_str())
+        .bind(now_ms)
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Extends `lease.owner`'s lease on `run`; `false` when the lease is no longer theirs.
+    pub async fn renew(&self, run: &RunId, lease: Lease<'_>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued')",
+        )
+        .bind(lease.until_ms)
+        .bind(run.as_str())
+        .bind(lease.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives `owner`'s lease on `run` up (the run finished, or waits for a person).
+    pub async fn release(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?")
+            .bind(run.as_str())
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How many runs, of every tenant, are queued or running (an operator's view for workers).
+    pub async fn unfinished(&self) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The newest run of `tenant`'s `session`, if any.
@@ -531,6 +626,15 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
     })
 }
 
+/// Who drives a run, and until when (ms since the epoch) unless renewed.
+#[derive(Clone, Copy, Debug)]
+pub struct Lease<'a> {
+    /// The holder (a worker's or process's id).
+    pub owner: &'a str,
+    /// Expiry.
+    pub until_ms: i64,
+}
+
 /// Inserts `event` if it extends `tenant`'s run by exactly one (see [`SqliteStore::append`]).
 async fn insert_event<'e>(
     executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
@@ -630,7 +734,7 @@ mod tests {
         let t1 = TenantId::new("t1");
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
         let finished = Event {
@@ -665,7 +769,7 @@ mod tests {
         let t1 = TenantId::new("t1");
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
         let err = store.append(&t1, &first).await.unwrap_err();
@@ -673,11 +777,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
+            .await
+            .unwrap();
+        let lease = |owner, until_ms| Lease { owner, until_ms };
+        let claimed = store.claim(lease("w1", 1_000), 0).await.unwrap();
+        assert_eq!(claimed, Some((TenantId::new("t1"), RunId::new("r1"))));
+        assert_eq!(
+            store.claim(lease("w2", 1_000), 10).await.unwrap(),
+            None,
+            "w1 holds it"
+        );
+        let r1 = RunId::new("r1");
+        assert!(!store.acquire(&r1, lease("w2", 2_000), 500).await.unwrap());
+        assert!(store.renew(&r1, lease("w1", 1_500)).await.unwrap());
+        assert_eq!(
+            store.claim(lease("w2", 3_000), 1_200).await.unwrap(),
+            None,
+            "renewed"
+        );
+        // w1 died: once its lease runs out, w2 takes the run over, and w1 cannot renew it.
+        let taken = store.claim(lease("w2", 3_000), 1_600).await.unwrap();
+        assert_eq!(taken.map(|(_, id)| id), Some(r1.clone()));
+        assert!(!store.renew(&r1, lease("w1", 4_000)).await.unwrap());
+        assert_eq!(store.unfinished().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn another_tenants_runs_are_invisible() {
         let store = SqliteStore::in_memory().await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
         let other = TenantId::new("t2");
@@ -704,7 +839,7 @@ mod tests {
         let store = SqliteStore::in_memory().await.unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
-            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first))
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
         assert!(

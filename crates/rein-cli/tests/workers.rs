@@ -1,0 +1,172 @@
+//! Scale-out: queued runs (`rein run --detach`) executed by three `rein worker` processes on
+//! one store, one of them killed with SIGKILL midway. Every run finishes exactly once: the
+//! tool service saw each run's side effect applied once, and no run was lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_fakes::ToolService;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 60;
+
+const SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: pay, arguments: {n: 1}}]
+  - text: paid
+"#;
+
+fn spec(url: &str) -> String {
+    format!(
+        r#"
+name: payer
+version: 1
+model: {{primary: openai/gpt-4o-mini}}
+instructions: Pay.
+tools:
+  - name: pay
+    description: Makes a payment.
+    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    source: {{http: {{url: "{url}/apply?ms=40", method: POST}}}}
+    contract: {{timeout: 5s, side_effects: external}}
+limits: {{max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}}
+"#
+    )
+}
+
+fn rein(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn worker(dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "worker",
+            "--until-idle",
+            "--lease",
+            "1s",
+            "--script",
+            "script.yaml",
+        ])
+        .args(["--db", "runs.db"])
+        .current_dir(dir)
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), spec(&service.url())).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+
+    let mut queued = Vec::new();
+    for i in 0..RUNS {
+        let input = format!("payment {i}");
+        let out = rein(
+            dir.path(),
+            &[
+                "run",
+                "agent.yaml",
+                "--input",
+                &input,
+                "--detach",
+                "--db",
+                "runs.db",
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        queued.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    }
+    let listed = rein(
+        dir.path(),
+        &[
+            "runs", "list", "--json", "--limit", "1000", "--db", "runs.db",
+        ],
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "queued")
+    );
+    assert_eq!(service.hits("apply"), 0, "queued, not run");
+
+    let mut workers: Vec<Child> = (0..3).map(|_| worker(dir.path())).collect();
+    let started = Instant::now();
+    while service.applied().len() < RUNS / 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the workers made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = workers[0].kill(); // SIGKILL, possibly in the middle of a payment
+    let _ = workers[0].wait();
+    for w in &mut workers[1..] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if w.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a worker never went idle");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let listed = rein(
+        dir.path(),
+        &[
+            "runs", "list", "--json", "--limit", "1000", "--db", "runs.db",
+        ],
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let runs = listed.as_array().unwrap();
+    assert_eq!(runs.len(), RUNS);
+    for run in runs {
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["tool_calls"], 1, "{run}");
+    }
+    let applied = service.applied();
+    assert_eq!(
+        applied.len(),
+        RUNS,
+        "one effect per run, none lost, none doubled"
+    );
+    for id in &queued {
+        assert_eq!(applied.get(&format!("{id}:2")), Some(&1), "{id}");
+    }
+    assert!(
+        service.hits("apply") <= RUNS + 1,
+        "only a run cut off by the kill was called again (under its key): {} calls",
+        service.hits("apply")
+    );
+    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
