@@ -7,7 +7,7 @@
 use crate::{BadInput, config, exit, http_client, parse_agent, render};
 use anyhow::{Context, anyhow};
 use rein_core::budget::{BudgetPolicy, Cap};
-use rein_core::{SessionId, TenantId, TerminationReason, Usd, UserId};
+use rein_core::{SessionId, TenantId, Usd, UserId};
 use rein_fakes::ToolService;
 use rein_providers::{Model, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunOutcome, RunRequest};
@@ -22,14 +22,15 @@ struct Scenario {
     script: &'static str,
     input: &'static str,
     shows: &'static str,
-    expect: TerminationReason,
+    /// The termination reason it must end with, or the status when it does not end.
+    expect: &'static str,
 }
 
 macro_rules! scenario {
-    ($name:literal, $input:literal, $shows:literal, $expect:ident) => {
+    ($name:literal, $input:literal, $shows:literal, $expect:literal) => {
         scenario!($name, "default", $input, $shows, $expect)
     };
-    ($name:literal, $tenant:literal, $input:literal, $shows:literal, $expect:ident) => {
+    ($name:literal, $tenant:literal, $input:literal, $shows:literal, $expect:literal) => {
         Scenario {
             name: $name,
             tenant: $tenant,
@@ -37,7 +38,7 @@ macro_rules! scenario {
             script: include_str!(concat!("../../../examples/demo/", $name, ".script.yaml")),
             input: $input,
             shows: $shows,
-            expect: TerminationReason::$expect,
+            expect: $expect,
         }
     };
 }
@@ -51,49 +52,61 @@ const SCENARIOS: &[Scenario] = &[
         "demo-budget",
         "Summarise the annual report.",
         "a tenant's shared daily budget refuses the call it cannot cover",
-        BudgetExhausted
+        "budget_exhausted"
     ),
     scenario!(
         "unauthorised-tool",
         "Cancel order 42.",
         "a tool outside the agent's scopes is refused by the runtime, never called",
-        Completed
+        "completed"
     ),
     scenario!(
         "runaway-loop",
         "What is our refund policy?",
         "a model that never stops is stopped by max_iterations",
-        MaxIterations
+        "max_iterations"
     ),
     scenario!(
         "cost-cap",
         "Summarise the annual report.",
         "the call that could cross max_cost_usd is refused before it is made",
-        MaxCost
+        "max_cost"
     ),
     scenario!(
         "flaky-tool",
         "Where is order 42?",
         "an idempotent tool failing with HTTP 500 twice is retried to success",
-        Completed
+        "completed"
     ),
     scenario!(
         "hallucinated-tool",
         "Where is my order? I am ann@example.com, order 42.",
         "an invented tool and bad arguments become errors the model recovers from",
-        Completed
+        "completed"
     ),
     scenario!(
         "repeated-call",
         "Tell me when order 7 is delivered.",
         "the same call with the same arguments a third time ends the run",
-        LoopDetected
+        "loop_detected"
+    ),
+    scenario!(
+        "approval-gate",
+        "Please refund order 42, $129.99.",
+        "a refund waits for a person's approval; nothing is paid before `rein approve`",
+        "awaiting_approval"
+    ),
+    scenario!(
+        "escalation",
+        "Where are my orders 5001, 5002 and 5003?",
+        "a tool failing again and again hands the run to a person, with a handoff",
+        "escalated"
     ),
     scenario!(
         "slow-tool",
         "Report on the nightly batch.",
         "a hanging tool is cut off at the run's wall-clock limit",
-        Timeout
+        "timeout"
     ),
 ];
 
@@ -174,13 +187,14 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
             granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
         };
         let outcome = runtime.run(request, model.as_ref()).await?;
+        let ended = outcome
+            .reason
+            .map_or_else(|| outcome.status.to_string(), |r| r.to_string());
         rows.push([
             scenario.name.to_string(),
             scenario.shows.to_string(),
             outcome.status.to_string(),
-            outcome
-                .reason
-                .map_or_else(|| outcome.status.to_string(), |r| r.to_string()),
+            ended,
             (outcome.iterations + outcome.tool_calls).to_string(),
             outcome.usage.total().to_string(),
             outcome.cost.to_string(),
@@ -206,6 +220,22 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
         if let Some(detail) = &outcome.detail {
             say!("{}: {detail}", scenario.name);
         }
+        if let Some(pending) = &outcome.awaiting {
+            say!(
+                "{}: holds `{}` with {} ({}); decide with `rein approve {} --db {}{}` (add `--deny --reason TEXT` to refuse)",
+                scenario.name,
+                pending.tool,
+                pending.arguments,
+                pending.reason,
+                outcome.run_id,
+                db.display(),
+                if live {
+                    String::new()
+                } else {
+                    format!(" --script examples/demo/{}.script.yaml", scenario.name)
+                }
+            );
+        }
     }
     store.close().await;
     say!(
@@ -215,7 +245,11 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
 
     let mismatched: Vec<String> = outcomes
         .iter()
-        .filter(|(s, o)| o.reason != Some(s.expect))
+        .filter(|(s, o)| {
+            o.reason
+                .map_or_else(|| o.status.to_string(), |r| r.to_string())
+                != s.expect
+        })
         .map(|(s, o)| format!("{} ended with {} (expected {})", s.name, o.status, s.expect))
         .collect();
     if !live && !mismatched.is_empty() {
