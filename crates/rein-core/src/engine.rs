@@ -137,6 +137,8 @@ pub struct PendingApproval {
     pub expires_at_ms: i64,
     /// What a timeout turns into.
     pub on_timeout: OnTimeout,
+    /// For a final answer held for approval: the answer.
+    pub answer: Option<Value>,
     requested_ms: i64,
 }
 
@@ -223,6 +225,8 @@ pub struct Engine {
     summary_calls: u32,
     /// Each tool call's outcome so far, for a handoff.
     steps_done: Vec<Value>,
+    /// A final answer held for a person's approval (low confidence), with its model step.
+    held_answer: Option<(u32, Value)>,
     /// Approvals by the step of the call they hold.
     approvals: BTreeMap<u32, Approval>,
     /// Time spent awaiting approvals: it does not count against the run's wall clock.
@@ -305,6 +309,7 @@ impl Engine {
             summarizing: false,
             summary_calls: 0,
             steps_done: Vec::new(),
+            held_answer: None,
             approvals: BTreeMap::new(),
             paused_ms: 0,
             repair_pending: false,
@@ -705,8 +710,10 @@ impl Engine {
                 reason,
                 expires_at_ms,
                 on_timeout,
+                answer,
             } => {
                 let pending = PendingApproval {
+                    answer: answer.clone(),
                     step: *step,
                     call_id: call_id.clone(),
                     tool: tool.clone(),
@@ -728,6 +735,28 @@ impl Engine {
                 if let Some(Approval::Pending(p)) = self.approvals.get(step) {
                     self.paused_ms += (event.ts_ms - p.requested_ms).max(0);
                     let tool = p.tool.clone();
+                    if let Some(answer) = p.answer.clone() {
+                        // A held answer: approved, it is the run's answer; denied, the model
+                        // hears why and tries again (unless the policy ends the run).
+                        self.held_answer = None;
+                        if *approved {
+                            self.finish = Some(Finish {
+                                reason: TerminationReason::Completed,
+                                detail: None,
+                                output: Some(answer),
+                            });
+                        } else if self.agent.spec.approval.on_deny == OnDeny::Continue {
+                            let why = reason
+                                .as_deref()
+                                .map_or(String::new(), |r| format!(": {r}"));
+                            self.push_message(Message::text(
+                                Role::User,
+                                format!(
+                                    "A reviewer ({by}) did not accept that answer{why}. Revise it."
+                                ),
+                            ));
+                        }
+                    }
                     let decision = if *approved {
                         Approval::Approved
                     } else {
@@ -858,6 +887,14 @@ impl Engine {
                 if problems.is_empty() {
                     let escalation = &self.agent.spec.escalation;
                     let confidence = value.get("confidence").and_then(Value::as_f64);
+                    if let (Some(min), Some(c)) =
+                        (self.agent.spec.approval.min_confidence, confidence)
+                        && c < min
+                    {
+                        // Held for a person; `next_effect` asks for the approval.
+                        self.held_answer = Some((self.step, value));
+                        return;
+                    }
                     if let (true, Some(min), Some(c)) = (
                         escalation.on(EscalationTrigger::LowConfidence),
                         escalation.min_confidence,
@@ -945,6 +982,29 @@ impl Engine {
                     )
                 }
             });
+        }
+        if let Some((step, answer)) = &self.held_answer
+            && !self.approvals.contains_key(step)
+        {
+            let confidence = answer
+                .get("confidence")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            let timeout =
+                i64::try_from(self.agent.spec.approval.timeout.as_millis()).unwrap_or(i64::MAX);
+            return Some(Effect::Record(EventKind::ApprovalRequested {
+                step: *step,
+                call_id: String::new(),
+                tool: "final_answer".into(),
+                arguments: answer.clone(),
+                reason: format!(
+                    "the answer's confidence {confidence} is below {}",
+                    self.agent.spec.approval.min_confidence.unwrap_or(0.0)
+                ),
+                expires_at_ms: now_ms.saturating_add(timeout),
+                on_timeout: self.agent.spec.approval.on_timeout,
+                answer: Some(answer.clone()),
+            }));
         }
         if let Some(deadline) = self.deadline_ms()
             && now_ms >= deadline
@@ -1207,6 +1267,7 @@ impl Engine {
                         reason,
                         expires_at_ms: now_ms.saturating_add(timeout),
                         on_timeout: self.agent.spec.approval.on_timeout,
+                        answer: None,
                     });
                 }
             }
@@ -1259,6 +1320,7 @@ impl Engine {
                     ),
                     expires_at_ms: now_ms.saturating_add(timeout),
                     on_timeout: self.agent.spec.approval.on_timeout,
+                    answer: None,
                 })
             }
             _ => Effect::Record(EventKind::ToolResult {

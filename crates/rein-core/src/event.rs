@@ -233,6 +233,10 @@ pub enum EventKind {
         expires_at_ms: i64,
         /// What a timeout turns into.
         on_timeout: crate::spec::OnTimeout,
+        /// For a final answer held for approval (low confidence): the answer. (`tool` is then
+        /// `final_answer` and `arguments` the same answer.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<Value>,
     },
     /// A person (or, on a timeout, the policy) decided a pending approval.
     ApprovalDecided {

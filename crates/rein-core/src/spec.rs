@@ -122,8 +122,11 @@ impl EscalationTrigger {
 }
 
 /// How approvals are waited for and what a denial or silence means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct ApprovalPolicy {
+    /// A final answer whose `confidence` field (in the output schema) is below this waits for
+    /// a person's approval before it is returned.
+    pub min_confidence: Option<f64>,
     /// How long a request waits for a decision.
     pub timeout: Duration,
     /// What happens when no one decides in time.
@@ -154,6 +157,7 @@ pub enum OnDeny {
 
 /// Default approval policy: wait a day, then deny; a denial is reported to the model.
 pub const DEFAULT_APPROVAL: ApprovalPolicy = ApprovalPolicy {
+    min_confidence: None,
     timeout: Duration::from_secs(24 * 3600),
     on_timeout: OnTimeout::Deny,
     on_deny: OnDeny::Continue,
@@ -1081,9 +1085,9 @@ impl Parser<'_> {
             }
             (Some(n), Some(_)) => self.integer(n, "max_repairs", 0, 10).map(|v| v as u32),
         };
-        let approval = f
-            .get("approval")
-            .map_or(Some(DEFAULT_APPROVAL), |n| self.approval(n));
+        let approval = f.get("approval").map_or(Some(DEFAULT_APPROVAL), |n| {
+            self.approval(n, f.get("output_schema").is_some())
+        });
         let session = match f.get("session") {
             None => Some(None),
             Some(n) => self.fields(n, "session", &["ttl"]).and_then(|sf| {
@@ -1290,9 +1294,32 @@ impl Parser<'_> {
     }
 
     /// `approval: {timeout, on_timeout, on_deny}`.
-    fn approval(&mut self, node: &Node) -> Option<ApprovalPolicy> {
-        let f = self.fields(node, "approval", &["timeout", "on_timeout", "on_deny"])?;
+    fn approval(&mut self, node: &Node, has_schema: bool) -> Option<ApprovalPolicy> {
+        let f = self.fields(
+            node,
+            "approval",
+            &["timeout", "on_timeout", "on_deny", "min_confidence"],
+        )?;
         let d = DEFAULT_APPROVAL;
+        let min_confidence = match f.get("min_confidence") {
+            None => Some(None),
+            Some(_) if !has_schema => {
+                self.error(
+                    node.pos,
+                    "approval.min_confidence",
+                    "needs an `output_schema` with a numeric `confidence` field",
+                );
+                None
+            }
+            Some(n) => self.number(n, "approval.min_confidence").and_then(|c| {
+                if (0.0..=1.0).contains(&c) {
+                    Some(Some(c))
+                } else {
+                    self.error(n.pos, "approval.min_confidence", "must be between 0 and 1");
+                    None
+                }
+            }),
+        };
         let timeout = f
             .get("timeout")
             .map_or(Some(d.timeout), |n| self.duration(n, "approval.timeout"));
@@ -1311,6 +1338,7 @@ impl Parser<'_> {
             )
         });
         Some(ApprovalPolicy {
+            min_confidence: min_confidence?,
             timeout: timeout?,
             on_timeout: on_timeout?,
             on_deny: on_deny?,
@@ -2352,6 +2380,7 @@ limits:
         assert_eq!(
             ok.spec.approval,
             ApprovalPolicy {
+                min_confidence: None,
                 timeout: Duration::from_secs(7200),
                 on_timeout: OnTimeout::Escalate,
                 on_deny: OnDeny::End,

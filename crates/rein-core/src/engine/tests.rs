@@ -1269,3 +1269,51 @@ fn a_budget_warning_escalates_only_when_the_spec_says_so() {
         Some(Effect::CallModel(_))
     ));
 }
+
+#[test]
+fn a_low_confidence_answer_waits_for_approval_and_a_rejection_asks_for_a_revision() {
+    let src = format!("{SPEC}{SCHEMA_SPEC_TAIL}approval: {{min_confidence: 0.8}}\n");
+    let answer = |step: u32, _: &Engine| {
+        let text = if step == 1 {
+            r#"{"answer": "maybe 41", "confidence": 0.5}"#
+        } else {
+            r#"{"answer": "42", "confidence": 0.95}"#
+        };
+        reply(Some(text), vec![], 10, 10)
+    };
+    let mut sim = Sim::new(&src);
+    let pending = sim.advance(answer).unwrap_err();
+    assert_eq!(pending.tool, "final_answer");
+    assert_eq!(
+        pending.answer,
+        Some(json!({"answer": "maybe 41", "confidence": 0.5}))
+    );
+    assert!(pending.reason.contains("below 0.8"), "{}", pending.reason);
+
+    // Approved as it is: the held answer is the run's answer.
+    let mut approved = Sim::new(&src);
+    let held = approved.advance(answer).unwrap_err();
+    approved.record(held.decided(true, "ann", None));
+    assert_eq!(
+        approved.advance(answer).unwrap().1,
+        TerminationReason::Completed
+    );
+    assert_eq!(
+        approved.engine.output(),
+        Some(&json!({"answer": "maybe 41", "confidence": 0.5}))
+    );
+
+    // Rejected: the model is asked to revise, and its confident answer goes through.
+    sim.record(pending.decided(false, "ann", Some("check the ledger".into())));
+    assert_eq!(sim.advance(answer).unwrap().1, TerminationReason::Completed);
+    assert_eq!(
+        sim.engine.output(),
+        Some(&json!({"answer": "42", "confidence": 0.95}))
+    );
+    let asked = sim.engine.messages().iter().any(|m| {
+        m.content
+            .as_deref()
+            .is_some_and(|c| c.contains("did not accept that answer: check the ledger"))
+    });
+    assert!(asked, "the rejection and its reason reached the model");
+}
