@@ -1773,3 +1773,36 @@ session: {ttl: 400ms}
         ]
     );
 }
+
+#[tokio::test]
+async fn a_worker_resolves_an_approval_that_timed_out_by_its_policy() {
+    let service = ToolService::start().await.unwrap();
+    let h = harness().await;
+    let src = format!(
+        "{}approval: {{timeout: 50ms}}\n",
+        spec(
+            &format!("{}/orders/42", service.url()),
+            "{timeout: 5s, confirm: true, side_effects: write}",
+            "60s",
+        )
+    );
+    let waiting = run(&h, &src, &one_call("fetch", "{}")).await;
+    assert_eq!(waiting.status, RunStatus::AwaitingApproval);
+    let model = one_call("fetch", "{}");
+    let prices = PriceTable::default();
+    assert!(
+        h.runtime.work_one(&prices, &model).await.unwrap().is_none(),
+        "not before its timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let done = h.runtime.work_one(&prices, &model).await.unwrap().unwrap();
+    assert_eq!(done.run_id, waiting.run_id);
+    assert_eq!(done.reason, Some(TerminationReason::Completed));
+    assert_eq!(
+        service.hits("orders/42"),
+        0,
+        "denied by policy, never called"
+    );
+    let results = tool_results(&h, &done).await;
+    assert!(results[0].0.message.as_deref().unwrap().contains("denied"));
+}

@@ -333,23 +333,33 @@ impl SqliteStore {
         insert_event(&self.pool, tenant, event).await
     }
 
-    /// Claims the oldest run a worker may drive: a queued one, or a running one whose lease
-    /// expired (its holder died). One statement, so two workers never claim the same run.
+    /// Claims the oldest run a worker may drive: a queued one, a running one whose lease
+    /// expired (its holder died), or one awaiting an approval that timed out (so its policy
+    /// happens). One statement, so two workers never claim the same run.
     pub async fn claim(
         &self,
         lease: Lease<'_>,
         now_ms: i64,
     ) -> Result<Option<(TenantId, RunId)>, StoreError> {
         let row = sqlx::query(
-            "UPDATE runs SET status = 'running', lease_owner = ?, lease_until_ms = ?
+            "UPDATE runs SET status = CASE status WHEN 'queued' THEN 'running' ELSE status END,
+                             lease_owner = ?, lease_until_ms = ?
              WHERE id = (SELECT id FROM runs
-                         WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < ?)
+                         WHERE status = 'queued'
+                            OR (status = 'running' AND lease_until_ms < ?)
+                            OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?)
                          ORDER BY created_ms LIMIT 1)
-               AND (status = 'queued' OR (status = 'running' AND lease_until_ms < ?))
+               AND (status = 'queued'
+                    OR (status = 'running' AND lease_until_ms < ?)
+                    OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?))
              RETURNING tenant, id",
         )
         .bind(lease.owner)
         .bind(lease.until_ms)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(now_ms)
         .bind(now_ms)
         .bind(now_ms)
         .fetch_optional(&self.pool)
@@ -388,7 +398,7 @@ impl SqliteStore {
     /// Extends `lease.owner`'s lease on `run`; `false` when the lease is no longer theirs.
     pub async fn renew(&self, run: &RunId, lease: Lease<'_>) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued')",
+            "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued', 'awaiting_approval')",
         )
         .bind(lease.until_ms)
         .bind(run.as_str())
