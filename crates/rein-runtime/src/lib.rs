@@ -507,7 +507,10 @@ impl Runtime {
         };
         let context = match spec.session {
             Some(policy) => {
-                self.session_context(&request.tenant, &request.session, policy.ttl)
+                // Context beyond a quarter of the run's token cap is summarized too: a long
+                // conversation must not crowd out the run's own work.
+                let budget = spec.limits.max_total_tokens / 4;
+                self.session_context(&request.tenant, &request.session, policy.ttl, budget)
                     .await?
             }
             None => None,
@@ -530,12 +533,14 @@ impl Runtime {
 
     /// The conversation a new run of `session` continues: the context of the session's latest
     /// run, plus that run's own turn (its input and answer). A session idle past `ttl` is
-    /// closed: the new run starts by summarizing that conversation.
+    /// closed, and a conversation longer than `max_tokens` (estimated) is condensed: either
+    /// way the new run starts by summarizing it.
     async fn session_context(
         &self,
         tenant: &TenantId,
         session: &SessionId,
         ttl: Duration,
+        max_tokens: u64,
     ) -> Result<Option<EventKind>, RuntimeError> {
         let Some(last) = self.store.latest_in_session(tenant, session).await? else {
             return Ok(None);
@@ -581,9 +586,13 @@ impl Runtime {
         }
         let idle_ms = now_ms() - last.updated_ms;
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let tokens: u64 = messages
+            .iter()
+            .map(|m| rein_core::estimate_tokens(m.content.as_deref().unwrap_or_default()))
+            .sum();
         Ok(Some(EventKind::SessionContext {
             messages,
-            summarize: idle_ms >= ttl_ms,
+            summarize: idle_ms >= ttl_ms || tokens > max_tokens,
         }))
     }
 

@@ -1806,3 +1806,51 @@ async fn a_worker_resolves_an_approval_that_timed_out_by_its_policy() {
     let results = tool_results(&h, &done).await;
     assert!(results[0].0.message.as_deref().unwrap().contains("denied"));
 }
+
+#[tokio::test]
+async fn a_session_whose_conversation_outgrows_a_quarter_of_the_token_cap_is_summarized() {
+    let server = FakeOpenAi::start(|_, body| {
+        if body["messages"][0]["content"] == rein_core::engine::SUMMARIZE_INSTRUCTIONS {
+            FakeResponse::text("A long report was pasted.", 50, 5)
+        } else {
+            FakeResponse::text("noted", 20, 5)
+        }
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    // A cap of 8,000 tokens leaves 2,000 for carried conversation; the first turn is ~3,000.
+    let src = r#"
+name: chat
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: Chat.
+limits: {max_iterations: 4, max_total_tokens: 8000, max_cost_usd: 0.10}
+session: {ttl: 1h}
+"#;
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    let long = "lorem ipsum ".repeat(500);
+    let first = h
+        .runtime
+        .run(request(src, &long, "acme", "ann", "big", &[]), &client)
+        .await
+        .unwrap();
+    assert_eq!(first.reason, Some(TerminationReason::Completed));
+    let second = h
+        .runtime
+        .run(request(src, "And now?", "acme", "ann", "big", &[]), &client)
+        .await
+        .unwrap();
+    assert_eq!(second.reason, Some(TerminationReason::Completed));
+    let requests = server.requests();
+    assert_eq!(
+        requests[1].0["messages"][0]["content"],
+        rein_core::engine::SUMMARIZE_INSTRUCTIONS,
+        "summarized within the TTL because of its size"
+    );
+    let sent = requests[2].0["messages"].to_string();
+    assert!(
+        !sent.contains("lorem ipsum lorem"),
+        "the long turn was not carried raw"
+    );
+}
