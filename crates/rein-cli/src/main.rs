@@ -224,6 +224,9 @@ enum RunsCommand {
     List {
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// Only runs in this state (e.g. `awaiting-approval`: the approvals queue).
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
@@ -257,6 +260,34 @@ struct ResumeArgs {
     take_over: bool,
     #[command(flatten)]
     exec: ExecArgs,
+}
+
+/// A run state, as `--status` takes it.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StatusArg {
+    Queued,
+    Running,
+    AwaitingApproval,
+    Completed,
+    Failed,
+    LimitExceeded,
+    Cancelled,
+    Escalated,
+}
+
+impl From<StatusArg> for RunStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Queued => RunStatus::Queued,
+            StatusArg::Running => RunStatus::Running,
+            StatusArg::AwaitingApproval => RunStatus::AwaitingApproval,
+            StatusArg::Completed => RunStatus::Completed,
+            StatusArg::Failed => RunStatus::Failed,
+            StatusArg::LimitExceeded => RunStatus::LimitExceeded,
+            StatusArg::Cancelled => RunStatus::Cancelled,
+            StatusArg::Escalated => RunStatus::Escalated,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -758,12 +789,15 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
         RunsCommand::Resume(args) => resume(args).await,
         RunsCommand::List {
             tenant,
+            status,
             limit,
             json,
             store,
         } => {
             let store = open_existing_store(&store).await?;
-            let runs = store.list_runs(&TenantId::new(tenant), limit).await?;
+            let runs = store
+                .list_runs(&TenantId::new(tenant), status.map(RunStatus::from), limit)
+                .await?;
             if json {
                 let list: Vec<_> = runs.iter().map(render::record_json).collect();
                 say!("{}", serde_json::Value::Array(list));

@@ -902,9 +902,39 @@ fn rein_approve_decides_a_held_call_and_the_run_goes_on() {
         json!({"text": "refund 42"})
     );
     let id = v["run_id"].as_str().unwrap().to_string();
-    let listed = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
+    let listed = rein(
+        dir.path(),
+        &[
+            "runs",
+            "list",
+            "--status",
+            "awaiting-approval",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(listed[0]["status"], "awaiting_approval");
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "the approvals queue: {listed}"
+    );
+    assert_eq!(listed[0]["run_id"], id.as_str());
+    let done = rein(
+        dir.path(),
+        &[
+            "runs",
+            "list",
+            "--status",
+            "completed",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let done: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert!(done.as_array().unwrap().is_empty());
 
     let mut approve = vec!["approve", id.as_str(), "--by", "ann"];
     approve.extend_from_slice(&script);

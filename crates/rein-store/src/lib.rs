@@ -458,12 +458,16 @@ impl SqliteStore {
     pub async fn list_runs(
         &self,
         tenant: &TenantId,
+        status: Option<RunStatus>,
         limit: u32,
     ) -> Result<Vec<RunRecord>, StoreError> {
+        let status = status.map(RunStatus::as_str);
         let rows = sqlx::query(select_runs!(
-            "WHERE tenant = ? ORDER BY created_ms DESC, id DESC LIMIT ?"
+            "WHERE tenant = ? AND (? IS NULL OR status = ?) ORDER BY created_ms DESC, id DESC LIMIT ?"
         ))
         .bind(tenant.as_str())
+        .bind(status)
+        .bind(status)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
@@ -830,7 +834,7 @@ mod tests {
             store.run(&other, &RunId::new("r1")).await,
             Err(StoreError::NotFound(_))
         ));
-        assert!(store.list_runs(&other, 10).await.unwrap().is_empty());
+        assert!(store.list_runs(&other, None, 10).await.unwrap().is_empty());
         assert!(
             store.append(&other, &first).await.is_err(),
             "cannot write into another tenant's run"
