@@ -160,7 +160,13 @@ impl PendingApproval {
 enum Approval {
     Pending(PendingApproval),
     Approved,
-    Denied { by: String, reason: Option<String> },
+    /// Approved, and the call was then made (recorded as requested): an approval covers one
+    /// call, so a call interrupted by a crash is asked about again.
+    Used,
+    Denied {
+        by: String,
+        reason: Option<String>,
+    },
 }
 
 /// A decided but not yet recorded end of the run.
@@ -420,6 +426,9 @@ impl Engine {
 
     /// The action the run was about to take: a held call, or the tool calls not yet made.
     fn pending_action(&self) -> Value {
+        if let Some((_, answer)) = &self.held_answer {
+            return serde_json::json!({"answer": answer});
+        }
         if let Some(p) = self.pending_approval() {
             return serde_json::json!({"tool": p.tool, "arguments": p.arguments, "held_because": p.reason});
         }
@@ -654,6 +663,15 @@ impl Engine {
             EventKind::ToolRequested { step, call_id, .. } => {
                 self.step = self.step.max(*step);
                 self.tool_in_flight = Some((call_id.clone(), *step));
+                if let Some(approval @ Approval::Approved) = self.approvals.get_mut(step) {
+                    *approval = Approval::Used;
+                }
+            }
+            EventKind::RunClaimed { .. } => {
+                // A queued run's clock starts when a worker takes it up, not when it was queued.
+                if self.step == 0 && self.iterations == 0 {
+                    self.started_ms = Some(event.ts_ms);
+                }
             }
             EventKind::ToolResult {
                 step,
@@ -733,7 +751,9 @@ impl Engine {
                 ..
             } => {
                 if let Some(Approval::Pending(p)) = self.approvals.get(step) {
-                    self.paused_ms += (event.ts_ms - p.requested_ms).max(0);
+                    self.paused_ms = self
+                        .paused_ms
+                        .saturating_add(event.ts_ms.saturating_sub(p.requested_ms).max(0));
                     let tool = p.tool.clone();
                     if let Some(answer) = p.answer.clone() {
                         // A held answer: approved, it is the run's answer; denied, the model
@@ -1256,7 +1276,7 @@ impl Engine {
                         call.name
                     ));
                 }
-                Some(Approval::Pending(_)) | None => {
+                Some(Approval::Pending(_) | Approval::Used) | None => {
                     let timeout = i64::try_from(self.agent.spec.approval.timeout.as_millis())
                         .unwrap_or(i64::MAX);
                     return Effect::Record(EventKind::ApprovalRequested {
@@ -1306,7 +1326,7 @@ impl Engine {
                 again(arguments)
             }
             (Some(_), Some(arguments), Some(Approval::Approved)) => again(arguments),
-            (Some(_), Some(arguments), None) => {
+            (Some(_), Some(arguments), None | Some(Approval::Used)) => {
                 let timeout =
                     i64::try_from(self.agent.spec.approval.timeout.as_millis()).unwrap_or(i64::MAX);
                 Effect::Record(EventKind::ApprovalRequested {

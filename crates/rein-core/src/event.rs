@@ -53,6 +53,11 @@ pub enum EventKind {
         /// Whether to summarize them first.
         summarize: bool,
     },
+    /// A queued run was taken up by a worker: its wall clock starts here.
+    RunClaimed {
+        /// The worker (process) that took it.
+        by: String,
+    },
     /// The worst case of the next model call is held in every shared budget scope.
     BudgetReserved {
         /// Step of the model call.
@@ -272,6 +277,7 @@ impl EventKind {
         match self {
             EventKind::RunStarted { .. } => "run_started",
             EventKind::SessionContext { .. } => "session_context",
+            EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",

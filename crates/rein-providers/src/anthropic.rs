@@ -112,7 +112,8 @@ impl AnthropicClient {
         let response = self.send(&body).await?;
         let mut events = SseReader::new(response, MAX_BODY_BYTES);
         let mut message: Option<Value> = None;
-        // Tool inputs arrive as pieces of JSON text, joined per block and parsed at its end.
+        // Text and tool inputs (pieces of JSON text) arrive in deltas, joined per block and
+        // written into the block at its end.
         let mut partial_json: Vec<String> = Vec::new();
         let mut stopped = false;
         while let Some(data) = events.next().await? {
@@ -169,15 +170,12 @@ impl AnthropicClient {
                 }
                 "content_block_delta" => {
                     let delta = event.get("delta").cloned().unwrap_or(Value::Null);
-                    let content = &mut message["content"][index];
                     match delta.get("type").and_then(Value::as_str) {
                         Some("text_delta") => {
                             let text = delta.get("text").and_then(Value::as_str).unwrap_or("");
-                            let joined = format!(
-                                "{}{text}",
-                                content.get("text").and_then(Value::as_str).unwrap_or("")
-                            );
-                            content["text"] = json!(joined);
+                            // Joined per block and written at its end: appending to the JSON
+                            // string on every delta would copy the whole text each time.
+                            partial_json[index].push_str(text);
                             if !text.is_empty() {
                                 sink(text);
                             }
@@ -194,12 +192,17 @@ impl AnthropicClient {
                 }
                 "content_block_stop" => {
                     let content = &mut message["content"][index];
-                    if content.get("type").and_then(Value::as_str) == Some("tool_use") {
-                        let text = partial_json[index].trim();
-                        if !text.is_empty() {
-                            content["input"] = serde_json::from_str(text)
+                    let joined = std::mem::take(&mut partial_json[index]);
+                    match content.get("type").and_then(Value::as_str) {
+                        Some("tool_use") if !joined.trim().is_empty() => {
+                            content["input"] = serde_json::from_str(joined.trim())
                                 .map_err(|_| broke("sent tool input that is not JSON"))?;
                         }
+                        Some("text") => {
+                            let start = content.get("text").and_then(Value::as_str).unwrap_or("");
+                            content["text"] = json!(format!("{start}{joined}"));
+                        }
+                        _ => {}
                     }
                 }
                 "message_delta" => {

@@ -9,6 +9,8 @@ use crate::openai::billed;
 pub(crate) struct SseReader {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no event end, so each byte is scanned once.
+    scanned: usize,
     received: usize,
     limit: usize,
 }
@@ -23,6 +25,7 @@ impl SseReader {
         SseReader {
             response,
             buffer: Vec::new(),
+            scanned: 0,
             received: 0,
             limit,
         }
@@ -31,17 +34,10 @@ impl SseReader {
     /// The next event's data, or `None` when the stream ends.
     pub(crate) async fn next(&mut self) -> Result<Option<String>, ModelError> {
         loop {
-            // Events end with a blank line (`\n\n`, or `\r\n\r\n` from some servers).
-            let lf = self.buffer.windows(2).position(|w| w == b"\n\n");
-            let crlf = self.buffer.windows(4).position(|w| w == b"\r\n\r\n");
-            let end = match (lf, crlf) {
-                (Some(a), Some(b)) if b < a => Some((b, 4)),
-                (Some(a), _) => Some((a, 2)),
-                (None, Some(b)) => Some((b, 4)),
-                (None, None) => None,
-            };
-            if let Some((at, len)) = end {
-                let raw: Vec<u8> = self.buffer.drain(..at + len).collect();
+            // An event ends with a blank line: two line ends in a row, each `\n` or `\r\n`.
+            if let Some(end) = event_end(&self.buffer, self.scanned) {
+                self.scanned = 0;
+                let raw: Vec<u8> = self.buffer.drain(..end).collect();
                 if let Some(event) = parse(&String::from_utf8_lossy(&raw)) {
                     return Ok(Some(event));
                 }
@@ -59,9 +55,29 @@ impl SseReader {
             if self.received > self.limit {
                 return Err(broke("was too large"));
             }
+            // Resume the scan a few bytes back, where an event end could straddle chunks.
+            self.scanned = self.buffer.len().saturating_sub(3);
             self.buffer.extend_from_slice(&chunk);
         }
     }
+}
+
+/// Where the first event in `buffer` ends (just past its blank line), scanning from `from`.
+fn event_end(buffer: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buffer.len() {
+        if buffer[i] == b'\n' {
+            let next = i + 1;
+            if buffer.get(next) == Some(&b'\n') {
+                return Some(next + 1);
+            }
+            if buffer.get(next) == Some(&b'\r') && buffer.get(next + 1) == Some(&b'\n') {
+                return Some(next + 2);
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// One event's data lines, joined; `None` for an event without data (a comment or keep-alive).
@@ -86,5 +102,9 @@ mod tests {
         );
         assert_eq!(parse("data:[DONE]\r\n\r\n").as_deref(), Some("[DONE]"));
         assert_eq!(parse(": keep-alive\n\n"), None);
+        assert_eq!(event_end(b"data: a\n\ndata: b", 0), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\nx", 0), Some(11));
+        assert_eq!(event_end(b"data: a\n\r\nx", 0), Some(10));
+        assert_eq!(event_end(b"data: a\r\ndata: b\r\n", 0), None);
     }
 }

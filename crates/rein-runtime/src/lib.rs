@@ -193,8 +193,9 @@ impl LeaseKeeper {
                     until_ms: now_ms() + lease_ms,
                 };
                 // A lost lease means another worker took the run over (this one was presumed
-                // dead); this one's next append then fails on position and it stops.
-                if !matches!(store.renew(&run, lease).await, Ok(true)) {
+                // dead); this one's next append then fails on position and it stops. A store
+                // error is retried at the next tick: the lease is still this process's.
+                if let Ok(false) = store.renew(&run, lease).await {
                     return;
                 }
             }
@@ -554,10 +555,10 @@ impl Runtime {
                     messages: earlier,
                     summarize,
                 } => {
+                    // Kept even when a summary was due: if it never arrived (the call failed,
+                    // the run crashed), the raw conversation is still there to carry on.
                     summarized = summarize;
-                    if !summarize {
-                        messages = earlier;
-                    }
+                    messages = earlier;
                 }
                 // A summarized run's first answer is the summary it continued from.
                 EventKind::ModelResponded { content, .. } if summarized => {
@@ -646,7 +647,42 @@ impl Runtime {
         decision: Option<Decision>,
         take_over: bool,
     ) -> Result<RunOutcome, RuntimeError> {
+        // The lease first: the log read below is then the one this process continues.
         let record = self.store.run(tenant, run_id).await?;
+        let held = rein_store::Lease {
+            owner: &self.owner,
+            until_ms: now_ms() + self.lease_ms,
+        };
+        let now = if take_over { i64::MAX } else { now_ms() };
+        if !self.store.acquire(run_id, held, now).await? {
+            return Err(RuntimeError::Leased(run_id.clone()));
+        }
+        let keeper = LeaseKeeper::start(
+            self.store.clone(),
+            run_id.clone(),
+            self.owner.clone(),
+            self.lease_ms,
+        );
+        let outcome = self
+            .continue_leased(tenant, run_id, record, prices, model, decision)
+            .await;
+        drop(keeper);
+        // Released on every path; a failure to release only delays others by one lease.
+        let released = self.store.release(run_id, &self.owner).await;
+        let outcome = outcome?;
+        released?;
+        Ok(outcome)
+    }
+
+    async fn continue_leased(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        record: rein_store::RunRecord,
+        prices: &PriceTable,
+        model: &dyn Model,
+        decision: Option<Decision>,
+    ) -> Result<RunOutcome, RuntimeError> {
         let builtins = self.tools.builtins().infos();
         let ctx = CheckContext {
             prices,
@@ -665,20 +701,6 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()?;
         let lease = run_lease_ms(&agent);
         let engine = Engine::replay(Arc::new(agent), &events)?;
-        let held = rein_store::Lease {
-            owner: &self.owner,
-            until_ms: now_ms() + self.lease_ms,
-        };
-        let now = if take_over { i64::MAX } else { now_ms() };
-        if !self.store.acquire(run_id, held, now).await? {
-            return Err(RuntimeError::Leased(run_id.clone()));
-        }
-        let _keeper = LeaseKeeper::start(
-            self.store.clone(),
-            run_id.clone(),
-            self.owner.clone(),
-            self.lease_ms,
-        );
         let decided = match (&decision, engine.pending_approval()) {
             (None, _) => None,
             (Some(d), Some(pending)) => Some(pending.decided(d.approved, &d.by, d.reason.clone())),
@@ -708,6 +730,13 @@ impl Runtime {
             }
         }
         let outcome = async {
+            if record.progress.status == RunStatus::Queued {
+                driver
+                    .record(EventKind::RunClaimed {
+                        by: self.owner.clone(),
+                    })
+                    .await?;
+            }
             driver.settle_leftovers(&events).await?;
             if let Some(kind) = decided {
                 driver.record(kind).await?;
@@ -716,7 +745,6 @@ impl Runtime {
         }
         .await;
         self.leave_bulkhead(tenant, run_id.as_str()).await?;
-        self.store.release(run_id, &self.owner).await?;
         outcome
     }
 }

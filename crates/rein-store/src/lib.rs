@@ -342,15 +342,12 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<Option<(TenantId, RunId)>, StoreError> {
         let row = sqlx::query(
-            "UPDATE runs SET status = CASE status WHEN 'queued' THEN 'running' ELSE status END,
-                             lease_owner = ?, lease_until_ms = ?
+            "UPDATE runs SET lease_owner = ?, lease_until_ms = ?
              WHERE id = (SELECT id FROM runs
-                         WHERE status = 'queued'
-                            OR (status = 'running' AND lease_until_ms < ?)
+                         WHERE status IN ('queued', 'running') AND lease_until_ms < ?
                             OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?)
                          ORDER BY created_ms LIMIT 1)
-               AND (status = 'queued'
-                    OR (status = 'running' AND lease_until_ms < ?)
+               AND (status IN ('queued', 'running') AND lease_until_ms < ?
                     OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?))
              RETURNING tenant, id",
         )
@@ -382,7 +379,8 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE runs SET lease_owner = ?, lease_until_ms = ?
+            "UPDATE runs SET lease_owner = ?, lease_until_ms = ?,
+                             status = CASE status WHEN 'queued' THEN 'running' ELSE status END
              WHERE id = ? AND (lease_until_ms < ? OR lease_owner = ?)",
         )
         .bind(lease.owner)
@@ -799,7 +797,7 @@ mod tests {
             .await
             .unwrap();
         let lease = |owner, until_ms| Lease { owner, until_ms };
-        let claimed = store.claim(lease("w1", 1_000), 0).await.unwrap();
+        let claimed = store.claim(lease("w1", 1_000), 1).await.unwrap();
         assert_eq!(claimed, Some((TenantId::new("t1"), RunId::new("r1"))));
         assert_eq!(
             store.claim(lease("w2", 1_000), 10).await.unwrap(),

@@ -1317,3 +1317,42 @@ fn a_low_confidence_answer_waits_for_approval_and_a_rejection_asks_for_a_revisio
     });
     assert!(asked, "the rejection and its reason reached the model");
 }
+
+#[test]
+fn an_approved_call_interrupted_by_a_crash_is_asked_about_again() {
+    // `lookup` is a built-in with side effects (the default) and no idempotency key.
+    let src = approval_spec("confirm: true", "");
+    let mut sim = Sim::new(&src);
+    let pending = sim.advance(call_once_then_answer).unwrap_err();
+    sim.record(pending.decided(true, "ann", None));
+    let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
+        panic!("the approved call is made")
+    };
+    sim.record(inv.requested()); // ...and the process dies before its result is recorded
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let Some(Effect::Record(EventKind::ApprovalRequested { step, reason, .. })) =
+        resumed.next_effect(sim.now)
+    else {
+        panic!("one approval covers one call: a person is asked again")
+    };
+    assert_eq!(step, inv.step);
+    assert!(reason.contains("interrupted"), "{reason}");
+}
+
+#[test]
+fn a_queued_runs_clock_starts_when_a_worker_claims_it() {
+    let mut sim = Sim::new(SPEC); // limits.timeout: 10s
+    sim.now += 3_600_000; // an hour in the queue
+    assert!(matches!(
+        sim.engine.next_effect(sim.now),
+        Some(Effect::Record(EventKind::RunFinished {
+            reason: TerminationReason::Timeout,
+            ..
+        }))
+    ));
+    sim.record(EventKind::RunClaimed { by: "w1".into() });
+    assert!(matches!(
+        sim.engine.next_effect(sim.now),
+        Some(Effect::CallModel(_))
+    ));
+}
