@@ -287,9 +287,46 @@ impl Runtime {
         let Some((tenant, run_id)) = self.store.claim(lease, now_ms()).await? else {
             return Ok(None);
         };
-        self.continue_run(&tenant, &run_id, prices, model, None, false)
+        match self
+            .continue_run(&tenant, &run_id, prices, model, None, false)
             .await
-            .map(Some)
+        {
+            // A run that can never be driven (its pinned spec no longer checks, its log does
+            // not replay) is ended with the reason, instead of being claimed again forever.
+            Err(e @ (RuntimeError::PinnedSpec(_) | RuntimeError::Replay(_))) => {
+                self.end_unrunnable(&tenant, &run_id, &e.to_string())
+                    .await?;
+                Err(e)
+            }
+            other => other.map(Some),
+        }
+    }
+
+    /// Appends `run_finished` (failed, `error`) to a run that cannot be driven.
+    async fn end_unrunnable(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        why: &str,
+    ) -> Result<(), RuntimeError> {
+        let sealed = self.store.events(tenant, run_id).await?;
+        let Some(last) = sealed.last() else {
+            return Ok(());
+        };
+        let event = Event {
+            seq: last.seq + 1,
+            ts_ms: now_ms(),
+            kind: EventKind::RunFinished {
+                status: RunStatus::Failed,
+                reason: TerminationReason::Error,
+                detail: Some(format!("the run cannot be continued: {why}")),
+                output: None,
+            },
+        };
+        self.store
+            .append(tenant, &event.seal(run_id, &last.hash))
+            .await?;
+        Ok(())
     }
 
     /// Enforces shared budgets: every model call reserves its worst case in every capped scope

@@ -1854,3 +1854,46 @@ session: {ttl: 1h}
         "the long turn was not carried raw"
     );
 }
+
+#[tokio::test]
+async fn a_queued_run_whose_spec_no_longer_checks_is_ended_not_claimed_forever() {
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let id = h
+        .runtime
+        .enqueue(request(&src, "go", "acme", "ann", "s1", &[]))
+        .await
+        .unwrap();
+    // The operator's price table lost the model the run pinned.
+    let model = one_call("fetch", "{}");
+    let err = h
+        .runtime
+        .work_one(&PriceTable::empty(), &model)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rein_runtime::RuntimeError::PinnedSpec(_)),
+        "{err}"
+    );
+    let record = h
+        .runtime
+        .store()
+        .run(&TenantId::new("acme"), &id)
+        .await
+        .unwrap();
+    assert_eq!(record.progress.status, RunStatus::Failed);
+    assert!(
+        record
+            .progress
+            .detail
+            .unwrap()
+            .contains("cannot be continued")
+    );
+    assert!(
+        h.runtime
+            .work_one(&PriceTable::empty(), &model)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
