@@ -460,18 +460,58 @@ impl Engine {
             return;
         }
         if self.agent.spec.escalation.on(trigger) {
-            let output = self.handoff(trigger.as_str(), &detail, self.pending_action());
-            self.finish = Some(Finish {
-                reason: TerminationReason::Escalated,
-                detail: Some(format!(
-                    "handed to a person ({}): {detail}",
-                    trigger.as_str()
-                )),
-                output: Some(output),
-            });
+            self.finish = Some(self.escalation(trigger.as_str(), &detail, self.pending_action()));
         } else {
             self.finish_with(reason, detail);
         }
+    }
+
+    /// The end of a run handed to a person: `escalated`, with the handoff as its output.
+    fn escalation(&self, trigger: &str, why: &str, pending: Value) -> Finish {
+        Finish {
+            reason: TerminationReason::Escalated,
+            detail: Some(format!("handed to a person ({trigger}): {why}")),
+            output: Some(self.handoff(trigger, why, pending)),
+        }
+    }
+
+    /// A request for a person's approval of `arguments` to the call `(call_id, tool)` at
+    /// `step`, timing out per the spec's approval policy.
+    fn approval_request(
+        &self,
+        step: u32,
+        (call_id, tool): (&str, &str),
+        arguments: Value,
+        reason: String,
+        answer: Option<Value>,
+        now_ms: i64,
+    ) -> Effect {
+        let policy = &self.agent.spec.approval;
+        let timeout = i64::try_from(policy.timeout.as_millis()).unwrap_or(i64::MAX);
+        Effect::Record(EventKind::ApprovalRequested {
+            step,
+            call_id: call_id.to_string(),
+            tool: tool.to_string(),
+            arguments,
+            reason,
+            expires_at_ms: now_ms.saturating_add(timeout),
+            on_timeout: policy.on_timeout,
+            answer,
+        })
+    }
+
+    /// Starts the conversation over: the instructions, `context`, then the user's input.
+    fn begin_conversation(&mut self, context: impl IntoIterator<Item = Message>) {
+        self.messages.clear();
+        self.message_tokens = 0;
+        self.push_message(Message::text(
+            Role::System,
+            self.agent.spec.instructions.clone(),
+        ));
+        for m in context {
+            self.push_message(m);
+        }
+        self.push_message(Message::text(Role::User, self.input.clone()));
     }
 
     fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
@@ -505,16 +545,12 @@ impl Engine {
                 self.started_ms = Some(event.ts_ms);
                 self.granted_scopes = granted_scopes.clone();
                 self.input = input.clone();
-                let system = Message::text(Role::System, self.agent.spec.instructions.clone());
-                self.push_message(system);
-                self.push_message(Message::text(Role::User, input.clone()));
+                self.begin_conversation([]);
             }
             EventKind::SessionContext {
                 messages,
                 summarize,
             } => {
-                self.messages.clear();
-                self.message_tokens = 0;
                 if *summarize {
                     // The first call is the summary; the run proper starts once it is in.
                     self.summarizing = true;
@@ -529,15 +565,12 @@ impl Engine {
                             m.content.as_ref().map(|c| format!("{who}: {c}"))
                         })
                         .collect();
+                    self.messages.clear();
+                    self.message_tokens = 0;
                     self.push_message(Message::text(Role::System, SUMMARIZE_INSTRUCTIONS));
                     self.push_message(Message::text(Role::User, transcript.join("\n\n")));
                 } else {
-                    let system = Message::text(Role::System, self.agent.spec.instructions.clone());
-                    self.push_message(system);
-                    for m in messages {
-                        self.push_message(m.clone());
-                    }
-                    self.push_message(Message::text(Role::User, self.input.clone()));
+                    self.begin_conversation(messages.iter().cloned());
                 }
             }
             EventKind::BudgetReserved { .. }
@@ -611,13 +644,8 @@ impl Engine {
                 if self.summarizing {
                     self.summarizing = false;
                     self.summary_calls += 1;
-                    self.messages.clear();
-                    self.message_tokens = 0;
-                    let system = Message::text(Role::System, self.agent.spec.instructions.clone());
-                    self.push_message(system);
                     let summary = content.clone().unwrap_or_default();
-                    self.push_message(session_summary_message(&summary));
-                    self.push_message(Message::text(Role::User, self.input.clone()));
+                    self.begin_conversation([session_summary_message(&summary)]);
                     return Ok(());
                 }
                 self.push_message(Message {
@@ -922,16 +950,11 @@ impl Engine {
                     ) && c < min
                     {
                         let why = format!("the answer's confidence {c} is below {min}");
-                        let output = self.handoff(
+                        self.finish = Some(self.escalation(
                             EscalationTrigger::LowConfidence.as_str(),
                             &why,
                             serde_json::json!({"answer": value}),
-                        );
-                        self.finish = Some(Finish {
-                            reason: TerminationReason::Escalated,
-                            detail: Some(format!("handed to a person (low_confidence): {why}")),
-                            output: Some(output),
-                        });
+                        ));
                         return;
                     }
                     self.finish = Some(Finish {
@@ -995,11 +1018,8 @@ impl Engine {
                         "no one decided within {waited:?} whether `{}` may be called with {} ({})",
                         pending.tool, pending.arguments, pending.reason
                     );
-                    self.finish_effect(
-                        TerminationReason::Escalated,
-                        Some(format!("handed to a person (approval_timeout): {why}")),
-                        Some(self.handoff("approval_timeout", &why, self.pending_action())),
-                    )
+                    let end = self.escalation("approval_timeout", &why, self.pending_action());
+                    self.finish_effect(end.reason, end.detail, end.output)
                 }
             });
         }
@@ -1010,21 +1030,18 @@ impl Engine {
                 .get("confidence")
                 .and_then(Value::as_f64)
                 .unwrap_or(0.0);
-            let timeout =
-                i64::try_from(self.agent.spec.approval.timeout.as_millis()).unwrap_or(i64::MAX);
-            return Some(Effect::Record(EventKind::ApprovalRequested {
-                step: *step,
-                call_id: String::new(),
-                tool: "final_answer".into(),
-                arguments: answer.clone(),
-                reason: format!(
-                    "the answer's confidence {confidence} is below {}",
-                    self.agent.spec.approval.min_confidence.unwrap_or(0.0)
-                ),
-                expires_at_ms: now_ms.saturating_add(timeout),
-                on_timeout: self.agent.spec.approval.on_timeout,
-                answer: Some(answer.clone()),
-            }));
+            let reason = format!(
+                "the answer's confidence {confidence} is below {}",
+                self.agent.spec.approval.min_confidence.unwrap_or(0.0)
+            );
+            return Some(self.approval_request(
+                *step,
+                ("", "final_answer"),
+                answer.clone(),
+                reason,
+                Some(answer.clone()),
+                now_ms,
+            ));
         }
         if let Some(deadline) = self.deadline_ms()
             && now_ms >= deadline
@@ -1277,18 +1294,14 @@ impl Engine {
                     ));
                 }
                 Some(Approval::Pending(_) | Approval::Used) | None => {
-                    let timeout = i64::try_from(self.agent.spec.approval.timeout.as_millis())
-                        .unwrap_or(i64::MAX);
-                    return Effect::Record(EventKind::ApprovalRequested {
+                    return self.approval_request(
                         step,
-                        call_id: call.id.clone(),
-                        tool: call.name.clone(),
+                        (&call.id, &call.name),
                         arguments,
                         reason,
-                        expires_at_ms: now_ms.saturating_add(timeout),
-                        on_timeout: self.agent.spec.approval.on_timeout,
-                        answer: None,
-                    });
+                        None,
+                        now_ms,
+                    );
                 }
             }
         }
@@ -1326,23 +1339,17 @@ impl Engine {
                 again(arguments)
             }
             (Some(_), Some(arguments), Some(Approval::Approved)) => again(arguments),
-            (Some(_), Some(arguments), None | Some(Approval::Used)) => {
-                let timeout =
-                    i64::try_from(self.agent.spec.approval.timeout.as_millis()).unwrap_or(i64::MAX);
-                Effect::Record(EventKind::ApprovalRequested {
-                    step,
-                    call_id: call.id.clone(),
-                    tool: call.name.clone(),
-                    arguments,
-                    reason: format!(
-                        "the call to `{}` was interrupted before its result was recorded, so whether it took effect is unknown, and the tool has side effects and no idempotency key; approve to make it again, deny to report it as failed",
-                        call.name
-                    ),
-                    expires_at_ms: now_ms.saturating_add(timeout),
-                    on_timeout: self.agent.spec.approval.on_timeout,
-                    answer: None,
-                })
-            }
+            (Some(_), Some(arguments), None | Some(Approval::Used)) => self.approval_request(
+                step,
+                (&call.id, &call.name),
+                arguments,
+                format!(
+                    "the call to `{}` was interrupted before its result was recorded, so whether it took effect is unknown, and the tool has side effects and no idempotency key; approve to make it again, deny to report it as failed",
+                    call.name
+                ),
+                None,
+                now_ms,
+            ),
             _ => Effect::Record(EventKind::ToolResult {
                 step,
                 call_id: call.id.clone(),

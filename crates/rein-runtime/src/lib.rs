@@ -256,6 +256,24 @@ impl Runtime {
         }
     }
 
+    /// This process's lease on a run, from now.
+    fn fresh_lease(&self) -> rein_store::Lease<'_> {
+        rein_store::Lease {
+            owner: &self.owner,
+            until_ms: now_ms() + self.lease_ms,
+        }
+    }
+
+    /// Renews this process's lease on `run_id` until the keeper is dropped.
+    fn keep_lease(&self, run_id: &RunId) -> LeaseKeeper {
+        LeaseKeeper::start(
+            self.store.clone(),
+            run_id.clone(),
+            self.owner.clone(),
+            self.lease_ms,
+        )
+    }
+
     /// How long this process's leases on runs last unless renewed.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(30);
@@ -280,11 +298,7 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<Option<RunOutcome>, RuntimeError> {
-        let lease = rein_store::Lease {
-            owner: &self.owner,
-            until_ms: now_ms() + self.lease_ms,
-        };
-        let Some((tenant, run_id)) = self.store.claim(lease, now_ms()).await? else {
+        let Some((tenant, run_id)) = self.store.claim(self.fresh_lease(), now_ms()).await? else {
             return Ok(None);
         };
         match self
@@ -511,12 +525,7 @@ impl Runtime {
             models_used: Default::default(),
         };
         driver.start(&info, kinds).await?;
-        let keeper = LeaseKeeper::start(
-            self.store.clone(),
-            run_id.clone(),
-            self.owner.clone(),
-            self.lease_ms,
-        );
+        let keeper = self.keep_lease(&run_id);
         let outcome = driver.drive().await;
         drop(keeper);
         self.store.release(&run_id, &self.owner).await?;
@@ -686,20 +695,11 @@ impl Runtime {
     ) -> Result<RunOutcome, RuntimeError> {
         // The lease first: the log read below is then the one this process continues.
         let record = self.store.run(tenant, run_id).await?;
-        let held = rein_store::Lease {
-            owner: &self.owner,
-            until_ms: now_ms() + self.lease_ms,
-        };
         let now = if take_over { i64::MAX } else { now_ms() };
-        if !self.store.acquire(run_id, held, now).await? {
+        if !self.store.acquire(run_id, self.fresh_lease(), now).await? {
             return Err(RuntimeError::Leased(run_id.clone()));
         }
-        let keeper = LeaseKeeper::start(
-            self.store.clone(),
-            run_id.clone(),
-            self.owner.clone(),
-            self.lease_ms,
-        );
+        let keeper = self.keep_lease(run_id);
         let outcome = self
             .continue_leased(tenant, run_id, record, prices, model, decision)
             .await;
@@ -860,13 +860,9 @@ impl Driver<'_> {
             self.engine.apply(&event)?;
             sealed.push(one);
         }
-        let lease = rein_store::Lease {
-            owner: &self.runtime.owner,
-            until_ms: now_ms() + self.runtime.lease_ms,
-        };
         self.runtime
             .store
-            .create_run(info, &sealed, Some(lease))
+            .create_run(info, &sealed, Some(self.runtime.fresh_lease()))
             .await?;
         self.prev_hash = sealed
             .last()
