@@ -1,7 +1,11 @@
--- The projection in two triggers: counters on every append, and the status and outcome only on
+-- The run's status follows its log: `awaiting_approval` from an `approval_requested` event
+-- (which also records when that approval times out, so workers can claim the run and apply the
+-- timeout policy) until the matching `approval_decided`, and the outcome from `run_finished`.
+-- The projection is now two triggers: counters on every append, and status and outcome only on
 -- the events that change them. An UPDATE that assigns `status` rewrites its index entry
--- (`runs_claimable`) even to the same value, which cost every append of every step; now only
--- run_finished and approvals touch it.
+-- (`runs_claimable`) even to the same value, which cost every append of every step.
+ALTER TABLE runs ADD COLUMN approval_expires_ms INTEGER;
+
 DROP TRIGGER events_update_run;
 
 CREATE TRIGGER events_update_run AFTER INSERT ON events
@@ -31,6 +35,9 @@ BEGIN
             WHEN 'run_finished' THEN NEW.payload ->> '$.status'
             WHEN 'approval_requested' THEN 'awaiting_approval'
             ELSE 'running' END,
+        approval_expires_ms = CASE NEW.kind
+            WHEN 'approval_requested' THEN NEW.payload ->> '$.expires_at_ms'
+            ELSE NULL END,
         termination_reason = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload ->> '$.reason' ELSE termination_reason END,
         detail = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload ->> '$.detail' ELSE detail END,
         output = CASE NEW.kind WHEN 'run_finished' THEN NEW.payload -> '$.output' ELSE output END
