@@ -18,7 +18,7 @@ use rein_core::{Agent, SessionId, TenantId, TerminationReason, UserId};
 use rein_fakes::{FakeOpenAi, FakeResponse};
 use rein_providers::{BoxFuture, Model, ModelError, ModelRequest, OpenAiClient};
 use rein_runtime::{RunRequest, Runtime};
-use rein_store::{Durability, SqliteStore};
+use rein_store::{Durability, SqliteStore, Store};
 use rein_tools::{Builtins, HttpTools, ToolBox};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -154,7 +154,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let fake = FakeOpenAi::start_unrecorded(responder(turns)).await?;
     let source = spec(args.steps + 2);
     let agent = parse_agent("bench.yaml", &source, &config, &builtins)?;
-    let store = SqliteStore::open(dir.join("bench-steps.db"), Durability::Process).await?;
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.join("bench-steps.db"), Durability::Process).await?);
     let runtime = Runtime::new(
         store.clone(),
         ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
@@ -190,7 +191,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     drop(warm);
 
     // 2. Memory per in-flight run.
-    let store = SqliteStore::open(dir.join("bench-memory.db"), Durability::Process).await?;
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.join("bench-memory.db"), Durability::Process).await?);
     let runtime = Runtime::new(
         store.clone(),
         ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),

@@ -11,9 +11,7 @@ use rein_core::{SessionId, TenantId, Usd, UserId};
 use rein_fakes::ToolService;
 use rein_providers::{Model, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunOutcome, RunRequest};
-use rein_store::{Durability, SqliteStore};
 use rein_tools::Builtins;
-use std::path::Path;
 
 struct Scenario {
     name: &'static str,
@@ -113,7 +111,8 @@ const SCENARIOS: &[Scenario] = &[
 /// The scenario whose trace tree is printed in full.
 const TRACED: &str = "hallucinated-tool";
 
-pub async fn run(db: &Path) -> anyhow::Result<u8> {
+pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
+    let db = shell_word(&rein_store::redact_url(&store_args.db));
     let live = std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty());
     if live {
         say!(
@@ -147,9 +146,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
     );
     let builtins = Builtins::standard();
     let http = http_client()?;
-    let store = SqliteStore::open(db, Durability::Process)
-        .await
-        .with_context(|| format!("cannot open the store {}", db.display()))?;
+    let store = crate::open_store(store_args).await?;
     let runtime = crate::runtime_for(&config, &store, builtins.clone(), http.clone()).await?;
     let tenant = TenantId::new("default");
 
@@ -228,7 +225,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
                 pending.arguments,
                 pending.reason,
                 outcome.run_id,
-                db.display(),
+                db,
                 if live {
                     String::new()
                 } else {
@@ -240,7 +237,7 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
     store.close().await;
     say!(
         "\nThe runs are recorded in {db}. Next:\n  rein runs list --db {db}\n  rein runs show <RUN> --db {db}\n  rein audit verify --db {db}",
-        db = db.display()
+        db = db
     );
 
     let mismatched: Vec<String> = outcomes
@@ -257,4 +254,15 @@ pub async fn run(db: &Path) -> anyhow::Result<u8> {
         return Ok(exit::INTERNAL);
     }
     Ok(exit::OK)
+}
+
+/// `word` as it can be pasted into a shell: quoted when it holds anything but plain path and
+/// URL characters (a PostgreSQL URL's `?options=...`, say).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:@,+=%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }

@@ -1,7 +1,7 @@
 //! `rein`: run agents with hard limits, inspect their traces, verify their audit trail.
 //!
 //! Reading order for newcomers: this file (commands) → `rein_runtime::Runtime::run` (the
-//! driver loop) → `rein_core::Engine` (the state machine) → `rein_store::SqliteStore` (the log).
+//! driver loop) → `rein_core::Engine` (the state machine) → `rein_store::Store` (the log: SQLite or PostgreSQL).
 
 /// `println!` for command output that ends quietly when stdout's reader has gone away
 /// (`rein runs list | head`), instead of panicking on the broken pipe.
@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use rein_core::{Agent, CheckContext, Event, JobId, RunId, RunStatus, SessionId, TenantId, UserId};
 use rein_providers::{Model, ProviderRouter, ScriptedModel};
 use rein_runtime::{RunRequest, Runtime};
-use rein_store::{Durability, SqliteStore};
+use rein_store::{Durability, Store};
 use rein_tools::{Builtins, CONNECT_TIMEOUT, HttpTools, ToolBox};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -85,9 +85,10 @@ struct Cli {
 
 #[derive(Args, Clone, Debug)]
 struct StoreArgs {
-    /// SQLite file holding runs and their event logs.
+    /// Where runs and their event logs live: an SQLite file, or a PostgreSQL URL
+    /// (`postgres://user@host:5432/db`) shared by several Rein processes.
     #[arg(long, env = "REIN_DB", default_value = "rein.db")]
-    db: PathBuf,
+    db: String,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -398,7 +399,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             json,
             store,
         } => costs(by, since.as_deref(), &tenant, all_tenants, json, &store).await,
-        Command::Demo { store } => demo::run(&store.db).await,
+        Command::Demo { store } => demo::run(&store).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Worker(args) => worker(args).await,
     }
@@ -519,7 +520,7 @@ pub fn model_for(
 /// Redis when `[counters]` names one, else in the embedded store.
 pub async fn runtime_for(
     config: &config::Config,
-    store: &SqliteStore,
+    store: &Arc<dyn Store>,
     builtins: Builtins,
     http: reqwest::Client,
 ) -> anyhow::Result<Runtime> {
@@ -529,7 +530,7 @@ pub async fn runtime_for(
                 .await
                 .with_context(|| format!("cannot reach the shared counters at {}", c.url))?,
         ),
-        None => Arc::new(store.clone()),
+        None => store.clone(),
     };
     Ok(
         Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
@@ -542,17 +543,24 @@ pub async fn runtime_for(
     )
 }
 
-async fn open_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(&store.db, Durability::Process)
+async fn open_store(store: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    rein_store::open(&store.db, Durability::Process)
         .await
-        .with_context(|| format!("cannot open the store {}", store.db.display()))
+        .with_context(|| {
+            format!(
+                "cannot open the store {}",
+                rein_store::redact_url(&store.db)
+            )
+        })
 }
 
-async fn open_existing_store(store: &StoreArgs) -> anyhow::Result<SqliteStore> {
-    if !store.db.exists() {
+/// Opens a store that must already hold runs: a missing SQLite file is a mistake (a typo in
+/// `--db`), not a reason to create an empty one.
+async fn open_existing_store(store: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    if !rein_store::is_postgres_url(&store.db) && !Path::new(&store.db).exists() {
         return Err(anyhow!(BadInput(format!(
             "{}: no such store; run an agent first (e.g. `rein demo`) or pass --db PATH",
-            store.db.display()
+            store.db
         ))));
     }
     open_store(store).await

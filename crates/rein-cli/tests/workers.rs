@@ -1,6 +1,7 @@
 //! Scale-out: queued runs (`rein run --detach`) executed by three `rein worker` processes on
-//! one store, one of them killed with SIGKILL midway. Every run finishes exactly once: the
-//! tool service saw each run's side effect applied once, and no run was lost.
+//! one store (an SQLite file; PostgreSQL, the real server on 127.0.0.1), one of them killed
+//! with SIGKILL midway. Every run finishes exactly once: the tool service saw each run's side
+//! effect applied once, and no run was lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,8 +10,6 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const RUNS: usize = 60;
 
 const SCRIPT: &str = r#"
 responses:
@@ -46,7 +45,7 @@ fn rein(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn worker(dir: &Path) -> Child {
+fn worker(dir: &Path, db: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rein"))
         .args([
             "worker",
@@ -56,7 +55,7 @@ fn worker(dir: &Path) -> Child {
             "--script",
             "script.yaml",
         ])
-        .args(["--db", "runs.db"])
+        .args(["--db", db])
         .current_dir(dir)
         .env_remove("REIN_DB")
         .env_remove("REIN_CONFIG")
@@ -67,7 +66,21 @@ fn worker(dir: &Path) -> Child {
 }
 
 #[test]
-fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
+fn three_workers_on_sqlite_one_killed_midway_finish_every_queued_run_exactly_once() {
+    scale_out("runs.db", 60);
+}
+
+#[test]
+fn three_workers_on_postgres_one_killed_midway_finish_300_queued_runs_exactly_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = rt
+        .block_on(rein_store::testing::TestSchema::create())
+        .expect("PostgreSQL must be running on 127.0.0.1:5432 (scripts/test starts it)");
+    scale_out(&schema.url(), 300);
+    rt.block_on(schema.drop_schema()).unwrap();
+}
+
+fn scale_out(db: &str, runs: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let service = rt.block_on(ToolService::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -75,7 +88,7 @@ fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
     std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
 
     let mut queued = Vec::new();
-    for i in 0..RUNS {
+    for i in 0..runs {
         let input = format!("payment {i}");
         let out = rein(
             dir.path(),
@@ -86,7 +99,7 @@ fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
                 &input,
                 "--detach",
                 "--db",
-                "runs.db",
+                db,
             ],
         );
         assert_eq!(
@@ -99,9 +112,7 @@ fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
     }
     let listed = rein(
         dir.path(),
-        &[
-            "runs", "list", "--json", "--limit", "1000", "--db", "runs.db",
-        ],
+        &["runs", "list", "--json", "--limit", "1000", "--db", db],
     );
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert!(
@@ -113,9 +124,9 @@ fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
     );
     assert_eq!(service.hits("apply"), 0, "queued, not run");
 
-    let mut workers: Vec<Child> = (0..3).map(|_| worker(dir.path())).collect();
+    let mut workers: Vec<Child> = (0..3).map(|_| worker(dir.path(), db)).collect();
     let started = Instant::now();
-    while service.applied().len() < RUNS / 4 {
+    while service.applied().len() < runs / 4 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the workers made no progress"
@@ -137,32 +148,30 @@ fn three_workers_one_killed_midway_finish_every_queued_run_exactly_once() {
 
     let listed = rein(
         dir.path(),
-        &[
-            "runs", "list", "--json", "--limit", "1000", "--db", "runs.db",
-        ],
+        &["runs", "list", "--json", "--limit", "1000", "--db", db],
     );
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let runs = listed.as_array().unwrap();
-    assert_eq!(runs.len(), RUNS);
-    for run in runs {
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), runs);
+    for run in listed {
         assert_eq!(run["status"], "completed", "{run}");
         assert_eq!(run["tool_calls"], 1, "{run}");
     }
     let applied = service.applied();
     assert_eq!(
         applied.len(),
-        RUNS,
+        runs,
         "one effect per run, none lost, none doubled"
     );
     for id in &queued {
         assert_eq!(applied.get(&format!("{id}:2")), Some(&1), "{id}");
     }
     assert!(
-        service.hits("apply") <= RUNS + 1,
+        service.hits("apply") <= runs + 1,
         "only a run cut off by the kill was called again (under its key): {} calls",
         service.hits("apply")
     );
-    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
+    let out = rein(dir.path(), &["audit", "verify", "--db", db]);
     assert_eq!(
         out.status.code(),
         Some(0),

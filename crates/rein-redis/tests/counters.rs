@@ -1,5 +1,6 @@
-//! One conformance suite for every budget counter backend: the embedded SQLite store and
-//! Redis (the real server on 127.0.0.1; `.ci/run` starts it when it is down).
+//! One conformance suite for every budget counter backend: the embedded SQLite store, the
+//! PostgreSQL store, and Redis (real servers on 127.0.0.1; `scripts/test` starts them when they
+//! are down).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -196,4 +197,19 @@ async fn redis_counters_conform() {
     a_reservation_left_by_a_dead_process_expires(&c).await;
     cells_change_only_by_compare_and_swap(&c).await;
     racing_reservations_never_overcommit(Arc::new(c)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counters_conform() {
+    let schema = rein_store::testing::TestSchema::create().await.expect(
+        "PostgreSQL must be running on 127.0.0.1:5432 for these tests (scripts/test starts it)",
+    );
+    let c = rein_store::PgStore::connect(&schema.url()).await.unwrap();
+    reservations_are_all_or_nothing(&c).await;
+    settling_releases_the_rest_and_counts_the_spend(&c).await;
+    a_reservation_left_by_a_dead_process_expires(&c).await;
+    cells_change_only_by_compare_and_swap(&c).await;
+    racing_reservations_never_overcommit(Arc::new(c.clone())).await;
+    rein_store::Store::close(&c).await;
+    schema.drop_schema().await.unwrap();
 }

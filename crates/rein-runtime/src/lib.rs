@@ -26,7 +26,7 @@ use rein_core::{
     ToolResult, Usage, Usd, UserId,
 };
 use rein_providers::{Endpoint, Model, ModelError, ModelRequest, TokenSink};
-use rein_store::{RunInfo, SqliteStore, StoreError};
+use rein_store::{RunInfo, Store, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
 use serde_json::Value;
@@ -139,7 +139,7 @@ pub struct RunOutcome {
 /// Shared budgets and the counters that enforce them.
 #[derive(Clone)]
 pub struct Governor {
-    /// The counter backend (the SQLite store, or Redis for several processes).
+    /// The counter backend (the store itself, or Redis shared by several processes).
     pub counters: Arc<dyn Counters>,
     /// Which scopes are capped, per tenant.
     pub budgets: Budgets,
@@ -162,7 +162,7 @@ fn run_lease_ms(agent: &Agent) -> i64 {
 /// Executes runs.
 #[derive(Clone)]
 pub struct Runtime {
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     tools: ToolBox,
     governor: Option<Governor>,
     counters: Arc<dyn Counters>,
@@ -183,7 +183,7 @@ pub const DEFAULT_LEASE_MS: i64 = 30_000;
 struct LeaseKeeper(tokio::task::JoinHandle<()>);
 
 impl LeaseKeeper {
-    fn start(store: SqliteStore, run: RunId, owner: String, lease_ms: i64) -> Self {
+    fn start(store: Arc<dyn Store>, run: RunId, owner: String, lease_ms: i64) -> Self {
         LeaseKeeper(tokio::spawn(async move {
             let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1).max(1));
             loop {
@@ -240,8 +240,8 @@ fn now_ms() -> i64 {
 
 impl Runtime {
     /// A runtime over a store and a toolbox.
-    pub fn new(store: SqliteStore, tools: ToolBox) -> Self {
-        let counters: Arc<dyn Counters> = Arc::new(store.clone());
+    pub fn new(store: Arc<dyn Store>, tools: ToolBox) -> Self {
+        let counters: Arc<dyn Counters> = store.clone();
         Runtime {
             breakers: Arc::new(breakers::Breakers::new(counters.clone())),
             counters,
@@ -444,8 +444,8 @@ impl Runtime {
     }
 
     /// The store runs are recorded in.
-    pub fn store(&self) -> &SqliteStore {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     /// Starts a run and drives it to its end. When the tenant's bulkhead is full the run waits

@@ -9,7 +9,7 @@ use rein_core::{
 };
 use rein_providers::ScriptedModel;
 use rein_runtime::{Governor, RunRequest, Runtime};
-use rein_store::SqliteStore;
+use rein_store::{SqliteStore, Store};
 use rein_tools::{Builtins, HttpTools, ToolBox};
 use std::sync::Arc;
 
@@ -51,7 +51,7 @@ fn budgets() -> Budgets {
     }
 }
 
-async fn race(counters: Arc<dyn Counters>, store: SqliteStore) {
+async fn race(counters: Arc<dyn Counters>, store: Arc<dyn Store>) {
     let runtime = Runtime::new(
         store.clone(),
         ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
@@ -192,7 +192,21 @@ async fn racing_runs_never_overspend_a_shared_budget_on_sqlite() {
     let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
         .await
         .unwrap();
-    race(Arc::new(store.clone()), store).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    race(store.clone(), store).await;
+}
+
+/// Several workers on one PostgreSQL database share their budgets through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_runs_never_overspend_a_shared_budget_on_postgres() {
+    let schema = rein_store::testing::TestSchema::create()
+        .await
+        .expect("PostgreSQL must be running on 127.0.0.1:5432 (scripts/test starts it)");
+    let store: Arc<dyn Store> =
+        Arc::new(rein_store::PgStore::connect(&schema.url()).await.unwrap());
+    race(store.clone(), store.clone()).await;
+    store.close().await;
+    schema.drop_schema().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +219,7 @@ async fn racing_runs_never_overspend_a_shared_budget_on_redis() {
     let counters = rein_redis::RedisCounters::connect("redis://127.0.0.1:6379", &prefix)
         .await
         .expect("Redis must be running on 127.0.0.1:6379 (.ci/run starts it)");
-    race(Arc::new(counters), store).await;
+    race(Arc::new(counters), Arc::new(store)).await;
 }
 
 #[tokio::test]
@@ -226,7 +240,7 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
         ..Budgets::default()
     };
     let runtime = Runtime::new(
-        store.clone(),
+        Arc::new(store.clone()),
         ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
     )
     .with_governor(Governor {
@@ -346,7 +360,7 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
         failed: Default::default(),
     });
     let runtime = Runtime::new(
-        store.clone(),
+        Arc::new(store.clone()),
         ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
     )
     .with_governor(Governor {

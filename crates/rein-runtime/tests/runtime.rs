@@ -53,7 +53,7 @@ async fn harness() -> Harness {
         .unwrap();
     let tools = ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
     Harness {
-        runtime: Runtime::new(store, tools),
+        runtime: Runtime::new(std::sync::Arc::new(store), tools),
         _dir: dir,
     }
 }

@@ -1,0 +1,694 @@
+//! The shared engine: PostgreSQL, for several stateless Rein processes (workers, servers) on
+//! one database. Same model and guarantees as the SQLite store; concurrency comes from row
+//! locks instead of a single writer: claims skip rows another worker has locked
+//! (`FOR UPDATE SKIP LOCKED`), appends race on the `(run_id, seq)` key, and budget counters
+//! serialise on per-scope advisory locks.
+
+use crate::{
+    Columns, CostGroup, CostLine, Lease, RunInfo, RunRecord, Store, StoreError, check_first,
+    cost_from_row, event_from_row, run_from_row,
+};
+use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
+use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, Usd};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The PostgreSQL store.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`; `?options=-c
+    /// search_path=NAME` keeps Rein's tables in a schema of their own) and brings its schema up
+    /// to date. Several processes may start at once: migrations take a database lock.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("rein");
+        // One direct connection first: a pool only reports that it timed out, while this
+        // says why (refused, no such database, authentication failed).
+        sqlx::Connection::close(
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options).await?,
+        )
+        .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The connection pool (tests reach behind the API with it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
+/// contains runtime values, which always go through `bind`.
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
+            "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms FROM runs ",
+            $tail
+        )
+    };
+}
+
+/// `SELECT <group>, totals FROM model_responded events of <tenants> since $1 GROUP BY <group>`.
+macro_rules! cost_query {
+    ($group:literal, $tenant_filter:literal) => {
+        concat!(
+            "SELECT ", $group, " AS key, count(*) AS calls,
+                    coalesce(sum((e.payload::jsonb #>> '{usage,input_tokens}')::bigint), 0)::bigint AS input_tokens,
+                    coalesce(sum((e.payload::jsonb #>> '{usage,cached_input_tokens}')::bigint), 0)::bigint AS cached_input_tokens,
+                    coalesce(sum((e.payload::jsonb #>> '{usage,output_tokens}')::bigint), 0)::bigint AS output_tokens,
+                    coalesce(sum((e.payload::jsonb ->> 'cost')::bigint), 0)::bigint AS micros
+             FROM events e JOIN runs r ON r.id = e.run_id
+             WHERE e.kind = 'model_responded' AND e.ts_ms >= $1 AND ", $tenant_filter, "
+             GROUP BY 1 ORDER BY micros DESC, key"
+        )
+    };
+}
+
+fn cost_sql(group: CostGroup, all_tenants: bool) -> &'static str {
+    match (group, all_tenants) {
+        (CostGroup::Tenant, false) => cost_query!("r.tenant", "r.tenant = $2"),
+        (CostGroup::User, false) => cost_query!("r.user_id", "r.tenant = $2"),
+        (CostGroup::Agent, false) => cost_query!("r.agent", "r.tenant = $2"),
+        (CostGroup::Model, false) => cost_query!("e.payload::jsonb ->> 'model'", "r.tenant = $2"),
+        (CostGroup::Day, false) => cost_query!(
+            "to_char(to_timestamp(e.ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            "r.tenant = $2"
+        ),
+        (CostGroup::Tenant, true) => cost_query!("r.tenant", "$2::text IS NULL"),
+        (CostGroup::User, true) => cost_query!("r.tenant || '/' || r.user_id", "$2::text IS NULL"),
+        (CostGroup::Agent, true) => cost_query!("r.agent", "$2::text IS NULL"),
+        (CostGroup::Model, true) => {
+            cost_query!("e.payload::jsonb ->> 'model'", "$2::text IS NULL")
+        }
+        (CostGroup::Day, true) => cost_query!(
+            "to_char(to_timestamp(e.ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            "$2::text IS NULL"
+        ),
+    }
+}
+
+/// Inserts `event` if it extends `tenant`'s run by exactly one (see [`Store::append`]). Two
+/// writers at one position both pass the check; the primary key refuses the second.
+async fn insert_event<'e>(
+    executor: impl sqlx::Executor<'e, Database = Postgres>,
+    tenant: &TenantId,
+    event: &SealedEvent,
+) -> Result<(), StoreError> {
+    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+    let inserted = sqlx::query(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8
+         WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND tenant = $9 AND event_count = $2)",
+    )
+    .bind(event.run_id.as_str())
+    .bind(seq)
+    .bind(event.ts_ms)
+    .bind(&event.kind)
+    .bind(event.payload.as_deref())
+    .bind(&event.payload_sha256)
+    .bind(&event.prev_hash)
+    .bind(&event.hash)
+    .bind(tenant.as_str())
+    .execute(executor)
+    .await;
+    let conflict = || StoreError::Conflict {
+        run_id: event.run_id.clone(),
+        seq: event.seq,
+    };
+    match inserted {
+        Ok(done) if done.rows_affected() == 1 => Ok(()),
+        Ok(_) => Err(conflict()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(conflict()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Which runs a worker may claim at `$3`: queued, running under an expired lease, or awaiting
+/// an approval that timed out.
+macro_rules! claimable {
+    () => {
+        "((status IN ('queued', 'running') AND lease_until_ms < $3)
+          OR (status = 'awaiting_approval' AND approval_expires_ms <= $3 AND lease_until_ms < $3))"
+    };
+}
+
+impl Store for PgStore {
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunInfo,
+        first: &'a [SealedEvent],
+        lease: Option<Lease<'a>>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            check_first(run, first)?;
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)",
+            )
+            .bind(run.id.as_str())
+            .bind(run.tenant.as_str())
+            .bind(run.user.as_str())
+            .bind(run.session.as_str())
+            .bind(run.job.as_ref().map(JobId::as_str))
+            .bind(&run.agent)
+            .bind(i64::from(run.agent_version))
+            .bind(&run.spec)
+            .bind(&run.input)
+            .bind(match lease {
+                Some(_) => RunStatus::Running.as_str(),
+                None => RunStatus::Queued.as_str(),
+            })
+            .bind(GENESIS_HASH)
+            .bind(run.created_ms)
+            .bind(lease.map(|l| l.owner))
+            .bind(lease.map_or(0, |l| l.until_ms))
+            .execute(&mut *tx)
+            .await?;
+            for event in first {
+                insert_event(&mut *tx, &run.tenant, event).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn append<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        event: &'a SealedEvent,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(insert_event(&self.pool, tenant, event))
+    }
+
+    // The oldest claimable row no other worker has locked; the outer condition is checked again
+    // on the locked row.
+    fn claim<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(concat!(
+                "UPDATE runs SET lease_owner = $1, lease_until_ms = $2
+                 WHERE id = (SELECT id FROM runs WHERE ",
+                claimable!(),
+                " ORDER BY created_ms LIMIT 1 FOR UPDATE SKIP LOCKED) AND ",
+                claimable!(),
+                " RETURNING tenant, id"
+            ))
+            .bind(lease.owner)
+            .bind(lease.until_ms)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| Ok((TenantId::new(r.text("tenant")?), RunId::new(r.text("id")?))))
+                .transpose()
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        run: &'a RunId,
+        lease: Lease<'a>,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE runs SET lease_owner = $1, lease_until_ms = $2,
+                                 status = CASE status WHEN 'queued' THEN 'running' ELSE status END
+                 WHERE id = $3 AND (lease_until_ms < $4 OR lease_owner = $1)",
+            )
+            .bind(lease.owner)
+            .bind(lease.until_ms)
+            .bind(run.as_str())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        run: &'a RunId,
+        lease: Lease<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE runs SET lease_until_ms = $1 WHERE id = $2 AND lease_owner = $3 AND status IN ('running', 'queued', 'awaiting_approval')",
+            )
+            .bind(lease.until_ms)
+            .bind(run.as_str())
+            .bind(lease.owner)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        run: &'a RunId,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2")
+                .bind(run.as_str())
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn latest_in_session<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        session: &'a SessionId,
+    ) -> BoxFuture<'a, Result<Option<RunRecord>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(select_runs!(
+                "WHERE tenant = $1 AND session_id = $2 ORDER BY created_ms DESC, id DESC LIMIT 1"
+            ))
+            .bind(tenant.as_str())
+            .bind(session.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| run_from_row(&r)).transpose()
+        })
+    }
+
+    fn run<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        id: &'a RunId,
+    ) -> BoxFuture<'a, Result<RunRecord, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(select_runs!("WHERE tenant = $1 AND id = $2"))
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+            run_from_row(&row)
+        })
+    }
+
+    fn list_runs<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        status: Option<RunStatus>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<RunRecord>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(select_runs!(
+                "WHERE tenant = $1 AND ($2::text IS NULL OR status = $2) ORDER BY created_ms DESC, id DESC LIMIT $3"
+            ))
+            .bind(tenant.as_str())
+            .bind(status.map(RunStatus::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(run_from_row).collect()
+        })
+    }
+
+    fn run_ids<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<RunId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT id FROM runs WHERE tenant = $1 ORDER BY created_ms, id")
+                .bind(tenant.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(|r| Ok(RunId::new(r.text("id")?))).collect()
+        })
+    }
+
+    fn tenants(&self) -> BoxFuture<'_, Result<Vec<TenantId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT DISTINCT tenant FROM runs ORDER BY tenant")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(TenantId::new(r.text("tenant")?)))
+                .collect()
+        })
+    }
+
+    fn costs<'a>(
+        &'a self,
+        tenant: Option<&'a TenantId>,
+        group: CostGroup,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<CostLine>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(cost_sql(group, tenant.is_none()))
+                .bind(since_ms)
+                .bind(tenant.map(TenantId::as_str))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(cost_from_row).collect()
+        })
+    }
+
+    fn orphaned_logs(&self) -> BoxFuture<'_, Result<Vec<RunId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT DISTINCT run_id FROM events WHERE run_id NOT IN (SELECT id FROM runs) ORDER BY run_id",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| Ok(RunId::new(r.text("run_id")?)))
+                .collect()
+        })
+    }
+
+    fn events<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        id: &'a RunId,
+    ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT e.seq, e.ts_ms, e.kind, e.payload, e.payload_sha256, e.prev_hash, e.hash
+                 FROM events e JOIN runs r ON r.id = e.run_id
+                 WHERE r.tenant = $1 AND e.run_id = $2 ORDER BY e.seq",
+            )
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(|r| event_from_row(id, r)).collect()
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
+    }
+}
+
+// ---- Budget counters ------------------------------------------------------------------------
+
+fn err(e: sqlx::Error) -> CountersError {
+    CountersError(e.to_string())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// FNV-1a: a stable 64-bit lock id for a scope key (the same in every process and build).
+fn lock_id(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// Serialises this transaction with every other counter transaction on any of `keys`, until it
+/// ends. Locks are always taken in one global order (by lock id), so two transactions never
+/// wait on each other in a cycle.
+async fn lock_scopes(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> Result<(), sqlx::Error> {
+    let mut ids: Vec<i64> = keys.iter().map(|k| lock_id(k)).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Releases the expired reservations of `keys` (whose locks this transaction holds).
+async fn release_expired(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&str],
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM budget_reservations WHERE scope = ANY($1) AND expires_ms <= $2
+                       RETURNING scope, micros, tokens),
+              totals AS (SELECT scope, sum(micros)::bigint AS micros, sum(tokens)::bigint AS tokens
+                         FROM gone GROUP BY scope)
+         UPDATE budget_counters c SET reserved_micros = c.reserved_micros - t.micros,
+                                      reserved_tokens = c.reserved_tokens - t.tokens
+         FROM totals t WHERE c.scope = t.scope",
+    )
+    .bind(keys)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn standing_in(
+    tx: &mut Transaction<'_, Postgres>,
+    scope: &str,
+) -> Result<Standing, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT spent_micros, spent_tokens, reserved_micros, reserved_tokens FROM budget_counters WHERE scope = $1",
+    )
+    .bind(scope)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match row {
+        None => Standing::default(),
+        Some(r) => Standing {
+            spent: Amount {
+                usd: Usd::from_micros(r.int("spent_micros")?),
+                tokens: r.count("spent_tokens")?,
+            },
+            reserved: Amount {
+                usd: Usd::from_micros(r.int("reserved_micros")?),
+                tokens: r.count("reserved_tokens")?,
+            },
+        },
+    })
+}
+
+fn keys(scopes: &[Scope]) -> Vec<&str> {
+    scopes.iter().map(|s| s.key.as_str()).collect()
+}
+
+impl PgStore {
+    async fn reserve_in_store(
+        &self,
+        id: &str,
+        scopes: &[Scope],
+        amount: Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<Reservation, sqlx::Error> {
+        let keys = keys(scopes);
+        let mut tx = self.pool.begin().await?;
+        lock_scopes(&mut tx, &keys).await?;
+        release_expired(&mut tx, &keys, now_ms).await?;
+        for scope in scopes {
+            let standing = standing_in(&mut tx, &scope.key).await?;
+            if !standing.admits(&scope.cap, &amount) {
+                tx.rollback().await?;
+                return Ok(Reservation::Refused {
+                    scope: scope.clone(),
+                    standing,
+                });
+            }
+        }
+        for scope in scopes {
+            sqlx::query(
+                "INSERT INTO budget_counters (scope, reserved_micros, reserved_tokens) VALUES ($1, $2, $3)
+                 ON CONFLICT (scope) DO UPDATE SET reserved_micros = budget_counters.reserved_micros + excluded.reserved_micros,
+                                                   reserved_tokens = budget_counters.reserved_tokens + excluded.reserved_tokens",
+            )
+            .bind(&scope.key)
+            .bind(amount.usd.micros())
+            .bind(to_i64(amount.tokens))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(&scope.key)
+            .bind(amount.usd.micros())
+            .bind(to_i64(amount.tokens))
+            .bind(expires_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Reservation::Granted)
+    }
+
+    async fn settle_in_store(
+        &self,
+        id: &str,
+        scopes: &[Scope],
+        actual: Amount,
+    ) -> Result<Vec<Standing>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_scopes(&mut tx, &keys(scopes)).await?;
+        let first = sqlx::query(
+            "INSERT INTO budget_settlements (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if first {
+            for scope in scopes {
+                sqlx::query(
+                    "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES ($1, $2, $3)
+                     ON CONFLICT (scope) DO UPDATE SET
+                         spent_micros = budget_counters.spent_micros + excluded.spent_micros,
+                         spent_tokens = budget_counters.spent_tokens + excluded.spent_tokens,
+                         reserved_micros = budget_counters.reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0),
+                         reserved_tokens = budget_counters.reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0)",
+                )
+                .bind(&scope.key)
+                .bind(actual.usd.micros())
+                .bind(to_i64(actual.tokens))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("DELETE FROM budget_reservations WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Already settled: report the standings, change nothing.
+        let mut after = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            after.push(standing_in(&mut tx, &scope.key).await?);
+        }
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_scopes(&mut tx, &[scope]).await?;
+        release_expired(&mut tx, &[scope], now_ms).await?;
+        let standing = standing_in(&mut tx, scope).await?;
+        tx.commit().await?;
+        Ok(standing)
+    }
+
+    async fn swap_cell_in_store(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        new: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = match expected {
+            None => sqlx::query(
+                "INSERT INTO counter_cells (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(new)
+            .execute(&self.pool)
+            .await?,
+            Some(expected) => {
+                sqlx::query("UPDATE counter_cells SET value = $1 WHERE key = $2 AND value = $3")
+                    .bind(new)
+                    .bind(key)
+                    .bind(expected)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Counters for PgStore {
+    fn cell<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, CountersError>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT value FROM counter_cells WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err)?;
+            row.map(|r| r.text("value")).transpose().map_err(err)
+        })
+    }
+
+    fn swap_cell<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a str>,
+        new: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CountersError>> {
+        Box::pin(async move {
+            self.swap_cell_in_store(key, expected, new)
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        amount: Amount,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<Reservation, CountersError>> {
+        Box::pin(async move {
+            self.reserve_in_store(id, scopes, amount, now_ms, expires_ms)
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        id: &'a str,
+        scopes: &'a [Scope],
+        actual: Amount,
+    ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>> {
+        Box::pin(async move { self.settle_in_store(id, scopes, actual).await.map_err(err) })
+    }
+
+    fn standing<'a>(
+        &'a self,
+        scope_key: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Standing, CountersError>> {
+        Box::pin(async move { self.standing_in_store(scope_key, now_ms).await.map_err(err) })
+    }
+}

@@ -1,0 +1,535 @@
+//! The embedded engine: one SQLite file (WAL), the default store.
+
+use crate::{
+    Columns, CostGroup, CostLine, Lease, RunInfo, RunRecord, Store, StoreError, check_first,
+    cost_from_row, event_from_row, run_from_row,
+};
+use rein_core::budget::BoxFuture;
+use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// `SELECT <group>, totals FROM model_responded events of <tenants> since ? GROUP BY <group>`,
+/// one static statement per grouping: SQL text never carries runtime values.
+macro_rules! cost_query {
+    ($group:literal, $tenant_filter:literal) => {
+        concat!(
+            "SELECT ", $group, " AS key, count(*) AS calls,
+                    coalesce(sum(e.payload ->> '$.usage.input_tokens'), 0) AS input_tokens,
+                    coalesce(sum(e.payload ->> '$.usage.cached_input_tokens'), 0) AS cached_input_tokens,
+                    coalesce(sum(e.payload ->> '$.usage.output_tokens'), 0) AS output_tokens,
+                    coalesce(sum(e.payload ->> '$.cost'), 0) AS micros
+             FROM events e JOIN runs r ON r.id = e.run_id
+             WHERE e.kind = 'model_responded' AND e.ts_ms >= ? AND ", $tenant_filter, "
+             GROUP BY key ORDER BY micros DESC, key"
+        )
+    };
+}
+
+fn cost_sql(group: CostGroup, all_tenants: bool) -> &'static str {
+    match (group, all_tenants) {
+        (CostGroup::Tenant, false) => cost_query!("r.tenant", "r.tenant = ?"),
+        (CostGroup::User, false) => cost_query!("r.user_id", "r.tenant = ?"),
+        (CostGroup::Agent, false) => cost_query!("r.agent", "r.tenant = ?"),
+        (CostGroup::Model, false) => cost_query!("e.payload ->> '$.model'", "r.tenant = ?"),
+        (CostGroup::Day, false) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "r.tenant = ?"),
+        (CostGroup::Tenant, true) => cost_query!("r.tenant", "? IS NULL"),
+        (CostGroup::User, true) => cost_query!("r.tenant || '/' || r.user_id", "? IS NULL"),
+        (CostGroup::Agent, true) => cost_query!("r.agent", "? IS NULL"),
+        (CostGroup::Model, true) => cost_query!("e.payload ->> '$.model'", "? IS NULL"),
+        (CostGroup::Day, true) => cost_query!("date(e.ts_ms / 1000, 'unixepoch')", "? IS NULL"),
+    }
+}
+
+/// How hard SQLite works to make a commit survive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: every committed event survives a crash of the process;
+    /// a power loss may lose the last few commits (never corrupts). The default.
+    #[default]
+    Process,
+    /// WAL with `synchronous=FULL`: every committed event also survives a power loss, at the
+    /// cost of an fsync per event.
+    PowerLoss,
+}
+
+/// The SQLite store.
+///
+/// SQLite allows one writer at a time, so all writes go through a single connection (queued
+/// in order, never spinning on `SQLITE_BUSY`), while reads use a small pool of their own that
+/// WAL lets run beside the writer.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pub(crate) pool: SqlitePool,
+    reader: SqlitePool,
+}
+
+/// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
+/// contains runtime values, which always go through `bind`.
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
+            "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms FROM runs ",
+            $tail
+        )
+    };
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>, durability: Durability) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Process => SqliteSynchronous::Normal,
+                Durability::PowerLoss => SqliteSynchronous::Full,
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(options).await
+    }
+
+    /// Opens a private in-memory store (tests, benchmarks of the engine alone).
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore {
+            reader: pool.clone(),
+            pool,
+        })
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        // The writer is used back to back; pinging it before every acquire would add a round
+        // trip to every append.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { pool, reader })
+    }
+}
+
+impl Store for SqliteStore {
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Flush the write-ahead log into the main file first.
+            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await;
+            self.pool.close().await;
+        })
+    }
+
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunInfo,
+        first: &'a [SealedEvent],
+        lease: Option<Lease<'a>>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            check_first(run, first)?;
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(run.id.as_str())
+            .bind(run.tenant.as_str())
+            .bind(run.user.as_str())
+            .bind(run.session.as_str())
+            .bind(run.job.as_ref().map(JobId::as_str))
+            .bind(&run.agent)
+            .bind(i64::from(run.agent_version))
+            .bind(&run.spec)
+            .bind(&run.input)
+            .bind(match lease {
+                Some(_) => RunStatus::Running.as_str(),
+                None => RunStatus::Queued.as_str(),
+            })
+            .bind(GENESIS_HASH)
+            .bind(run.created_ms)
+            .bind(run.created_ms)
+            .bind(lease.map(|l| l.owner))
+            .bind(lease.map_or(0, |l| l.until_ms))
+            .execute(&mut *tx)
+            .await?;
+            for event in first {
+                insert_event(&mut *tx, &run.tenant, event).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    // One statement, one commit: appends are on every step's critical path. The run's row
+    // follows from the `events_update_run` triggers.
+    fn append<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        event: &'a SealedEvent,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(insert_event(&self.pool, tenant, event))
+    }
+
+    // One statement on the single writer connection, so two workers never claim one run.
+    fn claim<'a>(
+        &'a self,
+        lease: Lease<'a>,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "UPDATE runs SET lease_owner = ?, lease_until_ms = ?
+                 WHERE id = (SELECT id FROM runs
+                             WHERE status IN ('queued', 'running') AND lease_until_ms < ?
+                                OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?)
+                             ORDER BY created_ms LIMIT 1)
+                   AND (status IN ('queued', 'running') AND lease_until_ms < ?
+                        OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?))
+                 RETURNING tenant, id",
+            )
+            .bind(lease.owner)
+            .bind(lease.until_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| Ok((TenantId::new(r.text("tenant")?), RunId::new(r.text("id")?))))
+                .transpose()
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        run: &'a RunId,
+        lease: Lease<'a>,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE runs SET lease_owner = ?, lease_until_ms = ?,
+                                 status = CASE status WHEN 'queued' THEN 'running' ELSE status END
+                 WHERE id = ? AND (lease_until_ms < ? OR lease_owner = ?)",
+            )
+            .bind(lease.owner)
+            .bind(lease.until_ms)
+            .bind(run.as_str())
+            .bind(now_ms)
+            .bind(lease.owner)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        run: &'a RunId,
+        lease: Lease<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued', 'awaiting_approval')",
+            )
+            .bind(lease.until_ms)
+            .bind(run.as_str())
+            .bind(lease.owner)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        run: &'a RunId,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?")
+                .bind(run.as_str())
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')",
+            )
+            .fetch_one(&self.reader)
+            .await?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn latest_in_session<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        session: &'a SessionId,
+    ) -> BoxFuture<'a, Result<Option<RunRecord>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(select_runs!(
+                "WHERE tenant = ? AND session_id = ? ORDER BY created_ms DESC, id DESC LIMIT 1"
+            ))
+            .bind(tenant.as_str())
+            .bind(session.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+            row.map(|r| run_from_row(&r)).transpose()
+        })
+    }
+
+    fn run<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        id: &'a RunId,
+    ) -> BoxFuture<'a, Result<RunRecord, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(select_runs!("WHERE tenant = ? AND id = ?"))
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_optional(&self.reader)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+            run_from_row(&row)
+        })
+    }
+
+    fn list_runs<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        status: Option<RunStatus>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<RunRecord>, StoreError>> {
+        Box::pin(async move {
+            let status = status.map(RunStatus::as_str);
+            let rows = sqlx::query(select_runs!(
+                "WHERE tenant = ? AND (? IS NULL OR status = ?) ORDER BY created_ms DESC, id DESC LIMIT ?"
+            ))
+            .bind(tenant.as_str())
+            .bind(status)
+            .bind(status)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter().map(run_from_row).collect()
+        })
+    }
+
+    fn run_ids<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<RunId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT id FROM runs WHERE tenant = ? ORDER BY created_ms, id")
+                .bind(tenant.as_str())
+                .fetch_all(&self.reader)
+                .await?;
+            rows.iter().map(|r| Ok(RunId::new(r.text("id")?))).collect()
+        })
+    }
+
+    fn tenants(&self) -> BoxFuture<'_, Result<Vec<TenantId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT DISTINCT tenant FROM runs ORDER BY tenant")
+                .fetch_all(&self.reader)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(TenantId::new(r.text("tenant")?)))
+                .collect()
+        })
+    }
+
+    fn costs<'a>(
+        &'a self,
+        tenant: Option<&'a TenantId>,
+        group: CostGroup,
+        since_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<CostLine>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(cost_sql(group, tenant.is_none()))
+                .bind(since_ms)
+                .bind(tenant.map(TenantId::as_str))
+                .fetch_all(&self.reader)
+                .await?;
+            rows.iter().map(cost_from_row).collect()
+        })
+    }
+
+    fn orphaned_logs(&self) -> BoxFuture<'_, Result<Vec<RunId>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT DISTINCT run_id FROM events WHERE run_id NOT IN (SELECT id FROM runs) ORDER BY run_id",
+            )
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter()
+                .map(|r| Ok(RunId::new(r.text("run_id")?)))
+                .collect()
+        })
+    }
+
+    fn events<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        id: &'a RunId,
+    ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT e.seq, e.ts_ms, e.kind, e.payload, e.payload_sha256, e.prev_hash, e.hash
+                 FROM events e JOIN runs r ON r.id = e.run_id
+                 WHERE r.tenant = ? AND e.run_id = ? ORDER BY e.seq",
+            )
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter().map(|r| event_from_row(id, r)).collect()
+        })
+    }
+}
+
+/// Inserts `event` if it extends `tenant`'s run by exactly one (see [`SqliteStore::append`]).
+async fn insert_event<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    tenant: &TenantId,
+    event: &SealedEvent,
+) -> Result<(), StoreError> {
+    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+    let inserted = sqlx::query(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?
+         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
+    )
+    .bind(event.run_id.as_str())
+    .bind(seq)
+    .bind(event.ts_ms)
+    .bind(&event.kind)
+    .bind(event.payload.as_deref())
+    .bind(&event.payload_sha256)
+    .bind(&event.prev_hash)
+    .bind(&event.hash)
+    .bind(event.run_id.as_str())
+    .bind(tenant.as_str())
+    .bind(seq)
+    .execute(executor)
+    .await;
+    match inserted {
+        Ok(done) if done.rows_affected() == 1 => Ok(()),
+        Ok(_) => Err(StoreError::Conflict {
+            run_id: event.run_id.clone(),
+            seq: event.seq,
+        }),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict {
+            run_id: event.run_id.clone(),
+            seq: event.seq,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+    use rein_core::UserId;
+    use rein_core::{Event, EventKind};
+
+    fn new_run(id: &str, tenant: &str) -> RunInfo {
+        RunInfo {
+            id: RunId::new(id),
+            tenant: TenantId::new(tenant),
+            user: UserId::new("u"),
+            session: SessionId::new("s"),
+            job: None,
+            agent: "a".into(),
+            agent_version: 1,
+            spec: "name: a".into(),
+            input: "hi".into(),
+            created_ms: 1,
+        }
+    }
+
+    fn started(seq: u64) -> Event {
+        Event {
+            seq,
+            ts_ms: 10 + seq as i64,
+            kind: EventKind::RunStarted {
+                agent: "a".into(),
+                agent_version: 1,
+                spec_sha256: String::new(),
+                input: "hi".into(),
+                tenant: TenantId::new("t1"),
+                user: UserId::new("u"),
+                session: SessionId::new("s"),
+                job: None,
+                granted_scopes: Vec::new(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_events_and_run_identities_cannot_be_changed_through_sql() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
+        store
+            .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
+            .await
+            .unwrap();
+        assert!(
+            sqlx::query("DELETE FROM events")
+                .execute(&store.pool)
+                .await
+                .is_err()
+        );
+        assert!(
+            sqlx::query("UPDATE events SET hash = 'x'")
+                .execute(&store.pool)
+                .await
+                .is_err()
+        );
+        for forbidden in [
+            "UPDATE events SET payload = NULL",
+            "UPDATE runs SET tenant = 't2'",
+            "DELETE FROM runs",
+        ] {
+            assert!(
+                sqlx::query(forbidden).execute(&store.pool).await.is_err(),
+                "{forbidden}"
+            );
+        }
+        assert!(store.orphaned_logs().await.unwrap().is_empty());
+    }
+}

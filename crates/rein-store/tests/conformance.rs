@@ -1,0 +1,650 @@
+//! One conformance suite for every store engine: the embedded SQLite store and PostgreSQL (the
+//! real server on 127.0.0.1; `scripts/test` starts it when it is down). Each PostgreSQL test
+//! gets a schema of its own, so tests run side by side and leave nothing behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_core::{
+    Event, EventKind, GENESIS_HASH, RunId, RunStatus, SealedEvent, SessionId, TenantId,
+    TerminationReason, ToolResult, Usage, Usd, UserId,
+};
+use rein_store::testing::TestSchema;
+use rein_store::{CostGroup, Lease, PgStore, RunInfo, SqliteStore, Store, StoreError};
+use std::sync::Arc;
+
+/// A store for one test and what must outlive it.
+struct Fixture {
+    store: Arc<dyn Store>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Schema(TestSchema),
+}
+
+impl Fixture {
+    async fn done(self) {
+        self.store.close().await;
+        if let Cleanup::Schema(schema) = self.cleanup {
+            schema.drop_schema().await.unwrap();
+        }
+    }
+}
+
+async fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
+        .await
+        .unwrap();
+    Fixture {
+        store: Arc::new(store),
+        cleanup: Cleanup::Dir(dir),
+    }
+}
+
+/// A PostgreSQL store in a fresh schema of the test database.
+async fn postgres_store() -> (PgStore, TestSchema) {
+    let schema = TestSchema::create().await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL must be running at {} for these tests (scripts/test starts it): {e}",
+            rein_store::testing::postgres_url()
+        )
+    });
+    (PgStore::connect(&schema.url()).await.unwrap(), schema)
+}
+
+async fn postgres() -> Fixture {
+    let (store, schema) = postgres_store().await;
+    Fixture {
+        store: Arc::new(store),
+        cleanup: Cleanup::Schema(schema),
+    }
+}
+
+fn info(id: &str, tenant: &str, session: &str, created_ms: i64) -> RunInfo {
+    RunInfo {
+        id: RunId::new(id),
+        tenant: TenantId::new(tenant),
+        user: UserId::new("u"),
+        session: SessionId::new(session),
+        job: None,
+        agent: "a".into(),
+        agent_version: 3,
+        spec: "name: a".into(),
+        input: "hi".into(),
+        created_ms,
+    }
+}
+
+fn started(tenant: &str) -> EventKind {
+    EventKind::RunStarted {
+        agent: "a".into(),
+        agent_version: 3,
+        spec_sha256: String::new(),
+        input: "hi".into(),
+        tenant: TenantId::new(tenant),
+        user: UserId::new("u"),
+        session: SessionId::new("s"),
+        job: None,
+        granted_scopes: Vec::new(),
+    }
+}
+
+fn responded(model: &str, input: u64, output: u64, dollars: f64) -> EventKind {
+    EventKind::ModelResponded {
+        step: 1,
+        model: model.into(),
+        content: Some("ok".into()),
+        tool_calls: Vec::new(),
+        usage: Usage {
+            input_tokens: input,
+            cached_input_tokens: 2,
+            cache_write_tokens: 0,
+            output_tokens: output,
+        },
+        cost: Usd::from_dollars(dollars).unwrap(),
+        latency_ms: 5,
+        attempts: 1,
+    }
+}
+
+fn finished(output: serde_json::Value) -> EventKind {
+    EventKind::RunFinished {
+        status: RunStatus::Completed,
+        reason: TerminationReason::Completed,
+        detail: Some("done".into()),
+        output: Some(output),
+    }
+}
+
+/// A run's log as the engine writes it: sealed one after another.
+struct Log {
+    run: RunInfo,
+    sealed: Vec<SealedEvent>,
+}
+
+impl Log {
+    fn new(run: RunInfo) -> Self {
+        let mut log = Log {
+            run,
+            sealed: Vec::new(),
+        };
+        let tenant = log.run.tenant.as_str().to_string();
+        log.seal(started(&tenant));
+        log
+    }
+
+    fn seal(&mut self, kind: EventKind) -> SealedEvent {
+        let prev = self
+            .sealed
+            .last()
+            .map_or(GENESIS_HASH.to_string(), |e| e.hash.clone());
+        let event = Event {
+            seq: self.sealed.len() as u64,
+            ts_ms: self.run.created_ms + self.sealed.len() as i64,
+            kind,
+        };
+        let sealed = event.seal(&self.run.id, &prev);
+        self.sealed.push(sealed.clone());
+        sealed
+    }
+
+    async fn create(&self, store: &dyn Store, lease: Option<Lease<'_>>) {
+        store
+            .create_run(&self.run, &self.sealed[..1], lease)
+            .await
+            .unwrap();
+    }
+
+    async fn append(&mut self, store: &dyn Store, kind: EventKind) {
+        let sealed = self.seal(kind);
+        store.append(&self.run.tenant, &sealed).await.unwrap();
+    }
+}
+
+fn lease(owner: &str, until_ms: i64) -> Lease<'_> {
+    Lease { owner, until_ms }
+}
+
+async fn events_round_trip_verify_and_project_onto_the_run(store: &dyn Store) {
+    let mut log = Log::new(info("r1", "t1", "s", 1_000));
+    log.create(store, None).await;
+    let t1 = TenantId::new("t1");
+    let queued = store.run(&t1, &RunId::new("r1")).await.unwrap();
+    assert_eq!(queued.progress.status, RunStatus::Queued);
+    assert_eq!(queued.info, log.run);
+
+    log.append(store, responded("openai/m", 100, 20, 0.25))
+        .await;
+    log.append(
+        store,
+        EventKind::ToolResult {
+            step: 1,
+            call_id: "c1".into(),
+            tool: "t".into(),
+            result: ToolResult::success(serde_json::json!({"ok": true})),
+            latency_ms: 3,
+            attempts: 1,
+        },
+    )
+    .await;
+    log.append(store, responded("openai/m", 50, 10, 0.5)).await;
+    log.append(store, finished(serde_json::json!({"answer": [1, "two"]})))
+        .await;
+
+    let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
+    assert_eq!(events, log.sealed, "stored byte for byte");
+    let run = store.run(&t1, &RunId::new("r1")).await.unwrap();
+    rein_core::verify_chain(&events, Some((run.event_count, &run.head_hash))).unwrap();
+    let p = &run.progress;
+    assert_eq!(p.status, RunStatus::Completed);
+    assert_eq!(p.reason, Some(TerminationReason::Completed));
+    assert_eq!(p.detail.as_deref(), Some("done"));
+    assert_eq!(p.output, Some(serde_json::json!({"answer": [1, "two"]})));
+    assert_eq!((p.iterations, p.tool_calls), (2, 1));
+    assert_eq!(
+        (
+            p.usage.input_tokens,
+            p.usage.cached_input_tokens,
+            p.usage.output_tokens
+        ),
+        (150, 4, 30)
+    );
+    assert_eq!(p.cost, Usd::from_dollars(0.75).unwrap());
+    assert_eq!(run.event_count, 5);
+    assert_eq!(run.updated_ms, 1_004);
+}
+
+async fn a_run_is_stored_only_with_its_own_first_event(store: &dyn Store) {
+    let log = Log::new(info("r1", "t1", "s", 1));
+    let other = Log::new(info("r2", "t1", "s", 1));
+    for first in [&[][..], &other.sealed[..]] {
+        let err = store.create_run(&log.run, first, None).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { seq: 0, .. }), "{err}");
+    }
+    assert!(matches!(
+        store.run(&log.run.tenant, &log.run.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires(
+    store: &dyn Store,
+) {
+    Log::new(info("r1", "t1", "s", 1)).create(store, None).await;
+    let claimed = store.claim(lease("w1", 1_000), 1).await.unwrap();
+    assert_eq!(claimed, Some((TenantId::new("t1"), RunId::new("r1"))));
+    assert_eq!(
+        store.claim(lease("w2", 1_000), 10).await.unwrap(),
+        None,
+        "w1 holds it"
+    );
+    let r1 = RunId::new("r1");
+    assert!(!store.acquire(&r1, lease("w2", 2_000), 500).await.unwrap());
+    assert!(store.acquire(&r1, lease("w1", 1_200), 500).await.unwrap());
+    assert_eq!(
+        store
+            .run(&TenantId::new("t1"), &r1)
+            .await
+            .unwrap()
+            .progress
+            .status,
+        RunStatus::Running,
+        "acquiring a queued run starts it"
+    );
+    assert!(store.renew(&r1, lease("w1", 1_500)).await.unwrap());
+    assert_eq!(
+        store.claim(lease("w2", 3_000), 1_200).await.unwrap(),
+        None,
+        "renewed"
+    );
+    // w1 died: once its lease runs out, w2 takes the run over, and w1 cannot renew it.
+    let taken = store.claim(lease("w2", 3_000), 1_600).await.unwrap();
+    assert_eq!(taken.map(|(_, id)| id), Some(r1.clone()));
+    assert!(!store.renew(&r1, lease("w1", 4_000)).await.unwrap());
+    assert_eq!(store.unfinished().await.unwrap(), 1);
+    // A released lease can be claimed at once.
+    store.release(&r1, "w2").await.unwrap();
+    let again = store.claim(lease("w3", 9_000), 1_700).await.unwrap();
+    assert_eq!(again.map(|(_, id)| id), Some(r1));
+}
+
+async fn claims_take_the_oldest_run_first_and_never_a_finished_one(store: &dyn Store) {
+    let mut done = Log::new(info("r0", "t1", "s", 1));
+    done.create(store, None).await;
+    done.append(store, finished(serde_json::json!("x"))).await;
+    Log::new(info("r2", "t2", "s", 20))
+        .create(store, None)
+        .await;
+    Log::new(info("r1", "t1", "s", 10))
+        .create(store, None)
+        .await;
+    let order: Vec<_> = [
+        store.claim(lease("w", 100), 1).await.unwrap(),
+        store.claim(lease("w", 100), 1).await.unwrap(),
+        store.claim(lease("w", 100), 1).await.unwrap(),
+    ]
+    .into_iter()
+    .map(|c| c.map(|(t, id)| format!("{t}/{id}")))
+    .collect();
+    assert_eq!(
+        order,
+        [Some("t1/r1".to_string()), Some("t2/r2".to_string()), None]
+    );
+    assert_eq!(store.unfinished().await.unwrap(), 2);
+}
+
+async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store) {
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    log.create(store, Some(lease("w1", 100))).await;
+    let t1 = TenantId::new("t1");
+    let r1 = RunId::new("r1");
+    log.append(
+        store,
+        EventKind::ApprovalRequested {
+            step: 1,
+            call_id: "c1".into(),
+            tool: "refund".into(),
+            arguments: serde_json::json!({"amount": 900}),
+            reason: "confirm".into(),
+            expires_at_ms: 5_000,
+            on_timeout: rein_core::spec::OnTimeout::Deny,
+            answer: None,
+        },
+    )
+    .await;
+    store.release(&r1, "w1").await.unwrap();
+    let run = store.run(&t1, &r1).await.unwrap();
+    assert_eq!(run.progress.status, RunStatus::AwaitingApproval);
+    let waiting = store
+        .list_runs(&t1, Some(RunStatus::AwaitingApproval), 10)
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(store.unfinished().await.unwrap(), 0, "a person holds it");
+    assert_eq!(store.claim(lease("w2", 9_000), 4_999).await.unwrap(), None);
+    // Past its timeout, a worker claims it to apply the policy.
+    let claimed = store.claim(lease("w2", 9_000), 5_000).await.unwrap();
+    assert_eq!(claimed.map(|(_, id)| id), Some(r1.clone()));
+    log.append(
+        store,
+        EventKind::ApprovalDecided {
+            step: 1,
+            call_id: "c1".into(),
+            approved: false,
+            by: "policy".into(),
+            reason: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        store.run(&t1, &r1).await.unwrap().progress.status,
+        RunStatus::Running
+    );
+}
+
+async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
+    let mut a = Log::new(info("a", "t1", "s1", 1));
+    a.create(store, None).await;
+    a.append(store, finished(serde_json::json!(1))).await;
+    Log::new(info("b", "t1", "s1", 2)).create(store, None).await;
+    Log::new(info("c", "t1", "s2", 3)).create(store, None).await;
+    Log::new(info("d", "t2", "s1", 4)).create(store, None).await;
+    let t1 = TenantId::new("t1");
+    let ids = |runs: Vec<rein_store::RunRecord>| -> Vec<String> {
+        runs.into_iter()
+            .map(|r| r.info.id.as_str().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ids(store.list_runs(&t1, None, 10).await.unwrap()),
+        ["c", "b", "a"]
+    );
+    assert_eq!(
+        ids(store.list_runs(&t1, None, 2).await.unwrap()),
+        ["c", "b"]
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, Some(RunStatus::Completed), 10)
+            .await
+            .unwrap()),
+        ["a"]
+    );
+    let latest = store
+        .latest_in_session(&t1, &SessionId::new("s1"))
+        .await
+        .unwrap();
+    assert_eq!(latest.map(|r| r.info.id), Some(RunId::new("b")));
+    assert!(
+        store
+            .latest_in_session(&t1, &SessionId::new("nope"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let run_ids: Vec<_> = store.run_ids(&t1).await.unwrap();
+    assert_eq!(run_ids, ["a", "b", "c"].map(RunId::new));
+    assert_eq!(
+        store.tenants().await.unwrap(),
+        [TenantId::new("t1"), TenantId::new("t2")]
+    );
+    assert!(store.orphaned_logs().await.unwrap().is_empty());
+}
+
+async fn another_tenants_runs_are_invisible(store: &dyn Store) {
+    let log = Log::new(info("r1", "t1", "s", 1));
+    log.create(store, None).await;
+    let other = TenantId::new("t2");
+    assert!(matches!(
+        store.run(&other, &RunId::new("r1")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.list_runs(&other, None, 10).await.unwrap().is_empty());
+    assert!(store.run_ids(&other).await.unwrap().is_empty());
+    assert!(
+        store
+            .latest_in_session(&other, &SessionId::new("s"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut next = Log {
+        run: log.run.clone(),
+        sealed: log.sealed.clone(),
+    };
+    let event = next.seal(finished(serde_json::json!(1)));
+    assert!(
+        store.append(&other, &event).await.is_err(),
+        "cannot write into another tenant's run"
+    );
+    assert!(
+        store
+            .events(&other, &RunId::new("r1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .costs(Some(&other), CostGroup::Tenant, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn costs_group_recorded_spend(store: &dyn Store) {
+    // 2026-11-23T00:00:00Z and the next day.
+    let day1 = 1_795_392_000_000;
+    let day2 = day1 + 86_400_000;
+    let mut a = Log::new(info("a", "t1", "s", day1));
+    a.create(store, None).await;
+    a.append(store, responded("openai/big", 100, 10, 1.0)).await;
+    a.append(store, responded("openai/small", 10, 1, 0.01))
+        .await;
+    let mut b = Log::new(info("b", "t1", "s", day2));
+    b.run.user = UserId::new("v");
+    b.create(store, None).await;
+    b.append(store, responded("openai/small", 20, 2, 0.02))
+        .await;
+    let mut c = Log::new(info("c", "t2", "s", day2));
+    c.create(store, None).await;
+    c.append(store, responded("openai/big", 5, 5, 2.0)).await;
+
+    let t1 = TenantId::new("t1");
+    let lines = |lines: Vec<rein_store::CostLine>| -> Vec<(String, u64, u64, i64)> {
+        lines
+            .into_iter()
+            .map(|l| (l.key, l.calls, l.usage.input_tokens, l.cost.micros()))
+            .collect()
+    };
+    assert_eq!(
+        lines(store.costs(Some(&t1), CostGroup::Model, 0).await.unwrap()),
+        [
+            ("openai/big".to_string(), 1, 100, 1_000_000),
+            ("openai/small".to_string(), 2, 30, 30_000)
+        ]
+    );
+    assert_eq!(
+        lines(store.costs(Some(&t1), CostGroup::Day, 0).await.unwrap()),
+        [
+            ("2026-11-23".to_string(), 2, 110, 1_010_000),
+            ("2026-11-24".to_string(), 1, 20, 20_000)
+        ]
+    );
+    assert_eq!(
+        lines(store.costs(Some(&t1), CostGroup::User, 0).await.unwrap()),
+        [
+            ("u".to_string(), 2, 110, 1_010_000),
+            ("v".to_string(), 1, 20, 20_000)
+        ]
+    );
+    assert_eq!(
+        lines(store.costs(None, CostGroup::User, day2).await.unwrap()),
+        [
+            ("t2/u".to_string(), 1, 5, 2_000_000),
+            ("t1/v".to_string(), 1, 20, 20_000)
+        ]
+    );
+    assert_eq!(
+        lines(store.costs(None, CostGroup::Tenant, 0).await.unwrap()),
+        [
+            ("t2".to_string(), 1, 5, 2_000_000),
+            ("t1".to_string(), 3, 130, 1_030_000)
+        ]
+    );
+    assert_eq!(
+        lines(store.costs(Some(&t1), CostGroup::Agent, 0).await.unwrap()),
+        [("a".to_string(), 3, 130, 1_030_000)]
+    );
+}
+
+/// Many workers claiming at once: every run is claimed exactly once.
+async fn concurrent_claims_never_hand_one_run_to_two_workers(store: Arc<dyn Store>) {
+    for i in 0..40 {
+        Log::new(info(&format!("r{i:02}"), "t1", "s", i))
+            .create(&*store, None)
+            .await;
+    }
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            let owner = format!("w{w}");
+            let mut mine = Vec::new();
+            while let Some((_, id)) = store.claim(lease(&owner, 1_000_000), 100).await.unwrap() {
+                mine.push(id);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (40, 40), "each run claimed exactly once");
+}
+
+macro_rules! conformance {
+    ($engine:ident: $($test:ident),* $(,)?) => {
+        mod $engine {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let fixture = super::$engine().await;
+                    super::$test(&*fixture.store).await;
+                    fixture.done().await;
+                }
+            )*
+
+            #[tokio::test]
+            async fn concurrent_claims_never_hand_one_run_to_two_workers() {
+                let fixture = super::$engine().await;
+                super::concurrent_claims_never_hand_one_run_to_two_workers(fixture.store.clone())
+                    .await;
+                fixture.done().await;
+            }
+
+            #[tokio::test]
+            async fn writers_racing_for_one_position_never_both_win() {
+                let fixture = super::$engine().await;
+                super::racing_writers(fixture.store.clone()).await;
+                fixture.done().await;
+            }
+        }
+    };
+}
+
+async fn racing_writers(store: Arc<dyn Store>) {
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    log.create(&*store, None).await;
+    let t1 = TenantId::new("t1");
+    let err = store.append(&t1, &log.sealed[0]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { seq: 0, .. }), "{err}");
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let mut mine = Log {
+            run: log.run.clone(),
+            sealed: log.sealed.clone(),
+        };
+        let event = mine.seal(responded(&format!("m{i}"), 1, 1, 0.0));
+        let store = store.clone();
+        let t1 = t1.clone();
+        racers.push(tokio::spawn(async move {
+            store.append(&t1, &event).await.is_ok()
+        }));
+    }
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.unwrap());
+    }
+    assert_eq!(won, 1, "one writer per position");
+    let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
+    assert_eq!(events.len(), 2);
+    rein_core::verify_chain(&events, None).unwrap();
+    log.sealed = events;
+    log.append(&*store, finished(serde_json::json!(1))).await;
+}
+
+conformance!(sqlite:
+    events_round_trip_verify_and_project_onto_the_run,
+    a_run_is_stored_only_with_its_own_first_event,
+    a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
+    claims_take_the_oldest_run_first_and_never_a_finished_one,
+    an_approval_pauses_the_run_until_decided_or_timed_out,
+    listings_filter_by_status_session_and_tenant,
+    another_tenants_runs_are_invisible,
+    costs_group_recorded_spend,
+);
+
+conformance!(postgres:
+    events_round_trip_verify_and_project_onto_the_run,
+    a_run_is_stored_only_with_its_own_first_event,
+    a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
+    claims_take_the_oldest_run_first_and_never_a_finished_one,
+    an_approval_pauses_the_run_until_decided_or_timed_out,
+    listings_filter_by_status_session_and_tenant,
+    another_tenants_runs_are_invisible,
+    costs_group_recorded_spend,
+);
+
+/// PostgreSQL refuses, like SQLite, to change a stored event or a run's identity, or to remove
+/// either, even to someone holding a connection.
+#[tokio::test]
+async fn postgres_refuses_to_rewrite_history_through_sql() {
+    let (store, schema) = postgres_store().await;
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    log.create(&store, None).await;
+    log.append(&store, finished(serde_json::json!(1))).await;
+    for forbidden in [
+        "DELETE FROM events",
+        "UPDATE events SET hash = 'x'",
+        "UPDATE events SET payload = NULL",
+        "TRUNCATE events CASCADE",
+        "UPDATE runs SET tenant = 't2'",
+        "UPDATE runs SET input = 'other'",
+        "DELETE FROM runs",
+        "TRUNCATE runs CASCADE",
+    ] {
+        assert!(
+            sqlx::query(forbidden).execute(store.pool()).await.is_err(),
+            "{forbidden}"
+        );
+    }
+    let events = store
+        .events(&TenantId::new("t1"), &RunId::new("r1"))
+        .await
+        .unwrap();
+    assert_eq!(events, log.sealed);
+    Fixture {
+        store: Arc::new(store),
+        cleanup: Cleanup::Schema(schema),
+    }
+    .done()
+    .await;
+}
