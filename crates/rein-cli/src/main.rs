@@ -18,6 +18,7 @@ mod bench;
 mod config;
 mod demo;
 mod render;
+mod serve;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
@@ -150,6 +151,41 @@ enum Command {
     /// Execute queued runs (`rein run --detach`), and take over runs whose process died,
     /// under leases: several workers share one store and never drive one run at once.
     Worker(WorkerArgs),
+    /// Serve the multi-tenant HTTP API (`/v1`), driving runs with this process's own workers.
+    Serve(serve::ServeArgs),
+    /// Manage the tenants of `rein serve`.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Manage the API keys of `rein serve`'s tenants.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Create a tenant.
+    Create {
+        /// Its name (letters, digits, `-`, `_`, `.`).
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key for a tenant and print it, alone, on stdout; only its SHA-256 is
+    /// stored, so it cannot be shown again.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -402,6 +438,13 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Demo { store } => demo::run(&store).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Worker(args) => worker(args).await,
+        Command::Serve(args) => serve::serve(args).await,
+        Command::Tenants {
+            command: TenantsCommand::Create { name, store },
+        } => serve::create_tenant(&name, &store).await,
+        Command::Keys {
+            command: KeysCommand::Create { tenant, store },
+        } => serve::create_key(&tenant, &store).await,
     }
 }
 
@@ -804,7 +847,14 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
         } => {
             let store = open_existing_store(&store).await?;
             let runs = store
-                .list_runs(&TenantId::new(tenant), status.map(RunStatus::from), limit)
+                .list_runs(
+                    &TenantId::new(tenant),
+                    &rein_store::RunFilter {
+                        status: status.map(RunStatus::from),
+                        ..Default::default()
+                    },
+                    limit,
+                )
                 .await?;
             if json {
                 let list: Vec<_> = runs.iter().map(render::record_json).collect();

@@ -385,7 +385,10 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
     let request = request(agent, "doc", tenant.as_str(), "u", "s");
     let err = runtime.run(request, &model).await.unwrap_err();
     assert!(err.to_string().contains("connection reset"), "{err}");
-    let run_id = store.list_runs(&tenant, None, 1).await.unwrap()[0]
+    let run_id = store
+        .list_runs(&tenant, &Default::default(), 1)
+        .await
+        .unwrap()[0]
         .info
         .id
         .clone();

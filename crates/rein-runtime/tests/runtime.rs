@@ -398,7 +398,12 @@ async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -
     let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
     let started = Instant::now();
     loop {
-        let runs = h.runtime.store().list_runs(&tenant, None, 1).await.unwrap();
+        let runs = h
+            .runtime
+            .store()
+            .list_runs(&tenant, &Default::default(), 1)
+            .await
+            .unwrap();
         if let Some(run) = runs.first() {
             let events = h
                 .runtime
@@ -903,7 +908,7 @@ async fn a_full_queue_refuses_a_run_before_anything_is_recorded() {
     let runs = h
         .runtime
         .store()
-        .list_runs(&TenantId::new("acme"), None, 10)
+        .list_runs(&TenantId::new("acme"), &Default::default(), 10)
         .await
         .unwrap();
     assert_eq!(runs.len(), 1, "the refused run left no record");

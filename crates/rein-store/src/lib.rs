@@ -236,11 +236,11 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         id: &'a RunId,
     ) -> BoxFuture<'a, Result<RunRecord, StoreError>>;
 
-    /// The newest runs of `tenant`, newest first, optionally of one status.
+    /// The newest runs of `tenant` that pass `filter`, newest first.
     fn list_runs<'a>(
         &'a self,
         tenant: &'a TenantId,
-        status: Option<RunStatus>,
+        filter: &'a RunFilter,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<RunRecord>, StoreError>>;
 
@@ -274,6 +274,85 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
 
     /// Flushes what the engine buffers and closes every connection.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// Creates a tenant (for `rein serve`'s API keys and agents); `false` if it exists.
+    fn create_tenant<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Stores an API key of `tenant` by its SHA-256 (hex); `false` if there is no such tenant.
+    fn add_api_key<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        key_sha256: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The tenant whose API key has this SHA-256 (hex), if any.
+    fn tenant_by_key<'a>(
+        &'a self,
+        key_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>>;
+
+    /// Registers `spec` as the next version of `tenant`'s agent `name` (1 for a new name) and
+    /// returns that version. [`StoreError::Conflict`]-free: two registrations at once get two
+    /// versions, or one fails with a database error to retry.
+    fn register_agent<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        spec: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<u32, StoreError>>;
+
+    /// `tenant`'s agent `name` at `version`, or its newest version when `version` is `None`.
+    fn agent<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        version: Option<u32>,
+    ) -> BoxFuture<'a, Result<Option<StoredAgent>, StoreError>>;
+
+    /// The newest version of each of `tenant`'s agents, by name.
+    fn agents<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<StoredAgent>, StoreError>>;
+}
+
+/// Which runs [`Store::list_runs`] lists; `None` fields match every run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs in this state.
+    pub status: Option<RunStatus>,
+    /// Only runs of this agent.
+    pub agent: Option<String>,
+    /// Only runs attributed to this user.
+    pub user: Option<UserId>,
+}
+
+/// An agent spec registered over the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAgent {
+    /// Name.
+    pub name: String,
+    /// Version (1, 2, ... per tenant and name).
+    pub version: u32,
+    /// The spec source (YAML).
+    pub spec: String,
+    /// When it was registered, ms since the epoch.
+    pub created_ms: i64,
+}
+
+fn agent_from_row(r: &impl Columns) -> Result<StoredAgent, StoreError> {
+    Ok(StoredAgent {
+        name: r.text("name")?,
+        version: u32::try_from(r.count("version")?).unwrap_or(u32::MAX),
+        spec: r.text("spec")?,
+        created_ms: r.int("created_ms")?,
+    })
 }
 
 /// Where `--db` points: a PostgreSQL URL, or else the path of an SQLite file.

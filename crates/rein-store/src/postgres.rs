@@ -5,11 +5,13 @@
 //! serialise on per-scope advisory locks.
 
 use crate::{
-    Columns, CostGroup, CostLine, Lease, RunInfo, RunRecord, Store, StoreError, check_first,
-    cost_from_row, event_from_row, run_from_row,
+    Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo, RunRecord, Store, StoreError,
+    StoredAgent, agent_from_row, check_first, cost_from_row, event_from_row, run_from_row,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
-use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, Usd};
+use rein_core::{
+    GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, Usd, UserId,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
@@ -324,15 +326,19 @@ impl Store for PgStore {
     fn list_runs<'a>(
         &'a self,
         tenant: &'a TenantId,
-        status: Option<RunStatus>,
+        filter: &'a RunFilter,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<RunRecord>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query(select_runs!(
-                "WHERE tenant = $1 AND ($2::text IS NULL OR status = $2) ORDER BY created_ms DESC, id DESC LIMIT $3"
+                "WHERE tenant = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR agent = $3)
+                   AND ($4::text IS NULL OR user_id = $4)
+                 ORDER BY created_ms DESC, id DESC LIMIT $5"
             ))
             .bind(tenant.as_str())
-            .bind(status.map(RunStatus::as_str))
+            .bind(filter.status.map(RunStatus::as_str))
+            .bind(filter.agent.as_deref())
+            .bind(filter.user.as_ref().map(UserId::as_str))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
@@ -414,6 +420,116 @@ impl Store for PgStore {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.pool.close())
+    }
+
+    fn create_tenant<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "INSERT INTO tenants (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(tenant.as_str())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn add_api_key<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        key_sha256: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $4)",
+            )
+            .bind(key_sha256)
+            .bind(tenant.as_str())
+            .bind(now_ms)
+            .bind(tenant.as_str())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn tenant_by_key<'a>(
+        &'a self,
+        key_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT tenant FROM api_keys WHERE key_sha256 = $1")
+                .bind(key_sha256)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
+                .transpose()
+        })
+    }
+
+    fn register_agent<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        spec: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let version: i64 = sqlx::query_scalar(
+                "INSERT INTO agents (tenant, name, version, spec, created_ms) SELECT $1, $2, coalesce(max(version), 0) + 1, $3, $4 FROM agents WHERE tenant = $5 AND name = $6 RETURNING version",
+            )
+            .bind(tenant.as_str())
+            .bind(name)
+            .bind(spec)
+            .bind(now_ms)
+            .bind(tenant.as_str())
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(u32::try_from(version).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn agent<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        version: Option<u32>,
+    ) -> BoxFuture<'a, Result<Option<StoredAgent>, StoreError>> {
+        Box::pin(async move {
+            let version = version.map(i64::from);
+            let row = sqlx::query(
+                "SELECT name, version, spec, created_ms FROM agents WHERE tenant = $1 AND name = $2 AND ($3::bigint IS NULL OR version = $4) ORDER BY version DESC LIMIT 1",
+            )
+            .bind(tenant.as_str())
+            .bind(name)
+            .bind(version)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| agent_from_row(&r)).transpose()
+        })
+    }
+
+    fn agents<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<StoredAgent>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT a.name, a.version, a.spec, a.created_ms FROM agents a WHERE a.tenant = $1 AND a.version = (SELECT max(version) FROM agents b WHERE b.tenant = a.tenant AND b.name = a.name) ORDER BY a.name",
+            )
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(agent_from_row).collect()
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use rein_core::{
     TerminationReason, ToolResult, Usage, Usd, UserId,
 };
 use rein_store::testing::TestSchema;
-use rein_store::{CostGroup, Lease, PgStore, RunInfo, SqliteStore, Store, StoreError};
+use rein_store::{CostGroup, Lease, PgStore, RunFilter, RunInfo, SqliteStore, Store, StoreError};
 use std::sync::Arc;
 
 /// A store for one test and what must outlive it.
@@ -160,6 +160,13 @@ impl Log {
     async fn append(&mut self, store: &dyn Store, kind: EventKind) {
         let sealed = self.seal(kind);
         store.append(&self.run.tenant, &sealed).await.unwrap();
+    }
+}
+
+fn status(status: RunStatus) -> RunFilter {
+    RunFilter {
+        status: Some(status),
+        ..Default::default()
     }
 }
 
@@ -318,7 +325,7 @@ async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store
     let run = store.run(&t1, &r1).await.unwrap();
     assert_eq!(run.progress.status, RunStatus::AwaitingApproval);
     let waiting = store
-        .list_runs(&t1, Some(RunStatus::AwaitingApproval), 10)
+        .list_runs(&t1, &status(RunStatus::AwaitingApproval), 10)
         .await
         .unwrap();
     assert_eq!(waiting.len(), 1);
@@ -348,8 +355,12 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
     let mut a = Log::new(info("a", "t1", "s1", 1));
     a.create(store, None).await;
     a.append(store, finished(serde_json::json!(1))).await;
-    Log::new(info("b", "t1", "s1", 2)).create(store, None).await;
-    Log::new(info("c", "t1", "s2", 3)).create(store, None).await;
+    let mut b = info("b", "t1", "s1", 2);
+    b.agent = "b".into();
+    Log::new(b).create(store, None).await;
+    let mut c = info("c", "t1", "s2", 3);
+    c.user = UserId::new("v");
+    Log::new(c).create(store, None).await;
     Log::new(info("d", "t2", "s1", 4)).create(store, None).await;
     let t1 = TenantId::new("t1");
     let ids = |runs: Vec<rein_store::RunRecord>| -> Vec<String> {
@@ -358,19 +369,51 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
             .collect()
     };
     assert_eq!(
-        ids(store.list_runs(&t1, None, 10).await.unwrap()),
+        ids(store
+            .list_runs(&t1, &RunFilter::default(), 10)
+            .await
+            .unwrap()),
         ["c", "b", "a"]
     );
     assert_eq!(
-        ids(store.list_runs(&t1, None, 2).await.unwrap()),
+        ids(store
+            .list_runs(&t1, &RunFilter::default(), 2)
+            .await
+            .unwrap()),
         ["c", "b"]
     );
     assert_eq!(
         ids(store
-            .list_runs(&t1, Some(RunStatus::Completed), 10)
+            .list_runs(&t1, &status(RunStatus::Completed), 10)
             .await
             .unwrap()),
         ["a"]
+    );
+    let by = |agent: Option<&str>, user: Option<&str>| RunFilter {
+        agent: agent.map(str::to_string),
+        user: user.map(UserId::new),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &by(Some("b"), None), 10)
+            .await
+            .unwrap()),
+        ["b"]
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &by(None, Some("v")), 10)
+            .await
+            .unwrap()),
+        ["c"]
+    );
+    assert!(
+        store
+            .list_runs(&t1, &by(Some("b"), Some("v")), 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
     let latest = store
         .latest_in_session(&t1, &SessionId::new("s1"))
@@ -401,7 +444,13 @@ async fn another_tenants_runs_are_invisible(store: &dyn Store) {
         store.run(&other, &RunId::new("r1")).await,
         Err(StoreError::NotFound(_))
     ));
-    assert!(store.list_runs(&other, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_runs(&other, &RunFilter::default(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(store.run_ids(&other).await.unwrap().is_empty());
     assert!(
         store
@@ -530,6 +579,57 @@ async fn concurrent_claims_never_hand_one_run_to_two_workers(store: Arc<dyn Stor
     assert_eq!((n, all.len()), (40, 40), "each run claimed exactly once");
 }
 
+async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
+    let acme = TenantId::new("acme");
+    let other = TenantId::new("other");
+    assert!(
+        !store.add_api_key(&acme, "k1", 1).await.unwrap(),
+        "no such tenant yet"
+    );
+    assert!(store.create_tenant(&acme, 1).await.unwrap());
+    assert!(!store.create_tenant(&acme, 2).await.unwrap(), "exists");
+    assert!(store.create_tenant(&other, 1).await.unwrap());
+    assert!(store.add_api_key(&acme, "k1", 3).await.unwrap());
+    assert_eq!(store.tenant_by_key("k1").await.unwrap(), Some(acme.clone()));
+    assert_eq!(store.tenant_by_key("k2").await.unwrap(), None);
+
+    assert_eq!(
+        store.register_agent(&acme, "a", "v: 1", 5).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.register_agent(&acme, "a", "v: 2", 6).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.register_agent(&acme, "b", "b: 1", 7).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.register_agent(&other, "a", "o: 1", 8).await.unwrap(),
+        1
+    );
+    let newest = store.agent(&acme, "a", None).await.unwrap().unwrap();
+    assert_eq!((newest.version, newest.spec.as_str()), (2, "v: 2"));
+    let first = store.agent(&acme, "a", Some(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (first.version, first.spec.as_str(), first.created_ms),
+        (1, "v: 1", 5)
+    );
+    assert!(store.agent(&acme, "a", Some(3)).await.unwrap().is_none());
+    assert!(store.agent(&acme, "zzz", None).await.unwrap().is_none());
+    let listed: Vec<_> = store
+        .agents(&acme)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.name, a.version))
+        .collect();
+    assert_eq!(listed, [("a".to_string(), 2), ("b".to_string(), 1)]);
+    let theirs = store.agent(&other, "a", None).await.unwrap().unwrap();
+    assert_eq!(theirs.spec, "o: 1", "each tenant has its own agents");
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -600,6 +700,7 @@ conformance!(sqlite:
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,
     costs_group_recorded_spend,
+    tenants_keys_and_versioned_agents,
 );
 
 conformance!(postgres:
@@ -611,6 +712,7 @@ conformance!(postgres:
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,
     costs_group_recorded_spend,
+    tenants_keys_and_versioned_agents,
 );
 
 /// PostgreSQL refuses, like SQLite, to change a stored event or a run's identity, or to remove

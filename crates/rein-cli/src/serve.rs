@@ -1,0 +1,798 @@
+//! `rein serve`: the multi-tenant HTTP API (axum).
+//!
+//! Every `/v1` request authenticates with `Authorization: Bearer <key>`; the key's tenant scopes
+//! every query, so another tenant's run or agent is simply not found (404). Runs are queued in
+//! the store and driven by this process's own workers (the same claim-and-lease loop as
+//! `rein worker`), which also take over, at start-up, every run whose process died. Errors are
+//! RFC 9457 `application/problem+json`.
+
+use crate::config::Config;
+use crate::{StoreArgs, exit, parse_agent, render};
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rein_core::event::sha256_hex;
+use rein_core::{RunId, RunStatus, SessionId, TenantId, UserId};
+use rein_providers::Model;
+use rein_runtime::{RunOutcome, RunRequest, Runtime};
+use rein_store::{RunFilter, Store, StoreError};
+use rein_tools::Builtins;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast};
+
+/// The largest request body accepted (agent specs, run inputs).
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// The longest a `wait: true` run request is held before answering 202 with the run so far.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// How often an idle worker or event stream looks for new work without being woken.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Everything a handler needs.
+struct App {
+    store: Arc<dyn Store>,
+    runtime: Runtime,
+    config: Config,
+    builtins: Builtins,
+    model: Arc<dyn Model>,
+    /// Woken when a run is queued or an event is appended by this process.
+    wake: Notify,
+    /// Runs this process's workers finished or paused, for `wait: true` requests.
+    outcomes: broadcast::Sender<Arc<RunOutcome>>,
+}
+
+/// An RFC 9457 problem: a status and a reason a person can act on.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    detail: String,
+}
+
+impl Problem {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            detail: detail.into(),
+        }
+    }
+
+    fn not_found(what: impl std::fmt::Display) -> Self {
+        Problem::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": "about:blank",
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut response = (self.status, body.to_string()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => Problem::not_found(format!("run {id}")),
+            other => {
+                eprintln!("serve: store error: {other}");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the store is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl From<rein_runtime::RuntimeError> for Problem {
+    fn from(e: rein_runtime::RuntimeError) -> Self {
+        use rein_runtime::RuntimeError as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::Busy { .. } => Problem::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            E::Leased(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
+            E::NotAwaitingApproval(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
+            other => {
+                eprintln!("serve: {other}");
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+/// The caller's tenant, from its API key.
+struct Caller(TenantId);
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Problem> {
+        let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing `Authorization: Bearer <key>`"))?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <key>`"))?;
+        match app.store.tenant_by_key(&sha256_hex(key.as_bytes())).await? {
+            Some(tenant) => Ok(Caller(tenant)),
+            None => Err(unauthorized("unknown API key")),
+        }
+    }
+}
+
+/// A new API key: 256 random bits, shown once; only its SHA-256 is stored.
+pub fn new_api_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("rein_{hex}"))
+}
+
+/// Parses a JSON body strictly: the content type, the size (by the body limit), the syntax,
+/// the types and unknown fields each get their own 4xx.
+fn json_body<T: for<'de> Deserialize<'de>>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Problem> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON, sent with `Content-Type: application/json`",
+        ));
+    }
+    let body = body.map_err(|e| {
+        Problem::new(
+            e.status(),
+            format!("the body could not be read: {}", e.body_text()),
+        )
+    })?;
+    if nesting(&body) > MAX_JSON_DEPTH {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("the JSON body is nested deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        let status = match e.classify() {
+            serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Problem::new(status, format!("invalid JSON body: {e}"))
+    })
+}
+
+/// The deepest JSON nesting accepted in a request body.
+const MAX_JSON_DEPTH: usize = 32;
+
+/// How deeply `json` nests arrays and objects (strings skipped), without parsing it.
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// `rein serve`'s options.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Runs this process drives at once.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// How long a run's lease lasts unless renewed: after a crash, another process (or this
+    /// one, restarted) takes the run over once it expires.
+    #[arg(long, default_value = "30s", value_parser = crate::parse_lease)]
+    lease: Duration,
+    /// Replay model responses from this script instead of calling providers (offline demos).
+    #[arg(long)]
+    script: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: crate::ConfigArgs,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    let config = crate::config::load(args.config.config.as_deref())
+        .map_err(|e| anyhow::anyhow!(crate::BadInput(format!("{e:#}"))))?;
+    let store = crate::open_store(&args.store).await?;
+    let builtins = Builtins::standard();
+    let http = crate::http_client()?;
+    let model: Arc<dyn Model> = match args.script.as_deref() {
+        Some(path) => Arc::new(
+            rein_providers::ScriptedModel::parse(
+                &path.display().to_string(),
+                &crate::read_file(path)?,
+            )
+            .map_err(|e| anyhow::anyhow!(crate::BadInput(e.to_string())))?,
+        ),
+        None => Arc::new(rein_providers::ProviderRouter::from_env(http.clone())),
+    };
+    let runtime = crate::runtime_for(&config, &store, builtins.clone(), http)
+        .await?
+        .with_lease(args.lease);
+    let (outcomes, _) = broadcast::channel(1024);
+    let app = Arc::new(App {
+        store: store.clone(),
+        runtime,
+        config,
+        builtins,
+        model,
+        wake: Notify::new(),
+        outcomes,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let workers: Vec<_> = (0..args.workers.max(1))
+        .map(|_| tokio::spawn(work(app.clone())))
+        .collect();
+    eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(app.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the server failed")?;
+    // Every step of an in-flight run is already in its log: stopping the workers loses nothing,
+    // and the runs are taken over (by the next start, or another process) once their leases
+    // expire.
+    for w in &workers {
+        w.abort();
+    }
+    store.close().await;
+    eprintln!("rein serve: stopped");
+    Ok(exit::OK)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// One worker: claims queued runs (and runs whose process died, and runs whose approval timed
+/// out) and drives them, until the server stops.
+async fn work(app: Arc<App>) {
+    loop {
+        match app
+            .runtime
+            .work_one(&app.config.prices, app.model.as_ref())
+            .await
+        {
+            Ok(Some(outcome)) => {
+                let _ = app.outcomes.send(Arc::new(outcome));
+            }
+            Ok(None) => {
+                let _ = tokio::time::timeout(POLL, app.wake.notified()).await;
+            }
+            Err(e) => {
+                eprintln!("serve: worker: {e}");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/v1/agents", post(register_agent).get(list_agents))
+        .route("/v1/runs", post(create_run).get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/events", get(run_events))
+        .route("/v1/runs/{id}/trace", get(run_trace))
+        .route("/v1/runs/{id}/approval", post(decide))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Result<&'static str, Problem> {
+    app.store.unfinished().await?;
+    Ok("ready")
+}
+
+/// `POST /v1/agents`: the YAML spec as the body; registers the next version of its agent.
+async fn register_agent(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, axum::Json<Value>), Problem> {
+    let body = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
+    let source = String::from_utf8(body.to_vec())
+        .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))?;
+    let agent = parse_agent("request body", &source, &app.config, &app.builtins)
+        .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    let name = agent.spec.name.clone();
+    app.store.create_tenant(&tenant, now_ms()).await?;
+    let version = app
+        .store
+        .register_agent(&tenant, &name, &source, now_ms())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"name": name, "version": version})),
+    ))
+}
+
+async fn list_agents(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+) -> Result<axum::Json<Value>, Problem> {
+    let agents = app.store.agents(&tenant).await?;
+    Ok(axum::Json(Value::Array(
+        agents
+            .iter()
+            .map(|a| {
+                json!({
+                    "name": a.name,
+                    "version": a.version,
+                    "created_at": rein_core::time::format_utc(a.created_ms),
+                })
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRun {
+    agent: String,
+    input: String,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    job: Option<String>,
+    /// Answer once the run ends (or waits for a person), up to `timeout_ms`.
+    #[serde(default)]
+    wait: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// The longest id or name accepted in a request.
+const MAX_ID_LEN: usize = 256;
+/// The longest run input accepted.
+const MAX_INPUT_LEN: usize = 256 * 1024;
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
+    if value.len() > max {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "`{field}` is {} bytes long; at most {max} are accepted",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/runs`: queues a run of a registered agent; with `wait`, answers when it ends.
+async fn create_run(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let new: NewRun = json_body(&headers, body)?;
+    check_len("agent", &new.agent, MAX_ID_LEN)?;
+    check_len("input", &new.input, MAX_INPUT_LEN)?;
+    for (field, value) in [
+        ("user", &new.user),
+        ("session", &new.session),
+        ("job", &new.job),
+    ] {
+        check_len(field, value.as_deref().unwrap_or(""), MAX_ID_LEN)?;
+    }
+    let stored = app
+        .store
+        .agent(&tenant, &new.agent, new.version)
+        .await?
+        .ok_or_else(|| match new.version {
+            Some(v) => Problem::not_found(format!("agent `{}` version {v}", new.agent)),
+            None => Problem::not_found(format!(
+                "agent `{}` (register it with POST /v1/agents)",
+                new.agent
+            )),
+        })?;
+    let agent =
+        parse_agent(&stored.name, &stored.spec, &app.config, &app.builtins).map_err(|e| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "agent `{}` version {} no longer checks: {e:#}",
+                    stored.name, stored.version
+                ),
+            )
+        })?;
+    let request = RunRequest {
+        agent,
+        spec_source: stored.spec,
+        input: new.input,
+        granted_scopes: app.config.granted_scopes(&tenant),
+        tenant: tenant.clone(),
+        user: UserId::new(new.user.unwrap_or_else(|| "anonymous".into())),
+        session: SessionId::new(
+            new.session
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        ),
+        job: new.job.map(rein_core::JobId::new),
+    };
+    // Listen before queueing, so the outcome cannot be missed.
+    let mut outcomes = app.outcomes.subscribe();
+    let run_id = app.runtime.enqueue(request).await?;
+    app.wake.notify_one();
+    if new.wait {
+        let limit = new
+            .timeout_ms
+            .map_or(Duration::from_secs(30), Duration::from_millis)
+            .min(MAX_WAIT);
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                match outcomes.recv().await {
+                    Ok(o) if o.run_id == run_id => return Some(o),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(outcome)) = waited {
+            return Ok((StatusCode::OK, axum::Json(render::outcome_json(&outcome))).into_response());
+        }
+    }
+    let record = app.store.run(&tenant, &run_id).await?;
+    let mut response = (
+        StatusCode::ACCEPTED,
+        axum::Json(render::record_json(&record)),
+    )
+        .into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+async fn get_run(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, Problem> {
+    let record = app.store.run(&tenant, &RunId::new(id)).await?;
+    Ok(axum::Json(render::record_json(&record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunQuery {
+    status: Option<String>,
+    agent: Option<String>,
+    user: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_runs(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    query: Result<Query<RunQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, Problem> {
+    let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let status = q
+        .status
+        .map(|s| {
+            serde_json::from_value::<RunStatus>(Value::String(s.clone())).map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("`status` {s:?} is not a run status (queued, running, awaiting_approval, completed, failed, limit_exceeded, escalated, ...)"),
+                )
+            })
+        })
+        .transpose()?;
+    let filter = RunFilter {
+        status,
+        agent: q.agent,
+        user: q.user.map(UserId::new),
+    };
+    let runs = app
+        .store
+        .list_runs(&tenant, &filter, q.limit.unwrap_or(50).min(1000))
+        .await?;
+    Ok(axum::Json(Value::Array(
+        runs.iter().map(render::record_json).collect(),
+    )))
+}
+
+/// `GET /v1/runs/{id}/trace`: the run, its events, and the trace tree as text.
+async fn run_trace(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, Problem> {
+    let id = RunId::new(id);
+    let record = app.store.run(&tenant, &id).await?;
+    let sealed = app.store.events(&tenant, &id).await?;
+    let events: Vec<rein_core::Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
+    Ok(axum::Json(json!({
+        "run": render::record_json(&record),
+        "events": sealed.iter().map(event_json).collect::<Vec<_>>(),
+        "tree": render::trace(&record, &events),
+    })))
+}
+
+fn event_json(e: &rein_core::SealedEvent) -> Value {
+    json!({
+        "seq": e.seq,
+        "ts": rein_core::time::format_utc(e.ts_ms),
+        "kind": e.kind,
+        "payload": e.payload.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
+        "hash": e.hash,
+    })
+}
+
+/// `GET /v1/runs/{id}/events`: Server-Sent Events: the run's log from the start (or after
+/// `Last-Event-ID`), then live, until `run_finished`. Each event's id is its position.
+async fn run_events(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+    let id = RunId::new(id);
+    app.store.run(&tenant, &id).await?;
+    let after: Option<u64> = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "`Last-Event-ID` must be an event's position (a number)",
+                    )
+                })?,
+        ),
+    };
+    let next = after.map_or(0, |a| a + 1);
+    let state = (
+        app,
+        tenant,
+        id,
+        next,
+        Vec::<rein_core::SealedEvent>::new(),
+        false,
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        |(app, tenant, id, next, mut buffer, done)| async move {
+            if done && buffer.is_empty() {
+                return None;
+            }
+            loop {
+                if let Some(event) = (!buffer.is_empty()).then(|| buffer.remove(0)) {
+                    let finished = event.kind == "run_finished";
+                    let sse = SseEvent::default()
+                        .id(event.seq.to_string())
+                        .event(event.kind.clone())
+                        .data(event_json(&event).to_string());
+                    let next = event.seq + 1;
+                    return Some((Ok(sse), (app, tenant, id, next, buffer, finished)));
+                }
+                if done {
+                    return None;
+                }
+                match app.store.events(&tenant, &id).await {
+                    Ok(events) => {
+                        buffer = events
+                            .into_iter()
+                            .skip(usize::try_from(next).unwrap_or(usize::MAX))
+                            .collect();
+                    }
+                    Err(e) => {
+                        eprintln!("serve: events of {id}: {e}");
+                        return None;
+                    }
+                }
+                if buffer.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalBody {
+    approved: bool,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// `POST /v1/runs/{id}/approval`: decides the run's pending approval and drives the run to its
+/// next stop.
+async fn decide(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, Problem> {
+    let decision: ApprovalBody = json_body(&headers, body)?;
+    check_len("reason", decision.reason.as_deref().unwrap_or(""), 4096)?;
+    check_len("by", decision.by.as_deref().unwrap_or(""), MAX_ID_LEN)?;
+    let id = RunId::new(id);
+    let outcome = app
+        .runtime
+        .decide(
+            &tenant,
+            &id,
+            &app.config.prices,
+            app.model.as_ref(),
+            rein_runtime::Decision {
+                approved: decision.approved,
+                by: decision.by.unwrap_or_else(|| format!("api:{tenant}")),
+                reason: decision.reason,
+            },
+        )
+        .await?;
+    Ok(axum::Json(render::outcome_json(&outcome)))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `rein tenants create NAME`.
+pub async fn create_tenant(name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
+    check_name(name)?;
+    let store = crate::open_store(store).await?;
+    let created = store.create_tenant(&TenantId::new(name), now_ms()).await?;
+    store.close().await;
+    if created {
+        eprintln!("tenant {name} created");
+    } else {
+        eprintln!("tenant {name} already exists");
+    }
+    Ok(exit::OK)
+}
+
+/// `rein keys create --tenant NAME`: prints the new key alone on stdout (it is not shown again).
+pub async fn create_key(tenant: &str, store: &StoreArgs) -> anyhow::Result<u8> {
+    let store = crate::open_store(store).await?;
+    let key = new_api_key()?;
+    let added = store
+        .add_api_key(
+            &TenantId::new(tenant),
+            &sha256_hex(key.as_bytes()),
+            now_ms(),
+        )
+        .await?;
+    store.close().await;
+    if !added {
+        return Err(anyhow::anyhow!(crate::BadInput(format!(
+            "no tenant named {tenant:?}; create it with `rein tenants create {tenant}`"
+        ))));
+    }
+    println!("{key}");
+    Ok(exit::OK)
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !ok {
+        return Err(anyhow::anyhow!(crate::BadInput(format!(
+            "tenant name {name:?}: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        ))));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_counts_brackets_outside_strings() {
+        assert_eq!(nesting(br#"{"a": [1, {"b": "[[[{{"}]}"#), 3);
+        assert_eq!(nesting(br#"{"a": "\"[["}"#), 1);
+        assert_eq!(nesting(b"7"), 0);
+    }
+
+    #[test]
+    fn api_keys_are_long_random_and_distinct() {
+        let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 5 + 64);
+    }
+}

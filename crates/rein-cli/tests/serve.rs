@@ -1,0 +1,392 @@
+//! `rein serve` as a process, driven over HTTP: tenants and keys, agent registration, runs
+//! (queued and waited for), their events over Server-Sent Events (resumed with
+//! `Last-Event-ID`), traces, tenant isolation (404, never 403) and problem+json answers to bad
+//! requests that change nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rein_fakes::ToolService;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const SCRIPT: &str = r#"
+responses:
+  - tool_calls: [{name: pay, arguments: {n: 1}}]
+  - text: paid
+"#;
+
+fn spec(url: &str) -> String {
+    format!(
+        r#"
+name: payer
+version: 1
+model: {{primary: openai/gpt-4o-mini}}
+instructions: Pay.
+tools:
+  - name: pay
+    description: Makes a payment.
+    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
+    source: {{http: {{url: "{url}/apply?ms=5", method: POST}}}}
+    contract: {{timeout: 5s, side_effects: external}}
+limits: {{max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}}
+"#
+    )
+}
+
+fn rein(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The server, stopped with SIGTERM-like kill on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--script",
+            "script.yaml",
+            "--db",
+            "rein.db",
+        ])
+        .current_dir(dir)
+        .env_remove("REIN_DB")
+        .env_remove("REIN_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let base = first
+        .strip_prefix("rein serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, base }
+}
+
+/// SSE frames of a finished stream: (id, event, data).
+fn frames(body: &str) -> Vec<(u64, String, Value)> {
+    body.split("\n\n")
+        .filter_map(|frame| {
+            let mut id = None;
+            let mut event = None;
+            let mut data = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = serde_json::from_str(v.trim()).ok();
+                }
+            }
+            Some((id?, event?, data?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    rein(
+        dir.path(),
+        &["tenants", "create", "acme", "--db", "rein.db"],
+    );
+    rein(
+        dir.path(),
+        &["tenants", "create", "rival", "--db", "rein.db"],
+    );
+    let key_a = rein(
+        dir.path(),
+        &["keys", "create", "--tenant", "acme", "--db", "rein.db"],
+    );
+    let key_b = rein(
+        dir.path(),
+        &["keys", "create", "--tenant", "rival", "--db", "rein.db"],
+    );
+    let (key_a, key_b) = (key_a.trim(), key_b.trim());
+    assert!(key_a.starts_with("rein_") && key_a.len() == 69, "{key_a}");
+    let server = serve(dir.path());
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{base}{path}");
+
+    // Register the agent, then start a run and stream its events until it finishes.
+    let registered = http
+        .post(url("/v1/agents"))
+        .bearer_auth(key_a)
+        .header("content-type", "application/yaml")
+        .body(spec(&service.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let registered: Value = registered.json().await.unwrap();
+    assert_eq!(registered, json!({"name": "payer", "version": 1}));
+
+    let created = http
+        .post(url("/v1/runs"))
+        .bearer_auth(key_a)
+        .json(&json!({"agent": "payer", "input": "pay order 7", "user": "u1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 202);
+    let created: Value = created.json().await.unwrap();
+    let run_id = created["run_id"].as_str().unwrap().to_string();
+
+    let events = http
+        .get(url(&format!("/v1/runs/{run_id}/events")))
+        .bearer_auth(key_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert!(
+        events.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let all = frames(&events.text().await.unwrap());
+    let ids: Vec<u64> = all.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(
+        ids,
+        (0..all.len() as u64).collect::<Vec<_>>(),
+        "every event, in order"
+    );
+    assert_eq!(all[0].1, "run_started");
+    assert_eq!(all.last().unwrap().1, "run_finished");
+    assert_eq!(all.last().unwrap().2["payload"]["status"], "completed");
+    assert!(all.iter().any(|(_, kind, _)| kind == "tool_result"));
+    assert_eq!(service.applied().get(&format!("{run_id}:2")), Some(&1));
+
+    // Reconnecting after event 2 gets only the rest.
+    let resumed = http
+        .get(url(&format!("/v1/runs/{run_id}/events")))
+        .bearer_auth(key_a)
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .unwrap();
+    let rest = frames(&resumed.text().await.unwrap());
+    assert_eq!(
+        rest.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+        (3..all.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(rest, all[3..]);
+
+    // The trace holds the same events, and the run its outcome.
+    let trace: Value = http
+        .get(url(&format!("/v1/runs/{run_id}/trace")))
+        .bearer_auth(key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(trace["events"].as_array().unwrap().len(), all.len());
+    assert_eq!(trace["run"]["status"], "completed");
+    assert!(trace["tree"].as_str().unwrap().contains("pay"));
+
+    // A run waited for answers as `rein run --json` prints it.
+    let waited = http
+        .post(url("/v1/runs"))
+        .bearer_auth(key_a)
+        .json(&json!({"agent": "payer", "input": "pay order 8", "wait": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status(), 200);
+    let waited: Value = waited.json().await.unwrap();
+    assert_eq!(waited["status"], "completed");
+    assert_eq!(waited["output"], "paid");
+    assert_eq!(waited["tool_calls"], 1);
+
+    let listed: Value = http
+        .get(url("/v1/runs?status=completed&user=u1"))
+        .bearer_auth(key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["run_id"], run_id.as_str());
+
+    // Another tenant learns nothing: every run endpoint is 404, its listings are empty, and it
+    // cannot run the first tenant's agent.
+    for path in ["", "/events", "/trace"] {
+        let r = http
+            .get(url(&format!("/v1/runs/{run_id}{path}")))
+            .bearer_auth(key_b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    let r = http
+        .post(url(&format!("/v1/runs/{run_id}/approval")))
+        .bearer_auth(key_b)
+        .json(&json!({"approved": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .post(url("/v1/runs"))
+        .bearer_auth(key_b)
+        .json(&json!({"agent": "payer", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    for path in ["/v1/runs", "/v1/agents"] {
+        let r: Value = http
+            .get(url(path))
+            .bearer_auth(key_b)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r, json!([]), "{path}");
+    }
+
+    // No key, or a wrong one: 401.
+    let r = http.get(url("/v1/runs")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(url("/v1/runs"))
+        .bearer_auth("rein_not-a-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // Bad requests: each gets its own 4xx as problem+json, and no run is created.
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let huge = json!({"agent": "payer", "input": "x".repeat(2 << 20)}).to_string();
+    let cases: Vec<(&str, &str, String, u16)> = vec![
+        (
+            "invalid JSON",
+            "application/json",
+            "{\"agent\": ".into(),
+            400,
+        ),
+        (
+            "wrong type",
+            "application/json",
+            json!({"agent": "payer", "input": 7}).to_string(),
+            422,
+        ),
+        (
+            "unknown field",
+            "application/json",
+            json!({"agent": "payer", "input": "x", "budget": 9}).to_string(),
+            422,
+        ),
+        (
+            "wrong content type",
+            "text/plain",
+            json!({"agent": "payer", "input": "x"}).to_string(),
+            415,
+        ),
+        ("huge body", "application/json", huge, 413),
+        ("deep nesting", "application/json", deep, 400),
+        (
+            "unknown agent",
+            "application/json",
+            json!({"agent": "nobody", "input": "x"}).to_string(),
+            404,
+        ),
+        (
+            "oversize id",
+            "application/json",
+            json!({"agent": "payer", "input": "x", "user": "u".repeat(300)}).to_string(),
+            422,
+        ),
+    ];
+    let before: Value = http
+        .get(url("/v1/runs?limit=1000"))
+        .bearer_auth(key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (name, content_type, body, status) in cases {
+        let r = http
+            .post(url("/v1/runs"))
+            .bearer_auth(key_a)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            // The server answers 413 as soon as the limit is crossed and closes the
+            // connection; a client still sending the rest may see the reset instead of the
+            // answer. Either way nothing was stored (checked below).
+            Err(e) if name == "huge body" && e.is_request() => continue,
+            Err(e) => panic!("{name}: {e:?}"),
+        };
+        assert_eq!(r.status().as_u16(), status, "{name}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["status"], status, "{name}");
+        assert!(!problem["detail"].as_str().unwrap().is_empty(), "{name}");
+    }
+    let after: Value = http
+        .get(url("/v1/runs?limit=1000"))
+        .bearer_auth(key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(before, after, "bad requests change nothing");
+    drop(server);
+}
