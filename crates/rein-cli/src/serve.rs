@@ -706,6 +706,9 @@ async fn decide(
     check_len("reason", decision.reason.as_deref().unwrap_or(""), 4096)?;
     check_len("by", decision.by.as_deref().unwrap_or(""), MAX_ID_LEN)?;
     let id = RunId::new(id);
+    // Another tenant's run is not found, whatever state it is in (the lease check below would
+    // otherwise tell a busy run from a missing one).
+    app.store.run(&tenant, &id).await?;
     let outcome = app
         .runtime
         .decide(
