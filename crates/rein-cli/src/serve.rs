@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use rein_core::event::sha256_hex;
 use rein_core::{RunId, RunStatus, SessionId, TenantId, UserId};
 use rein_providers::Model;
-use rein_runtime::{RunOutcome, RunRequest, Runtime};
+use rein_runtime::{RunOutcome, RunRequest, Runtime, now_ms};
 use rein_store::{RunFilter, Store, StoreError};
 use rein_tools::Builtins;
 use serde::Deserialize;
@@ -155,8 +155,7 @@ impl FromRequestParts<Arc<App>> for Caller {
 pub fn new_api_key() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("rein_{hex}"))
+    Ok(format!("rein_{}", rein_core::event::hex(&bytes)))
 }
 
 /// Parses a JSON body strictly: the content type, the size (by the body limit), the syntax,
@@ -724,12 +723,6 @@ async fn decide(
         )
         .await?;
     Ok(axum::Json(render::outcome_json(&outcome)))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `rein tenants create NAME`.

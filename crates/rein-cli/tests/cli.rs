@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::rein;
 use rein_fakes::{FakeOpenAi, FakeResponse};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -10,18 +13,6 @@ use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn rein(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
-        .output()
-        .unwrap()
 }
 
 fn text(out: &Output) -> (String, String) {

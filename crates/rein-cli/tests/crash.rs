@@ -5,11 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::rein;
 use rein_fakes::ToolService;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const SCRIPT: &str = r#"
@@ -20,39 +23,10 @@ responses:
   - text: paid three times
 "#;
 
-fn spec(url: &str) -> String {
-    format!(
-        r#"
-name: payer
-version: 1
-model: {{primary: openai/gpt-4o-mini}}
-instructions: Pay.
-tools:
-  - name: pay
-    description: Makes a payment.
-    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    source: {{http: {{url: "{url}/apply?ms=400", method: POST}}}}
-    contract: {{timeout: 5s, side_effects: external}}
-limits: {{max_iterations: 8, max_total_tokens: 20000, max_cost_usd: 0.10}}
-"#
-    )
-}
-
-fn rein(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
-        .output()
-        .unwrap()
-}
-
 /// Starts `rein run`, reads the run id it prints first on stderr, and kills it with SIGKILL
 /// when `kill_when` says so (or once it has run `kill_after`). Returns the run id.
 fn run_and_kill(dir: &Path, kill_after: Duration, kill_when: impl Fn() -> bool) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+    let mut child = common::rein_command(dir)
         .args([
             "run",
             "agent.yaml",
@@ -63,9 +37,6 @@ fn run_and_kill(dir: &Path, kill_after: Duration, kill_when: impl Fn() -> bool) 
             "--json",
         ])
         .args(["--db", "runs.db"])
-        .current_dir(dir)
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -144,7 +115,11 @@ fn a_run_killed_mid_call_and_at_random_points_resumes_and_applies_each_effect_on
     let rt = tokio::runtime::Runtime::new().unwrap();
     let service = rt.block_on(ToolService::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("agent.yaml"), spec(&service.url())).unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        common::payer_spec(&service.url(), 400, 8),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
 
     // Kill points: inside the first payment call (its request reached the service), then at

@@ -5,11 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use rein_fakes::ToolService;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 const SCRIPT: &str = r#"
 responses:
@@ -17,32 +19,8 @@ responses:
   - text: paid
 "#;
 
-fn spec(url: &str) -> String {
-    format!(
-        r#"
-name: payer
-version: 1
-model: {{primary: openai/gpt-4o-mini}}
-instructions: Pay.
-tools:
-  - name: pay
-    description: Makes a payment.
-    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    source: {{http: {{url: "{url}/apply?ms=5", method: POST}}}}
-    contract: {{timeout: 5s, side_effects: external}}
-limits: {{max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}}
-"#
-    )
-}
-
 fn rein(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
-        .output()
-        .unwrap();
+    let out = common::rein(dir, args);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -66,7 +44,7 @@ impl Drop for Server {
 }
 
 fn serve(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+    let mut child = common::rein_command(dir)
         .args([
             "serve",
             "--listen",
@@ -76,9 +54,6 @@ fn serve(dir: &Path) -> Server {
             "--db",
             "rein.db",
         ])
-        .current_dir(dir)
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -147,7 +122,7 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
         .post(url("/v1/agents"))
         .bearer_auth(key_a)
         .header("content-type", "application/yaml")
-        .body(spec(&service.url()))
+        .body(common::payer_spec(&service.url(), 5, 4))
         .send()
         .await
         .unwrap();

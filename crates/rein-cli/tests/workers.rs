@@ -5,10 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::rein;
 use rein_fakes::ToolService;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const SCRIPT: &str = r#"
@@ -17,36 +20,8 @@ responses:
   - text: paid
 "#;
 
-fn spec(url: &str) -> String {
-    format!(
-        r#"
-name: payer
-version: 1
-model: {{primary: openai/gpt-4o-mini}}
-instructions: Pay.
-tools:
-  - name: pay
-    description: Makes a payment.
-    input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
-    source: {{http: {{url: "{url}/apply?ms=40", method: POST}}}}
-    contract: {{timeout: 5s, side_effects: external}}
-limits: {{max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}}
-"#
-    )
-}
-
-fn rein(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
-        .output()
-        .unwrap()
-}
-
 fn worker(dir: &Path, db: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_rein"))
+    common::rein_command(dir)
         .args([
             "worker",
             "--until-idle",
@@ -56,9 +31,6 @@ fn worker(dir: &Path, db: &str) -> Child {
             "script.yaml",
         ])
         .args(["--db", db])
-        .current_dir(dir)
-        .env_remove("REIN_DB")
-        .env_remove("REIN_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -84,7 +56,11 @@ fn scale_out(db: &str, runs: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let service = rt.block_on(ToolService::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("agent.yaml"), spec(&service.url())).unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        common::payer_spec(&service.url(), 40, 4),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
 
     let mut queued = Vec::new();

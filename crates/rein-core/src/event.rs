@@ -330,7 +330,7 @@ pub struct SealedEvent {
 }
 
 /// Lower-case hex of a byte string.
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

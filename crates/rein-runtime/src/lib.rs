@@ -232,7 +232,8 @@ fn seal_first(
         .collect()
 }
 
-fn now_ms() -> i64 {
+/// The wall clock, ms since the epoch (the driver's one clock).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -1,17 +1,8 @@
 //! The embedded budget counters: [`Counters`] on the SQLite store (the default backend).
 
-use crate::SqliteStore;
-use rein_core::Usd;
+use crate::{SqliteStore, counters_error, standing_from_row, to_i64};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
 use sqlx::{Row, Sqlite, Transaction};
-
-fn err(e: sqlx::Error) -> CountersError {
-    CountersError(e.to_string())
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
 
 /// Releases every reservation that expired by `now_ms`.
 async fn release_expired(tx: &mut Transaction<'_, Sqlite>, now_ms: i64) -> Result<(), sqlx::Error> {
@@ -45,19 +36,8 @@ async fn standing_in(
     .bind(scope)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(match row {
-        None => Standing::default(),
-        Some(r) => Standing {
-            spent: Amount {
-                usd: Usd::from_micros(r.try_get("spent_micros")?),
-                tokens: r.try_get::<i64, _>("spent_tokens")?.max(0) as u64,
-            },
-            reserved: Amount {
-                usd: Usd::from_micros(r.try_get("reserved_micros")?),
-                tokens: r.try_get::<i64, _>("reserved_tokens")?.max(0) as u64,
-            },
-        },
-    })
+    row.as_ref()
+        .map_or(Ok(Standing::default()), standing_from_row)
 }
 
 impl SqliteStore {
@@ -207,7 +187,7 @@ impl SqliteStore {
 
 impl Counters for SqliteStore {
     fn cell<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, CountersError>> {
-        Box::pin(async move { self.cell_in_store(key).await.map_err(err) })
+        Box::pin(async move { self.cell_in_store(key).await.map_err(counters_error) })
     }
 
     fn swap_cell<'a>(
@@ -219,7 +199,7 @@ impl Counters for SqliteStore {
         Box::pin(async move {
             self.swap_cell_in_store(key, expected, new)
                 .await
-                .map_err(err)
+                .map_err(counters_error)
         })
     }
 
@@ -234,7 +214,7 @@ impl Counters for SqliteStore {
         Box::pin(async move {
             self.reserve_in_store(id, scopes, amount, now_ms, expires_ms)
                 .await
-                .map_err(err)
+                .map_err(counters_error)
         })
     }
 
@@ -244,7 +224,11 @@ impl Counters for SqliteStore {
         scopes: &'a [Scope],
         actual: Amount,
     ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>> {
-        Box::pin(async move { self.settle_in_store(id, scopes, actual).await.map_err(err) })
+        Box::pin(async move {
+            self.settle_in_store(id, scopes, actual)
+                .await
+                .map_err(counters_error)
+        })
     }
 
     fn standing<'a>(
@@ -252,6 +236,10 @@ impl Counters for SqliteStore {
         scope_key: &'a str,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<Standing, CountersError>> {
-        Box::pin(async move { self.standing_in_store(scope_key, now_ms).await.map_err(err) })
+        Box::pin(async move {
+            self.standing_in_store(scope_key, now_ms)
+                .await
+                .map_err(counters_error)
+        })
     }
 }

@@ -488,6 +488,31 @@ fn cost_from_row(r: &impl Columns) -> Result<CostLine, StoreError> {
     })
 }
 
+/// A database error as the budget counters report it.
+fn counters_error(e: sqlx::Error) -> rein_core::budget::CountersError {
+    rein_core::budget::CountersError(e.to_string())
+}
+
+/// A count as both schemas store it.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A `budget_counters` row.
+fn standing_from_row(r: &impl Columns) -> Result<rein_core::budget::Standing, sqlx::Error> {
+    use rein_core::budget::{Amount, Standing};
+    Ok(Standing {
+        spent: Amount {
+            usd: Usd::from_micros(r.int("spent_micros")?),
+            tokens: r.count("spent_tokens")?,
+        },
+        reserved: Amount {
+            usd: Usd::from_micros(r.int("reserved_micros")?),
+            tokens: r.count("reserved_tokens")?,
+        },
+    })
+}
+
 /// The first events a new run is stored with must start its own log at position 0.
 fn check_first(run: &RunInfo, first: &[SealedEvent]) -> Result<(), StoreError> {
     let starts = first

@@ -6,12 +6,11 @@
 
 use crate::{
     Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo, RunRecord, Store, StoreError,
-    StoredAgent, agent_from_row, check_first, cost_from_row, event_from_row, run_from_row,
+    StoredAgent, agent_from_row, check_first, cost_from_row, counters_error, event_from_row,
+    run_from_row, standing_from_row, to_i64,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
-use rein_core::{
-    GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, Usd, UserId,
-};
+use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
@@ -535,14 +534,6 @@ impl Store for PgStore {
 
 // ---- Budget counters ------------------------------------------------------------------------
 
-fn err(e: sqlx::Error) -> CountersError {
-    CountersError(e.to_string())
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// FNV-1a: a stable 64-bit lock id for a scope key (the same in every process and build).
 fn lock_id(key: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -600,19 +591,8 @@ async fn standing_in(
     .bind(scope)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(match row {
-        None => Standing::default(),
-        Some(r) => Standing {
-            spent: Amount {
-                usd: Usd::from_micros(r.int("spent_micros")?),
-                tokens: r.count("spent_tokens")?,
-            },
-            reserved: Amount {
-                usd: Usd::from_micros(r.int("reserved_micros")?),
-                tokens: r.count("reserved_tokens")?,
-            },
-        },
-    })
+    row.as_ref()
+        .map_or(Ok(Standing::default()), standing_from_row)
 }
 
 fn keys(scopes: &[Scope]) -> Vec<&str> {
@@ -758,8 +738,10 @@ impl Counters for PgStore {
                 .bind(key)
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(err)?;
-            row.map(|r| r.text("value")).transpose().map_err(err)
+                .map_err(counters_error)?;
+            row.map(|r| r.text("value"))
+                .transpose()
+                .map_err(counters_error)
         })
     }
 
@@ -772,7 +754,7 @@ impl Counters for PgStore {
         Box::pin(async move {
             self.swap_cell_in_store(key, expected, new)
                 .await
-                .map_err(err)
+                .map_err(counters_error)
         })
     }
 
@@ -787,7 +769,7 @@ impl Counters for PgStore {
         Box::pin(async move {
             self.reserve_in_store(id, scopes, amount, now_ms, expires_ms)
                 .await
-                .map_err(err)
+                .map_err(counters_error)
         })
     }
 
@@ -797,7 +779,11 @@ impl Counters for PgStore {
         scopes: &'a [Scope],
         actual: Amount,
     ) -> BoxFuture<'a, Result<Vec<Standing>, CountersError>> {
-        Box::pin(async move { self.settle_in_store(id, scopes, actual).await.map_err(err) })
+        Box::pin(async move {
+            self.settle_in_store(id, scopes, actual)
+                .await
+                .map_err(counters_error)
+        })
     }
 
     fn standing<'a>(
@@ -805,6 +791,10 @@ impl Counters for PgStore {
         scope_key: &'a str,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<Standing, CountersError>> {
-        Box::pin(async move { self.standing_in_store(scope_key, now_ms).await.map_err(err) })
+        Box::pin(async move {
+            self.standing_in_store(scope_key, now_ms)
+                .await
+                .map_err(counters_error)
+        })
     }
 }
