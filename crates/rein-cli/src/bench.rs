@@ -93,6 +93,7 @@ fn request(agent: &Arc<Agent>, source: &str, n: usize) -> RunRequest {
         session: SessionId::new(format!("bench-{n}")),
         job: None,
         granted_scopes: Vec::new(),
+        chat: None,
     }
 }
 

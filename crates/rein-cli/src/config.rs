@@ -32,6 +32,13 @@
 //! max_queued = 100                # waiting runs beyond this are refused
 //! queue_wait = "60s"              # and so is a run that waited this long
 //!
+//! [gateway]                       # POST /v1/chat/completions (rein serve)
+//! max_output_tokens = 4096        # the most one call may ask for
+//! max_cost_usd = 1.0              # the most one call may cost, worst case
+//! timeout = "120s"                # one call, retries and fallbacks included
+//! [gateway.fallbacks]             # tried in order when a model fails or its breaker is open
+//! "openai/gpt-4o" = ["openai/gpt-4o-mini"]
+//!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
 //! prefix = "rein"
@@ -65,6 +72,43 @@ struct ConfigFile {
     rate_limits: RateEntry,
     #[serde(default)]
     bulkheads: BulkheadEntry,
+    #[serde(default)]
+    gateway: GatewayEntry,
+}
+
+/// `[gateway]`: the OpenAI-compatible gateway's per-call limits and fallbacks.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayEntry {
+    max_output_tokens: Option<u32>,
+    max_cost_usd: Option<f64>,
+    timeout: Option<String>,
+    #[serde(default)]
+    fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+/// The gateway's settings: what one call may spend, and where a failing model falls back to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    /// The largest output a call may ask for (a larger `max_tokens` is lowered to it).
+    pub max_output_tokens: u32,
+    /// The most one call may cost, worst case, checked before it is made.
+    pub max_cost_usd: f64,
+    /// One call's wall-clock limit, retries and fallbacks included.
+    pub timeout: std::time::Duration,
+    /// Models tried in order after each model (`provider/model`).
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            max_output_tokens: 4096,
+            max_cost_usd: 1.0,
+            timeout: std::time::Duration::from_secs(120),
+            fallbacks: BTreeMap::new(),
+        }
+    }
 }
 
 /// `[bulkheads]`: a cap on concurrently executing runs per tenant.
@@ -246,6 +290,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Caps on concurrently executing runs.
     pub bulkheads: Bulkheads,
+    /// The OpenAI-compatible gateway.
+    pub gateway: Gateway,
 }
 
 impl Config {
@@ -330,6 +376,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             }
         },
     };
+    let gateway = gateway(&file.gateway, &prices, &file_name)?;
     let mut tenant_scopes = BTreeMap::new();
     for (name, mut table) in file.tenants {
         let at = format!("{file_name}: tenants.{name}");
@@ -388,5 +435,45 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         tenant_scopes,
         rate_limits,
         bulkheads,
+        gateway,
+    })
+}
+
+fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Result<Gateway> {
+    let defaults = Gateway::default();
+    let max_output_tokens = entry
+        .max_output_tokens
+        .unwrap_or(defaults.max_output_tokens);
+    if max_output_tokens == 0 {
+        return Err(anyhow!(
+            "{file}: gateway.max_output_tokens: must be at least 1"
+        ));
+    }
+    let max_cost_usd = entry.max_cost_usd.unwrap_or(defaults.max_cost_usd);
+    if !(max_cost_usd.is_finite() && max_cost_usd > 0.0) {
+        return Err(anyhow!(
+            "{file}: gateway.max_cost_usd: must be a positive number of USD"
+        ));
+    }
+    let timeout = match &entry.timeout {
+        None => defaults.timeout,
+        Some(t) => {
+            rein_core::parse_duration(t).map_err(|e| anyhow!("{file}: gateway.timeout: {e}"))?
+        }
+    };
+    for (model, fallbacks) in &entry.fallbacks {
+        for m in std::iter::once(model).chain(fallbacks) {
+            if prices.get(m).is_none() {
+                return Err(anyhow!(
+                    "{file}: gateway.fallbacks.\"{model}\": `{m}` has no price; name a `provider/model` from the price table or add it under [prices]"
+                ));
+            }
+        }
+    }
+    Ok(Gateway {
+        max_output_tokens,
+        max_cost_usd,
+        timeout,
+        fallbacks: entry.fallbacks.clone(),
     })
 }

@@ -182,6 +182,7 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
             session: SessionId::new(format!("demo-{}", scenario.name)),
             job: None,
             granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
+            chat: None,
         };
         let outcome = runtime.run(request, model.as_ref()).await?;
         let ended = outcome

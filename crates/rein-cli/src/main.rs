@@ -633,6 +633,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         spec_source: source,
         input: args.input,
         granted_scopes: config.granted_scopes(&TenantId::new(args.tenant.clone())),
+        chat: None,
         tenant: TenantId::new(args.tenant),
         user: UserId::new(args.user),
         session: SessionId::new(
@@ -948,28 +949,7 @@ async fn audit(
         };
         return Err(anyhow!(BadInput(format!("run {id} not found for {scope}"))));
     }
-    let mut events_checked = 0usize;
-    let mut problems = Vec::new();
-    for (tenant, id) in &runs {
-        let record = store.run(tenant, id).await?;
-        let events = store.events(tenant, id).await?;
-        events_checked += events.len();
-        if let Err(brk) =
-            rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash)))
-        {
-            let kind = events
-                .iter()
-                .find(|e| e.seq == brk.seq)
-                .map(|e| format!(" ({})", e.kind))
-                .unwrap_or_default();
-            problems.push(format!(
-                "run {id} (tenant {tenant}): event {}{kind}: {}",
-                brk.seq, brk.reason
-            ));
-        } else if let Some(field) = record_mismatch(&record, &events) {
-            problems.push(format!("run {id} (tenant {tenant}): the run's stored {field} disagrees with its intact event log"));
-        }
-    }
+    let (events_checked, mut problems) = verify_runs(store.as_ref(), &runs).await?;
     if run_id.is_none() {
         for orphan in store.orphaned_logs().await? {
             problems.push(format!(
@@ -989,6 +969,37 @@ async fn audit(
         runs.len()
     );
     Ok(exit::OK)
+}
+
+/// Checks each run's hash chain, and its stored record against its log: the events checked,
+/// and a line per problem.
+async fn verify_runs(
+    store: &dyn rein_store::Store,
+    runs: &[(TenantId, RunId)],
+) -> Result<(usize, Vec<String>), rein_store::StoreError> {
+    let mut events_checked = 0usize;
+    let mut problems = Vec::new();
+    for (tenant, id) in runs {
+        let record = store.run(tenant, id).await?;
+        let events = store.events(tenant, id).await?;
+        events_checked += events.len();
+        if let Err(brk) =
+            rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash)))
+        {
+            let kind = events
+                .iter()
+                .find(|e| e.seq == brk.seq)
+                .map(|e| format!(" ({})", e.kind))
+                .unwrap_or_default();
+            problems.push(format!(
+                "run {id} (tenant {tenant}): event {}{kind}: {}",
+                brk.seq, brk.reason
+            ));
+        } else if let Some(field) = record_mismatch(&record, &events) {
+            problems.push(format!("run {id} (tenant {tenant}): the run's stored {field} disagrees with its intact event log"));
+        }
+    }
+    Ok((events_checked, problems))
 }
 
 /// The first thing a run's stored record says that its verified log contradicts.
@@ -1051,6 +1062,28 @@ fn record_mismatch(
     }
 }
 
+/// Spend per group as `rein costs --json` and `GET /v1/costs` print it.
+fn costs_json(by: &str, lines: &[rein_store::CostLine]) -> serde_json::Value {
+    let total = lines
+        .iter()
+        .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
+    let rows: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "key": l.key,
+                "calls": l.calls,
+                "input_tokens": l.usage.input_tokens,
+                "cached_input_tokens": l.usage.cached_input_tokens,
+                "output_tokens": l.usage.output_tokens,
+                "cost_usd": l.cost.as_dollars(),
+                "cost_micros": l.cost.micros(),
+            })
+        })
+        .collect();
+    serde_json::json!({"by": by, "rows": rows, "total_usd": total.as_dollars(), "total_micros": total.micros()})
+}
+
 async fn costs(
     by: CostBy,
     since: Option<&str>,
@@ -1083,24 +1116,7 @@ async fn costs(
         .iter()
         .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
     if json {
-        let rows: Vec<_> = lines
-            .iter()
-            .map(|l| {
-                serde_json::json!({
-                    "key": l.key,
-                    "calls": l.calls,
-                    "input_tokens": l.usage.input_tokens,
-                    "cached_input_tokens": l.usage.cached_input_tokens,
-                    "output_tokens": l.usage.output_tokens,
-                    "cost_usd": l.cost.as_dollars(),
-                    "cost_micros": l.cost.micros(),
-                })
-            })
-            .collect();
-        say!(
-            "{}",
-            serde_json::json!({"by": format!("{by:?}").to_lowercase(), "rows": rows, "total_usd": total.as_dollars(), "total_micros": total.micros()})
-        );
+        say!("{}", costs_json(&format!("{by:?}").to_lowercase(), &lines));
         return Ok(exit::OK);
     }
     let mut rows = vec![[

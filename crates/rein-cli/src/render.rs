@@ -43,6 +43,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 latency_ms,
                 attempts,
                 content,
+                ..
             } => {
                 let what = if tool_calls.is_empty() {
                     format!("answer: {}", short(content.as_deref().unwrap_or(""), 40))

@@ -6,6 +6,8 @@
 //! `rein worker`), which also take over, at start-up, every run whose process died. Errors are
 //! RFC 9457 `application/problem+json`.
 
+mod gateway;
+
 use crate::config::Config;
 use crate::{StoreArgs, exit, parse_agent, render};
 use anyhow::Context;
@@ -50,6 +52,8 @@ struct App {
     wake: Notify,
     /// Runs this process's workers finished or paused, for `wait: true` requests.
     outcomes: broadcast::Sender<Arc<RunOutcome>>,
+    /// The gateway's one-call agent per model, checked once.
+    gateway_agents: gateway::Agents,
 }
 
 /// An RFC 9457 problem: a status and a reason a person can act on.
@@ -57,6 +61,12 @@ struct App {
 pub struct Problem {
     status: StatusCode,
     detail: String,
+    /// For OpenAI clients of the gateway: the `error` member's `type` and `code`.
+    openai: Option<(&'static str, &'static str)>,
+    /// Seconds to wait before trying again (`Retry-After`).
+    retry_after_s: Option<u64>,
+    /// Trying again cannot help (`x-should-retry: false`, which OpenAI's SDKs obey).
+    no_retry: bool,
 }
 
 impl Problem {
@@ -64,7 +74,26 @@ impl Problem {
         Problem {
             status,
             detail: detail.into(),
+            openai: None,
+            retry_after_s: None,
+            no_retry: false,
         }
+    }
+
+    /// Adds an OpenAI-style `error` member, so OpenAI clients show the reason.
+    fn openai(mut self, kind: &'static str, code: &'static str) -> Self {
+        self.openai = Some((kind, code));
+        self
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+
+    fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
     }
 
     fn not_found(what: impl std::fmt::Display) -> Self {
@@ -74,17 +103,27 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
+        let mut body = json!({
             "type": "about:blank",
             "title": self.status.canonical_reason().unwrap_or("Error"),
             "status": self.status.as_u16(),
             "detail": self.detail,
         });
+        if let Some((kind, code)) = self.openai {
+            body["error"] = json!({"message": self.detail, "type": kind, "code": code});
+        }
         let mut response = (self.status, body.to_string()).into_response();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(seconds) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.no_retry {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -279,6 +318,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         model,
         wake: Notify::new(),
         outcomes,
+        gateway_agents: gateway::Agents::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -356,6 +396,10 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/runs/{id}/trace", get(run_trace))
         .route("/v1/runs/{id}/approval", post(decide))
+        .route("/v1/costs", get(costs))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/chat/completions", post(gateway::chat_completions))
+        .route("/v1/models", get(gateway::models))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
@@ -489,6 +533,7 @@ async fn create_run(
         spec_source: stored.spec,
         input: new.input,
         granted_scopes: app.config.granted_scopes(&tenant),
+        chat: None,
         tenant: tenant.clone(),
         user: UserId::new(new.user.unwrap_or_else(|| "anonymous".into())),
         session: SessionId::new(
@@ -723,6 +768,80 @@ async fn decide(
         )
         .await?;
     Ok(axum::Json(render::outcome_json(&outcome)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CostQuery {
+    by: Option<String>,
+    since: Option<String>,
+}
+
+/// `GET /v1/costs?by=model&since=YYYY-MM-DD`: the caller's spend per user, agent, model or day
+/// (gateway calls included, as the `gateway` agent), as `rein costs --json` prints it.
+async fn costs(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    query: Result<Query<CostQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, Problem> {
+    let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let by = q.by.unwrap_or_else(|| "model".into());
+    let group = match by.as_str() {
+        "tenant" => rein_store::CostGroup::Tenant,
+        "user" => rein_store::CostGroup::User,
+        "agent" => rein_store::CostGroup::Agent,
+        "model" => rein_store::CostGroup::Model,
+        "day" => rein_store::CostGroup::Day,
+        other => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                format!("`by` {other:?} is not a grouping; use tenant, user, agent, model or day"),
+            ));
+        }
+    };
+    let since_ms = match q.since.as_deref() {
+        None => 0,
+        Some(day) => rein_core::time::parse_utc_day(day).ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                format!("`since` {day:?} is not a UTC day written YYYY-MM-DD"),
+            )
+        })?,
+    };
+    let lines = app.store.costs(Some(&tenant), group, since_ms).await?;
+    Ok(axum::Json(crate::costs_json(&by, &lines)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    run: Option<String>,
+}
+
+/// `GET /v1/audit/verify[?run=ID]`: checks the hash chain of each of the caller's runs (or
+/// one), and that each stored run agrees with its log.
+async fn audit_verify(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, Problem> {
+    let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ids = match q.run {
+        Some(id) => {
+            let id = RunId::new(id);
+            app.store.run(&tenant, &id).await?;
+            vec![id]
+        }
+        None => app.store.run_ids(&tenant).await?,
+    };
+    let runs: Vec<(TenantId, RunId)> = ids.into_iter().map(|id| (tenant.clone(), id)).collect();
+    let (events, problems) = crate::verify_runs(app.store.as_ref(), &runs).await?;
+    Ok(axum::Json(json!({
+        "ok": problems.is_empty(),
+        "runs": runs.len(),
+        "events": events,
+        "problems": problems,
+    })))
 }
 
 /// `rein tenants create NAME`.

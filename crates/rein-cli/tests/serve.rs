@@ -9,9 +9,7 @@ mod common;
 
 use rein_fakes::ToolService;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
 
 const SCRIPT: &str = r#"
 responses:
@@ -20,52 +18,11 @@ responses:
 "#;
 
 fn rein(dir: &Path, args: &[&str]) -> String {
-    let out = common::rein(dir, args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::rein_ok(dir, args)
 }
 
-/// The server, stopped with SIGTERM-like kill on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path) -> Server {
-    let mut child = common::rein_command(dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--script",
-            "script.yaml",
-            "--db",
-            "rein.db",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let base = first
-        .strip_prefix("rein serve: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_string();
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base }
+fn serve(dir: &Path) -> common::Server {
+    common::serve(dir, &["--script", "script.yaml", "--db", "rein.db"], &[])
 }
 
 /// SSE frames of a finished stream: (id, event, data).

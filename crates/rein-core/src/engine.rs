@@ -13,7 +13,7 @@
 
 use crate::Usd;
 use crate::event::{Event, EventKind};
-use crate::message::{Message, Role, ToolCall, ToolDefinition, Usage};
+use crate::message::{ChatRequest, Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
 use crate::spec::{
     Agent, EscalationTrigger, ModelRef, OnDeny, OnTimeout, RuleAction, StepKind, ToolChoice,
@@ -177,6 +177,14 @@ struct Finish {
     output: Option<Value>,
 }
 
+/// A gateway call's own settings (from `chat_request`).
+#[derive(Clone, Debug, PartialEq)]
+struct Chat {
+    max_output_tokens: Option<u32>,
+    temperature: Option<f64>,
+    tool_choice: Option<ToolChoice>,
+}
+
 /// Why a log could not be replayed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
@@ -242,6 +250,8 @@ pub struct Engine {
     finish: Option<Finish>,
     finished: Option<(RunStatus, TerminationReason)>,
     output: Option<Value>,
+    /// A gateway call: one model call on the caller's conversation, whose answer is the output.
+    chat: Option<Chat>,
 }
 
 /// A conservative token estimate for text when no tokenizer is known: see
@@ -322,6 +332,7 @@ impl Engine {
             finish: None,
             finished: None,
             output: None,
+            chat: None,
         }
     }
 
@@ -350,6 +361,14 @@ impl Engine {
     /// The tools as the model sees them.
     pub fn tool_definitions(&self) -> &[ToolDefinition] {
         &self.tool_definitions
+    }
+
+    /// Sampling temperature of the next call: a gateway caller's, else the spec's.
+    pub fn temperature(&self) -> Option<f64> {
+        match &self.chat {
+            Some(chat) => chat.temperature.or(self.agent.spec.model.temperature),
+            None => self.agent.spec.model.temperature,
+        }
     }
 
     /// Model calls made.
@@ -635,6 +654,7 @@ impl Engine {
                 tool_calls,
                 usage,
                 cost,
+                finish_reason,
                 ..
             } => {
                 self.model_in_flight = false;
@@ -654,6 +674,10 @@ impl Engine {
                     tool_calls: tool_calls.clone(),
                     tool_call_id: None,
                 });
+                if self.chat.is_some() {
+                    self.after_chat_reply(content.as_deref(), tool_calls, finish_reason.as_deref());
+                    return Ok(());
+                }
                 self.after_model_reply(content.as_deref(), tool_calls);
             }
             EventKind::ModelFailed {
@@ -694,6 +718,35 @@ impl Engine {
                 if let Some(approval @ Approval::Approved) = self.approvals.get_mut(step) {
                     *approval = Approval::Used;
                 }
+            }
+            EventKind::ChatRequest(ChatRequest {
+                messages,
+                tools,
+                max_output_tokens,
+                temperature,
+                tool_choice,
+            }) => {
+                // The caller's conversation replaces the spec's instructions and input.
+                self.fixed_tokens = tools
+                    .iter()
+                    .map(|d| {
+                        self.counter.count(&d.name)
+                            + self.counter.count(&d.description)
+                            + self.counter.count(&d.parameters.to_string())
+                            + MESSAGE_OVERHEAD_TOKENS
+                    })
+                    .sum();
+                self.tool_definitions = tools.clone();
+                self.messages.clear();
+                self.message_tokens = 0;
+                for m in messages {
+                    self.push_message(m.clone());
+                }
+                self.chat = Some(Chat {
+                    max_output_tokens: *max_output_tokens,
+                    temperature: *temperature,
+                    tool_choice: tool_choice.clone(),
+                });
             }
             EventKind::RunClaimed { .. } => {
                 // A queued run's clock starts when a worker takes it up, not when it was queued.
@@ -893,7 +946,35 @@ impl Engine {
         }
     }
 
-    fn after_model_reply(&mut self, content: Option<&str>, tool_calls: &[ToolCall]) {
+    /// A gateway call's answer is the run's output as it is, tool calls included (the caller
+    /// makes them); the run's own caps still apply.
+    fn after_chat_reply(
+        &mut self,
+        content: Option<&str>,
+        tool_calls: &[ToolCall],
+        finish_reason: Option<&str>,
+    ) {
+        if self.over_caps() {
+            return;
+        }
+        let finish_reason = finish_reason.unwrap_or(if tool_calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        });
+        self.finish = Some(Finish {
+            reason: TerminationReason::Completed,
+            detail: None,
+            output: Some(serde_json::json!({
+                "content": content,
+                "tool_calls": tool_calls,
+                "finish_reason": finish_reason,
+            })),
+        });
+    }
+
+    /// Ends the run when the usage reported so far is over the run's token or money cap.
+    fn over_caps(&mut self) -> bool {
         let limits = &self.agent.spec.limits;
         if self.usage.total() > limits.max_total_tokens {
             let detail = format!(
@@ -902,7 +983,7 @@ impl Engine {
                 limits.max_total_tokens
             );
             self.finish_with(TerminationReason::MaxTokens, detail);
-            return;
+            return true;
         }
         if self.cost > limits.max_cost_usd {
             let detail = format!(
@@ -910,6 +991,13 @@ impl Engine {
                 self.cost, limits.max_cost_usd
             );
             self.finish_with(TerminationReason::MaxCost, detail);
+            return true;
+        }
+        false
+    }
+
+    fn after_model_reply(&mut self, content: Option<&str>, tool_calls: &[ToolCall]) {
+        if self.over_caps() {
             return;
         }
         if !tool_calls.is_empty() {
@@ -1087,7 +1175,10 @@ impl Engine {
             return self.finish_effect(TerminationReason::MaxIterations, Some(detail), None);
         }
         let estimated_input_tokens = 3 + self.fixed_tokens + self.message_tokens;
-        let max_output_tokens = spec.model.max_output_tokens;
+        let max_output_tokens = match self.chat.as_ref().and_then(|c| c.max_output_tokens) {
+            Some(asked) => asked.min(spec.model.max_output_tokens),
+            None => spec.model.max_output_tokens,
+        };
         let worst_case_tokens = estimated_input_tokens + u64::from(max_output_tokens);
         if self.usage.total() + worst_case_tokens > limits.max_total_tokens {
             let detail = format!(
@@ -1123,6 +1214,7 @@ impl Engine {
             kind,
             routed: spec.model.routes.contains_key(&kind),
             tool_choice: match kind {
+                _ if self.chat.is_some() => self.chat.as_ref().and_then(|c| c.tool_choice.clone()),
                 // A summary is sent without tools.
                 StepKind::Summarize => None,
                 StepKind::Final if !spec.tools.is_empty() => Some(ToolChoice::None),

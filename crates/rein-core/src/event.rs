@@ -53,6 +53,10 @@ pub enum EventKind {
         /// Whether to summarize them first.
         summarize: bool,
     },
+    /// A gateway call (`POST /v1/chat/completions`): the caller's own conversation and tools,
+    /// recorded with `run_started`. The run makes this one model call, governed like any other,
+    /// and ends with the answer as it is: tool calls are returned to the caller, not made.
+    ChatRequest(crate::message::ChatRequest),
     /// A queued run was taken up by a worker: its wall clock starts here.
     RunClaimed {
         /// The worker (process) that took it.
@@ -152,6 +156,9 @@ pub enum EventKind {
         latency_ms: u64,
         /// Attempts made.
         attempts: u32,
+        /// Why the provider stopped (`stop`, `tool_calls`, `length`, ...), when it said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finish_reason: Option<String>,
     },
     /// One attempt of a model call failed and the call is retried after `retry_in_ms`.
     ModelAttemptFailed {
@@ -277,6 +284,7 @@ impl EventKind {
         match self {
             EventKind::RunStarted { .. } => "run_started",
             EventKind::SessionContext { .. } => "session_context",
+            EventKind::ChatRequest(_) => "chat_request",
             EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",

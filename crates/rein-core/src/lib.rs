@@ -30,7 +30,7 @@ pub use event::{
     ChainBreak, Event, EventKind, GENESIS_HASH, LogSummary, SealedEvent, verify_chain,
 };
 pub use ids::{JobId, RunId, SessionId, TenantId, UserId};
-pub use message::{Message, ModelReply, Role, ToolCall, ToolDefinition, Usage};
+pub use message::{ChatRequest, Message, ModelReply, Role, ToolCall, ToolDefinition, Usage};
 pub use money::Usd;
 pub use price::{Price, PriceTable};
 pub use run::{RunStatus, TerminationReason};

@@ -102,6 +102,9 @@ pub struct RunRequest {
     pub job: Option<JobId>,
     /// Authorisation scopes the tenant is granted (pinned with the run).
     pub granted_scopes: Vec<String>,
+    /// A gateway call: the caller's own conversation, which the run answers with one model
+    /// call (the agent's instructions and `input` are then not sent).
+    pub chat: Option<rein_core::ChatRequest>,
 }
 
 /// How a run ended.
@@ -575,6 +578,7 @@ impl Runtime {
             granted_scopes: request.granted_scopes,
         })
         .chain(context)
+        .chain(request.chat.map(EventKind::ChatRequest))
         .collect();
         Ok((info, kinds))
     }
@@ -1172,8 +1176,8 @@ impl Driver<'_> {
                     } else {
                         self.engine.tool_definitions()
                     },
-                    max_output_tokens: spec.model.max_output_tokens,
-                    temperature: spec.model.temperature,
+                    max_output_tokens: call.max_output_tokens,
+                    temperature: self.engine.temperature(),
                     output_schema: spec.output_schema.as_ref().filter(|_| !summary),
                     tool_choice: call.tool_choice.as_ref(),
                     endpoint: Endpoint::of(model_ref),
@@ -1271,6 +1275,7 @@ impl Driver<'_> {
                 usage: reply.usage,
                 latency_ms,
                 attempts,
+                finish_reason: reply.finish_reason,
             },
             (None, Some((entry, e, attempts))) => EventKind::ModelFailed {
                 step: call.step,

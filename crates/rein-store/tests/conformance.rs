@@ -106,6 +106,7 @@ fn responded(model: &str, input: u64, output: u64, dollars: f64) -> EventKind {
         cost: Usd::from_dollars(dollars).unwrap(),
         latency_ms: 5,
         attempts: 1,
+        finish_reason: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! Helpers shared by the tests that run the `rein` binary.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// `rein` in `dir`, cut off from the caller's provider and store settings.
 pub fn rein_command(dir: &Path) -> Command {
@@ -40,4 +41,87 @@ tools:
 limits: {{max_iterations: {max_iterations}, max_total_tokens: 20000, max_cost_usd: 0.10}}
 "#
     )
+}
+
+/// Runs `rein args` in `dir`, which must succeed; its standard output.
+pub fn rein_ok(dir: &Path, args: &[&str]) -> String {
+    let out = rein(dir, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `rein serve` as a process, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `rein serve --listen 127.0.0.1:0 args` in `dir` with `env` set, once it listens.
+pub fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut command = rein_command(dir);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let base = first
+        .strip_prefix("rein serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    // Keep draining (and showing) what the server says, so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("serve: {line}");
+        }
+    });
+    Server { child, base }
+}
+
+/// A new tenant and one API key for it, in `dir`'s `rein.db`.
+pub fn tenant_key(dir: &Path, tenant: &str) -> String {
+    rein_ok(dir, &["tenants", "create", tenant, "--db", "rein.db"]);
+    rein_ok(
+        dir,
+        &["keys", "create", "--tenant", tenant, "--db", "rein.db"],
+    )
+    .trim()
+    .to_string()
+}
+
+/// A Python with the official `openai` package (`REIN_TEST_PYTHON`, which `scripts/test` sets
+/// up); `None` to skip where it is not required (`REIN_TEST_PYTHON_REQUIRED=1` makes its
+/// absence a failure).
+pub fn python_with_openai() -> Option<String> {
+    match std::env::var("REIN_TEST_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            assert!(
+                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
+                "REIN_TEST_PYTHON_REQUIRED=1 but REIN_TEST_PYTHON is not set: scripts/test sets up a Python with the openai package"
+            );
+            eprintln!(
+                "skipped the openai-package part: scripts/test sets up its Python (REIN_TEST_PYTHON)"
+            );
+            None
+        }
+    }
 }

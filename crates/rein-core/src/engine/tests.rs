@@ -145,6 +145,7 @@ impl Sim {
                         cost,
                         latency_ms: 1,
                         attempts: 1,
+                        finish_reason: None,
                     });
                 }
                 Effect::CallTool(inv) => {
@@ -501,6 +502,7 @@ fn crashed_mid_tool(src: &str, tool: &str) -> (Sim, ToolInvocation) {
         cost: Usd::from_micros(5),
         latency_ms: 1,
         attempts: 1,
+        finish_reason: None,
     });
     let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
         panic!()
@@ -766,6 +768,7 @@ fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
         cost: Usd::from_micros(5),
         latency_ms: 1,
         attempts: 1,
+        finish_reason: None,
     });
     let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
         panic!()
@@ -816,6 +819,7 @@ fn run_with_tool_results(
                     cost: Usd::from_micros(1),
                     latency_ms: 1,
                     attempts: 1,
+                    finish_reason: None,
                 });
             }
             Effect::CallTool(inv) => {
@@ -984,6 +988,7 @@ fn a_final_step_tells_the_model_to_call_no_tool() {
                     cost: Usd::ZERO,
                     latency_ms: 1,
                     attempts: 1,
+                    finish_reason: None,
                 });
             }
             Effect::CallTool(inv) => {
@@ -1355,4 +1360,74 @@ fn a_queued_runs_clock_starts_when_a_worker_claims_it() {
         sim.engine.next_effect(sim.now),
         Some(Effect::CallModel(_))
     ));
+}
+
+const GATEWAY_SPEC: &str = r#"
+name: gateway
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: Never sent.
+limits: {max_iterations: 1, max_total_tokens: 100000, max_cost_usd: 1.0, timeout: 10s}
+"#;
+
+fn chat_request(max_output_tokens: Option<u32>) -> EventKind {
+    EventKind::ChatRequest(ChatRequest {
+        messages: vec![
+            Message::text(Role::System, "Caller's own instructions."),
+            Message::text(Role::User, "What is the weather?"),
+        ],
+        tools: vec![ToolDefinition {
+            name: "weather".into(),
+            description: "The caller's tool.".into(),
+            parameters: json!({"type": "object"}),
+        }],
+        max_output_tokens,
+        temperature: Some(0.2),
+        tool_choice: Some(crate::spec::ToolChoice::Required),
+    })
+}
+
+#[test]
+fn a_gateway_call_sends_the_callers_conversation_and_returns_its_tool_calls() {
+    let mut sim = Sim::new(GATEWAY_SPEC);
+    sim.record(chat_request(Some(5000)));
+    assert_eq!(
+        sim.engine.messages()[0].content.as_deref(),
+        Some("Caller's own instructions.")
+    );
+    assert_eq!(sim.engine.messages().len(), 2);
+    assert_eq!(sim.engine.tool_definitions()[0].name, "weather");
+    assert_eq!(sim.engine.temperature(), Some(0.2));
+    let Some(Effect::CallModel(model_call)) = sim.engine.next_effect(sim.now) else {
+        panic!("expected a model call");
+    };
+    // The caller may ask for less than the gateway's cap, never more.
+    assert_eq!(model_call.max_output_tokens, 100);
+    assert_eq!(
+        model_call.tool_choice,
+        Some(crate::spec::ToolChoice::Required)
+    );
+    let outcome = sim.run(|_, _| reply(None, vec![call("c1", "weather", "{}")], 50, 5));
+    assert_eq!(
+        outcome,
+        (RunStatus::Completed, TerminationReason::Completed)
+    );
+    // The tool is the caller's to run: it was not called, and the answer carries it.
+    assert!(sim.tool_runs.is_empty());
+    let output = sim.engine.output().unwrap();
+    assert_eq!(output["tool_calls"][0]["name"], "weather");
+    assert_eq!(output["finish_reason"], "tool_calls");
+    assert_eq!(sim.model_requests(), 1);
+}
+
+#[test]
+fn a_gateway_call_asking_for_fewer_tokens_reserves_fewer() {
+    let mut sim = Sim::new(GATEWAY_SPEC);
+    sim.record(chat_request(Some(10)));
+    let Some(Effect::CallModel(call)) = sim.engine.next_effect(sim.now) else {
+        panic!("expected a model call");
+    };
+    assert_eq!(call.max_output_tokens, 10);
+    let replayed = Engine::replay(agent(GATEWAY_SPEC), &sim.events).unwrap();
+    assert_eq!(replayed.messages(), sim.engine.messages());
 }

@@ -1,0 +1,322 @@
+//! The OpenAI-compatible gateway of `rein serve`, driven over HTTP: the official `openai` Python
+//! package completes a chat call and a streamed call through it to the fake provider, the
+//! tenant's budget drops by each call's cost, and a call the budget cannot cover is a 429 with
+//! the reason; tool calls and the caller's own conversation pass through as they are; every
+//! call is a one-step run with its own verified log; bad requests change nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use rein_fakes::{FakeOpenAi, FakeResponse};
+use serde_json::{Value, json};
+use std::process::Command;
+
+/// $100 per million tokens: each answer (40 in, 20 out) costs exactly $0.006, and a call's
+/// worst case (Rein's estimate of the input plus `max_tokens: 20`) about $0.004 to $0.006. So a
+/// $0.015 daily budget covers two calls and refuses the third before it is made.
+const CONFIG: &str = r#"
+[prices."openai/fake-model"]
+input = 100.0
+output = 100.0
+
+[budgets]
+tenant_daily_usd = 0.015
+
+[gateway]
+max_output_tokens = 64
+"#;
+
+const CALL_MICROS: i64 = 6_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_clients_call_through_the_governed_gateway() {
+    let fake = FakeOpenAi::start(|_, body| {
+        if body["tools"].is_array() {
+            FakeResponse::tool_call("call_1", "lookup", &json!({"q": "weather"}), 40, 20)
+        } else {
+            FakeResponse::text("Hello from the fake.", 40, 20)
+        }
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rein.toml"), CONFIG).unwrap();
+    let key_a = common::tenant_key(dir.path(), "acme");
+    let key_b = common::tenant_key(dir.path(), "rival");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db", "--config", "rein.toml"],
+        &[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-operator-test"),
+        ],
+    );
+    let base = server.base.clone();
+    let url = |path: &str| format!("{base}{path}");
+    let http = reqwest::Client::new();
+
+    // The models a tenant may name.
+    let models: Value = http
+        .get(url("/v1/models"))
+        .bearer_auth(&key_b)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "openai/fake-model"),
+        "{models}"
+    );
+
+    // Tool calls go back to the caller, and its conversation reaches the provider as it is.
+    let tools = json!([{"type": "function", "function": {
+        "name": "lookup", "description": "Looks things up.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+    let answered = http
+        .post(url("/v1/chat/completions"))
+        .bearer_auth(&key_b)
+        .json(&json!({
+            "model": "fake-model",
+            "messages": [{"role": "developer", "content": "Use tools."},
+                         {"role": "user", "content": [{"type": "text", "text": "Weather?"}]}],
+            "tools": tools,
+            "tool_choice": "required",
+            "max_tokens": 20,
+            "user": "u-7",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let run_b = answered.headers()["x-rein-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(answered.headers()["x-rein-cost-usd"], "$0.006000");
+    let answered: Value = answered.json().await.unwrap();
+    assert_eq!(answered["object"], "chat.completion");
+    assert_eq!(answered["choices"][0]["finish_reason"], "tool_calls");
+    let call = &answered["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "call_1");
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(call["function"]["arguments"], r#"{"q":"weather"}"#);
+    assert_eq!(answered["usage"]["total_tokens"], 60);
+    let sent = &fake.requests()[0].0;
+    assert_eq!(sent["model"], "fake-model");
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather?"}])
+    );
+    assert_eq!(sent["tools"][0]["function"]["name"], "lookup");
+    assert_eq!(sent["tool_choice"], "required");
+    assert_eq!(sent["max_tokens"], 20);
+
+    // The call is a one-step run of the caller's tenant, with a complete log.
+    let run: Value = http
+        .get(url(&format!("/v1/runs/{run_b}/trace")))
+        .bearer_auth(&key_b)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["run"]["agent"], "gateway");
+    assert_eq!(run["run"]["user"], "u-7");
+    assert_eq!(run["run"]["status"], "completed");
+    let kinds: Vec<&str> = run["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_started",
+            "chat_request",
+            "budget_reserved",
+            "model_requested",
+            "model_responded",
+            "budget_settled",
+            "run_finished"
+        ]
+    );
+    // Another tenant cannot see it.
+    let hidden = http
+        .get(url(&format!("/v1/runs/{run_b}")))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hidden.status(), 404);
+
+    // Bad requests: each its own 4xx, in OpenAI's error shape too, and nothing recorded.
+    let calls_before = fake.request_count();
+    let bad: [(Option<&str>, &str, &str, u16, &str); 6] = [
+        (
+            Some(&key_b),
+            "text/plain",
+            r#"{"model":"fake-model","messages":[]}"#,
+            415,
+            "Content-Type",
+        ),
+        (
+            Some(&key_b),
+            "application/json",
+            r#"{"model":"fake-model","messages":[{"role":"user","content":"x"}],"stop":["."]}"#,
+            422,
+            "unknown field `stop`",
+        ),
+        (
+            Some(&key_b),
+            "application/json",
+            r#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#,
+            404,
+            "GET /v1/models",
+        ),
+        (
+            Some(&key_b),
+            "application/json",
+            r#"{"model":"fake-model","messages":[]}"#,
+            422,
+            "`messages` is empty",
+        ),
+        (
+            Some(&key_b),
+            "application/json",
+            r#"{"model":"fake-model","messages":[{"role":"robot","content":"x"}]}"#,
+            422,
+            "messages[0].role",
+        ),
+        (
+            None,
+            "application/json",
+            r#"{"model":"fake-model","messages":[{"role":"user","content":"x"}]}"#,
+            401,
+            "Authorization",
+        ),
+    ];
+    for (key, content_type, body, status, says) in bad {
+        let mut request = http
+            .post(url("/v1/chat/completions"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), status, "{body}");
+        assert_eq!(answer.headers()["content-type"], "application/problem+json");
+        let problem: Value = answer.json().await.unwrap();
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(says), "{body}: {detail}");
+        if status != 401 {
+            assert_eq!(problem["error"]["message"], detail, "{body}");
+        }
+    }
+    assert_eq!(fake.request_count(), calls_before);
+    let runs_b: Value = http
+        .get(url("/v1/runs"))
+        .bearer_auth(&key_b)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(runs_b.as_array().unwrap().len(), 1, "{runs_b}");
+
+    // The official client: a call, a streamed call, then one the budget cannot cover.
+    let Some(python) = common::python_with_openai() else {
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gateway_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .env("REIN_BASE_URL", url("/v1"))
+        .env("REIN_KEY", &key_a)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["chat"]["content"], "Hello from the fake.", "{seen}");
+    assert_eq!(seen["chat"]["finish_reason"], "stop");
+    assert_eq!(seen["chat"]["prompt_tokens"], 40);
+    assert_eq!(seen["chat"]["completion_tokens"], 20);
+    assert_eq!(seen["stream"]["text"], "Hello from the fake.", "{seen}");
+    assert!(seen["stream"]["pieces"].as_u64().unwrap() > 1, "{seen}");
+    assert_eq!(seen["stream"]["finish_reason"], "stop");
+    assert_eq!(seen["stream"]["total_tokens"], 60);
+    let spent = |k: &str| seen[k].as_i64().unwrap();
+    assert_eq!(spent("spent_before"), 0);
+    assert_eq!(spent("spent_after_chat"), CALL_MICROS);
+    assert_eq!(spent("spent_after_stream"), 2 * CALL_MICROS);
+    assert_eq!(spent("spent_after_refusal"), 2 * CALL_MICROS);
+    let refused = &seen["refused"];
+    assert_eq!(refused["status"], 429, "{seen}");
+    assert_eq!(refused["should_retry"], "false");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("budget tenant"), "{message}");
+    // The refused call never reached the provider; the streamed one asked it to stream.
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].0["stream"], true);
+
+    // Three one-step runs for acme, each log intact.
+    let runs_a: Value = http
+        .get(url("/v1/runs?agent=gateway"))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut statuses: Vec<&str> = runs_a
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        ["completed", "completed", "limit_exceeded"],
+        "{runs_a}"
+    );
+    let audit: Value = http
+        .get(url("/v1/audit/verify"))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
+    assert_eq!(audit["runs"], 3);
+    let costs: Value = http
+        .get(url("/v1/costs?by=agent"))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(costs["rows"][0]["key"], "gateway", "{costs}");
+    assert_eq!(costs["rows"][0]["calls"], 2);
+    assert_eq!(costs["total_micros"], 2 * CALL_MICROS);
+}
