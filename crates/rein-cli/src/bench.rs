@@ -40,7 +40,19 @@ pub struct BenchArgs {
     dir: Option<PathBuf>,
     /// Print the results as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Measure the OpenAI-compatible gateway's added latency instead (see `bench_gateway`).
+    #[arg(long)]
+    gateway: bool,
+    /// Gateway benchmark: concurrent clients.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) clients: usize,
+    /// Gateway benchmark: requests per phase (direct, then through the gateway).
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) requests: usize,
+    /// Gateway benchmark: offered load, requests per second, spread over the clients.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) rate: u32,
 }
 
 fn spec(steps: u32) -> String {
@@ -111,7 +123,7 @@ fn memory_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -143,6 +155,9 @@ impl Model for Gated {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    if args.gateway {
+        return crate::bench_gateway::run(&args).await;
+    }
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -15,6 +15,7 @@ macro_rules! say {
 }
 
 mod bench;
+mod bench_gateway;
 mod config;
 mod demo;
 mod render;

@@ -156,6 +156,7 @@ impl From<rein_runtime::RuntimeError> for Problem {
             E::Busy { .. } => Problem::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
             E::Leased(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
             E::NotAwaitingApproval(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
+            E::Ended(..) => Problem::new(StatusCode::CONFLICT, e.to_string()),
             other => {
                 eprintln!("serve: {other}");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
@@ -342,6 +343,33 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// Serves the API on `listener` without workers, until the returned task is aborted: the
+/// gateway benchmark's server, in the benchmark's own process.
+pub(crate) fn spawn_api(
+    config: Config,
+    store: Arc<dyn Store>,
+    runtime: Runtime,
+    model: Arc<dyn Model>,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    let (outcomes, _) = broadcast::channel(16);
+    let app = Arc::new(App {
+        store,
+        runtime,
+        config,
+        builtins: Builtins::standard(),
+        model,
+        wake: Notify::new(),
+        outcomes,
+        gateway_agents: gateway::Agents::default(),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(app)).await {
+            eprintln!("serve: {e}");
+        }
+    })
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -396,6 +424,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/runs/{id}/trace", get(run_trace))
         .route("/v1/runs/{id}/approval", post(decide))
+        .route("/v1/runs/{id}/cancel", post(cancel))
         .route("/v1/costs", get(costs))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/chat/completions", post(gateway::chat_completions))
@@ -842,6 +871,26 @@ async fn audit_verify(
         "events": events,
         "problems": problems,
     })))
+}
+
+/// `POST /v1/runs/{id}/cancel`: ends a run that nobody drives at once (200), or stops one this
+/// process drives before its next step (202). An ended run is 409.
+async fn cancel(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = RunId::new(id);
+    let done = app
+        .runtime
+        .cancel(&tenant, &id, &format!("api:{tenant}"))
+        .await?;
+    let record = app.store.run(&tenant, &id).await?;
+    let status = match done {
+        rein_runtime::Cancelled::Ended => StatusCode::OK,
+        rein_runtime::Cancelled::Requested => StatusCode::ACCEPTED,
+    };
+    Ok((status, axum::Json(render::record_json(&record))).into_response())
 }
 
 /// `rein tenants create NAME`.

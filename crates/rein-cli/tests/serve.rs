@@ -284,8 +284,14 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
         .json()
         .await
         .unwrap();
+    // A connection per request: after a 413 the server closes the connection it stopped
+    // reading, and a pooled client could send the next case down it.
+    let unpooled = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     for (name, content_type, body, status) in cases {
-        let r = http
+        let r = unpooled
             .post(url("/v1/runs"))
             .bearer_auth(key_a)
             .header("content-type", content_type)
@@ -321,4 +327,117 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
         .unwrap();
     assert_eq!(before, after, "bad requests change nothing");
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    let key_a = common::tenant_key(dir.path(), "acme");
+    let key_b = common::tenant_key(dir.path(), "rival");
+    let server = serve(dir.path());
+    let base = server.base.clone();
+    let url = |path: &str| format!("{base}{path}");
+    let http = reqwest::Client::new();
+    // The payment takes 1.5 s: long enough to cancel the run while it is made.
+    let registered = http
+        .post(url("/v1/agents"))
+        .bearer_auth(&key_a)
+        .body(common::payer_spec(&service.url(), 1500, 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let created: Value = http
+        .post(url("/v1/runs"))
+        .bearer_auth(&key_a)
+        .json(&json!({"agent": "payer", "input": "pay order 9"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["run_id"].as_str().unwrap().to_string();
+    let kinds = |trace: &Value| -> Vec<String> {
+        trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let trace = |key: String| {
+        let (http, url) = (http.clone(), url(&format!("/v1/runs/{id}/trace")));
+        async move {
+            http.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !kinds(&trace(key_a.clone()).await).contains(&"tool_requested".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the payment never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Another tenant's cancel is a 404, and changes nothing.
+    let cancel = |key: String| {
+        let (http, url) = (http.clone(), url(&format!("/v1/runs/{id}/cancel")));
+        async move { http.post(url).bearer_auth(key).send().await.unwrap() }
+    };
+    assert_eq!(cancel(key_b.clone()).await.status(), 404);
+    let asked = cancel(key_a.clone()).await;
+    assert_eq!(asked.status(), 202);
+
+    // The payment in flight finishes and is recorded; the run then ends, cancelled, without
+    // another model call.
+    let trace_a = loop {
+        let t = trace(key_a.clone()).await;
+        if t["run"]["status"] != "running" {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run was never cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(trace_a["run"]["status"], "cancelled", "{trace_a}");
+    assert_eq!(trace_a["run"]["termination_reason"], "cancelled");
+    let kinds = kinds(&trace_a);
+    let n = kinds.len();
+    assert_eq!(kinds[n - 2..], ["tool_result", "run_finished"], "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| *k == "model_requested").count(), 1);
+    assert_eq!(service.applied().values().sum::<usize>(), 1);
+    // An ended run cannot be cancelled again.
+    let again = cancel(key_a.clone()).await;
+    assert_eq!(again.status(), 409);
+    let problem: Value = again.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already ended"),
+        "{problem}"
+    );
+    let audit: Value = http
+        .get(url("/v1/audit/verify"))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
 }

@@ -30,7 +30,9 @@ use rein_store::{RunInfo, Store, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use retry::Backoff as RetryBackoff;
@@ -70,6 +72,20 @@ pub enum RuntimeError {
     /// A decision was given for a run that is not waiting for one.
     #[error("run {0} is not awaiting approval")]
     NotAwaitingApproval(RunId),
+    /// The run has already ended, so there is nothing to cancel.
+    #[error("run {0} has already ended ({1})")]
+    Ended(RunId, RunStatus),
+}
+
+/// What cancelling a run did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The run was not being driven (queued, awaiting approval, or left by a dead process):
+    /// it has ended, `cancelled`.
+    Ended,
+    /// This process is driving the run: it ends, `cancelled`, before its next step (the step
+    /// in flight, a model or tool call, finishes and is recorded first).
+    Requested,
 }
 
 /// A person's decision on a run's pending approval.
@@ -177,6 +193,8 @@ pub struct Runtime {
     owner: String,
     /// How long a lease lasts unless renewed.
     lease_ms: i64,
+    /// The runs this process is driving, each with its cancellation flag.
+    driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<AtomicBool>>>>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
@@ -257,7 +275,53 @@ impl Runtime {
             step_timings: false,
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
             lease_ms: DEFAULT_LEASE_MS,
+            driving: Arc::default(),
         }
+    }
+
+    /// Cancels a run: one this process drives stops before its next step; one nobody drives
+    /// (queued, awaiting approval, or left by a dead process) ends at once. Either way its log
+    /// ends with `run_finished` (`cancelled`, `by` in the detail). A run another live process
+    /// drives is [`RuntimeError::Leased`]; an ended one [`RuntimeError::Ended`].
+    pub async fn cancel(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        by: &str,
+    ) -> Result<Cancelled, RuntimeError> {
+        let record = self.store.run(tenant, run_id).await?;
+        if record.progress.status.is_terminal() {
+            return Err(RuntimeError::Ended(run_id.clone(), record.progress.status));
+        }
+        let flag = self
+            .driving
+            .lock()
+            .ok()
+            .and_then(|d| d.get(run_id).cloned());
+        if let Some(flag) = flag {
+            flag.store(true, Ordering::SeqCst);
+            return Ok(Cancelled::Requested);
+        }
+        if !self
+            .store
+            .acquire(run_id, self.fresh_lease(), now_ms())
+            .await?
+        {
+            return Err(RuntimeError::Leased(run_id.clone()));
+        }
+        let ended = self
+            .end_run(
+                tenant,
+                run_id,
+                RunStatus::Cancelled,
+                TerminationReason::Cancelled,
+                format!("cancelled by {by}"),
+            )
+            .await;
+        let released = self.store.release(run_id, &self.owner).await;
+        ended?;
+        released?;
+        Ok(Cancelled::Ended)
     }
 
     /// This process's lease on a run, from now.
@@ -327,6 +391,25 @@ impl Runtime {
         run_id: &RunId,
         why: &str,
     ) -> Result<(), RuntimeError> {
+        self.end_run(
+            tenant,
+            run_id,
+            RunStatus::Failed,
+            TerminationReason::Error,
+            format!("the run cannot be continued: {why}"),
+        )
+        .await
+    }
+
+    /// Appends `run_finished` to a run this process holds the lease of but does not drive.
+    async fn end_run(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        status: RunStatus,
+        reason: TerminationReason,
+        detail: String,
+    ) -> Result<(), RuntimeError> {
         let sealed = self.store.events(tenant, run_id).await?;
         let Some(last) = sealed.last() else {
             return Ok(());
@@ -335,9 +418,9 @@ impl Runtime {
             seq: last.seq + 1,
             ts_ms: now_ms(),
             kind: EventKind::RunFinished {
-                status: RunStatus::Failed,
-                reason: TerminationReason::Error,
-                detail: Some(format!("the run cannot be continued: {why}")),
+                status,
+                reason,
+                detail: Some(detail),
                 output: None,
             },
         };
@@ -792,6 +875,39 @@ impl Runtime {
 }
 
 /// One run being driven.
+/// A run this process drives, registered for cancellation while the guard lives.
+struct Driving<'a> {
+    runtime: &'a Runtime,
+    run_id: RunId,
+    flag: Arc<AtomicBool>,
+}
+
+impl<'a> Driving<'a> {
+    fn register(runtime: &'a Runtime, run_id: &RunId) -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut driving) = runtime.driving.lock() {
+            driving.insert(run_id.clone(), flag.clone());
+        }
+        Driving {
+            runtime,
+            run_id: run_id.clone(),
+            flag,
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut driving) = self.runtime.driving.lock() {
+            driving.remove(&self.run_id);
+        }
+    }
+}
+
 struct Driver<'a> {
     runtime: &'a Runtime,
     model: &'a dyn Model,
@@ -810,9 +926,20 @@ struct Driver<'a> {
 
 impl Driver<'_> {
     async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
+        let cancel = Driving::register(self.runtime, &self.run_id);
         let mut carried = Duration::ZERO;
         let mut awaiting = None;
         while let Some(effect) = self.engine.next_effect(now_ms()) {
+            if cancel.requested() {
+                self.record(EventKind::RunFinished {
+                    status: RunStatus::Cancelled,
+                    reason: TerminationReason::Cancelled,
+                    detail: Some("cancelled while it ran (POST /v1/runs/{id}/cancel)".into()),
+                    output: None,
+                })
+                .await?;
+                continue;
+            }
             let started = Instant::now();
             let io = match effect {
                 Effect::AwaitApproval(pending) => {

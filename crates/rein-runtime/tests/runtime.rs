@@ -1903,3 +1903,53 @@ async fn a_queued_run_whose_spec_no_longer_checks_is_ended_not_claimed_forever()
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_queued_run_is_cancelled_at_once_and_never_claimed() {
+    let h = harness().await;
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let id = h
+        .runtime
+        .enqueue(request(&src, "go", "acme", "ann", "s1", &[]))
+        .await
+        .unwrap();
+    let acme = TenantId::new("acme");
+    // Another tenant cannot cancel it: to them it does not exist.
+    let other = h
+        .runtime
+        .cancel(&TenantId::new("rival"), &id, "api:rival")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            other,
+            rein_runtime::RuntimeError::Store(rein_store::StoreError::NotFound(_))
+        ),
+        "{other}"
+    );
+    let done = h.runtime.cancel(&acme, &id, "api:acme").await.unwrap();
+    assert_eq!(done, rein_runtime::Cancelled::Ended);
+    let record = h.runtime.store().run(&acme, &id).await.unwrap();
+    assert_eq!(record.progress.status, RunStatus::Cancelled);
+    assert_eq!(
+        record.progress.detail.as_deref(),
+        Some("cancelled by api:acme")
+    );
+    // No worker takes it up, and it cannot be cancelled twice.
+    let model = one_call("fetch", "{}");
+    assert!(
+        h.runtime
+            .work_one(&PriceTable::default(), &model)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = h.runtime.cancel(&acme, &id, "api:acme").await.unwrap_err();
+    assert!(
+        matches!(
+            again,
+            rein_runtime::RuntimeError::Ended(_, RunStatus::Cancelled)
+        ),
+        "{again}"
+    );
+}
