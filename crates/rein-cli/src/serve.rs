@@ -451,6 +451,12 @@ async fn register_agent(
     let agent = parse_agent("request body", &source, &app.config, &app.builtins)
         .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
     let name = agent.spec.name.clone();
+    if name == "gateway" {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "`name: gateway` is reserved for the OpenAI-compatible gateway's calls; name the agent otherwise",
+        ));
+    }
     app.store.create_tenant(&tenant, now_ms()).await?;
     let version = app
         .store

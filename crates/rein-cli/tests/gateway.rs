@@ -57,15 +57,7 @@ async fn openai_clients_call_through_the_governed_gateway() {
     let http = reqwest::Client::new();
 
     // The models a tenant may name.
-    let models: Value = http
-        .get(url("/v1/models"))
-        .bearer_auth(&key_b)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = common::get_json(&http, &url("/v1/models"), &key_b).await;
     assert!(
         models["data"]
             .as_array()
@@ -73,6 +65,21 @@ async fn openai_clients_call_through_the_governed_gateway() {
             .iter()
             .any(|m| m["id"] == "openai/fake-model"),
         "{models}"
+    );
+
+    // A tenant's own agent cannot take the gateway's name.
+    let reserved = http
+        .post(url("/v1/agents"))
+        .bearer_auth(&key_b)
+        .body("name: gateway\nversion: 1\nmodel: {primary: openai/fake-model}\ninstructions: x\nlimits: {max_iterations: 1, max_total_tokens: 100, max_cost_usd: 0.1}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reserved.status(), 422);
+    let problem: Value = reserved.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("reserved"),
+        "{problem}"
     );
 
     // Tool calls go back to the caller, and its conversation reaches the provider as it is.
@@ -119,15 +126,8 @@ async fn openai_clients_call_through_the_governed_gateway() {
     assert_eq!(sent["max_tokens"], 20);
 
     // The call is a one-step run of the caller's tenant, with a complete log.
-    let run: Value = http
-        .get(url(&format!("/v1/runs/{run_b}/trace")))
-        .bearer_auth(&key_b)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run: Value =
+        common::get_json(&http, &url(&format!("/v1/runs/{run_b}/trace")), &key_b).await;
     assert_eq!(run["run"]["agent"], "gateway");
     assert_eq!(run["run"]["user"], "u-7");
     assert_eq!(run["run"]["status"], "completed");
@@ -223,15 +223,7 @@ async fn openai_clients_call_through_the_governed_gateway() {
         }
     }
     assert_eq!(fake.request_count(), calls_before);
-    let runs_b: Value = http
-        .get(url("/v1/runs"))
-        .bearer_auth(&key_b)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs_b: Value = common::get_json(&http, &url("/v1/runs"), &key_b).await;
     assert_eq!(runs_b.as_array().unwrap().len(), 1, "{runs_b}");
 
     // The official client: a call, a streamed call, then one the budget cannot cover.
@@ -275,15 +267,7 @@ async fn openai_clients_call_through_the_governed_gateway() {
     assert_eq!(requests[2].0["stream"], true);
 
     // Three one-step runs for acme, each log intact.
-    let runs_a: Value = http
-        .get(url("/v1/runs?agent=gateway"))
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs_a: Value = common::get_json(&http, &url("/v1/runs?agent=gateway"), &key_a).await;
     let mut statuses: Vec<&str> = runs_a
         .as_array()
         .unwrap()
@@ -296,26 +280,10 @@ async fn openai_clients_call_through_the_governed_gateway() {
         ["completed", "completed", "limit_exceeded"],
         "{runs_a}"
     );
-    let audit: Value = http
-        .get(url("/v1/audit/verify"))
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value = common::get_json(&http, &url("/v1/audit/verify"), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
     assert_eq!(audit["runs"], 3);
-    let costs: Value = http
-        .get(url("/v1/costs?by=agent"))
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let costs: Value = common::get_json(&http, &url("/v1/costs?by=agent"), &key_a).await;
     assert_eq!(costs["rows"][0]["key"], "gateway", "{costs}");
     assert_eq!(costs["rows"][0]["calls"], 2);
     assert_eq!(costs["total_micros"], 2 * CALL_MICROS);

@@ -140,15 +140,8 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
     assert_eq!(rest, all[3..]);
 
     // The trace holds the same events, and the run its outcome.
-    let trace: Value = http
-        .get(url(&format!("/v1/runs/{run_id}/trace")))
-        .bearer_auth(key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let trace: Value =
+        common::get_json(&http, &url(&format!("/v1/runs/{run_id}/trace")), key_a).await;
     assert_eq!(trace["events"].as_array().unwrap().len(), all.len());
     assert_eq!(trace["run"]["status"], "completed");
     assert!(trace["tree"].as_str().unwrap().contains("pay"));
@@ -167,15 +160,8 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
     assert_eq!(waited["output"], "paid");
     assert_eq!(waited["tool_calls"], 1);
 
-    let listed: Value = http
-        .get(url("/v1/runs?status=completed&user=u1"))
-        .bearer_auth(key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value =
+        common::get_json(&http, &url("/v1/runs?status=completed&user=u1"), key_a).await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["run_id"], run_id.as_str());
 
@@ -208,15 +194,7 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
         .unwrap();
     assert_eq!(r.status(), 404);
     for path in ["/v1/runs", "/v1/agents"] {
-        let r: Value = http
-            .get(url(path))
-            .bearer_auth(key_b)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = common::get_json(&http, &url(path), key_b).await;
         assert_eq!(r, json!([]), "{path}");
     }
 
@@ -275,15 +253,7 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
             422,
         ),
     ];
-    let before: Value = http
-        .get(url("/v1/runs?limit=1000"))
-        .bearer_auth(key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = common::get_json(&http, &url("/v1/runs?limit=1000"), key_a).await;
     // A connection per request: after a 413 the server closes the connection it stopped
     // reading, and a pooled client could send the next case down it.
     let unpooled = reqwest::Client::builder()
@@ -316,15 +286,7 @@ async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
         assert_eq!(problem["status"], status, "{name}");
         assert!(!problem["detail"].as_str().unwrap().is_empty(), "{name}");
     }
-    let after: Value = http
-        .get(url("/v1/runs?limit=1000"))
-        .bearer_auth(key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = common::get_json(&http, &url("/v1/runs?limit=1000"), key_a).await;
     assert_eq!(before, after, "bad requests change nothing");
     drop(server);
 }
@@ -430,14 +392,6 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
             .contains("already ended"),
         "{problem}"
     );
-    let audit: Value = http
-        .get(url("/v1/audit/verify"))
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value = common::get_json(&http, &url("/v1/audit/verify"), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
 }

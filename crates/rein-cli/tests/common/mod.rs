@@ -125,3 +125,15 @@ pub fn python_with_openai() -> Option<String> {
         }
     }
 }
+
+/// `GET url` with `key` as the bearer; the JSON answer.
+pub async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> serde_json::Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
