@@ -198,6 +198,18 @@ enum CostBy {
     Day,
 }
 
+impl CostBy {
+    fn group(self) -> rein_store::CostGroup {
+        match self {
+            CostBy::Tenant => rein_store::CostGroup::Tenant,
+            CostBy::User => rein_store::CostGroup::User,
+            CostBy::Agent => rein_store::CostGroup::Agent,
+            CostBy::Model => rein_store::CostGroup::Model,
+            CostBy::Day => rein_store::CostGroup::Day,
+        }
+    }
+}
+
 /// How a run is executed and reported: shared by `run` and `runs resume`.
 #[derive(Args)]
 struct ExecArgs {
@@ -1064,7 +1076,8 @@ fn record_mismatch(
 }
 
 /// Spend per group as `rein costs --json` and `GET /v1/costs` print it.
-fn costs_json(by: &str, lines: &[rein_store::CostLine]) -> serde_json::Value {
+fn costs_json(by: CostBy, lines: &[rein_store::CostLine]) -> serde_json::Value {
+    let by = format!("{by:?}").to_lowercase();
     let total = lines
         .iter()
         .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
@@ -1101,23 +1114,16 @@ async fn costs(
             )))
         })?,
     };
-    let group = match by {
-        CostBy::Tenant => rein_store::CostGroup::Tenant,
-        CostBy::User => rein_store::CostGroup::User,
-        CostBy::Agent => rein_store::CostGroup::Agent,
-        CostBy::Model => rein_store::CostGroup::Model,
-        CostBy::Day => rein_store::CostGroup::Day,
-    };
     let store = open_existing_store(store).await?;
     let tenant = TenantId::new(tenant);
     let lines = store
-        .costs((!all_tenants).then_some(&tenant), group, since_ms)
+        .costs((!all_tenants).then_some(&tenant), by.group(), since_ms)
         .await?;
     let total = lines
         .iter()
         .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
     if json {
-        say!("{}", costs_json(&format!("{by:?}").to_lowercase(), &lines));
+        say!("{}", costs_json(by, &lines));
         return Ok(exit::OK);
     }
     let mut rows = vec![[

@@ -56,6 +56,28 @@ struct App {
     gateway_agents: gateway::Agents,
 }
 
+impl App {
+    fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        runtime: Runtime,
+        builtins: Builtins,
+        model: Arc<dyn Model>,
+    ) -> Arc<Self> {
+        let (outcomes, _) = broadcast::channel(1024);
+        Arc::new(App {
+            store,
+            runtime,
+            config,
+            builtins,
+            model,
+            wake: Notify::new(),
+            outcomes,
+            gateway_agents: gateway::Agents::default(),
+        })
+    }
+}
+
 /// An RFC 9457 problem: a status and a reason a person can act on.
 #[derive(Debug)]
 pub struct Problem {
@@ -310,17 +332,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     let runtime = crate::runtime_for(&config, &store, builtins.clone(), http)
         .await?
         .with_lease(args.lease);
-    let (outcomes, _) = broadcast::channel(1024);
-    let app = Arc::new(App {
-        store: store.clone(),
-        runtime,
-        config,
-        builtins,
-        model,
-        wake: Notify::new(),
-        outcomes,
-        gateway_agents: gateway::Agents::default(),
-    });
+    let app = App::new(config, store.clone(), runtime, builtins, model);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -352,17 +364,7 @@ pub(crate) fn spawn_api(
     model: Arc<dyn Model>,
     listener: tokio::net::TcpListener,
 ) -> tokio::task::JoinHandle<()> {
-    let (outcomes, _) = broadcast::channel(16);
-    let app = Arc::new(App {
-        store,
-        runtime,
-        config,
-        builtins: Builtins::standard(),
-        model,
-        wake: Notify::new(),
-        outcomes,
-        gateway_agents: gateway::Agents::default(),
-    });
+    let app = App::new(config, store, runtime, Builtins::standard(), model);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
             eprintln!("serve: {e}");
@@ -451,7 +453,7 @@ async fn register_agent(
     let agent = parse_agent("request body", &source, &app.config, &app.builtins)
         .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
     let name = agent.spec.name.clone();
-    if name == "gateway" {
+    if name == gateway::AGENT {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "`name: gateway` is reserved for the OpenAI-compatible gateway's calls; name the agent otherwise",
@@ -820,19 +822,14 @@ async fn costs(
     query: Result<Query<CostQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<Value>, Problem> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let by = q.by.unwrap_or_else(|| "model".into());
-    let group = match by.as_str() {
-        "tenant" => rein_store::CostGroup::Tenant,
-        "user" => rein_store::CostGroup::User,
-        "agent" => rein_store::CostGroup::Agent,
-        "model" => rein_store::CostGroup::Model,
-        "day" => rein_store::CostGroup::Day,
-        other => {
-            return Err(Problem::new(
+    let by = match q.by.as_deref() {
+        None => crate::CostBy::Model,
+        Some(by) => <crate::CostBy as clap::ValueEnum>::from_str(by, false).map_err(|_| {
+            Problem::new(
                 StatusCode::BAD_REQUEST,
-                format!("`by` {other:?} is not a grouping; use tenant, user, agent, model or day"),
-            ));
-        }
+                format!("`by` {by:?} is not a grouping; use tenant, user, agent, model or day"),
+            )
+        })?,
     };
     let since_ms = match q.since.as_deref() {
         None => 0,
@@ -843,8 +840,8 @@ async fn costs(
             )
         })?,
     };
-    let lines = app.store.costs(Some(&tenant), group, since_ms).await?;
-    Ok(axum::Json(crate::costs_json(&by, &lines)))
+    let lines = app.store.costs(Some(&tenant), by.group(), since_ms).await?;
+    Ok(axum::Json(crate::costs_json(by, &lines)))
 }
 
 #[derive(Deserialize)]

@@ -277,21 +277,26 @@ fn message_tokens(counter: TokenCounter, message: &Message) -> u64 {
     tokens
 }
 
+/// Input tokens the tool definitions add to every call.
+fn tool_tokens(counter: TokenCounter, tools: &[ToolDefinition]) -> u64 {
+    tools
+        .iter()
+        .map(|d| {
+            counter.count(&d.name)
+                + counter.count(&d.description)
+                + counter.count(&d.parameters.to_string())
+                + MESSAGE_OVERHEAD_TOKENS
+        })
+        .sum()
+}
+
 impl Engine {
     /// A new, not yet started run of `agent`.
     pub fn new(agent: Arc<Agent>) -> Self {
         let counter = TokenCounter::for_chain(agent.spec.model.all().map(|m| m.id.as_str()));
         let tool_definitions: Vec<ToolDefinition> =
             agent.spec.tools.iter().map(|t| t.definition()).collect();
-        let fixed_tokens = tool_definitions
-            .iter()
-            .map(|d| {
-                counter.count(&d.name)
-                    + counter.count(&d.description)
-                    + counter.count(&d.parameters.to_string())
-                    + MESSAGE_OVERHEAD_TOKENS
-            })
-            .sum::<u64>()
+        let fixed_tokens = tool_tokens(counter, &tool_definitions)
             + agent
                 .spec
                 .output_schema
@@ -727,15 +732,7 @@ impl Engine {
                 tool_choice,
             }) => {
                 // The caller's conversation replaces the spec's instructions and input.
-                self.fixed_tokens = tools
-                    .iter()
-                    .map(|d| {
-                        self.counter.count(&d.name)
-                            + self.counter.count(&d.description)
-                            + self.counter.count(&d.parameters.to_string())
-                            + MESSAGE_OVERHEAD_TOKENS
-                    })
-                    .sum();
+                self.fixed_tokens = tool_tokens(self.counter, tools);
                 self.tool_definitions = tools.clone();
                 self.messages.clear();
                 self.message_tokens = 0;

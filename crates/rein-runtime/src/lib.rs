@@ -874,7 +874,6 @@ impl Runtime {
     }
 }
 
-/// One run being driven.
 /// A run this process drives, registered for cancellation while the guard lives.
 struct Driving<'a> {
     runtime: &'a Runtime,
@@ -908,6 +907,7 @@ impl Drop for Driving<'_> {
     }
 }
 
+/// One run being driven.
 struct Driver<'a> {
     runtime: &'a Runtime,
     model: &'a dyn Model,

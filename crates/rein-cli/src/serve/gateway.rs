@@ -29,6 +29,9 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
+/// The agent every gateway call is a run of (a name tenants cannot register).
+pub(super) const AGENT: &str = "gateway";
+
 /// A checked agent with its spec source.
 type Checked = (Arc<Agent>, Arc<str>);
 
@@ -43,7 +46,7 @@ impl Agents {
         }
         let source: Arc<str> = spec_source(model, &app.config.gateway).into();
         let agent =
-            crate::parse_agent("gateway", &source, &app.config, &app.builtins).map_err(|e| {
+            crate::parse_agent(AGENT, &source, &app.config, &app.builtins).map_err(|e| {
                 Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("the gateway cannot call `{model}`: {e:#}"),
@@ -61,7 +64,7 @@ impl Agents {
 fn spec_source(model: &str, gateway: &Gateway) -> String {
     let fallbacks = gateway.fallbacks.get(model).cloned().unwrap_or_default();
     format!(
-        "name: gateway
+        "name: {AGENT}
 version: 1
 instructions: A call through the OpenAI-compatible gateway; the caller's conversation is sent as it is.
 model:
@@ -402,9 +405,8 @@ async fn stream(
         Some(Piece::Done(result)) => {
             let outcome = (*result).map_err(internal)?;
             // Refusals and failures before any text keep their status.
-            answer(&app, &tenant, &outcome).await?;
-            let stream =
-                futures_util::stream::iter(call.final_chunks(&outcome, &app, &tenant, true).await);
+            let answer = answer(&app, &tenant, &outcome).await?;
+            let stream = futures_util::stream::iter(call.final_chunks(&outcome, &answer, true));
             let mut response = Sse::new(stream).into_response();
             rein_headers(&mut response, &outcome);
             return Ok(response);
@@ -429,7 +431,10 @@ async fn stream(
             }
             Some(Piece::Done(result)) => {
                 let events = match *result {
-                    Ok(outcome) => call.final_chunks(&outcome, &app, &tenant, false).await,
+                    Ok(outcome) => match answer(&app, &tenant, &outcome).await {
+                        Ok(answer) => call.final_chunks(&outcome, &answer, false),
+                        Err(problem) => vec![error_chunk(&problem.detail)],
+                    },
                     Err(e) => vec![error_chunk(&internal(e).detail)],
                 };
                 Some((events, (rx, None, None, false)))
@@ -497,38 +502,42 @@ impl Call {
     }
 
     fn chunk(&self, delta: Value, finish_reason: Value) -> Result<SseEvent, Infallible> {
-        Ok(SseEvent::default().data(
-            json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}],
-            })
-            .to_string(),
-        ))
+        self.chunk_of(
+            json!([{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}]),
+            None,
+        )
+    }
+
+    /// A `chat.completion.chunk` event with these choices (and usage, for the usage chunk).
+    fn chunk_of(&self, choices: Value, usage: Option<Value>) -> Result<SseEvent, Infallible> {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        Ok(SseEvent::default().data(chunk.to_string()))
     }
 
     /// The end of a streamed answer: its tool calls, finish reason, usage (when asked for) and
     /// `[DONE]`; the whole text too when none of it was streamed (`whole`).
-    async fn final_chunks(
+    fn final_chunks(
         &self,
         outcome: &RunOutcome,
-        app: &App,
-        tenant: &TenantId,
+        answer: &Value,
         whole: bool,
     ) -> Vec<Result<SseEvent, Infallible>> {
-        let answer = match answer(app, tenant, outcome).await {
-            Ok(answer) => answer,
-            Err(problem) => return vec![error_chunk(&problem.detail)],
-        };
         let mut events = Vec::new();
         let mut delta = json!({});
         if whole {
             delta["role"] = json!("assistant");
             delta["content"] = answer.get("content").cloned().unwrap_or(Value::Null);
         }
-        let calls = wire_tool_calls(&answer, true);
+        let calls = wire_tool_calls(answer, true);
         if !calls.is_empty() {
             delta["tool_calls"] = Value::Array(calls);
         }
@@ -542,17 +551,7 @@ impl Call {
             ),
         );
         if self.include_usage {
-            events.push(Ok(SseEvent::default().data(
-                json!({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": usage_json(outcome),
-                })
-                .to_string(),
-            )));
+            events.push(self.chunk_of(json!([]), Some(usage_json(outcome))));
         }
         events.push(Ok(SseEvent::default().data("[DONE]")));
         events
