@@ -128,7 +128,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         SqliteStore::open(tmp.path().join("bench-gateway.db"), Durability::Process).await?,
     );
     let tenant = TenantId::new("bench");
-    let key = crate::serve::new_api_key()?;
+    let key = crate::serve::admin::new_api_key()?;
     store.create_tenant(&tenant, rein_runtime::now_ms()).await?;
     store
         .add_api_key(

@@ -39,6 +39,15 @@
 //! [gateway.fallbacks]             # tried in order when a model fails or its breaker is open
 //! "openai/gpt-4o" = ["openai/gpt-4o-mini"]
 //!
+//! [server]                        # rein serve; flags override these
+//! listen = "127.0.0.1:8080"
+//! workers = 8                     # runs this process drives at once
+//! lease = "30s"                   # how long a run's lease lasts unless renewed
+//! request_timeout = "30s"         # any request but an event stream, a `wait` run or a gateway call
+//! max_body_bytes = 1048576
+//! admin_key_sha256 = "9f86d0..."  # the admin key's SHA-256 (`rein keys create --admin`), or
+//!                                 # the key itself in REIN_ADMIN_KEY; absent: no admin API
+//!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
 //! prefix = "rein"
@@ -74,6 +83,105 @@ struct ConfigFile {
     bulkheads: BulkheadEntry,
     #[serde(default)]
     gateway: GatewayEntry,
+    #[serde(default)]
+    server: ServerEntry,
+}
+
+/// `[server]`: `rein serve`'s listener, workers, request limits and admin key.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerEntry {
+    listen: Option<String>,
+    workers: Option<usize>,
+    lease: Option<String>,
+    request_timeout: Option<String>,
+    max_body_bytes: Option<usize>,
+    admin_key_sha256: Option<String>,
+}
+
+/// `rein serve`'s settings; `None` where the command line's flag or its default decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    /// Address to listen on.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Runs the process drives at once.
+    pub workers: Option<usize>,
+    /// A run's lease.
+    pub lease: Option<std::time::Duration>,
+    /// The longest an ordinary request may take. Event streams, `wait: true` runs and gateway
+    /// calls have their own, longer bounds.
+    pub request_timeout: std::time::Duration,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
+    /// The SHA-256 (lowercase hex) of the admin key, for tenant and key management over HTTP.
+    pub admin_key_sha256: Option<String>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: None,
+            workers: None,
+            lease: None,
+            request_timeout: std::time::Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            admin_key_sha256: None,
+        }
+    }
+}
+
+fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
+    let defaults = Server::default();
+    let duration = |key: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|v| rein_core::parse_duration(v).map_err(|e| anyhow!("{file}: server.{key}: {e}")))
+            .transpose()
+    };
+    let listen = entry
+        .listen
+        .as_deref()
+        .map(|l| {
+            l.parse().map_err(|_| {
+                anyhow!("{file}: server.listen: {l:?} is not an address like 127.0.0.1:8080")
+            })
+        })
+        .transpose()?;
+    if entry.workers == Some(0) {
+        return Err(anyhow!("{file}: server.workers: must be at least 1"));
+    }
+    let max_body_bytes = entry.max_body_bytes.unwrap_or(defaults.max_body_bytes);
+    if max_body_bytes < 1024 {
+        return Err(anyhow!(
+            "{file}: server.max_body_bytes: must be at least 1024"
+        ));
+    }
+    let request_timeout =
+        duration("request_timeout", &entry.request_timeout)?.unwrap_or(defaults.request_timeout);
+    if request_timeout.is_zero() {
+        return Err(anyhow!(
+            "{file}: server.request_timeout: must be longer than 0s"
+        ));
+    }
+    let is_sha256 =
+        |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if entry
+        .admin_key_sha256
+        .as_deref()
+        .is_some_and(|h| !is_sha256(h))
+    {
+        return Err(anyhow!(
+            "{file}: server.admin_key_sha256: must be a SHA-256 as 64 lowercase hex digits (`rein keys create --admin` prints one); never put the key itself here"
+        ));
+    }
+    Ok(Server {
+        listen,
+        workers: entry.workers,
+        lease: duration("lease", &entry.lease)?,
+        request_timeout,
+        max_body_bytes,
+        admin_key_sha256: entry.admin_key_sha256.clone(),
+    })
 }
 
 /// `[gateway]`: the OpenAI-compatible gateway's per-call limits and fallbacks.
@@ -292,6 +400,8 @@ pub struct Config {
     pub bulkheads: Bulkheads,
     /// The OpenAI-compatible gateway.
     pub gateway: Gateway,
+    /// `rein serve`.
+    pub server: Server,
 }
 
 impl Config {
@@ -377,6 +487,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         },
     };
     let gateway = gateway(&file.gateway, &prices, &file_name)?;
+    let server = server(&file.server, &file_name)?;
     let mut tenant_scopes = BTreeMap::new();
     for (name, mut table) in file.tenants {
         let at = format!("{file_name}: tenants.{name}");
@@ -436,6 +547,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         rate_limits,
         bulkheads,
         gateway,
+        server,
     })
 }
 

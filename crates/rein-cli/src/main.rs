@@ -20,6 +20,7 @@ mod config;
 mod demo;
 mod render;
 mod serve;
+use serve::admin;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
@@ -52,7 +53,7 @@ pub mod exit {
 
 /// Bad input from the user: reported as is, exit code 2.
 #[derive(Debug)]
-struct BadInput(String);
+struct BadInput(pub String);
 
 impl std::fmt::Display for BadInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -175,6 +176,13 @@ enum TenantsCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List the tenants, with how many API keys each has.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,8 +190,30 @@ enum KeysCommand {
     /// Create an API key for a tenant and print it, alone, on stdout; only its SHA-256 is
     /// stored, so it cannot be shown again.
     Create {
+        #[arg(long, required_unless_present = "admin")]
+        tenant: Option<String>,
+        /// Create an admin key instead (for `/v1/admin`): printed on stdout, with the
+        /// rein.toml line for its hash on stderr; nothing is stored.
+        #[arg(long, conflicts_with = "tenant")]
+        admin: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List a tenant's API keys by id (the first 16 hex digits of each key's SHA-256).
+    List {
         #[arg(long)]
         tenant: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke one of a tenant's API keys, by id: it authenticates no more.
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        /// The key's id, as `rein keys list` shows it.
+        id: String,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -452,12 +482,23 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Bench(args) => bench::run(args).await,
         Command::Worker(args) => worker(args).await,
         Command::Serve(args) => serve::serve(args).await,
-        Command::Tenants {
-            command: TenantsCommand::Create { name, store },
-        } => serve::create_tenant(&name, &store).await,
-        Command::Keys {
-            command: KeysCommand::Create { tenant, store },
-        } => serve::create_key(&tenant, &store).await,
+        Command::Tenants { command } => match command {
+            TenantsCommand::Create { name, store } => admin::create_tenant(&name, &store).await,
+            TenantsCommand::List { json, store } => admin::list_tenants(json, &store).await,
+        },
+        Command::Keys { command } => match command {
+            KeysCommand::Create { tenant, store, .. } => {
+                admin::create_key(tenant.as_deref(), &store).await
+            }
+            KeysCommand::List {
+                tenant,
+                json,
+                store,
+            } => admin::list_keys(&tenant, json, &store).await,
+            KeysCommand::Revoke { tenant, id, store } => {
+                admin::revoke_key(&tenant, &id, &store).await
+            }
+        },
     }
 }
 

@@ -6,6 +6,7 @@
 //! `rein worker`), which also take over, at start-up, every run whose process died. Errors are
 //! RFC 9457 `application/problem+json`.
 
+pub mod admin;
 mod gateway;
 
 use crate::config::Config;
@@ -34,8 +35,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 
-/// The largest request body accepted (agent specs, run inputs).
-const MAX_BODY_BYTES: usize = 1 << 20;
 /// The longest a `wait: true` run request is held before answering 202 with the run so far.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 /// How often an idle worker or event stream looks for new work without being woken.
@@ -54,6 +53,8 @@ struct App {
     outcomes: broadcast::Sender<Arc<RunOutcome>>,
     /// The gateway's one-call agent per model, checked once.
     gateway_agents: gateway::Agents,
+    /// The admin key's SHA-256; `None`: the admin API is off.
+    admin_key_sha256: Option<String>,
 }
 
 impl App {
@@ -63,9 +64,11 @@ impl App {
         runtime: Runtime,
         builtins: Builtins,
         model: Arc<dyn Model>,
+        admin_key_sha256: Option<String>,
     ) -> Arc<Self> {
         let (outcomes, _) = broadcast::channel(1024);
         Arc::new(App {
+            admin_key_sha256,
             store,
             runtime,
             config,
@@ -194,30 +197,27 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Problem> {
-        let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("missing `Authorization: Bearer <key>`"))?;
-        let key = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <key>`"))?;
+        let key = bearer(parts)?;
         match app.store.tenant_by_key(&sha256_hex(key.as_bytes())).await? {
             Some(tenant) => Ok(Caller(tenant)),
-            None => Err(unauthorized("unknown API key")),
+            None => Err(Problem::new(StatusCode::UNAUTHORIZED, "unknown API key")),
         }
     }
 }
 
-/// A new API key: 256 random bits, shown once; only its SHA-256 is stored.
-pub fn new_api_key() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
-    Ok(format!("rein_{}", rein_core::event::hex(&bytes)))
+/// The key in `Authorization: Bearer <key>`.
+fn bearer(parts: &Parts) -> Result<&str, Problem> {
+    let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, why);
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <key>`"))?
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <key>`"))
 }
 
 /// Parses a JSON body strictly: the content type, the size (by the body limit), the syntax,
@@ -293,16 +293,16 @@ fn nesting(json: &[u8]) -> usize {
 /// `rein serve`'s options.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Runs this process drives at once.
-    #[arg(long, default_value_t = 8)]
-    workers: usize,
+    /// Address to listen on [default: `[server] listen`, else 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Runs this process drives at once [default: `[server] workers`, else 8].
+    #[arg(long)]
+    workers: Option<usize>,
     /// How long a run's lease lasts unless renewed: after a crash, another process (or this
-    /// one, restarted) takes the run over once it expires.
-    #[arg(long, default_value = "30s", value_parser = crate::parse_lease)]
-    lease: Duration,
+    /// one, restarted) takes the run over once it expires [default: `[server] lease`, else 30s].
+    #[arg(long, value_parser = crate::parse_lease)]
+    lease: Option<Duration>,
     /// Replay model responses from this script instead of calling providers (offline demos).
     #[arg(long)]
     script: Option<std::path::PathBuf>,
@@ -329,14 +329,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         ),
         None => Arc::new(rein_providers::ProviderRouter::from_env(http.clone())),
     };
+    let admin_key = admin::admin_key_sha256(
+        std::env::var(admin::ADMIN_KEY_ENV).ok(),
+        config.server.admin_key_sha256.as_deref(),
+    )?;
+    let listen = args
+        .listen
+        .or(config.server.listen)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let workers = args.workers.or(config.server.workers).unwrap_or(8);
+    let lease = args
+        .lease
+        .or(config.server.lease)
+        .unwrap_or(Duration::from_secs(30));
     let runtime = crate::runtime_for(&config, &store, builtins.clone(), http)
         .await?
-        .with_lease(args.lease);
-    let app = App::new(config, store.clone(), runtime, builtins, model);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+        .with_lease(lease);
+    let app = App::new(config, store.clone(), runtime, builtins, model, admin_key);
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let workers: Vec<_> = (0..args.workers.max(1))
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let workers: Vec<_> = (0..workers.max(1))
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
     eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
@@ -364,7 +377,7 @@ pub(crate) fn spawn_api(
     model: Arc<dyn Model>,
     listener: tokio::net::TcpListener,
 ) -> tokio::task::JoinHandle<()> {
-    let app = App::new(config, store, runtime, Builtins::standard(), model);
+    let app = App::new(config, store, runtime, Builtins::standard(), model, None);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
             eprintln!("serve: {e}");
@@ -431,9 +444,53 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/models", get(gateway::models))
+        .route(
+            "/v1/admin/tenants",
+            get(admin::tenants).post(admin::new_tenant),
+        )
+        .route(
+            "/v1/admin/tenants/{name}/keys",
+            get(admin::keys).post(admin::new_key),
+        )
+        .route(
+            "/v1/admin/tenants/{name}/keys/{id}",
+            axum::routing::delete(admin::revoke),
+        )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(app.config.server.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            time_limit,
+        ))
         .with_state(app)
+}
+
+/// Bounds each request's time (`[server] request_timeout`), so a slow client or a stuck store
+/// cannot hold a connection and its task for ever. What waits on a model by design gets its own
+/// bound on top: a `wait: true` run its `timeout_ms` (at most [`MAX_WAIT`]), a gateway call
+/// `[gateway] timeout`. An event stream is bounded only until it starts: its body is live.
+async fn time_limit(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let base = app.config.server.request_timeout;
+    let limit = match (request.method(), request.uri().path()) {
+        (&axum::http::Method::POST, "/v1/runs") => base + MAX_WAIT,
+        (&axum::http::Method::POST, "/v1/chat/completions") => base + app.config.gateway.timeout,
+        _ => base,
+    };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than {}s (`[server] request_timeout`) and was stopped; a change it was making may or may not have been saved, so look before retrying",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn ready(State(app): State<Arc<App>>) -> Result<&'static str, Problem> {
@@ -896,55 +953,6 @@ async fn cancel(
     Ok((status, axum::Json(render::record_json(&record))).into_response())
 }
 
-/// `rein tenants create NAME`.
-pub async fn create_tenant(name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    check_name(name)?;
-    let store = crate::open_store(store).await?;
-    let created = store.create_tenant(&TenantId::new(name), now_ms()).await?;
-    store.close().await;
-    if created {
-        eprintln!("tenant {name} created");
-    } else {
-        eprintln!("tenant {name} already exists");
-    }
-    Ok(exit::OK)
-}
-
-/// `rein keys create --tenant NAME`: prints the new key alone on stdout (it is not shown again).
-pub async fn create_key(tenant: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    let store = crate::open_store(store).await?;
-    let key = new_api_key()?;
-    let added = store
-        .add_api_key(
-            &TenantId::new(tenant),
-            &sha256_hex(key.as_bytes()),
-            now_ms(),
-        )
-        .await?;
-    store.close().await;
-    if !added {
-        return Err(anyhow::anyhow!(crate::BadInput(format!(
-            "no tenant named {tenant:?}; create it with `rein tenants create {tenant}`"
-        ))));
-    }
-    println!("{key}");
-    Ok(exit::OK)
-}
-
-fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if !ok {
-        return Err(anyhow::anyhow!(crate::BadInput(format!(
-            "tenant name {name:?}: use 1 to 64 letters, digits, `-`, `_` or `.`"
-        ))));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -954,12 +962,5 @@ mod tests {
         assert_eq!(nesting(br#"{"a": [1, {"b": "[[[{{"}]}"#), 3);
         assert_eq!(nesting(br#"{"a": "\"[["}"#), 1);
         assert_eq!(nesting(b"7"), 0);
-    }
-
-    #[test]
-    fn api_keys_are_long_random_and_distinct() {
-        let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 5 + 64);
     }
 }

@@ -150,6 +150,34 @@ pub struct RunRecord {
     pub updated_ms: i64,
 }
 
+/// A tenant created for `rein serve` (by the CLI or the admin API).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantEntry {
+    /// Its name.
+    pub name: TenantId,
+    /// Created, ms since the epoch.
+    pub created_ms: i64,
+    /// How many API keys it has.
+    pub keys: u64,
+}
+
+/// One of a tenant's API keys, as listed: never the key, nor its whole hash.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiKeyEntry {
+    /// The key's id: the first 16 hex digits of its SHA-256, enough to revoke it by.
+    pub id: String,
+    /// Created, ms since the epoch.
+    pub created_ms: i64,
+}
+
+/// The id of the API key whose SHA-256 (hex) is `key_sha256`.
+pub fn api_key_id(key_sha256: &str) -> &str {
+    key_sha256.get(..API_KEY_ID_LEN).unwrap_or(key_sha256)
+}
+
+/// Hex digits in an API key's id.
+pub const API_KEY_ID_LEN: usize = 16;
+
 /// Who drives a run, and until when (ms since the epoch) unless renewed.
 #[derive(Clone, Copy, Debug)]
 pub struct Lease<'a> {
@@ -295,6 +323,23 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         &'a self,
         key_sha256: &'a str,
     ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>>;
+
+    /// Every tenant created with [`Store::create_tenant`], by name, with its key count.
+    fn registered_tenants(&self) -> BoxFuture<'_, Result<Vec<TenantEntry>, StoreError>>;
+
+    /// `tenant`'s API keys, oldest first.
+    fn api_keys<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<ApiKeyEntry>, StoreError>>;
+
+    /// Revokes `tenant`'s API key whose id ([`api_key_id`]) is `key_id`: it authenticates no
+    /// more. `false` if `tenant` has no such key.
+    fn revoke_api_key<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        key_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Registers `spec` as the next version of `tenant`'s agent `name` (1 for a new name) and
     /// returns that version. [`StoreError::Conflict`]-free: two registrations at once get two

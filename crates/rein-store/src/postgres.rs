@@ -5,9 +5,10 @@
 //! serialise on per-scope advisory locks.
 
 use crate::{
-    Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo, RunRecord, Store, StoreError,
-    StoredAgent, agent_from_row, check_first, cost_from_row, counters_error, event_from_row,
-    run_from_row, standing_from_row, to_i64,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo,
+    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_id,
+    check_first, cost_from_row, counters_error, event_from_row, run_from_row, standing_from_row,
+    to_i64,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
 use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
@@ -469,6 +470,67 @@ impl Store for PgStore {
                 .await?;
             row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
                 .transpose()
+        })
+    }
+
+    fn registered_tenants(&self) -> BoxFuture<'_, Result<Vec<TenantEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT t.name, t.created_ms, (SELECT COUNT(*) FROM api_keys k WHERE k.tenant = t.name) AS keys FROM tenants t ORDER BY t.name",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(TenantEntry {
+                        name: TenantId::new(r.text("name")?),
+                        created_ms: r.int("created_ms")?,
+                        keys: r.count("keys")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn api_keys<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<ApiKeyEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT key_sha256, created_ms FROM api_keys WHERE tenant = $1 ORDER BY created_ms, key_sha256",
+            )
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ApiKeyEntry {
+                        id: api_key_id(&r.text("key_sha256")?).to_string(),
+                        created_ms: r.int("created_ms")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn revoke_api_key<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        key_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            if key_id.len() != API_KEY_ID_LEN {
+                return Ok(false);
+            }
+            let done = sqlx::query(
+                "DELETE FROM api_keys WHERE tenant = $1 AND substr(key_sha256, 1, 16) = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() > 0)
         })
     }
 

@@ -593,6 +593,52 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     assert!(store.add_api_key(&acme, "k1", 3).await.unwrap());
     assert_eq!(store.tenant_by_key("k1").await.unwrap(), Some(acme.clone()));
     assert_eq!(store.tenant_by_key("k2").await.unwrap(), None);
+    let k2 = "b".repeat(64);
+    assert!(store.add_api_key(&acme, &k2, 4).await.unwrap());
+    assert!(store.add_api_key(&other, &"c".repeat(64), 4).await.unwrap());
+    let tenants: Vec<_> = store
+        .registered_tenants()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name.as_str().to_string(), t.created_ms, t.keys))
+        .collect();
+    assert_eq!(
+        tenants,
+        [("acme".to_string(), 1, 2), ("other".to_string(), 1, 1)]
+    );
+    let keys = store.api_keys(&acme).await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.id.as_str(), k.created_ms))
+            .collect::<Vec<_>>(),
+        [("k1", 3), ("bbbbbbbbbbbbbbbb", 4)]
+    );
+    assert!(
+        !store
+            .revoke_api_key(&other, "bbbbbbbbbbbbbbbb")
+            .await
+            .unwrap(),
+        "another tenant's key is not revoked"
+    );
+    assert!(
+        !store.revoke_api_key(&acme, "bbbb").await.unwrap(),
+        "a short id matches nothing"
+    );
+    assert!(
+        store
+            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.tenant_by_key(&k2).await.unwrap(), None, "revoked");
+    assert!(
+        !store
+            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.api_keys(&acme).await.unwrap().len(), 1);
 
     assert_eq!(
         store.register_agent(&acme, "a", "v: 1", 5).await.unwrap(),

@@ -1,0 +1,366 @@
+//! Tenants and their API keys: the `rein tenants` / `rein keys` commands and the admin API
+//! (`/v1/admin`), which does the same over HTTP for whoever holds the admin key.
+//!
+//! Keys are 256 random bits shown once; only their SHA-256 is stored. A key is listed and
+//! revoked by its id, the first 16 hex digits of that hash, which cannot be used to sign in.
+//! The admin key is never stored: the server holds its SHA-256, from `REIN_ADMIN_KEY` in the
+//! environment or `[server] admin_key_sha256` in rein.toml.
+
+use super::{App, Problem, bearer, json_body};
+use crate::{BadInput, StoreArgs, exit};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rein_core::TenantId;
+use rein_core::event::sha256_hex;
+use rein_core::time::format_utc;
+use rein_runtime::now_ms;
+use rein_store::Store;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// The environment variable holding the admin key itself.
+pub const ADMIN_KEY_ENV: &str = "REIN_ADMIN_KEY";
+/// The shortest admin key accepted from the environment.
+const MIN_ADMIN_KEY_LEN: usize = 32;
+
+/// A new API key: 256 random bits, shown once; only its SHA-256 is stored.
+pub fn new_api_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    Ok(format!("rein_{}", rein_core::event::hex(&bytes)))
+}
+
+/// The admin key's SHA-256, from `REIN_ADMIN_KEY` (the key) or `[server] admin_key_sha256`
+/// (its hash); `None` turns the admin API off. Both at once is refused: one would silently lose.
+pub fn admin_key_sha256(
+    env_key: Option<String>,
+    configured: Option<&str>,
+) -> Result<Option<String>, BadInput> {
+    match (env_key.filter(|k| !k.is_empty()), configured) {
+        (Some(_), Some(_)) => Err(BadInput(format!(
+            "the admin key is set twice: {ADMIN_KEY_ENV} in the environment and [server] admin_key_sha256 in rein.toml; keep one"
+        ))),
+        (Some(key), None) if key.trim().len() < MIN_ADMIN_KEY_LEN => Err(BadInput(format!(
+            "{ADMIN_KEY_ENV} is shorter than {MIN_ADMIN_KEY_LEN} characters; use `rein keys create --admin` for a strong one"
+        ))),
+        (Some(key), None) => Ok(Some(sha256_hex(key.trim().as_bytes()))),
+        (None, hash) => Ok(hash.map(str::to_string)),
+    }
+}
+
+/// Checks a tenant name: what `rein tenants create` and `POST /v1/admin/tenants` accept.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tenant name {name:?}: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        ))
+    }
+}
+
+/// Creates an API key for `tenant`: the key, to show once, and its id; `None` if there is no
+/// such tenant.
+async fn add_key(store: &dyn Store, tenant: &TenantId) -> anyhow::Result<Option<(String, String)>> {
+    let key = new_api_key()?;
+    let hash = sha256_hex(key.as_bytes());
+    if !store.add_api_key(tenant, &hash, now_ms()).await? {
+        return Ok(None);
+    }
+    Ok(Some((key, rein_store::api_key_id(&hash).to_string())))
+}
+
+fn no_tenant(tenant: &str) -> anyhow::Error {
+    anyhow::anyhow!(BadInput(format!(
+        "no tenant named {tenant:?}; create it with `rein tenants create {tenant}`"
+    )))
+}
+
+/// `rein tenants create NAME`.
+pub async fn create_tenant(name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
+    check_name(name).map_err(|e| anyhow::anyhow!(BadInput(e)))?;
+    let store = crate::open_store(store).await?;
+    let created = store.create_tenant(&TenantId::new(name), now_ms()).await?;
+    store.close().await;
+    if created {
+        eprintln!("tenant {name} created");
+    } else {
+        eprintln!("tenant {name} already exists");
+    }
+    Ok(exit::OK)
+}
+
+/// `rein tenants list [--json]`.
+pub async fn list_tenants(json: bool, store: &StoreArgs) -> anyhow::Result<u8> {
+    let store = crate::open_store(store).await?;
+    let tenants = store.registered_tenants().await?;
+    store.close().await;
+    if json {
+        println!("{}", tenants_json(&tenants));
+    } else {
+        for t in &tenants {
+            println!(
+                "{:<24} {:>3} keys  created {}",
+                t.name,
+                t.keys,
+                format_utc(t.created_ms)
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `rein keys create --tenant NAME`: prints the new key alone on stdout (it is not shown
+/// again). With `--admin` instead: a new admin key, and on stderr the line that puts its hash in
+/// rein.toml.
+pub async fn create_key(tenant: Option<&str>, store: &StoreArgs) -> anyhow::Result<u8> {
+    let Some(tenant) = tenant else {
+        let key = new_api_key()?;
+        eprintln!(
+            "the admin key is below, shown once; give it to rein serve as {ADMIN_KEY_ENV}, or put its hash in rein.toml:\n[server]\nadmin_key_sha256 = \"{}\"",
+            sha256_hex(key.as_bytes())
+        );
+        println!("{key}");
+        return Ok(exit::OK);
+    };
+    let store = crate::open_store(store).await?;
+    let added = add_key(store.as_ref(), &TenantId::new(tenant)).await;
+    store.close().await;
+    let (key, id) = added?.ok_or_else(|| no_tenant(tenant))?;
+    eprintln!("key {id} created for tenant {tenant}; it is shown once, below");
+    println!("{key}");
+    Ok(exit::OK)
+}
+
+/// `rein keys list --tenant NAME [--json]`: each key's id and creation time.
+pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::Result<u8> {
+    let store = crate::open_store(store).await?;
+    let tenant = TenantId::new(tenant);
+    let known = tenant_exists(store.as_ref(), &tenant).await;
+    let keys = store.api_keys(&tenant).await;
+    store.close().await;
+    if !known? {
+        return Err(no_tenant(tenant.as_str()));
+    }
+    let keys = keys?;
+    if json {
+        println!("{}", keys_json(&keys));
+    } else {
+        for k in &keys {
+            println!("{}  created {}", k.id, format_utc(k.created_ms));
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `rein keys revoke --tenant NAME ID`.
+pub async fn revoke_key(tenant: &str, id: &str, store: &StoreArgs) -> anyhow::Result<u8> {
+    let store = crate::open_store(store).await?;
+    let revoked = store.revoke_api_key(&TenantId::new(tenant), id).await;
+    store.close().await;
+    if !revoked? {
+        return Err(anyhow::anyhow!(BadInput(format!(
+            "tenant {tenant:?} has no key {id:?}; `rein keys list --tenant {tenant}` shows their ids"
+        ))));
+    }
+    eprintln!("key {id} of tenant {tenant} revoked");
+    Ok(exit::OK)
+}
+
+async fn tenant_exists(store: &dyn Store, tenant: &TenantId) -> anyhow::Result<bool> {
+    Ok(store
+        .registered_tenants()
+        .await?
+        .iter()
+        .any(|t| &t.name == tenant))
+}
+
+fn tenants_json(tenants: &[rein_store::TenantEntry]) -> Value {
+    Value::Array(
+        tenants
+            .iter()
+            .map(
+                |t| json!({"name": t.name, "keys": t.keys, "created_at": format_utc(t.created_ms)}),
+            )
+            .collect(),
+    )
+}
+
+fn keys_json(keys: &[rein_store::ApiKeyEntry]) -> Value {
+    Value::Array(
+        keys.iter()
+            .map(|k| json!({"id": k.id, "created_at": format_utc(k.created_ms)}))
+            .collect(),
+    )
+}
+
+/// The admin key's holder. A tenant's key is not an admin key: it gets 401 here.
+pub(super) struct Admin;
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Problem> {
+        let Some(expected) = app.admin_key_sha256.as_deref() else {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the admin API is off: start rein serve with {ADMIN_KEY_ENV} or [server] admin_key_sha256"
+                ),
+            ));
+        };
+        // Comparing hashes, not keys, leaks nothing about the key through timing.
+        if sha256_hex(bearer(parts)?.as_bytes()) == expected {
+            Ok(Admin)
+        } else {
+            Err(Problem::new(StatusCode::UNAUTHORIZED, "not the admin key"))
+        }
+    }
+}
+
+/// `GET /v1/admin/tenants`.
+pub(super) async fn tenants(
+    State(app): State<Arc<App>>,
+    _: Admin,
+) -> Result<axum::Json<Value>, Problem> {
+    let tenants = app.store.registered_tenants().await?;
+    Ok(axum::Json(tenants_json(&tenants)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewTenant {
+    name: String,
+}
+
+/// `POST /v1/admin/tenants` with `{"name": ...}`: 201 when created, 200 when it existed.
+pub(super) async fn new_tenant(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let NewTenant { name } = json_body(&headers, body)?;
+    check_name(&name).map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let created = app
+        .store
+        .create_tenant(&TenantId::new(&name), now_ms())
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        axum::Json(json!({"name": name, "created": created})),
+    )
+        .into_response())
+}
+
+/// `POST /v1/admin/tenants/{name}/keys`: a new key for the tenant, shown in this answer only.
+pub(super) async fn new_key(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    Path(tenant): Path<String>,
+) -> Result<(StatusCode, axum::Json<Value>), Problem> {
+    let added = add_key(app.store.as_ref(), &TenantId::new(&tenant))
+        .await
+        .map_err(|e| {
+            eprintln!("serve: admin: {e:#}");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key could not be stored; retry later",
+            )
+        })?;
+    let (key, id) = added.ok_or_else(|| Problem::not_found(format!("tenant {tenant:?}")))?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"tenant": tenant, "id": id, "key": key})),
+    ))
+}
+
+/// `GET /v1/admin/tenants/{name}/keys`: each key's id and creation time.
+pub(super) async fn keys(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    Path(tenant): Path<String>,
+) -> Result<axum::Json<Value>, Problem> {
+    let tenant = TenantId::new(tenant);
+    let known = app
+        .store
+        .registered_tenants()
+        .await?
+        .iter()
+        .any(|t| t.name == tenant);
+    if !known {
+        return Err(Problem::not_found(format!("tenant {:?}", tenant.as_str())));
+    }
+    Ok(axum::Json(keys_json(&app.store.api_keys(&tenant).await?)))
+}
+
+/// `DELETE /v1/admin/tenants/{name}/keys/{id}`: the key authenticates no more (204).
+pub(super) async fn revoke(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<StatusCode, Problem> {
+    if app
+        .store
+        .revoke_api_key(&TenantId::new(&tenant), &id)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found(format!(
+            "key {id:?} of tenant {tenant:?}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_are_long_random_and_distinct() {
+        let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 5 + 64);
+    }
+
+    #[test]
+    fn the_admin_key_comes_from_one_place_and_must_be_strong() {
+        let key = "k".repeat(40);
+        assert_eq!(
+            admin_key_sha256(Some(key.clone()), None).unwrap(),
+            Some(sha256_hex(key.as_bytes()))
+        );
+        assert_eq!(
+            admin_key_sha256(None, Some("ab")).unwrap(),
+            Some("ab".to_string())
+        );
+        assert_eq!(admin_key_sha256(Some(String::new()), None).unwrap(), None);
+        assert!(admin_key_sha256(Some("short".into()), None).is_err());
+        let both = admin_key_sha256(Some(key), Some("ab")).unwrap_err();
+        assert!(both.0.contains("set twice"), "{}", both.0);
+    }
+
+    #[test]
+    fn tenant_names_are_checked() {
+        assert!(check_name("acme-1.eu_west").is_ok());
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Tenant and key management (the admin API and `rein tenants` / `rein keys`), and the
+//! `[server]` table's request limits, against `rein serve` as a process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const ADMIN_KEY: &str = "admin-key-for-tests-0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db"],
+        &[("REIN_ADMIN_KEY", ADMIN_KEY)],
+    );
+    let base = &server.base;
+    let http = reqwest::Client::new();
+    let admin = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}/v1/admin{path}"))
+            .bearer_auth(ADMIN_KEY)
+    };
+
+    // Nobody else gets in.
+    let anonymous = http
+        .get(format!("{base}/v1/admin/tenants"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = http
+        .get(format!("{base}/v1/admin/tenants"))
+        .bearer_auth("not-the-admin-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(wrong.headers()["content-type"], "application/problem+json");
+
+    // Tenants: created once, named strictly.
+    let created = admin(reqwest::Method::POST, "/tenants")
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let again = admin(reqwest::Method::POST, "/tenants")
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["created"], false);
+    let bad = admin(reqwest::Method::POST, "/tenants")
+        .json(&json!({"name": "a b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    let unknown_field = admin(reqwest::Method::POST, "/tenants")
+        .json(&json!({"name": "x", "plan": "gold"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_field.status(), 422);
+
+    // A key, shown once, that works for its tenant and not as the admin key.
+    let issued: Value = admin(reqwest::Method::POST, "/tenants/acme/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = issued["key"].as_str().unwrap().to_string();
+    let id = issued["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 16);
+    assert!(key.starts_with("rein_"));
+    let agents = http
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agents.status(), 200);
+    let as_admin = http
+        .get(format!("{base}/v1/admin/tenants"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        as_admin.status(),
+        401,
+        "a tenant's key is not the admin key"
+    );
+    let no_tenant = admin(reqwest::Method::POST, "/tenants/nobody/keys")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_tenant.status(), 404);
+
+    // Listed by id, never by key or whole hash.
+    let tenants: Value = admin(reqwest::Method::GET, "/tenants")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tenants[0]["name"], "acme");
+    assert_eq!(tenants[0]["keys"], 1);
+    let keys = admin(reqwest::Method::GET, "/tenants/acme/keys")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(keys.contains(&id) && !keys.contains(&key), "{keys}");
+    let missing = admin(reqwest::Method::GET, "/tenants/nobody/keys")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // Revoked: the key signs in no more.
+    let revoked = admin(reqwest::Method::DELETE, &format!("/tenants/acme/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let after = http
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401);
+    let twice = admin(reqwest::Method::DELETE, &format!("/tenants/acme/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 404);
+    drop(server);
+
+    // The CLI sees what the API did, and does the same.
+    let listed: Value = serde_json::from_str(&common::rein_ok(
+        dir.path(),
+        &["tenants", "list", "--json", "--db", "rein.db"],
+    ))
+    .unwrap();
+    assert_eq!(listed[0]["name"], "acme");
+    assert_eq!(listed[0]["keys"], 0);
+    common::rein_ok(
+        dir.path(),
+        &["keys", "create", "--tenant", "acme", "--db", "rein.db"],
+    );
+    let keys: Value = serde_json::from_str(&common::rein_ok(
+        dir.path(),
+        &[
+            "keys", "list", "--tenant", "acme", "--json", "--db", "rein.db",
+        ],
+    ))
+    .unwrap();
+    let id = keys[0]["id"].as_str().unwrap().to_string();
+    common::rein_ok(
+        dir.path(),
+        &["keys", "revoke", "--tenant", "acme", &id, "--db", "rein.db"],
+    );
+    let out = common::rein(
+        dir.path(),
+        &["keys", "revoke", "--tenant", "acme", &id, "--db", "rein.db"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = common::rein(
+        dir.path(),
+        &["keys", "list", "--tenant", "nobody", "--db", "rein.db"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_key_made_by_the_cli_works_through_its_hash_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::rein(dir.path(), &["keys", "create", "--admin"]);
+    assert_eq!(out.status.code(), Some(0));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let hash_line = stderr
+        .lines()
+        .find(|l| l.starts_with("admin_key_sha256 = "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(!stderr.contains(&key), "the key is shown once, on stdout");
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        format!("[server]\n{hash_line}\n"),
+    )
+    .unwrap();
+    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let http = reqwest::Client::new();
+    let tenants = http
+        .get(format!("{}/v1/admin/tenants", server.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tenants.status(), 200);
+    drop(server);
+
+    // The key itself in the config is refused, naming the field.
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        format!("[server]\nadmin_key_sha256 = \"{key}\"\n"),
+    )
+    .unwrap();
+    let out = common::rein(dir.path(), &["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("server.admin_key_sha256"), "{stderr}");
+    assert!(!stderr.contains(&key), "the key is not echoed: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_key_the_admin_api_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let answer = reqwest::Client::new()
+        .get(format!("{}/v1/admin/tenants", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let problem: Value = answer.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("REIN_ADMIN_KEY"),
+        "{problem}"
+    );
+}
+
+#[test]
+fn a_request_is_bounded_in_size_and_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[server]\nrequest_timeout = \"1s\"\nmax_body_bytes = 2048\n",
+    )
+    .unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let address = server.base.trim_start_matches("http://").to_string();
+
+    // A body over `max_body_bytes`: 413.
+    let big = format!("{{\"agent\": \"a\", \"input\": \"{}\"}}", "x".repeat(4096));
+    let answer = raw(
+        &address,
+        &format!(
+            "POST /v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+            big.len()
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // A client that never finishes its body is cut off after `request_timeout`.
+    let started = Instant::now();
+    let answer = raw(
+        &address,
+        &format!(
+            "POST /v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/yaml\r\nContent-Length: 1000\r\nConnection: close\r\n\r\nname: half"
+        ),
+    );
+    let waited = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+}
+
+/// Writes `request` to a new connection to `address` and reads the answer until the server
+/// closes it (or 15 s pass).
+fn raw(address: &str, request: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
