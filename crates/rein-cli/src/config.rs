@@ -36,6 +36,8 @@
 //! max_output_tokens = 4096        # the most one call may ask for
 //! max_cost_usd = 1.0              # the most one call may cost, worst case
 //! timeout = "120s"                # one call, retries and fallbacks included
+//! cache_ttl = "10m"               # exact-match response cache per tenant; absent: off
+//! cache_max_bytes = 67108864      # the cache's memory bound
 //! [gateway.fallbacks]             # tried in order when a model fails or its breaker is open
 //! "openai/gpt-4o" = ["openai/gpt-4o-mini"]
 //!
@@ -191,6 +193,8 @@ struct GatewayEntry {
     max_output_tokens: Option<u32>,
     max_cost_usd: Option<f64>,
     timeout: Option<String>,
+    cache_ttl: Option<String>,
+    cache_max_bytes: Option<u64>,
     #[serde(default)]
     fallbacks: BTreeMap<String, Vec<String>>,
 }
@@ -206,6 +210,17 @@ pub struct Gateway {
     pub timeout: std::time::Duration,
     /// Models tried in order after each model (`provider/model`).
     pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// The exact-match response cache; `None`: off.
+    pub cache: Option<GatewayCache>,
+}
+
+/// `[gateway] cache_ttl`: identical calls of one tenant are answered from memory for a while.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GatewayCache {
+    /// How long an answer is reused.
+    pub ttl: std::time::Duration,
+    /// The most memory the cached answers take, roughly, in bytes.
+    pub max_bytes: u64,
 }
 
 impl Default for Gateway {
@@ -215,6 +230,7 @@ impl Default for Gateway {
             max_cost_usd: 1.0,
             timeout: std::time::Duration::from_secs(120),
             fallbacks: BTreeMap::new(),
+            cache: None,
         }
     }
 }
@@ -573,6 +589,27 @@ fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Res
             rein_core::parse_duration(t).map_err(|e| anyhow!("{file}: gateway.timeout: {e}"))?
         }
     };
+    let cache = match &entry.cache_ttl {
+        None if entry.cache_max_bytes.is_some() => {
+            return Err(anyhow!(
+                "{file}: gateway.cache_max_bytes: the cache is off; set gateway.cache_ttl to turn it on"
+            ));
+        }
+        None => None,
+        Some(ttl) => {
+            let ttl = rein_core::parse_duration(ttl)
+                .map_err(|e| anyhow!("{file}: gateway.cache_ttl: {e}"))?;
+            if ttl.is_zero() {
+                return Err(anyhow!(
+                    "{file}: gateway.cache_ttl: must be longer than 0s (leave it out to turn the cache off)"
+                ));
+            }
+            Some(GatewayCache {
+                ttl,
+                max_bytes: entry.cache_max_bytes.unwrap_or(64 << 20),
+            })
+        }
+    };
     for (model, fallbacks) in &entry.fallbacks {
         for m in std::iter::once(model).chain(fallbacks) {
             if prices.get(m).is_none() {
@@ -587,5 +624,56 @@ fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Res
         max_cost_usd,
         timeout,
         fallbacks: entry.fallbacks.clone(),
+        cache,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("rein.toml");
+        std::fs::write(&path, text)?;
+        load(Some(&path))
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", load_text(text).unwrap_err())
+    }
+
+    #[test]
+    fn the_server_table_is_read_with_its_defaults() {
+        let config =
+            load_text("[server]\nlisten = \"0.0.0.0:9000\"\nrequest_timeout = \"5s\"\n").unwrap();
+        assert_eq!(config.server.listen, Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(
+            config.server.request_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(config.server.max_body_bytes, 1 << 20);
+        assert_eq!(config.server.workers, None);
+        assert!(error("[server]\nlisten = \"here\"\n").contains("server.listen"));
+        assert!(error("[server]\nworkers = 0\n").contains("server.workers"));
+        assert!(error("[server]\nrequest_timeout = \"soon\"\n").contains("server.request_timeout"));
+        assert!(error("[server]\nmax_body_bytes = 10\n").contains("server.max_body_bytes"));
+        assert!(error("[server]\nadmin_key_sha256 = \"hunter2\"\n").contains("64 lowercase hex"));
+        assert!(error("[server]\nport = 1\n").contains("port"));
+    }
+
+    #[test]
+    fn the_gateway_cache_is_off_unless_given_a_ttl() {
+        assert_eq!(load_text("").unwrap().gateway.cache, None);
+        let config = load_text("[gateway]\ncache_ttl = \"90s\"\n").unwrap();
+        assert_eq!(
+            config.gateway.cache,
+            Some(GatewayCache {
+                ttl: std::time::Duration::from_secs(90),
+                max_bytes: 64 << 20
+            })
+        );
+        assert!(error("[gateway]\ncache_max_bytes = 1000\n").contains("gateway.cache_ttl"));
+        assert!(error("[gateway]\ncache_ttl = \"0s\"\n").contains("gateway.cache_ttl"));
+    }
 }

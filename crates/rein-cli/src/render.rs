@@ -43,6 +43,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 latency_ms,
                 attempts,
                 content,
+                cached,
                 ..
             } => {
                 let what = if tool_calls.is_empty() {
@@ -51,7 +52,9 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     let names: Vec<&str> = tool_calls.iter().map(|c| c.name.as_str()).collect();
                     format!("→ {}", names.join(", "))
                 };
-                let retries = if *attempts > 1 {
+                let retries = if *cached {
+                    " (cached)".to_string()
+                } else if *attempts > 1 {
                     format!(" ({attempts} attempts)")
                 } else {
                     String::new()

@@ -7,6 +7,7 @@
 //! RFC 9457 `application/problem+json`.
 
 pub mod admin;
+mod cache;
 mod gateway;
 
 use crate::config::Config;
@@ -55,6 +56,8 @@ struct App {
     gateway_agents: gateway::Agents,
     /// The admin key's SHA-256; `None`: the admin API is off.
     admin_key_sha256: Option<String>,
+    /// The gateway's exact-match response cache.
+    gateway_cache: cache::ResponseCache,
 }
 
 impl App {
@@ -69,6 +72,7 @@ impl App {
         let (outcomes, _) = broadcast::channel(1024);
         Arc::new(App {
             admin_key_sha256,
+            gateway_cache: cache::ResponseCache::new(config.gateway.cache),
             store,
             runtime,
             config,

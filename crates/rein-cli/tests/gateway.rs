@@ -288,3 +288,116 @@ async fn openai_clients_call_through_the_governed_gateway() {
     assert_eq!(costs["rows"][0]["calls"], 2);
     assert_eq!(costs["total_micros"], 2 * CALL_MICROS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_of_one_tenant_are_answered_from_the_cache() {
+    let fake = FakeOpenAi::start(|_, _| FakeResponse::text("Cached words.", 40, 20))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[prices.\"openai/fake-model\"]\ninput = 100.0\noutput = 100.0\n\n[gateway]\nmax_output_tokens = 64\ncache_ttl = \"10m\"\n",
+    )
+    .unwrap();
+    let key_a = common::tenant_key(dir.path(), "acme");
+    let key_b = common::tenant_key(dir.path(), "rival");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db", "--config", "rein.toml"],
+        &[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-operator-test"),
+        ],
+    );
+    let url = format!("{}/v1/chat/completions", server.base);
+    let http = reqwest::Client::new();
+    let body = json!({
+        "model": "openai/fake-model",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 20,
+    });
+    let call = |key: &str, body: &Value, cache_control: Option<&str>| {
+        let mut request = http.post(&url).bearer_auth(key).json(body);
+        if let Some(value) = cache_control {
+            request = request.header("cache-control", value);
+        }
+        request.send()
+    };
+    let header =
+        |r: &reqwest::Response, name: &str| r.headers()[name].to_str().unwrap().to_string();
+
+    let first = call(&key_a, &body, None).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-rein-cache"), "miss");
+    assert_eq!(header(&first, "x-rein-cost-usd"), "$0.006000");
+    let first: Value = first.json().await.unwrap();
+
+    // The same call again: the same answer, no provider call, no charge.
+    let again = call(&key_a, &body, None).await.unwrap();
+    assert_eq!(header(&again, "x-rein-cache"), "hit");
+    assert_eq!(header(&again, "x-rein-cost-usd"), "$0.000000");
+    let hit_run = header(&again, "x-rein-run-id");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        first["choices"][0]["message"]["content"]
+    );
+    assert_eq!(again["usage"]["total_tokens"], 0);
+    assert_eq!(fake.request_count(), 1);
+
+    // Streamed, it is served from the cache too.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let stream = call(&key_a, &streamed, None).await.unwrap();
+    assert_eq!(header(&stream, "x-rein-cache"), "hit");
+    let text = stream.text().await.unwrap();
+    assert!(
+        text.contains("Cached words.") && text.contains("[DONE]"),
+        "{text}"
+    );
+    assert_eq!(fake.request_count(), 1);
+
+    // Not for another tenant, nor another temperature, nor when the caller says no-cache.
+    let rival = call(&key_b, &body, None).await.unwrap();
+    assert_eq!(header(&rival, "x-rein-cache"), "miss");
+    assert_eq!(fake.request_count(), 2);
+    let mut warmer = body.clone();
+    warmer["temperature"] = json!(0.5);
+    let warm = call(&key_a, &warmer, None).await.unwrap();
+    assert_eq!(header(&warm, "x-rein-cache"), "miss");
+    assert_eq!(fake.request_count(), 3);
+    let fresh = call(&key_a, &body, Some("no-cache")).await.unwrap();
+    assert_eq!(header(&fresh, "x-rein-cache"), "miss");
+    assert_eq!(fake.request_count(), 4);
+    let unstored = call(&key_a, &warmer, Some("no-store")).await.unwrap();
+    assert_eq!(header(&unstored, "x-rein-cache"), "miss");
+    assert_eq!(fake.request_count(), 5);
+
+    // The hit is a recorded run whose answer says where it came from.
+    let trace: Value = common::get_json(
+        &http,
+        &format!("{}/v1/runs/{hit_run}/trace", server.base),
+        &key_a,
+    )
+    .await;
+    let responded = trace["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "model_responded")
+        .unwrap();
+    assert_eq!(responded["payload"]["cached"], true, "{responded}");
+    assert_eq!(responded["payload"]["cost"], 0);
+    assert!(
+        trace["tree"].as_str().unwrap().contains("(cached)"),
+        "{}",
+        trace["tree"]
+    );
+    // Only the provider calls were charged: the first, the warmer, no-cache and no-store ones.
+    let costs: Value = common::get_json(&http, &format!("{}/v1/costs", server.base), &key_a).await;
+    assert_eq!(costs["total_micros"], 4 * CALL_MICROS);
+    let audit: Value =
+        common::get_json(&http, &format!("{}/v1/audit/verify", server.base), &key_a).await;
+    assert_eq!(audit["ok"], true, "{audit}");
+}

@@ -159,6 +159,9 @@ pub enum EventKind {
         /// Why the provider stopped (`stop`, `tool_calls`, `length`, ...), when it said.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         finish_reason: Option<String>,
+        /// The answer came from the gateway's response cache (no provider call, no charge).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cached: bool,
     },
     /// One attempt of a model call failed and the call is retried after `retry_in_ms`.
     ModelAttemptFailed {

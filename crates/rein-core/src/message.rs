@@ -122,6 +122,9 @@ pub struct ModelReply {
     /// Why the provider stopped (`stop`, `tool_calls`, `length`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// Served from the gateway's response cache: no provider was called, nothing was billed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// A gateway caller's own model call (`POST /v1/chat/completions`): its conversation, tools and

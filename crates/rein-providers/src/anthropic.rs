@@ -416,6 +416,7 @@ fn reply_from(parsed: &Value, requested_model: &str) -> Result<ModelReply, Model
             .get("stop_reason")
             .and_then(Value::as_str)
             .map(str::to_string),
+        cached: false,
     })
 }
 

@@ -469,6 +469,7 @@ fn reply_from(
         tool_calls,
         usage,
         finish_reason: choice.finish_reason,
+        cached: false,
     })
 }
 

@@ -161,6 +161,7 @@ impl ScriptedModel {
                 }
                 .into(),
             ),
+            cached: false,
         })
     }
 }

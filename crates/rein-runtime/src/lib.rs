@@ -1403,6 +1403,7 @@ impl Driver<'_> {
                 latency_ms,
                 attempts,
                 finish_reason: reply.finish_reason,
+                cached: reply.cached,
             },
             (None, Some((entry, e, attempts))) => EventKind::ModelFailed {
                 step: call.step,

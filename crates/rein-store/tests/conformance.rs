@@ -107,6 +107,7 @@ fn responded(model: &str, input: u64, output: u64, dollars: f64) -> EventKind {
         latency_ms: 5,
         attempts: 1,
         finish_reason: None,
+        cached: false,
     }
 }
 

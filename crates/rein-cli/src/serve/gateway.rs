@@ -8,7 +8,7 @@
 //! with the answer) is its audit trail, its trace and its cost line. Tool calls in the answer
 //! go back to the caller, which runs them.
 
-use super::{App, Caller, MAX_ID_LEN, Problem, check_len, json_body};
+use super::{App, Caller, MAX_ID_LEN, Problem, cache, check_len, json_body};
 use crate::config::Gateway;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -21,11 +21,13 @@ use rein_core::{
     ChatRequest, EventKind, Message, Role, SessionId, TenantId, TerminationReason, ToolCall,
     ToolDefinition, UserId,
 };
+use rein_providers::Model;
 use rein_runtime::{RunOutcome, RunRequest, Runtime, RuntimeError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -358,18 +360,40 @@ pub(super) async fn chat_completions(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     };
+    let directives = cache::Directives::of(&headers);
     if body.stream != Some(true) {
+        let hit = AtomicBool::new(false);
+        let cached = app
+            .gateway_cache
+            .front(app.model.as_ref(), &tenant, directives, &hit);
+        let model: &dyn Model = match &cached {
+            Some(cached) => cached,
+            None => app.model.as_ref(),
+        };
         let outcome = app
             .runtime
-            .run_as(run_id, request, app.model.as_ref(), None)
+            .run_as(run_id, request, model, None)
             .await
             .map_err(internal)?;
         let answer = answer(&app, &tenant, &outcome).await?;
         let mut response = axum::Json(call.completion(&outcome, &answer)).into_response();
         rein_headers(&mut response, &outcome);
+        cache_header(&app, response.headers_mut(), &hit);
         return Ok(response);
     }
-    stream(app, tenant, call, run_id, request).await
+    stream(app, tenant, call, run_id, request, directives).await
+}
+
+/// `x-rein-cache: hit` or `miss`, when the cache is on.
+fn cache_header(app: &App, headers: &mut HeaderMap, hit: &AtomicBool) {
+    if app.gateway_cache.is_on() {
+        let value = if hit.load(Ordering::Relaxed) {
+            "hit"
+        } else {
+            "miss"
+        };
+        headers.insert("x-rein-cache", HeaderValue::from_static(value));
+    }
 }
 
 /// The streamed answer: the text as the provider sends it, then the tool calls and the finish
@@ -381,6 +405,7 @@ async fn stream(
     call: Call,
     run_id: rein_core::RunId,
     request: RunRequest,
+    directives: cache::Directives,
 ) -> Result<Response, Problem> {
     enum Piece {
         Text(String),
@@ -389,14 +414,26 @@ async fn stream(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let runner = app.clone();
     let text_tx = tx.clone();
+    let hit = Arc::new(AtomicBool::new(false));
+    let run_hit = hit.clone();
+    let run_tenant = tenant.clone();
+    let streamed_run = run_id.clone();
     // The run goes on to its end even if the caller hangs up: what it spent is recorded.
     tokio::spawn(async move {
         let sink = move |text: &str| {
             let _ = text_tx.send(Piece::Text(text.to_string()));
         };
+        let cached =
+            runner
+                .gateway_cache
+                .front(runner.model.as_ref(), &run_tenant, directives, &run_hit);
+        let model: &dyn Model = match &cached {
+            Some(cached) => cached,
+            None => runner.model.as_ref(),
+        };
         let result = runner
             .runtime
-            .run_as(run_id, request, runner.model.as_ref(), Some(&sink))
+            .run_as(run_id, request, model, Some(&sink))
             .await;
         let _ = tx.send(Piece::Done(Box::new(result)));
     });
@@ -409,10 +446,17 @@ async fn stream(
             let stream = futures_util::stream::iter(call.final_chunks(&outcome, &answer, true));
             let mut response = Sse::new(stream).into_response();
             rein_headers(&mut response, &outcome);
+            cache_header(&app, response.headers_mut(), &hit);
             return Ok(response);
         }
         None => None,
     };
+    // The first piece of text is here, so whether it came from the cache is known.
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(streamed_run.as_str()) {
+        headers.insert("x-rein-run-id", v);
+    }
+    cache_header(&app, &mut headers, &hit);
     let state = (rx, first, Some((app, tenant, call)), true);
     let stream = futures_util::stream::unfold(state, |(mut rx, pending, rest, first)| async move {
         let (app, tenant, call) = rest?;
@@ -443,7 +487,7 @@ async fn stream(
         }
     });
     let stream = futures_util::StreamExt::flat_map(stream, futures_util::stream::iter);
-    Ok(Sse::new(stream).into_response())
+    Ok((headers, Sse::new(stream)).into_response())
 }
 
 /// Where the call's run is, and what it cost.

@@ -65,6 +65,7 @@ fn reply(content: Option<&str>, calls: Vec<ToolCall>, input: u64, output: u64) -
             output_tokens: output,
         },
         finish_reason: None,
+        cached: false,
     }
 }
 
@@ -146,6 +147,7 @@ impl Sim {
                         latency_ms: 1,
                         attempts: 1,
                         finish_reason: None,
+                        cached: false,
                     });
                 }
                 Effect::CallTool(inv) => {
@@ -503,6 +505,7 @@ fn crashed_mid_tool(src: &str, tool: &str) -> (Sim, ToolInvocation) {
         latency_ms: 1,
         attempts: 1,
         finish_reason: None,
+        cached: false,
     });
     let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
         panic!()
@@ -769,6 +772,7 @@ fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
         latency_ms: 1,
         attempts: 1,
         finish_reason: None,
+        cached: false,
     });
     let Some(Effect::CallTool(inv)) = sim.engine.next_effect(sim.now) else {
         panic!()
@@ -820,6 +824,7 @@ fn run_with_tool_results(
                     latency_ms: 1,
                     attempts: 1,
                     finish_reason: None,
+                    cached: false,
                 });
             }
             Effect::CallTool(inv) => {
@@ -989,6 +994,7 @@ fn a_final_step_tells_the_model_to_call_no_tool() {
                     latency_ms: 1,
                     attempts: 1,
                     finish_reason: None,
+                    cached: false,
                 });
             }
             Effect::CallTool(inv) => {
