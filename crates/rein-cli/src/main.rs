@@ -20,6 +20,7 @@ mod config;
 mod demo;
 mod render;
 mod serve;
+mod views;
 use serve::admin;
 
 use anyhow::{Context, anyhow};
@@ -1117,26 +1118,8 @@ fn record_mismatch(
 }
 
 /// Spend per group as `rein costs --json` and `GET /v1/costs` print it.
-fn costs_json(by: CostBy, lines: &[rein_store::CostLine]) -> serde_json::Value {
-    let by = format!("{by:?}").to_lowercase();
-    let total = lines
-        .iter()
-        .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
-    let rows: Vec<_> = lines
-        .iter()
-        .map(|l| {
-            serde_json::json!({
-                "key": l.key,
-                "calls": l.calls,
-                "input_tokens": l.usage.input_tokens,
-                "cached_input_tokens": l.usage.cached_input_tokens,
-                "output_tokens": l.usage.output_tokens,
-                "cost_usd": l.cost.as_dollars(),
-                "cost_micros": l.cost.micros(),
-            })
-        })
-        .collect();
-    serde_json::json!({"by": by, "rows": rows, "total_usd": total.as_dollars(), "total_micros": total.micros()})
+fn costs_json(by: CostBy, lines: &[rein_store::CostLine]) -> views::CostsView {
+    views::CostsView::of(&format!("{by:?}").to_lowercase(), lines)
 }
 
 async fn costs(
@@ -1164,7 +1147,7 @@ async fn costs(
         .iter()
         .fold(rein_core::Usd::ZERO, |sum, l| sum + l.cost);
     if json {
-        say!("{}", costs_json(by, &lines));
+        say!("{}", serde_json::json!(costs_json(by, &lines)));
         return Ok(exit::OK);
     }
     let mut rows = vec![[

@@ -376,61 +376,10 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
 
 /// The `--json` summary of a finished run.
 pub fn outcome_json(o: &RunOutcome) -> Value {
-    json!({
-        "run_id": o.run_id,
-        "status": o.status,
-        "termination_reason": o.reason,
-        "detail": o.detail,
-        "iterations": o.iterations,
-        "tool_calls": o.tool_calls,
-        "usage": usage_json(&o.usage),
-        "cost_usd": o.cost.as_dollars(),
-        "cost_micros": o.cost.micros(),
-        "output": o.output,
-        "models_used": o.models_used,
-        "events": o.events,
-        "awaiting_approval": o.awaiting.as_ref().map(|p| json!({
-            "step": p.step,
-            "call_id": p.call_id,
-            "tool": p.tool,
-            "arguments": p.arguments,
-            "reason": p.reason,
-            "expires_at": rein_core::time::format_utc(p.expires_at_ms),
-        })),
-    })
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "input_tokens": u.input_tokens,
-        "cached_input_tokens": u.cached_input_tokens,
-        "output_tokens": u.output_tokens,
-        "total_tokens": u.total(),
-    })
+    json!(crate::views::OutcomeView::of(o))
 }
 
 /// A stored run as JSON.
 pub fn record_json(r: &RunRecord) -> Value {
-    let p = &r.progress;
-    json!({
-        "run_id": r.info.id,
-        "agent": r.info.agent,
-        "agent_version": r.info.agent_version,
-        "tenant": r.info.tenant,
-        "user": r.info.user,
-        "session": r.info.session,
-        "job": r.info.job,
-        "status": p.status,
-        "termination_reason": p.reason,
-        "detail": p.detail,
-        "iterations": p.iterations,
-        "tool_calls": p.tool_calls,
-        "usage": usage_json(&p.usage),
-        "cost_usd": p.cost.as_dollars(),
-        "cost_micros": p.cost.micros(),
-        "output": p.output,
-        "events": r.event_count,
-        "created": format_utc(r.info.created_ms),
-        "updated": format_utc(r.updated_ms),
-    })
+    json!(crate::views::RunView::of(r))
 }

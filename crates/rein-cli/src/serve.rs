@@ -9,8 +9,13 @@
 pub mod admin;
 mod cache;
 mod gateway;
+mod openapi;
 
 use crate::config::Config;
+use crate::views::{
+    AgentVersionView, AgentView, AuditView, CostsView, EventView, OutcomeView, ProblemView,
+    RunView, TraceView,
+};
 use crate::{StoreArgs, exit, parse_agent, render};
 use anyhow::Context;
 use axum::Router;
@@ -21,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use rein_core::event::sha256_hex;
 use rein_core::{RunId, RunStatus, SessionId, TenantId, UserId};
 use rein_providers::Model;
@@ -35,6 +40,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The longest a `wait: true` run request is held before answering 202 with the run so far.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -434,31 +442,29 @@ async fn work(app: Arc<App>) {
 }
 
 fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/v1/agents", post(register_agent).get(list_agents))
-        .route("/v1/runs", post(create_run).get(list_runs))
-        .route("/v1/runs/{id}", get(get_run))
-        .route("/v1/runs/{id}/events", get(run_events))
-        .route("/v1/runs/{id}/trace", get(run_trace))
-        .route("/v1/runs/{id}/approval", post(decide))
-        .route("/v1/runs/{id}/cancel", post(cancel))
-        .route("/v1/costs", get(costs))
-        .route("/v1/audit/verify", get(audit_verify))
-        .route("/v1/chat/completions", post(gateway::chat_completions))
-        .route("/v1/models", get(gateway::models))
+    let (routes, api) = OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(register_agent, list_agents))
+        .routes(routes!(create_run, list_runs))
+        .routes(routes!(get_run))
+        .routes(routes!(run_events))
+        .routes(routes!(run_trace))
+        .routes(routes!(decide))
+        .routes(routes!(cancel))
+        .routes(routes!(costs))
+        .routes(routes!(audit_verify))
+        .routes(routes!(gateway::chat_completions))
+        .routes(routes!(gateway::models))
+        .routes(routes!(admin::tenants, admin::new_tenant))
+        .routes(routes!(admin::keys, admin::new_key))
+        .routes(routes!(admin::revoke))
+        .split_for_parts();
+    let document = openapi::finish(api);
+    routes
         .route(
-            "/v1/admin/tenants",
-            get(admin::tenants).post(admin::new_tenant),
-        )
-        .route(
-            "/v1/admin/tenants/{name}/keys",
-            get(admin::keys).post(admin::new_key),
-        )
-        .route(
-            "/v1/admin/tenants/{name}/keys/{id}",
-            axum::routing::delete(admin::revoke),
+            "/openapi.json",
+            get(move || openapi::serve(document.clone())),
         )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(app.config.server.max_body_bytes))
@@ -497,17 +503,35 @@ async fn time_limit(
     }
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "server", responses((status = 200, description = "The process answers", body = String, example = "ok")))]
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "server", responses(
+    (status = 200, description = "The store answers", body = String, example = "ready"),
+    (status = 503, description = "The store does not answer", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn ready(State(app): State<Arc<App>>) -> Result<&'static str, Problem> {
     app.store.unfinished().await?;
     Ok("ready")
 }
 
-/// `POST /v1/agents`: the YAML spec as the body; registers the next version of its agent.
+/// Registers an agent spec (YAML, checked like `rein check`) as the next version of its agent.
+#[utoipa::path(post, path = "/v1/agents", tag = "agents",
+    request_body(content = String, content_type = "application/yaml", description = "The agent spec"),
+    responses(
+        (status = 201, description = "Registered", body = AgentVersionView),
+        (status = 413, description = "The spec is larger than `[server] max_body_bytes`", body = ProblemView, content_type = "application/problem+json"),
+        (status = 422, description = "The spec does not check: every problem, by field", body = ProblemView, content_type = "application/problem+json"),
+    ))]
 async fn register_agent(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, axum::Json<Value>), Problem> {
+) -> Result<(StatusCode, axum::Json<AgentVersionView>), Problem> {
     let body = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
     let source = String::from_utf8(body.to_vec())
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))?;
@@ -527,47 +551,64 @@ async fn register_agent(
         .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"name": name, "version": version})),
+        axum::Json(AgentVersionView { name, version }),
     ))
 }
 
+/// The newest version of each of the tenant's agents.
+#[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, description = "The agents", body = Vec<AgentView>)))]
 async fn list_agents(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<AgentView>>, Problem> {
     let agents = app.store.agents(&tenant).await?;
-    Ok(axum::Json(Value::Array(
+    Ok(axum::Json(
         agents
-            .iter()
-            .map(|a| {
-                json!({
-                    "name": a.name,
-                    "version": a.version,
-                    "created_at": rein_core::time::format_utc(a.created_ms),
-                })
+            .into_iter()
+            .map(|a| AgentView {
+                name: a.name,
+                version: a.version,
+                created_at: rein_core::time::format_utc(a.created_ms),
             })
             .collect(),
-    )))
+    ))
 }
 
-#[derive(Deserialize)]
+/// A run to queue.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewRun {
+    /// The agent's name.
     agent: String,
+    /// The run's input (at most 256 KiB).
     input: String,
+    /// The agent version to run; the newest when absent.
     #[serde(default)]
     version: Option<u32>,
+    /// Who the run is for (costs and budgets are attributed to them); `anonymous` when absent.
     #[serde(default)]
     user: Option<String>,
+    /// The conversation the run continues; a new one when absent.
     #[serde(default)]
     session: Option<String>,
+    /// A batch job the run belongs to.
     #[serde(default)]
     job: Option<String>,
     /// Answer once the run ends (or waits for a person), up to `timeout_ms`.
     #[serde(default)]
     wait: bool,
+    /// How long to wait (default 30 000, at most 300 000).
     #[serde(default)]
     timeout_ms: Option<u64>,
+}
+
+/// The `{id}` of the `/v1/runs/{id}` paths, for the OpenAPI document.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct RunPath {
+    /// The run's id.
+    id: String,
 }
 
 /// The longest id or name accepted in a request.
@@ -588,7 +629,15 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
     Ok(())
 }
 
-/// `POST /v1/runs`: queues a run of a registered agent; with `wait`, answers when it ends.
+/// Queues a run of a registered agent; with `wait`, answers when it ends or waits for a person.
+#[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = NewRun, responses(
+    (status = 200, description = "With `wait`: the run ended, or waits for a person", body = OutcomeView),
+    (status = 202, description = "Queued (or still running when `wait` timed out); `Location` is the run", body = RunView),
+    (status = 404, description = "No such agent or version", body = ProblemView, content_type = "application/problem+json"),
+    (status = 415, description = "The body is not `application/json`", body = ProblemView, content_type = "application/problem+json"),
+    (status = 422, description = "Wrong types, unknown fields, or a field too long", body = ProblemView, content_type = "application/problem+json"),
+    (status = 429, description = "The tenant's queue is full (`[bulkheads]`)", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn create_run(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
@@ -661,44 +710,55 @@ async fn create_run(
         })
         .await;
         if let Ok(Some(outcome)) = waited {
-            return Ok((StatusCode::OK, axum::Json(render::outcome_json(&outcome))).into_response());
+            return Ok((StatusCode::OK, axum::Json(OutcomeView::of(&outcome))).into_response());
         }
     }
     let record = app.store.run(&tenant, &run_id).await?;
-    let mut response = (
-        StatusCode::ACCEPTED,
-        axum::Json(render::record_json(&record)),
-    )
-        .into_response();
+    let mut response = (StatusCode::ACCEPTED, axum::Json(RunView::of(&record))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
 }
 
+/// A run.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", params(RunPath), responses(
+    (status = 200, description = "The run", body = RunView),
+    (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn get_run(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<RunView>, Problem> {
     let record = app.store.run(&tenant, &RunId::new(id)).await?;
-    Ok(axum::Json(render::record_json(&record)))
+    Ok(axum::Json(RunView::of(&record)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RunQuery {
+    /// Only runs in this status (`queued`, `running`, `awaiting_approval`, `completed`, ...).
     status: Option<String>,
+    /// Only runs of this agent.
     agent: Option<String>,
+    /// Only runs for this user.
     user: Option<String>,
+    /// At most this many (default 50, at most 1000).
     limit: Option<u32>,
 }
 
+/// The tenant's newest runs, filtered.
+#[utoipa::path(get, path = "/v1/runs", tag = "runs", params(RunQuery), responses(
+    (status = 200, description = "The runs, newest first", body = Vec<RunView>),
+    (status = 400, description = "An unknown status or query parameter", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn list_runs(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     query: Result<Query<RunQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<RunView>>, Problem> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = q
         .status
@@ -720,40 +780,40 @@ async fn list_runs(
         .store
         .list_runs(&tenant, &filter, q.limit.unwrap_or(50).min(1000))
         .await?;
-    Ok(axum::Json(Value::Array(
-        runs.iter().map(render::record_json).collect(),
-    )))
+    Ok(axum::Json(runs.iter().map(RunView::of).collect()))
 }
 
-/// `GET /v1/runs/{id}/trace`: the run, its events, and the trace tree as text.
+/// The run, its events, and the trace tree as text.
+#[utoipa::path(get, path = "/v1/runs/{id}/trace", tag = "runs", params(RunPath), responses(
+    (status = 200, description = "The run, its log and its trace tree", body = TraceView),
+    (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn run_trace(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<TraceView>, Problem> {
     let id = RunId::new(id);
     let record = app.store.run(&tenant, &id).await?;
     let sealed = app.store.events(&tenant, &id).await?;
     let events: Vec<rein_core::Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
-    Ok(axum::Json(json!({
-        "run": render::record_json(&record),
-        "events": sealed.iter().map(event_json).collect::<Vec<_>>(),
-        "tree": render::trace(&record, &events),
-    })))
+    Ok(axum::Json(TraceView {
+        run: RunView::of(&record),
+        events: sealed.iter().map(EventView::of).collect(),
+        tree: render::trace(&record, &events),
+    }))
 }
 
-fn event_json(e: &rein_core::SealedEvent) -> Value {
-    json!({
-        "seq": e.seq,
-        "ts": rein_core::time::format_utc(e.ts_ms),
-        "kind": e.kind,
-        "payload": e.payload.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
-        "hash": e.hash,
-    })
-}
-
-/// `GET /v1/runs/{id}/events`: Server-Sent Events: the run's log from the start (or after
-/// `Last-Event-ID`), then live, until `run_finished`. Each event's id is its position.
+/// Server-Sent Events: the run's log from the start (or after `Last-Event-ID`), then live,
+/// until `run_finished`. Each event's `id` is its position, its `event` its kind, its `data`
+/// the event.
+#[utoipa::path(get, path = "/v1/runs/{id}/events", tag = "runs",
+    params(RunPath, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event")),
+    responses(
+        (status = 200, description = "A stream of the run's events", body = EventView, content_type = "text/event-stream"),
+        (status = 400, description = "`Last-Event-ID` is not a position", body = ProblemView, content_type = "application/problem+json"),
+        (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+    ))]
 async fn run_events(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
@@ -797,7 +857,7 @@ async fn run_events(
                     let sse = SseEvent::default()
                         .id(event.seq.to_string())
                         .event(event.kind.clone())
-                        .data(event_json(&event).to_string());
+                        .data(json!(EventView::of(&event)).to_string());
                     let next = event.seq + 1;
                     return Some((Ok(sse), (app, tenant, id, next, buffer, finished)));
                 }
@@ -825,25 +885,32 @@ async fn run_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-#[derive(Deserialize)]
+/// A person's decision on a held tool call.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ApprovalBody {
     approved: bool,
+    /// Why (at most 4 KiB); recorded.
     #[serde(default)]
     reason: Option<String>,
+    /// Who decided; `api:<tenant>` when absent.
     #[serde(default)]
     by: Option<String>,
 }
 
-/// `POST /v1/runs/{id}/approval`: decides the run's pending approval and drives the run to its
-/// next stop.
+/// Decides the run's pending approval and drives the run to its next stop.
+#[utoipa::path(post, path = "/v1/runs/{id}/approval", tag = "runs", params(RunPath), request_body = ApprovalBody, responses(
+    (status = 200, description = "The run, driven to its next stop", body = OutcomeView),
+    (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+    (status = 409, description = "The run is not awaiting approval, or another process drives it", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn decide(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<OutcomeView>, Problem> {
     let decision: ApprovalBody = json_body(&headers, body)?;
     check_len("reason", decision.reason.as_deref().unwrap_or(""), 4096)?;
     check_len("by", decision.by.as_deref().unwrap_or(""), MAX_ID_LEN)?;
@@ -865,23 +932,30 @@ async fn decide(
             },
         )
         .await?;
-    Ok(axum::Json(render::outcome_json(&outcome)))
+    Ok(axum::Json(OutcomeView::of(&outcome)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct CostQuery {
+    /// `user`, `agent`, `model` (the default) or `day`.
     by: Option<String>,
+    /// From this UTC day on, `YYYY-MM-DD`.
     since: Option<String>,
 }
 
-/// `GET /v1/costs?by=model&since=YYYY-MM-DD`: the caller's spend per user, agent, model or day
-/// (gateway calls included, as the `gateway` agent), as `rein costs --json` prints it.
+/// The tenant's spend per user, agent, model or day (gateway calls included, as the `gateway`
+/// agent), as `rein costs --json` prints it.
+#[utoipa::path(get, path = "/v1/costs", tag = "costs", params(CostQuery), responses(
+    (status = 200, description = "The spend", body = CostsView),
+    (status = 400, description = "An unknown grouping or a malformed day", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn costs(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     query: Result<Query<CostQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<CostsView>, Problem> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let by = match q.by.as_deref() {
         None => crate::CostBy::Model,
@@ -905,19 +979,25 @@ async fn costs(
     Ok(axum::Json(crate::costs_json(by, &lines)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
+    /// Only this run.
     run: Option<String>,
 }
 
-/// `GET /v1/audit/verify[?run=ID]`: checks the hash chain of each of the caller's runs (or
-/// one), and that each stored run agrees with its log.
+/// Checks the hash chain of each of the tenant's runs (or one), and that each stored run agrees
+/// with its log.
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit", params(AuditQuery), responses(
+    (status = 200, description = "The verdict", body = AuditView),
+    (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn audit_verify(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<AuditView>, Problem> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let ids = match q.run {
         Some(id) => {
@@ -929,16 +1009,22 @@ async fn audit_verify(
     };
     let runs: Vec<(TenantId, RunId)> = ids.into_iter().map(|id| (tenant.clone(), id)).collect();
     let (events, problems) = crate::verify_runs(app.store.as_ref(), &runs).await?;
-    Ok(axum::Json(json!({
-        "ok": problems.is_empty(),
-        "runs": runs.len(),
-        "events": events,
-        "problems": problems,
-    })))
+    Ok(axum::Json(AuditView {
+        ok: problems.is_empty(),
+        runs: runs.len(),
+        events,
+        problems,
+    }))
 }
 
-/// `POST /v1/runs/{id}/cancel`: ends a run that nobody drives at once (200), or stops one this
-/// process drives before its next step (202). An ended run is 409.
+/// Ends a run that nobody drives at once (200), or stops one this process drives before its
+/// next step (202).
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", params(RunPath), responses(
+    (status = 200, description = "Cancelled", body = RunView),
+    (status = 202, description = "The run stops before its next step", body = RunView),
+    (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
+    (status = 409, description = "The run has ended, or another live process drives it", body = ProblemView, content_type = "application/problem+json"),
+))]
 async fn cancel(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
@@ -954,7 +1040,7 @@ async fn cancel(
         rein_runtime::Cancelled::Ended => StatusCode::OK,
         rein_runtime::Cancelled::Requested => StatusCode::ACCEPTED,
     };
-    Ok((status, axum::Json(render::record_json(&record))).into_response())
+    Ok((status, axum::Json(RunView::of(&record))).into_response())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! environment or `[server] admin_key_sha256` in rein.toml.
 
 use super::{App, Problem, bearer, json_body};
+use crate::views::{KeyView, ProblemView, TenantView};
 use crate::{BadInput, StoreArgs, exit};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -20,8 +21,9 @@ use rein_core::time::format_utc;
 use rein_runtime::now_ms;
 use rein_store::Store;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
+use utoipa::ToSchema;
 
 /// The environment variable holding the admin key itself.
 pub const ADMIN_KEY_ENV: &str = "REIN_ADMIN_KEY";
@@ -106,7 +108,7 @@ pub async fn list_tenants(json: bool, store: &StoreArgs) -> anyhow::Result<u8> {
     let tenants = store.registered_tenants().await?;
     store.close().await;
     if json {
-        println!("{}", tenants_json(&tenants));
+        println!("{}", json!(tenants_json(&tenants)));
     } else {
         for t in &tenants {
             println!(
@@ -154,7 +156,7 @@ pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::R
     }
     let keys = keys?;
     if json {
-        println!("{}", keys_json(&keys));
+        println!("{}", json!(keys_json(&keys)));
     } else {
         for k in &keys {
             println!("{}  created {}", k.id, format_utc(k.created_ms));
@@ -185,23 +187,24 @@ async fn tenant_exists(store: &dyn Store, tenant: &TenantId) -> anyhow::Result<b
         .any(|t| &t.name == tenant))
 }
 
-fn tenants_json(tenants: &[rein_store::TenantEntry]) -> Value {
-    Value::Array(
-        tenants
-            .iter()
-            .map(
-                |t| json!({"name": t.name, "keys": t.keys, "created_at": format_utc(t.created_ms)}),
-            )
-            .collect(),
-    )
+fn tenants_json(tenants: &[rein_store::TenantEntry]) -> Vec<TenantView> {
+    tenants
+        .iter()
+        .map(|t| TenantView {
+            name: t.name.to_string(),
+            keys: t.keys,
+            created_at: format_utc(t.created_ms),
+        })
+        .collect()
 }
 
-fn keys_json(keys: &[rein_store::ApiKeyEntry]) -> Value {
-    Value::Array(
-        keys.iter()
-            .map(|k| json!({"id": k.id, "created_at": format_utc(k.created_ms)}))
-            .collect(),
-    )
+fn keys_json(keys: &[rein_store::ApiKeyEntry]) -> Vec<KeyView> {
+    keys.iter()
+        .map(|k| KeyView {
+            id: k.id.clone(),
+            created_at: format_utc(k.created_ms),
+        })
+        .collect()
 }
 
 /// The admin key's holder. A tenant's key is not an admin key: it gets 401 here.
@@ -228,22 +231,48 @@ impl FromRequestParts<Arc<App>> for Admin {
     }
 }
 
-/// `GET /v1/admin/tenants`.
+/// The tenants, with their key counts.
+#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, description = "The tenants", body = Vec<TenantView>)))]
 pub(super) async fn tenants(
     State(app): State<Arc<App>>,
     _: Admin,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<TenantView>>, Problem> {
     let tenants = app.store.registered_tenants().await?;
     Ok(axum::Json(tenants_json(&tenants)))
 }
 
-#[derive(Deserialize)]
+/// A tenant to create.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewTenant {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`.
     name: String,
 }
 
-/// `POST /v1/admin/tenants` with `{"name": ...}`: 201 when created, 200 when it existed.
+/// Whether a tenant was created.
+#[derive(serde::Serialize, ToSchema)]
+pub(super) struct TenantCreated {
+    name: String,
+    /// `false`: it already existed.
+    created: bool,
+}
+
+/// A new key, shown in this answer only.
+#[derive(serde::Serialize, ToSchema)]
+pub(super) struct NewKey {
+    tenant: String,
+    /// The key's id, to list and revoke it by.
+    id: String,
+    /// The key itself: only its SHA-256 is kept.
+    key: String,
+}
+
+/// Creates a tenant: 201 when created, 200 when it existed.
+#[utoipa::path(post, path = "/v1/admin/tenants", tag = "admin", request_body = NewTenant, responses(
+    (status = 201, description = "Created", body = TenantCreated),
+    (status = 200, description = "It already existed", body = TenantCreated),
+    (status = 422, description = "Not a tenant name", body = ProblemView, content_type = "application/problem+json"),
+))]
 pub(super) async fn new_tenant(
     State(app): State<Arc<App>>,
     _: Admin,
@@ -261,19 +290,19 @@ pub(super) async fn new_tenant(
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        axum::Json(json!({"name": name, "created": created})),
-    )
-        .into_response())
+    Ok((status, axum::Json(TenantCreated { name, created })).into_response())
 }
 
-/// `POST /v1/admin/tenants/{name}/keys`: a new key for the tenant, shown in this answer only.
+/// A new API key for the tenant, shown in this answer only.
+#[utoipa::path(post, path = "/v1/admin/tenants/{name}/keys", tag = "admin", params(("name" = String, Path, description = "The tenant")), responses(
+    (status = 201, description = "The new key", body = NewKey),
+    (status = 404, description = "No such tenant", body = ProblemView, content_type = "application/problem+json"),
+))]
 pub(super) async fn new_key(
     State(app): State<Arc<App>>,
     _: Admin,
     Path(tenant): Path<String>,
-) -> Result<(StatusCode, axum::Json<Value>), Problem> {
+) -> Result<(StatusCode, axum::Json<NewKey>), Problem> {
     let added = add_key(app.store.as_ref(), &TenantId::new(&tenant))
         .await
         .map_err(|e| {
@@ -284,18 +313,19 @@ pub(super) async fn new_key(
             )
         })?;
     let (key, id) = added.ok_or_else(|| Problem::not_found(format!("tenant {tenant:?}")))?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"tenant": tenant, "id": id, "key": key})),
-    ))
+    Ok((StatusCode::CREATED, axum::Json(NewKey { tenant, id, key })))
 }
 
-/// `GET /v1/admin/tenants/{name}/keys`: each key's id and creation time.
+/// The tenant's keys: each one's id and creation time.
+#[utoipa::path(get, path = "/v1/admin/tenants/{name}/keys", tag = "admin", params(("name" = String, Path, description = "The tenant")), responses(
+    (status = 200, description = "The keys", body = Vec<KeyView>),
+    (status = 404, description = "No such tenant", body = ProblemView, content_type = "application/problem+json"),
+))]
 pub(super) async fn keys(
     State(app): State<Arc<App>>,
     _: Admin,
     Path(tenant): Path<String>,
-) -> Result<axum::Json<Value>, Problem> {
+) -> Result<axum::Json<Vec<KeyView>>, Problem> {
     let tenant = TenantId::new(tenant);
     let known = app
         .store
@@ -309,7 +339,13 @@ pub(super) async fn keys(
     Ok(axum::Json(keys_json(&app.store.api_keys(&tenant).await?)))
 }
 
-/// `DELETE /v1/admin/tenants/{name}/keys/{id}`: the key authenticates no more (204).
+/// Revokes a key: it authenticates no more.
+#[utoipa::path(delete, path = "/v1/admin/tenants/{name}/keys/{id}", tag = "admin",
+    params(("name" = String, Path, description = "The tenant"), ("id" = String, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such key of this tenant", body = ProblemView, content_type = "application/problem+json"),
+    ))]
 pub(super) async fn revoke(
     State(app): State<Arc<App>>,
     _: Admin,

@@ -10,6 +10,7 @@
 
 use super::{App, Caller, MAX_ID_LEN, Problem, cache, check_len, json_body};
 use crate::config::Gateway;
+use crate::views::ProblemView;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -30,6 +31,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+use utoipa::ToSchema;
 
 /// The agent every gateway call is a run of (a name tenants cannot register).
 pub(super) const AGENT: &str = "gateway";
@@ -89,7 +91,7 @@ limits:
 
 /// The part of OpenAI's Chat Completions request the gateway forwards. Any other field is
 /// refused by name rather than silently dropped.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChatBody {
     model: String,
@@ -114,7 +116,7 @@ struct ChatBody {
     n: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StreamOptions {
     #[serde(default)]
@@ -123,7 +125,7 @@ struct StreamOptions {
 
 /// A message as OpenAI clients send it (fields the gateway does not use, such as `refusal`
 /// echoed back from an earlier answer, are ignored).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WireMessage {
     role: String,
     #[serde(default)]
@@ -134,14 +136,14 @@ struct WireMessage {
     tool_call_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum WireContent {
     Text(String),
     Parts(Vec<WirePart>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WirePart {
     #[serde(rename = "type")]
     kind: String,
@@ -149,26 +151,26 @@ struct WirePart {
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WireToolCall {
     id: String,
     function: WireFunctionCall,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WireFunctionCall {
     name: String,
     arguments: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WireTool {
     #[serde(rename = "type")]
     kind: String,
     function: WireFunction,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct WireFunction {
     name: String,
     #[serde(default)]
@@ -316,7 +318,21 @@ fn resolve(app: &App, model: &str) -> Result<String, Problem> {
     .openai("invalid_request_error", "model_not_found"))
 }
 
-/// `POST /v1/chat/completions`.
+/// OpenAI's Chat Completions, governed and recorded: each call is a one-step run of the
+/// `gateway` agent. The answer is OpenAI's `chat.completion` (with `stream`, Server-Sent Events of
+/// `chat.completion.chunk` and `[DONE]`), with the run in `x-rein-run-id` and its cost in
+/// `x-rein-cost-usd`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "gateway", request_body = ChatBody, responses(
+    (status = 200, description = "OpenAI's `chat.completion`, or with `stream` its `chat.completion.chunk` events", body = Object,
+        headers(("x-rein-run-id" = String, description = "The call's run"), ("x-rein-cost-usd" = String, description = "What it cost"), ("x-rein-cache" = String, description = "`hit` or `miss`, when the response cache is on"))),
+    (status = 400, description = "The call's worst case is over `[gateway] max_cost_usd`", body = ProblemView, content_type = "application/problem+json"),
+    (status = 404, description = "No such model", body = ProblemView, content_type = "application/problem+json"),
+    (status = 422, description = "A field the gateway does not forward, or content it cannot send", body = ProblemView, content_type = "application/problem+json"),
+    (status = 429, description = "A rate limit (`Retry-After`) or an exhausted budget (`x-should-retry: false`)", body = ProblemView, content_type = "application/problem+json"),
+    (status = 502, description = "The provider failed", body = ProblemView, content_type = "application/problem+json"),
+    (status = 503, description = "Every model's circuit is open", body = ProblemView, content_type = "application/problem+json"),
+    (status = 504, description = "The call ran past `[gateway] timeout`", body = ProblemView, content_type = "application/problem+json"),
+))]
 pub(super) async fn chat_completions(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
@@ -726,8 +742,9 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// `GET /v1/models`: the models the gateway can call (every priced model).
-pub(super) async fn models(State(app): State<Arc<App>>, Caller(_): Caller) -> axum::Json<Value> {
+/// The models the gateway can call (every priced model), as OpenAI's model list.
+#[utoipa::path(get, path = "/v1/models", tag = "gateway", responses((status = 200, description = "OpenAI's model list", body = Object)))]
+pub(super) async fn models(State(app): State<Arc<App>>, _caller: Caller) -> axum::Json<Value> {
     let data: Vec<Value> = app
         .config
         .prices

@@ -107,8 +107,8 @@ pub fn tenant_key(dir: &Path, tenant: &str) -> String {
     .to_string()
 }
 
-/// A Python with the official `openai` package (`REIN_TEST_PYTHON`, which `scripts/test` sets
-/// up); `None` to skip where it is not required (`REIN_TEST_PYTHON_REQUIRED=1` makes its
+/// A Python with the official `openai` package and `openapi-spec-validator` (`REIN_TEST_PYTHON`,
+/// which `scripts/test` sets up); `None` to skip where it is not required (`REIN_TEST_PYTHON_REQUIRED=1` makes its
 /// absence a failure).
 pub fn python_with_openai() -> Option<String> {
     match std::env::var("REIN_TEST_PYTHON") {

@@ -1,0 +1,159 @@
+//! `GET /openapi.json` of `rein serve` as a process: an OpenAPI 3.1 document that a real
+//! validator accepts, that lists every endpoint of the API with its answers, and whose every
+//! operation is served (each one, called without a key, is refused as unauthorised rather than
+//! missing).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use serde_json::Value;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_endpoint_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let http = reqwest::Client::new();
+    let answer = http
+        .get(format!("{}/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "application/json");
+    let text = answer.text().await.unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    // The operations and the statuses each documents: a change to the API shows here.
+    let mut operations = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let statuses: Vec<&str> = operation["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            operations.push(format!(
+                "{} {path} -> {}",
+                method.to_uppercase(),
+                statuses.join(" ")
+            ));
+            // Every /v1 operation says how it authenticates and what its errors look like.
+            if path.starts_with("/v1/") {
+                let scheme = if path.starts_with("/v1/admin/") {
+                    "admin_key"
+                } else {
+                    "tenant_key"
+                };
+                assert!(
+                    operation["security"][0][scheme].is_array(),
+                    "{method} {path}: {}",
+                    operation["security"]
+                );
+                assert_eq!(
+                    operation["responses"]["401"]["content"]["application/problem+json"]["schema"]
+                        ["$ref"],
+                    "#/components/schemas/ProblemView"
+                );
+            }
+        }
+    }
+    operations.sort();
+    let expected = [
+        "DELETE /v1/admin/tenants/{name}/keys/{id} -> 204 401 403 404 default",
+        "GET /healthz -> 200",
+        "GET /readyz -> 200 503",
+        "GET /v1/admin/tenants -> 200 401 403 default",
+        "GET /v1/admin/tenants/{name}/keys -> 200 401 403 404 default",
+        "GET /v1/agents -> 200 401 default",
+        "GET /v1/audit/verify -> 200 401 404 default",
+        "GET /v1/costs -> 200 400 401 default",
+        "GET /v1/models -> 200 401 default",
+        "GET /v1/runs -> 200 400 401 default",
+        "GET /v1/runs/{id} -> 200 401 404 default",
+        "GET /v1/runs/{id}/events -> 200 400 401 404 default",
+        "GET /v1/runs/{id}/trace -> 200 401 404 default",
+        "POST /v1/admin/tenants -> 200 201 401 403 422 default",
+        "POST /v1/admin/tenants/{name}/keys -> 201 401 403 404 default",
+        "POST /v1/agents -> 201 401 413 422 default",
+        "POST /v1/chat/completions -> 200 400 401 404 422 429 502 503 504 default",
+        "POST /v1/runs -> 200 202 401 404 415 422 429 default",
+        "POST /v1/runs/{id}/approval -> 200 401 404 409 default",
+        "POST /v1/runs/{id}/cancel -> 200 202 401 404 409 default",
+    ];
+    assert_eq!(operations, expected);
+
+    // The answers are typed: a run's fields are in the document.
+    let run = &doc["components"]["schemas"]["RunView"]["properties"];
+    for field in [
+        "run_id",
+        "status",
+        "termination_reason",
+        "usage",
+        "cost_micros",
+    ] {
+        assert!(run[field].is_object(), "RunView.{field}: {run}");
+    }
+    assert_eq!(
+        doc["paths"]["/v1/runs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/NewRun"
+    );
+
+    // Every documented operation is served: without a key, each is 401, never 404 or 405.
+    let admin_off = [403];
+    for line in &operations {
+        let (method, rest) = line.split_once(' ').unwrap();
+        let path = rest.split_once(" -> ").unwrap().0;
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let url = format!(
+            "{}{}",
+            server.base,
+            path.replace("{id}", "x").replace("{name}", "x")
+        );
+        let status = http
+            .request(method.parse().unwrap(), &url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if path.starts_with("/v1/admin/") {
+            assert!(admin_off.contains(&status), "{method} {path}: {status}");
+        } else {
+            assert_eq!(status, 401, "{method} {path}");
+        }
+    }
+
+    // A real OpenAPI 3.1 validator accepts it.
+    let Some(python) = common::python_with_openai() else {
+        return;
+    };
+    let mut check = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys\nfrom openapi_spec_validator import validate\nvalidate(json.load(sys.stdin))\nprint('valid')",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
