@@ -66,7 +66,14 @@ struct App {
     admin_key_sha256: Option<String>,
     /// The gateway's exact-match response cache.
     gateway_cache: cache::ResponseCache,
+    /// Tenants by API-key hash, as recently read from the store (see [`KEY_CACHE_TTL`]).
+    keys: moka::sync::Cache<String, TenantId>,
 }
+
+/// How long a key's tenant is remembered without asking the store again: a key revoked by
+/// another process still works here for up to this long (one revoked through this process's
+/// admin API stops at once).
+const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl App {
     fn new(
@@ -81,6 +88,10 @@ impl App {
         Arc::new(App {
             admin_key_sha256,
             gateway_cache: cache::ResponseCache::new(config.gateway.cache),
+            keys: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
             store,
             runtime,
             config,
@@ -209,9 +220,15 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Problem> {
-        let key = bearer(parts)?;
-        match app.store.tenant_by_key(&sha256_hex(key.as_bytes())).await? {
-            Some(tenant) => Ok(Caller(tenant)),
+        let hash = sha256_hex(bearer(parts)?.as_bytes());
+        if let Some(tenant) = app.keys.get(&hash) {
+            return Ok(Caller(tenant));
+        }
+        match app.store.tenant_by_key(&hash).await? {
+            Some(tenant) => {
+                app.keys.insert(hash, tenant.clone());
+                Ok(Caller(tenant))
+            }
             None => Err(Problem::new(StatusCode::UNAUTHORIZED, "unknown API key")),
         }
     }

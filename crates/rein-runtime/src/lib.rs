@@ -610,12 +610,17 @@ impl Runtime {
             overheads: Vec::new(),
             detail: None,
             models_used: Default::default(),
+            unsaved: Vec::new(),
         };
         driver.start(&info, kinds).await?;
         let keeper = self.keep_lease(&run_id);
         let outcome = driver.drive().await;
         drop(keeper);
-        self.store.release(&run_id, &self.owner).await?;
+        // No worker claims an ended run, so its lease needs no release: one write fewer per
+        // run (a gateway call is a whole run).
+        if !matches!(&outcome, Ok(o) if o.status.is_terminal()) {
+            self.store.release(&run_id, &self.owner).await?;
+        }
         outcome
     }
 
@@ -848,6 +853,7 @@ impl Runtime {
             overheads: Vec::new(),
             detail: None,
             models_used: Default::default(),
+            unsaved: Vec::new(),
         };
         for event in &events {
             if let EventKind::ModelResponded { model, .. } = &event.kind {
@@ -922,6 +928,9 @@ struct Driver<'a> {
     overheads: Vec<u64>,
     detail: Option<String>,
     models_used: std::collections::BTreeMap<String, u32>,
+    /// Events sealed and folded into the engine but not yet in the store: they are written
+    /// with the next event that must be durable (before any call goes out, and at the end).
+    unsaved: Vec<rein_core::SealedEvent>,
 }
 
 impl Driver<'_> {
@@ -961,18 +970,19 @@ impl Driver<'_> {
             }
             carried = Duration::ZERO;
         }
+        self.save().await?;
         let (status, reason) = match (self.engine.outcome(), &awaiting) {
             (Some((status, reason)), _) => (status, Some(reason)),
             (None, Some(_)) => (RunStatus::AwaitingApproval, None),
             (None, None) => (RunStatus::Failed, Some(TerminationReason::Error)),
         };
-        let run = self.runtime.store.run(&self.tenant, &self.run_id).await?;
         Ok(RunOutcome {
             run_id: self.run_id.clone(),
             status,
             reason,
             awaiting,
-            detail: run.progress.detail,
+            // What the store shows: a run's detail is its `run_finished`'s.
+            detail: self.detail.take(),
             iterations: self.engine.iterations(),
             tool_calls: self.engine.tool_calls(),
             usage: self.engine.usage(),
@@ -1003,8 +1013,30 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Seals `kind` into the chain, folds it into the engine and makes it durable.
-    async fn record(&mut self, mut kind: EventKind) -> Result<(), RuntimeError> {
+    /// Seals `kind` into the chain, folds it into the engine and makes it durable, with any
+    /// event staged before it.
+    async fn record(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
+        self.stage(kind)?;
+        self.save().await
+    }
+
+    /// Writes the staged events, in one go.
+    async fn save(&mut self) -> Result<(), RuntimeError> {
+        if !self.unsaved.is_empty() {
+            self.runtime
+                .store
+                .append_all(&self.tenant, &self.unsaved)
+                .await?;
+            self.unsaved.clear();
+        }
+        Ok(())
+    }
+
+    /// Seals `kind` into the chain and folds it into the engine; it is written with the next
+    /// [`Driver::record`] (or [`Driver::save`]). Only for an event that nothing outside the run
+    /// acts on before that: a crash in between loses it as if it had not happened, and the
+    /// run resumes from the event before it.
+    fn stage(&mut self, mut kind: EventKind) -> Result<(), RuntimeError> {
         // A handoff says where the whole story is: the run's trace.
         if let EventKind::RunFinished {
             reason: TerminationReason::Escalated,
@@ -1036,9 +1068,9 @@ impl Driver<'_> {
         };
         let sealed = event.seal(&self.run_id, &self.prev_hash);
         self.engine.apply(&event)?;
-        self.runtime.store.append(&self.tenant, &sealed).await?;
-        self.prev_hash = sealed.hash;
+        self.prev_hash = sealed.hash.clone();
         self.next_seq += 1;
+        self.unsaved.push(sealed);
         Ok(())
     }
 
@@ -1084,13 +1116,13 @@ impl Driver<'_> {
             .await?
         {
             Reservation::Granted => {
-                self.record(EventKind::BudgetReserved {
+                // Written with the call's `model_requested`, before the call goes out.
+                self.stage(EventKind::BudgetReserved {
                     step: call.step,
                     reservation: id.clone(),
                     scopes: scopes.iter().map(|s| s.key.clone()).collect(),
                     amount,
-                })
-                .await?;
+                })?;
                 Ok(Ok(Some((id, scopes))))
             }
             Reservation::Refused { scope, standing } => {
@@ -1436,12 +1468,13 @@ impl Driver<'_> {
         self.record(kind).await?;
         if let (Some((id, scopes)), Some(governor)) = (reservation, self.runtime.governor.clone()) {
             let standings = governor.counters.settle(&id, &scopes, spent).await?;
-            self.record(EventKind::BudgetSettled {
+            // Written with the run's next event: lost in a crash, the settlement is made again
+            // on resume (`settle_leftovers`), and the counters count it once.
+            self.stage(EventKind::BudgetSettled {
                 step: call.step,
                 reservation: id,
                 amount: spent,
-            })
-            .await?;
+            })?;
             self.warn_on_crossing(&governor, scopes, standings, spent)
                 .await?;
         }

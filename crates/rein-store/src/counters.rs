@@ -40,6 +40,21 @@ async fn standing_in(
         .map_or(Ok(Standing::default()), standing_from_row)
 }
 
+/// The first scope that cannot cover `amount`, with its standing.
+async fn first_refusal<'s>(
+    tx: &mut Transaction<'_, Sqlite>,
+    scopes: &'s [Scope],
+    amount: &Amount,
+) -> Result<Option<(&'s Scope, Standing)>, sqlx::Error> {
+    for scope in scopes {
+        let standing = standing_in(tx, &scope.key).await?;
+        if !standing.admits(&scope.cap, amount) {
+            return Ok(Some((scope, standing)));
+        }
+    }
+    Ok(None)
+}
+
 impl SqliteStore {
     async fn reserve_in_store(
         &self,
@@ -52,16 +67,20 @@ impl SqliteStore {
         // The store's single writer connection serialises this transaction with every other
         // write in this database: no other reserve can interleave between check and hold.
         let mut tx = self.pool.begin().await?;
-        release_expired(&mut tx, now_ms).await?;
-        for scope in scopes {
-            let standing = standing_in(&mut tx, &scope.key).await?;
-            if !standing.admits(&scope.cap, &amount) {
-                tx.rollback().await?;
-                return Ok(Reservation::Refused {
-                    scope: scope.clone(),
-                    standing,
-                });
-            }
+        let mut refusal = first_refusal(&mut tx, scopes, &amount).await?;
+        if refusal.is_some() {
+            // Holds left by a process that died before settling count against the caps until
+            // they expire: release the expired ones, then look again. (Only here: on the common
+            // path, that sweep would be two more statements on the one writer per call.)
+            release_expired(&mut tx, now_ms).await?;
+            refusal = first_refusal(&mut tx, scopes, &amount).await?;
+        }
+        if let Some((scope, standing)) = refusal {
+            tx.rollback().await?;
+            return Ok(Reservation::Refused {
+                scope: scope.clone(),
+                standing,
+            });
         }
         for scope in scopes {
             sqlx::query(
@@ -111,31 +130,31 @@ impl SqliteStore {
             tx.commit().await?;
             return Ok(after);
         }
+        // Each scope's standing comes back from its own update (RETURNING): no second read.
+        let mut after = Vec::with_capacity(scopes.len());
         for scope in scopes {
-            sqlx::query(
+            let row = sqlx::query(
                 "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES (?, ?, ?)
                  ON CONFLICT (scope) DO UPDATE SET
                      spent_micros = spent_micros + excluded.spent_micros,
                      spent_tokens = spent_tokens + excluded.spent_tokens,
                      reserved_micros = reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0),
-                     reserved_tokens = reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0)",
+                     reserved_tokens = reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0)
+                 RETURNING spent_micros, spent_tokens, reserved_micros, reserved_tokens",
             )
             .bind(&scope.key)
             .bind(actual.usd.micros())
             .bind(to_i64(actual.tokens))
             .bind(id)
             .bind(id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            after.push(standing_from_row(&row)?);
         }
         sqlx::query("DELETE FROM budget_reservations WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let mut after = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            after.push(standing_in(&mut tx, &scope.key).await?);
-        }
         tx.commit().await?;
         Ok(after)
     }

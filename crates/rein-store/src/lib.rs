@@ -215,6 +215,22 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         event: &'a SealedEvent,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Appends consecutive sealed events, as [`Store::append`] does each, in order. A store may
+    /// write them in one statement (all or none); the default appends them one by one, so
+    /// after a failure a prefix may be written, each event of it valid.
+    fn append_all<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        events: &'a [SealedEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for event in events {
+                self.append(tenant, event).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Claims the oldest run a worker may drive: a queued one, a running one whose lease
     /// expired (its holder died), or one awaiting an approval that timed out (so its policy
     /// happens). Two workers never claim the same run.

@@ -196,6 +196,22 @@ impl Store for SqliteStore {
         Box::pin(insert_event(&self.pool, tenant, event))
     }
 
+    // One statement for all of them: on the single writer connection, each statement is a round
+    // trip that every other write of the process waits behind.
+    fn append_all<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        events: &'a [SealedEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match events {
+                [] => Ok(()),
+                [one] => insert_event(&self.pool, tenant, one).await,
+                [first, ..] => insert_events(&self.pool, tenant, first, events).await,
+            }
+        })
+    }
+
     // One statement on the single writer connection, so two workers never claim one run.
     fn claim<'a>(
         &'a self,
@@ -635,6 +651,56 @@ async fn insert_event<'e>(
             run_id: event.run_id.clone(),
             seq: event.seq,
         }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
+/// ends just before the first (checked once, before the first row goes in), else none.
+async fn insert_events(
+    pool: &SqlitePool,
+    tenant: &TenantId,
+    first: &SealedEvent,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
+    let conflict = || StoreError::Conflict {
+        run_id: first.run_id.clone(),
+        seq: first.seq,
+    };
+    // Consecutive positions of one run, or the batch is refused before it reaches the store.
+    let consecutive = events
+        .iter()
+        .zip(first.seq..)
+        .all(|(e, seq)| e.seq == seq && e.run_id == first.run_id);
+    if !consecutive {
+        return Err(conflict());
+    }
+    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (",
+    );
+    query.push_values(events, |mut row, event| {
+        row.push_bind(event.run_id.as_str())
+            .push_bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
+            .push_bind(event.ts_ms)
+            .push_bind(&event.kind)
+            .push_bind(event.payload.as_deref())
+            .push_bind(&event.payload_sha256)
+            .push_bind(&event.prev_hash)
+            .push_bind(&event.hash);
+    });
+    query
+        .push(") WHERE EXISTS (SELECT 1 FROM runs WHERE id = ")
+        .push_bind(first.run_id.as_str())
+        .push(" AND tenant = ")
+        .push_bind(tenant.as_str())
+        .push(" AND event_count = ")
+        .push_bind(i64::try_from(first.seq).unwrap_or(i64::MAX))
+        .push(")");
+    let inserted = query.build().execute(pool).await;
+    match inserted {
+        Ok(done) if done.rows_affected() == events.len() as u64 => Ok(()),
+        Ok(_) => Err(conflict()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(conflict()),
         Err(e) => Err(e.into()),
     }
 }

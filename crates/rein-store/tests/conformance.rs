@@ -678,6 +678,38 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     assert_eq!(theirs.spec, "o: 1", "each tenant has its own agents");
 }
 
+async fn events_appended_together_land_in_order_or_not_at_all(store: &dyn Store) {
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    log.create(store, None).await;
+    let t1 = TenantId::new("t1");
+    let batch = vec![
+        log.seal(responded("m", 10, 5, 0.01)),
+        log.seal(responded("m", 20, 5, 0.02)),
+        log.seal(finished(serde_json::json!("done"))),
+    ];
+    // Not after the log's end, nor for another tenant: refused, and nothing is written.
+    let skipped = store.append_all(&t1, &batch[1..]).await.unwrap_err();
+    assert!(matches!(skipped, StoreError::Conflict { .. }), "{skipped}");
+    let theirs = store
+        .append_all(&TenantId::new("t2"), &batch)
+        .await
+        .unwrap_err();
+    assert!(matches!(theirs, StoreError::Conflict { .. }), "{theirs}");
+    assert_eq!(store.events(&t1, &RunId::new("r1")).await.unwrap().len(), 1);
+
+    store.append_all(&t1, &batch).await.unwrap();
+    let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
+    assert_eq!(events, log.sealed);
+    rein_core::verify_chain(&events, None).unwrap();
+    let run = store.run(&t1, &RunId::new("r1")).await.unwrap();
+    assert_eq!(run.event_count, 4);
+    assert_eq!(run.progress.status, RunStatus::Completed);
+    assert_eq!(run.progress.cost, Usd::from_dollars(0.03).unwrap());
+    let again = store.append_all(&t1, &batch).await.unwrap_err();
+    assert!(matches!(again, StoreError::Conflict { .. }), "{again}");
+    store.append_all(&t1, &[]).await.unwrap();
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -741,6 +773,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 
 conformance!(sqlite:
     events_round_trip_verify_and_project_onto_the_run,
+    events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
     claims_take_the_oldest_run_first_and_never_a_finished_one,
@@ -753,6 +786,7 @@ conformance!(sqlite:
 
 conformance!(postgres:
     events_round_trip_verify_and_project_onto_the_run,
+    events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
     claims_take_the_oldest_run_first_and_never_a_finished_one,

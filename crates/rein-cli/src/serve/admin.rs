@@ -356,6 +356,8 @@ pub(super) async fn revoke(
         .revoke_api_key(&TenantId::new(&tenant), &id)
         .await?
     {
+        // Remembered keys are by hash, and a revocation names a key by id: forget them all.
+        app.keys.invalidate_all();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found(format!(
