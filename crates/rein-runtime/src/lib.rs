@@ -856,8 +856,12 @@ impl Runtime {
             unsaved: Vec::new(),
         };
         for event in &events {
-            if let EventKind::ModelResponded { model, .. } = &event.kind {
-                *driver.models_used.entry(model.clone()).or_default() += 1;
+            match &event.kind {
+                EventKind::ModelResponded { model, .. } => {
+                    *driver.models_used.entry(model.clone()).or_default() += 1;
+                }
+                EventKind::RunFinished { detail, .. } => driver.detail = detail.clone(),
+                _ => {}
             }
         }
         let outcome = async {
