@@ -68,6 +68,39 @@ async fn reservations_are_all_or_nothing(c: &dyn Counters) {
     assert_eq!(roomy_now.reserved, amount(0.8, 10));
 }
 
+/// Every scope is checked before any is held: a hold taken in one scope never makes the same
+/// reservation fail in the next (which would leave it held in some scopes only).
+async fn a_reservation_is_checked_in_every_scope_before_any_hold(c: &dyn Counters) {
+    let small = scope("user:t3:u:day", Some(1.0), Some(100));
+    let large = scope("tenant:t3:day", Some(10.0), None);
+    let both = [small.clone(), large.clone()];
+    assert_eq!(
+        c.reserve("r1", &both, amount(0.6, 60), 0, 1000)
+            .await
+            .unwrap(),
+        Reservation::Granted
+    );
+    for s in [&small, &large] {
+        assert_eq!(
+            c.standing(&s.key, 0).await.unwrap().reserved,
+            amount(0.6, 60)
+        );
+    }
+    // Over the token cap only: refused, and nothing more is held anywhere.
+    let refused = c
+        .reserve("r2", &both, amount(0.1, 50), 0, 1000)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&refused, Reservation::Refused { scope, .. } if scope.key == small.key),
+        "{refused:?}"
+    );
+    assert_eq!(
+        c.standing(&large.key, 0).await.unwrap().reserved,
+        amount(0.6, 60)
+    );
+}
+
 async fn settling_releases_the_rest_and_counts_the_spend(c: &dyn Counters) {
     let s = [scope("tenant:t2:day", Some(1.0), Some(1000))];
     assert_eq!(
@@ -183,6 +216,7 @@ async fn cells_change_only_by_compare_and_swap(c: &dyn Counters) {
 async fn sqlite_counters_conform() {
     let (store, _dir) = sqlite().await;
     reservations_are_all_or_nothing(&store).await;
+    a_reservation_is_checked_in_every_scope_before_any_hold(&store).await;
     settling_releases_the_rest_and_counts_the_spend(&store).await;
     a_reservation_left_by_a_dead_process_expires(&store).await;
     cells_change_only_by_compare_and_swap(&store).await;
@@ -193,6 +227,7 @@ async fn sqlite_counters_conform() {
 async fn redis_counters_conform() {
     let c = redis().await;
     reservations_are_all_or_nothing(&c).await;
+    a_reservation_is_checked_in_every_scope_before_any_hold(&c).await;
     settling_releases_the_rest_and_counts_the_spend(&c).await;
     a_reservation_left_by_a_dead_process_expires(&c).await;
     cells_change_only_by_compare_and_swap(&c).await;
@@ -206,6 +241,7 @@ async fn postgres_counters_conform() {
     );
     let c = rein_store::PgStore::connect(&schema.url()).await.unwrap();
     reservations_are_all_or_nothing(&c).await;
+    a_reservation_is_checked_in_every_scope_before_any_hold(&c).await;
     settling_releases_the_rest_and_counts_the_spend(&c).await;
     a_reservation_left_by_a_dead_process_expires(&c).await;
     cells_change_only_by_compare_and_swap(&c).await;

@@ -2,26 +2,17 @@
 
 use crate::{SqliteStore, counters_error, standing_from_row, to_i64};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-/// Releases every reservation that expired by `now_ms`.
-async fn release_expired(tx: &mut Transaction<'_, Sqlite>, now_ms: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE budget_counters SET
-             reserved_micros = reserved_micros - (SELECT coalesce(sum(micros), 0) FROM budget_reservations r
-                                                  WHERE r.scope = budget_counters.scope AND r.expires_ms <= ?),
-             reserved_tokens = reserved_tokens - (SELECT coalesce(sum(tokens), 0) FROM budget_reservations r
-                                                  WHERE r.scope = budget_counters.scope AND r.expires_ms <= ?)
-         WHERE scope IN (SELECT scope FROM budget_reservations WHERE expires_ms <= ?)",
-    )
-    .bind(now_ms)
-    .bind(now_ms)
-    .bind(now_ms)
-    .execute(&mut **tx)
-    .await?;
+/// Releases every reservation that expired by `now_ms` (its hold comes off its counter by
+/// trigger).
+async fn release_expired(
+    executor: impl sqlx::Executor<'_, Database = Sqlite>,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM budget_reservations WHERE expires_ms <= ?")
         .bind(now_ms)
-        .execute(&mut **tx)
+        .execute(executor)
         .await?;
     Ok(())
 }
@@ -40,22 +31,70 @@ async fn standing_in(
         .map_or(Ok(Standing::default()), standing_from_row)
 }
 
-/// The first scope that cannot cover `amount`, with its standing.
-async fn first_refusal<'s>(
-    tx: &mut Transaction<'_, Sqlite>,
-    scopes: &'s [Scope],
-    amount: &Amount,
-) -> Result<Option<(&'s Scope, Standing)>, sqlx::Error> {
+/// Each scope's standing, in the order given, in one read.
+async fn standings(
+    pool: &sqlx::SqlitePool,
+    scopes: &[Scope],
+) -> Result<Vec<Standing>, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "SELECT scope, spent_micros, spent_tokens, reserved_micros, reserved_tokens FROM budget_counters WHERE scope IN (",
+    );
+    let mut keys = query.separated(", ");
     for scope in scopes {
-        let standing = standing_in(tx, &scope.key).await?;
-        if !standing.admits(&scope.cap, amount) {
-            return Ok(Some((scope, standing)));
-        }
+        keys.push_bind(&scope.key);
     }
-    Ok(None)
+    query.push(")");
+    let mut found = std::collections::HashMap::new();
+    for row in query.build().fetch_all(pool).await? {
+        found.insert(row.try_get::<String, _>("scope")?, standing_from_row(&row)?);
+    }
+    Ok(scopes
+        .iter()
+        .map(|s| found.get(&s.key).copied().unwrap_or_default())
+        .collect())
 }
 
 impl SqliteStore {
+    /// Holds `amount` in every scope, or in none, in one statement: the reservation rows go in
+    /// only if no scope's counter, checked once before the first row, would pass its cap (the
+    /// same rule as [`Standing::admits`]); their holds reach the counters by trigger.
+    async fn hold(
+        &self,
+        id: &str,
+        scopes: &[Scope],
+        amount: Amount,
+        expires_ms: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let mut query = QueryBuilder::<Sqlite>::new("WITH s (scope, cap_micros, cap_tokens) AS (");
+        query.push_values(scopes, |mut row, scope| {
+            row.push_bind(&scope.key)
+                .push_bind(scope.cap.usd.map(|c| c.micros()))
+                .push_bind(scope.cap.tokens.map(to_i64));
+        });
+        query
+            .push(") INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) SELECT ")
+            .push_bind(id)
+            .push(", scope, ")
+            .push_bind(amount.usd.micros())
+            .push(", ")
+            .push_bind(to_i64(amount.tokens))
+            .push(", ")
+            .push_bind(expires_ms)
+            .push(
+                " FROM s WHERE NOT EXISTS (SELECT 1 FROM s AS t LEFT JOIN budget_counters c ON c.scope = t.scope
+                   WHERE (t.cap_micros IS NOT NULL AND coalesce(c.spent_micros, 0) + coalesce(c.reserved_micros, 0) + ",
+            )
+            .push_bind(amount.usd.micros())
+            .push(
+                " > t.cap_micros)
+                      OR (t.cap_tokens IS NOT NULL AND coalesce(c.spent_tokens, 0) + coalesce(c.reserved_tokens, 0) + ",
+            )
+            .push_bind(to_i64(amount.tokens))
+            .push(" > t.cap_tokens))");
+        let done = query.build().execute(&self.pool).await?;
+        Ok(done.rows_affected() == scopes.len() as u64)
+    }
+
     async fn reserve_in_store(
         &self,
         id: &str,
@@ -64,104 +103,65 @@ impl SqliteStore {
         now_ms: i64,
         expires_ms: i64,
     ) -> Result<Reservation, sqlx::Error> {
-        // The store's single writer connection serialises this transaction with every other
-        // write in this database: no other reserve can interleave between check and hold.
-        let mut tx = self.pool.begin().await?;
-        let mut refusal = first_refusal(&mut tx, scopes, &amount).await?;
-        if refusal.is_some() {
-            // Holds left by a process that died before settling count against the caps until
-            // they expire: release the expired ones, then look again. (Only here: on the common
-            // path, that sweep would be two more statements on the one writer per call.)
-            release_expired(&mut tx, now_ms).await?;
-            refusal = first_refusal(&mut tx, scopes, &amount).await?;
+        if scopes.is_empty() || self.hold(id, scopes, amount, expires_ms).await? {
+            return Ok(Reservation::Granted);
         }
-        if let Some((scope, standing)) = refusal {
-            tx.rollback().await?;
-            return Ok(Reservation::Refused {
+        // Holds left by a process that died before settling count against the caps until they
+        // expire: release the expired ones, then try again. (Only here: on the common path, the
+        // sweep would be one more statement on the one writer per call.)
+        release_expired(&self.pool, now_ms).await?;
+        if self.hold(id, scopes, amount, expires_ms).await? {
+            return Ok(Reservation::Granted);
+        }
+        let standings = standings(&self.pool, scopes).await?;
+        let refused = scopes
+            .iter()
+            .zip(standings)
+            .find(|(scope, standing)| !standing.admits(&scope.cap, &amount))
+            .or_else(|| scopes.first().map(|s| (s, Standing::default())));
+        Ok(match refused {
+            Some((scope, standing)) => Reservation::Refused {
                 scope: scope.clone(),
                 standing,
-            });
-        }
-        for scope in scopes {
-            sqlx::query(
-                "INSERT INTO budget_counters (scope, reserved_micros, reserved_tokens) VALUES (?, ?, ?)
-                 ON CONFLICT (scope) DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros,
-                                                   reserved_tokens = reserved_tokens + excluded.reserved_tokens",
-            )
-            .bind(&scope.key)
-            .bind(amount.usd.micros())
-            .bind(to_i64(amount.tokens))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) VALUES (?, ?, ?, ?, ?)")
-                .bind(id)
-                .bind(&scope.key)
-                .bind(amount.usd.micros())
-                .bind(to_i64(amount.tokens))
-                .bind(expires_ms)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(Reservation::Granted)
+            },
+            None => Reservation::Granted,
+        })
     }
 
+    /// Counts `actual` in every scope and releases the reservation's holds, in one statement
+    /// (by trigger), once: settling again inserts nothing.
     async fn settle_in_store(
         &self,
         id: &str,
         scopes: &[Scope],
         actual: Amount,
     ) -> Result<Vec<Standing>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO budget_settlements (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first {
-            // Already settled: report the standings, change nothing.
-            let mut after = Vec::with_capacity(scopes.len());
-            for scope in scopes {
-                after.push(standing_in(&mut tx, &scope.key).await?);
-            }
-            tx.commit().await?;
-            return Ok(after);
+        if !scopes.is_empty() {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO budget_settled (id, scope, micros, tokens) SELECT ",
+            );
+            query
+                .push_bind(id)
+                .push(", column1, ")
+                .push_bind(actual.usd.micros())
+                .push(", ")
+                .push_bind(to_i64(actual.tokens))
+                .push(" FROM (");
+            query.push_values(scopes, |mut row, scope| {
+                row.push_bind(&scope.key);
+            });
+            query
+                .push(") WHERE NOT EXISTS (SELECT 1 FROM budget_settlements WHERE id = ")
+                .push_bind(id)
+                .push(") ON CONFLICT (id, scope) DO NOTHING");
+            query.build().execute(&self.pool).await?;
         }
-        // Each scope's standing comes back from its own update (RETURNING): no second read.
-        let mut after = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            let row = sqlx::query(
-                "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES (?, ?, ?)
-                 ON CONFLICT (scope) DO UPDATE SET
-                     spent_micros = spent_micros + excluded.spent_micros,
-                     spent_tokens = spent_tokens + excluded.spent_tokens,
-                     reserved_micros = reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0),
-                     reserved_tokens = reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = ? AND scope = excluded.scope), 0)
-                 RETURNING spent_micros, spent_tokens, reserved_micros, reserved_tokens",
-            )
-            .bind(&scope.key)
-            .bind(actual.usd.micros())
-            .bind(to_i64(actual.tokens))
-            .bind(id)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            after.push(standing_from_row(&row)?);
-        }
-        sqlx::query("DELETE FROM budget_reservations WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(after)
+        standings(&self.pool, scopes).await
     }
 
     async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        release_expired(&mut tx, now_ms).await?;
+        release_expired(&mut *tx, now_ms).await?;
         let standing = standing_in(&mut tx, scope).await?;
         tx.commit().await?;
         Ok(standing)
