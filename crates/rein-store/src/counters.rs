@@ -113,7 +113,7 @@ impl SqliteStore {
         if self.hold(id, scopes, amount, expires_ms).await? {
             return Ok(Reservation::Granted);
         }
-        let standings = standings(&self.pool, scopes).await?;
+        let standings = standings(&self.reader, scopes).await?;
         let refused = scopes
             .iter()
             .zip(standings)
@@ -156,7 +156,8 @@ impl SqliteStore {
                 .push(") ON CONFLICT (id, scope) DO NOTHING");
             query.build().execute(&self.pool).await?;
         }
-        standings(&self.pool, scopes).await
+        // From a reader: the settlement is committed, and the writer is left to writes.
+        standings(&self.reader, scopes).await
     }
 
     async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {

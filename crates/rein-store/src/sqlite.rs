@@ -65,7 +65,7 @@ pub enum Durability {
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
-    reader: SqlitePool,
+    pub(crate) reader: SqlitePool,
 }
 
 /// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
@@ -178,8 +178,10 @@ impl Store for SqliteStore {
             .bind(lease.map_or(0, |l| l.until_ms))
             .execute(&mut *tx)
             .await?;
-            for event in first {
-                insert_event(&mut *tx, &run.tenant, event).await?;
+            match first {
+                [one] => insert_event(&mut *tx, &run.tenant, one).await?,
+                [head, ..] => insert_events(&mut *tx, &run.tenant, head, first).await?,
+                [] => {}
             }
             tx.commit().await?;
             Ok(())
@@ -657,8 +659,8 @@ async fn insert_event<'e>(
 
 /// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
 /// ends just before the first (checked once, before the first row goes in), else none.
-async fn insert_events(
-    pool: &SqlitePool,
+async fn insert_events<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
     tenant: &TenantId,
     first: &SealedEvent,
     events: &[SealedEvent],
@@ -696,7 +698,7 @@ async fn insert_events(
         .push(" AND event_count = ")
         .push_bind(i64::try_from(first.seq).unwrap_or(i64::MAX))
         .push(")");
-    let inserted = query.build().execute(pool).await;
+    let inserted = query.build().execute(executor).await;
     match inserted {
         Ok(done) if done.rows_affected() == events.len() as u64 => Ok(()),
         Ok(_) => Err(conflict()),
