@@ -11,6 +11,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `SELECT <group>, totals FROM model_responded events of <tenants> since ? GROUP BY <group>`,
@@ -62,10 +63,48 @@ pub enum Durability {
 /// SQLite allows one writer at a time, so all writes go through a single connection (queued
 /// in order, never spinning on `SQLITE_BUSY`), while reads use a small pool of their own that
 /// WAL lets run beside the writer.
+///
+/// The writer never checkpoints the write-ahead log itself (a checkpoint in the middle of a
+/// write stalls that write, and every write queued behind it, for milliseconds): a background
+/// task does, on a connection of its own, every [`CHECKPOINT_EVERY`].
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
     pub(crate) reader: SqlitePool,
+    /// The checkpointing task, stopped when the last clone of the store goes.
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// How often the write-ahead log is copied into the database file.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// The background checkpointing task; aborted on drop.
+#[derive(Debug)]
+struct Checkpointer(tokio::task::JoinHandle<()>);
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Checkpointer {
+    /// Checkpoints `pool`'s database every [`CHECKPOINT_EVERY`], without waiting for readers or
+    /// the writer (`PASSIVE`): what it cannot copy now it copies next time.
+    fn start(pool: SqlitePool) -> Self {
+        Checkpointer(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Busy (another process is checkpointing) or failing: the next tick tries again,
+                // and the log only grows meanwhile.
+                let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await;
+            }
+        }))
+    }
 }
 
 /// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
@@ -112,6 +151,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             reader: pool.clone(),
             pool,
+            checkpointer: None,
         })
     }
 
@@ -123,20 +163,31 @@ impl SqliteStore {
             .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         MIGRATOR.run(&pool).await?;
+        let checkpoints = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(SqliteStore { pool, reader })
+        Ok(SqliteStore {
+            pool,
+            reader,
+            checkpointer: Some(Arc::new(Checkpointer::start(checkpoints))),
+        })
     }
 }
 
 impl Store for SqliteStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer.0.abort();
+            }
             // Flush the write-ahead log into the main file first.
             let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&self.pool)
@@ -745,6 +796,42 @@ mod tests {
                 granted_scopes: Vec::new(),
             },
         }
+    }
+
+    /// The writer never checkpoints; the background task does, so the log is reused rather than
+    /// growing for as long as the process writes.
+    #[tokio::test]
+    async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = SqliteStore::open(&path, Durability::Process).await.unwrap();
+        let wal = dir.path().join("c.db-wal");
+        let write = |from: usize| {
+            let store = store.clone();
+            async move {
+                for i in from..from + 300 {
+                    let id = format!("r{i}");
+                    let first = started(0).seal(&RunId::new(&id), GENESIS_HASH);
+                    store
+                        .create_run(&new_run(&id, "t1"), std::slice::from_ref(&first), None)
+                        .await
+                        .unwrap();
+                }
+            }
+        };
+        write(0).await;
+        let grown = std::fs::metadata(&wal).unwrap().len();
+        assert!(grown > 0);
+        // Three checkpoint periods: the log is copied into the database, and the writes that
+        // follow start it over from the beginning instead of appending to it.
+        tokio::time::sleep(CHECKPOINT_EVERY * 3).await;
+        write(300).await;
+        let after = std::fs::metadata(&wal).unwrap().len();
+        assert!(
+            after <= grown + grown / 5,
+            "the log grew from {grown} to {after} bytes: it was not checkpointed"
+        );
+        store.close().await;
     }
 
     #[tokio::test]
