@@ -220,6 +220,20 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Problem> {
+        // OpenAI's clients show the reason of a refused key from their own error member.
+        let gateway = parts.uri.path() == "/v1/models" || parts.uri.path().starts_with("/v1/chat/");
+        Self::authenticate(parts, app).await.map_err(|p| {
+            if gateway && p.status == StatusCode::UNAUTHORIZED {
+                p.openai("invalid_request_error", "invalid_api_key")
+            } else {
+                p
+            }
+        })
+    }
+}
+
+impl Caller {
+    async fn authenticate(parts: &Parts, app: &App) -> Result<Self, Problem> {
         let hash = sha256_hex(bearer(parts)?.as_bytes());
         if let Some(tenant) = app.keys.get(&hash) {
             return Ok(Caller(tenant));

@@ -218,8 +218,9 @@ async fn openai_clients_call_through_the_governed_gateway() {
         let problem: Value = answer.json().await.unwrap();
         let detail = problem["detail"].as_str().unwrap();
         assert!(detail.contains(says), "{body}: {detail}");
-        if status != 401 {
-            assert_eq!(problem["error"]["message"], detail, "{body}");
+        assert_eq!(problem["error"]["message"], detail, "{body}");
+        if status == 401 {
+            assert_eq!(problem["error"]["code"], "invalid_api_key");
         }
     }
     assert_eq!(fake.request_count(), calls_before);

@@ -376,6 +376,10 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     };
     assert_eq!(trace_a["run"]["status"], "cancelled", "{trace_a}");
     assert_eq!(trace_a["run"]["termination_reason"], "cancelled");
+    assert_eq!(
+        trace_a["run"]["detail"], "cancelled by api:acme while it ran",
+        "the log says who cancelled it"
+    );
     let kinds = kinds(&trace_a);
     let n = kinds.len();
     assert_eq!(kinds[n - 2..], ["tool_result", "run_finished"], "{kinds:?}");

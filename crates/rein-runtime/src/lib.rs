@@ -32,7 +32,6 @@ use retry::{Backoff, with_retries};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use retry::Backoff as RetryBackoff;
@@ -193,8 +192,8 @@ pub struct Runtime {
     owner: String,
     /// How long a lease lasts unless renewed.
     lease_ms: i64,
-    /// The runs this process is driving, each with its cancellation flag.
-    driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<AtomicBool>>>>,
+    /// The runs this process is driving, each with who asked to cancel it, once someone has.
+    driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<std::sync::OnceLock<String>>>>>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
@@ -299,7 +298,9 @@ impl Runtime {
             .ok()
             .and_then(|d| d.get(run_id).cloned());
         if let Some(flag) = flag {
-            flag.store(true, Ordering::SeqCst);
+            // A second request while the first is pending changes nothing: the first one's
+            // author is the one recorded.
+            let _ = flag.set(by.to_string());
             return Ok(Cancelled::Requested);
         }
         if !self
@@ -888,12 +889,12 @@ impl Runtime {
 struct Driving<'a> {
     runtime: &'a Runtime,
     run_id: RunId,
-    flag: Arc<AtomicBool>,
+    flag: Arc<std::sync::OnceLock<String>>,
 }
 
 impl<'a> Driving<'a> {
     fn register(runtime: &'a Runtime, run_id: &RunId) -> Self {
-        let flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::new(std::sync::OnceLock::new());
         if let Ok(mut driving) = runtime.driving.lock() {
             driving.insert(run_id.clone(), flag.clone());
         }
@@ -904,8 +905,9 @@ impl<'a> Driving<'a> {
         }
     }
 
-    fn requested(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
+    /// Who asked to cancel the run, once someone has.
+    fn requested(&self) -> Option<String> {
+        self.flag.get().cloned()
     }
 }
 
@@ -943,11 +945,11 @@ impl Driver<'_> {
         let mut carried = Duration::ZERO;
         let mut awaiting = None;
         while let Some(effect) = self.engine.next_effect(now_ms()) {
-            if cancel.requested() {
+            if let Some(by) = cancel.requested() {
                 self.record(EventKind::RunFinished {
                     status: RunStatus::Cancelled,
                     reason: TerminationReason::Cancelled,
-                    detail: Some("cancelled while it ran (POST /v1/runs/{id}/cancel)".into()),
+                    detail: Some(format!("cancelled by {by} while it ran")),
                     output: None,
                 })
                 .await?;
