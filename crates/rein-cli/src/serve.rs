@@ -895,13 +895,8 @@ async fn run_events(
                 if done {
                     return None;
                 }
-                match app.store.events(&tenant, &id).await {
-                    Ok(events) => {
-                        buffer = events
-                            .into_iter()
-                            .skip(usize::try_from(next).unwrap_or(usize::MAX))
-                            .collect();
-                    }
+                match app.store.events_from(&tenant, &id, next).await {
+                    Ok(events) => buffer = events,
                     Err(e) => {
                         eprintln!("serve: events of {id}: {e}");
                         return None;

@@ -314,6 +314,17 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         &'a self,
         tenant: &'a TenantId,
         id: &'a RunId,
+    ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>> {
+        self.events_from(tenant, id, 0)
+    }
+
+    /// `tenant`'s run's events from position `from` on, in order: what a live reader has not
+    /// seen yet, without reading the whole log again.
+    fn events_from<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        id: &'a RunId,
+        from: u64,
     ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>>;
 
     /// Flushes what the engine buffers and closes every connection.

@@ -399,19 +399,21 @@ impl Store for PgStore {
         })
     }
 
-    fn events<'a>(
+    fn events_from<'a>(
         &'a self,
         tenant: &'a TenantId,
         id: &'a RunId,
+        from: u64,
     ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query(
                 "SELECT e.seq, e.ts_ms, e.kind, e.payload, e.payload_sha256, e.prev_hash, e.hash
                  FROM events e JOIN runs r ON r.id = e.run_id
-                 WHERE r.tenant = $1 AND e.run_id = $2 ORDER BY e.seq",
+                 WHERE r.tenant = $1 AND e.run_id = $2 AND e.seq >= $3 ORDER BY e.seq",
             )
             .bind(tenant.as_str())
             .bind(id.as_str())
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(|r| event_from_row(id, r)).collect()

@@ -700,6 +700,20 @@ async fn events_appended_together_land_in_order_or_not_at_all(store: &dyn Store)
     store.append_all(&t1, &batch).await.unwrap();
     let events = store.events(&t1, &RunId::new("r1")).await.unwrap();
     assert_eq!(events, log.sealed);
+    // A live reader asks for what it has not seen yet, and gets only that.
+    let r1 = RunId::new("r1");
+    assert_eq!(
+        store.events_from(&t1, &r1, 2).await.unwrap(),
+        log.sealed[2..]
+    );
+    assert!(store.events_from(&t1, &r1, 4).await.unwrap().is_empty());
+    assert!(
+        store
+            .events_from(&TenantId::new("t2"), &r1, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     rein_core::verify_chain(&events, None).unwrap();
     let run = store.run(&t1, &RunId::new("r1")).await.unwrap();
     assert_eq!(run.event_count, 4);
