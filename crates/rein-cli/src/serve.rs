@@ -400,11 +400,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the server failed")?;
-    // Every step of an in-flight run is already in its log: stopping the workers loses nothing,
-    // and the runs are taken over (by the next start, or another process) once their leases
-    // expire.
+    // Every step of an in-flight run is already in its log: stopping the workers loses nothing.
+    // Their leases are then given up, so the next start (or another process) takes the runs
+    // over at once rather than when the leases expire.
+    let driven = app.runtime.driven();
     for w in &workers {
         w.abort();
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    if let Err(e) = app.runtime.release_leases(&driven).await {
+        eprintln!(
+            "rein serve: the leases of {} run(s) were not released ({e}); they are taken over once they expire",
+            driven.len()
+        );
     }
     store.close().await;
     eprintln!("rein serve: stopped");

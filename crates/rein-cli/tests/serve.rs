@@ -399,3 +399,79 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     let audit: Value = common::get_json(&http, &url("/v1/audit/verify"), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    // Leases of a minute: a run left to its lease would wait that long to be taken over.
+    let args = [
+        "--script",
+        "script.yaml",
+        "--db",
+        "rein.db",
+        "--lease",
+        "60s",
+    ];
+    let server = common::serve(dir.path(), &args, &[]);
+    let http = reqwest::Client::new();
+    let registered = http
+        .post(format!("{}/v1/agents", server.base))
+        .bearer_auth(&key)
+        .body(common::payer_spec(&service.url(), 2000, 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let created: Value = http
+        .post(format!("{}/v1/runs", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"agent": "payer", "input": "pay order 3"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["run_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let trace: Value =
+            common::get_json(&http, &format!("{}/v1/runs/{id}/trace", server.base), &key).await;
+        if trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "tool_requested")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the payment never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Stopped mid-payment, then started again: the run finishes well inside its old lease.
+    assert!(server.terminate().success());
+    let stopped = std::time::Instant::now();
+    let server = common::serve(dir.path(), &args, &[]);
+    let run = loop {
+        let run: Value =
+            common::get_json(&http, &format!("{}/v1/runs/{id}", server.base), &key).await;
+        if run["status"] == "completed" {
+            break run;
+        }
+        assert!(
+            stopped.elapsed() < std::time::Duration::from_secs(30),
+            "the run was not taken over before its lease expired: {run}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(run["output"], "paid");
+    // The payment cut off by the stop was made again with its idempotency key: applied once.
+    assert_eq!(service.applied().values().sum::<usize>(), 1);
+}

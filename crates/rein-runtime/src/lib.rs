@@ -325,6 +325,24 @@ impl Runtime {
         Ok(Cancelled::Ended)
     }
 
+    /// The runs this process is driving now.
+    pub fn driven(&self) -> Vec<RunId> {
+        self.driving
+            .lock()
+            .map(|d| d.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Gives up this process's leases on `runs`, once their drivers have stopped (at
+    /// shutdown): another process, or this one restarted, takes them over at once instead of
+    /// when the leases expire. Every step they took is already in their logs.
+    pub async fn release_leases(&self, runs: &[RunId]) -> Result<(), RuntimeError> {
+        for run in runs {
+            self.store.release(run, &self.owner).await?;
+        }
+        Ok(())
+    }
+
     /// This process's lease on a run, from now.
     fn fresh_lease(&self) -> rein_store::Lease<'_> {
         rein_store::Lease {

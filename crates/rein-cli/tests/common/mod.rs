@@ -69,6 +69,26 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Stops the server as an operator does (SIGTERM) and waits until it has exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rein serve did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Starts `rein serve --listen 127.0.0.1:0 args` in `dir` with `env` set, once it listens.
 pub fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut command = rein_command(dir);
