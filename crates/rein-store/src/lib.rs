@@ -427,6 +427,16 @@ fn agent_from_row(r: &impl Columns) -> Result<StoredAgent, StoreError> {
     })
 }
 
+/// Whether `events` are consecutive positions of one run, as one append may write them.
+fn consecutive(events: &[SealedEvent]) -> bool {
+    events.first().is_none_or(|first| {
+        events
+            .iter()
+            .zip(first.seq..)
+            .all(|(e, seq)| e.seq == seq && e.run_id == first.run_id)
+    })
+}
+
 /// Where `--db` points: a PostgreSQL URL, or else the path of an SQLite file.
 pub fn is_postgres_url(db: &str) -> bool {
     db.starts_with("postgres://") || db.starts_with("postgresql://")

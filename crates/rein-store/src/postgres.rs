@@ -140,6 +140,51 @@ async fn insert_event<'e>(
     }
 }
 
+/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
+/// ends just before the first (checked in the statement's snapshot, before any row goes in),
+/// else none.
+async fn insert_events<'e>(
+    executor: impl sqlx::Executor<'e, Database = Postgres>,
+    tenant: &TenantId,
+    first: &SealedEvent,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
+    let conflict = || StoreError::Conflict {
+        run_id: first.run_id.clone(),
+        seq: first.seq,
+    };
+    if !crate::consecutive(events) {
+        return Err(conflict());
+    }
+    let mut query = sqlx::QueryBuilder::<Postgres>::new(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (",
+    );
+    query.push_values(events, |mut row, event| {
+        row.push_bind(event.run_id.as_str())
+            .push_bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
+            .push_bind(event.ts_ms)
+            .push_bind(&event.kind)
+            .push_bind(event.payload.as_deref())
+            .push_bind(&event.payload_sha256)
+            .push_bind(&event.prev_hash)
+            .push_bind(&event.hash);
+    });
+    query
+        .push(") AS v WHERE EXISTS (SELECT 1 FROM runs WHERE id = ")
+        .push_bind(first.run_id.as_str())
+        .push(" AND tenant = ")
+        .push_bind(tenant.as_str())
+        .push(" AND event_count = ")
+        .push_bind(i64::try_from(first.seq).unwrap_or(i64::MAX))
+        .push(")");
+    match query.build().execute(executor).await {
+        Ok(done) if done.rows_affected() == events.len() as u64 => Ok(()),
+        Ok(_) => Err(conflict()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(conflict()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Which runs a worker may claim at `$3`: queued, running under an expired lease, or awaiting
 /// an approval that timed out.
 macro_rules! claimable {
@@ -182,8 +227,10 @@ impl Store for PgStore {
             .bind(lease.map_or(0, |l| l.until_ms))
             .execute(&mut *tx)
             .await?;
-            for event in first {
-                insert_event(&mut *tx, &run.tenant, event).await?;
+            match first {
+                [one] => insert_event(&mut *tx, &run.tenant, one).await?,
+                [head, ..] => insert_events(&mut *tx, &run.tenant, head, first).await?,
+                [] => {}
             }
             tx.commit().await?;
             Ok(())
@@ -196,6 +243,20 @@ impl Store for PgStore {
         event: &'a SealedEvent,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(insert_event(&self.pool, tenant, event))
+    }
+
+    fn append_all<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        events: &'a [SealedEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match events {
+                [] => Ok(()),
+                [one] => insert_event(&self.pool, tenant, one).await,
+                [first, ..] => insert_events(&self.pool, tenant, first, events).await,
+            }
+        })
     }
 
     // The oldest claimable row no other worker has locked; the outer condition is checked again

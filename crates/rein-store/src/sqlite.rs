@@ -723,11 +723,7 @@ async fn insert_events<'e>(
         seq: first.seq,
     };
     // Consecutive positions of one run, or the batch is refused before it reaches the store.
-    let consecutive = events
-        .iter()
-        .zip(first.seq..)
-        .all(|(e, seq)| e.seq == seq && e.run_id == first.run_id);
-    if !consecutive {
+    if !crate::consecutive(events) {
         return Err(conflict());
     }
     let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
