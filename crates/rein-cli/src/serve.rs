@@ -518,17 +518,24 @@ fn router(app: Arc<App>) -> Router {
 
 /// Bounds each request's time (`[server] request_timeout`), so a slow client or a stuck store
 /// cannot hold a connection and its task for ever. What waits on a model by design gets its own
-/// bound on top: a `wait: true` run its `timeout_ms` (at most [`MAX_WAIT`]), a gateway call
-/// `[gateway] timeout`. An event stream is bounded only until it starts: its body is live.
+/// bound on top: a `wait: true` run its `timeout_ms` (at most [`MAX_WAIT`]), an approval that
+/// drives its run on [`MAX_WAIT`], a gateway call `[gateway] timeout`. An event stream is bounded only until it starts: its body is live.
 async fn time_limit(
     State(app): State<Arc<App>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let base = app.config.server.request_timeout;
-    let limit = match (request.method(), request.uri().path()) {
+    let path = request.uri().path();
+    let limit = match (request.method(), path) {
         (&axum::http::Method::POST, "/v1/runs") => base + MAX_WAIT,
         (&axum::http::Method::POST, "/v1/chat/completions") => base + app.config.gateway.timeout,
+        // A decision drives the run to its next stop, model calls included.
+        (&axum::http::Method::POST, p)
+            if p.starts_with("/v1/runs/") && p.ends_with("/approval") =>
+        {
+            base + MAX_WAIT
+        }
         _ => base,
     };
     match tokio::time::timeout(limit, next.run(request)).await {

@@ -475,3 +475,56 @@ async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
     // The payment cut off by the stop was made again with its idempotency key: applied once.
     assert_eq!(service.applied().values().sum::<usize>(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_that_drives_a_slow_step_is_not_cut_off_by_the_request_time_limit() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    std::fs::write(
+        dir.path().join("rein.toml"),
+        "[server]\nrequest_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = serve(dir.path());
+    let http = reqwest::Client::new();
+    // The payment needs a person's approval, then takes 2 s: longer than the request limit.
+    let spec = common::payer_spec(&service.url(), 2000, 4).replace(
+        "side_effects: external}",
+        "side_effects: external, confirm: true}",
+    );
+    let registered = http
+        .post(format!("{}/v1/agents", server.base))
+        .bearer_auth(&key)
+        .body(spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let held: Value = http
+        .post(format!("{}/v1/runs", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"agent": "payer", "input": "pay order 5", "wait": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(held["status"], "awaiting_approval", "{held}");
+    let id = held["run_id"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    let decided = http
+        .post(format!("{}/v1/runs/{id}/approval", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"approved": true, "by": "ops"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    let decided: Value = decided.json().await.unwrap();
+    assert_eq!(decided["status"], "completed", "{decided}");
+    assert_eq!(service.applied().values().sum::<usize>(), 1);
+}
