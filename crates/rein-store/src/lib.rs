@@ -418,6 +418,21 @@ pub struct StoredAgent {
     pub created_ms: i64,
 }
 
+fn tenant_from_row(r: &impl Columns) -> Result<TenantEntry, StoreError> {
+    Ok(TenantEntry {
+        name: TenantId::new(r.text("name")?),
+        created_ms: r.int("created_ms")?,
+        keys: r.count("keys")?,
+    })
+}
+
+fn api_key_from_row(r: &impl Columns) -> Result<ApiKeyEntry, StoreError> {
+    Ok(ApiKeyEntry {
+        id: api_key_id(&r.text("key_sha256")?).to_string(),
+        created_ms: r.int("created_ms")?,
+    })
+}
+
 fn agent_from_row(r: &impl Columns) -> Result<StoredAgent, StoreError> {
     Ok(StoredAgent {
         name: r.text("name")?,

@@ -6,9 +6,9 @@
 
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo,
-    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_id,
+    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
     check_first, cost_from_row, counters_error, event_from_row, run_from_row, standing_from_row,
-    to_i64,
+    tenant_from_row, to_i64,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
 use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
@@ -543,15 +543,7 @@ impl Store for PgStore {
             )
             .fetch_all(&self.pool)
             .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(TenantEntry {
-                        name: TenantId::new(r.text("name")?),
-                        created_ms: r.int("created_ms")?,
-                        keys: r.count("keys")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(tenant_from_row).collect()
         })
     }
 
@@ -566,14 +558,7 @@ impl Store for PgStore {
             .bind(tenant.as_str())
             .fetch_all(&self.pool)
             .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ApiKeyEntry {
-                        id: api_key_id(&r.text("key_sha256")?).to_string(),
-                        created_ms: r.int("created_ms")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(api_key_from_row).collect()
         })
     }
 

@@ -2,8 +2,8 @@
 
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo,
-    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_id,
-    check_first, cost_from_row, event_from_row, run_from_row,
+    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
+    check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
 };
 use rein_core::budget::BoxFuture;
 use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
@@ -557,15 +557,7 @@ impl Store for SqliteStore {
             )
             .fetch_all(&self.reader)
             .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(TenantEntry {
-                        name: TenantId::new(r.text("name")?),
-                        created_ms: r.int("created_ms")?,
-                        keys: r.count("keys")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(tenant_from_row).collect()
         })
     }
 
@@ -580,14 +572,7 @@ impl Store for SqliteStore {
             .bind(tenant.as_str())
             .fetch_all(&self.reader)
             .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ApiKeyEntry {
-                        id: api_key_id(&r.text("key_sha256")?).to_string(),
-                        created_ms: r.int("created_ms")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(api_key_from_row).collect()
         })
     }
 

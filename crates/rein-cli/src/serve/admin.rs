@@ -19,7 +19,7 @@ use rein_core::TenantId;
 use rein_core::event::sha256_hex;
 use rein_core::time::format_utc;
 use rein_runtime::now_ms;
-use rein_store::Store;
+use rein_store::{Store, StoreError};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -179,7 +179,7 @@ pub async fn revoke_key(tenant: &str, id: &str, store: &StoreArgs) -> anyhow::Re
     Ok(exit::OK)
 }
 
-async fn tenant_exists(store: &dyn Store, tenant: &TenantId) -> anyhow::Result<bool> {
+async fn tenant_exists(store: &dyn Store, tenant: &TenantId) -> Result<bool, StoreError> {
     Ok(store
         .registered_tenants()
         .await?
@@ -327,13 +327,7 @@ pub(super) async fn keys(
     Path(tenant): Path<String>,
 ) -> Result<axum::Json<Vec<KeyView>>, Problem> {
     let tenant = TenantId::new(tenant);
-    let known = app
-        .store
-        .registered_tenants()
-        .await?
-        .iter()
-        .any(|t| t.name == tenant);
-    if !known {
+    if !tenant_exists(app.store.as_ref(), &tenant).await? {
         return Err(Problem::not_found(format!("tenant {:?}", tenant.as_str())));
     }
     Ok(axum::Json(keys_json(&app.store.api_keys(&tenant).await?)))

@@ -51,23 +51,22 @@ impl ResponseCache {
         self.0.is_some()
     }
 
-    /// `inner` behind this cache, for one call of `tenant`; `None` when the cache is off or the
-    /// request said `Cache-Control: no-store`.
+    /// `inner` behind this cache, for one call of `tenant`: `inner` itself, in effect, when the
+    /// cache is off or the request said `Cache-Control: no-store`.
     pub(super) fn front<'a>(
         &'a self,
         inner: &'a dyn Model,
         tenant: &'a TenantId,
         directives: Directives,
         hit: &'a AtomicBool,
-    ) -> Option<CachedModel<'a>> {
-        let cache = self.0.as_ref()?;
-        (!directives.no_store).then_some(CachedModel {
+    ) -> CachedModel<'a> {
+        CachedModel {
             inner,
-            cache,
+            cache: self.0.as_ref().filter(|_| !directives.no_store),
             tenant,
             read: !directives.no_cache,
             hit,
-        })
+        }
     }
 }
 
@@ -99,7 +98,8 @@ impl Directives {
 /// The provider behind the cache, for one call.
 pub(super) struct CachedModel<'a> {
     inner: &'a dyn Model,
-    cache: &'a moka::sync::Cache<String, Arc<ModelReply>>,
+    /// `None`: every call goes to `inner`, and nothing is kept.
+    cache: Option<&'a moka::sync::Cache<String, Arc<ModelReply>>>,
     tenant: &'a TenantId,
     read: bool,
     /// Set when the answer came from the cache.
@@ -108,7 +108,7 @@ pub(super) struct CachedModel<'a> {
 
 impl CachedModel<'_> {
     fn lookup(&self, key: &str) -> Option<ModelReply> {
-        let cached = self.read.then(|| self.cache.get(key)).flatten()?;
+        let cached = self.cache.filter(|_| self.read)?.get(key)?;
         self.hit.store(true, Ordering::Relaxed);
         Some(ModelReply {
             usage: Usage::default(),
@@ -118,8 +118,8 @@ impl CachedModel<'_> {
     }
 
     fn keep(&self, key: String, reply: &Result<ModelReply, ModelError>) {
-        if let Ok(reply) = reply {
-            self.cache.insert(key, Arc::new(reply.clone()));
+        if let (Some(cache), Ok(reply)) = (self.cache, reply) {
+            cache.insert(key, Arc::new(reply.clone()));
         }
     }
 }
@@ -146,6 +146,9 @@ impl Model for CachedModel<'_> {
         request: ModelRequest<'a>,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
         Box::pin(async move {
+            if self.cache.is_none() {
+                return self.inner.complete(request).await;
+            }
             let key = key(self.tenant, &request);
             if let Some(reply) = self.lookup(&key) {
                 return Ok(reply);
@@ -162,6 +165,9 @@ impl Model for CachedModel<'_> {
         sink: &'a TokenSink,
     ) -> BoxFuture<'a, Result<ModelReply, ModelError>> {
         Box::pin(async move {
+            if self.cache.is_none() {
+                return self.inner.complete_streaming(request, sink).await;
+            }
             let key = key(self.tenant, &request);
             if let Some(reply) = self.lookup(&key) {
                 if let Some(text) = &reply.content {

@@ -22,7 +22,6 @@ use rein_core::{
     ChatRequest, EventKind, Message, Role, SessionId, TenantId, TerminationReason, ToolCall,
     ToolDefinition, UserId,
 };
-use rein_providers::Model;
 use rein_runtime::{RunOutcome, RunRequest, Runtime, RuntimeError};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -379,16 +378,12 @@ pub(super) async fn chat_completions(
     let directives = cache::Directives::of(&headers);
     if body.stream != Some(true) {
         let hit = AtomicBool::new(false);
-        let cached = app
+        let model = app
             .gateway_cache
             .front(app.model.as_ref(), &tenant, directives, &hit);
-        let model: &dyn Model = match &cached {
-            Some(cached) => cached,
-            None => app.model.as_ref(),
-        };
         let outcome = app
             .runtime
-            .run_as(run_id, request, model, None)
+            .run_as(run_id, request, &model, None)
             .await
             .map_err(internal)?;
         let answer = answer(&app, &tenant, &outcome).await?;
@@ -439,17 +434,13 @@ async fn stream(
         let sink = move |text: &str| {
             let _ = text_tx.send(Piece::Text(text.to_string()));
         };
-        let cached =
+        let model =
             runner
                 .gateway_cache
                 .front(runner.model.as_ref(), &run_tenant, directives, &run_hit);
-        let model: &dyn Model = match &cached {
-            Some(cached) => cached,
-            None => runner.model.as_ref(),
-        };
         let result = runner
             .runtime
-            .run_as(run_id, request, model, Some(&sink))
+            .run_as(run_id, request, &model, Some(&sink))
             .await;
         let _ = tx.send(Piece::Done(Box::new(result)));
     });
