@@ -46,6 +46,55 @@ fn frames(body: &str) -> Vec<(u64, String, Value)> {
         .collect()
 }
 
+/// Registers `spec` as an agent of `key`'s tenant.
+async fn register(http: &reqwest::Client, base: &str, key: &str, spec: String) {
+    let registered = http
+        .post(format!("{base}/v1/agents"))
+        .bearer_auth(key)
+        .body(spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+}
+
+/// Queues a run of the `payer` agent with `input`; its id.
+async fn queue_payment(http: &reqwest::Client, base: &str, key: &str, input: &str) -> String {
+    let created: Value = http
+        .post(format!("{base}/v1/runs"))
+        .bearer_auth(key)
+        .json(&json!({"agent": "payer", "input": input}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["run_id"].as_str().unwrap().to_string()
+}
+
+/// Waits, 10 s at most, until the run's log holds a `tool_requested` event: its payment is
+/// being made.
+async fn until_paying(http: &reqwest::Client, base: &str, key: &str, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let trace = common::get_json(http, &format!("{base}/v1/runs/{id}/trace"), key).await;
+        if trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "tool_requested")
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the payment never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
     let service = ToolService::start().await.unwrap();
@@ -303,25 +352,14 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     let url = |path: &str| format!("{base}{path}");
     let http = reqwest::Client::new();
     // The payment takes 1.5 s: long enough to cancel the run while it is made.
-    let registered = http
-        .post(url("/v1/agents"))
-        .bearer_auth(&key_a)
-        .body(common::payer_spec(&service.url(), 1500, 4))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-    let created: Value = http
-        .post(url("/v1/runs"))
-        .bearer_auth(&key_a)
-        .json(&json!({"agent": "payer", "input": "pay order 9"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["run_id"].as_str().unwrap().to_string();
+    register(
+        &http,
+        &base,
+        &key_a,
+        common::payer_spec(&service.url(), 1500, 4),
+    )
+    .await;
+    let id = queue_payment(&http, &base, &key_a, "pay order 9").await;
     let kinds = |trace: &Value| -> Vec<String> {
         trace["events"]
             .as_array()
@@ -343,14 +381,8 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
                 .unwrap()
         }
     };
+    until_paying(&http, &base, &key_a, &id).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !kinds(&trace(key_a.clone()).await).contains(&"tool_requested".to_string()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the payment never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 
     // Another tenant's cancel is a 404, and changes nothing.
     let cancel = |key: String| {
@@ -417,43 +449,10 @@ async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
     ];
     let server = common::serve(dir.path(), &args, &[]);
     let http = reqwest::Client::new();
-    let registered = http
-        .post(format!("{}/v1/agents", server.base))
-        .bearer_auth(&key)
-        .body(common::payer_spec(&service.url(), 2000, 4))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-    let created: Value = http
-        .post(format!("{}/v1/runs", server.base))
-        .bearer_auth(&key)
-        .json(&json!({"agent": "payer", "input": "pay order 3"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["run_id"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let trace: Value =
-            common::get_json(&http, &format!("{}/v1/runs/{id}/trace", server.base), &key).await;
-        if trace["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "tool_requested")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the payment never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let spec = common::payer_spec(&service.url(), 2000, 4);
+    register(&http, &server.base, &key, spec).await;
+    let id = queue_payment(&http, &server.base, &key, "pay order 3").await;
+    until_paying(&http, &server.base, &key, &id).await;
 
     // Stopped mid-payment, then started again: the run finishes well inside its old lease.
     assert!(server.terminate().success());
@@ -494,14 +493,7 @@ async fn an_approval_that_drives_a_slow_step_is_not_cut_off_by_the_request_time_
         "side_effects: external}",
         "side_effects: external, confirm: true}",
     );
-    let registered = http
-        .post(format!("{}/v1/agents", server.base))
-        .bearer_auth(&key)
-        .body(spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
+    register(&http, &server.base, &key, spec).await;
     let held: Value = http
         .post(format!("{}/v1/runs", server.base))
         .bearer_auth(&key)
