@@ -630,8 +630,9 @@ impl Runtime {
             detail: None,
             models_used: Default::default(),
             unsaved: Vec::new(),
+            unstored: None,
         };
-        driver.start(&info, kinds).await?;
+        driver.start(info, kinds)?;
         let keeper = self.keep_lease(&run_id);
         let outcome = driver.drive().await;
         drop(keeper);
@@ -873,6 +874,7 @@ impl Runtime {
             detail: None,
             models_used: Default::default(),
             unsaved: Vec::new(),
+            unstored: None,
         };
         for event in &events {
             match &event.kind {
@@ -955,6 +957,9 @@ struct Driver<'a> {
     /// Events sealed and folded into the engine but not yet in the store: they are written
     /// with the next event that must be durable (before any call goes out, and at the end).
     unsaved: Vec<rein_core::SealedEvent>,
+    /// A new run not yet in the store: it goes in with the first events written, under a
+    /// fresh lease (one write fewer per run; nothing outside the run acts before then).
+    unstored: Option<RunInfo>,
 }
 
 impl Driver<'_> {
@@ -1018,22 +1023,20 @@ impl Driver<'_> {
         })
     }
 
-    /// Stores the run with its first events (`run_started`, and the session's context if
-    /// any) at once, and folds them into the engine.
-    async fn start(&mut self, info: &RunInfo, kinds: Vec<EventKind>) -> Result<(), RuntimeError> {
-        let mut sealed = Vec::with_capacity(kinds.len());
+    /// Folds the run's first events (`run_started`, the session's context if any, the
+    /// caller's conversation) into the engine and stages them: the run is stored with them
+    /// and whatever follows them up to the first event that must be durable.
+    fn start(&mut self, info: RunInfo, kinds: Vec<EventKind>) -> Result<(), RuntimeError> {
         for (event, one) in seal_first(&self.run_id, info.created_ms, kinds) {
             self.engine.apply(&event)?;
-            sealed.push(one);
+            self.unsaved.push(one);
         }
-        self.runtime
-            .store
-            .create_run(info, &sealed, Some(self.runtime.fresh_lease()))
-            .await?;
-        self.prev_hash = sealed
+        self.prev_hash = self
+            .unsaved
             .last()
             .map_or_else(|| rein_core::GENESIS_HASH.to_string(), |e| e.hash.clone());
-        self.next_seq = sealed.len() as u64;
+        self.next_seq = self.unsaved.len() as u64;
+        self.unstored = Some(info);
         Ok(())
     }
 
@@ -1044,9 +1047,15 @@ impl Driver<'_> {
         self.save().await
     }
 
-    /// Writes the staged events, in one go.
+    /// Writes the staged events, in one go (with the run itself, the first time).
     async fn save(&mut self) -> Result<(), RuntimeError> {
-        if !self.unsaved.is_empty() {
+        if let Some(info) = self.unstored.take() {
+            self.runtime
+                .store
+                .create_run(&info, &self.unsaved, Some(self.runtime.fresh_lease()))
+                .await?;
+            self.unsaved.clear();
+        } else if !self.unsaved.is_empty() {
             self.runtime
                 .store
                 .append_all(&self.tenant, &self.unsaved)

@@ -17,6 +17,7 @@ mod postgres;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod writer;
 
 pub use postgres::PgStore;
 pub use sqlite::{Durability, SqliteStore};
@@ -37,6 +38,12 @@ pub enum StoreError {
     /// The schema could not be brought up to date.
     #[error(transparent)]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// SQLite's writer connection could not write.
+    #[error(transparent)]
+    Write(#[from] rusqlite::Error),
+    /// SQLite's writer thread could not take or answer a write.
+    #[error("the SQLite writer: {0}")]
+    Writer(String),
     /// Someone else appended at this position first (two writers on one run).
     #[error("run {run_id}: event {seq} was already written by another writer")]
     Conflict {

@@ -1,5 +1,6 @@
 //! The embedded engine: one SQLite file (WAL), the default store.
 
+use crate::writer::{Setup, Writer};
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo,
     RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
@@ -7,10 +8,10 @@ use crate::{
 };
 use rein_core::budget::BoxFuture;
 use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
+use rusqlite::OptionalExtension;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,19 +61,21 @@ pub enum Durability {
 
 /// The SQLite store.
 ///
-/// SQLite allows one writer at a time, so all writes go through a single connection (queued
-/// in order, never spinning on `SQLITE_BUSY`), while reads use a small pool of their own that
-/// WAL lets run beside the writer.
+/// SQLite allows one writer at a time, so all writes go through a single connection on a
+/// thread of its own that commits concurrent writes together ([`crate::writer`]; never spinning
+/// on `SQLITE_BUSY`), while reads use a small pool of their own that WAL lets run beside it.
 ///
 /// The writer never checkpoints the write-ahead log itself (a checkpoint in the middle of a
 /// write stalls that write, and every write queued behind it, for milliseconds): a background
 /// task does, on a connection of its own, every [`CHECKPOINT_EVERY`].
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
-    pub(crate) pool: SqlitePool,
+    pub(crate) writer: Arc<Writer>,
     pub(crate) reader: SqlitePool,
+    /// The connection checkpoints run on (the background task's, and the last one on close).
+    checkpoints: SqlitePool,
     /// The checkpointing task, stopped when the last clone of the store goes.
-    checkpointer: Option<Arc<Checkpointer>>,
+    checkpointer: Arc<Checkpointer>,
 }
 
 /// How often the write-ahead log is copied into the database file.
@@ -125,6 +128,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and brings its schema up to date.
     pub async fn open(path: impl AsRef<Path>, durability: Durability) -> Result<Self, StoreError> {
+        let path = path.as_ref();
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -134,38 +138,22 @@ impl SqliteStore {
                 Durability::PowerLoss => SqliteSynchronous::Full,
             })
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        Self::connect(options).await
-    }
-
-    /// Opens a private in-memory store (tests, benchmarks of the engine alone).
-    pub async fn in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+            .busy_timeout(BUSY_TIMEOUT);
+        // The schema is brought up to date on a connection of its own, before the writer opens.
+        let migrations = SqlitePoolOptions::new()
             .max_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore {
-            reader: pool.clone(),
-            pool,
-            checkpointer: None,
-        })
-    }
-
-    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
-        // The writer is used back to back; pinging it before every acquire would add a round
-        // trip to every append.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
-            .await?;
-        MIGRATOR.run(&pool).await?;
+        MIGRATOR.run(&migrations).await?;
+        migrations.close().await;
+        let writer = Writer::start(
+            path,
+            Setup {
+                fsync_every_commit: durability == Durability::PowerLoss,
+                busy_timeout: BUSY_TIMEOUT,
+            },
+        )
+        .await?;
         let checkpoints = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -175,24 +163,36 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         Ok(SqliteStore {
-            pool,
+            writer: Arc::new(writer),
             reader,
-            checkpointer: Some(Arc::new(Checkpointer::start(checkpoints))),
+            checkpointer: Arc::new(Checkpointer::start(checkpoints.clone())),
+            checkpoints,
         })
     }
+
+    /// Runs `write` on the writer connection (see [`Writer::write`]).
+    pub(crate) async fn write<T, F>(&self, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.writer.write(write).await
+    }
 }
+
+/// How long a write waits for another process's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Store for SqliteStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(checkpointer) = &self.checkpointer {
-                checkpointer.0.abort();
-            }
+            self.checkpointer.0.abort();
             // Flush the write-ahead log into the main file first.
             let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&self.pool)
+                .execute(&self.checkpoints)
                 .await;
-            self.pool.close().await;
+            self.checkpoints.close().await;
+            self.reader.close().await;
         })
     }
 
@@ -204,38 +204,36 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             check_first(run, first)?;
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(run.id.as_str())
-            .bind(run.tenant.as_str())
-            .bind(run.user.as_str())
-            .bind(run.session.as_str())
-            .bind(run.job.as_ref().map(JobId::as_str))
-            .bind(&run.agent)
-            .bind(i64::from(run.agent_version))
-            .bind(&run.spec)
-            .bind(&run.input)
-            .bind(match lease {
-                Some(_) => RunStatus::Running.as_str(),
-                None => RunStatus::Queued.as_str(),
+            let (run, first) = (run.clone(), first.to_vec());
+            let lease = lease.map(|l| (l.owner.to_string(), l.until_ms));
+            self.write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )?
+                .execute(rusqlite::params![
+                    run.id.as_str(),
+                    run.tenant.as_str(),
+                    run.user.as_str(),
+                    run.session.as_str(),
+                    run.job.as_ref().map(JobId::as_str),
+                    run.agent,
+                    i64::from(run.agent_version),
+                    run.spec,
+                    run.input,
+                    match lease {
+                        Some(_) => RunStatus::Running.as_str(),
+                        None => RunStatus::Queued.as_str(),
+                    },
+                    GENESIS_HASH,
+                    run.created_ms,
+                    run.created_ms,
+                    lease.as_ref().map(|l| l.0.as_str()),
+                    lease.as_ref().map_or(0, |l| l.1),
+                ])?;
+                insert_events(c, &run.tenant, &first)
             })
-            .bind(GENESIS_HASH)
-            .bind(run.created_ms)
-            .bind(run.created_ms)
-            .bind(lease.map(|l| l.owner))
-            .bind(lease.map_or(0, |l| l.until_ms))
-            .execute(&mut *tx)
-            .await?;
-            match first {
-                [one] => insert_event(&mut *tx, &run.tenant, one).await?,
-                [head, ..] => insert_events(&mut *tx, &run.tenant, head, first).await?,
-                [] => {}
-            }
-            tx.commit().await?;
-            Ok(())
+            .await
         })
     }
 
@@ -246,22 +244,22 @@ impl Store for SqliteStore {
         tenant: &'a TenantId,
         event: &'a SealedEvent,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(insert_event(&self.pool, tenant, event))
+        self.append_all(tenant, std::slice::from_ref(event))
     }
 
-    // One statement for all of them: on the single writer connection, each statement is a round
-    // trip that every other write of the process waits behind.
+    // One statement for all of them, in the writer's next commit.
     fn append_all<'a>(
         &'a self,
         tenant: &'a TenantId,
         events: &'a [SealedEvent],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            match events {
-                [] => Ok(()),
-                [one] => insert_event(&self.pool, tenant, one).await,
-                [first, ..] => insert_events(&self.pool, tenant, first, events).await,
+            if events.is_empty() {
+                return Ok(());
             }
+            let (tenant, events) = (tenant.clone(), events.to_vec());
+            self.write(move |c| insert_events(c, &tenant, &events))
+                .await
         })
     }
 
@@ -272,28 +270,26 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
         Box::pin(async move {
-            let row = sqlx::query(
-                "UPDATE runs SET lease_owner = ?, lease_until_ms = ?
-                 WHERE id = (SELECT id FROM runs
-                             WHERE status IN ('queued', 'running') AND lease_until_ms < ?
-                                OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?)
-                             ORDER BY created_ms LIMIT 1)
-                   AND (status IN ('queued', 'running') AND lease_until_ms < ?
-                        OR (status = 'awaiting_approval' AND approval_expires_ms <= ? AND lease_until_ms < ?))
-                 RETURNING tenant, id",
-            )
-            .bind(lease.owner)
-            .bind(lease.until_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(now_ms)
-            .fetch_optional(&self.pool)
-            .await?;
-            row.map(|r| Ok((TenantId::new(r.text("tenant")?), RunId::new(r.text("id")?))))
-                .transpose()
+            let (owner, until_ms) = (lease.owner.to_string(), lease.until_ms);
+            self.write(move |c| {
+                let claimed = c
+                    .prepare_cached(
+                        "UPDATE runs SET lease_owner = ?1, lease_until_ms = ?2
+                         WHERE id = (SELECT id FROM runs
+                                     WHERE status IN ('queued', 'running') AND lease_until_ms < ?3
+                                        OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3)
+                                     ORDER BY created_ms LIMIT 1)
+                           AND (status IN ('queued', 'running') AND lease_until_ms < ?3
+                                OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3))
+                         RETURNING tenant, id",
+                    )?
+                    .query_row(rusqlite::params![owner, until_ms, now_ms], |r| {
+                        Ok((TenantId::new(r.get::<_, String>(0)?), RunId::new(r.get::<_, String>(1)?)))
+                    })
+                    .optional()?;
+                Ok(claimed)
+            })
+            .await
         })
     }
 
@@ -303,21 +299,17 @@ impl Store for SqliteStore {
         lease: Lease<'a>,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let done = sqlx::query(
-                "UPDATE runs SET lease_owner = ?, lease_until_ms = ?,
-                                 status = CASE status WHEN 'queued' THEN 'running' ELSE status END
-                 WHERE id = ? AND (lease_until_ms < ? OR lease_owner = ?)",
-            )
-            .bind(lease.owner)
-            .bind(lease.until_ms)
-            .bind(run.as_str())
-            .bind(now_ms)
-            .bind(lease.owner)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
+        let (run, owner, until_ms) = (run.clone(), lease.owner.to_string(), lease.until_ms);
+        Box::pin(self.write(move |c| {
+            let changed = c
+                .prepare_cached(
+                    "UPDATE runs SET lease_owner = ?1, lease_until_ms = ?2,
+                                     status = CASE status WHEN 'queued' THEN 'running' ELSE status END
+                     WHERE id = ?3 AND (lease_until_ms < ?4 OR lease_owner = ?1)",
+                )?
+                .execute(rusqlite::params![owner, until_ms, run.as_str(), now_ms])?;
+            Ok(changed == 1)
+        }))
     }
 
     fn renew<'a>(
@@ -325,17 +317,15 @@ impl Store for SqliteStore {
         run: &'a RunId,
         lease: Lease<'a>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let done = sqlx::query(
-                "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued', 'awaiting_approval')",
-            )
-            .bind(lease.until_ms)
-            .bind(run.as_str())
-            .bind(lease.owner)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
+        let (run, owner, until_ms) = (run.clone(), lease.owner.to_string(), lease.until_ms);
+        Box::pin(self.write(move |c| {
+            let changed = c
+                .prepare_cached(
+                    "UPDATE runs SET lease_until_ms = ? WHERE id = ? AND lease_owner = ? AND status IN ('running', 'queued', 'awaiting_approval')",
+                )?
+                .execute(rusqlite::params![until_ms, run.as_str(), owner])?;
+            Ok(changed == 1)
+        }))
     }
 
     fn release<'a>(
@@ -343,14 +333,14 @@ impl Store for SqliteStore {
         run: &'a RunId,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?")
-                .bind(run.as_str())
-                .bind(owner)
-                .execute(&self.pool)
-                .await?;
+        let (run, owner) = (run.clone(), owner.to_string());
+        Box::pin(self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?",
+            )?
+            .execute(rusqlite::params![run.as_str(), owner])?;
             Ok(())
-        })
+        }))
     }
 
     fn unfinished(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
@@ -504,16 +494,15 @@ impl Store for SqliteStore {
         tenant: &'a TenantId,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let done = sqlx::query(
-                "INSERT INTO tenants (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(tenant.as_str())
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
+        let tenant = tenant.clone();
+        Box::pin(self.write(move |c| {
+            let added = c
+                .prepare_cached(
+                    "INSERT INTO tenants (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                )?
+                .execute(rusqlite::params![tenant.as_str(), now_ms])?;
+            Ok(added == 1)
+        }))
     }
 
     fn add_api_key<'a>(
@@ -522,18 +511,15 @@ impl Store for SqliteStore {
         key_sha256: &'a str,
         now_ms: i64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let done = sqlx::query(
-                "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?)",
-            )
-            .bind(key_sha256)
-            .bind(tenant.as_str())
-            .bind(now_ms)
-            .bind(tenant.as_str())
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
+        let (tenant, key) = (tenant.clone(), key_sha256.to_string());
+        Box::pin(self.write(move |c| {
+            let added = c
+                .prepare_cached(
+                    "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?2)",
+                )?
+                .execute(rusqlite::params![key, tenant.as_str(), now_ms])?;
+            Ok(added == 1)
+        }))
     }
 
     fn tenant_by_key<'a>(
@@ -585,14 +571,16 @@ impl Store for SqliteStore {
             if key_id.len() != API_KEY_ID_LEN {
                 return Ok(false);
             }
-            let done = sqlx::query(
-                "DELETE FROM api_keys WHERE tenant = ? AND substr(key_sha256, 1, 16) = ?",
-            )
-            .bind(tenant.as_str())
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() > 0)
+            let (tenant, key_id) = (tenant.clone(), key_id.to_string());
+            self.write(move |c| {
+                let removed = c
+                    .prepare_cached(
+                        "DELETE FROM api_keys WHERE tenant = ? AND substr(key_sha256, 1, 16) = ?",
+                    )?
+                    .execute(rusqlite::params![tenant.as_str(), key_id])?;
+                Ok(removed > 0)
+            })
+            .await
         })
     }
 
@@ -604,17 +592,15 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> BoxFuture<'a, Result<u32, StoreError>> {
         Box::pin(async move {
-            let version: i64 = sqlx::query_scalar(
-                "INSERT INTO agents (tenant, name, version, spec, created_ms) SELECT ?, ?, coalesce(max(version), 0) + 1, ?, ? FROM agents WHERE tenant = ? AND name = ? RETURNING version",
-            )
-            .bind(tenant.as_str())
-            .bind(name)
-            .bind(spec)
-            .bind(now_ms)
-            .bind(tenant.as_str())
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
+            let (tenant, name, spec) = (tenant.clone(), name.to_string(), spec.to_string());
+            let version: i64 = self
+                .write(move |c| {
+                    Ok(c.prepare_cached(
+                        "INSERT INTO agents (tenant, name, version, spec, created_ms) SELECT ?1, ?2, coalesce(max(version), 0) + 1, ?3, ?4 FROM agents WHERE tenant = ?1 AND name = ?2 RETURNING version",
+                    )?
+                    .query_row(rusqlite::params![tenant.as_str(), name, spec, now_ms], |r| r.get(0))?)
+                })
+                .await?;
             Ok(u32::try_from(version).unwrap_or(u32::MAX))
         })
     }
@@ -656,53 +642,16 @@ impl Store for SqliteStore {
     }
 }
 
-/// Inserts `event` if it extends `tenant`'s run by exactly one (see [`SqliteStore::append`]).
-async fn insert_event<'e>(
-    executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
-    tenant: &TenantId,
-    event: &SealedEvent,
-) -> Result<(), StoreError> {
-    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-    let inserted = sqlx::query(
-        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
-         SELECT ?, ?, ?, ?, ?, ?, ?, ?
-         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
-    )
-    .bind(event.run_id.as_str())
-    .bind(seq)
-    .bind(event.ts_ms)
-    .bind(&event.kind)
-    .bind(event.payload.as_deref())
-    .bind(&event.payload_sha256)
-    .bind(&event.prev_hash)
-    .bind(&event.hash)
-    .bind(event.run_id.as_str())
-    .bind(tenant.as_str())
-    .bind(seq)
-    .execute(executor)
-    .await;
-    match inserted {
-        Ok(done) if done.rows_affected() == 1 => Ok(()),
-        Ok(_) => Err(StoreError::Conflict {
-            run_id: event.run_id.clone(),
-            seq: event.seq,
-        }),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict {
-            run_id: event.run_id.clone(),
-            seq: event.seq,
-        }),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
 /// ends just before the first (checked once, before the first row goes in), else none.
-async fn insert_events<'e>(
-    executor: impl sqlx::Executor<'e, Database = sqlx::Sqlite>,
+fn insert_events(
+    c: &rusqlite::Connection,
     tenant: &TenantId,
-    first: &SealedEvent,
     events: &[SealedEvent],
 ) -> Result<(), StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(());
+    };
     let conflict = || StoreError::Conflict {
         run_id: first.run_id.clone(),
         seq: first.seq,
@@ -711,32 +660,44 @@ async fn insert_events<'e>(
     if !crate::consecutive(events) {
         return Err(conflict());
     }
-    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (",
+    let mut sql = String::from(
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (VALUES ",
     );
-    query.push_values(events, |mut row, event| {
-        row.push_bind(event.run_id.as_str())
-            .push_bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
-            .push_bind(event.ts_ms)
-            .push_bind(&event.kind)
-            .push_bind(event.payload.as_deref())
-            .push_bind(&event.payload_sha256)
-            .push_bind(&event.prev_hash)
-            .push_bind(&event.hash);
-    });
-    query
-        .push(") WHERE EXISTS (SELECT 1 FROM runs WHERE id = ")
-        .push_bind(first.run_id.as_str())
-        .push(" AND tenant = ")
-        .push_bind(tenant.as_str())
-        .push(" AND event_count = ")
-        .push_bind(i64::try_from(first.seq).unwrap_or(i64::MAX))
-        .push(")");
-    let inserted = query.build().execute(executor).await;
+    for i in 0..events.len() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        sql.push_str("?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql.push_str(
+        ") WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
+    );
+    let (run, tenant) = (first.run_id.as_str(), tenant.as_str());
+    let seqs: Vec<i64> = events.iter().map(|e| crate::to_i64(e.seq)).collect();
+    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(events.len() * 8 + 3);
+    for (event, seq) in events.iter().zip(&seqs) {
+        params.extend([
+            &run as &dyn rusqlite::ToSql,
+            seq,
+            &event.ts_ms,
+            &event.kind,
+            &event.payload,
+            &event.payload_sha256,
+            &event.prev_hash,
+            &event.hash,
+        ]);
+    }
+    params.extend([&run as &dyn rusqlite::ToSql, &tenant, &seqs[0]]);
+    let inserted = c
+        .prepare_cached(&sql)?
+        .execute(rusqlite::params_from_iter(params));
     match inserted {
-        Ok(done) if done.rows_affected() == events.len() as u64 => Ok(()),
+        Ok(n) if n == events.len() => Ok(()),
         Ok(_) => Err(conflict()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(conflict()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            Err(conflict())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -819,34 +780,36 @@ mod tests {
 
     #[tokio::test]
     async fn stored_events_and_run_identities_cannot_be_changed_through_sql() {
-        let store = SqliteStore::in_memory().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("f.db"), Durability::Process)
+            .await
+            .unwrap();
         let first = started(0).seal(&RunId::new("r1"), GENESIS_HASH);
         store
             .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
-        assert!(
-            sqlx::query("DELETE FROM events")
-                .execute(&store.pool)
-                .await
-                .is_err()
-        );
-        assert!(
-            sqlx::query("UPDATE events SET hash = 'x'")
-                .execute(&store.pool)
-                .await
-                .is_err()
-        );
         for forbidden in [
+            "DELETE FROM events",
+            "UPDATE events SET hash = 'x'",
             "UPDATE events SET payload = NULL",
             "UPDATE runs SET tenant = 't2'",
             "DELETE FROM runs",
         ] {
-            assert!(
-                sqlx::query(forbidden).execute(&store.pool).await.is_err(),
-                "{forbidden}"
-            );
+            let refused = store.write(move |c| Ok(c.execute(forbidden, [])?)).await;
+            assert!(refused.is_err(), "{forbidden}");
         }
+        // A refused write undoes only itself: the writer goes on.
+        let second = started(1).seal(&RunId::new("r1"), &first.hash);
+        store.append(&TenantId::new("t1"), &second).await.unwrap();
+        assert_eq!(
+            store
+                .events(&TenantId::new("t1"), &RunId::new("r1"))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(store.orphaned_logs().await.unwrap().is_empty());
     }
 }
