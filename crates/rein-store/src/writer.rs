@@ -145,7 +145,10 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]))
+        {
             // Nothing ran: every job of the batch hears why (another process held the lock
             // past the busy timeout, say).
             for job in batch {
@@ -154,7 +157,9 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
             continue;
         }
         let replies: Vec<Reply> = batch.into_iter().map(|job| job(Ok(conn))).collect();
-        let committed = conn.execute_batch("COMMIT");
+        let committed = conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]));
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -162,5 +167,98 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
         for reply in replies {
             reply(failure.as_ref());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn writer() -> (tempfile::TempDir, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .unwrap();
+        let setup = Setup {
+            fsync_every_commit: false,
+            busy_timeout: Duration::from_secs(1),
+        };
+        let writer = Writer::start(&path, setup).await.unwrap();
+        (dir, writer)
+    }
+
+    /// Many callers at once: each hears how its own write went, a failed write (here a
+    /// duplicate key, after it changed a row) undoes only its own changes, and every write
+    /// that was answered OK is committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_committed_together_and_fail_alone() {
+        let (_dir, writer) = writer().await;
+        let writer = std::sync::Arc::new(writer);
+        let mut tasks = Vec::new();
+        for k in 0..200i64 {
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                writer
+                    .write(move |c| {
+                        c.execute("INSERT INTO t (k, v) VALUES (?, 'first')", [k])?;
+                        if k % 3 == 0 {
+                            // Changes the row it just wrote, then fails: both must be undone.
+                            c.execute("UPDATE t SET v = 'changed' WHERE k = ?", [k])?;
+                            c.execute("INSERT INTO t (k, v) VALUES (?, 'again')", [k])?;
+                        }
+                        Ok(k)
+                    })
+                    .await
+            }));
+        }
+        let mut failed = 0;
+        for (k, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Ok(got) => assert_eq!(got, k as i64),
+                Err(StoreError::Write(_)) => {
+                    assert_eq!(k % 3, 0, "write {k} failed");
+                    failed += 1;
+                }
+                Err(e) => panic!("write {k}: {e}"),
+            }
+        }
+        assert_eq!(failed, 67);
+        let rows: Vec<(i64, String)> = writer
+            .write(|c| {
+                let mut read = c.prepare("SELECT k, v FROM t ORDER BY k")?;
+                let rows = read
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .unwrap();
+        let expected: Vec<(i64, String)> = (0..200)
+            .filter(|k| k % 3 != 0)
+            .map(|k| (k, "first".to_string()))
+            .collect();
+        assert_eq!(rows, expected);
+    }
+
+    /// A write that cannot begin (another connection holds the write lock past the busy
+    /// timeout) is answered with the reason, and the writer goes on once the lock is free.
+    #[tokio::test]
+    async fn a_write_blocked_past_the_busy_timeout_is_refused_with_the_reason() {
+        let (dir, writer) = writer().await;
+        let other = Connection::open(dir.path().join("w.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let refused = writer
+            .write(|c| Ok(c.execute("INSERT INTO t (k, v) VALUES (1, 'x')", [])?))
+            .await;
+        let message = refused.unwrap_err().to_string();
+        assert!(message.contains("cannot begin a write"), "{message}");
+        other.execute_batch("ROLLBACK").unwrap();
+        let written = writer
+            .write(|c| Ok(c.execute("INSERT INTO t (k, v) VALUES (1, 'x')", [])?))
+            .await
+            .unwrap();
+        assert_eq!(written, 1);
     }
 }
