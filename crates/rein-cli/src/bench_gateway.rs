@@ -141,7 +141,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let model: Arc<dyn Model> = Arc::new(OpenAiClient::new(http.clone(), fake.base_url(), None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway = format!("http://{}/v1/chat/completions", listener.local_addr()?);
-    let server = crate::serve::spawn_api(config, store.clone(), runtime, model, listener);
+    let server = crate::serve::spawn_api(config, store.clone(), runtime, model, listener)?;
     let direct = format!("{}/chat/completions", fake.base_url());
     let body = json!({
         "model": "gpt-4o-mini",

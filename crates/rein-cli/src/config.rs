@@ -87,6 +87,45 @@ struct ConfigFile {
     gateway: GatewayEntry,
     #[serde(default)]
     server: ServerEntry,
+    #[serde(default)]
+    telemetry: Telemetry,
+}
+
+/// `[telemetry]`: what `rein serve` exposes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// Serve Prometheus metrics at `/metrics` (on by default).
+    #[serde(default = "yes")]
+    pub metrics: bool,
+    /// Who may read `/metrics`: anyone who reaches the port (`none`, the default, as
+    /// Prometheus scrapes) or only callers with the admin key (`admin`).
+    #[serde(default)]
+    pub metrics_auth: MetricsAuth,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            metrics: true,
+            metrics_auth: MetricsAuth::None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAuth {
+    /// Anyone who reaches the port.
+    #[default]
+    None,
+    /// Callers with the admin key.
+    Admin,
 }
 
 /// `[server]`: `rein serve`'s listener, workers, request limits and admin key.
@@ -418,6 +457,8 @@ pub struct Config {
     pub gateway: Gateway,
     /// `rein serve`.
     pub server: Server,
+    /// Metrics (and, later, trace export).
+    pub telemetry: Telemetry,
 }
 
 impl Config {
@@ -564,6 +605,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         bulkheads,
         gateway,
         server,
+        telemetry: file.telemetry,
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod admin;
 mod cache;
 mod gateway;
+mod metrics;
 mod openapi;
 
 use crate::config::Config;
@@ -68,6 +69,9 @@ struct App {
     gateway_cache: cache::ResponseCache,
     /// Tenants by API-key hash, as recently read from the store (see [`KEY_CACHE_TTL`]).
     keys: moka::sync::Cache<String, TenantId>,
+    /// The Prometheus registry runs are measured into; `None` when `[telemetry] metrics` is
+    /// off.
+    metrics: Option<metrics::Metrics>,
 }
 
 /// How long a key's tenant is remembered without asking the store again: a key revoked by
@@ -83,9 +87,19 @@ impl App {
         builtins: Builtins,
         model: Arc<dyn Model>,
         admin_key_sha256: Option<String>,
-    ) -> Arc<Self> {
+    ) -> anyhow::Result<Arc<Self>> {
         let (outcomes, _) = broadcast::channel(1024);
-        Arc::new(App {
+        let metrics = config
+            .telemetry
+            .metrics
+            .then(metrics::Metrics::new)
+            .transpose()?;
+        let runtime = match &metrics {
+            Some(m) => runtime.with_metrics(m.recorder()),
+            None => runtime,
+        };
+        Ok(Arc::new(App {
+            metrics,
             admin_key_sha256,
             gateway_cache: cache::ResponseCache::new(config.gateway.cache),
             keys: moka::sync::Cache::builder()
@@ -100,7 +114,7 @@ impl App {
             wake: Notify::new(),
             outcomes,
             gateway_agents: gateway::Agents::default(),
-        })
+        }))
     }
 }
 
@@ -388,7 +402,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     let runtime = crate::runtime_for(&config, &store, builtins.clone(), http)
         .await?
         .with_lease(lease);
-    let app = App::new(config, store.clone(), runtime, builtins, model, admin_key);
+    let app = App::new(config, store.clone(), runtime, builtins, model, admin_key)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -429,13 +443,13 @@ pub(crate) fn spawn_api(
     runtime: Runtime,
     model: Arc<dyn Model>,
     listener: tokio::net::TcpListener,
-) -> tokio::task::JoinHandle<()> {
-    let app = App::new(config, store, runtime, Builtins::standard(), model, None);
-    tokio::spawn(async move {
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = App::new(config, store, runtime, Builtins::standard(), model, None)?;
+    Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
             eprintln!("serve: {e}");
         }
-    })
+    }))
 }
 
 async fn shutdown_signal() {
@@ -500,6 +514,7 @@ fn router(app: Arc<App>) -> Router {
         .routes(routes!(admin::tenants, admin::new_tenant))
         .routes(routes!(admin::keys, admin::new_key))
         .routes(routes!(admin::revoke))
+        .routes(routes!(metrics::metrics))
         .split_for_parts();
     let document = openapi::finish(api);
     routes

@@ -746,7 +746,7 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("script.yaml"),
-        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 2}}]\n  - text: done\n",
+        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 5}}]\n  - text: done\n",
     )
     .unwrap();
     std::fs::write(
@@ -775,10 +775,12 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until the first run holds its slot (its run exists), then try a second.
+    // Wait until the first run holds its slot (its run exists), then try a second while it
+    // naps. (Generous bounds: with the whole suite running on two cores, starting a process and
+    // opening the store can take seconds.)
     let started = std::time::Instant::now();
     loop {
-        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
         std::thread::sleep(std::time::Duration::from_millis(50));
         if dir.path().join("rein.db").exists() {
             let out = rein(dir.path(), &["runs", "list", "--json"]);

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod event;
 pub mod ids;
 pub mod message;
+pub mod meter;
 pub mod money;
 pub mod price;
 pub mod rate;

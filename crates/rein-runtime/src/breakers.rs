@@ -5,6 +5,7 @@
 //! the last second is trusted without a round trip: a breaker opened by another process is
 //! seen within a second, and tool calls on healthy tools cost nothing extra.
 
+use crate::meters::Meters;
 use rein_core::breaker::{Admission, BreakerPolicy, BreakerState};
 use rein_core::budget::{Counters, CountersError};
 use std::collections::HashMap;
@@ -16,13 +17,15 @@ const CLEAR_STATE_TTL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Breakers {
     counters: Arc<dyn Counters>,
+    meters: Meters,
     clear_since: Mutex<HashMap<String, Instant>>,
 }
 
 impl Breakers {
-    pub(crate) fn new(counters: Arc<dyn Counters>) -> Self {
+    pub(crate) fn new(counters: Arc<dyn Counters>, meters: Meters) -> Self {
         Breakers {
             counters,
+            meters,
             clear_since: Mutex::new(HashMap::new()),
         }
     }
@@ -51,6 +54,7 @@ impl Breakers {
     ) -> Result<T, CountersError> {
         let (decision, state) = crate::cells::update(self.counters.as_ref(), key, step).await?;
         self.remember(key, &state);
+        self.meters.apply([rein_core::meter::breaker(key, &state)]);
         Ok(decision)
     }
 

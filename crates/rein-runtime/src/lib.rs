@@ -11,6 +11,7 @@
 
 mod breakers;
 mod cells;
+mod meters;
 mod retry;
 
 use rein_core::breaker::Admission;
@@ -18,6 +19,7 @@ use rein_core::budget::{
     self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing, key_part,
 };
 use rein_core::bulkhead::{BulkheadState, Bulkheads, Entry};
+use rein_core::meter::{Measure, RunMeter};
 use rein_core::rate::{OverLimit, RateLimits, RateState, Take};
 
 use rein_core::{
@@ -34,6 +36,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use meters::Recorder;
 pub use retry::Backoff as RetryBackoff;
 
 /// What can stop the driver itself (as opposed to ending a run, which is always an event).
@@ -185,6 +188,7 @@ pub struct Runtime {
     governor: Option<Governor>,
     counters: Arc<dyn Counters>,
     breakers: Arc<breakers::Breakers>,
+    meters: meters::Meters,
     rate_limits: Option<RateLimits>,
     bulkheads: Option<Bulkheads>,
     step_timings: bool,
@@ -264,7 +268,11 @@ impl Runtime {
     pub fn new(store: Arc<dyn Store>, tools: ToolBox) -> Self {
         let counters: Arc<dyn Counters> = store.clone();
         Runtime {
-            breakers: Arc::new(breakers::Breakers::new(counters.clone())),
+            breakers: Arc::new(breakers::Breakers::new(
+                counters.clone(),
+                meters::Meters::default(),
+            )),
+            meters: meters::Meters::default(),
             counters,
             rate_limits: None,
             bulkheads: None,
@@ -372,9 +380,14 @@ impl Runtime {
     pub async fn enqueue(&self, request: RunRequest) -> Result<RunId, RuntimeError> {
         let run_id = Runtime::new_run_id();
         let (info, kinds) = self.first_events(&run_id, request).await?;
-        let sealed = seal_first(&run_id, info.created_ms, kinds);
-        let events: Vec<_> = sealed.into_iter().map(|(_, s)| s).collect();
+        let first = seal_first(&run_id, info.created_ms, kinds);
+        let events: Vec<_> = first.iter().map(|(_, s)| s.clone()).collect();
         self.store.create_run(&info, &events, None).await?;
+        if self.meters.on() {
+            let mut meter = RunMeter::new(info.tenant.as_str(), &info.agent);
+            self.meters
+                .apply(first.iter().flat_map(|(event, _)| meter.observe(event)));
+        }
         Ok(run_id)
     }
 
@@ -455,9 +468,24 @@ impl Runtime {
     /// The governor's counters also hold the tools' circuit breakers, so processes that share
     /// budgets share breakers too.
     pub fn with_governor(mut self, governor: Governor) -> Self {
-        self.breakers = Arc::new(breakers::Breakers::new(governor.counters.clone()));
+        self.breakers = Arc::new(breakers::Breakers::new(
+            governor.counters.clone(),
+            self.meters.clone(),
+        ));
         self.counters = governor.counters.clone();
         self.governor = governor.budgets.any().then_some(governor);
+        self
+    }
+
+    /// Measures every run this runtime drives into `recorder` (tokens, cost, calls, latencies,
+    /// outcomes; see `rein_core::meter`), from the events as they are made durable, plus the
+    /// budget and circuit-breaker gauges.
+    pub fn with_metrics(mut self, recorder: meters::Recorder) -> Self {
+        self.meters = meters::Meters::new(recorder);
+        self.breakers = Arc::new(breakers::Breakers::new(
+            self.counters.clone(),
+            self.meters.clone(),
+        ));
         self
     }
 
@@ -631,6 +659,8 @@ impl Runtime {
             models_used: Default::default(),
             unsaved: Vec::new(),
             unstored: None,
+            meter: None,
+            unmeasured: Vec::new(),
         };
         driver.start(info, kinds)?;
         let keeper = self.keep_lease(&run_id);
@@ -875,7 +905,15 @@ impl Runtime {
             models_used: Default::default(),
             unsaved: Vec::new(),
             unstored: None,
+            meter: None,
+            unmeasured: Vec::new(),
         };
+        if self.meters.on() {
+            // What the log already holds was measured when it was written.
+            let mut meter = RunMeter::new(tenant.as_str(), &record.info.agent);
+            events.iter().for_each(|e| meter.replay(e));
+            driver.meter = Some(meter);
+        }
         for event in &events {
             match &event.kind {
                 EventKind::ModelResponded { model, .. } => {
@@ -960,6 +998,10 @@ struct Driver<'a> {
     /// A new run not yet in the store: it goes in with the first events written, under a
     /// fresh lease (one write fewer per run; nothing outside the run acts before then).
     unstored: Option<RunInfo>,
+    /// The run's meter, when the runtime measures runs.
+    meter: Option<RunMeter>,
+    /// What the staged events add to the metrics, applied once they are durable.
+    unmeasured: Vec<Measure>,
 }
 
 impl Driver<'_> {
@@ -1029,6 +1071,7 @@ impl Driver<'_> {
     fn start(&mut self, info: RunInfo, kinds: Vec<EventKind>) -> Result<(), RuntimeError> {
         for (event, one) in seal_first(&self.run_id, info.created_ms, kinds) {
             self.engine.apply(&event)?;
+            self.measure(&event);
             self.unsaved.push(one);
         }
         self.prev_hash = self
@@ -1062,6 +1105,9 @@ impl Driver<'_> {
                 .await?;
             self.unsaved.clear();
         }
+        self.runtime
+            .meters
+            .apply(std::mem::take(&mut self.unmeasured));
         Ok(())
     }
 
@@ -1101,10 +1147,22 @@ impl Driver<'_> {
         };
         let sealed = event.seal(&self.run_id, &self.prev_hash);
         self.engine.apply(&event)?;
+        self.measure(&event);
         self.prev_hash = sealed.hash.clone();
         self.next_seq += 1;
         self.unsaved.push(sealed);
         Ok(())
+    }
+
+    /// Folds a staged event into the run's meter; what it adds is applied once it is durable.
+    fn measure(&mut self, event: &Event) {
+        if !self.runtime.meters.on() {
+            return;
+        }
+        let meter = self.meter.get_or_insert_with(|| {
+            RunMeter::new(self.tenant.as_str(), &self.engine.agent().spec.name)
+        });
+        self.unmeasured.extend(meter.observe(event));
     }
 
     /// Time left before the run's wall-clock limit.
@@ -1240,6 +1298,11 @@ impl Driver<'_> {
         standings: Vec<Standing>,
         spent: Amount,
     ) -> Result<(), RuntimeError> {
+        self.runtime.meters.apply(
+            scopes.iter().zip(&standings).flat_map(|(scope, standing)| {
+                rein_core::meter::budget_utilisation(scope, standing)
+            }),
+        );
         if spent == Amount::default() {
             return Ok(());
         }

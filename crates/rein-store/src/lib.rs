@@ -295,6 +295,10 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<RunRecord>, StoreError>>;
 
+    /// How many runs are queued, running or awaiting approval, per tenant and status (the
+    /// operator's metrics; no tenant sees another's).
+    fn open_run_counts(&self) -> BoxFuture<'_, Result<Vec<RunCount>, StoreError>>;
+
     /// The ids of every run of `tenant`, oldest first (for audits).
     fn run_ids<'a>(&'a self, tenant: &'a TenantId)
     -> BoxFuture<'a, Result<Vec<RunId>, StoreError>>;
@@ -600,6 +604,39 @@ fn counters_error(e: sqlx::Error) -> rein_core::budget::CountersError {
 /// A count as both schemas store it.
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// How many runs of one tenant have one status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunCount {
+    /// Tenant.
+    pub tenant: TenantId,
+    /// Status.
+    pub status: RunStatus,
+    /// Runs.
+    pub runs: u64,
+}
+
+/// The `open_run_counts` query, the same on both engines.
+const OPEN_RUN_COUNTS: &str = "SELECT tenant, status, count(*) AS n FROM runs WHERE status IN ('queued', 'running', 'awaiting_approval') GROUP BY tenant, status ORDER BY tenant, status";
+
+/// An `open_run_counts` row.
+fn open_run_count_from_row(r: &impl Columns) -> Result<RunCount, StoreError> {
+    let tenant = TenantId::new(r.text("tenant")?);
+    let status = r.text("status")?;
+    let status =
+        serde_json::from_value(serde_json::Value::String(status.clone())).map_err(|e| {
+            StoreError::Corrupt {
+                run_id: RunId::new(""),
+                field: "status",
+                message: format!("{status}: {e}"),
+            }
+        })?;
+    Ok(RunCount {
+        tenant,
+        status,
+        runs: r.count("n")?,
+    })
 }
 
 /// A `budget_counters` row.

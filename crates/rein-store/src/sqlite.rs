@@ -2,7 +2,7 @@
 
 use crate::writer::{Setup, Writer};
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunFilter, RunInfo,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunCount, RunFilter, RunInfo,
     RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
     check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
 };
@@ -425,6 +425,15 @@ impl Store for SqliteStore {
                 .fetch_all(&self.reader)
                 .await?;
             rows.iter().map(|r| Ok(RunId::new(r.text("id")?))).collect()
+        })
+    }
+
+    fn open_run_counts(&self) -> BoxFuture<'_, Result<Vec<RunCount>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(crate::OPEN_RUN_COUNTS)
+                .fetch_all(&self.reader)
+                .await?;
+            rows.iter().map(crate::open_run_count_from_row).collect()
         })
     }
 

@@ -435,6 +435,16 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
         store.tenants().await.unwrap(),
         [TenantId::new("t1"), TenantId::new("t2")]
     );
+    // The operator's gauge: runs not yet ended, per tenant and status (a is completed).
+    let open = |tenant: &str, runs| rein_store::RunCount {
+        tenant: TenantId::new(tenant),
+        status: RunStatus::Queued,
+        runs,
+    };
+    assert_eq!(
+        store.open_run_counts().await.unwrap(),
+        [open("t1", 2), open("t2", 1)]
+    );
     assert!(store.orphaned_logs().await.unwrap().is_empty());
 }
 

@@ -1,0 +1,75 @@
+//! `deploy/alerts.yml`: Prometheus accepts it (`promtool check rules`), its unit tests pass
+//! (`promtool test rules deploy/alerts.test.yml`: the alerts fire on the series they are meant
+//! for, and only those), and every metric it names is one `/metrics` exports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+/// `promtool` (`REIN_TEST_PROMTOOL`, which `scripts/test` sets up); `None` to skip where it is
+/// not required.
+fn promtool() -> Option<String> {
+    match std::env::var("REIN_TEST_PROMTOOL") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            assert!(
+                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
+                "scripts/test sets REIN_TEST_PROMTOOL; it is missing"
+            );
+            eprintln!("skipped: promtool is set up by scripts/test (REIN_TEST_PROMTOOL)");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_fire_on_what_they_are_meant_for() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(deploy())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_alert_rules_name_only_exported_metrics() {
+    let rules = std::fs::read_to_string(deploy().join("alerts.yml")).unwrap();
+    let exported: Vec<&str> = rein_core::meter::METRICS.iter().map(|(n, _)| *n).collect();
+    let mut named = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("rein_") {
+            continue;
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| word.strip_suffix(s))
+            .filter(|b| exported.contains(b))
+            .unwrap_or(word);
+        assert!(
+            exported.contains(&base),
+            "alerts.yml names {word}, which /metrics does not export"
+        );
+        named += 1;
+    }
+    assert!(named >= 9, "only {named} metric names found");
+}
