@@ -102,6 +102,10 @@ pub struct Telemetry {
     /// Prometheus scrapes) or only callers with the admin key (`admin`).
     #[serde(default)]
     pub metrics_auth: MetricsAuth,
+    /// Where to export traces over OTLP/HTTP (the base URL, as in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, which takes precedence); none: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Telemetry {
@@ -109,6 +113,7 @@ impl Default for Telemetry {
         Telemetry {
             metrics: true,
             metrics_auth: MetricsAuth::None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -605,8 +610,19 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         bulkheads,
         gateway,
         server,
-        telemetry: file.telemetry,
+        telemetry: telemetry(file.telemetry, &file_name)?,
     })
+}
+
+fn telemetry(entry: Telemetry, file: &str) -> anyhow::Result<Telemetry> {
+    if let Some(url) = &entry.otlp_endpoint
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(anyhow!(
+            "{file}: telemetry.otlp_endpoint: must be an http:// or https:// URL (the collector's OTLP/HTTP base, such as http://127.0.0.1:4318), not {url:?}"
+        ));
+    }
+    Ok(entry)
 }
 
 fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Result<Gateway> {
@@ -683,6 +699,30 @@ mod tests {
 
     fn error(text: &str) -> String {
         format!("{:#}", load_text(text).unwrap_err())
+    }
+
+    #[test]
+    fn the_telemetry_table_is_read_with_its_defaults_and_checked() {
+        let defaults = load_text("").unwrap().telemetry;
+        assert_eq!(defaults, Telemetry::default());
+        assert!(defaults.metrics && defaults.otlp_endpoint.is_none());
+        let set = load_text(
+            "[telemetry]\nmetrics = false\nmetrics_auth = \"admin\"\notlp_endpoint = \"http://127.0.0.1:4318\"\n",
+        )
+        .unwrap()
+        .telemetry;
+        assert!(!set.metrics);
+        assert_eq!(set.metrics_auth, MetricsAuth::Admin);
+        assert_eq!(set.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+        let bad = error("[telemetry]\notlp_endpoint = \"127.0.0.1:4318\"\n");
+        assert!(bad.contains("telemetry.otlp_endpoint"), "{bad}");
+        let bad = error("[telemetry]\nmetrics_auth = \"everyone\"\n");
+        assert!(
+            bad.contains("metrics_auth") && bad.contains("everyone"),
+            "{bad}"
+        );
+        let bad = error("[telemetry]\ntraces = true\n");
+        assert!(bad.contains("traces"), "{bad}");
     }
 
     #[test]

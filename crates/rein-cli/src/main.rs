@@ -20,6 +20,7 @@ mod config;
 mod demo;
 mod render;
 mod serve;
+mod telemetry;
 mod views;
 use serve::admin;
 
@@ -417,7 +418,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command));
+    // `rein run` and every other command: the spans of the runs that ended are exported
+    // before the process exits.
+    telemetry::shutdown();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
@@ -630,15 +635,17 @@ pub async fn runtime_for(
         ),
         None => store.clone(),
     };
-    Ok(
-        Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
-            .with_governor(rein_runtime::Governor {
-                counters,
-                budgets: config.budgets.clone(),
-            })
-            .with_rate_limits(config.rate_limits.clone())
-            .with_bulkheads(config.bulkheads.clone()),
-    )
+    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
+        .with_governor(rein_runtime::Governor {
+            counters,
+            budgets: config.budgets.clone(),
+        })
+        .with_rate_limits(config.rate_limits.clone())
+        .with_bulkheads(config.bulkheads.clone());
+    Ok(match telemetry::exporter(&config.telemetry)? {
+        Some(otlp) => runtime.with_spans(otlp),
+        None => runtime,
+    })
 }
 
 async fn open_store(store: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {

@@ -19,6 +19,7 @@ pub mod money;
 pub mod price;
 pub mod rate;
 pub mod run;
+pub mod spans;
 pub mod spec;
 pub mod time;
 pub mod tokens;

@@ -189,6 +189,8 @@ pub struct Runtime {
     counters: Arc<dyn Counters>,
     breakers: Arc<breakers::Breakers>,
     meters: meters::Meters,
+    /// Where the spans of each ended run go, if anywhere.
+    spans: Option<Arc<dyn rein_core::spans::SpanSink>>,
     rate_limits: Option<RateLimits>,
     bulkheads: Option<Bulkheads>,
     step_timings: bool,
@@ -273,6 +275,7 @@ impl Runtime {
                 meters::Meters::default(),
             )),
             meters: meters::Meters::default(),
+            spans: None,
             counters,
             rate_limits: None,
             bulkheads: None,
@@ -489,6 +492,32 @@ impl Runtime {
         self
     }
 
+    /// Exports the trace of every run this runtime drives to its end to `sink`, made from the
+    /// run's whole log (`rein_core::spans`) once `run_finished` is durable.
+    pub fn with_spans(mut self, sink: Arc<dyn rein_core::spans::SpanSink>) -> Self {
+        self.spans = Some(sink);
+        self
+    }
+
+    /// Hands the trace of `run_id`, which has just ended, to the span sink. A log that cannot be
+    /// read is not traced: tracing never fails a run.
+    async fn trace_ended(&self, tenant: &TenantId, run_id: &RunId) {
+        let Some(sink) = &self.spans else {
+            return;
+        };
+        let Ok(sealed) = self.store.events(tenant, run_id).await else {
+            return;
+        };
+        let Ok(events) = sealed
+            .iter()
+            .map(|e| e.decode())
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return;
+        };
+        sink.export(rein_core::spans::spans(run_id, &events));
+    }
+
     /// Enforces rate limits on model calls (in the governor's counters if one is set, so set
     /// the governor first).
     pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
@@ -647,7 +676,7 @@ impl Runtime {
             runtime: self,
             model,
             sink,
-            tenant,
+            tenant: tenant.clone(),
             user,
             session,
             run_id: run_id.clone(),
@@ -668,7 +697,9 @@ impl Runtime {
         drop(keeper);
         // No worker claims an ended run, so its lease needs no release: one write fewer per
         // run (a gateway call is a whole run).
-        if !matches!(&outcome, Ok(o) if o.status.is_terminal()) {
+        if matches!(&outcome, Ok(o) if o.status.is_terminal()) {
+            self.trace_ended(&tenant, &run_id).await;
+        } else {
             self.store.release(&run_id, &self.owner).await?;
         }
         outcome
@@ -938,6 +969,9 @@ impl Runtime {
             driver.drive().await
         }
         .await;
+        if matches!(&outcome, Ok(o) if o.status.is_terminal()) {
+            self.trace_ended(tenant, run_id).await;
+        }
         self.leave_bulkhead(tenant, run_id.as_str()).await?;
         outcome
     }

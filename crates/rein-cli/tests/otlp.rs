@@ -1,0 +1,258 @@
+//! Trace export: `rein run` exports a multi-step run's spans over OTLP/HTTP to a real receiver,
+//! Arize Phoenix (from PyPI), and they read back from Phoenix's REST API as one trace with the
+//! run's span at the root, a `chat` span per model call and an `execute_tool` span per tool call
+//! under it, carrying the GenAI attributes and token counts the event log records.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use rein_fakes::{FakeOpenAi, FakeResponse, ToolService};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Phoenix as a process, stopped on drop.
+struct Phoenix {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Phoenix {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `phoenix serve` on free ports with its data in `dir`, once it answers.
+async fn phoenix(bin: &str, dir: &std::path::Path) -> Phoenix {
+    let (port, grpc) = (free_port(), free_port());
+    let child = Command::new(bin)
+        .arg("serve")
+        .env("PHOENIX_WORKING_DIR", dir)
+        .env("PHOENIX_HOST", "127.0.0.1")
+        .env("PHOENIX_PORT", port.to_string())
+        .env("PHOENIX_GRPC_PORT", grpc.to_string())
+        .env("PHOENIX_TELEMETRY_ENABLED", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let phoenix = Phoenix {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let up = http
+            .get(format!("{}/v1/projects", phoenix.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            return phoenix;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Phoenix did not start within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The Phoenix binary (`REIN_TEST_PHOENIX`, which `scripts/test` sets up); `None` to skip where
+/// it is not required.
+fn phoenix_bin() -> Option<String> {
+    match std::env::var("REIN_TEST_PHOENIX") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            assert!(
+                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
+                "scripts/test sets REIN_TEST_PHOENIX; it is missing"
+            );
+            eprintln!("skipped: Phoenix is set up by scripts/test (REIN_TEST_PHOENIX)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
+    let Some(bin) = phoenix_bin() else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let receiver = phoenix(&bin, data.path()).await;
+    let fake = FakeOpenAi::start(|_, body| {
+        let answered = body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+        if answered {
+            FakeResponse::text("Paid.", 60, 10)
+        } else {
+            FakeResponse::tool_call("call_1", "pay", &json!({"n": 1}), 40, 20)
+        }
+    })
+    .await
+    .unwrap();
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        common::payer_spec(&service.url(), 5, 4),
+    )
+    .unwrap();
+    let out = common::rein_command(dir.path())
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "pay order 1",
+            "--db",
+            "rein.db",
+            "--json",
+        ])
+        .env("OPENAI_BASE_URL", fake.base_url())
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.base)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_SERVICE_NAME", "rein-test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    let run_id = outcome["run_id"].as_str().unwrap().to_string();
+    let trace_id: String = run_id.chars().filter(|c| *c != '-').collect();
+
+    // The spans as Phoenix stored them (it ingests asynchronously: wait for all four).
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let spans: Vec<Value> = loop {
+        let page: Value = http
+            .get(format!(
+                "{}/v1/projects/default/spans?limit=100",
+                receiver.base
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ours: Vec<Value> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["context"]["trace_id"] == trace_id.as_str())
+            .cloned()
+            .collect();
+        if ours.len() >= 4 {
+            break ours;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Phoenix holds {} of the run's 4 spans after 60 s: {page}",
+            ours.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let named = |prefix: &str| -> Vec<&Value> {
+        spans
+            .iter()
+            .filter(|s| s["name"].as_str().unwrap().starts_with(prefix))
+            .collect()
+    };
+    let root = named("invoke_agent payer");
+    assert_eq!(root.len(), 1, "{spans:#?}");
+    let root = root[0];
+    assert!(root["parent_id"].is_null(), "{root}");
+    let root_id = root["context"]["span_id"].as_str().unwrap();
+    let attr = |span: &Value, key: &str| span["attributes"][key].clone();
+    assert_eq!(attr(root, "rein.termination_reason"), "completed", "{root}");
+    assert_eq!(attr(root, "rein.run_id"), run_id.as_str());
+    assert_eq!(attr(root, "gen_ai.usage.input_tokens"), 100);
+
+    // The event log's model calls, step by step.
+    let show = common::rein_ok(
+        dir.path(),
+        &["runs", "show", &run_id, "--json", "--db", "rein.db"],
+    );
+    let show: Value = serde_json::from_str(&show).unwrap();
+    let responded: Vec<&Value> = show["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "model_responded")
+        .map(|e| &e["payload"])
+        .collect();
+    let chats = named("chat ");
+    assert_eq!(chats.len(), responded.len());
+    for answer in responded {
+        let step = answer["step"].as_i64().unwrap();
+        let chat = chats
+            .iter()
+            .find(|s| attr(s, "rein.step") == step)
+            .unwrap_or_else(|| panic!("no chat span for step {step}: {chats:#?}"));
+        assert_eq!(chat["parent_id"], root_id, "{chat}");
+        assert_eq!(chat["name"], "chat openai/gpt-4o-mini");
+        assert_eq!(attr(chat, "gen_ai.operation.name"), "chat");
+        assert_eq!(attr(chat, "gen_ai.provider.name"), "openai");
+        assert_eq!(attr(chat, "gen_ai.request.model"), "openai/gpt-4o-mini");
+        assert_eq!(attr(chat, "gen_ai.response.model"), answer["model"]);
+        assert_eq!(
+            attr(chat, "gen_ai.usage.input_tokens"),
+            answer["usage"]["input_tokens"]
+        );
+        assert_eq!(
+            attr(chat, "gen_ai.usage.output_tokens"),
+            answer["usage"]["output_tokens"]
+        );
+    }
+    let tools = named("execute_tool pay");
+    assert_eq!(tools.len(), 1);
+    assert_eq!(tools[0]["parent_id"], root_id);
+    assert_eq!(attr(tools[0], "gen_ai.tool.name"), "pay");
+    assert_eq!(attr(tools[0], "gen_ai.tool.call.id"), "call_1");
+}
+
+/// Rein speaks OTLP over HTTP with protobuf only: any other protocol asked for is refused at
+/// start, by name, rather than silently not exported.
+#[test]
+fn another_otlp_protocol_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        common::payer_spec("http://127.0.0.1:9", 5, 4),
+    )
+    .unwrap();
+    let out = common::rein_command(dir.path())
+        .args(["run", "agent.yaml", "--input", "hi", "--db", "rein.db"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc") && stderr.contains("http/protobuf"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,657 @@
+//! A run's trace, as spans made from its event log (DESIGN.md, "One log, four uses").
+//!
+//! One trace per run, its id the run's (a UUIDv7 is 128 bits, as a trace id is), so a trace
+//! found in any backend leads to `rein runs show` and back. Under the run's span: one span per
+//! model call (named and attributed after the OpenTelemetry GenAI semantic conventions), per
+//! tool call and per approval, each from the event that opened it to the one that closed it.
+//! Span ids are derived from the run and the step, so exporting a run twice yields the same
+//! spans. Nothing here does I/O: an exporter turns [`Span`]s into its wire format.
+
+use crate::event::{Event, EventKind};
+use crate::tool::ToolStatus;
+use crate::{ErrorType, RunId, Usd};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+/// An attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// Text.
+    Str(String),
+    /// An integer.
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// A flag.
+    Bool(bool),
+    /// A list of texts.
+    StrList(Vec<String>),
+}
+
+/// What a span reports about its outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    /// Nothing went wrong.
+    Ok,
+    /// It failed, and why.
+    Error(String),
+}
+
+/// Something that happened during a span (a retried attempt, a fallback).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpanEvent {
+    /// Name.
+    pub name: &'static str,
+    /// When, in ms since the epoch.
+    pub at_ms: i64,
+    /// Attributes.
+    pub attributes: Vec<(&'static str, Value)>,
+}
+
+/// What a span is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Work done inside the run (the run itself, an approval wait).
+    Internal,
+    /// A call out (a model, a tool).
+    Client,
+}
+
+/// One span of a run's trace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    /// The run's trace.
+    pub trace_id: [u8; 16],
+    /// This span.
+    pub span_id: [u8; 8],
+    /// The span it belongs under (`None` for the run's own span).
+    pub parent: Option<[u8; 8]>,
+    /// Name (`invoke_agent support`, `chat openai/gpt-4o-mini`, `execute_tool lookup`).
+    pub name: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Start, in ms since the epoch.
+    pub start_ms: i64,
+    /// End, in ms since the epoch.
+    pub end_ms: i64,
+    /// Attributes (`gen_ai.*` and `rein.*`).
+    pub attributes: Vec<(&'static str, Value)>,
+    /// Span events.
+    pub events: Vec<SpanEvent>,
+    /// Outcome.
+    pub status: Status,
+}
+
+impl Span {
+    /// The attribute `key`, if set.
+    pub fn attribute(&self, key: &str) -> Option<&Value> {
+        self.attributes
+            .iter()
+            .find_map(|(k, v)| (*k == key).then_some(v))
+    }
+}
+
+/// Where a run's spans go once it has ended (an OTLP exporter, in the binary).
+pub trait SpanSink: Send + Sync {
+    /// Takes the spans of one ended run; must not block (exporting happens elsewhere).
+    fn export(&self, spans: Vec<Span>);
+}
+
+/// The trace id of `run`: its UUID's 128 bits, or (for an id that is not a UUID) the first 16
+/// bytes of its SHA-256.
+pub fn trace_id(run: &RunId) -> [u8; 16] {
+    let hex: String = run.as_str().chars().filter(|c| *c != '-').collect();
+    let mut id = [0u8; 16];
+    if hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+        }
+    } else {
+        id.copy_from_slice(&Sha256::digest(run.as_str().as_bytes())[..16]);
+    }
+    id
+}
+
+/// The id of the span `label` of `run` (stable: the same run gives the same ids).
+pub fn span_id(run: &RunId, label: &str) -> [u8; 8] {
+    let mut hasher = Sha256::new();
+    hasher.update(run.as_str().as_bytes());
+    hasher.update(b"\0");
+    hasher.update(label.as_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&hasher.finalize()[..8]);
+    // An all-zero span id is invalid.
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+/// `openai` for `openai/gpt-4o-mini`.
+fn provider_of(model: &str) -> &str {
+    model.split_once('/').map_or(model, |(p, _)| p)
+}
+
+fn error_type_name(t: ErrorType) -> &'static str {
+    match t {
+        ErrorType::Transient => "transient",
+        ErrorType::Permanent => "permanent",
+        ErrorType::RateLimit => "rate_limit",
+    }
+}
+
+fn usd(v: Usd) -> Value {
+    Value::Float(v.micros() as f64 / 1e6)
+}
+
+fn text(s: impl Into<String>) -> Value {
+    Value::Str(s.into())
+}
+
+fn int(n: impl TryInto<i64>) -> Value {
+    Value::Int(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// The spans of the run `run` whose log is `events` (from `run_started`). Spans still open at
+/// the end of the log (a run paused for approval, or cut off by a crash) end at its last event.
+pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
+    let Some(first) = events.first() else {
+        return Vec::new();
+    };
+    let trace = trace_id(run);
+    let root_id = span_id(run, "run");
+    let last_ms = events.last().map_or(first.ts_ms, |e| e.ts_ms);
+    let mut root = Span {
+        trace_id: trace,
+        span_id: root_id,
+        parent: None,
+        name: "invoke_agent".into(),
+        kind: Kind::Internal,
+        start_ms: first.ts_ms,
+        end_ms: last_ms,
+        attributes: vec![
+            ("gen_ai.operation.name", text("invoke_agent")),
+            ("rein.run_id", text(run.as_str())),
+        ],
+        events: Vec::new(),
+        status: Status::Ok,
+    };
+    let child = |label: String, name: String, kind: Kind, start_ms: i64| Span {
+        trace_id: trace,
+        span_id: span_id(run, &label),
+        parent: Some(root_id),
+        name,
+        kind,
+        start_ms,
+        end_ms: last_ms,
+        attributes: Vec::new(),
+        events: Vec::new(),
+        status: Status::Ok,
+    };
+    let mut done: Vec<Span> = Vec::new();
+    // Open spans by step: model calls, tool calls (by call id), approvals.
+    let mut models: HashMap<u32, Span> = HashMap::new();
+    let mut tools: HashMap<String, Span> = HashMap::new();
+    let mut approvals: HashMap<u32, Span> = HashMap::new();
+    let (mut input, mut output, mut cost) = (0u64, 0u64, Usd::ZERO);
+    for event in events {
+        match &event.kind {
+            EventKind::RunStarted {
+                agent,
+                agent_version,
+                tenant,
+                user,
+                session,
+                ..
+            } => {
+                root.name = format!("invoke_agent {agent}");
+                root.attributes.extend([
+                    ("gen_ai.agent.name", text(agent.as_str())),
+                    ("rein.agent_version", int(*agent_version)),
+                    ("rein.tenant", text(tenant.as_str())),
+                    ("rein.user", text(user.as_str())),
+                    ("rein.session", text(session.as_str())),
+                ]);
+            }
+            EventKind::ModelRequested {
+                step,
+                model,
+                max_output_tokens,
+                worst_case_cost,
+                step_kind,
+                ..
+            } => {
+                let mut span = child(
+                    format!("model:{step}"),
+                    format!("chat {model}"),
+                    Kind::Client,
+                    event.ts_ms,
+                );
+                span.attributes.extend([
+                    ("gen_ai.operation.name", text("chat")),
+                    ("gen_ai.provider.name", text(provider_of(model))),
+                    ("gen_ai.request.model", text(model.as_str())),
+                    ("gen_ai.request.max_tokens", int(*max_output_tokens)),
+                    ("rein.step", int(*step)),
+                    ("rein.worst_case_cost_usd", usd(*worst_case_cost)),
+                ]);
+                if let Some(kind) = step_kind {
+                    span.attributes
+                        .push(("rein.step_kind", text(kind.as_str())));
+                }
+                models.insert(*step, span);
+            }
+            EventKind::ModelAttemptFailed {
+                step,
+                model,
+                attempt,
+                error_type,
+                message,
+                retry_in_ms,
+            } => {
+                if let Some(span) = models.get_mut(step) {
+                    span.events.push(SpanEvent {
+                        name: "rein.model_attempt_failed",
+                        at_ms: event.ts_ms,
+                        attributes: vec![
+                            ("gen_ai.request.model", text(model.as_str())),
+                            ("rein.attempt", int(*attempt)),
+                            ("error.type", text(error_type_name(*error_type))),
+                            ("rein.message", text(message.as_str())),
+                            ("rein.retry_in_ms", int(*retry_in_ms)),
+                            ("rein.retry_safe", Value::Bool(true)),
+                        ],
+                    });
+                }
+            }
+            EventKind::ModelFellBack {
+                step,
+                model,
+                reason,
+            } => {
+                if let Some(span) = models.get_mut(step) {
+                    let breaker_open = reason.contains("circuit breaker is open");
+                    span.events.push(SpanEvent {
+                        name: "rein.model_fell_back",
+                        at_ms: event.ts_ms,
+                        attributes: vec![
+                            ("gen_ai.request.model", text(model.as_str())),
+                            ("rein.reason", text(reason.as_str())),
+                            (
+                                "rein.breaker_state",
+                                text(if breaker_open { "open" } else { "closed" }),
+                            ),
+                        ],
+                    });
+                }
+            }
+            EventKind::ModelResponded {
+                step,
+                model,
+                usage,
+                cost: call_cost,
+                attempts,
+                finish_reason,
+                cached,
+                ..
+            } => {
+                input += usage.input_tokens;
+                output += usage.output_tokens;
+                cost += *call_cost;
+                if let Some(mut span) = models.remove(step) {
+                    span.end_ms = event.ts_ms;
+                    span.attributes.extend([
+                        ("gen_ai.response.model", text(model.as_str())),
+                        ("gen_ai.usage.input_tokens", int(usage.input_tokens)),
+                        ("gen_ai.usage.output_tokens", int(usage.output_tokens)),
+                        (
+                            "rein.usage.cached_input_tokens",
+                            int(usage.cached_input_tokens),
+                        ),
+                        ("rein.cost_usd", usd(*call_cost)),
+                        ("rein.attempts", int(*attempts)),
+                        ("rein.cached", Value::Bool(*cached)),
+                        ("rein.breaker_state", text("closed")),
+                    ]);
+                    if let Some(reason) = finish_reason {
+                        span.attributes.push((
+                            "gen_ai.response.finish_reasons",
+                            Value::StrList(vec![reason.clone()]),
+                        ));
+                    }
+                    done.push(span);
+                }
+            }
+            EventKind::ModelFailed {
+                step,
+                model,
+                error_type,
+                message,
+                attempts,
+                all_circuits_open,
+                ..
+            } => {
+                if let Some(mut span) = models.remove(step) {
+                    span.end_ms = event.ts_ms;
+                    span.attributes.extend([
+                        ("gen_ai.response.model", text(model.as_str())),
+                        ("error.type", text(error_type_name(*error_type))),
+                        ("rein.attempts", int(*attempts)),
+                        (
+                            "rein.retry_safe",
+                            Value::Bool(*error_type != ErrorType::Permanent),
+                        ),
+                        (
+                            "rein.breaker_state",
+                            text(if *all_circuits_open { "open" } else { "closed" }),
+                        ),
+                    ]);
+                    span.status = Status::Error(message.clone());
+                    done.push(span);
+                }
+            }
+            EventKind::ToolRequested {
+                step,
+                call_id,
+                tool,
+                ..
+            } => {
+                let mut span = child(
+                    format!("tool:{step}:{call_id}"),
+                    format!("execute_tool {tool}"),
+                    Kind::Client,
+                    event.ts_ms,
+                );
+                span.attributes.extend([
+                    ("gen_ai.operation.name", text("execute_tool")),
+                    ("gen_ai.tool.name", text(tool.as_str())),
+                    ("gen_ai.tool.call.id", text(call_id.as_str())),
+                    ("rein.step", int(*step)),
+                ]);
+                tools.insert(call_id.clone(), span);
+            }
+            EventKind::ToolResult {
+                step,
+                call_id,
+                tool,
+                result,
+                attempts,
+                ..
+            } => {
+                // A call refused before it was made has no `tool_requested`: its span is the
+                // instant of the refusal.
+                let mut span = tools.remove(call_id).unwrap_or_else(|| {
+                    let mut span = child(
+                        format!("tool:{step}:{call_id}"),
+                        format!("execute_tool {tool}"),
+                        Kind::Client,
+                        event.ts_ms,
+                    );
+                    span.attributes.extend([
+                        ("gen_ai.operation.name", text("execute_tool")),
+                        ("gen_ai.tool.name", text(tool.as_str())),
+                        ("gen_ai.tool.call.id", text(call_id.as_str())),
+                        ("rein.step", int(*step)),
+                    ]);
+                    span
+                });
+                span.end_ms = event.ts_ms;
+                span.attributes.push(("rein.attempts", int(*attempts)));
+                if result.status == ToolStatus::Error {
+                    if let Some(t) = result.error_type {
+                        span.attributes
+                            .push(("error.type", text(error_type_name(t))));
+                    }
+                    span.attributes
+                        .push(("rein.retry_safe", Value::Bool(result.retry_safe)));
+                    span.status =
+                        Status::Error(result.message.clone().unwrap_or_else(|| "failed".into()));
+                }
+                done.push(span);
+            }
+            EventKind::ApprovalRequested {
+                step, tool, reason, ..
+            } => {
+                let mut span = child(
+                    format!("approval:{step}"),
+                    format!("approval {tool}"),
+                    Kind::Internal,
+                    event.ts_ms,
+                );
+                span.attributes.extend([
+                    ("gen_ai.tool.name", text(tool.as_str())),
+                    ("rein.step", int(*step)),
+                    ("rein.approval.reason", text(reason.as_str())),
+                ]);
+                approvals.insert(*step, span);
+            }
+            EventKind::ApprovalDecided {
+                step, approved, by, ..
+            } => {
+                if let Some(mut span) = approvals.remove(step) {
+                    span.end_ms = event.ts_ms;
+                    span.attributes.extend([
+                        ("rein.approval.approved", Value::Bool(*approved)),
+                        ("rein.approval.by", text(by.as_str())),
+                    ]);
+                    done.push(span);
+                }
+            }
+            EventKind::RunFinished {
+                status,
+                reason,
+                detail,
+                ..
+            } => {
+                root.end_ms = event.ts_ms;
+                root.attributes.extend([
+                    ("rein.status", text(status.as_str())),
+                    ("rein.termination_reason", text(reason.as_str())),
+                ]);
+                if !matches!(status, crate::RunStatus::Completed) {
+                    root.status = Status::Error(
+                        detail
+                            .clone()
+                            .unwrap_or_else(|| format!("ended {}", reason.as_str())),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    root.attributes.extend([
+        ("gen_ai.usage.input_tokens", int(input)),
+        ("gen_ai.usage.output_tokens", int(output)),
+        ("rein.cost_usd", usd(cost)),
+    ]);
+    // Whatever the log leaves open ends with it.
+    let mut open: Vec<Span> = models
+        .into_values()
+        .chain(tools.into_values())
+        .chain(approvals.into_values())
+        .collect();
+    open.sort_by_key(|s| s.start_ms);
+    done.extend(open);
+    let mut all = vec![root];
+    all.extend(done);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::StepKind;
+    use crate::{RunStatus, SessionId, TenantId, TerminationReason, ToolResult, Usage, UserId};
+
+    fn at(ts_ms: i64, kind: EventKind) -> Event {
+        Event {
+            seq: 0,
+            ts_ms,
+            kind,
+        }
+    }
+
+    fn log() -> Vec<Event> {
+        vec![
+            at(
+                1_000,
+                EventKind::RunStarted {
+                    agent: "support".into(),
+                    agent_version: 3,
+                    spec_sha256: String::new(),
+                    input: "hi".into(),
+                    tenant: TenantId::new("acme"),
+                    user: UserId::new("u"),
+                    session: SessionId::new("s"),
+                    job: None,
+                    granted_scopes: Vec::new(),
+                },
+            ),
+            at(
+                1_010,
+                EventKind::ModelRequested {
+                    step: 1,
+                    model: "openai/gpt-4o-mini".into(),
+                    estimated_input_tokens: 10,
+                    max_output_tokens: 100,
+                    worst_case_cost: Usd::from_micros(90),
+                    tokens_remaining: 1000,
+                    cost_remaining: Usd::from_micros(10_000),
+                    step_kind: Some(StepKind::Plan),
+                    routed: false,
+                },
+            ),
+            at(
+                1_050,
+                EventKind::ModelAttemptFailed {
+                    step: 1,
+                    model: "openai/gpt-4o-mini".into(),
+                    attempt: 1,
+                    error_type: ErrorType::Transient,
+                    message: "503".into(),
+                    retry_in_ms: 100,
+                },
+            ),
+            at(
+                1_300,
+                EventKind::ModelResponded {
+                    step: 1,
+                    model: "openai/gpt-4o-mini".into(),
+                    content: None,
+                    tool_calls: Vec::new(),
+                    usage: Usage {
+                        input_tokens: 30,
+                        cached_input_tokens: 0,
+                        cache_write_tokens: 0,
+                        output_tokens: 7,
+                    },
+                    cost: Usd::from_micros(120),
+                    latency_ms: 290,
+                    attempts: 2,
+                    finish_reason: Some("tool_calls".into()),
+                    cached: false,
+                },
+            ),
+            at(
+                1_310,
+                EventKind::ToolRequested {
+                    step: 2,
+                    call_id: "c1".into(),
+                    tool: "lookup".into(),
+                    arguments: serde_json::json!({}),
+                },
+            ),
+            at(
+                1_400,
+                EventKind::ToolResult {
+                    step: 2,
+                    call_id: "c1".into(),
+                    tool: "lookup".into(),
+                    result: ToolResult::error(ErrorType::Permanent, "no such order"),
+                    latency_ms: 90,
+                    attempts: 1,
+                },
+            ),
+            at(
+                2_000,
+                EventKind::RunFinished {
+                    status: RunStatus::Completed,
+                    reason: TerminationReason::Completed,
+                    detail: None,
+                    output: None,
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_run_is_one_trace_with_a_span_per_call_under_the_runs() {
+        let run = RunId::new("01a21b07-cfd1-7493-b4d2-9d944ba6fece");
+        let spans = spans(&run, &log());
+        assert_eq!(spans.len(), 3);
+        let trace = trace_id(&run);
+        assert_eq!(
+            crate::event::hex(&trace),
+            "01a21b07cfd17493b4d29d944ba6fece"
+        );
+        assert!(spans.iter().all(|s| s.trace_id == trace));
+        let (root, model, tool) = (&spans[0], &spans[1], &spans[2]);
+        assert_eq!(root.name, "invoke_agent support");
+        assert_eq!(root.parent, None);
+        assert_eq!((root.start_ms, root.end_ms), (1_000, 2_000));
+        assert_eq!(
+            root.attribute("rein.termination_reason"),
+            Some(&text("completed"))
+        );
+        assert_eq!(
+            root.attribute("gen_ai.usage.input_tokens"),
+            Some(&Value::Int(30))
+        );
+        assert_eq!(model.name, "chat openai/gpt-4o-mini");
+        assert_eq!(model.parent, Some(root.span_id));
+        assert_eq!(model.kind, Kind::Client);
+        assert_eq!((model.start_ms, model.end_ms), (1_010, 1_300));
+        assert_eq!(
+            model.attribute("gen_ai.provider.name"),
+            Some(&text("openai"))
+        );
+        assert_eq!(
+            model.attribute("gen_ai.usage.output_tokens"),
+            Some(&Value::Int(7))
+        );
+        assert_eq!(
+            model.attribute("gen_ai.response.finish_reasons"),
+            Some(&Value::StrList(vec!["tool_calls".into()]))
+        );
+        assert_eq!(model.attribute("rein.step_kind"), Some(&text("plan")));
+        assert_eq!(model.events.len(), 1);
+        assert_eq!(model.status, Status::Ok);
+        assert_eq!(tool.name, "execute_tool lookup");
+        assert_eq!(tool.parent, Some(root.span_id));
+        assert_eq!(tool.attribute("rein.retry_safe"), Some(&Value::Bool(false)));
+        assert_eq!(tool.status, Status::Error("no such order".into()));
+        // Stable ids: the same log gives the same spans.
+        assert_eq!(super::spans(&run, &log()), spans);
+        let ids: std::collections::HashSet<_> = spans.iter().map(|s| s.span_id).collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    /// A run paused for approval: the approval span is open, and ends with the log.
+    #[test]
+    fn spans_left_open_end_with_the_log() {
+        let run = RunId::new("not-a-uuid");
+        let mut events = log();
+        events.truncate(5);
+        let spans = spans(&run, &events);
+        let tool = spans
+            .iter()
+            .find(|s| s.name == "execute_tool lookup")
+            .unwrap();
+        assert_eq!((tool.start_ms, tool.end_ms), (1_310, 1_310));
+        assert_eq!(spans[0].end_ms, 1_310);
+        assert_eq!(
+            crate::event::hex(&spans[0].trace_id),
+            crate::event::sha256_hex(b"not-a-uuid")[..32]
+        );
+    }
+}
