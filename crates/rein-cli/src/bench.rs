@@ -105,6 +105,7 @@ fn request(agent: &Arc<Agent>, source: &str, n: usize) -> RunRequest {
         session: SessionId::new(format!("bench-{n}")),
         job: None,
         granted_scopes: Vec::new(),
+        trace_parent: None,
         chat: None,
     }
 }

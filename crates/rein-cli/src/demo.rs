@@ -183,6 +183,7 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
             job: None,
             granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
             chat: None,
+            trace_parent: None,
         };
         let outcome = runtime.run(request, model.as_ref()).await?;
         let ended = outcome

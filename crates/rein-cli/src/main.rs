@@ -696,6 +696,11 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         input: args.input,
         granted_scopes: config.granted_scopes(&TenantId::new(args.tenant.clone())),
         chat: None,
+        // The environment carrier OpenTelemetry proposes for processes: a script that traces
+        // itself passes its span on to the run.
+        trace_parent: std::env::var("TRACEPARENT")
+            .ok()
+            .filter(|t| rein_core::spans::parse_traceparent(t).is_some()),
         tenant: TenantId::new(args.tenant),
         user: UserId::new(args.user),
         session: SessionId::new(

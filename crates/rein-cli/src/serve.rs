@@ -318,6 +318,16 @@ fn json_body<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// The caller's W3C `traceparent` header, when it is a valid one (an invalid one is ignored,
+/// as the W3C rules ask: the run then starts a trace of its own).
+fn trace_parent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| rein_core::spans::parse_traceparent(t).is_some())
+        .map(str::to_string)
+}
+
 /// The deepest JSON nesting accepted in a request body.
 const MAX_JSON_DEPTH: usize = 32;
 
@@ -744,6 +754,7 @@ async fn create_run(
         input: new.input,
         granted_scopes: app.config.granted_scopes(&tenant),
         chat: None,
+        trace_parent: trace_parent(&headers),
         tenant: tenant.clone(),
         user: UserId::new(new.user.unwrap_or_else(|| "anonymous".into())),
         session: SessionId::new(

@@ -126,7 +126,7 @@ impl Otlp {
         SpanData {
             span_context: context(span.span_id),
             parent_span_id: span.parent.map_or(SpanId::INVALID, SpanId::from_bytes),
-            parent_span_is_remote: false,
+            parent_span_is_remote: span.remote_parent,
             span_kind: match span.kind {
                 spans::Kind::Internal => SpanKind::Internal,
                 spans::Kind::Client => SpanKind::Client,

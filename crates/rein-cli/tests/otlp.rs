@@ -1,7 +1,10 @@
 //! Trace export: `rein run` exports a multi-step run's spans over OTLP/HTTP to a real receiver,
 //! Arize Phoenix (from PyPI), and they read back from Phoenix's REST API as one trace with the
-//! run's span at the root, a `chat` span per model call and an `execute_tool` span per tool call
-//! under it, carrying the GenAI attributes and token counts the event log records.
+//! run's span at the root (under the caller's span, whose trace it continues), a `chat` span per
+//! model call and an `execute_tool` span per tool call under it, carrying the GenAI attributes
+//! and token counts the event log records; the HTTP tool receives its call's `traceparent`.
+//! Over the API, a run started with a `traceparent` header continues that trace (a malformed
+//! header is ignored).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,6 +14,12 @@ use rein_fakes::{FakeOpenAi, FakeResponse, ToolService};
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The span of the caller that started the run (the `TRACEPARENT` environment carrier for
+/// `rein run`, the `traceparent` header for the API).
+const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 /// Phoenix as a process, stopped on drop.
 struct Phoenix {
@@ -127,6 +136,7 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.base)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
         .env("OTEL_SERVICE_NAME", "rein-test")
+        .env("TRACEPARENT", CALLER)
         .output()
         .unwrap();
     assert!(
@@ -137,7 +147,8 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["status"], "completed", "{outcome}");
     let run_id = outcome["run_id"].as_str().unwrap().to_string();
-    let trace_id: String = run_id.chars().filter(|c| *c != '-').collect();
+    // The run continues the caller's trace.
+    let trace_id = CALLER_TRACE;
 
     // The spans as Phoenix stored them (it ingests asynchronously: wait for all four).
     let http = reqwest::Client::new();
@@ -158,7 +169,7 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|s| s["context"]["trace_id"] == trace_id.as_str())
+            .filter(|s| s["context"]["trace_id"] == trace_id)
             .cloned()
             .collect();
         if ours.len() >= 4 {
@@ -181,7 +192,7 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
     let root = named("invoke_agent payer");
     assert_eq!(root.len(), 1, "{spans:#?}");
     let root = root[0];
-    assert!(root["parent_id"].is_null(), "{root}");
+    assert_eq!(root["parent_id"], CALLER_SPAN, "{root}");
     let root_id = root["context"]["span_id"].as_str().unwrap();
     let attr = |span: &Value, key: &str| span["attributes"][key].clone();
     assert_eq!(attr(root, "rein.termination_reason"), "completed", "{root}");
@@ -229,6 +240,14 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
     assert_eq!(tools[0]["parent_id"], root_id);
     assert_eq!(attr(tools[0], "gen_ai.tool.name"), "pay");
     assert_eq!(attr(tools[0], "gen_ai.tool.call.id"), "call_1");
+    // The tool service was told its call's span, in the caller's trace.
+    assert_eq!(
+        service.traceparents("apply"),
+        [format!(
+            "00-{CALLER_TRACE}-{}-01",
+            tools[0]["context"]["span_id"].as_str().unwrap()
+        )]
+    );
 }
 
 /// Rein speaks OTLP over HTTP with protobuf only: any other protocol asked for is refused at
@@ -255,4 +274,76 @@ fn another_otlp_protocol_is_refused_at_start() {
         stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc") && stderr.contains("http/protobuf"),
         "{stderr}"
     );
+}
+
+/// `POST /v1/runs` and the gateway take the caller's `traceparent`: the run's log keeps it and
+/// its tool calls carry the caller's trace on; a malformed one is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_callers_traceparent_is_kept_and_passed_to_tools() {
+    let fake = FakeOpenAi::start(|_, body| {
+        let answered = body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+        if answered {
+            FakeResponse::text("Paid.", 60, 10)
+        } else {
+            FakeResponse::tool_call("call_1", "pay", &json!({"n": 1}), 40, 20)
+        }
+    })
+    .await
+    .unwrap();
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db"],
+        &[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-test"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let registered = http
+        .post(format!("{}/v1/agents", server.base))
+        .bearer_auth(&key)
+        .body(common::payer_spec(&service.url(), 5, 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let mut started = Vec::new();
+    for header in [CALLER, "00-not-a-traceparent"] {
+        let run: Value = http
+            .post(format!("{}/v1/runs", server.base))
+            .bearer_auth(&key)
+            .header("traceparent", header)
+            .json(&json!({"agent": "payer", "input": "pay", "wait": true}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(run["status"], "completed", "{run}");
+        let id = run["run_id"].as_str().unwrap().to_string();
+        let trace =
+            common::get_json(&http, &format!("{}/v1/runs/{id}/trace", server.base), &key).await;
+        started.push((id, trace["events"][0]["payload"]["trace_parent"].clone()));
+    }
+    assert_eq!(started[0].1, CALLER);
+    assert!(started[1].1.is_null(), "{:?}", started[1]);
+    let parents = service.traceparents("apply");
+    assert_eq!(parents.len(), 2, "{parents:?}");
+    assert!(
+        parents[0].starts_with(&format!("00-{CALLER_TRACE}-")),
+        "{parents:?}"
+    );
+    assert!(
+        !parents[0].contains(CALLER_SPAN),
+        "the tool's parent is its own call's span"
+    );
+    // Without a caller's trace, the run's own: its id's 128 bits.
+    let own: String = started[1].0.chars().filter(|c| *c != '-').collect();
+    assert!(parents[1].starts_with(&format!("00-{own}-")), "{parents:?}");
 }

@@ -42,6 +42,9 @@ pub enum EventKind {
         /// Authorisation scopes the tenant was granted when the run started.
         #[serde(default)]
         granted_scopes: Vec<String>,
+        /// The W3C `traceparent` the caller sent: the run's trace continues the caller's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
     },
     /// The conversation this run continues: the earlier turns of its session (recorded with
     /// `run_started`, so a resumed run begins from the same place). With `summarize`, the

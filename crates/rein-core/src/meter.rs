@@ -529,6 +529,7 @@ mod tests {
                     session: SessionId::new("s"),
                     job: None,
                     granted_scopes: Vec::new(),
+                    trace_parent: None,
                 },
             ),
             at(1_001, requested(1, StepKind::Plan)),

@@ -64,8 +64,11 @@ pub struct Span {
     pub trace_id: [u8; 16],
     /// This span.
     pub span_id: [u8; 8],
-    /// The span it belongs under (`None` for the run's own span).
+    /// The span it belongs under (`None` for the run's own span, unless its caller sent a
+    /// `traceparent`: then the caller's span).
     pub parent: Option<[u8; 8]>,
+    /// Whether `parent` is another process's span (the caller's).
+    pub remote_parent: bool,
     /// Name (`invoke_agent support`, `chat openai/gpt-4o-mini`, `execute_tool lookup`).
     pub name: String,
     /// What it is.
@@ -110,6 +113,57 @@ pub fn trace_id(run: &RunId) -> [u8; 16] {
         id.copy_from_slice(&Sha256::digest(run.as_str().as_bytes())[..16]);
     }
     id
+}
+
+/// The trace and parent span a W3C `traceparent` header names (version 00: `00-<32 hex trace
+/// id>-<16 hex span id>-<2 hex flags>`); `None` when it is not one (all-zero ids included), as
+/// the W3C rules ask: the run then starts a trace of its own.
+pub fn parse_traceparent(header: &str) -> Option<([u8; 16], [u8; 8])> {
+    let mut parts = header.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || parts.next().is_some() || flags.len() != 2 {
+        return None;
+    }
+    let bytes = |hex: &str, out: &mut [u8]| {
+        hex.len() == out.len() * 2
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && out.iter_mut().enumerate().all(|(i, b)| {
+                u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).is_ok_and(|v| {
+                    *b = v;
+                    true
+                })
+            })
+    };
+    let (mut t, mut p) = ([0u8; 16], [0u8; 8]);
+    (bytes(trace, &mut t) && bytes(span, &mut p) && u8::from_str_radix(flags, 16).is_ok())
+        .then_some(())?;
+    (t != [0; 16] && p != [0; 8]).then_some((t, p))
+}
+
+/// The `traceparent` header naming `span` of `trace` (sampled).
+pub fn traceparent(trace: &[u8; 16], span: &[u8; 8]) -> String {
+    format!(
+        "00-{}-{}-01",
+        crate::event::hex(trace),
+        crate::event::hex(span)
+    )
+}
+
+/// The trace of `run` and the caller's span it continues: the caller's trace when it sent a
+/// valid `traceparent`, else the run's own ([`trace_id`]).
+pub fn run_trace(run: &RunId, caller: Option<&str>) -> ([u8; 16], Option<[u8; 8]>) {
+    match caller.and_then(parse_traceparent) {
+        Some((trace, parent)) => (trace, Some(parent)),
+        None => (trace_id(run), None),
+    }
+}
+
+/// The id of a tool call's span (what the tool receives as the parent in `traceparent`).
+pub fn tool_span_id(run: &RunId, step: u32, call_id: &str) -> [u8; 8] {
+    span_id(run, &format!("tool:{step}:{call_id}"))
 }
 
 /// The id of the span `label` of `run` (stable: the same run gives the same ids).
@@ -158,13 +212,18 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
     let Some(first) = events.first() else {
         return Vec::new();
     };
-    let trace = trace_id(run);
+    let caller = match &first.kind {
+        EventKind::RunStarted { trace_parent, .. } => trace_parent.as_deref(),
+        _ => None,
+    };
+    let (trace, caller_span) = run_trace(run, caller);
     let root_id = span_id(run, "run");
     let last_ms = events.last().map_or(first.ts_ms, |e| e.ts_ms);
     let mut root = Span {
         trace_id: trace,
         span_id: root_id,
-        parent: None,
+        parent: caller_span,
+        remote_parent: caller_span.is_some(),
         name: "invoke_agent".into(),
         kind: Kind::Internal,
         start_ms: first.ts_ms,
@@ -180,6 +239,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
         trace_id: trace,
         span_id: span_id(run, &label),
         parent: Some(root_id),
+        remote_parent: false,
         name,
         kind,
         start_ms,
@@ -187,6 +247,21 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
         attributes: Vec::new(),
         events: Vec::new(),
         status: Status::Ok,
+    };
+    let tool_span = |step: u32, call_id: &str, tool: &str, start_ms: i64| {
+        let mut span = child(
+            format!("tool:{step}:{call_id}"),
+            format!("execute_tool {tool}"),
+            Kind::Client,
+            start_ms,
+        );
+        span.attributes.extend([
+            ("gen_ai.operation.name", text("execute_tool")),
+            ("gen_ai.tool.name", text(tool)),
+            ("gen_ai.tool.call.id", text(call_id)),
+            ("rein.step", int(step)),
+        ]);
+        span
     };
     let mut done: Vec<Span> = Vec::new();
     // Open spans by step: model calls, tool calls (by call id), approvals.
@@ -356,19 +431,10 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 tool,
                 ..
             } => {
-                let mut span = child(
-                    format!("tool:{step}:{call_id}"),
-                    format!("execute_tool {tool}"),
-                    Kind::Client,
-                    event.ts_ms,
+                tools.insert(
+                    call_id.clone(),
+                    tool_span(*step, call_id, tool, event.ts_ms),
                 );
-                span.attributes.extend([
-                    ("gen_ai.operation.name", text("execute_tool")),
-                    ("gen_ai.tool.name", text(tool.as_str())),
-                    ("gen_ai.tool.call.id", text(call_id.as_str())),
-                    ("rein.step", int(*step)),
-                ]);
-                tools.insert(call_id.clone(), span);
             }
             EventKind::ToolResult {
                 step,
@@ -380,21 +446,9 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
             } => {
                 // A call refused before it was made has no `tool_requested`: its span is the
                 // instant of the refusal.
-                let mut span = tools.remove(call_id).unwrap_or_else(|| {
-                    let mut span = child(
-                        format!("tool:{step}:{call_id}"),
-                        format!("execute_tool {tool}"),
-                        Kind::Client,
-                        event.ts_ms,
-                    );
-                    span.attributes.extend([
-                        ("gen_ai.operation.name", text("execute_tool")),
-                        ("gen_ai.tool.name", text(tool.as_str())),
-                        ("gen_ai.tool.call.id", text(call_id.as_str())),
-                        ("rein.step", int(*step)),
-                    ]);
-                    span
-                });
+                let mut span = tools
+                    .remove(call_id)
+                    .unwrap_or_else(|| tool_span(*step, call_id, tool, event.ts_ms));
                 span.end_ms = event.ts_ms;
                 span.attributes.push(("rein.attempts", int(*attempts)));
                 if result.status == ToolStatus::Error {
@@ -505,6 +559,7 @@ mod tests {
                     session: SessionId::new("s"),
                     job: None,
                     granted_scopes: Vec::new(),
+                    trace_parent: None,
                 },
             ),
             at(
@@ -634,6 +689,61 @@ mod tests {
         assert_eq!(super::spans(&run, &log()), spans);
         let ids: std::collections::HashSet<_> = spans.iter().map(|s| s.span_id).collect();
         assert_eq!(ids.len(), 3);
+    }
+
+    /// A caller's `traceparent` makes the run's trace part of the caller's: same trace id, the
+    /// run's span under the caller's span; a malformed one is ignored.
+    #[test]
+    fn a_callers_traceparent_is_continued_and_a_bad_one_ignored() {
+        let run = RunId::new("01a21b07-cfd1-7493-b4d2-9d944ba6fece");
+        let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut events = log();
+        if let EventKind::RunStarted { trace_parent, .. } = &mut events[0].kind {
+            *trace_parent = Some(caller.into());
+        }
+        let spans = spans(&run, &events);
+        assert!(
+            spans
+                .iter()
+                .all(|s| crate::event::hex(&s.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let root = &spans[0];
+        assert_eq!(
+            root.parent.map(|p| crate::event::hex(&p)).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert!(root.remote_parent);
+        assert!(
+            spans[1..]
+                .iter()
+                .all(|s| s.parent == Some(root.span_id) && !s.remote_parent)
+        );
+        // What a tool is told: its own span, in the caller's trace.
+        let tool = spans
+            .iter()
+            .find(|s| s.name == "execute_tool lookup")
+            .unwrap();
+        assert_eq!(tool.span_id, tool_span_id(&run, 2, "c1"));
+        assert_eq!(
+            traceparent(&tool.trace_id, &tool.span_id),
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                crate::event::hex(&tool.span_id)
+            )
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        assert_eq!(run_trace(&run, Some("garbage")), (trace_id(&run), None));
     }
 
     /// A run paused for approval: the approval span is open, and ends with the log.

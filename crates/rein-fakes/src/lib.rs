@@ -458,6 +458,8 @@ fn anthropic_stream_of(answer: &FakeResponse) -> Response {
 struct ToolState {
     hits: Mutex<HashMap<String, usize>>,
     keys: Mutex<Vec<(String, String)>>,
+    /// `traceparent` headers received, by route.
+    traceparents: Mutex<Vec<(String, String)>>,
     /// Effects applied by `/apply`, by idempotency key.
     applied: Mutex<HashMap<String, usize>>,
 }
@@ -468,6 +470,11 @@ impl ToolState {
             && let Ok(mut keys) = self.keys.lock()
         {
             keys.push((route.to_string(), key.to_string()));
+        }
+        if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok())
+            && let Ok(mut parents) = self.traceparents.lock()
+        {
+            parents.push((route.to_string(), parent.to_string()));
         }
     }
 
@@ -542,6 +549,20 @@ impl ToolService {
                 k.iter()
                     .filter(|(r, _)| r == route)
                     .map(|(_, key)| key.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The W3C `traceparent` headers received on `route` (`slow`, `apply`), in order.
+    pub fn traceparents(&self, route: &str) -> Vec<String> {
+        self.state
+            .traceparents
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .filter(|(r, _)| r == route)
+                    .map(|(_, p)| p.clone())
                     .collect()
             })
             .unwrap_or_default()

@@ -123,6 +123,8 @@ pub struct RunRequest {
     /// A gateway call: the caller's own conversation, which the run answers with one model
     /// call (the agent's instructions and `input` are then not sent).
     pub chat: Option<rein_core::ChatRequest>,
+    /// The W3C `traceparent` the caller sent, if any: the run's trace continues it.
+    pub trace_parent: Option<String>,
 }
 
 /// How a run ended.
@@ -671,6 +673,7 @@ impl Runtime {
             request.user.clone(),
             request.session.clone(),
         );
+        let (trace, _) = rein_core::spans::run_trace(&run_id, request.trace_parent.as_deref());
         let (info, kinds) = self.first_events(&run_id, request).await?;
         let mut driver = Driver {
             runtime: self,
@@ -690,6 +693,7 @@ impl Runtime {
             unstored: None,
             meter: None,
             unmeasured: Vec::new(),
+            trace,
         };
         driver.start(info, kinds)?;
         let keeper = self.keep_lease(&run_id);
@@ -745,6 +749,7 @@ impl Runtime {
             session: request.session,
             job: request.job,
             granted_scopes: request.granted_scopes,
+            trace_parent: request.trace_parent,
         })
         .chain(context)
         .chain(request.chat.map(EventKind::ChatRequest))
@@ -938,6 +943,14 @@ impl Runtime {
             unstored: None,
             meter: None,
             unmeasured: Vec::new(),
+            trace: rein_core::spans::run_trace(
+                run_id,
+                events.first().and_then(|e| match &e.kind {
+                    EventKind::RunStarted { trace_parent, .. } => trace_parent.as_deref(),
+                    _ => None,
+                }),
+            )
+            .0,
         };
         if self.meters.on() {
             // What the log already holds was measured when it was written.
@@ -1034,6 +1047,8 @@ struct Driver<'a> {
     unstored: Option<RunInfo>,
     /// The run's meter, when the runtime measures runs.
     meter: Option<RunMeter>,
+    /// The run's trace id (its own, or the caller's it continues).
+    trace: [u8; 16],
     /// What the staged events add to the metrics, applied once they are durable.
     unmeasured: Vec<Measure>,
 }
@@ -1684,6 +1699,11 @@ impl Driver<'_> {
         };
         // The key is stable across retries and resumes: the same step is the same call.
         let key = format!("{}:{}", self.run_id, invocation.step);
+        // The tool's span of the run's trace, as its parent (what `rein_core::spans` exports).
+        let traceparent = rein_core::spans::traceparent(
+            &self.trace,
+            &rein_core::spans::tool_span_id(&self.run_id, invocation.step, &invocation.call_id),
+        );
         let tools = &self.runtime.tools;
         let args = &invocation.arguments;
         let timeout = contract.timeout;
@@ -1692,7 +1712,7 @@ impl Driver<'_> {
             &backoff,
             self.remaining(),
             timeout,
-            || Box::pin(tools.call(tool, args, &key)),
+            || Box::pin(tools.call(tool, args, &key, &traceparent)),
             |r: &ToolResult| {
                 (!r.is_success() && r.retry_safe)
                     .then(|| r.retry_after_ms.map(Duration::from_millis))

@@ -176,6 +176,7 @@ fn request(agent: Arc<Agent>, input: &str, tenant: &str, user: &str, session: &s
         session: SessionId::new(session),
         job: None,
         granted_scopes: Vec::new(),
+        trace_parent: None,
         chat: None,
     }
 }

@@ -76,6 +76,7 @@ fn request(
         session: SessionId::new(session),
         job: None,
         granted_scopes: granted.iter().map(|s| s.to_string()).collect(),
+        trace_parent: None,
         chat: None,
     }
 }

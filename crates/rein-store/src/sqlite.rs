@@ -747,6 +747,7 @@ mod tests {
                 session: SessionId::new("s"),
                 job: None,
                 granted_scopes: Vec::new(),
+                trace_parent: None,
             },
         }
     }

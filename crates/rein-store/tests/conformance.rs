@@ -88,6 +88,7 @@ fn started(tenant: &str) -> EventKind {
         session: SessionId::new("s"),
         job: None,
         granted_scopes: Vec::new(),
+        trace_parent: None,
     }
 }
 

@@ -32,6 +32,7 @@ impl HttpTools {
         source: &HttpSource,
         args: &Value,
         idempotency_key: &str,
+        traceparent: &str,
     ) -> ToolResult {
         let (url, rest) = fill_url(&source.url, args);
         let method = match source.method {
@@ -54,6 +55,7 @@ impl HttpTools {
             .client
             .request(method, &url)
             .header("Idempotency-Key", idempotency_key)
+            .header("traceparent", traceparent)
             .header("Accept", "application/json");
         for (name, template) in &source.headers {
             match expand_env(template) {

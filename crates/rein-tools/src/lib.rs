@@ -35,13 +35,20 @@ impl ToolBox {
     }
 
     /// Calls `tool` once with validated `args`. `idempotency_key` (`run_id:step`) lets a
-    /// side-effecting service recognise a repeated call.
-    pub async fn call(&self, tool: &ToolSpec, args: &Value, idempotency_key: &str) -> ToolResult {
+    /// side-effecting service recognise a repeated call; `traceparent` (W3C) is the call's span
+    /// in the run's trace, sent to HTTP tools so their own spans join it.
+    pub async fn call(
+        &self,
+        tool: &ToolSpec,
+        args: &Value,
+        idempotency_key: &str,
+        traceparent: &str,
+    ) -> ToolResult {
         match &tool.source {
             ToolSource::Builtin(name) => self.builtins.call(name, args.clone()).await,
             ToolSource::Http(source) => {
                 self.http
-                    .call(&tool.name, source, args, idempotency_key)
+                    .call(&tool.name, source, args, idempotency_key, traceparent)
                     .await
             }
         }

@@ -359,6 +359,7 @@ pub(super) async fn chat_completions(
         spec_source: source.to_string(),
         input,
         granted_scopes: Vec::new(),
+        trace_parent: super::trace_parent(&headers),
         chat: Some(chat),
         tenant: tenant.clone(),
         user: UserId::new(body.user.clone().unwrap_or_else(|| "anonymous".into())),

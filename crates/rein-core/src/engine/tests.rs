@@ -95,6 +95,7 @@ impl Sim {
             session: SessionId::new("s"),
             job: None,
             granted_scopes: Vec::new(),
+            trace_parent: None,
         });
         sim
     }
