@@ -106,6 +106,21 @@ pub struct Telemetry {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`, which takes precedence); none: no export.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// How `rein serve` and `rein worker` write their logs to standard error (`REIN_LOG_FORMAT`
+    /// overrides it).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, its fields at the top level (run_id, trace_id, ...).
+    Json,
 }
 
 impl Default for Telemetry {
@@ -114,6 +129,7 @@ impl Default for Telemetry {
             metrics: true,
             metrics_auth: MetricsAuth::None,
             otlp_endpoint: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -721,6 +737,15 @@ mod tests {
             bad.contains("metrics_auth") && bad.contains("everyone"),
             "{bad}"
         );
+        assert_eq!(
+            load_text("[telemetry]\nlog_format = \"json\"\n")
+                .unwrap()
+                .telemetry
+                .log_format,
+            LogFormat::Json
+        );
+        let bad = error("[telemetry]\nlog_format = \"xml\"\n");
+        assert!(bad.contains("log_format") && bad.contains("xml"), "{bad}");
         let bad = error("[telemetry]\ntraces = true\n");
         assert!(bad.contains("traces"), "{bad}");
     }

@@ -796,6 +796,7 @@ fn print_outcome(outcome: &rein_runtime::RunOutcome, json: bool, show_output: bo
 async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
     let config = config::load(args.exec.config.config.as_deref())
         .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    telemetry::init_logs(&config.telemetry)?;
     let store = open_store(&args.exec.store).await?;
     let builtins = Builtins::standard();
     let http = http_client()?;
@@ -816,7 +817,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
             Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             // One run's failure (a spec that no longer checks, a lost lease) is reported and
             // the worker goes on with the next.
-            Err(e) => eprintln!("worker: {e}"),
+            Err(e) => tracing::error!(error = %e, "worker: a run could not be driven"),
         }
     }
     store.close().await;

@@ -200,7 +200,7 @@ impl From<StoreError> for Problem {
         match e {
             StoreError::NotFound(id) => Problem::not_found(format!("run {id}")),
             other => {
-                eprintln!("serve: store error: {other}");
+                tracing::error!(error = %other, "store error");
                 Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the store is unavailable; retry later",
@@ -220,7 +220,7 @@ impl From<rein_runtime::RuntimeError> for Problem {
             E::NotAwaitingApproval(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
             E::Ended(..) => Problem::new(StatusCode::CONFLICT, e.to_string()),
             other => {
-                eprintln!("serve: {other}");
+                tracing::error!(error = %other, "request failed");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
             }
         }
@@ -383,6 +383,7 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     let config = crate::config::load(args.config.config.as_deref())
         .map_err(|e| anyhow::anyhow!(crate::BadInput(format!("{e:#}"))))?;
+    crate::telemetry::init_logs(&config.telemetry)?;
     let store = crate::open_store(&args.store).await?;
     let builtins = Builtins::standard();
     let http = crate::http_client()?;
@@ -457,7 +458,7 @@ pub(crate) fn spawn_api(
     let app = App::new(config, store, runtime, Builtins::standard(), model, None)?;
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
-            eprintln!("serve: {e}");
+            tracing::error!(error = %e, "the server failed");
         }
     }))
 }
@@ -499,7 +500,7 @@ async fn work(app: Arc<App>) {
                 let _ = tokio::time::timeout(POLL, app.wake.notified()).await;
             }
             Err(e) => {
-                eprintln!("serve: worker: {e}");
+                tracing::error!(error = %e, "worker: a run could not be driven");
                 tokio::time::sleep(POLL).await;
             }
         }
@@ -941,7 +942,7 @@ async fn run_events(
                 match app.store.events_from(&tenant, &id, next).await {
                     Ok(events) => buffer = events,
                     Err(e) => {
-                        eprintln!("serve: events of {id}: {e}");
+                        tracing::error!(run_id = id.as_str(), error = %e, "event stream failed");
                         return None;
                     }
                 }

@@ -8,7 +8,7 @@
 //! its own. [`shutdown`] flushes what is queued: every command calls it before the process
 //! exits.
 
-use crate::config::Telemetry;
+use crate::config::{LogFormat, Telemetry};
 use anyhow::{Context, anyhow};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
@@ -43,6 +43,38 @@ pub fn shutdown() {
         let _ = otlp.processor.force_flush();
         let _ = otlp.processor.shutdown();
     }
+}
+
+/// Sends the process's log lines to standard error, as text or JSON (`[telemetry] log_format`,
+/// or `REIN_LOG_FORMAT=json|text`, which wins), filtered by `REIN_LOG` (`info` by default; the
+/// `tracing` filter syntax, such as `rein_runtime=debug,warn`). Once per process.
+pub fn init_logs(config: &Telemetry) -> anyhow::Result<()> {
+    let format = match env("REIN_LOG_FORMAT").as_deref() {
+        None => config.log_format,
+        Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        Some(other) => {
+            return Err(anyhow!(
+                "REIN_LOG_FORMAT={other}: the log format is `text` or `json`"
+            ));
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(env("REIN_LOG").unwrap_or("info".into()))
+        .map_err(|e| anyhow!("REIN_LOG: {e}"))?;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    // A second call (a test running two servers in one process) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => logs.try_init(),
+    };
+    Ok(())
 }
 
 /// Spans of ended runs, exported over OTLP/HTTP.

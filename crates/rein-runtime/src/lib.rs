@@ -237,6 +237,46 @@ impl Drop for LeaseKeeper {
     }
 }
 
+/// One log line per stop of a run this process drove: it ended, it waits for a person, or an
+/// error stopped it (the run resumes from its log). It carries the run and trace ids, so a log
+/// line leads to `rein runs show` and to the trace.
+fn log_outcome(
+    tenant: &TenantId,
+    run_id: &RunId,
+    trace: &[u8; 16],
+    outcome: &Result<RunOutcome, RuntimeError>,
+) {
+    let trace_id = rein_core::event::hex(trace);
+    match outcome {
+        Ok(o) => tracing::info!(
+            run_id = run_id.as_str(),
+            trace_id,
+            tenant = tenant.as_str(),
+            status = o.status.as_str(),
+            reason = o.reason.map(|r| r.as_str()),
+            iterations = o.iterations,
+            tool_calls = o.tool_calls,
+            input_tokens = o.usage.input_tokens,
+            output_tokens = o.usage.output_tokens,
+            cost_usd = o.cost.micros() as f64 / 1e6,
+            detail = o.detail.as_deref(),
+            "{}",
+            if o.status.is_terminal() {
+                "run ended"
+            } else {
+                "run waits for a person"
+            }
+        ),
+        Err(e) => tracing::warn!(
+            run_id = run_id.as_str(),
+            trace_id,
+            tenant = tenant.as_str(),
+            error = %e,
+            "run stopped by an error; it resumes from its log"
+        ),
+    }
+}
+
 /// Seals a new run's first events into the start of its chain.
 fn seal_first(
     run_id: &RunId,
@@ -699,6 +739,7 @@ impl Runtime {
         let keeper = self.keep_lease(&run_id);
         let outcome = driver.drive().await;
         drop(keeper);
+        log_outcome(&tenant, &run_id, &driver.trace, &outcome);
         // No worker claims an ended run, so its lease needs no release: one write fewer per
         // run (a gateway call is a whole run).
         if matches!(&outcome, Ok(o) if o.status.is_terminal()) {
@@ -982,6 +1023,7 @@ impl Runtime {
             driver.drive().await
         }
         .await;
+        log_outcome(tenant, run_id, &driver.trace, &outcome);
         if matches!(&outcome, Ok(o) if o.status.is_terminal()) {
             self.trace_ended(tenant, run_id).await;
         }

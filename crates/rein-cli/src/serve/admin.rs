@@ -306,7 +306,7 @@ pub(super) async fn new_key(
     let added = add_key(app.store.as_ref(), &TenantId::new(&tenant))
         .await
         .map_err(|e| {
-            eprintln!("serve: admin: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "admin request failed");
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the key could not be stored; retry later",

@@ -60,6 +60,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// What the server has written to standard error after its first line, line by line.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -107,13 +109,19 @@ pub fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         .strip_prefix("rein serve: listening on ")
         .unwrap_or_else(|| panic!("unexpected first line: {first}"))
         .to_string();
-    // Keep draining (and showing) what the server says, so it never blocks on a full pipe.
+    // Keep draining (and showing, and keeping) what the server says, so it never blocks on a
+    // full pipe.
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = logs.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             eprintln!("serve: {line}");
+            if let Ok(mut kept) = kept.lock() {
+                kept.push(line);
+            }
         }
     });
-    Server { child, base }
+    Server { child, base, logs }
 }
 
 /// A new tenant and one API key for it, in `dir`'s `rein.db`.
