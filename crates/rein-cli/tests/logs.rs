@@ -26,24 +26,15 @@ async fn json_logs_carry_the_run_and_trace_ids_of_each_run() {
         &[("REIN_LOG_FORMAT", "json")],
     );
     let http = reqwest::Client::new();
-    let registered = http
-        .post(format!("{}/v1/agents", server.base))
-        .bearer_auth(&key)
-        .body(AGENT)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-    let run: Value = http
-        .post(format!("{}/v1/runs", server.base))
-        .bearer_auth(&key)
-        .json(&json!({"agent": "hello", "input": "hi", "wait": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    common::register(&http, &server.base, &key, AGENT).await;
+    let run = common::run_waiting(
+        &http,
+        &server.base,
+        &key,
+        json!({"agent": "hello", "input": "hi"}),
+        &[],
+    )
+    .await;
     assert_eq!(run["status"], "completed", "{run}");
     let id = run["run_id"].as_str().unwrap();
     let trace_id: String = id.chars().filter(|c| *c != '-').collect();

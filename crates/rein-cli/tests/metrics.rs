@@ -8,7 +8,7 @@
 
 mod common;
 
-use rein_fakes::{FakeOpenAi, FakeResponse, ToolService};
+use rein_fakes::ToolService;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -107,29 +107,13 @@ async fn scrape(http: &reqwest::Client, python: &str, base: &str) -> Scrape {
     Scrape { types, samples }
 }
 
-/// The prices of [`CONFIG`] answer a payment agent: a tool call (40 in, 20 out), then, once the
-/// tool's result is in the conversation, the answer (60 in, 10 out).
-async fn fake_provider() -> FakeOpenAi {
-    FakeOpenAi::start(|_, body| {
-        let answered = body["messages"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
-        if answered {
-            FakeResponse::text("Paid.", 60, 10)
-        } else {
-            FakeResponse::tool_call("call_1", "pay", &json!({"n": 1}), 40, 20)
-        }
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
     let Some(python) = common::python_with_openai() else {
         return;
     };
-    let fake = fake_provider().await;
+    // A tool call (40 in, 20 out), then the answer (60 in, 10 out).
+    let fake = common::paying_provider().await;
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rein.toml"), CONFIG).unwrap();
@@ -144,7 +128,7 @@ async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
     );
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    for (name, spec) in [
+    for (_, spec) in [
         ("payer", common::payer_spec(&service.url(), 5, 4)),
         (
             "held",
@@ -156,28 +140,19 @@ async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
                 ),
         ),
     ] {
-        let registered = http
-            .post(format!("{base}/v1/agents"))
-            .bearer_auth(&key)
-            .body(spec)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(registered.status(), 201, "{name}");
+        common::register(&http, &base, &key, &spec).await;
     }
 
     let before = scrape(&http, &python, &base).await;
 
-    let run: Value = http
-        .post(format!("{base}/v1/runs"))
-        .bearer_auth(&key)
-        .json(&json!({"agent": "payer", "input": "pay order 1", "wait": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run = common::run_waiting(
+        &http,
+        &base,
+        &key,
+        json!({"agent": "payer", "input": "pay order 1"}),
+        &[],
+    )
+    .await;
     assert_eq!(run["status"], "completed", "{run}");
     let id = run["run_id"].as_str().unwrap();
     let after = scrape(&http, &python, &base).await;
@@ -305,16 +280,14 @@ async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
     assert!((used - 0.0013).abs() < 1e-9, "{used}");
 
     // A run held for approval is counted as such until it is decided.
-    let held: Value = http
-        .post(format!("{base}/v1/runs"))
-        .bearer_auth(&key)
-        .json(&json!({"agent": "held", "input": "pay order 2", "wait": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let held = common::run_waiting(
+        &http,
+        &base,
+        &key,
+        json!({"agent": "held", "input": "pay order 2"}),
+        &[],
+    )
+    .await;
     assert_eq!(held["status"], "awaiting_approval", "{held}");
     let waiting = scrape(&http, &python, &base).await;
     let gauge = [("tenant", "acme"), ("status", "awaiting_approval")];

@@ -10,7 +10,7 @@
 
 mod common;
 
-use rein_fakes::{FakeOpenAi, FakeResponse, ToolService};
+use rein_fakes::ToolService;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,18 +102,7 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
     };
     let data = tempfile::tempdir().unwrap();
     let receiver = phoenix(&bin, data.path()).await;
-    let fake = FakeOpenAi::start(|_, body| {
-        let answered = body["messages"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
-        if answered {
-            FakeResponse::text("Paid.", 60, 10)
-        } else {
-            FakeResponse::tool_call("call_1", "pay", &json!({"n": 1}), 40, 20)
-        }
-    })
-    .await
-    .unwrap();
+    let fake = common::paying_provider().await;
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -280,18 +269,7 @@ fn another_otlp_protocol_is_refused_at_start() {
 /// its tool calls carry the caller's trace on; a malformed one is ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_callers_traceparent_is_kept_and_passed_to_tools() {
-    let fake = FakeOpenAi::start(|_, body| {
-        let answered = body["messages"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
-        if answered {
-            FakeResponse::text("Paid.", 60, 10)
-        } else {
-            FakeResponse::tool_call("call_1", "pay", &json!({"n": 1}), 40, 20)
-        }
-    })
-    .await
-    .unwrap();
+    let fake = common::paying_provider().await;
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = common::tenant_key(dir.path(), "acme");
@@ -304,27 +282,23 @@ async fn api_callers_traceparent_is_kept_and_passed_to_tools() {
         ],
     );
     let http = reqwest::Client::new();
-    let registered = http
-        .post(format!("{}/v1/agents", server.base))
-        .bearer_auth(&key)
-        .body(common::payer_spec(&service.url(), 5, 4))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
+    common::register(
+        &http,
+        &server.base,
+        &key,
+        &common::payer_spec(&service.url(), 5, 4),
+    )
+    .await;
     let mut started = Vec::new();
     for header in [CALLER, "00-not-a-traceparent"] {
-        let run: Value = http
-            .post(format!("{}/v1/runs", server.base))
-            .bearer_auth(&key)
-            .header("traceparent", header)
-            .json(&json!({"agent": "payer", "input": "pay", "wait": true}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run = common::run_waiting(
+            &http,
+            &server.base,
+            &key,
+            json!({"agent": "payer", "input": "pay"}),
+            &[("traceparent", header)],
+        )
+        .await;
         assert_eq!(run["status"], "completed", "{run}");
         let id = run["run_id"].as_str().unwrap().to_string();
         let trace =

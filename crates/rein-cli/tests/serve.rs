@@ -46,18 +46,6 @@ fn frames(body: &str) -> Vec<(u64, String, Value)> {
         .collect()
 }
 
-/// Registers `spec` as an agent of `key`'s tenant.
-async fn register(http: &reqwest::Client, base: &str, key: &str, spec: String) {
-    let registered = http
-        .post(format!("{base}/v1/agents"))
-        .bearer_auth(key)
-        .body(spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-}
-
 /// Queues a run of the `payer` agent with `input`; its id.
 async fn queue_payment(http: &reqwest::Client, base: &str, key: &str, input: &str) -> String {
     let created: Value = http
@@ -352,11 +340,11 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     let url = |path: &str| format!("{base}{path}");
     let http = reqwest::Client::new();
     // The payment takes 1.5 s: long enough to cancel the run while it is made.
-    register(
+    common::register(
         &http,
         &base,
         &key_a,
-        common::payer_spec(&service.url(), 1500, 4),
+        &common::payer_spec(&service.url(), 1500, 4),
     )
     .await;
     let id = queue_payment(&http, &base, &key_a, "pay order 9").await;
@@ -450,7 +438,7 @@ async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
     let server = common::serve(dir.path(), &args, &[]);
     let http = reqwest::Client::new();
     let spec = common::payer_spec(&service.url(), 2000, 4);
-    register(&http, &server.base, &key, spec).await;
+    common::register(&http, &server.base, &key, &spec).await;
     let id = queue_payment(&http, &server.base, &key, "pay order 3").await;
     until_paying(&http, &server.base, &key, &id).await;
 
@@ -493,7 +481,7 @@ async fn an_approval_that_drives_a_slow_step_is_not_cut_off_by_the_request_time_
         "side_effects: external}",
         "side_effects: external, confirm: true}",
     );
-    register(&http, &server.base, &key, spec).await;
+    common::register(&http, &server.base, &key, &spec).await;
     let held: Value = http
         .post(format!("{}/v1/runs", server.base))
         .bearer_auth(&key)

@@ -5,12 +5,12 @@
 //! run's [`RunMeter`] and applies the [`Measure`]s it returns to its metrics recorder. Nothing
 //! here does I/O, so what an event is worth is tested without a recorder.
 
+use crate::Usd;
 use crate::breaker::BreakerState;
 use crate::budget::{Scope, Standing};
 use crate::event::{Event, EventKind};
 use crate::spec::StepKind;
 use crate::tool::ToolStatus;
-use crate::{ErrorType, Usd};
 use std::collections::HashMap;
 
 /// A label's name and value.
@@ -283,7 +283,7 @@ impl RunMeter {
                 "rein_model_attempt_failures_total",
                 vec![
                     ("model", model.clone()),
-                    ("error_type", error_type_name(*error_type).into()),
+                    ("error_type", error_type.as_str().into()),
                 ],
                 1,
             )],
@@ -301,7 +301,7 @@ impl RunMeter {
             } => {
                 let status = match (result.status, result.error_type) {
                     (ToolStatus::Success, _) => "success",
-                    (ToolStatus::Error, Some(t)) => error_type_name(t),
+                    (ToolStatus::Error, Some(t)) => t.as_str(),
                     (ToolStatus::Error, None) => "error",
                 };
                 let mut out = vec![count(
@@ -459,19 +459,13 @@ fn latency(name: &'static str, label: &'static str, value: &str, ms: u64) -> Mea
     }
 }
 
-fn error_type_name(t: ErrorType) -> &'static str {
-    match t {
-        ErrorType::Transient => "transient",
-        ErrorType::Permanent => "permanent",
-        ErrorType::RateLimit => "rate_limit",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::budget::{Amount, Cap};
-    use crate::{RunStatus, SessionId, TenantId, TerminationReason, ToolResult, Usage, UserId};
+    use crate::{
+        ErrorType, RunStatus, SessionId, TenantId, TerminationReason, ToolResult, Usage, UserId,
+    };
 
     fn at(ts_ms: i64, kind: EventKind) -> Event {
         Event {

@@ -186,14 +186,6 @@ fn provider_of(model: &str) -> &str {
     model.split_once('/').map_or(model, |(p, _)| p)
 }
 
-fn error_type_name(t: ErrorType) -> &'static str {
-    match t {
-        ErrorType::Transient => "transient",
-        ErrorType::Permanent => "permanent",
-        ErrorType::RateLimit => "rate_limit",
-    }
-}
-
 fn usd(v: Usd) -> Value {
     Value::Float(v.micros() as f64 / 1e6)
 }
@@ -331,7 +323,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                         attributes: vec![
                             ("gen_ai.request.model", text(model.as_str())),
                             ("rein.attempt", int(*attempt)),
-                            ("error.type", text(error_type_name(*error_type))),
+                            ("error.type", text(error_type.as_str())),
                             ("rein.message", text(message.as_str())),
                             ("rein.retry_in_ms", int(*retry_in_ms)),
                             ("rein.retry_safe", Value::Bool(true)),
@@ -410,7 +402,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                     span.end_ms = event.ts_ms;
                     span.attributes.extend([
                         ("gen_ai.response.model", text(model.as_str())),
-                        ("error.type", text(error_type_name(*error_type))),
+                        ("error.type", text(error_type.as_str())),
                         ("rein.attempts", int(*attempts)),
                         (
                             "rein.retry_safe",
@@ -453,8 +445,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 span.attributes.push(("rein.attempts", int(*attempts)));
                 if result.status == ToolStatus::Error {
                     if let Some(t) = result.error_type {
-                        span.attributes
-                            .push(("error.type", text(error_type_name(t))));
+                        span.attributes.push(("error.type", text(t.as_str())));
                     }
                     span.attributes
                         .push(("rein.retry_safe", Value::Bool(result.retry_safe)));

@@ -46,6 +46,17 @@ pub enum ErrorType {
     RateLimit,
 }
 
+impl ErrorType {
+    /// The name used in the log, metrics and traces (`transient`, `permanent`, `rate_limit`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Transient => "transient",
+            ErrorType::Permanent => "permanent",
+            ErrorType::RateLimit => "rate_limit",
+        }
+    }
+}
+
 /// The outcome of one tool call, as recorded in the event log and shown to the model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToolResult {

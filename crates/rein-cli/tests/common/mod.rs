@@ -165,3 +165,57 @@ pub async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> serde_jso
         .await
         .unwrap()
 }
+
+/// Registers `spec` as an agent of `key`'s tenant (201).
+pub async fn register(http: &reqwest::Client, base: &str, key: &str, spec: &str) {
+    let registered = http
+        .post(format!("{base}/v1/agents"))
+        .bearer_auth(key)
+        .body(spec.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+}
+
+/// `POST /v1/runs` with `body` and `wait: true`, and any extra `headers`; the answer.
+pub async fn run_waiting(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    mut body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> serde_json::Value {
+    body["wait"] = true.into();
+    let mut request = http
+        .post(format!("{base}/v1/runs"))
+        .bearer_auth(key)
+        .json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// A fake provider for the payer agent ([`payer_spec`]): a `pay` tool call (40 tokens in, 20
+/// out), then, once the tool's result is in the conversation, the answer (60 in, 10 out).
+pub async fn paying_provider() -> rein_fakes::FakeOpenAi {
+    rein_fakes::FakeOpenAi::start(|_, body| {
+        let answered = body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+        if answered {
+            rein_fakes::FakeResponse::text("Paid.", 60, 10)
+        } else {
+            rein_fakes::FakeResponse::tool_call(
+                "call_1",
+                "pay",
+                &serde_json::json!({"n": 1}),
+                40,
+                20,
+            )
+        }
+    })
+    .await
+    .unwrap()
+}
