@@ -11,6 +11,7 @@ mod cache;
 mod gateway;
 mod metrics;
 mod openapi;
+mod ui;
 
 use crate::config::Config;
 use crate::views::{
@@ -27,7 +28,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use rein_core::event::sha256_hex;
 use rein_core::{RunId, RunStatus, SessionId, TenantId, UserId};
 use rein_providers::Model;
@@ -72,6 +73,8 @@ struct App {
     /// The Prometheus registry runs are measured into; `None` when `[telemetry] metrics` is
     /// off.
     metrics: Option<metrics::Metrics>,
+    /// The dashboard's templates.
+    ui: ui::Templates,
 }
 
 /// How long a key's tenant is remembered without asking the store again: a key revoked by
@@ -100,6 +103,7 @@ impl App {
         };
         Ok(Arc::new(App {
             metrics,
+            ui: ui::Templates::new()?,
             admin_key_sha256,
             gateway_cache: cache::ResponseCache::new(config.gateway.cache),
             keys: moka::sync::Cache::builder()
@@ -248,17 +252,22 @@ impl FromRequestParts<Arc<App>> for Caller {
 
 impl Caller {
     async fn authenticate(parts: &Parts, app: &App) -> Result<Self, Problem> {
-        let hash = sha256_hex(bearer(parts)?.as_bytes());
-        if let Some(tenant) = app.keys.get(&hash) {
-            return Ok(Caller(tenant));
+        tenant_of_key(app, bearer(parts)?).await.map(Caller)
+    }
+}
+
+/// The tenant whose API key `key` is (remembered for [`KEY_CACHE_TTL`]); 401 for any other.
+async fn tenant_of_key(app: &App, key: &str) -> Result<TenantId, Problem> {
+    let hash = sha256_hex(key.as_bytes());
+    if let Some(tenant) = app.keys.get(&hash) {
+        return Ok(tenant);
+    }
+    match app.store.tenant_by_key(&hash).await? {
+        Some(tenant) => {
+            app.keys.insert(hash, tenant.clone());
+            Ok(tenant)
         }
-        match app.store.tenant_by_key(&hash).await? {
-            Some(tenant) => {
-                app.keys.insert(hash, tenant.clone());
-                Ok(Caller(tenant))
-            }
-            None => Err(Problem::new(StatusCode::UNAUTHORIZED, "unknown API key")),
-        }
+        None => Err(Problem::new(StatusCode::UNAUTHORIZED, "unknown API key")),
     }
 }
 
@@ -533,6 +542,14 @@ fn router(app: Arc<App>) -> Router {
             "/openapi.json",
             get(move || openapi::serve(document.clone())),
         )
+        .route("/ui", get(ui::home))
+        .route("/ui/login", get(ui::login_page).post(ui::login))
+        .route("/ui/logout", post(ui::logout))
+        .route("/ui/runs", get(ui::runs))
+        .route("/ui/runs/{id}", get(ui::run))
+        .route("/ui/runs/{id}/approval", post(ui::decide))
+        .route("/ui/approvals", get(ui::approvals))
+        .route("/ui/costs", get(ui::costs))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(app.config.server.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
@@ -558,7 +575,8 @@ async fn time_limit(
         (&axum::http::Method::POST, "/v1/chat/completions") => base + app.config.gateway.timeout,
         // A decision drives the run to its next stop, model calls included.
         (&axum::http::Method::POST, p)
-            if p.starts_with("/v1/runs/") && p.ends_with("/approval") =>
+            if (p.starts_with("/v1/runs/") || p.starts_with("/ui/runs/"))
+                && p.ends_with("/approval") =>
         {
             base + MAX_WAIT
         }

@@ -1,0 +1,542 @@
+//! The dashboard at `/ui`: runs with filters, a run's trace tree and timeline, the approvals
+//! queue with approve and deny, and spend by day, agent and model. Server-rendered HTML
+//! (minijinja templates compiled into the binary, no script, no external resource), behind the
+//! tenant's API key: signing in keeps it in an HttpOnly, SameSite=Strict cookie, and every page
+//! shows only that tenant's data, as the API does.
+
+use super::{App, Problem, tenant_of_key};
+use crate::render;
+use axum::Form;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use minijinja::{Environment, context};
+use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, UserId};
+use rein_store::{CostGroup, RunFilter, RunRecord};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The cookie that carries the tenant's key.
+const COOKIE: &str = "rein_key";
+/// The most runs a list shows.
+const LIST_LIMIT: u32 = 200;
+
+const STATUSES: [&str; 8] = [
+    "queued",
+    "running",
+    "awaiting_approval",
+    "completed",
+    "failed",
+    "limit_exceeded",
+    "cancelled",
+    "escalated",
+];
+const REASONS: [&str; 15] = [
+    "completed",
+    "max_iterations",
+    "max_tokens",
+    "max_cost",
+    "timeout",
+    "max_depth",
+    "loop_detected",
+    "circuit_open",
+    "budget_exhausted",
+    "guardrail_blocked",
+    "output_invalid",
+    "approval_denied",
+    "escalated",
+    "cancelled",
+    "error",
+];
+
+/// The dashboard's templates, checked once at start.
+pub(super) struct Templates(Environment<'static>);
+
+impl Templates {
+    pub(super) fn new() -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        for (name, source) in [
+            ("base.html", include_str!("ui/base.html")),
+            ("login.html", include_str!("ui/login.html")),
+            ("runs.html", include_str!("ui/runs.html")),
+            ("run.html", include_str!("ui/run.html")),
+            ("decide.html", include_str!("ui/decide.html")),
+            ("approvals.html", include_str!("ui/approvals.html")),
+            ("costs.html", include_str!("ui/costs.html")),
+        ] {
+            env.add_template(name, source)?;
+        }
+        Ok(Templates(env))
+    }
+
+    fn page(&self, name: &str, ctx: minijinja::Value) -> Response {
+        match self.0.get_template(name).and_then(|t| t.render(ctx)) {
+            Ok(html) => Html(html).into_response(),
+            Err(e) => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the page could not be rendered: {e}"),
+            )
+            .into_response(),
+        }
+    }
+}
+
+/// A signed-in dashboard user: the tenant of the key in the cookie. Without a valid one, the
+/// page sends the browser to sign in.
+pub(super) struct Viewer(TenantId);
+
+impl FromRequestParts<Arc<App>> for Viewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Response> {
+        let key = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+            .filter(|k| !k.is_empty())
+            .map(str::to_string);
+        let Some(key) = key else {
+            return Err(Redirect::to("/ui/login").into_response());
+        };
+        tenant_of_key(app, &key)
+            .await
+            .map(Viewer)
+            .map_err(|_| Redirect::to("/ui/login").into_response())
+    }
+}
+
+/// `value` as a template value.
+fn ser(value: &impl Serialize) -> minijinja::Value {
+    minijinja::Value::from(minijinja::value::Serde(value))
+}
+
+fn usd(cost: rein_core::Usd) -> String {
+    cost.to_string().trim_start_matches('$').to_string()
+}
+
+#[derive(Serialize)]
+struct RunRow {
+    id: String,
+    agent: String,
+    agent_version: u32,
+    user: String,
+    session: String,
+    status: &'static str,
+    reason: Option<&'static str>,
+    detail: Option<String>,
+    iterations: u32,
+    tokens: u64,
+    cost: String,
+    started: String,
+}
+
+impl RunRow {
+    fn of(r: &RunRecord) -> Self {
+        RunRow {
+            id: r.info.id.as_str().to_string(),
+            agent: r.info.agent.clone(),
+            agent_version: r.info.agent_version,
+            user: r.info.user.as_str().to_string(),
+            session: r.info.session.as_str().to_string(),
+            status: r.progress.status.as_str(),
+            reason: r.progress.reason.map(|r| r.as_str()),
+            detail: r.progress.detail.clone(),
+            iterations: r.progress.iterations,
+            tokens: r.progress.usage.total(),
+            cost: usd(r.progress.cost),
+            started: rein_core::time::format_utc(r.info.created_ms),
+        }
+    }
+}
+
+/// The approval a run waits for, from its log.
+#[derive(Serialize)]
+struct Pending {
+    run_id: String,
+    agent: String,
+    step: u32,
+    tool: String,
+    arguments: String,
+    reason: String,
+    expires: String,
+}
+
+fn pending(run: &RunRecord, events: &[Event]) -> Option<Pending> {
+    if run.progress.status != RunStatus::AwaitingApproval {
+        return None;
+    }
+    let decided: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ApprovalDecided { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    events.iter().rev().find_map(|e| match &e.kind {
+        EventKind::ApprovalRequested {
+            step,
+            tool,
+            arguments,
+            reason,
+            expires_at_ms,
+            ..
+        } if !decided.contains(step) => Some(Pending {
+            run_id: run.info.id.as_str().to_string(),
+            agent: run.info.agent.clone(),
+            step: *step,
+            tool: tool.clone(),
+            arguments: serde_json::to_string_pretty(arguments).unwrap_or_default(),
+            reason: reason.clone(),
+            expires: rein_core::time::format_utc(*expires_at_ms),
+        }),
+        _ => None,
+    })
+}
+
+/// One line of a run's timeline.
+#[derive(Serialize)]
+struct Line {
+    seq: u64,
+    at: String,
+    offset_ms: i64,
+    kind: &'static str,
+    summary: String,
+    payload: String,
+}
+
+fn timeline(events: &[Event]) -> Vec<Line> {
+    let start = events.first().map_or(0, |e| e.ts_ms);
+    events
+        .iter()
+        .map(|e| {
+            let summary = match &e.kind {
+                EventKind::ModelRequested { step, model, .. } => {
+                    format!("step {step}: {model} called")
+                }
+                EventKind::ModelResponded {
+                    step,
+                    model,
+                    usage,
+                    cost,
+                    latency_ms,
+                    ..
+                } => format!(
+                    "step {step}: {model} answered, {} in / {} out tokens, {cost}, {latency_ms} ms",
+                    usage.input_tokens, usage.output_tokens
+                ),
+                EventKind::ModelFailed {
+                    step,
+                    model,
+                    message,
+                    ..
+                } => format!("step {step}: {model} failed: {message}"),
+                EventKind::ToolRequested { step, tool, .. } => {
+                    format!("step {step}: {tool} called")
+                }
+                EventKind::ToolResult {
+                    step,
+                    tool,
+                    result,
+                    latency_ms,
+                    ..
+                } => format!(
+                    "step {step}: {tool} {}, {latency_ms} ms",
+                    if result.is_success() {
+                        "succeeded".to_string()
+                    } else {
+                        format!(
+                            "failed: {}",
+                            result.message.as_deref().unwrap_or("no reason given")
+                        )
+                    }
+                ),
+                EventKind::ApprovalRequested { tool, reason, .. } => {
+                    format!("{tool} waits for a person: {reason}")
+                }
+                EventKind::ApprovalDecided { approved, by, .. } => {
+                    format!("{} by {by}", if *approved { "approved" } else { "denied" })
+                }
+                EventKind::RunFinished { status, reason, .. } => {
+                    format!("{} ({})", status.as_str(), reason.as_str())
+                }
+                _ => String::new(),
+            };
+            Line {
+                seq: e.seq,
+                at: rein_core::time::format_utc(e.ts_ms),
+                offset_ms: e.ts_ms - start,
+                kind: e.kind.name(),
+                summary,
+                payload: serde_json::to_value(&e.kind)
+                    .and_then(|v| serde_json::to_string_pretty(&v))
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// `GET /ui`: the runs.
+pub(super) async fn home() -> Redirect {
+    Redirect::to("/ui/runs")
+}
+
+/// `GET /ui/login`.
+pub(super) async fn login_page(State(app): State<Arc<App>>) -> Response {
+    app.ui.page("login.html", context! {})
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    key: String,
+}
+
+/// `POST /ui/login`: checks the key, keeps it in the cookie and shows the runs.
+pub(super) async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Response {
+    let key = form.key.trim();
+    match tenant_of_key(&app, key).await {
+        Ok(_) => {
+            let cookie = format!("{COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict");
+            let mut response = Redirect::to("/ui/runs").into_response();
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            response
+        }
+        Err(_) => {
+            let mut page = app.ui.page(
+                "login.html",
+                context! { error => "That is not an API key of any tenant." },
+            );
+            *page.status_mut() = StatusCode::UNAUTHORIZED;
+            page
+        }
+    }
+}
+
+/// `POST /ui/logout`: forgets the key.
+pub(super) async fn logout() -> Response {
+    let mut response = Redirect::to("/ui/login").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("rein_key=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    response
+}
+
+#[derive(Deserialize, Serialize, Default)]
+pub(super) struct RunsQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `GET /ui/runs`: the newest runs, filtered by status, agent, user and termination reason.
+pub(super) async fn runs(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+    Query(mut query): Query<RunsQuery>,
+) -> Result<Response, Problem> {
+    for field in [
+        &mut query.status,
+        &mut query.agent,
+        &mut query.user,
+        &mut query.reason,
+    ] {
+        if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            *field = None;
+        }
+    }
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<RunStatus>(serde_json::Value::String(s.into())).map_err(
+                |_| Problem::new(StatusCode::BAD_REQUEST, format!("no run status `{s}`")),
+            )?,
+        ),
+    };
+    let filter = RunFilter {
+        status,
+        agent: query.agent.clone(),
+        user: query.user.clone().map(UserId::new),
+    };
+    let found = app.store.list_runs(&tenant, &filter, LIST_LIMIT).await?;
+    let limited = found.len() == LIST_LIMIT as usize;
+    let rows: Vec<RunRow> = found
+        .iter()
+        .filter(|r| {
+            query
+                .reason
+                .as_deref()
+                .is_none_or(|want| r.progress.reason.is_some_and(|got| got.as_str() == want))
+        })
+        .map(RunRow::of)
+        .collect();
+    Ok(app.ui.page(
+        "runs.html",
+        context! {
+            tenant => tenant.as_str(),
+            runs => ser(&rows),
+            filter => ser(&query),
+            statuses => ser(&STATUSES),
+            reasons => ser(&REASONS),
+            limited,
+            limit => LIST_LIMIT,
+        },
+    ))
+}
+
+/// `GET /ui/runs/{id}`: the run, its trace tree (as `rein runs show` prints it) and its
+/// timeline with every event.
+pub(super) async fn run(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = RunId::new(id);
+    let record = app.store.run(&tenant, &id).await?;
+    let sealed = app.store.events(&tenant, &id).await?;
+    let events: Vec<Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
+    let trace_parent = events.first().and_then(|e| match &e.kind {
+        EventKind::RunStarted { trace_parent, .. } => trace_parent.clone(),
+        _ => None,
+    });
+    let (trace, _) = rein_core::spans::run_trace(&id, trace_parent.as_deref());
+    Ok(app.ui.page(
+        "run.html",
+        context! {
+            tenant => tenant.as_str(),
+            run => ser(&RunRow::of(&record)),
+            trace_id => rein_core::event::hex(&trace),
+            pending => ser(&pending(&record, &events)),
+            tree => render::trace(&record, &events),
+            events => ser(&timeline(&events)),
+        },
+    ))
+}
+
+/// `GET /ui/approvals`: every run of the tenant waiting for a person, with approve and deny.
+pub(super) async fn approvals(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+) -> Result<Response, Problem> {
+    approvals_page(&app, &tenant, None).await
+}
+
+async fn approvals_page(
+    app: &App,
+    tenant: &TenantId,
+    decided: Option<minijinja::Value>,
+) -> Result<Response, Problem> {
+    let filter = RunFilter {
+        status: Some(RunStatus::AwaitingApproval),
+        ..RunFilter::default()
+    };
+    let mut waiting = Vec::new();
+    for run in app.store.list_runs(tenant, &filter, LIST_LIMIT).await? {
+        let sealed = app.store.events(tenant, &run.info.id).await?;
+        let events: Vec<Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
+        waiting.extend(pending(&run, &events));
+    }
+    Ok(app.ui.page(
+        "approvals.html",
+        context! { tenant => tenant.as_str(), pending => ser(&waiting), decided },
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct DecisionForm {
+    approved: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /ui/runs/{id}/approval`: records the decision (by `ui:<tenant>`) and drives the run to
+/// its next stop, as `POST /v1/runs/{id}/approval` does; then shows the approvals left.
+pub(super) async fn decide(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+    Path(id): Path<String>,
+    Form(form): Form<DecisionForm>,
+) -> Result<Response, Problem> {
+    let id = RunId::new(id);
+    let reason = form
+        .reason
+        .map(|r| r.trim().chars().take(4096).collect::<String>())
+        .filter(|r| !r.is_empty());
+    app.store.run(&tenant, &id).await?;
+    let outcome = app
+        .runtime
+        .decide(
+            &tenant,
+            &id,
+            &app.config.prices,
+            app.model.as_ref(),
+            rein_runtime::Decision {
+                approved: form.approved,
+                by: format!("ui:{tenant}"),
+                reason,
+            },
+        )
+        .await?;
+    let decided = context! {
+        run_id => id.as_str(),
+        approved => form.approved,
+        status => outcome.status.as_str(),
+    };
+    approvals_page(&app, &tenant, Some(decided)).await
+}
+
+#[derive(Serialize)]
+struct CostRow {
+    key: String,
+    calls: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: String,
+    width: u64,
+}
+
+/// `GET /ui/costs`: the tenant's spend by day, agent and model, with bars.
+pub(super) async fn costs(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+) -> Result<Response, Problem> {
+    let mut groups = Vec::new();
+    for (by, group) in [
+        ("day", CostGroup::Day),
+        ("agent", CostGroup::Agent),
+        ("model", CostGroup::Model),
+    ] {
+        let lines = app.store.costs(Some(&tenant), group, 0).await?;
+        let most = lines
+            .iter()
+            .map(|l| l.cost.micros())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let rows: Vec<CostRow> = lines
+            .iter()
+            .map(|l| CostRow {
+                key: l.key.clone(),
+                calls: l.calls,
+                input_tokens: l.usage.input_tokens,
+                output_tokens: l.usage.output_tokens,
+                cost: usd(l.cost),
+                width: u64::try_from(l.cost.micros().max(0) * 300 / most).unwrap_or(0),
+            })
+            .collect();
+        groups.push(context! { by, lines => ser(&rows) });
+    }
+    Ok(app
+        .ui
+        .page("costs.html", context! { tenant => tenant.as_str(), groups }))
+}

@@ -1,0 +1,217 @@
+//! The dashboard at `/ui`, over HTTP as a browser uses it: signing in with a tenant key (kept
+//! in an HttpOnly, SameSite=Strict cookie), the runs list and its filters, a run's page showing
+//! the very trace tree `rein runs show` prints, the approvals queue where approving a held run
+//! lets it finish, the costs page, and one tenant never seeing another's run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use rein_fakes::ToolService;
+use serde_json::json;
+
+const CONFIG: &str = "[prices.\"openai/gpt-4o-mini\"]\ninput = 10.0\noutput = 10.0\n";
+
+/// The text of the element `<tag id="id">…</tag>` in `html`, with HTML's escapes undone.
+fn element(html: &str, tag: &str, id: &str) -> String {
+    let open = format!("<{tag} id=\"{id}\">");
+    let start = html
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {open} in {html}"))
+        + open.len();
+    let end = start + html[start..].find(&format!("</{tag}>")).unwrap();
+    html[start..end]
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&#x2f;", "/")
+        .replace("&amp;", "&")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
+    let fake = common::paying_provider().await;
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rein.toml"), CONFIG).unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let rival = common::tenant_key(dir.path(), "rival");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db", "--config", "rein.toml"],
+        &[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-test"),
+        ],
+    );
+    let base = server.base.clone();
+    let api = reqwest::Client::new();
+    let payer = common::payer_spec(&service.url(), 5, 4);
+    common::register(&api, &base, &key, &payer).await;
+    let held = payer.replace("name: payer", "name: held").replace(
+        "side_effects: external}",
+        "side_effects: external, confirm: true}",
+    );
+    common::register(&api, &base, &key, &held).await;
+    let done = common::run_waiting(
+        &api,
+        &base,
+        &key,
+        json!({"agent": "payer", "input": "pay 1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let done_id = done["run_id"].as_str().unwrap().to_string();
+    let waiting = common::run_waiting(
+        &api,
+        &base,
+        &key,
+        json!({"agent": "held", "input": "pay 2"}),
+        &[],
+    )
+    .await;
+    assert_eq!(waiting["status"], "awaiting_approval", "{waiting}");
+    let waiting_id = waiting["run_id"].as_str().unwrap().to_string();
+
+    // A browser that has not signed in is sent to the sign-in page; a wrong key is refused.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let away = browser.get(format!("{base}/ui/runs")).send().await.unwrap();
+    assert_eq!(away.status(), 303);
+    assert_eq!(away.headers()["location"], "/ui/login");
+    let wrong = browser
+        .post(format!("{base}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={}", "rein_not-a-key"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.text().await.unwrap().contains("not an API key"));
+    let signed = browser
+        .post(format!("{base}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={}", key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = |path: String| {
+        let (browser, cookie, base) = (browser.clone(), cookie.clone(), base.clone());
+        async move {
+            let answer = browser
+                .get(format!("{base}{path}"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    let base = server.base.clone();
+
+    // The runs, and their filters.
+    let (status, runs) = page("/ui/runs".into()).await;
+    assert_eq!(status, 200);
+    assert!(
+        runs.contains(&done_id) && runs.contains(&waiting_id),
+        "{runs}"
+    );
+    let (_, completed) = page("/ui/runs?status=completed&agent=&user=&reason=".into()).await;
+    assert!(completed.contains(&done_id) && !completed.contains(&waiting_id));
+    let (_, by_reason) = page("/ui/runs?reason=max_cost".into()).await;
+    assert!(!by_reason.contains(&done_id));
+    let (_, by_agent) = page("/ui/runs?agent=held".into()).await;
+    assert!(by_agent.contains(&waiting_id) && !by_agent.contains(&done_id));
+
+    // A run's page shows the tree `rein runs show` prints, character for character.
+    let (status, run) = page(format!("/ui/runs/{done_id}")).await;
+    assert_eq!(status, 200);
+    let shown = common::rein_ok(
+        dir.path(),
+        &[
+            "runs", "show", &done_id, "--tenant", "acme", "--db", "rein.db",
+        ],
+    );
+    assert_eq!(element(&run, "pre", "tree").trim_end(), shown.trim_end());
+    assert_eq!(element(&run, "td", "cost"), "0.001300");
+    assert_eq!(element(&run, "td", "tokens"), "130");
+    assert_eq!(element(&run, "td", "reason"), "completed");
+    for kind in [
+        "run_started",
+        "model_responded",
+        "tool_result",
+        "run_finished",
+    ] {
+        assert!(run.contains(kind), "the timeline has no {kind}");
+    }
+
+    // Approving from the queue lets the held run finish, and pays once.
+    let (_, queue) = page("/ui/approvals".into()).await;
+    assert!(queue.contains(&waiting_id), "{queue}");
+    let decided = browser
+        .post(format!("{base}/ui/runs/{waiting_id}/approval"))
+        .header("cookie", cookie.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("approved=true&reason=checked")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let decided = decided.text().await.unwrap();
+    assert!(
+        element(&decided, "p", "decided").contains("completed"),
+        "{decided}"
+    );
+    assert!(decided.contains("No run is waiting for a person"));
+    let after = common::get_json(&api, &format!("{base}/v1/runs/{waiting_id}"), &key).await;
+    assert_eq!(after["status"], "completed", "{after}");
+    assert_eq!(service.applied().values().sum::<usize>(), 2);
+
+    // Spend by day, agent and model.
+    let (_, costs) = page("/ui/costs".into()).await;
+    assert!(costs.contains("costs-agent") && costs.contains("held") && costs.contains("payer"));
+
+    // Another tenant's cookie sees none of it.
+    let theirs = browser
+        .post(format!("{base}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={}", rival))
+        .send()
+        .await
+        .unwrap();
+    let theirs = theirs.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let peek = browser
+        .get(format!("{base}/ui/runs/{done_id}"))
+        .header("cookie", theirs.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(peek.status(), 404);
+    let list = browser
+        .get(format!("{base}/ui/runs"))
+        .header("cookie", theirs)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!list.contains(&done_id));
+}
