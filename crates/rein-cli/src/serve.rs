@@ -550,6 +550,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/ui/runs/{id}/approval", post(ui::decide))
         .route("/ui/approvals", get(ui::approvals))
         .route("/ui/costs", get(ui::costs))
+        .route("/ui/status", get(ui::status))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(app.config.server.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(

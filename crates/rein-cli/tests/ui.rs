@@ -10,7 +10,7 @@ mod common;
 use rein_fakes::ToolService;
 use serde_json::json;
 
-const CONFIG: &str = "[prices.\"openai/gpt-4o-mini\"]\ninput = 10.0\noutput = 10.0\n";
+const CONFIG: &str = "[prices.\"openai/gpt-4o-mini\"]\ninput = 10.0\noutput = 10.0\n\n[budgets]\ntenant_daily_usd = 1.0\n";
 
 /// The text of the element `<tag id="id">…</tag>` in `html`, with HTML's escapes undone.
 fn element(html: &str, tag: &str, id: &str) -> String {
@@ -182,6 +182,28 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     let (_, costs) = page("/ui/costs".into()).await;
     assert!(costs.contains("costs-agent") && costs.contains("held") && costs.contains("payer"));
 
+    // The tenant's daily budget: two runs of $0.0013 each out of $1; the breakers it may see.
+    let (_, status) = page("/ui/status".into()).await;
+    let budgets = element(&status, "table", "budgets");
+    assert!(
+        budgets.contains("tenant:acme:") && budgets.contains("0.002600"),
+        "{budgets}"
+    );
+    assert!(
+        budgets.contains("1.000000") && budgets.contains("0.3 %"),
+        "{budgets}"
+    );
+    let breakers = element(&status, "table", "breakers");
+    assert!(breakers.contains("breaker:model:"), "{breakers}");
+    assert!(
+        breakers.contains("breaker:tool:acme:payer:pay"),
+        "{breakers}"
+    );
+    assert!(
+        breakers.contains("closed") && !breakers.contains("open<"),
+        "{breakers}"
+    );
+
     // Another tenant's cookie sees none of it.
     let theirs = browser
         .post(format!("{base}/ui/login"))
@@ -206,7 +228,7 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     assert_eq!(peek.status(), 404);
     let list = browser
         .get(format!("{base}/ui/runs"))
-        .header("cookie", theirs)
+        .header("cookie", theirs.clone())
         .send()
         .await
         .unwrap()
@@ -214,4 +236,14 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
         .await
         .unwrap();
     assert!(!list.contains(&done_id));
+    let status = browser
+        .get(format!("{base}/ui/status"))
+        .header("cookie", theirs)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!status.contains("breaker:tool:acme"), "{status}");
 }

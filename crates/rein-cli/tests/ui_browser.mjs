@@ -52,6 +52,11 @@ try {
   const decided = await page.textContent('#decided');
   check(decided.includes('approved') && decided.includes('completed'), `the run continued: ${decided}`);
   await shot('5-approved');
+
+  await page.click('a[href="/ui/status"]');
+  await page.waitForURL('**/ui/status');
+  check((await page.textContent('#breakers')).includes('breaker:model:'), 'the model breaker is listed');
+  await shot('6-status');
   console.log('ok');
 } finally {
   await browser.close();

@@ -19,6 +19,8 @@ pub(crate) struct Breakers {
     counters: Arc<dyn Counters>,
     meters: Meters,
     clear_since: Mutex<HashMap<String, Instant>>,
+    /// Every breaker's state as this process last read or wrote it.
+    seen: Mutex<std::collections::BTreeMap<String, BreakerState>>,
 }
 
 impl Breakers {
@@ -27,6 +29,7 @@ impl Breakers {
             counters,
             meters,
             clear_since: Mutex::new(HashMap::new()),
+            seen: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -55,7 +58,23 @@ impl Breakers {
         let (decision, state) = crate::cells::update(self.counters.as_ref(), key, step).await?;
         self.remember(key, &state);
         self.meters.apply([rein_core::meter::breaker(key, &state)]);
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(key.to_string(), state);
+        }
         Ok(decision)
+    }
+
+    /// The breakers whose key starts with one of `prefixes`, as this process last saw them.
+    pub(crate) fn seen(&self, prefixes: &[String]) -> Vec<(String, BreakerState)> {
+        self.seen
+            .lock()
+            .map(|seen| {
+                seen.iter()
+                    .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p.as_str())))
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether a call may go through now.

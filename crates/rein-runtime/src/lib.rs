@@ -541,6 +541,45 @@ impl Runtime {
         self
     }
 
+    /// The circuit breakers `tenant` may see, as this process last saw them: the model breakers
+    /// (shared by every tenant) and the tenant's own tool breakers.
+    pub fn breakers_seen(
+        &self,
+        tenant: &TenantId,
+    ) -> Vec<(String, rein_core::breaker::BreakerState)> {
+        self.breakers.seen(&[
+            "breaker:model:".to_string(),
+            format!("breaker:tool:{}:", key_part(tenant.as_str())),
+        ])
+    }
+
+    /// Where `tenant` stands in its daily budget and in the global hourly one (the scopes the
+    /// governor caps; user and session scopes are left out), read from the counters now.
+    pub async fn budget_standings(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<(Scope, Standing)>, RuntimeError> {
+        let Some(governor) = &self.governor else {
+            return Ok(Vec::new());
+        };
+        let now = now_ms();
+        let scopes = governor.budgets.policy(tenant).scopes(
+            tenant,
+            &UserId::new(""),
+            &SessionId::new(""),
+            now,
+        );
+        let mut out = Vec::new();
+        for scope in scopes
+            .into_iter()
+            .filter(|s| s.key.starts_with("tenant:") || s.key.starts_with("global:"))
+        {
+            let standing = governor.counters.standing(&scope.key, now).await?;
+            out.push((scope, standing));
+        }
+        Ok(out)
+    }
+
     /// Hands the trace of `run_id`, which has just ended, to the span sink. A log that cannot be
     /// read is not traced: tracing never fails a run.
     async fn trace_ended(&self, tenant: &TenantId, run_id: &RunId) {

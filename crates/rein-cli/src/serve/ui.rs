@@ -1,5 +1,5 @@
 //! The dashboard at `/ui`: runs with filters, a run's trace tree and timeline, the approvals
-//! queue with approve and deny, and spend by day, agent and model. Server-rendered HTML
+//! queue with approve and deny, spend by day, agent and model, and budget and breaker status. Server-rendered HTML
 //! (minijinja templates compiled into the binary, no script, no external resource), behind the
 //! tenant's API key: signing in keeps it in an HttpOnly, SameSite=Strict cookie, and every page
 //! shows only that tenant's data, as the API does.
@@ -64,6 +64,7 @@ impl Templates {
             ("decide.html", include_str!("ui/decide.html")),
             ("approvals.html", include_str!("ui/approvals.html")),
             ("costs.html", include_str!("ui/costs.html")),
+            ("status.html", include_str!("ui/status.html")),
         ] {
             env.add_template(name, source)?;
         }
@@ -539,4 +540,85 @@ pub(super) async fn costs(
     Ok(app
         .ui
         .page("costs.html", context! { tenant => tenant.as_str(), groups }))
+}
+
+#[derive(Serialize)]
+struct BudgetRow {
+    scope: String,
+    limit: &'static str,
+    cap: String,
+    spent: String,
+    reserved: String,
+    percent: String,
+    width: u64,
+}
+
+#[derive(Serialize)]
+struct BreakerRow {
+    key: String,
+    state: &'static str,
+    failures: u32,
+    opened: Option<String>,
+}
+
+/// `GET /ui/status`: the tenant's daily and the global hourly budget (spent, held and cap),
+/// and the circuit breakers it may see.
+pub(super) async fn status(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+) -> Result<Response, Problem> {
+    let mut budgets = Vec::new();
+    for (scope, standing) in app.runtime.budget_standings(&tenant).await? {
+        let mut row = |limit, cap: f64, spent: f64, text: &dyn Fn(f64) -> String, reserved: f64| {
+            let used = if cap > 0.0 { spent / cap } else { 0.0 };
+            budgets.push(BudgetRow {
+                scope: scope.key.clone(),
+                limit,
+                cap: text(cap),
+                spent: text(spent),
+                reserved: text(reserved),
+                percent: format!("{:.1}", used * 100.0),
+                width: (used.clamp(0.0, 1.0) * 300.0) as u64,
+            });
+        };
+        let dollars = |micros: f64| format!("{:.6}", micros / 1e6);
+        let count = |n: f64| format!("{n:.0}");
+        if let Some(cap) = scope.cap.usd {
+            row(
+                "usd",
+                cap.micros() as f64,
+                standing.spent.usd.micros() as f64,
+                &dollars,
+                standing.reserved.usd.micros() as f64,
+            );
+        }
+        if let Some(cap) = scope.cap.tokens {
+            row(
+                "tokens",
+                cap as f64,
+                standing.spent.tokens as f64,
+                &count,
+                standing.reserved.tokens as f64,
+            );
+        }
+    }
+    let breakers: Vec<BreakerRow> = app
+        .runtime
+        .breakers_seen(&tenant)
+        .into_iter()
+        .map(|(key, state)| BreakerRow {
+            state: match (state.opened_ms, state.probe_until_ms) {
+                (Some(_), Some(_)) => "probing",
+                (Some(_), None) => "open",
+                (None, _) => "closed",
+            },
+            failures: state.failures,
+            opened: state.opened_ms.map(rein_core::time::format_utc),
+            key,
+        })
+        .collect();
+    Ok(app.ui.page(
+        "status.html",
+        context! { tenant => tenant.as_str(), budgets => ser(&budgets), breakers => ser(&breakers) },
+    ))
 }
