@@ -107,6 +107,7 @@ async fn a_person_approves_a_held_run_from_the_dashboard_in_a_browser() {
         "3-trace",
         "4-approvals",
         "5-approved",
+        "6-status",
     ] {
         let png = shots.join(format!("{name}.png"));
         assert!(
