@@ -1004,24 +1004,36 @@ async fn decide(
     check_len("reason", decision.reason.as_deref().unwrap_or(""), 4096)?;
     check_len("by", decision.by.as_deref().unwrap_or(""), MAX_ID_LEN)?;
     let id = RunId::new(id);
+    let by = decision.by.unwrap_or_else(|| format!("api:{tenant}"));
+    let outcome = decide_run(
+        &app,
+        &tenant,
+        &id,
+        rein_runtime::Decision {
+            approved: decision.approved,
+            by,
+            reason: decision.reason,
+        },
+    )
+    .await?;
+    Ok(axum::Json(OutcomeView::of(&outcome)))
+}
+
+/// Records `decision` on `tenant`'s run `id` and drives the run to its next stop (the API's
+/// approval and the dashboard's).
+async fn decide_run(
+    app: &App,
+    tenant: &TenantId,
+    id: &RunId,
+    decision: rein_runtime::Decision,
+) -> Result<RunOutcome, Problem> {
     // Another tenant's run is not found, whatever state it is in (the lease check below would
     // otherwise tell a busy run from a missing one).
-    app.store.run(&tenant, &id).await?;
-    let outcome = app
+    app.store.run(tenant, id).await?;
+    Ok(app
         .runtime
-        .decide(
-            &tenant,
-            &id,
-            &app.config.prices,
-            app.model.as_ref(),
-            rein_runtime::Decision {
-                approved: decision.approved,
-                by: decision.by.unwrap_or_else(|| format!("api:{tenant}")),
-                reason: decision.reason,
-            },
-        )
-        .await?;
-    Ok(axum::Json(OutcomeView::of(&outcome)))
+        .decide(tenant, id, &app.config.prices, app.model.as_ref(), decision)
+        .await?)
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -11,25 +13,9 @@ fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
-/// `promtool` (`REIN_TEST_PROMTOOL`, which `scripts/test` sets up); `None` to skip where it is
-/// not required.
-fn promtool() -> Option<String> {
-    match std::env::var("REIN_TEST_PROMTOOL") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ => {
-            assert!(
-                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
-                "scripts/test sets REIN_TEST_PROMTOOL; it is missing"
-            );
-            eprintln!("skipped: promtool is set up by scripts/test (REIN_TEST_PROMTOOL)");
-            None
-        }
-    }
-}
-
 #[test]
 fn the_alert_rules_are_valid_and_fire_on_what_they_are_meant_for() {
-    let Some(promtool) = promtool() else {
+    let Some(promtool) = common::set_up_by_scripts_test("REIN_TEST_PROMTOOL") else {
         return;
     };
     for args in [

@@ -128,20 +128,20 @@ async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
     );
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    for (_, spec) in [
-        ("payer", common::payer_spec(&service.url(), 5, 4)),
-        (
-            "held",
-            common::payer_spec(&service.url(), 5, 4)
-                .replace("name: payer", "name: held")
-                .replace(
-                    "side_effects: external}",
-                    "side_effects: external, confirm: true}",
-                ),
-        ),
-    ] {
-        common::register(&http, &base, &key, &spec).await;
-    }
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::payer_spec(&service.url(), 5, 4),
+    )
+    .await;
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::held_spec("held", &service.url(), 5, 4),
+    )
+    .await;
 
     let before = scrape(&http, &python, &base).await;
 

@@ -79,25 +79,9 @@ async fn phoenix(bin: &str, dir: &std::path::Path) -> Phoenix {
     }
 }
 
-/// The Phoenix binary (`REIN_TEST_PHOENIX`, which `scripts/test` sets up); `None` to skip where
-/// it is not required.
-fn phoenix_bin() -> Option<String> {
-    match std::env::var("REIN_TEST_PHOENIX") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ => {
-            assert!(
-                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
-                "scripts/test sets REIN_TEST_PHOENIX; it is missing"
-            );
-            eprintln!("skipped: Phoenix is set up by scripts/test (REIN_TEST_PHOENIX)");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
-    let Some(bin) = phoenix_bin() else {
+    let Some(bin) = common::set_up_by_scripts_test("REIN_TEST_PHOENIX") else {
         return;
     };
     let data = tempfile::tempdir().unwrap();

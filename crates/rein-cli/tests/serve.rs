@@ -477,10 +477,7 @@ async fn an_approval_that_drives_a_slow_step_is_not_cut_off_by_the_request_time_
     let server = serve(dir.path());
     let http = reqwest::Client::new();
     // The payment needs a person's approval, then takes 2 s: longer than the request limit.
-    let spec = common::payer_spec(&service.url(), 2000, 4).replace(
-        "side_effects: external}",
-        "side_effects: external, confirm: true}",
-    );
+    let spec = common::held_spec("payer", &service.url(), 2000, 4);
     common::register(&http, &server.base, &key, &spec).await;
     let held: Value = http
         .post(format!("{}/v1/runs", server.base))

@@ -8,7 +8,6 @@
 mod common;
 
 use rein_fakes::ToolService;
-use serde_json::json;
 
 const CONFIG: &str = "[prices.\"openai/gpt-4o-mini\"]\ninput = 10.0\noutput = 10.0\n\n[budgets]\ntenant_daily_usd = 1.0\n";
 
@@ -47,33 +46,7 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     );
     let base = server.base.clone();
     let api = reqwest::Client::new();
-    let payer = common::payer_spec(&service.url(), 5, 4);
-    common::register(&api, &base, &key, &payer).await;
-    let held = payer.replace("name: payer", "name: held").replace(
-        "side_effects: external}",
-        "side_effects: external, confirm: true}",
-    );
-    common::register(&api, &base, &key, &held).await;
-    let done = common::run_waiting(
-        &api,
-        &base,
-        &key,
-        json!({"agent": "payer", "input": "pay 1"}),
-        &[],
-    )
-    .await;
-    assert_eq!(done["status"], "completed", "{done}");
-    let done_id = done["run_id"].as_str().unwrap().to_string();
-    let waiting = common::run_waiting(
-        &api,
-        &base,
-        &key,
-        json!({"agent": "held", "input": "pay 2"}),
-        &[],
-    )
-    .await;
-    assert_eq!(waiting["status"], "awaiting_approval", "{waiting}");
-    let waiting_id = waiting["run_id"].as_str().unwrap().to_string();
+    let (done_id, waiting_id) = common::paid_and_held_runs(&api, &base, &key, &service.url()).await;
 
     // A browser that has not signed in is sent to the sign-in page; a wrong key is refused.
     let browser = reqwest::Client::builder()

@@ -8,31 +8,14 @@
 mod common;
 
 use rein_fakes::ToolService;
-use serde_json::json;
 use std::process::Command;
-
-/// `(playwright-core's directory, chromium's path)` (`REIN_TEST_PLAYWRIGHT`, `REIN_TEST_CHROMIUM`,
-/// which `scripts/test` sets up); `None` to skip where they are not required.
-fn browser() -> Option<(String, String)> {
-    match (
-        std::env::var("REIN_TEST_PLAYWRIGHT"),
-        std::env::var("REIN_TEST_CHROMIUM"),
-    ) {
-        (Ok(pw), Ok(chromium)) if !pw.is_empty() && !chromium.is_empty() => Some((pw, chromium)),
-        _ => {
-            assert!(
-                std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
-                "scripts/test sets REIN_TEST_PLAYWRIGHT and REIN_TEST_CHROMIUM; they are missing"
-            );
-            eprintln!("skipped: the browser is set up by scripts/test");
-            None
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_approves_a_held_run_from_the_dashboard_in_a_browser() {
-    let Some((playwright, chromium)) = browser() else {
+    let (Some(playwright), Some(chromium)) = (
+        common::set_up_by_scripts_test("REIN_TEST_PLAYWRIGHT"),
+        common::set_up_by_scripts_test("REIN_TEST_CHROMIUM"),
+    ) else {
         return;
     };
     let fake = common::paying_provider().await;
@@ -48,44 +31,17 @@ async fn a_person_approves_a_held_run_from_the_dashboard_in_a_browser() {
         ],
     );
     let (base, http) = (server.base.clone(), reqwest::Client::new());
-    let payer = common::payer_spec(&service.url(), 5, 4);
-    common::register(&http, &base, &key, &payer).await;
-    let held = payer.replace("name: payer", "name: held").replace(
-        "side_effects: external}",
-        "side_effects: external, confirm: true}",
-    );
-    common::register(&http, &base, &key, &held).await;
-    let done = common::run_waiting(
-        &http,
-        &base,
-        &key,
-        json!({"agent": "payer", "input": "pay 1"}),
-        &[],
-    )
-    .await;
-    let waiting = common::run_waiting(
-        &http,
-        &base,
-        &key,
-        json!({"agent": "held", "input": "pay 2"}),
-        &[],
-    )
-    .await;
-    assert_eq!(waiting["status"], "awaiting_approval", "{waiting}");
-    let (done_id, held_id) = (
-        done["run_id"].as_str().unwrap().to_string(),
-        waiting["run_id"].as_str().unwrap().to_string(),
-    );
+    let (done_id, held_id) = common::paid_and_held_runs(&http, &base, &key, &service.url()).await;
 
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ui_browser.mjs");
     let run = tokio::task::spawn_blocking({
-        let (base, key, shots) = (base.clone(), key.clone(), shots.clone());
+        let (base, key, shots, held) = (base.clone(), key.clone(), shots.clone(), held_id.clone());
         move || {
             Command::new("node")
                 .arg(script)
-                .args([&base, &key, &done_id, &held_id])
+                .args([&base, &key, &done_id, &held])
                 .arg(&shots)
                 .env("PLAYWRIGHT_CORE", playwright)
                 .env("CHROMIUM", chromium)
@@ -116,23 +72,10 @@ async fn a_person_approves_a_held_run_from_the_dashboard_in_a_browser() {
         );
     }
     // The decision made in the browser drove the run on: it finished and paid once.
-    let after = common::get_json(
-        &http,
-        &format!("{base}/v1/runs/{}", waiting["run_id"].as_str().unwrap()),
-        &key,
-    )
-    .await;
+    let after = common::get_json(&http, &format!("{base}/v1/runs/{held_id}"), &key).await;
     assert_eq!(after["status"], "completed", "{after}");
     assert_eq!(service.applied().values().sum::<usize>(), 2);
-    let trace = common::get_json(
-        &http,
-        &format!(
-            "{base}/v1/runs/{}/trace",
-            waiting["run_id"].as_str().unwrap()
-        ),
-        &key,
-    )
-    .await;
+    let trace = common::get_json(&http, &format!("{base}/v1/runs/{held_id}/trace"), &key).await;
     let decided = trace["events"]
         .as_array()
         .unwrap()

@@ -161,6 +161,16 @@ pub fn run_trace(run: &RunId, caller: Option<&str>) -> ([u8; 16], Option<[u8; 8]
     }
 }
 
+/// The trace of the run whose log is `events`: [`run_trace`] of the `traceparent` its
+/// `run_started` kept.
+pub fn log_trace(run: &RunId, events: &[Event]) -> ([u8; 16], Option<[u8; 8]>) {
+    let caller = events.first().and_then(|e| match &e.kind {
+        EventKind::RunStarted { trace_parent, .. } => trace_parent.as_deref(),
+        _ => None,
+    });
+    run_trace(run, caller)
+}
+
 /// The id of a tool call's span (what the tool receives as the parent in `traceparent`).
 pub fn tool_span_id(run: &RunId, step: u32, call_id: &str) -> [u8; 8] {
     span_id(run, &format!("tool:{step}:{call_id}"))
@@ -204,11 +214,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
     let Some(first) = events.first() else {
         return Vec::new();
     };
-    let caller = match &first.kind {
-        EventKind::RunStarted { trace_parent, .. } => trace_parent.as_deref(),
-        _ => None,
-    };
-    let (trace, caller_span) = run_trace(run, caller);
+    let (trace, caller_span) = log_trace(run, events);
     let root_id = span_id(run, "run");
     let last_ms = events.last().map_or(first.ts_ms, |e| e.ts_ms);
     let mut root = Span {

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use meters::Recorder;
+pub use meters::{Recorder, record as record_measures};
 pub use retry::Backoff as RetryBackoff;
 
 /// What can stop the driver itself (as opposed to ending a run, which is always an event).
@@ -1023,14 +1023,7 @@ impl Runtime {
             unstored: None,
             meter: None,
             unmeasured: Vec::new(),
-            trace: rein_core::spans::run_trace(
-                run_id,
-                events.first().and_then(|e| match &e.kind {
-                    EventKind::RunStarted { trace_parent, .. } => trace_parent.as_deref(),
-                    _ => None,
-                }),
-            )
-            .0,
+            trace: rein_core::spans::log_trace(run_id, &events).0,
         };
         if self.meters.on() {
             // What the log already holds was measured when it was written.

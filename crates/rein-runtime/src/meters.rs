@@ -23,30 +23,37 @@ impl Meters {
 
     /// Applies `measures` to the recorder.
     pub(crate) fn apply(&self, measures: impl IntoIterator<Item = Measure>) {
-        let Some(recorder) = &self.0 else {
-            return;
-        };
-        let metadata = metrics::Metadata::new("rein", metrics::Level::INFO, None);
-        for measure in measures {
-            match measure {
-                Measure::Count { name, labels, by } => recorder
-                    .register_counter(&key(name, labels), &metadata)
-                    .increment(by),
-                Measure::Observe {
-                    name,
-                    labels,
-                    value,
-                } => recorder
-                    .register_histogram(&key(name, labels), &metadata)
-                    .record(value),
-                Measure::Set {
-                    name,
-                    labels,
-                    value,
-                } => recorder
-                    .register_gauge(&key(name, labels), &metadata)
-                    .set(value),
-            }
+        if let Some(recorder) = &self.0 {
+            record(recorder.as_ref(), measures);
+        }
+    }
+}
+
+/// Applies `measures` to `recorder` (the runtime's own, and the server's scrape-time gauges).
+pub fn record(
+    recorder: &(dyn metrics::Recorder + Send + Sync),
+    measures: impl IntoIterator<Item = Measure>,
+) {
+    let metadata = metrics::Metadata::new("rein", metrics::Level::INFO, None);
+    for measure in measures {
+        match measure {
+            Measure::Count { name, labels, by } => recorder
+                .register_counter(&key(name, labels), &metadata)
+                .increment(by),
+            Measure::Observe {
+                name,
+                labels,
+                value,
+            } => recorder
+                .register_histogram(&key(name, labels), &metadata)
+                .record(value),
+            Measure::Set {
+                name,
+                labels,
+                value,
+            } => recorder
+                .register_gauge(&key(name, labels), &metadata)
+                .set(value),
         }
     }
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use metrics::Recorder as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rein_core::RunStatus;
-use rein_core::meter::{METRICS, buckets};
+use rein_core::meter::{METRICS, Measure, buckets};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,16 +93,16 @@ impl Metrics {
 
     /// Sets the `rein_runs` gauges from the store's counts.
     fn set_open_runs(&self, counts: Vec<rein_store::RunCount>) {
-        let metadata = metrics::Metadata::new("rein", metrics::Level::INFO, None);
         let gauge = |tenant: &str, status: &'static str, value: f64| {
-            let key = metrics::Key::from_parts(
-                "rein_runs",
-                vec![
-                    metrics::Label::new("tenant", tenant.to_string()),
-                    metrics::Label::new("status", status),
+            let measure = Measure::Set {
+                name: "rein_runs",
+                labels: vec![
+                    ("tenant", tenant.to_string()),
+                    ("status", status.to_string()),
                 ],
-            );
-            self.recorder.register_gauge(&key, &metadata).set(value);
+                value,
+            };
+            rein_runtime::record_measures(self.recorder.as_ref(), [measure]);
         };
         let Ok(mut shown) = self.shown.lock() else {
             return;

@@ -4,7 +4,7 @@
 //! tenant's API key: signing in keeps it in an HttpOnly, SameSite=Strict cookie, and every page
 //! shows only that tenant's data, as the API does.
 
-use super::{App, Problem, tenant_of_key};
+use super::{App, Problem, decide_run, tenant_of_key};
 use crate::render;
 use axum::Form;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -406,11 +406,7 @@ pub(super) async fn run(
     let record = app.store.run(&tenant, &id).await?;
     let sealed = app.store.events(&tenant, &id).await?;
     let events: Vec<Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
-    let trace_parent = events.first().and_then(|e| match &e.kind {
-        EventKind::RunStarted { trace_parent, .. } => trace_parent.clone(),
-        _ => None,
-    });
-    let (trace, _) = rein_core::spans::run_trace(&id, trace_parent.as_deref());
+    let (trace, _) = rein_core::spans::log_trace(&id, &events);
     Ok(app.ui.page(
         "run.html",
         context! {
@@ -473,21 +469,17 @@ pub(super) async fn decide(
         .reason
         .map(|r| r.trim().chars().take(4096).collect::<String>())
         .filter(|r| !r.is_empty());
-    app.store.run(&tenant, &id).await?;
-    let outcome = app
-        .runtime
-        .decide(
-            &tenant,
-            &id,
-            &app.config.prices,
-            app.model.as_ref(),
-            rein_runtime::Decision {
-                approved: form.approved,
-                by: format!("ui:{tenant}"),
-                reason,
-            },
-        )
-        .await?;
+    let outcome = decide_run(
+        &app,
+        &tenant,
+        &id,
+        rein_runtime::Decision {
+            approved: form.approved,
+            by: format!("ui:{tenant}"),
+            reason,
+        },
+    )
+    .await?;
     let decided = context! {
         run_id => id.as_str(),
         approved => form.approved,

@@ -139,19 +139,68 @@ pub fn tenant_key(dir: &Path, tenant: &str) -> String {
 /// which `scripts/test` sets up); `None` to skip where it is not required (`REIN_TEST_PYTHON_REQUIRED=1` makes its
 /// absence a failure).
 pub fn python_with_openai() -> Option<String> {
-    match std::env::var("REIN_TEST_PYTHON") {
+    set_up_by_scripts_test("REIN_TEST_PYTHON")
+}
+
+/// The path in the environment variable `var`, which `scripts/test` sets to a tool it set up
+/// (a Python, promtool, Phoenix, the browser); `None` to skip the test where it is not set up,
+/// unless `REIN_TEST_PYTHON_REQUIRED=1` (as `scripts/test` sets) makes its absence a failure.
+pub fn set_up_by_scripts_test(var: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(p) if !p.is_empty() => Some(p),
         _ => {
             assert!(
                 std::env::var("REIN_TEST_PYTHON_REQUIRED").as_deref() != Ok("1"),
-                "REIN_TEST_PYTHON_REQUIRED=1 but REIN_TEST_PYTHON is not set: scripts/test sets up a Python with the openai package"
+                "REIN_TEST_PYTHON_REQUIRED=1 but {var} is not set: scripts/test sets it up"
             );
-            eprintln!(
-                "skipped the openai-package part: scripts/test sets up its Python (REIN_TEST_PYTHON)"
-            );
+            eprintln!("skipped: scripts/test sets up {var}");
             None
         }
     }
+}
+
+/// [`payer_spec`] as the agent `name`, whose payments wait for a person's approval
+/// (`confirm: true`).
+pub fn held_spec(name: &str, url: &str, apply_ms: u32, max_iterations: u32) -> String {
+    payer_spec(url, apply_ms, max_iterations)
+        .replace("name: payer", &format!("name: {name}"))
+        .replace(
+            "side_effects: external}",
+            "side_effects: external, confirm: true}",
+        )
+}
+
+/// Registers the `payer` agent and its held twin `held` for `key`'s tenant, and runs each
+/// once (waiting): the ids of the completed `payer` run and of the `held` run waiting for
+/// approval.
+pub async fn paid_and_held_runs(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    tools_url: &str,
+) -> (String, String) {
+    register(http, base, key, &payer_spec(tools_url, 5, 4)).await;
+    register(http, base, key, &held_spec("held", tools_url, 5, 4)).await;
+    let done = run_waiting(
+        http,
+        base,
+        key,
+        serde_json::json!({"agent": "payer", "input": "pay 1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let held = run_waiting(
+        http,
+        base,
+        key,
+        serde_json::json!({"agent": "held", "input": "pay 2"}),
+        &[],
+    )
+    .await;
+    assert_eq!(held["status"], "awaiting_approval", "{held}");
+    let id = |run: &serde_json::Value| run["run_id"].as_str().unwrap().to_string();
+    (id(&done), id(&held))
 }
 
 /// `GET url` with `key` as the bearer; the JSON answer.
