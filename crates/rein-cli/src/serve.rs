@@ -869,6 +869,7 @@ async fn list_runs(
         status,
         agent: q.agent,
         user: q.user.map(UserId::new),
+        reason: None,
     };
     let runs = app
         .store

@@ -244,13 +244,11 @@ impl Counters for SqliteStore {
         Box::pin(async move {
             self.write(move |c| {
                 release_expired(c, now_ms)?;
-                let standing = c
-                    .prepare_cached(
-                        "SELECT spent_micros, spent_tokens, reserved_micros, reserved_tokens FROM budget_counters WHERE scope = ?",
-                    )?
-                    .query_row([scope], standing_from)
-                    .optional()?;
-                Ok(standing.unwrap_or_default())
+                let scope = Scope {
+                    key: scope,
+                    cap: Default::default(),
+                };
+                Ok(standings(c, &[scope])?.pop().unwrap_or_default())
             })
             .await
             .map_err(counters_error)

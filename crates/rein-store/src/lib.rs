@@ -414,6 +414,8 @@ pub struct RunFilter {
     pub agent: Option<String>,
     /// Only runs attributed to this user.
     pub user: Option<UserId>,
+    /// Only runs that ended for this reason.
+    pub reason: Option<TerminationReason>,
 }
 
 /// An agent spec registered over the API.

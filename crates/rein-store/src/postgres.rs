@@ -11,7 +11,10 @@ use crate::{
     tenant_from_row, to_i64,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
-use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
+use rein_core::{
+    GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
+    UserId,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
@@ -393,13 +396,14 @@ impl Store for PgStore {
         Box::pin(async move {
             let rows = sqlx::query(select_runs!(
                 "WHERE tenant = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR agent = $3)
-                   AND ($4::text IS NULL OR user_id = $4)
-                 ORDER BY created_ms DESC, id DESC LIMIT $5"
+                   AND ($4::text IS NULL OR user_id = $4) AND ($5::text IS NULL OR termination_reason = $5)
+                 ORDER BY created_ms DESC, id DESC LIMIT $6"
             ))
             .bind(tenant.as_str())
             .bind(filter.status.map(RunStatus::as_str))
             .bind(filter.agent.as_deref())
             .bind(filter.user.as_ref().map(UserId::as_str))
+            .bind(filter.reason.map(TerminationReason::as_str))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;

@@ -7,7 +7,10 @@ use crate::{
     check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
 };
 use rein_core::budget::BoxFuture;
-use rein_core::{GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, UserId};
+use rein_core::{
+    GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
+    UserId,
+};
 use rusqlite::OptionalExtension;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -397,8 +400,10 @@ impl Store for SqliteStore {
             let status = filter.status.map(RunStatus::as_str);
             let agent = filter.agent.as_deref();
             let user = filter.user.as_ref().map(UserId::as_str);
+            let reason = filter.reason.map(TerminationReason::as_str);
             let rows = sqlx::query(select_runs!(
                 "WHERE tenant = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR agent = ?) AND (? IS NULL OR user_id = ?)
+                   AND (? IS NULL OR termination_reason = ?)
                  ORDER BY created_ms DESC, id DESC LIMIT ?"
             ))
             .bind(tenant.as_str())
@@ -408,6 +413,8 @@ impl Store for SqliteStore {
             .bind(agent)
             .bind(user)
             .bind(user)
+            .bind(reason)
+            .bind(reason)
             .bind(i64::from(limit))
             .fetch_all(&self.reader)
             .await?;

@@ -392,6 +392,24 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
             .unwrap()),
         ["a"]
     );
+    let ended = |reason| RunFilter {
+        reason: Some(reason),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &ended(TerminationReason::Completed), 10)
+            .await
+            .unwrap()),
+        ["a"]
+    );
+    assert!(
+        store
+            .list_runs(&t1, &ended(TerminationReason::MaxCost), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let by = |agent: Option<&str>, user: Option<&str>| RunFilter {
         agent: agent.map(str::to_string),
         user: user.map(UserId::new),

@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use minijinja::{Environment, context};
-use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, UserId};
+use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, TerminationReason, UserId};
 use rein_store::{CostGroup, RunFilter, RunRecord};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -364,23 +364,24 @@ pub(super) async fn runs(
             )?,
         ),
     };
-    let filter = RunFilter {
-        status,
-        agent: query.agent.clone(),
-        user: query.user.clone().map(UserId::new),
+    // A reason that is no termination reason matches no run.
+    let reason = query.reason.as_deref().map(|r| {
+        serde_json::from_value::<TerminationReason>(serde_json::Value::String(r.into())).ok()
+    });
+    let found = match reason {
+        Some(None) => Vec::new(),
+        Some(Some(_)) | None => {
+            let filter = RunFilter {
+                status,
+                agent: query.agent.clone(),
+                user: query.user.clone().map(UserId::new),
+                reason: reason.flatten(),
+            };
+            app.store.list_runs(&tenant, &filter, LIST_LIMIT).await?
+        }
     };
-    let found = app.store.list_runs(&tenant, &filter, LIST_LIMIT).await?;
     let limited = found.len() == LIST_LIMIT as usize;
-    let rows: Vec<RunRow> = found
-        .iter()
-        .filter(|r| {
-            query
-                .reason
-                .as_deref()
-                .is_none_or(|want| r.progress.reason.is_some_and(|got| got.as_str() == want))
-        })
-        .map(RunRow::of)
-        .collect();
+    let rows: Vec<RunRow> = found.iter().map(RunRow::of).collect();
     Ok(app.ui.page(
         "runs.html",
         context! {
