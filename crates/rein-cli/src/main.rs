@@ -51,6 +51,8 @@ pub mod exit {
     pub const NEEDS_PERSON: u8 = 5;
     /// `rein audit verify` found a tampered log.
     pub const TAMPERED: u8 = 6;
+    /// `rein guard scan`: the text is not allowed as it is (flag, fence or block).
+    pub const NOT_ALLOWED: u8 = 1;
 }
 
 /// Bad input from the user: reported as is, exit code 2.
@@ -167,6 +169,36 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Guardrails: scan text with the injection detector the runtime uses.
+    Guard {
+        #[command(subcommand)]
+        command: GuardCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuardCommand {
+    /// Read text on stdin and print the verdict (`allow`, `flag`, `fence` or `block`), the
+    /// score and the matched rules. Exit 0 for allow, 1 otherwise.
+    Scan {
+        /// Where the text would come from; picks the policy.
+        #[arg(long, value_enum, default_value = "user")]
+        source: GuardSource,
+        /// Apply this agent's `guards` (policy and threshold) instead of the defaults.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GuardSource {
+    User,
+    Tool,
+    Document,
 }
 
 #[derive(Subcommand)]
@@ -492,6 +524,15 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             TenantsCommand::Create { name, store } => admin::create_tenant(&name, &store).await,
             TenantsCommand::List { json, store } => admin::list_tenants(json, &store).await,
         },
+        Command::Guard {
+            command:
+                GuardCommand::Scan {
+                    source,
+                    spec,
+                    json,
+                    config,
+                },
+        } => guard_scan(source, spec.as_deref(), json, &config),
         Command::Keys { command } => match command {
             KeysCommand::Create { tenant, store, .. } => {
                 admin::create_key(tenant.as_deref(), &store).await
@@ -576,6 +617,88 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         s.limits.timeout,
     );
     Ok(exit::OK)
+}
+
+/// `rein guard scan`: the runtime's own check (`Guards::check`) on stdin.
+fn guard_scan(
+    source: GuardSource,
+    spec: Option<&Path>,
+    json: bool,
+    config: &ConfigArgs,
+) -> anyhow::Result<u8> {
+    use rein_core::guard::{Guards, Source, Verdict};
+    use std::io::Read as _;
+    let guards = match spec {
+        None => Guards::default(),
+        Some(spec) => {
+            let config = config::load(config.config.as_deref())
+                .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+            let file = spec.display().to_string();
+            parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?
+                .spec
+                .guards
+                .clone()
+        }
+    };
+    let source = match source {
+        GuardSource::User => Source::User,
+        GuardSource::Tool => Source::Tool,
+        GuardSource::Document => Source::Document,
+    };
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow!(BadInput(format!("stdin is not readable UTF-8 text: {e}"))))?;
+    let (verdict, detection) = guards.check(&text, source);
+    // `escalate` keeps the text from the model like `block`; it is shown as `block` with the
+    // action named, so the four verdicts stay the interface.
+    let shown = if verdict == Verdict::Escalate {
+        Verdict::Block
+    } else {
+        verdict
+    };
+    if json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "verdict": shown.as_str(),
+                "escalate": verdict == Verdict::Escalate,
+                "source": source.as_str(),
+                "policy": guards.policy(source).as_str(),
+                "score": detection.score,
+                "threshold": guards.threshold,
+                "rules": detection.rules,
+            })
+        );
+    } else {
+        let action = if verdict == Verdict::Escalate {
+            " (escalate to a person)"
+        } else {
+            ""
+        };
+        say!("verdict: {}{action}", shown.as_str());
+        say!(
+            "score: {} (threshold {}, policy for {}: {})",
+            detection.score,
+            guards.threshold,
+            source.as_str(),
+            guards.policy(source).as_str()
+        );
+        for r in &detection.rules {
+            say!(
+                "rule: {} ({}, in {}): {:?}",
+                r.rule,
+                r.weight,
+                r.view,
+                r.excerpt
+            );
+        }
+    }
+    Ok(if verdict == Verdict::Allow {
+        exit::OK
+    } else {
+        exit::NOT_ALLOWED
+    })
 }
 
 /// The model a spec runs on: the script if one is given, else its provider from the environment.

@@ -75,7 +75,7 @@ fn every_problem_in_a_spec_is_listed_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml")).unwrap();
     let broken = spec
-        .replace("flow: react", "flow: react\nguards: []")
+        .replace("flow: react", "flow: react\nguardrails: []")
         .replace("timeout: 5s", "timeout: soon")
         .replace("pattern: \"^[0-9]+$\"", "pattern: 7")
         .replace("max_iterations: 10", "max_iterations: -1");
@@ -84,7 +84,7 @@ fn every_problem_in_a_spec_is_listed_at_once() {
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
     for needle in [
-        "agent.yaml:8:1: guards: unknown field `guards`",
+        "agent.yaml:8:1: guardrails: unknown field `guardrails`",
         "tools[0].input_schema: invalid JSON Schema",
         "tools[0].contract.timeout: bad duration",
         "limits.max_iterations: -1 is out of range",

@@ -70,6 +70,8 @@ pub struct AgentSpec {
     pub escalation: Escalation,
     /// Multi-turn conversations: runs in one session continue its conversation.
     pub session: Option<SessionPolicy>,
+    /// Injection detection, spotlighting and the data-flow rule.
+    pub guards: crate::guard::Guards,
 }
 
 /// How runs of one session share a conversation.
@@ -463,6 +465,8 @@ pub struct ToolContract {
     pub limits: Vec<MagnitudeRule>,
     /// When this tool's circuit breaker (one per tenant) opens, and for how long.
     pub breaker: crate::breaker::BreakerPolicy,
+    /// Whether its results are untrusted (scanned and fenced), documents, or trusted.
+    pub results: crate::guard::ResultTrust,
 }
 
 /// A bound on the magnitude of one argument: a number's value, an array's length, or a
@@ -584,6 +588,7 @@ impl Default for ToolContract {
             confirm: false,
             limits: Vec::new(),
             breaker: crate::breaker::BreakerPolicy::default(),
+            results: crate::guard::ResultTrust::Untrusted,
         }
     }
 }
@@ -1008,6 +1013,7 @@ impl Parser<'_> {
             "approval",
             "escalation",
             "session",
+            "guards",
         ];
         let f = self.fields(root, "", KNOWN)?;
 
@@ -1103,6 +1109,9 @@ impl Parser<'_> {
             .map_or(Some(Escalation::default()), |n| {
                 self.escalation(n, f.get("output_schema").is_some())
             });
+        let guards = f
+            .get("guards")
+            .map_or(Some(crate::guard::Guards::default()), |n| self.guards(n));
         let scopes = match f.get("scopes") {
             None => Some(Vec::new()),
             Some(n) => self.list(n, "scopes", "a list of scope names", |p, item, path| {
@@ -1150,6 +1159,7 @@ impl Parser<'_> {
                 approval: approval?,
                 escalation: escalation?,
                 session: session?,
+                guards: guards?,
             },
             prices: prices?,
             tool_validators,
@@ -1291,6 +1301,87 @@ impl Parser<'_> {
             return None;
         }
         Some(Escalation { on, min_confidence })
+    }
+
+    /// `guards: {input, tool_results, documents, threshold, spotlight, data_flow, allow_hosts}`.
+    fn guards(&mut self, node: &Node) -> Option<crate::guard::Guards> {
+        use crate::guard::{DataFlow, Guards, Policy};
+        let f = self.fields(
+            node,
+            "guards",
+            &[
+                "input",
+                "tool_results",
+                "documents",
+                "threshold",
+                "spotlight",
+                "data_flow",
+                "allow_hosts",
+            ],
+        )?;
+        let d = Guards::default();
+        let policies: Vec<(&str, Policy)> = Policy::ALL.iter().map(|p| (p.as_str(), *p)).collect();
+        let policy = |p: &mut Self, key: &str, default: Policy| {
+            f.get(key)
+                .map_or(Some(default), |n| p.one_of(n, &f.child(key), &policies))
+        };
+        let input = policy(self, "input", d.input);
+        let tool_results = policy(self, "tool_results", d.tool_results);
+        let documents = policy(self, "documents", d.documents);
+        let threshold = match f.get("threshold") {
+            None => Some(d.threshold),
+            Some(n) => self.number(n, "guards.threshold").and_then(|t| {
+                if t > 0.0 && t <= 1.0 {
+                    Some(t)
+                } else {
+                    self.error(n.pos, "guards.threshold", "must be above 0 and at most 1");
+                    None
+                }
+            }),
+        };
+        let spotlight = f
+            .get("spotlight")
+            .map_or(Some(d.spotlight), |n| self.boolean(n, "guards.spotlight"));
+        let data_flow = f.get("data_flow").map_or(Some(d.data_flow), |n| {
+            self.one_of(
+                n,
+                "guards.data_flow",
+                &[
+                    ("approve", DataFlow::Approve),
+                    ("refuse", DataFlow::Refuse),
+                    ("off", DataFlow::Off),
+                ],
+            )
+        });
+        let allow_hosts = match f.get("allow_hosts") {
+            None => Some(Vec::new()),
+            Some(n) => self.list(
+                n,
+                "guards.allow_hosts",
+                "a list of host names",
+                |p, item, path| {
+                    let host = p.string(item, path)?;
+                    if host.contains('/') || host.contains(':') || host.contains(' ') {
+                        p.error(
+                            item.pos,
+                            path,
+                            format!("`{host}` is not a host name; write e.g. `api.example.com`"),
+                        );
+                        return None;
+                    }
+                    Some(host.to_ascii_lowercase())
+                },
+            ),
+        };
+        Some(Guards {
+            input: input?,
+            tool_results: tool_results?,
+            documents: documents?,
+            threshold: threshold?,
+            spotlight: spotlight?,
+            data_flow: data_flow?,
+            allow_hosts: allow_hosts?,
+        })
     }
 
     /// `approval: {timeout, on_timeout, on_deny}`.
@@ -1791,6 +1882,7 @@ impl Parser<'_> {
                 "confirm",
                 "limits",
                 "breaker",
+                "results",
             ],
         )?;
         let d = ToolContract::default();
@@ -1835,7 +1927,20 @@ impl Parser<'_> {
         let breaker = f
             .get("breaker")
             .map_or(Some(d.breaker), |n| self.breaker(n, &f.child("breaker")));
+        let results = f.get("results").map_or(Some(d.results), |n| {
+            use crate::guard::ResultTrust;
+            self.one_of(
+                n,
+                &f.child("results"),
+                &[
+                    ("untrusted", ResultTrust::Untrusted),
+                    ("document", ResultTrust::Document),
+                    ("trusted", ResultTrust::Trusted),
+                ],
+            )
+        });
         Some(ToolContract {
+            results: results?,
             timeout: timeout?,
             retry: retry?,
             idempotent: idempotent?,
@@ -2417,6 +2522,46 @@ limits:
             text.contains("low_confidence needs `escalation.min_confidence`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn guards_are_read_with_secure_defaults_and_bad_values_are_named() {
+        use crate::guard::{DataFlow, Policy, ResultTrust};
+        let d = check(EXAMPLE).unwrap();
+        assert_eq!(d.spec.guards, crate::guard::Guards::default());
+        assert_eq!(d.spec.guards.tool_results, Policy::Fence);
+        assert_eq!(d.spec.guards.data_flow, DataFlow::Approve);
+        assert!(d.spec.guards.spotlight);
+        assert_eq!(d.spec.tools[0].contract.results, ResultTrust::Untrusted);
+
+        let ok = check(&format!(
+            "{EXAMPLE}guards: {{input: block, documents: escalate, threshold: 0.7, spotlight: false, data_flow: refuse, allow_hosts: [API.Example.com]}}\n"
+        ))
+        .unwrap();
+        let g = &ok.spec.guards;
+        assert_eq!(
+            (g.input, g.documents, g.tool_results),
+            (Policy::Block, Policy::Escalate, Policy::Fence)
+        );
+        assert_eq!(
+            (g.threshold, g.spotlight, g.data_flow),
+            (0.7, false, DataFlow::Refuse)
+        );
+        assert_eq!(g.allow_hosts, vec!["api.example.com".to_string()]);
+
+        let text = check(&format!(
+            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], judge: yes}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "guards.input: `maybe` is not one of: off, flag, fence, block, escalate",
+            "guards.threshold: must be above 0 and at most 1",
+            "guards.allow_hosts[0]: `http://x.example/` is not a host name",
+            "guards.judge: unknown field `judge`",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
     }
 
     #[test]
