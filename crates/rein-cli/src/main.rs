@@ -1081,15 +1081,7 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
             if json {
                 let events: Vec<_> = sealed
                     .iter()
-                    .map(|e| {
-                        serde_json::json!({
-                            "seq": e.seq,
-                            "ts": rein_core::time::format_utc(e.ts_ms),
-                            "kind": e.kind,
-                            "payload": e.payload.as_deref().and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
-                            "hash": e.hash,
-                        })
-                    })
+                    .map(|e| serde_json::json!(views::EventView::of(e)))
                     .collect();
                 let mut out = render::record_json(&record);
                 out["events"] = serde_json::Value::Array(events);

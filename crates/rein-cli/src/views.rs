@@ -174,6 +174,13 @@ pub struct EventView {
     pub hash: String,
 }
 
+/// A recorded payload as it leaves Rein: secrets a model produced on its own (what enters a
+/// run is cleared on the way in) are redacted from every string.
+pub fn served(mut payload: Value) -> Value {
+    rein_core::sanitize::redact_secrets_in_json(&mut payload);
+    payload
+}
+
 impl EventView {
     pub fn of(e: &rein_core::SealedEvent) -> Self {
         EventView {
@@ -183,7 +190,8 @@ impl EventView {
             payload: e
                 .payload
                 .as_deref()
-                .and_then(|p| serde_json::from_str(p).ok()),
+                .and_then(|p| serde_json::from_str(p).ok())
+                .map(served),
             hash: e.hash.clone(),
         }
     }

@@ -13,10 +13,13 @@
 
 use crate::Usd;
 use crate::event::{Event, EventKind};
+use crate::guard::{self, DataFlow, Policy, ResultTrust, Source, Verdict};
 use crate::message::{ChatRequest, Message, Role, ToolCall, ToolDefinition, Usage};
 use crate::run::{RunStatus, TerminationReason};
+use crate::sanitize;
 use crate::spec::{
-    Agent, EscalationTrigger, ModelRef, OnDeny, OnTimeout, RuleAction, StepKind, ToolChoice,
+    Agent, EscalationTrigger, ModelRef, OnDeny, OnTimeout, RuleAction, SideEffects, StepKind,
+    ToolChoice,
 };
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
@@ -115,9 +118,42 @@ pub enum Effect {
     /// Record this event as it is: the engine decided it without outside input (a refused tool
     /// call, an approval request, the end of the run).
     Record(EventKind),
+    /// Run the guard's check on untrusted content and record its verdict
+    /// ([`ContentCheck::verdict`]). The check is pure but costs CPU, so a driver on an async
+    /// runtime runs it off its I/O threads.
+    CheckContent(ContentCheck),
     /// Nothing can happen until a person decides the pending approval (or it times out): the
     /// driver stops, leaving the run `awaiting_approval`.
     AwaitApproval(PendingApproval),
+}
+
+/// Untrusted content (the user's input, a tool's result) to check before the model sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContentCheck {
+    /// The step of the tool call; 0 for the input.
+    pub step: u32,
+    /// Where the content came from.
+    pub source: Source,
+    /// The tool call and tool, for a result.
+    pub call: Option<(String, String)>,
+    /// The text the model would see.
+    pub text: String,
+}
+
+impl ContentCheck {
+    /// The `guard_verdict` to record: `guards`' policy applied to the detector's finding.
+    pub fn verdict(&self, guards: &guard::Guards) -> EventKind {
+        let (verdict, detection) = guards.check(&self.text, self.source);
+        EventKind::GuardVerdict {
+            step: self.step,
+            source: self.source,
+            call_id: self.call.as_ref().map(|(id, _)| id.clone()),
+            tool: self.call.as_ref().map(|(_, tool)| tool.clone()),
+            verdict,
+            score: detection.score,
+            rules: detection.rule_names(),
+        }
+    }
 }
 
 /// A tool call held for a person's decision.
@@ -252,6 +288,16 @@ pub struct Engine {
     output: Option<Value>,
     /// A gateway call: one model call on the caller's conversation, whose answer is the output.
     chat: Option<Chat>,
+    /// The run's spotlighting boundary (from `run_started`), when the spec fences content.
+    fence: Option<String>,
+    /// Untrusted content waiting for its guard verdict before the model may see it.
+    unchecked: Option<ContentCheck>,
+    /// The user's input as the model sees it (fenced when the guard said so).
+    input_message: String,
+    /// Where untrusted content first entered the run, for the data-flow rule.
+    tainted: Option<String>,
+    /// The final answer's sanitisation is recorded (`output_sanitized`) or found nothing.
+    output_checked: bool,
 }
 
 /// A conservative token estimate for text when no tokenizer is known: see
@@ -338,6 +384,11 @@ impl Engine {
             finished: None,
             output: None,
             chat: None,
+            fence: None,
+            unchecked: None,
+            input_message: String::new(),
+            tainted: None,
+            output_checked: false,
         }
     }
 
@@ -528,14 +579,60 @@ impl Engine {
     fn begin_conversation(&mut self, context: impl IntoIterator<Item = Message>) {
         self.messages.clear();
         self.message_tokens = 0;
-        self.push_message(Message::text(
-            Role::System,
-            self.agent.spec.instructions.clone(),
-        ));
+        let mut instructions = self.agent.spec.instructions.clone();
+        if let Some(boundary) = &self.fence {
+            instructions.push_str(&guard::fence_instructions(boundary));
+        }
+        self.push_message(Message::text(Role::System, instructions));
         for m in context {
             self.push_message(m);
         }
-        self.push_message(Message::text(Role::User, self.input.clone()));
+        self.push_message(Message::text(Role::User, self.input_message.clone()));
+    }
+
+    /// Releases content a guard has judged: to the model as it is, fenced, or not at all.
+    fn release(&mut self, unchecked: ContentCheck, verdict: Verdict, rules: &[String]) {
+        // Spotlighting fences everything tools and documents bring; a `fence` verdict fences
+        // (with a warning) whatever it judged, the user's input included.
+        let warning = (verdict == Verdict::Fence).then_some(rules);
+        let spotlit = self.agent.spec.guards.spotlight && unchecked.source != Source::User;
+        let text = match (verdict, &self.fence) {
+            (Verdict::Block | Verdict::Escalate, _) => format!(
+                "[Rein withheld this content: the injection guard found instructions in it ({}).]",
+                rules.join(", ")
+            ),
+            (_, Some(boundary)) if spotlit || warning.is_some() => {
+                guard::fence(boundary, unchecked.origin(), &unchecked.text, warning)
+            }
+            _ => unchecked.text.clone(),
+        };
+        match &unchecked.call {
+            Some((call_id, _)) => self.push_message(Message {
+                role: Role::Tool,
+                content: Some(text),
+                tool_calls: Vec::new(),
+                tool_call_id: Some(call_id.clone()),
+            }),
+            None => {
+                // The user's input is the last message of the conversation begun at the start.
+                self.input_message = text;
+                if !self.summarizing
+                    && let Some(last) = self.messages.pop()
+                {
+                    self.message_tokens = self
+                        .message_tokens
+                        .saturating_sub(message_tokens(self.counter, &last));
+                    self.push_message(Message::text(Role::User, self.input_message.clone()));
+                }
+            }
+        }
+        if unchecked.source == Source::User {
+            if verdict != Verdict::Allow && self.tainted.is_none() {
+                self.tainted = Some("the user's input, which the injection guard flagged".into());
+            }
+        } else if self.tainted.is_none() {
+            self.tainted = Some(unchecked.origin());
+        }
     }
 
     fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
@@ -560,16 +657,109 @@ impl Engine {
             (_, None) => return Err(ReplayError::BadStart { seq }),
             _ => {}
         }
+        if self.unchecked.is_some()
+            && matches!(
+                event.kind,
+                EventKind::ModelRequested { .. }
+                    | EventKind::BudgetReserved { .. }
+                    | EventKind::RateLimited { .. }
+                    | EventKind::ToolRequested { .. }
+                    | EventKind::ToolResult { .. }
+                    | EventKind::ApprovalRequested { .. }
+                    | EventKind::RunFinished { .. }
+            )
+            && let Some(unchecked) = self.unchecked.take()
+        {
+            // A log written before guards checked content: it went to the model unchecked.
+            self.release(unchecked, Verdict::Allow, &[]);
+        }
         match &event.kind {
             EventKind::RunStarted {
                 input,
                 granted_scopes,
+                fence,
                 ..
             } => {
                 self.started_ms = Some(event.ts_ms);
                 self.granted_scopes = granted_scopes.clone();
                 self.input = input.clone();
+                self.input_message = input.clone();
+                let spec = &self.agent.spec;
+                self.fence = fence.clone().filter(|_| spec.guards.fences(&spec.tools));
                 self.begin_conversation([]);
+                if self.agent.spec.guards.input != Policy::Off {
+                    self.unchecked = Some(ContentCheck {
+                        source: Source::User,
+                        step: 0,
+                        call: None,
+                        text: input.clone(),
+                    });
+                }
+            }
+            EventKind::OutputSanitized { findings, blocked } => {
+                self.output_checked = true;
+                let completed = self
+                    .finish
+                    .as_ref()
+                    .is_some_and(|f| f.reason == TerminationReason::Completed);
+                if completed && *blocked {
+                    let kinds: Vec<&str> = findings
+                        .iter()
+                        .filter(|f| f.action == sanitize::Action::Block)
+                        .map(|f| f.kind.as_str())
+                        .collect();
+                    self.finish = Some(Finish {
+                        reason: TerminationReason::GuardrailBlocked,
+                        detail: Some(format!(
+                            "the answer was withheld: it contained {} (guards.output)",
+                            kinds.join(", ")
+                        )),
+                        output: None,
+                    });
+                } else if completed
+                    && let Some(output) = self.finish.as_ref().and_then(|f| f.output.clone())
+                {
+                    let (clean, _) = self.sanitized(&output);
+                    if let Some(finish) = self.finish.as_mut() {
+                        finish.output = Some(clean);
+                    }
+                }
+            }
+            EventKind::GuardVerdict {
+                step,
+                call_id,
+                verdict,
+                score,
+                rules,
+                ..
+            } => {
+                let Some(unchecked) = self.unchecked.take() else {
+                    return Ok(());
+                };
+                if unchecked.step != *step
+                    || unchecked.call.as_ref().map(|(id, _)| id) != call_id.as_ref()
+                {
+                    // A verdict on something else: keep waiting for the held content's own.
+                    self.unchecked = Some(unchecked);
+                    return Ok(());
+                }
+                let origin = unchecked.origin();
+                self.release(unchecked, *verdict, rules);
+                let why = format!(
+                    "{origin} carried a prompt injection (score {score}; rules: {})",
+                    rules.join(", ")
+                );
+                match verdict {
+                    Verdict::Block => self.finish_with(
+                        TerminationReason::GuardrailBlocked,
+                        format!("{why}; the guard's policy is to block it"),
+                    ),
+                    Verdict::Escalate if self.finish.is_none() => {
+                        let pending = self.pending_action();
+                        self.finish = Some(self.escalation("guardrail", &why, pending));
+                    }
+                    _ => {}
+                }
             }
             EventKind::SessionContext {
                 messages,
@@ -731,7 +921,10 @@ impl Engine {
                 temperature,
                 tool_choice,
             }) => {
-                // The caller's conversation replaces the spec's instructions and input.
+                // The caller's conversation replaces the spec's instructions and input: the
+                // caller owns it, so it is neither scanned nor fenced here.
+                self.unchecked = None;
+                self.fence = None;
                 self.fixed_tokens = tool_tokens(self.counter, tools);
                 self.tool_definitions = tools.clone();
                 self.messages.clear();
@@ -756,6 +949,7 @@ impl Engine {
                 call_id,
                 tool: tool_name,
                 result,
+                attempts,
                 ..
             } => {
                 self.step = self.step.max(*step);
@@ -783,12 +977,35 @@ impl Engine {
                         .entry(call_signature(&call))
                         .or_default() += 1;
                 }
-                self.push_message(Message {
-                    role: Role::Tool,
-                    content: Some(result.to_model_text()),
-                    tool_calls: Vec::new(),
-                    tool_call_id: Some(call_id.clone()),
+                // A result the tool itself returned (attempts > 0; refusals are Rein's own
+                // words) is untrusted unless the contract vouches for it.
+                let trust = self
+                    .agent
+                    .tool(tool_name)
+                    .map_or(ResultTrust::Trusted, |(t, _)| t.contract.results);
+                let source = match trust {
+                    ResultTrust::Document => Some(Source::Document),
+                    ResultTrust::Untrusted => Some(Source::Tool),
+                    ResultTrust::Trusted => None,
+                };
+                let unchecked = source.filter(|_| *attempts > 0).map(|source| ContentCheck {
+                    source,
+                    step: *step,
+                    call: Some((call_id.clone(), tool_name.clone())),
+                    text: result.to_model_text(),
                 });
+                match unchecked {
+                    Some(u) if self.agent.spec.guards.policy(u.source) != Policy::Off => {
+                        self.unchecked = Some(u);
+                    }
+                    Some(u) => self.release(u, Verdict::Allow, &[]),
+                    None => self.push_message(Message {
+                        role: Role::Tool,
+                        content: Some(result.to_model_text()),
+                        tool_calls: Vec::new(),
+                        tool_call_id: Some(call_id.clone()),
+                    }),
+                }
                 self.judge_progress(tool_name, result);
                 if !result.is_success() && self.past_deadline(event.ts_ms) {
                     let detail = format!(
@@ -1079,12 +1296,21 @@ impl Engine {
             return None;
         }
         self.started_ms?;
+        if let Some((findings, blocked)) = self.answer_findings() {
+            return Some(Effect::Record(EventKind::OutputSanitized {
+                findings,
+                blocked,
+            }));
+        }
         if let Some(finish) = &self.finish {
             return Some(self.finish_effect(
                 finish.reason,
                 finish.detail.clone(),
                 finish.output.clone(),
             ));
+        }
+        if let Some(check) = &self.unchecked {
+            return Some(Effect::CheckContent(check.clone()));
         }
         if let Some(pending) = self.pending_approval() {
             // The run's clock is stopped while it waits; only the approval's own timeout runs.
@@ -1141,6 +1367,37 @@ impl Engine {
             return Some(self.tool_effect(call, now_ms));
         }
         Some(self.model_effect())
+    }
+
+    /// What sanitising the final answer about to be returned finds, while it is not yet
+    /// recorded; `None` when there is no such answer or nothing to report.
+    fn answer_findings(&self) -> Option<(Vec<sanitize::Finding>, bool)> {
+        let finish = self.finish.as_ref()?;
+        if self.output_checked
+            || self.chat.is_some()
+            || finish.reason != TerminationReason::Completed
+        {
+            return None;
+        }
+        let (_, findings) = self.sanitized(finish.output.as_ref()?);
+        let blocked = findings.iter().any(|f| f.action == sanitize::Action::Block);
+        (!findings.is_empty()).then_some((findings, blocked))
+    }
+
+    /// An answer (text, or the strings of a JSON answer) sanitised by the spec's policy.
+    fn sanitized(&self, answer: &Value) -> (Value, Vec<sanitize::Finding>) {
+        let policy = &self.agent.spec.guards.output;
+        let instructions = &self.agent.spec.instructions;
+        let mut findings: Vec<sanitize::Finding> = Vec::new();
+        let mut out = answer.clone();
+        sanitize::walk_strings(&mut out, &mut |s| {
+            let clean = sanitize::sanitize(s, policy, instructions);
+            if !clean.findings.is_empty() {
+                *s = clean.text;
+                sanitize::merge(&mut findings, clean.findings);
+            }
+        });
+        (out, findings)
     }
 
     fn finish_effect(
@@ -1357,6 +1614,26 @@ impl Engine {
                 call.name
             ));
         }
+        let guards = &self.agent.spec.guards;
+        let data_flow = self.tainted.as_ref().filter(|_| {
+            tool.contract.side_effects == SideEffects::External
+                && guards.data_flow != DataFlow::Off
+                && !guards.allows_host_of(&tool.source)
+        });
+        let data_flow = data_flow.map(|taint| {
+            format!(
+                "data flow: `{}` acts outside (side_effects: external) after untrusted content entered the run ({taint})",
+                call.name
+            )
+        });
+        if let Some(why) = &data_flow
+            && guards.data_flow == DataFlow::Refuse
+        {
+            return refuse(format!(
+                "the call to `{}` was refused: {why}; do not try to send data out",
+                call.name
+            ));
+        }
         let needs_approval = if tool.contract.confirm {
             Some(format!(
                 "every call to `{}` needs a person's approval (confirm: true)",
@@ -1369,6 +1646,7 @@ impl Engine {
                 .filter(|rule| rule.action == RuleAction::Approve)
                 .find_map(|rule| rule.violation(&arguments))
                 .map(|v| format!("{v}, which needs a person's approval"))
+                .or(data_flow.map(|why| format!("{why}, which needs a person's approval")))
         };
         if let Some(reason) = needs_approval {
             match self.approvals.get(&step) {
@@ -1453,6 +1731,16 @@ impl Engine {
                 latency_ms: 0,
                 attempts: 0,
             }),
+        }
+    }
+}
+
+impl ContentCheck {
+    /// Where the content came from, for a person: `the user's input`, or the tool and step.
+    fn origin(&self) -> String {
+        match &self.call {
+            Some((_, tool)) => format!("the result of `{tool}` (step {})", self.step),
+            None => "the user's input".into(),
         }
     }
 }

@@ -45,6 +45,10 @@ pub enum EventKind {
         /// The W3C `traceparent` the caller sent: the run's trace continues the caller's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trace_parent: Option<String>,
+        /// The run's random spotlighting boundary: untrusted content reaches the model between
+        /// markers carrying it, which text from outside cannot forge.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fence: Option<String>,
     },
     /// The conversation this run continues: the earlier turns of its session (recorded with
     /// `run_started`, so a resumed run begins from the same place). With `summarize`, the
@@ -234,6 +238,34 @@ pub enum EventKind {
         /// Attempts made (0 when refused).
         attempts: u32,
     },
+    /// A guard checked untrusted content (the user's input, or a tool's result) before the
+    /// model saw it.
+    GuardVerdict {
+        /// The step of the tool call whose result was checked; 0 for the user's input.
+        step: u32,
+        /// Where the content came from.
+        source: crate::guard::Source,
+        /// The tool call whose result was checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_id: Option<String>,
+        /// The tool.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+        /// What the policy made of the detector's finding.
+        verdict: crate::guard::Verdict,
+        /// The detector's score.
+        score: f64,
+        /// The rules that matched.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rules: Vec<String>,
+    },
+    /// The final answer was sanitised before it left Rein: what was found and done.
+    OutputSanitized {
+        /// What was found, by kind, and what was done with it.
+        findings: Vec<crate::sanitize::Finding>,
+        /// Whether the answer was withheld (the run ends `guardrail_blocked`).
+        blocked: bool,
+    },
     /// A tool call waits for a person's approval; the run is `awaiting_approval` until an
     /// `approval_decided` for the same call.
     ApprovalRequested {
@@ -292,6 +324,8 @@ impl EventKind {
             EventKind::SessionContext { .. } => "session_context",
             EventKind::ChatRequest(_) => "chat_request",
             EventKind::RunClaimed { .. } => "run_claimed",
+            EventKind::GuardVerdict { .. } => "guard_verdict",
+            EventKind::OutputSanitized { .. } => "output_sanitized",
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",

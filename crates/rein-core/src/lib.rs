@@ -20,6 +20,7 @@ pub mod money;
 pub mod price;
 pub mod rate;
 pub mod run;
+pub mod sanitize;
 pub mod spans;
 pub mod spec;
 pub mod time;
@@ -28,7 +29,9 @@ pub mod tool;
 pub mod yaml;
 
 pub use duration::parse_duration;
-pub use engine::{Effect, Engine, ModelCall, ReplayError, ToolInvocation, estimate_tokens};
+pub use engine::{
+    ContentCheck, Effect, Engine, ModelCall, ReplayError, ToolInvocation, estimate_tokens,
+};
 pub use event::{
     ChainBreak, Event, EventKind, GENESIS_HASH, LogSummary, SealedEvent, verify_chain,
 };

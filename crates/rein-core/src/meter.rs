@@ -524,6 +524,7 @@ mod tests {
                     job: None,
                     granted_scopes: Vec::new(),
                     trace_parent: None,
+                    fence: None,
                 },
             ),
             at(1_001, requested(1, StepKind::Plan)),

@@ -1317,6 +1317,7 @@ impl Parser<'_> {
                 "spotlight",
                 "data_flow",
                 "allow_hosts",
+                "output",
             ],
         )?;
         let d = Guards::default();
@@ -1373,7 +1374,11 @@ impl Parser<'_> {
                 },
             ),
         };
+        let output = f
+            .get("output")
+            .map_or(Some(d.output.clone()), |n| self.output_policy(n));
         Some(Guards {
+            output: output?,
             input: input?,
             tool_results: tool_results?,
             documents: documents?,
@@ -1381,6 +1386,77 @@ impl Parser<'_> {
             spotlight: spotlight?,
             data_flow: data_flow?,
             allow_hosts: allow_hosts?,
+        })
+    }
+
+    /// `guards.output: {secrets, pii, pii_action, internal_urls, stack_traces, prompt_leak,
+    /// prompt_leak_threshold}`.
+    fn output_policy(&mut self, node: &Node) -> Option<crate::sanitize::OutputPolicy> {
+        use crate::sanitize::{Action, OutputPolicy, Pii};
+        let f = self.fields(
+            node,
+            "guards.output",
+            &[
+                "secrets",
+                "pii",
+                "pii_action",
+                "internal_urls",
+                "stack_traces",
+                "prompt_leak",
+                "prompt_leak_threshold",
+            ],
+        )?;
+        let d = OutputPolicy::default();
+        let actions = [
+            ("off", Action::Off),
+            ("redact", Action::Redact),
+            ("block", Action::Block),
+        ];
+        let action = |p: &mut Self, key: &str, default: Action| {
+            f.get(key)
+                .map_or(Some(default), |n| p.one_of(n, &f.child(key), &actions))
+        };
+        let secrets = action(self, "secrets", d.secrets);
+        let pii_action = action(self, "pii_action", d.pii_action);
+        let internal_urls = action(self, "internal_urls", d.internal_urls);
+        let stack_traces = action(self, "stack_traces", d.stack_traces);
+        let prompt_leak = action(self, "prompt_leak", d.prompt_leak);
+        let pii = match f.get("pii") {
+            None => Some(d.pii.clone()),
+            Some(n) => self
+                .list(
+                    n,
+                    "guards.output.pii",
+                    "a list of detectors",
+                    |p, item, path| p.one_of(item, path, &Pii::ALL),
+                )
+                .map(|v| v.into_iter().collect()),
+        };
+        let prompt_leak_threshold = match f.get("prompt_leak_threshold") {
+            None => Some(d.prompt_leak_threshold),
+            Some(n) => self
+                .number(n, "guards.output.prompt_leak_threshold")
+                .and_then(|t| {
+                    if t > 0.0 && t <= 1.0 {
+                        Some(t)
+                    } else {
+                        self.error(
+                            n.pos,
+                            "guards.output.prompt_leak_threshold",
+                            "must be above 0 and at most 1",
+                        );
+                        None
+                    }
+                }),
+        };
+        Some(OutputPolicy {
+            secrets: secrets?,
+            pii: pii?,
+            pii_action: pii_action?,
+            internal_urls: internal_urls?,
+            stack_traces: stack_traces?,
+            prompt_leak: prompt_leak?,
+            prompt_leak_threshold: prompt_leak_threshold?,
         })
     }
 
@@ -2562,6 +2638,39 @@ limits:
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
+
+        use crate::sanitize::{Action, Pii};
+        let out = check(&format!(
+            "{EXAMPLE}guards: {{output: {{secrets: block, pii: [email, card], pii_action: block, internal_urls: off, prompt_leak_threshold: 0.8}}}}\n"
+        ))
+        .unwrap()
+        .spec
+        .guards
+        .output;
+        assert_eq!(
+            (out.secrets, out.pii_action, out.internal_urls),
+            (Action::Block, Action::Block, Action::Off)
+        );
+        assert_eq!(
+            out.pii.into_iter().collect::<Vec<_>>(),
+            vec![Pii::Email, Pii::Card]
+        );
+        assert_eq!(out.prompt_leak_threshold, 0.8);
+        let text = check(&format!(
+            "{EXAMPLE}guards: {{output: {{pii: [ssn], stack_traces: hide}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains(
+                "guards.output.pii[0]: `ssn` is not one of: email, phone, card, national_id"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("guards.output.stack_traces: `hide` is not one of: off, redact, block"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -177,6 +177,15 @@ const QUEUE_LEASE_MS: i64 = 2_000;
 
 /// How long a run's slot is held before it expires (its holder is then certainly gone): the
 /// run's wall-clock limit plus a grace period.
+/// A run's spotlighting boundary: 64 random bits from the operating system, so content from
+/// outside cannot guess it and close its fence early. `None` only if the system has no
+/// randomness to give (the run is then fenced by the guard's verdicts alone).
+fn fence_boundary() -> Option<String> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(rein_core::event::hex(&bytes))
+}
+
 fn run_lease_ms(agent: &Agent) -> i64 {
     i64::try_from(agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX / 2)
         + RESERVATION_GRACE_MS
@@ -310,6 +319,8 @@ pub fn now_ms() -> i64 {
 impl Runtime {
     /// A runtime over a store and a toolbox.
     pub fn new(store: Arc<dyn Store>, tools: ToolBox) -> Self {
+        // The guards' patterns are compiled now, once, not by the first run that needs them.
+        rein_core::guard::warm();
         let counters: Arc<dyn Counters> = store.clone();
         Runtime {
             breakers: Arc::new(breakers::Breakers::new(
@@ -823,13 +834,23 @@ impl Runtime {
             agent: spec.name.clone(),
             agent_version: spec.version,
             spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
-            input: request.input,
+            // A secret pasted into the input is kept out of the log and the model's view alike.
+            input: if spec.guards.output.secrets == rein_core::sanitize::Action::Off {
+                request.input
+            } else {
+                rein_core::sanitize::redact_secrets(&request.input).0
+            },
             tenant: request.tenant,
             user: request.user,
             session: request.session,
             job: request.job,
             granted_scopes: request.granted_scopes,
             trace_parent: request.trace_parent,
+            fence: spec
+                .guards
+                .fences(&spec.tools)
+                .then(fence_boundary)
+                .flatten(),
         })
         .chain(context)
         .chain(request.chat.map(EventKind::ChatRequest))
@@ -1150,6 +1171,21 @@ impl Driver<'_> {
                     break;
                 }
                 Effect::Record(kind) => {
+                    self.record(kind).await?;
+                    carried += started.elapsed();
+                    continue;
+                }
+                Effect::CheckContent(check) => {
+                    let agent = self.engine.agent().clone();
+                    let off_thread = check.clone();
+                    let verdict =
+                        tokio::task::spawn_blocking(move || off_thread.verdict(&agent.spec.guards))
+                            .await;
+                    let kind = match verdict {
+                        Ok(kind) => kind,
+                        // The blocking pool is gone (shutdown): check here instead.
+                        Err(_) => check.verdict(&self.engine.agent().spec.guards),
+                    };
                     self.record(kind).await?;
                     carried += started.elapsed();
                     continue;
@@ -1807,6 +1843,11 @@ impl Driver<'_> {
         )
         .await;
         let mut result = outcome.output;
+        // Secrets a tool returns are removed before anything records or reads them: the model
+        // cannot repeat what it never saw, and the log keeps none.
+        if self.engine.agent().spec.guards.output.secrets != rein_core::sanitize::Action::Off {
+            rein_core::sanitize::redact_secrets_in_result(&mut result);
+        }
         // The model must not be told a failed call is safe to repeat when the contract says
         // repeating it could do its side effect twice.
         if !contract.may_retry() {

@@ -378,10 +378,12 @@ async fn the_recorded_log_verifies_and_replays_to_the_same_outcome() {
         kinds,
         [
             "run_started",
+            "guard_verdict",
             "model_requested",
             "model_responded",
             "tool_requested",
             "tool_result",
+            "guard_verdict",
             "model_requested",
             "model_responded",
             "run_finished"
@@ -1311,7 +1313,13 @@ async fn an_anthropic_agent_runs_over_the_messages_api_with_its_prefix_cached_an
     let (first, key) = &requests[0];
     assert_eq!(key.as_deref(), Some("sk-ant-test"), "sent as x-api-key");
     assert_eq!(first["model"], "claude-haiku-4-5");
-    assert_eq!(first["system"][0]["text"], "Use the tool.");
+    let system = first["system"][0]["text"].as_str().unwrap();
+    assert!(
+        system.starts_with(
+            "Use the tool.\n\nSome content in this conversation comes from outside it"
+        ),
+        "the instructions, then what the run's fence means: {system}"
+    );
     assert_eq!(first["system"][0]["cache_control"]["type"], "ephemeral");
     let tools = first["tools"].as_array().unwrap();
     assert!(
@@ -1712,12 +1720,18 @@ session: {ttl: 400ms}
         let client = client.clone();
         async move { runtime.run(request, &client).await.unwrap() }
     };
+    // Each message's text; the instructions without the fence's explanation (the agent has a
+    // tool, so its runs fence what tools bring).
     let contents = |body: &serde_json::Value| -> Vec<String> {
         body["messages"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| m["content"].as_str().unwrap_or("").to_string())
+            .map(|m| {
+                let text = m["content"].as_str().unwrap_or("");
+                let own = text.split("\n\nSome content in this conversation comes from outside");
+                own.into_iter().next().unwrap_or("").to_string()
+            })
             .collect()
     };
 

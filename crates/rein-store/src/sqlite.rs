@@ -755,6 +755,7 @@ mod tests {
                 job: None,
                 granted_scopes: Vec::new(),
                 trace_parent: None,
+                fence: None,
             },
         }
     }

@@ -89,6 +89,7 @@ fn started(tenant: &str) -> EventKind {
         job: None,
         granted_scopes: Vec::new(),
         trace_parent: None,
+        fence: None,
     }
 }
 

@@ -74,6 +74,7 @@ model:
   primary: {primary}
   fallbacks: {fallbacks}
   max_output_tokens: {max_output}
+guards: {{input: off, tool_results: off, documents: off, spotlight: false, data_flow: off}}
 limits:
   max_iterations: 1
   max_total_tokens: 100000000

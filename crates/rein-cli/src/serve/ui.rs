@@ -273,6 +273,7 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                 kind: e.kind.name(),
                 summary,
                 payload: serde_json::to_value(&e.kind)
+                    .map(crate::views::served)
                     .and_then(|v| serde_json::to_string_pretty(&v))
                     .unwrap_or_default(),
             }

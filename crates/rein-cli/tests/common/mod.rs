@@ -24,7 +24,9 @@ pub fn rein(dir: &Path, args: &[&str]) -> Output {
 }
 
 /// An agent whose one tool, `pay`, makes a payment at the tool service `url`, which takes
-/// `apply_ms` to apply it once per idempotency key.
+/// `apply_ms` to apply it once per idempotency key. Its receipts come from the operator's own
+/// service, so they are `results: trusted` (else the data-flow guard would hold every payment
+/// after the first for approval).
 pub fn payer_spec(url: &str, apply_ms: u32, max_iterations: u32) -> String {
     format!(
         r#"
@@ -37,7 +39,7 @@ tools:
     description: Makes a payment.
     input_schema: {{type: object, properties: {{n: {{type: integer}}}}, required: [n]}}
     source: {{http: {{url: "{url}/apply?ms={apply_ms}", method: POST}}}}
-    contract: {{timeout: 5s, side_effects: external}}
+    contract: {{timeout: 5s, side_effects: external, results: trusted}}
 limits: {{max_iterations: {max_iterations}, max_total_tokens: 20000, max_cost_usd: 0.10}}
 "#
     )
@@ -164,10 +166,7 @@ pub fn set_up_by_scripts_test(var: &str) -> Option<String> {
 pub fn held_spec(name: &str, url: &str, apply_ms: u32, max_iterations: u32) -> String {
     payer_spec(url, apply_ms, max_iterations)
         .replace("name: payer", &format!("name: {name}"))
-        .replace(
-            "side_effects: external}",
-            "side_effects: external, confirm: true}",
-        )
+        .replace("results: trusted}", "results: trusted, confirm: true}")
 }
 
 /// Registers the `payer` agent and its held twin `held` for `key`'s tenant, and runs each
