@@ -234,6 +234,46 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     "REJECTED: over the limit".to_string()
                 },
             ]),
+            // The guards: content they found instructions in, and what answers lost.
+            EventKind::GuardVerdict {
+                step,
+                source,
+                tool,
+                verdict,
+                score,
+                rules,
+                ..
+            } if *verdict != rein_core::guard::Verdict::Allow => rows.push([
+                format!("#{step} guard"),
+                tool.clone().unwrap_or_else(|| source.as_str().to_string()),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "{} (score {score}): {}",
+                    verdict.as_str().to_uppercase(),
+                    short(&rules.join(", "), 60)
+                ),
+            ]),
+            EventKind::OutputSanitized { findings, blocked } => rows.push([
+                "   output".into(),
+                "answer".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "{}: {}",
+                    if *blocked { "WITHHELD" } else { "redacted" },
+                    short(
+                        &findings
+                            .iter()
+                            .map(|f| format!("{} x{}", f.kind, f.count))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        60
+                    )
+                ),
+            ]),
             _ => {}
         }
     }

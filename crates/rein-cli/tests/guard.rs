@@ -323,6 +323,36 @@ async fn an_injected_ticket_cannot_email_the_customer_list_out_and_its_secret_le
         ],
     );
     seen.push(("rein runs show --json".into(), shown));
+    let tree = common::rein_ok(
+        dir.path(),
+        &[
+            "runs", "show", &run_id, "--tenant", "acme", "--db", "rein.db",
+        ],
+    );
+    assert!(
+        tree.contains("#2 guard") && tree.contains("FENCE (score"),
+        "{tree}"
+    );
+    assert!(tree.contains("redacted: secret.openai_key x1"), "{tree}");
+    seen.push(("rein runs show".into(), tree));
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let checks = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("rein_guard_checks_total{")
+                && l.contains(r#"source="tool""#)
+                && l.contains(r#"verdict="fence""#)
+        })
+        .unwrap_or_else(|| panic!("no fenced tool check in:\n{metrics}"));
+    assert!(checks.ends_with(" 1"), "{checks}");
+    seen.push(("/metrics".into(), metrics));
     for (i, (body, _)) in model.requests().iter().enumerate() {
         seen.push((format!("model request {i}"), body.to_string()));
     }

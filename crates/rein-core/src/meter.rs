@@ -110,6 +110,14 @@ pub const METRICS: &[(&str, &str)] = &[
         "rein_approvals_decided_total",
         "Approval decisions, by tenant, agent, tool and decision (approved or denied).",
     ),
+    (
+        "rein_guard_checks_total",
+        "Untrusted content the injection guard checked, by tenant, agent, source (user, tool, document) and verdict (allow, flag, fence, block, escalate).",
+    ),
+    (
+        "rein_output_redactions_total",
+        "Things found in final answers by the output sanitiser, by tenant, agent, kind (secret.*, pii.*, internal_url, stack_trace, prompt_leak) and action (redact, block).",
+    ),
     ("rein_run_steps", "Model steps per ended run, by agent."),
     (
         "rein_run_duration_seconds",
@@ -394,6 +402,33 @@ impl RunMeter {
                 }
                 out
             }
+            EventKind::GuardVerdict {
+                source, verdict, ..
+            } => vec![count(
+                "rein_guard_checks_total",
+                vec![
+                    tenant(),
+                    agent(),
+                    ("source", source.as_str().into()),
+                    ("verdict", verdict.as_str().into()),
+                ],
+                1,
+            )],
+            EventKind::OutputSanitized { findings, .. } => findings
+                .iter()
+                .map(|f| {
+                    count(
+                        "rein_output_redactions_total",
+                        vec![
+                            tenant(),
+                            agent(),
+                            ("kind", f.kind.clone()),
+                            ("action", f.action.as_str().into()),
+                        ],
+                        u64::from(f.count),
+                    )
+                })
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -640,6 +675,52 @@ mod tests {
 
     /// A resumed run's meter folds the events measured before the crash without counting
     /// them again, and still ends the run with its whole story (steps, cost, duration).
+    #[test]
+    fn guard_verdicts_and_output_findings_are_counted_by_source_verdict_and_kind() {
+        use crate::guard::{Source, Verdict};
+        use crate::sanitize::{Action, Finding};
+        let mut meter = RunMeter::new("acme", "support");
+        let verdict = |source, verdict| EventKind::GuardVerdict {
+            step: 2,
+            source,
+            call_id: None,
+            tool: None,
+            verdict,
+            score: 0.9,
+            rules: vec![],
+        };
+        let measures: Vec<Measure> = [
+            verdict(Source::User, Verdict::Allow),
+            verdict(Source::Tool, Verdict::Fence),
+            verdict(Source::Tool, Verdict::Fence),
+            EventKind::OutputSanitized {
+                findings: vec![Finding {
+                    kind: "pii.card".into(),
+                    count: 2,
+                    action: Action::Redact,
+                }],
+                blocked: false,
+            },
+        ]
+        .into_iter()
+        .flat_map(|k| meter.observe(&at(1_000, k)))
+        .collect();
+        let checks = |source: &str, verdict: &str| {
+            count_of(
+                &measures,
+                "rein_guard_checks_total",
+                &[("tenant", "acme"), ("source", source), ("verdict", verdict)],
+            )
+        };
+        assert_eq!((checks("user", "allow"), checks("tool", "fence")), (1, 2));
+        assert_eq!(checks("tool", "block"), 0);
+        let found = [("kind", "pii.card"), ("action", "redact")];
+        assert_eq!(
+            count_of(&measures, "rein_output_redactions_total", &found),
+            2
+        );
+    }
+
     #[test]
     fn a_resumed_run_counts_only_what_follows_its_replayed_log() {
         let events = run();

@@ -267,7 +267,10 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
     let mut tools: HashMap<String, Span> = HashMap::new();
     let mut approvals: HashMap<u32, Span> = HashMap::new();
     let (mut input, mut output, mut cost) = (0u64, 0u64, Usd::ZERO);
+    // A guard check runs between the event that brought the content and its verdict.
+    let mut previous_ms = 0;
     for event in events {
+        let since = std::mem::replace(&mut previous_ms, event.ts_ms);
         match &event.kind {
             EventKind::RunStarted {
                 agent,
@@ -457,6 +460,35 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                         .push(("rein.retry_safe", Value::Bool(result.retry_safe)));
                     span.status =
                         Status::Error(result.message.clone().unwrap_or_else(|| "failed".into()));
+                }
+                done.push(span);
+            }
+            EventKind::GuardVerdict {
+                step,
+                source,
+                tool,
+                verdict,
+                score,
+                rules,
+                ..
+            } => {
+                let what = tool.as_deref().unwrap_or(source.as_str());
+                let mut span = child(
+                    format!("guard:{step}:{what}"),
+                    format!("guard {what}"),
+                    Kind::Internal,
+                    since.min(event.ts_ms),
+                );
+                span.end_ms = event.ts_ms;
+                span.attributes.extend([
+                    ("rein.step", int(*step)),
+                    ("rein.guard.source", text(source.as_str())),
+                    ("rein.guard.verdict", text(verdict.as_str())),
+                    ("rein.guard.score", Value::Float(*score)),
+                    ("rein.guard.rules", Value::StrList(rules.clone())),
+                ]);
+                if verdict.stops() {
+                    span.status = Status::Error(format!("content withheld: {}", rules.join(", ")));
                 }
                 done.push(span);
             }
@@ -687,6 +719,47 @@ mod tests {
         assert_eq!(super::spans(&run, &log()), spans);
         let ids: std::collections::HashSet<_> = spans.iter().map(|s| s.span_id).collect();
         assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn each_guard_check_is_a_span_from_the_content_to_its_verdict() {
+        use crate::guard::{Source, Verdict};
+        let run = RunId::new("01a21b07-cfd1-7493-b4d2-9d944ba6fece");
+        let mut events = log();
+        let tool_result = events
+            .iter()
+            .position(|e| matches!(e.kind, EventKind::ToolResult { .. }))
+            .unwrap();
+        let arrived = events[tool_result].ts_ms;
+        events.insert(
+            tool_result + 1,
+            at(
+                arrived + 3,
+                EventKind::GuardVerdict {
+                    step: 2,
+                    source: Source::Tool,
+                    call_id: Some("c1".into()),
+                    tool: Some("lookup".into()),
+                    verdict: Verdict::Block,
+                    score: 0.8,
+                    rules: vec!["override.ignore_previous".into()],
+                },
+            ),
+        );
+        let spans = spans(&run, &events);
+        let guard = spans.iter().find(|s| s.name == "guard lookup").unwrap();
+        assert_eq!(guard.parent, Some(spans[0].span_id));
+        assert_eq!((guard.start_ms, guard.end_ms), (arrived, arrived + 3));
+        assert_eq!(guard.attribute("rein.guard.verdict"), Some(&text("block")));
+        assert_eq!(
+            guard.attribute("rein.guard.score"),
+            Some(&Value::Float(0.8))
+        );
+        assert_eq!(
+            guard.attribute("rein.guard.rules"),
+            Some(&Value::StrList(vec!["override.ignore_previous".into()]))
+        );
+        assert!(matches!(guard.status, Status::Error(_)));
     }
 
     /// A caller's `traceparent` makes the run's trace part of the caller's: same trace id, the

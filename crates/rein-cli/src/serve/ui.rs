@@ -264,6 +264,27 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                 EventKind::RunFinished { status, reason, .. } => {
                     format!("{} ({})", status.as_str(), reason.as_str())
                 }
+                EventKind::GuardVerdict {
+                    source,
+                    tool,
+                    verdict,
+                    score,
+                    ..
+                } => format!(
+                    "{} {}: {} (score {score})",
+                    source.as_str(),
+                    tool.as_deref().unwrap_or(""),
+                    verdict.as_str()
+                ),
+                EventKind::OutputSanitized { findings, blocked } => format!(
+                    "answer {}: {}",
+                    if *blocked { "withheld" } else { "redacted" },
+                    findings
+                        .iter()
+                        .map(|f| f.kind.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 _ => String::new(),
             };
             Line {
