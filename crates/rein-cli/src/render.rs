@@ -255,6 +255,24 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     short(&rules.join(", "), 60)
                 ),
             ]),
+            EventKind::JudgeVerdict {
+                step,
+                score,
+                threshold,
+                passed,
+                reason,
+            } => rows.push([
+                format!("#{step} judge"),
+                "answer".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "{} ({score} vs {threshold}): {}",
+                    if *passed { "passed" } else { "FAILED" },
+                    short(reason, 50)
+                ),
+            ]),
             EventKind::OutputSanitized { findings, blocked } => rows.push([
                 "   output".into(),
                 "answer".into(),

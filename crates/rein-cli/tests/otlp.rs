@@ -145,17 +145,19 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
             .filter(|s| s["context"]["trace_id"] == trace_id)
             .cloned()
             .collect();
-        if ours.len() >= 4 {
+        if ours.len() >= 5 {
             break ours;
         }
         assert!(
             Instant::now() < deadline,
-            "Phoenix holds {} of the run's 4 spans after 60 s: {page}",
+            "Phoenix holds {} of the run's 5 spans after 60 s: {page}",
             ours.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(spans.len(), 4, "{spans:#?}");
+    // The run, two model calls, the tool call, and the guard's check of the input (the payer's
+    // tool returns trusted receipts, which are not checked).
+    assert_eq!(spans.len(), 5, "{spans:#?}");
     let named = |prefix: &str| -> Vec<&Value> {
         spans
             .iter()
@@ -171,6 +173,10 @@ async fn a_runs_spans_reach_a_real_otlp_receiver_as_one_trace() {
     assert_eq!(attr(root, "rein.termination_reason"), "completed", "{root}");
     assert_eq!(attr(root, "rein.run_id"), run_id.as_str());
     assert_eq!(attr(root, "gen_ai.usage.input_tokens"), 100);
+    let guard = named("guard user");
+    assert_eq!(guard.len(), 1, "{spans:#?}");
+    assert_eq!(guard[0]["parent_id"], root_id, "{}", guard[0]);
+    assert_eq!(attr(guard[0], "rein.guard.verdict"), "allow");
 
     // The event log's model calls, step by step.
     let show = common::rein_ok(

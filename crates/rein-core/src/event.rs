@@ -259,6 +259,19 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         rules: Vec<String>,
     },
+    /// The LLM judge scored the final answer (`guards.judge`).
+    JudgeVerdict {
+        /// The judge's model call.
+        step: u32,
+        /// Its score, in `[0, 1]` (0 when its reply was not a verdict).
+        score: f64,
+        /// The passing score.
+        threshold: f64,
+        /// Whether the answer passed.
+        passed: bool,
+        /// The judge's reason.
+        reason: String,
+    },
     /// The final answer was sanitised before it left Rein: what was found and done.
     OutputSanitized {
         /// What was found, by kind, and what was done with it.
@@ -326,6 +339,7 @@ impl EventKind {
             EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::GuardVerdict { .. } => "guard_verdict",
             EventKind::OutputSanitized { .. } => "output_sanitized",
+            EventKind::JudgeVerdict { .. } => "judge_verdict",
             EventKind::BudgetReserved { .. } => "budget_reserved",
             EventKind::BudgetRefused { .. } => "budget_refused",
             EventKind::BudgetSettled { .. } => "budget_settled",

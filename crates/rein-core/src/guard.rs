@@ -193,6 +193,35 @@ pub struct Guards {
     pub allow_hosts: Vec<String>,
     /// What is cleared from answers (and, for secrets, from what enters the run).
     pub output: crate::sanitize::OutputPolicy,
+    /// An LLM judge of the final answer, if the spec asks for one.
+    pub judge: Option<Judge>,
+}
+
+/// The LLM-as-judge guard: a model (the spec's `model.routes.judge`, else the primary) scores
+/// each final answer against a rubric (and the output schema) before it is returned.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Judge {
+    /// What a good answer is.
+    pub rubric: String,
+    /// The lowest passing score, in `[0, 1]`.
+    pub threshold: f64,
+    /// What a failing answer gets.
+    pub on_fail: OnJudgeFail,
+    /// For `repair`: how many times a failing answer is sent back before the run ends
+    /// `output_invalid`.
+    pub max_repairs: u32,
+}
+
+/// What happens to an answer the judge scores below its threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnJudgeFail {
+    /// The model hears the score and the reason and revises its answer.
+    Repair,
+    /// The answer waits for a person's approval.
+    Approve,
+    /// The run is handed to a person with the answer.
+    Escalate,
 }
 
 impl Default for Guards {
@@ -206,6 +235,7 @@ impl Default for Guards {
             data_flow: DataFlow::Approve,
             allow_hosts: Vec::new(),
             output: crate::sanitize::OutputPolicy::default(),
+            judge: None,
         }
     }
 }

@@ -115,6 +115,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "Untrusted content the injection guard checked, by tenant, agent, source (user, tool, document) and verdict (allow, flag, fence, block, escalate).",
     ),
     (
+        "rein_judge_verdicts_total",
+        "Final answers the LLM judge scored, by tenant, agent and outcome (passed or failed).",
+    ),
+    (
         "rein_output_redactions_total",
         "Things found in final answers by the output sanitiser, by tenant, agent, kind (secret.*, pii.*, internal_url, stack_trace, prompt_leak) and action (redact, block).",
     ),
@@ -411,6 +415,15 @@ impl RunMeter {
                     agent(),
                     ("source", source.as_str().into()),
                     ("verdict", verdict.as_str().into()),
+                ],
+                1,
+            )],
+            EventKind::JudgeVerdict { passed, .. } => vec![count(
+                "rein_judge_verdicts_total",
+                vec![
+                    tenant(),
+                    agent(),
+                    ("outcome", if *passed { "passed" } else { "failed" }.into()),
                 ],
                 1,
             )],

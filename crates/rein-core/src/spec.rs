@@ -1318,6 +1318,7 @@ impl Parser<'_> {
                 "data_flow",
                 "allow_hosts",
                 "output",
+                "judge",
             ],
         )?;
         let d = Guards::default();
@@ -1377,7 +1378,12 @@ impl Parser<'_> {
         let output = f
             .get("output")
             .map_or(Some(d.output.clone()), |n| self.output_policy(n));
+        let judge = match f.get("judge") {
+            None => Some(None),
+            Some(n) => self.judge(n).map(Some),
+        };
         Some(Guards {
+            judge: judge?,
             output: output?,
             input: input?,
             tool_results: tool_results?,
@@ -1386,6 +1392,51 @@ impl Parser<'_> {
             spotlight: spotlight?,
             data_flow: data_flow?,
             allow_hosts: allow_hosts?,
+        })
+    }
+
+    /// `guards.judge: {rubric, threshold, on_fail, max_repairs}`.
+    fn judge(&mut self, node: &Node) -> Option<crate::guard::Judge> {
+        use crate::guard::{Judge, OnJudgeFail};
+        let f = self.fields(
+            node,
+            "guards.judge",
+            &["rubric", "threshold", "on_fail", "max_repairs"],
+        )?;
+        let rubric = self
+            .required(&f, "rubric", ": say what a good answer is")
+            .and_then(|n| self.string(n, "guards.judge.rubric"));
+        let threshold = match f.get("threshold") {
+            None => Some(0.7),
+            Some(n) => self.number(n, "guards.judge.threshold").and_then(|t| {
+                if (0.0..=1.0).contains(&t) {
+                    Some(t)
+                } else {
+                    self.error(n.pos, "guards.judge.threshold", "must be between 0 and 1");
+                    None
+                }
+            }),
+        };
+        let on_fail = f.get("on_fail").map_or(Some(OnJudgeFail::Repair), |n| {
+            self.one_of(
+                n,
+                "guards.judge.on_fail",
+                &[
+                    ("repair", OnJudgeFail::Repair),
+                    ("approve", OnJudgeFail::Approve),
+                    ("escalate", OnJudgeFail::Escalate),
+                ],
+            )
+        });
+        let max_repairs = f.get("max_repairs").map_or(Some(1), |n| {
+            self.integer(n, "guards.judge.max_repairs", 0, 5)
+                .map(|v| v as u32)
+        });
+        Some(Judge {
+            rubric: rubric?,
+            threshold: threshold?,
+            on_fail: on_fail?,
+            max_repairs: max_repairs?,
         })
     }
 
@@ -2626,7 +2677,7 @@ limits:
         assert_eq!(g.allow_hosts, vec!["api.example.com".to_string()]);
 
         let text = check(&format!(
-            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], judge: yes}}\n"
+            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], classifier: yes}}\n"
         ))
         .unwrap_err()
         .to_string();
@@ -2634,7 +2685,7 @@ limits:
             "guards.input: `maybe` is not one of: off, flag, fence, block, escalate",
             "guards.threshold: must be above 0 and at most 1",
             "guards.allow_hosts[0]: `http://x.example/` is not a host name",
-            "guards.judge: unknown field `judge`",
+            "guards.classifier: unknown field `classifier`",
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
@@ -2669,6 +2720,33 @@ limits:
         );
         assert!(
             text.contains("guards.output.stack_traces: `hide` is not one of: off, redact, block"),
+            "{text}"
+        );
+
+        use crate::guard::OnJudgeFail;
+        let judge = check(&format!(
+            "{EXAMPLE}guards: {{judge: {{rubric: Cites the order status., on_fail: approve}}}}\n"
+        ))
+        .unwrap()
+        .spec
+        .guards
+        .judge
+        .unwrap();
+        assert_eq!(
+            (judge.threshold, judge.on_fail, judge.max_repairs),
+            (0.7, OnJudgeFail::Approve, 1)
+        );
+        let text = check(&format!("{EXAMPLE}guards: {{judge: {{threshold: 2}}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains(
+                "guards.judge.rubric: missing required field `rubric`: say what a good answer is"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("guards.judge.threshold: must be between 0 and 1"),
             "{text}"
         );
     }

@@ -1547,7 +1547,11 @@ impl Driver<'_> {
         let sink = self.sink;
         let started = Instant::now();
         let chain = spec.model.step_chain(call.kind);
-        let summary = call.kind == rein_core::spec::StepKind::Summarize;
+        // A summary and a judge's verdict are asked for without tools or the answer's schema.
+        let summary = matches!(
+            call.kind,
+            rein_core::spec::StepKind::Summarize | rein_core::spec::StepKind::Judge
+        );
         let mut answered: Option<(&str, rein_core::ModelReply, u32)> = None;
         let mut last_failure: Option<(&str, ModelError, u32)> = None;
         let mut open_breakers = 0;

@@ -276,6 +276,10 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                     tool.as_deref().unwrap_or(""),
                     verdict.as_str()
                 ),
+                EventKind::JudgeVerdict { score, passed, .. } => format!(
+                    "judge: {} (score {score})",
+                    if *passed { "passed" } else { "failed" }
+                ),
                 EventKind::OutputSanitized { findings, blocked } => format!(
                     "answer {}: {}",
                     if *blocked { "withheld" } else { "redacted" },

@@ -1837,3 +1837,133 @@ fn an_answer_that_repeats_the_instructions_is_withheld() {
     );
     assert_eq!(sim.engine.output(), Some(&json!("[REDACTED:prompt_leak]")));
 }
+
+/// A spec whose answers a judge scores, failing per `on_fail`.
+fn judged_spec(on_fail: &str) -> String {
+    SPEC.replace(
+        "guards: {data_flow: off}",
+        &format!("guards: {{data_flow: off, judge: {{rubric: Polite and answers the question., threshold: 0.7, on_fail: {on_fail}}}}}"),
+    )
+}
+
+/// Answers `answers[n]` as the agent; as the judge, scores each answer by `score`.
+fn agent_and_judge(
+    answers: &'static [&'static str],
+    score: fn(&str) -> &'static str,
+) -> impl FnMut(u32, &Engine) -> ModelReply {
+    let mut n = 0;
+    move |_, engine: &Engine| {
+        let messages = engine.messages();
+        let first = messages[0].content.as_deref().unwrap_or("");
+        if first.starts_with(JUDGE_INSTRUCTIONS) {
+            let answer = messages[1].content.as_deref().unwrap_or("");
+            return reply(Some(score(answer)), vec![], 50, 10);
+        }
+        let a = answers[n.min(answers.len() - 1)];
+        n += 1;
+        reply(Some(a), vec![], 10, 10)
+    }
+}
+
+fn judge_verdicts(sim: &Sim) -> Vec<(f64, bool)> {
+    sim.events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::JudgeVerdict { score, passed, .. } => Some((*score, *passed)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rude_or_fine(answer: &str) -> &'static str {
+    if answer.contains("Go away") {
+        r#"{"score": 0.2, "reason": "rude"}"#
+    } else {
+        r#"Verdict: {"score": 0.9, "reason": "polite and on point"}"#
+    }
+}
+
+#[test]
+fn the_judge_scores_the_answer_with_its_own_model_call_and_a_pass_completes() {
+    let mut sim = Sim::new(&judged_spec("repair"));
+    let outcome = sim.run(agent_and_judge(&["Order 7 shipped today."], rude_or_fine));
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(sim.engine.output(), Some(&json!("Order 7 shipped today.")));
+    assert_eq!(judge_verdicts(&sim), vec![(0.9, true)]);
+    let kinds: Vec<Option<StepKind>> = sim
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ModelRequested { step_kind, .. } => Some(*step_kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, vec![Some(StepKind::Plan), Some(StepKind::Judge)]);
+    // The judge's call costs like any other, and the conversation is back as it was.
+    assert_eq!(sim.engine.iterations(), 2);
+    assert_eq!(
+        sim.engine.messages().last().unwrap().content.as_deref(),
+        Some("Order 7 shipped today.")
+    );
+    let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    assert_eq!(replayed.output(), sim.engine.output());
+    assert_eq!(replayed.messages(), sim.engine.messages());
+}
+
+#[test]
+fn a_failing_answer_is_repaired_held_or_escalated_per_the_spec() {
+    // Repair: the model hears the score and reason, revises, and the revision passes.
+    let mut sim = Sim::new(&judged_spec("repair"));
+    let outcome = sim.run(agent_and_judge(
+        &["Go away.", "Happy to help: order 7 shipped."],
+        rude_or_fine,
+    ));
+    assert_eq!(outcome.1, TerminationReason::Completed);
+    assert_eq!(
+        sim.engine.output(),
+        Some(&json!("Happy to help: order 7 shipped."))
+    );
+    assert_eq!(judge_verdicts(&sim), vec![(0.2, false), (0.9, true)]);
+    let told = sim
+        .engine
+        .messages()
+        .iter()
+        .find(|m| {
+            m.content
+                .as_deref()
+                .is_some_and(|c| c.starts_with("A reviewer scored"))
+        })
+        .unwrap();
+    assert!(
+        told.content
+            .as_deref()
+            .unwrap()
+            .contains("0.2 out of 1 (it needs 0.7): rude")
+    );
+    // Never good enough: output_invalid after the repairs allowed.
+    let mut sim = Sim::new(&judged_spec("repair"));
+    let outcome = sim.run(agent_and_judge(&["Go away."], rude_or_fine));
+    assert_eq!(outcome.1, TerminationReason::OutputInvalid);
+    // Escalate: handed over with the answer.
+    let mut sim = Sim::new(&judged_spec("escalate"));
+    let outcome = sim.run(agent_and_judge(&["Go away."], rude_or_fine));
+    assert_eq!(outcome.1, TerminationReason::Escalated);
+    assert_eq!(sim.engine.output().unwrap()["handoff"]["trigger"], "judge");
+    // Approve: the answer waits for a person, saying why.
+    let mut sim = Sim::new(&judged_spec("approve"));
+    let pending = sim
+        .advance(agent_and_judge(&["Go away."], rude_or_fine))
+        .unwrap_err();
+    assert_eq!(pending.answer, Some(json!("Go away.")));
+    assert!(
+        pending
+            .reason
+            .contains("the judge scored the answer 0.2, below 0.7: rude"),
+        "{}",
+        pending.reason
+    );
+    // A judge that does not answer with a verdict fails the answer.
+    let mut sim = Sim::new(&judged_spec("escalate"));
+    sim.run(agent_and_judge(&["Fine."], |_| "I think it is fine"));
+    assert_eq!(judge_verdicts(&sim), vec![(0.0, false)]);
+}
