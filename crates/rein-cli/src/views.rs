@@ -175,9 +175,9 @@ pub struct EventView {
 }
 
 /// A recorded payload as it leaves Rein: secrets a model produced on its own (what enters a
-/// run is cleared on the way in) are redacted from every string.
+/// run is cleared on the way in), card numbers and national ids are redacted from every string.
 pub fn served(mut payload: Value) -> Value {
-    rein_core::sanitize::redact_secrets_in_json(&mut payload);
+    rein_core::sanitize::redact_for_display(&mut payload);
     payload
 }
 

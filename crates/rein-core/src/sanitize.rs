@@ -270,6 +270,21 @@ pub fn redact_secrets(text: &str) -> (String, Vec<Finding>) {
     (out.text, out.findings)
 }
 
+/// A recorded payload made fit to show (the API, SSE, the dashboard, `runs show`): secrets,
+/// card numbers (Luhn-checked) and national ids redacted from every string, as the default
+/// output policy does for answers. The log itself keeps what was recorded.
+pub fn redact_for_display(value: &mut Value) {
+    walk_strings(value, &mut |s| {
+        let mut out = Sanitizing::new(s);
+        out.apply(&SECRETS, Action::Redact);
+        out.cards(Action::Redact);
+        out.apply(&NATIONAL_ID, Action::Redact);
+        if !out.findings.is_empty() {
+            *s = out.text;
+        }
+    });
+}
+
 /// A tool's result with the secrets in its data and message redacted; the kinds found.
 pub fn redact_secrets_in_result(result: &mut crate::ToolResult) -> Vec<Finding> {
     let mut findings = redact_secrets_in_json(&mut result.data);
@@ -518,6 +533,16 @@ mod tests {
         assert_eq!(
             same,
             "ask-me-anything about skiing; the password policy is strict"
+        );
+    }
+
+    #[test]
+    fn payloads_shown_to_people_lose_secrets_cards_and_national_ids() {
+        let mut v = serde_json::json!({"result": {"data": "card 4111-1111-1111-1111, SSN 123-45-6789, key sk-abcdefghijklmnopqrstuvwx, order 4111"}});
+        redact_for_display(&mut v);
+        assert_eq!(
+            v["result"]["data"],
+            "card [REDACTED:pii.card], SSN [REDACTED:pii.national_id], key [REDACTED:secret.openai_key], order 4111"
         );
     }
 
