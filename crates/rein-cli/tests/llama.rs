@@ -175,10 +175,12 @@ fn rein_drives_a_real_local_llm_through_a_tool_call_to_a_recorded_finish() {
         kinds,
         [
             "run_started",
+            "guard_verdict",
             "model_requested",
             "model_responded",
             "tool_requested",
             "tool_result",
+            "guard_verdict",
             "model_requested",
             "model_responded",
             "run_finished"
