@@ -621,8 +621,8 @@ impl Engine {
         self.messages.clear();
         self.message_tokens = 0;
         let mut instructions = self.agent.spec.instructions.clone();
-        if let Some(boundary) = &self.fence {
-            instructions.push_str(&guard::fence_instructions(boundary));
+        if self.fence.is_some() {
+            instructions.push_str(guard::FENCE_INSTRUCTIONS);
         }
         self.push_message(Message::text(Role::System, instructions));
         for m in context {

@@ -165,7 +165,16 @@ impl RedisCounters {
     /// Connects to `url` (`redis://127.0.0.1:6379`); keys go under `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, CountersError> {
         let client = redis::Client::open(url).map_err(err)?;
-        let conn = client.get_connection_manager().await.map_err(err)?;
+        // The client's default of 500 ms per answer counts the time a busy process takes to get
+        // back to the answer, not only Redis's: under load, runs failed on answers that had
+        // arrived. A run's own deadline still bounds the wait.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(err)?;
         Ok(RedisCounters {
             conn,
             prefix: prefix.to_string(),

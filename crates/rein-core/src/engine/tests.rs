@@ -1519,10 +1519,10 @@ fn every_tool_result_reaches_the_model_fenced_and_an_injected_one_with_a_warning
     let messages = sim.engine.messages();
     let system = messages[0].content.as_deref().unwrap();
     assert!(system.starts_with("Be brief."));
-    assert!(
-        system.contains(&format!("<untrusted boundary=\"{FENCE}\"")),
-        "{system}"
-    );
+    // The instructions explain the fence without naming the run's boundary, so they are the
+    // same for every run.
+    assert!(system.ends_with(guard::FENCE_INSTRUCTIONS), "{system}");
+    assert!(!system.contains(FENCE), "{system}");
     let tool = messages.iter().find(|m| m.role == Role::Tool).unwrap();
     let text = tool.content.as_deref().unwrap();
     assert!(
