@@ -1319,6 +1319,7 @@ impl Parser<'_> {
                 "allow_hosts",
                 "output",
                 "judge",
+                "classifier",
             ],
         )?;
         let d = Guards::default();
@@ -1382,7 +1383,29 @@ impl Parser<'_> {
             None => Some(None),
             Some(n) => self.judge(n).map(Some),
         };
+        let classifier = match f.get("classifier") {
+            None => Some(None),
+            Some(n) => self
+                .fields(n, "guards.classifier", &["min_score"])
+                .and_then(|cf| match cf.get("min_score") {
+                    None => Some(0.25),
+                    Some(m) => self.number(m, "guards.classifier.min_score").and_then(|v| {
+                        if (0.0..=1.0).contains(&v) {
+                            Some(v)
+                        } else {
+                            self.error(
+                                m.pos,
+                                "guards.classifier.min_score",
+                                "must be between 0 and 1",
+                            );
+                            None
+                        }
+                    }),
+                })
+                .map(|min_score| Some(crate::guard::Classifier { min_score })),
+        };
         Some(Guards {
+            classifier: classifier?,
             judge: judge?,
             output: output?,
             input: input?,
@@ -2677,7 +2700,7 @@ limits:
         assert_eq!(g.allow_hosts, vec!["api.example.com".to_string()]);
 
         let text = check(&format!(
-            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], classifier: yes}}\n"
+            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], sentry: yes}}\n"
         ))
         .unwrap_err()
         .to_string();
@@ -2685,7 +2708,7 @@ limits:
             "guards.input: `maybe` is not one of: off, flag, fence, block, escalate",
             "guards.threshold: must be above 0 and at most 1",
             "guards.allow_hosts[0]: `http://x.example/` is not a host name",
-            "guards.classifier: unknown field `classifier`",
+            "guards.sentry: unknown field `sentry`",
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
@@ -2747,6 +2770,25 @@ limits:
         );
         assert!(
             text.contains("guards.judge.threshold: must be between 0 and 1"),
+            "{text}"
+        );
+
+        let guards = check(&format!("{EXAMPLE}guards: {{classifier: {{}}}}\n"))
+            .unwrap()
+            .spec
+            .guards;
+        assert_eq!(guards.classifier.map(|c| c.min_score), Some(0.25));
+        let text = check(&format!(
+            "{EXAMPLE}guards: {{classifier: {{min_score: -1, model: x}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("guards.classifier.min_score: must be between 0 and 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guards.classifier.model: unknown field `model`"),
             "{text}"
         );
     }
