@@ -428,14 +428,20 @@ impl Sanitizing {
                     spans.push((m.start(), m.end()));
                 }
             }
-            for _ in &spans {
-                self.found(p.kind, action);
-            }
-            if action == Action::Redact {
-                for (start, end) in spans.into_iter().rev() {
-                    self.text
-                        .replace_range(start..end, &format!("[REDACTED:{}]", p.kind));
-                }
+            self.redact(p.kind, spans, action);
+        }
+    }
+
+    /// Records each of `spans` (byte ranges, in order) as a finding of `kind`, and replaces
+    /// them with `[REDACTED:<kind>]` when the action is to redact.
+    fn redact(&mut self, kind: &str, spans: Vec<(usize, usize)>, action: Action) {
+        for _ in &spans {
+            self.found(kind, action);
+        }
+        if action == Action::Redact {
+            for (start, end) in spans.into_iter().rev() {
+                self.text
+                    .replace_range(start..end, &format!("[REDACTED:{kind}]"));
             }
         }
     }
@@ -450,15 +456,7 @@ impl Sanitizing {
             .filter(|m| luhn(m.as_str()))
             .map(|m| (m.start(), m.end()))
             .collect();
-        for _ in &spans {
-            self.found(Pii::Card.kind(), action);
-        }
-        if action == Action::Redact {
-            for (start, end) in spans.into_iter().rev() {
-                self.text
-                    .replace_range(start..end, &format!("[REDACTED:{}]", Pii::Card.kind()));
-            }
-        }
+        self.redact(Pii::Card.kind(), spans, action);
     }
 }
 
