@@ -95,6 +95,12 @@ const SCENARIOS: &[Scenario] = &[
         "awaiting_approval"
     ),
     scenario!(
+        "refund-graph",
+        "Please refund order 42, it arrived broken.",
+        "a state graph: classify, route, look up, then wait for a person's approval",
+        "awaiting_approval"
+    ),
+    scenario!(
         "escalation",
         "Where are my orders 5001, 5002 and 5003?",
         "a tool failing again and again hands the run to a person, with a handoff",

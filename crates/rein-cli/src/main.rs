@@ -116,6 +116,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Print an agent's state graph (`flow: graph`) as a Mermaid flowchart.
+    Graph {
+        /// The agent spec (YAML).
+        spec: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// List and inspect recorded runs.
     Runs {
         #[command(subcommand)]
@@ -480,6 +487,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Run(args) => run(args).await,
         Command::Check { spec, config } => check(&spec, &config),
+        Command::Graph { spec, config } => graph(&spec, &config),
         Command::Runs { command } => runs(command).await,
         Command::Approve(args) => {
             let by = args
@@ -616,6 +624,28 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         s.limits.max_cost_usd,
         s.limits.timeout,
     );
+    if let Some(graph) = s.flow.graph() {
+        say!(
+            "{file}: flow: a graph of {} nodes from `{}` (`rein graph {file}` draws it)",
+            graph.nodes.len(),
+            graph.start
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `rein graph`: the spec's graph, checked, as Mermaid on stdout.
+fn graph(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
+    let config =
+        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let file = spec.display().to_string();
+    let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
+    let Some(graph) = agent.spec.flow.graph() else {
+        return Err(anyhow!(BadInput(format!(
+            "{file}: flow: this agent's flow is `react`, not a graph"
+        ))));
+    };
+    say!("{}", graph.mermaid().trim_end());
     Ok(exit::OK)
 }
 

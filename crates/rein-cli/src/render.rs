@@ -273,6 +273,44 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     short(reason, 50)
                 ),
             ]),
+            // A graph's walk: each node as it is entered and left, with why it went where.
+            EventKind::NodeEntered {
+                node,
+                node_kind,
+                visit,
+            } => rows.push([
+                "   node".into(),
+                node.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                if *visit > 1 {
+                    format!("entered ({node_kind}), visit {visit}")
+                } else {
+                    format!("entered ({node_kind})")
+                },
+            ]),
+            EventKind::NodeFinished {
+                node,
+                writes,
+                next,
+                why,
+            } => {
+                let wrote = if writes.is_empty() {
+                    String::new()
+                } else {
+                    let fields: Vec<&str> = writes.keys().map(String::as_str).collect();
+                    format!("; wrote {}", fields.join(", "))
+                };
+                rows.push([
+                    "   node".into(),
+                    node.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("→ {next}: {}{wrote}", short(why, 50)),
+                ]);
+            }
             EventKind::OutputSanitized { findings, blocked } => rows.push([
                 "   output".into(),
                 "answer".into(),

@@ -23,7 +23,7 @@ use crate::spec::{
 };
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -372,6 +372,28 @@ pub struct Engine {
     judge_repairs: u32,
     /// Why the held answer waits for a person, when it is not its confidence.
     held_reason: Option<String>,
+    /// For `flow: graph`: where the run is in its graph.
+    graph: Option<GraphRun>,
+}
+
+/// A graph run's place in its graph, rebuilt from `node_entered` and `node_finished`.
+#[derive(Clone, Debug)]
+struct GraphRun {
+    /// The graph's state: the fields nodes have written.
+    state: Map<String, Value>,
+    /// The node the run is in, or goes to next.
+    node: String,
+    /// Whether `node_entered` is recorded for it.
+    entered: bool,
+    /// How many times each node was entered.
+    visits: HashMap<String, u32>,
+    /// The node's outcome, decided but not yet recorded: its writes, the next node, why.
+    exit: Option<(Map<String, Value>, String, String)>,
+}
+
+/// The call id of a tool node's call, and of a human node's approval: `node:NAME:VISIT`.
+fn node_call_id(node: &str, visit: u32) -> String {
+    format!("node:{node}:{visit}")
 }
 
 /// A conservative token estimate for text when no tokenizer is known: see
@@ -469,6 +491,7 @@ impl Engine {
             judged: None,
             judge_repairs: 0,
             held_reason: None,
+            graph: None,
         }
     }
 
@@ -767,6 +790,15 @@ impl Engine {
                 let spec = &self.agent.spec;
                 self.fence = fence.clone().filter(|_| spec.guards.fences(&spec.tools));
                 self.begin_conversation([]);
+                if let Some(graph) = self.agent.spec.flow.graph() {
+                    self.graph = Some(GraphRun {
+                        state: Map::new(),
+                        node: graph.start.clone(),
+                        entered: false,
+                        visits: HashMap::new(),
+                        exit: None,
+                    });
+                }
                 if self.agent.spec.guards.input != Policy::Off {
                     self.unchecked = Some(ContentCheck {
                         source: Source::User,
@@ -1104,6 +1136,16 @@ impl Engine {
                     tool_choice: tool_choice.clone(),
                 });
             }
+            EventKind::NodeEntered { node, visit, .. } => self.enter_node(node, *visit),
+            EventKind::NodeFinished { writes, next, .. } => {
+                if let Some(g) = self.graph.as_mut() {
+                    g.state
+                        .extend(writes.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    g.node = next.clone();
+                    g.entered = false;
+                    g.exit = None;
+                }
+            }
             EventKind::RunClaimed { .. } => {
                 // A queued run's clock starts when a worker takes it up, not when it was queued.
                 if self.step == 0 && self.iterations == 0 {
@@ -1173,6 +1215,7 @@ impl Engine {
                     }),
                 }
                 self.judge_progress(tool_name, result);
+                self.tool_node_result(call_id, result);
                 if !result.is_success() && self.past_deadline(event.ts_ms) {
                     let detail = format!(
                         "the call to `{}` was cut off at the run's wall-clock limit of {:?}",
@@ -1202,6 +1245,10 @@ impl Engine {
                     on_timeout: *on_timeout,
                     requested_ms: event.ts_ms,
                 };
+                if call_id.starts_with("node:") {
+                    // A human node's approval is a step of its own.
+                    self.step = self.step.max(*step);
+                }
                 self.approvals.insert(*step, Approval::Pending(pending));
             }
             EventKind::ApprovalDecided {
@@ -1211,6 +1258,24 @@ impl Engine {
                 reason,
                 ..
             } => {
+                if let Some(Approval::Pending(p)) = self.approvals.get(step)
+                    && p.call_id.starts_with("node:")
+                {
+                    self.paused_ms = self
+                        .paused_ms
+                        .saturating_add(event.ts_ms.saturating_sub(p.requested_ms).max(0));
+                    let decision = if *approved {
+                        Approval::Approved
+                    } else {
+                        Approval::Denied {
+                            by: by.clone(),
+                            reason: reason.clone(),
+                        }
+                    };
+                    self.approvals.insert(*step, decision);
+                    self.human_decided(*approved, by, reason.as_deref());
+                    return Ok(());
+                }
                 if let Some(Approval::Pending(p)) = self.approvals.get(step) {
                     self.paused_ms = self
                         .paused_ms
@@ -1436,7 +1501,7 @@ impl Engine {
             return;
         }
         let text = content.unwrap_or_default();
-        let Some(validator) = self.agent.output_validator.clone() else {
+        let Some(validator) = self.answer_validator() else {
             self.complete(Value::String(text.to_string()));
             return;
         };
@@ -1448,6 +1513,10 @@ impl Engine {
                     .map(|e| describe_schema_error(&e))
                     .collect();
                 if problems.is_empty() {
+                    if self.graph.is_some() {
+                        self.node_answered(value);
+                        return;
+                    }
                     let escalation = &self.agent.spec.escalation;
                     let confidence = value.get("confidence").and_then(Value::as_f64);
                     if let (Some(min), Some(c)) =
@@ -1596,6 +1665,11 @@ impl Engine {
             );
             return Some(self.finish_effect(TerminationReason::Timeout, Some(detail), None));
         }
+        if self.judging.is_none()
+            && let Some(effect) = self.graph_effect(now_ms)
+        {
+            return Some(effect);
+        }
         if let Some(call) = self.pending_tools.front() {
             return Some(self.tool_effect(call, now_ms));
         }
@@ -1704,7 +1778,7 @@ impl Engine {
                 _ if self.chat.is_some() => self.chat.as_ref().and_then(|c| c.tool_choice.clone()),
                 // A summary and a judge's verdict are asked for without tools.
                 StepKind::Summarize | StepKind::Judge => None,
-                StepKind::Final if !spec.tools.is_empty() => Some(ToolChoice::None),
+                StepKind::Final if self.offers_tools() => Some(ToolChoice::None),
                 _ => spec.model.tool_choice.clone(),
             },
             estimated_input_tokens,
@@ -1724,7 +1798,7 @@ impl Engine {
         if self.judging.is_some() || self.classifying.is_some() {
             return StepKind::Judge;
         }
-        let can_call_tools = !spec.tools.is_empty()
+        let can_call_tools = self.offers_tools()
             && spec.model.tool_choice != Some(ToolChoice::None)
             && self.tool_calls < spec.limits.max_tool_calls;
         if self.repair_pending || !can_call_tools {
@@ -1775,7 +1849,11 @@ impl Engine {
                 limits.max_tool_calls
             ));
         }
-        let Some((tool, validator)) = self.agent.tool(&call.name) else {
+        let Some((tool, validator)) = self
+            .agent
+            .tool(&call.name)
+            .filter(|_| self.may_call(&call.name))
+        else {
             let names: Vec<&str> = self
                 .tool_definitions
                 .iter()
@@ -2009,6 +2087,8 @@ fn parse_json_answer(text: &str) -> Result<Value, serde_json::Error> {
         .unwrap_or(trimmed);
     serde_json::from_str(unfenced.trim())
 }
+
+mod walk;
 
 #[cfg(test)]
 mod tests;

@@ -64,6 +64,26 @@ pub enum EventKind {
     /// recorded with `run_started`. The run makes this one model call, governed like any other,
     /// and ends with the answer as it is: tool calls are returned to the caller, not made.
     ChatRequest(crate::message::ChatRequest),
+    /// A graph run entered a node (`flow: graph`): the node's checkpoint.
+    NodeEntered {
+        /// The node.
+        node: String,
+        /// Its kind (`llm`, `tool`, `router`, `human`, `end`).
+        node_kind: String,
+        /// How many times the run has entered it, this time included.
+        visit: u32,
+    },
+    /// A graph node is done: the state fields it set and where the run goes next.
+    NodeFinished {
+        /// The node.
+        node: String,
+        /// The state fields it set, with their new values.
+        writes: serde_json::Map<String, Value>,
+        /// The next node.
+        next: String,
+        /// Why that one: the edge, the route's condition, the model's choice, a failure.
+        why: String,
+    },
     /// A queued run was taken up by a worker: its wall clock starts here.
     RunClaimed {
         /// The worker (process) that took it.
@@ -336,6 +356,8 @@ impl EventKind {
             EventKind::RunStarted { .. } => "run_started",
             EventKind::SessionContext { .. } => "session_context",
             EventKind::ChatRequest(_) => "chat_request",
+            EventKind::NodeEntered { .. } => "node_entered",
+            EventKind::NodeFinished { .. } => "node_finished",
             EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::GuardVerdict { .. } => "guard_verdict",
             EventKind::OutputSanitized { .. } => "output_sanitized",

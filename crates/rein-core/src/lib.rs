@@ -12,6 +12,7 @@ pub mod bulkhead;
 pub mod duration;
 pub mod engine;
 pub mod event;
+pub mod graph;
 pub mod guard;
 pub mod ids;
 pub mod message;

@@ -233,10 +233,11 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
         events: Vec::new(),
         status: Status::Ok,
     };
-    let child = |label: String, name: String, kind: Kind, start_ms: i64| Span {
+    // A step's span is a child of the graph node it ran in, or of the run's.
+    let child = |parent: [u8; 8], label: String, name: String, kind: Kind, start_ms: i64| Span {
         trace_id: trace,
         span_id: span_id(run, &label),
-        parent: Some(root_id),
+        parent: Some(parent),
         remote_parent: false,
         name,
         kind,
@@ -246,8 +247,9 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
         events: Vec::new(),
         status: Status::Ok,
     };
-    let tool_span = |step: u32, call_id: &str, tool: &str, start_ms: i64| {
+    let tool_span = |parent: [u8; 8], step: u32, call_id: &str, tool: &str, start_ms: i64| {
         let mut span = child(
+            parent,
             format!("tool:{step}:{call_id}"),
             format!("execute_tool {tool}"),
             Kind::Client,
@@ -266,6 +268,9 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
     let mut models: HashMap<u32, Span> = HashMap::new();
     let mut tools: HashMap<String, Span> = HashMap::new();
     let mut approvals: HashMap<u32, Span> = HashMap::new();
+    // The graph node the run is in (`flow: graph`), and the span its steps go under.
+    let mut node: Option<Span> = None;
+    let mut within = root_id;
     let (mut input, mut output, mut cost) = (0u64, 0u64, Usd::ZERO);
     // A guard check runs between the event that brought the content and its verdict.
     let mut previous_ms = 0;
@@ -298,6 +303,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 ..
             } => {
                 let mut span = child(
+                    within,
                     format!("model:{step}"),
                     format!("chat {model}"),
                     Kind::Client,
@@ -434,7 +440,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
             } => {
                 tools.insert(
                     call_id.clone(),
-                    tool_span(*step, call_id, tool, event.ts_ms),
+                    tool_span(within, *step, call_id, tool, event.ts_ms),
                 );
             }
             EventKind::ToolResult {
@@ -449,7 +455,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 // instant of the refusal.
                 let mut span = tools
                     .remove(call_id)
-                    .unwrap_or_else(|| tool_span(*step, call_id, tool, event.ts_ms));
+                    .unwrap_or_else(|| tool_span(within, *step, call_id, tool, event.ts_ms));
                 span.end_ms = event.ts_ms;
                 span.attributes.push(("rein.attempts", int(*attempts)));
                 if result.status == ToolStatus::Error {
@@ -474,6 +480,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
             } => {
                 let what = tool.as_deref().unwrap_or(source.as_str());
                 let mut span = child(
+                    within,
                     format!("guard:{step}:{what}"),
                     format!("guard {what}"),
                     Kind::Internal,
@@ -496,6 +503,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 step, tool, reason, ..
             } => {
                 let mut span = child(
+                    within,
                     format!("approval:{step}"),
                     format!("approval {tool}"),
                     Kind::Internal,
@@ -519,6 +527,45 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                     ]);
                     done.push(span);
                 }
+            }
+            EventKind::NodeEntered {
+                node: name,
+                node_kind,
+                visit,
+            } => {
+                let mut span = child(
+                    root_id,
+                    format!("node:{name}:{visit}"),
+                    format!("node {name}"),
+                    Kind::Internal,
+                    event.ts_ms,
+                );
+                span.attributes.extend([
+                    ("rein.node", text(name.as_str())),
+                    ("rein.node.kind", text(node_kind.as_str())),
+                    ("rein.node.visit", int(*visit)),
+                ]);
+                within = span.span_id;
+                if let Some(open) = node.replace(span) {
+                    done.push(open);
+                }
+            }
+            EventKind::NodeFinished {
+                next, why, writes, ..
+            } => {
+                if let Some(mut span) = node.take() {
+                    span.end_ms = event.ts_ms;
+                    span.attributes.extend([
+                        ("rein.node.next", text(next.as_str())),
+                        ("rein.node.why", text(why.as_str())),
+                        (
+                            "rein.node.writes",
+                            Value::StrList(writes.keys().cloned().collect()),
+                        ),
+                    ]);
+                    done.push(span);
+                }
+                within = root_id;
             }
             EventKind::RunFinished {
                 status,
@@ -552,6 +599,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
         .into_values()
         .chain(tools.into_values())
         .chain(approvals.into_values())
+        .chain(node)
         .collect();
     open.sort_by_key(|s| s.start_ms);
     done.extend(open);

@@ -11,6 +11,10 @@
 //! repeat_last: false   # true: keep answering with the last response forever
 //! ```
 //!
+//! A response with `when: TEXT` answers only conversations whose system prompt contains TEXT
+//! (the Nth such call gets the Nth such response): a graph's nodes each begin a conversation
+//! of their own, and `when` names the node's instructions.
+//!
 //! The script is stateless: which response to give is read off the conversation (how many
 //! assistant turns it has), so one scripted model serves any number of concurrent runs and a
 //! resumed run gets the same answers it would have had.
@@ -41,6 +45,8 @@ struct Script {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Step {
+    #[serde(default)]
+    when: Option<String>,
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
@@ -100,10 +106,23 @@ impl ScriptedModel {
             .filter(|m| m.role == Role::Assistant)
             .count()
             + 1;
-        let responses = &self.script.responses;
+        let system = request
+            .messages
+            .iter()
+            .find(|m| m.role == Role::System)
+            .and_then(|m| m.content.as_deref())
+            .unwrap_or_default();
+        let responses: Vec<&Step> = self
+            .script
+            .responses
+            .iter()
+            .filter(|s| s.when.as_ref().is_none_or(|w| system.contains(w.as_str())))
+            .collect();
         let step = match responses.get(n - 1) {
-            Some(step) => step,
-            None if self.script.repeat_last => &responses[responses.len() - 1],
+            Some(step) => *step,
+            None if self.script.repeat_last && !responses.is_empty() => {
+                responses[responses.len() - 1]
+            }
             None => {
                 return Err(ModelError::new(
                     ErrorType::Permanent,
@@ -206,6 +225,33 @@ mod tests {
         messages.push(Message::text(Role::Assistant, "x"));
         let second = m.answer(request(&messages)).unwrap();
         assert_eq!(second.tool_calls[0].arguments, r#"{"page":"2"}"#);
+    }
+
+    #[test]
+    fn a_response_with_when_answers_only_the_conversations_it_names() {
+        let m = ScriptedModel::parse(
+            "s.yaml",
+            "responses:\n  - {when: Classify, text: refund}\n  - {when: Answer, text: hello}\n  - {when: Answer, text: again}\n",
+        )
+        .unwrap();
+        let ask = |system: &str, earlier: usize| {
+            let mut messages = vec![Message::text(Role::System, system)];
+            messages.extend((0..earlier).map(|_| Message::text(Role::Assistant, "x")));
+            m.answer(request(&messages)).map(|r| r.content)
+        };
+        assert_eq!(
+            ask("Classify the request.", 0).unwrap().as_deref(),
+            Some("refund")
+        );
+        assert_eq!(
+            ask("Answer the customer.", 0).unwrap().as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            ask("Answer the customer.", 1).unwrap().as_deref(),
+            Some("again")
+        );
+        assert!(ask("Something else.", 0).is_err(), "no response answers it");
     }
 
     #[test]

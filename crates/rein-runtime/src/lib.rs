@@ -1596,7 +1596,7 @@ impl Driver<'_> {
                     },
                     max_output_tokens: call.max_output_tokens,
                     temperature: self.engine.temperature(),
-                    output_schema: spec.output_schema.as_ref().filter(|_| !summary),
+                    output_schema: self.engine.output_schema().filter(|_| !summary),
                     tool_choice: call.tool_choice.as_ref(),
                     endpoint: Endpoint::of(model_ref),
                 };

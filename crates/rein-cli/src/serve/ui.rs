@@ -276,6 +276,14 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                     tool.as_deref().unwrap_or(""),
                     verdict.as_str()
                 ),
+                EventKind::NodeEntered {
+                    node, node_kind, ..
+                } => format!("entered {node_kind} node {node}"),
+                EventKind::NodeFinished {
+                    node, next, why, ..
+                } => {
+                    format!("{node} → {next}: {why}")
+                }
                 EventKind::JudgeVerdict { score, passed, .. } => format!(
                     "judge: {} (score {score})",
                     if *passed { "passed" } else { "failed" }

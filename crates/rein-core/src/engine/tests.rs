@@ -7,6 +7,8 @@ use crate::tool::ToolStatus;
 use serde_json::json;
 use std::collections::BTreeMap;
 
+mod graph;
+
 const SPEC: &str = r#"
 name: tester
 version: 1

@@ -1,0 +1,314 @@
+//! `flow: graph` through the `rein` binary: `rein check` naming the bad node, `rein graph`,
+//! the refund example run to a person's approval and on to its end, and a graph run killed
+//! inside a node resumed to the end without repeating a node.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use common::rein;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The demo's refund graph, its order lookup pointed at `url`.
+fn refund_graph(url: &str) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/demo/refund-graph.yaml"
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .replace("{{tools_url}}", url)
+}
+
+const REFUND_SCRIPT: &str = include_str!("../../../examples/demo/refund-graph.script.yaml");
+
+/// The nodes a run entered, in order, from `rein runs show --json`.
+fn path(dir: &std::path::Path, id: &str) -> Vec<String> {
+    let shown = rein(dir, &["runs", "show", id, "--json", "--db", "runs.db"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "node_entered")
+        .map(|e| e["payload"]["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn check_rejects_a_bad_graph_naming_the_node_and_graph_draws_a_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // No order service is needed to check or draw.
+    let good = refund_graph("http://127.0.0.1:9");
+    std::fs::write(dir.path().join("good.yaml"), &good).unwrap();
+    let bad = good
+        .replace("[answer, done]]", "[answer, triage]]")
+        .replace(
+            "on_deny: answer}",
+            "on_deny: answer}\n      orphan: {kind: end}",
+        );
+    std::fs::write(dir.path().join("bad.yaml"), bad).unwrap();
+
+    let out = rein(dir.path(), &["check", "bad.yaml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    for expected in [
+        "flow.graph.nodes.orphan: node `orphan` is unreachable from `triage`",
+        "flow.graph.nodes.answer: the cycle answer -> triage",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+
+    let out = rein(dir.path(), &["check", "good.yaml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("a graph of 6 nodes from `triage`"),
+        "{stdout}"
+    );
+
+    let out = rein(dir.path(), &["graph", "good.yaml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.starts_with("flowchart TD\n"), "{stdout}");
+    assert!(
+        stdout.contains("route -->|\"/category equals #quot;refund#quot;\"| lookup"),
+        "{stdout}"
+    );
+    let react = good.replace(&good[good.find("flow:").unwrap()..], "flow: react\n");
+    std::fs::write(dir.path().join("react.yaml"), react).unwrap();
+    let out = rein(dir.path(), &["graph", "react.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("not a graph"), "{}", text(&out).1);
+}
+
+#[test]
+fn the_refund_graph_waits_for_a_person_then_replies() {
+    // The order service runs on this runtime while the `rein` processes call it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tools = rt.block_on(rein_fakes::ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("graph.yaml"), refund_graph(&tools.url())).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), REFUND_SCRIPT).unwrap();
+    let script = ["--script", "script.yaml", "--json", "--db", "runs.db"];
+    let mut run = vec!["run", "graph.yaml", "--input", "Please refund order 42."];
+    run.extend_from_slice(&script);
+
+    let out = rein(dir.path(), &run);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "awaiting_approval");
+    assert_eq!(v["awaiting_approval"]["tool"], "approve");
+    // The person sees the state: the order the tool node looked up.
+    assert_eq!(
+        v["awaiting_approval"]["arguments"]["order"]["order_id"],
+        "42"
+    );
+    assert_eq!(tools.hits("orders/42"), 1);
+    let id = v["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        path(dir.path(), &id),
+        ["triage", "route", "lookup", "approve"]
+    );
+
+    let mut approve = vec!["approve", id.as_str(), "--by", "ann"];
+    approve.extend_from_slice(&script);
+    let out = rein(dir.path(), &approve);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(
+        v["output"],
+        "Your refund for order 42 has been approved and is on its way."
+    );
+    assert_eq!(
+        path(dir.path(), &id),
+        ["triage", "route", "lookup", "approve", "answer", "done"]
+    );
+    assert_eq!(tools.hits("orders/42"), 1, "the lookup ran once");
+
+    // The trace shows the walk: each node, where it went and why.
+    let out = rein(dir.path(), &["runs", "show", &id, "--db", "runs.db"]);
+    let (shown, _) = text(&out);
+    assert!(
+        shown.contains("→ lookup: /category equals \"refund\""),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("→ answer: approved by ann; wrote decision"),
+        "{shown}"
+    );
+    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+
+    // Denied, the graph takes `on_deny` to the reply; the decision is in the state.
+    let out = rein(dir.path(), &run);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut deny = vec!["approve", id.as_str(), "--deny", "--reason", "not eligible"];
+    deny.extend_from_slice(&script);
+    let out = rein(dir.path(), &deny);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    let shown = rein(
+        dir.path(),
+        &["runs", "show", &id, "--json", "--db", "runs.db"],
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let finished = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "node_finished" && e["payload"]["node"] == "approve")
+        .unwrap();
+    assert_eq!(finished["payload"]["next"], "answer");
+    assert_eq!(
+        finished["payload"]["writes"]["decision"]["approved"],
+        Value::Bool(false)
+    );
+}
+
+#[test]
+fn a_graph_run_killed_inside_a_node_resumes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"
+name: batch-graph
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: Report on the nightly batch.
+tools:
+  - name: wait_for_batch
+    source: {builtin: sleep}
+    contract: {timeout: 30s, side_effects: none}
+limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout: 60s}
+flow:
+  graph:
+    state: {type: object, properties: {batch: {type: object}, report: {type: string}}}
+    start: wait
+    nodes:
+      wait: {kind: tool, tool: wait_for_batch, args: {seconds: 2}, writes: [batch]}
+      report: {kind: llm, instructions: Write the report., writes: [report]}
+      done: {kind: end, output: report}
+    edges: [[wait, report], [report, done]]
+"#;
+    let script = "responses:\n  - text: '{\"report\": \"The batch is done.\"}'\n";
+    std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
+    std::fs::write(dir.path().join("script.yaml"), script).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "report",
+            "--script",
+            "script.yaml",
+        ])
+        .current_dir(dir.path())
+        .env_remove("REIN_DB")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the process once the tool node's call is recorded as requested.
+    let started = std::time::Instant::now();
+    let id = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the tool call was never requested"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if !dir.path().join("rein.db").exists() {
+            continue;
+        }
+        let out = rein(dir.path(), &["runs", "list", "--json"]);
+        let Ok(runs) = serde_json::from_str::<Value>(text(&out).0.trim()) else {
+            continue;
+        };
+        let Some(id) = runs
+            .as_array()
+            .and_then(|r| r.first())
+            .and_then(|r| r["run_id"].as_str())
+        else {
+            continue;
+        };
+        let shown = rein(dir.path(), &["runs", "show", id, "--json"]);
+        let Ok(shown) = serde_json::from_slice::<Value>(&shown.stdout) else {
+            continue;
+        };
+        if shown["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["kind"] == "tool_requested"))
+        {
+            break id.to_string();
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = rein(
+        dir.path(),
+        &[
+            "runs",
+            "resume",
+            &id,
+            "--take-over",
+            "--script",
+            "script.yaml",
+            "--json",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["output"], "The batch is done.");
+    let shown = rein(dir.path(), &["runs", "show", &id, "--json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let kinds: Vec<String> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["kind"].as_str(),
+                Some("node_entered" | "node_finished" | "tool_requested" | "tool_result")
+            )
+        })
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["kind"].as_str().unwrap(),
+                e["payload"]["node"]
+                    .as_str()
+                    .or(e["payload"]["tool"].as_str())
+                    .unwrap()
+            )
+        })
+        .collect();
+    // The node is entered once; its interrupted call is made again as the same step.
+    assert_eq!(
+        kinds,
+        [
+            "node_entered wait",
+            "tool_requested wait_for_batch",
+            "tool_requested wait_for_batch",
+            "tool_result wait_for_batch",
+            "node_finished wait",
+            "node_entered report",
+            "node_finished report",
+            "node_entered done",
+        ],
+        "{kinds:?}"
+    );
+    let out = rein(dir.path(), &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+}
