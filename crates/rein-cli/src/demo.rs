@@ -101,6 +101,12 @@ const SCENARIOS: &[Scenario] = &[
         "awaiting_approval"
     ),
     scenario!(
+        "order-plan",
+        "Order 42 arrived damaged, please sort it out.",
+        "plan and execute: a failed step is retried, then the plan is revised",
+        "completed"
+    ),
+    scenario!(
         "escalation",
         "Where are my orders 5001, 5002 and 5003?",
         "a tool failing again and again hands the run to a person, with a handoff",

@@ -624,6 +624,14 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         s.limits.max_cost_usd,
         s.limits.timeout,
     );
+    if let Some(plan) = s.flow.plan() {
+        say!(
+            "{file}: flow: plan_execute, plans of at most {} steps, {} revision(s), {} retry(ies) per step",
+            plan.max_steps,
+            plan.max_revisions,
+            plan.retries
+        );
+    }
     if let Some(graph) = s.flow.graph() {
         say!(
             "{file}: flow: a graph of {} nodes from `{}` (`rein graph {file}` draws it)",

@@ -273,6 +273,67 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     short(reason, 50)
                 ),
             ]),
+            // A plan's life: each plan and revision, each step's start and report.
+            EventKind::PlanMade {
+                revision,
+                steps,
+                why,
+            } => {
+                let purposes: Vec<&str> = steps.iter().map(|s| s.purpose.as_str()).collect();
+                rows.push([
+                    "   plan".into(),
+                    if *revision == 0 {
+                        "first".to_string()
+                    } else {
+                        format!("revision {revision}")
+                    },
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!(
+                        "{} step(s): {} ({})",
+                        steps.len(),
+                        short(&purposes.join("; "), 50),
+                        short(why, 40)
+                    ),
+                ]);
+            }
+            EventKind::PlanStepStarted {
+                index,
+                purpose,
+                attempt,
+            } => rows.push([
+                "   step".into(),
+                format!("{index}"),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                if *attempt > 1 {
+                    format!("started, attempt {attempt}: {}", short(purpose, 50))
+                } else {
+                    format!("started: {}", short(purpose, 60))
+                },
+            ]),
+            EventKind::PlanStepFinished {
+                index,
+                status,
+                result,
+                ..
+            } => rows.push([
+                "   step".into(),
+                format!("{index}"),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "{}: {}",
+                    match status {
+                        rein_core::plan::StepStatus::Done => "done",
+                        rein_core::plan::StepStatus::Failed => "FAILED",
+                    },
+                    short(result, 60)
+                ),
+            ]),
             // A graph's walk: each node as it is entered and left, with why it went where.
             EventKind::NodeEntered {
                 node,

@@ -374,6 +374,8 @@ pub struct Engine {
     held_reason: Option<String>,
     /// For `flow: graph`: where the run is in its graph.
     graph: Option<GraphRun>,
+    /// For `flow: plan_execute`: where the run is in its plan.
+    plan: Option<planning::PlanRun>,
 }
 
 /// A graph run's place in its graph, rebuilt from `node_entered` and `node_finished`.
@@ -492,6 +494,7 @@ impl Engine {
             judge_repairs: 0,
             held_reason: None,
             graph: None,
+            plan: None,
         }
     }
 
@@ -682,7 +685,10 @@ impl Engine {
     fn begin_conversation(&mut self, context: impl IntoIterator<Item = Message>) {
         self.messages.clear();
         self.message_tokens = 0;
-        let mut instructions = self.agent.spec.instructions.clone();
+        // A plan's run opens with its planner.
+        let mut instructions = self
+            .planner_prompt()
+            .unwrap_or_else(|| self.agent.spec.instructions.clone());
         if self.fence.is_some() {
             instructions.push_str(guard::FENCE_INSTRUCTIONS);
         }
@@ -789,6 +795,9 @@ impl Engine {
                 self.input_message = input.clone();
                 let spec = &self.agent.spec;
                 self.fence = fence.clone().filter(|_| spec.guards.fences(&spec.tools));
+                if spec.flow.plan().is_some() {
+                    self.start_plan();
+                }
                 self.begin_conversation([]);
                 if let Some(graph) = self.agent.spec.flow.graph() {
                     self.graph = Some(GraphRun {
@@ -1137,6 +1146,18 @@ impl Engine {
                 });
             }
             EventKind::NodeEntered { node, visit, .. } => self.enter_node(node, *visit),
+            EventKind::PlanMade {
+                revision, steps, ..
+            } => self.plan_made(*revision, steps),
+            EventKind::PlanStepStarted { index, attempt, .. } => {
+                self.plan_step_started(*index, *attempt);
+            }
+            EventKind::PlanStepFinished {
+                index,
+                status,
+                result,
+                ..
+            } => self.plan_step_finished(*index, *status, result),
             EventKind::NodeFinished { writes, next, .. } => {
                 if let Some(g) = self.graph.as_mut() {
                     g.state
@@ -1513,6 +1534,10 @@ impl Engine {
                     .map(|e| describe_schema_error(&e))
                     .collect();
                 if problems.is_empty() {
+                    if self.in_plan_step() {
+                        self.plan_answered(value);
+                        return;
+                    }
                     if self.graph.is_some() {
                         self.node_answered(value);
                         return;
@@ -1666,7 +1691,7 @@ impl Engine {
             return Some(self.finish_effect(TerminationReason::Timeout, Some(detail), None));
         }
         if self.judging.is_none()
-            && let Some(effect) = self.graph_effect(now_ms)
+            && let Some(effect) = self.graph_effect(now_ms).or_else(|| self.plan_effect())
         {
             return Some(effect);
         }
@@ -1797,6 +1822,9 @@ impl Engine {
         }
         if self.judging.is_some() || self.classifying.is_some() {
             return StepKind::Judge;
+        }
+        if let Some(kind) = self.plan_step_kind() {
+            return kind;
         }
         let can_call_tools = self.offers_tools()
             && spec.model.tool_choice != Some(ToolChoice::None)
@@ -2088,6 +2116,7 @@ fn parse_json_answer(text: &str) -> Result<Value, serde_json::Error> {
     serde_json::from_str(unfenced.trim())
 }
 
+mod planning;
 mod walk;
 
 #[cfg(test)]

@@ -84,6 +84,35 @@ pub enum EventKind {
         /// Why that one: the edge, the route's condition, the model's choice, a failure.
         why: String,
     },
+    /// A plan (`flow: plan_execute`): the first (revision 0), or a revision of the steps left.
+    PlanMade {
+        /// 0 for the first plan, then 1, 2, ...
+        revision: u32,
+        /// The steps still to do, in order.
+        steps: Vec<crate::plan::PlanStep>,
+        /// Why the plan is what it is (the planner's reason, or what prompted the revision).
+        why: String,
+    },
+    /// A plan step began: its checkpoint.
+    PlanStepStarted {
+        /// The step's number in the run, from 1 (steps done, skipped or failed count).
+        index: u32,
+        /// What it does.
+        purpose: String,
+        /// 1, then 2, ... when a failed step is retried.
+        attempt: u32,
+    },
+    /// A plan step ended, as its executor reported.
+    PlanStepFinished {
+        /// The step's number.
+        index: u32,
+        /// Done or failed.
+        status: crate::plan::StepStatus,
+        /// The result, or what went wrong.
+        result: String,
+        /// Which attempt this was.
+        attempt: u32,
+    },
     /// A queued run was taken up by a worker: its wall clock starts here.
     RunClaimed {
         /// The worker (process) that took it.
@@ -358,6 +387,9 @@ impl EventKind {
             EventKind::ChatRequest(_) => "chat_request",
             EventKind::NodeEntered { .. } => "node_entered",
             EventKind::NodeFinished { .. } => "node_finished",
+            EventKind::PlanMade { .. } => "plan_made",
+            EventKind::PlanStepStarted { .. } => "plan_step_started",
+            EventKind::PlanStepFinished { .. } => "plan_step_finished",
             EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::GuardVerdict { .. } => "guard_verdict",
             EventKind::OutputSanitized { .. } => "output_sanitized",

@@ -766,7 +766,7 @@ flow:
         let graph = agent.spec.flow.graph().unwrap();
         assert_eq!(graph.nodes.len(), 5);
         assert_eq!(graph.next("triage"), Some("route"));
-        assert!(agent.node_validators.contains_key("triage"));
+        assert!(agent.step_validators.contains_key("triage"));
     }
 
     #[test]

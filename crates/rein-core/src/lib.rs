@@ -18,6 +18,7 @@ pub mod ids;
 pub mod message;
 pub mod meter;
 pub mod money;
+pub mod plan;
 pub mod price;
 pub mod rate;
 pub mod run;

@@ -268,7 +268,7 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
     let mut models: HashMap<u32, Span> = HashMap::new();
     let mut tools: HashMap<String, Span> = HashMap::new();
     let mut approvals: HashMap<u32, Span> = HashMap::new();
-    // The graph node the run is in (`flow: graph`), and the span its steps go under.
+    // The graph node or plan step the run is in, and the span its calls go under.
     let mut node: Option<Span> = None;
     let mut within = root_id;
     let (mut input, mut output, mut cost) = (0u64, 0u64, Usd::ZERO);
@@ -549,6 +549,64 @@ pub fn spans(run: &RunId, events: &[Event]) -> Vec<Span> {
                 if let Some(open) = node.replace(span) {
                     done.push(open);
                 }
+            }
+            EventKind::PlanMade {
+                revision,
+                steps,
+                why,
+            } => {
+                let mut span = child(
+                    root_id,
+                    format!("plan:{revision}"),
+                    "plan".into(),
+                    Kind::Internal,
+                    event.ts_ms,
+                );
+                span.end_ms = event.ts_ms;
+                span.attributes.extend([
+                    ("rein.plan.revision", int(*revision)),
+                    (
+                        "rein.plan.steps",
+                        Value::StrList(steps.iter().map(|s| s.purpose.clone()).collect()),
+                    ),
+                    ("rein.plan.why", text(why.as_str())),
+                ]);
+                done.push(span);
+            }
+            // A plan step is a span over its executor's calls, as a graph node is.
+            EventKind::PlanStepStarted {
+                index,
+                purpose,
+                attempt,
+            } => {
+                let mut span = child(
+                    root_id,
+                    format!("plan_step:{index}:{attempt}"),
+                    format!("plan_step {index}"),
+                    Kind::Internal,
+                    event.ts_ms,
+                );
+                span.attributes.extend([
+                    ("rein.plan.step", int(*index)),
+                    ("rein.plan.purpose", text(purpose.as_str())),
+                    ("rein.plan.attempt", int(*attempt)),
+                ]);
+                within = span.span_id;
+                if let Some(open) = node.replace(span) {
+                    done.push(open);
+                }
+            }
+            EventKind::PlanStepFinished { status, result, .. } => {
+                if let Some(mut span) = node.take() {
+                    span.end_ms = event.ts_ms;
+                    span.attributes
+                        .push(("rein.plan.status", text(status.as_str())));
+                    if *status == crate::plan::StepStatus::Failed {
+                        span.status = Status::Error(result.clone());
+                    }
+                    done.push(span);
+                }
+                within = root_id;
             }
             EventKind::NodeFinished {
                 next, why, writes, ..

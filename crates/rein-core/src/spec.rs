@@ -6,6 +6,7 @@
 
 use crate::duration::parse_duration;
 use crate::graph::{Condition, Graph, GraphNode, NodeKind, Route, Test};
+use crate::plan::PlanPolicy;
 use crate::price::{Price, PriceTable};
 use crate::yaml::{self, Node, NodeValue, Pos};
 use crate::{ToolDefinition, Usd};
@@ -340,14 +341,24 @@ pub enum Flow {
     React,
     /// An explicit state graph ([`crate::graph`]).
     Graph(Box<Graph>),
+    /// A planner's plan, carried out step by step and revised ([`crate::plan`]).
+    PlanExecute(PlanPolicy),
 }
 
 impl Flow {
+    /// The plan policy, for `plan_execute`.
+    pub fn plan(&self) -> Option<&PlanPolicy> {
+        match self {
+            Flow::PlanExecute(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The graph, for a graph flow.
     pub fn graph(&self) -> Option<&Graph> {
         match self {
             Flow::Graph(g) => Some(g),
-            Flow::React => None,
+            _ => None,
         }
     }
 }
@@ -710,9 +721,10 @@ pub struct Agent {
     pub tool_validators: Vec<Arc<jsonschema::Validator>>,
     /// Validator of the final answer, if the spec has an output schema.
     pub output_validator: Option<Arc<jsonschema::Validator>>,
-    /// For a graph: the validator of each model step's answer, by node (an `llm` node's
-    /// fields, a model-chosen router's choice), with its schema.
-    pub node_validators: BTreeMap<String, (Value, Arc<jsonschema::Validator>)>,
+    /// The validator of each kind of structured model step's answer, with its schema: for a
+    /// graph, by node (an `llm` node's fields, a model-chosen router's choice, a tool node's
+    /// result); for `plan_execute`, `plan` (a plan) and `step` (an executor's report).
+    pub step_validators: BTreeMap<String, (Value, Arc<jsonschema::Validator>)>,
 }
 
 impl Agent {
@@ -1151,9 +1163,21 @@ impl Parser<'_> {
             Some((schema, validator)) => (Some(schema), Some(Arc::new(validator))),
             None => (None, None),
         };
-        let node_validators = match flow.as_ref().and_then(Flow::graph) {
-            Some(graph) => self.node_validators(graph)?,
-            None => BTreeMap::new(),
+        let step_validators = match &flow {
+            Some(Flow::Graph(graph)) => self.step_validators(graph)?,
+            Some(Flow::PlanExecute(policy)) => {
+                let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+                let mut out = BTreeMap::new();
+                for (key, schema) in [
+                    ("plan", crate::plan::plan_schema(policy.max_steps, &names)),
+                    ("step", crate::plan::step_schema()),
+                ] {
+                    let validator = jsonschema::validator_for(&schema).ok()?;
+                    out.insert(key.to_string(), (schema, Arc::new(validator)));
+                }
+                out
+            }
+            _ => BTreeMap::new(),
         };
         Some(Agent {
             spec: AgentSpec {
@@ -1175,19 +1199,22 @@ impl Parser<'_> {
             prices: prices?,
             tool_validators,
             output_validator,
-            node_validators,
+            step_validators,
         })
     }
 
     /// `flow`: `react` (the default), `plan_execute` (not yet), or `{graph: {...}}`.
     fn flow(&mut self, node: &Node, tools: &[&str]) -> Option<Flow> {
         if let NodeValue::Map(_) = &node.value {
-            let f = self.fields(node, "flow", &["graph"])?;
+            let f = self.fields(node, "flow", &["graph", "plan_execute"])?;
+            if let Some(p) = f.get("plan_execute") {
+                return self.plan_policy(p).map(Flow::PlanExecute);
+            }
             let Some(g) = f.get("graph") else {
                 self.error(
                     node.pos,
                     "flow",
-                    "expected `graph: {...}` or the name of a flow",
+                    "expected `graph: {...}`, `plan_execute: {...}` or the name of a flow",
                 );
                 return None;
             };
@@ -1204,27 +1231,74 @@ impl Parser<'_> {
                 );
                 None
             }
-            "plan_execute" => {
-                self.error(
-                    node.pos,
-                    "flow",
-                    "this flow is not supported yet; use `react` or a `graph`",
-                );
-                None
-            }
+            "plan_execute" => Some(Flow::PlanExecute(PlanPolicy::default())),
             other => {
                 self.error(
                     node.pos,
                     "flow",
-                    format!("`{other}` is not a flow; use `react` or a `graph`"),
+                    format!("`{other}` is not a flow; use `react`, `plan_execute` or a `graph`"),
                 );
                 None
             }
         }
     }
 
+    /// `flow: {plan_execute: {max_steps, max_revisions, replan, retries, on_step_failure}}`.
+    fn plan_policy(&mut self, node: &Node) -> Option<PlanPolicy> {
+        use crate::plan::{OnStepFailure, Replan};
+        let f = self.fields(
+            node,
+            "flow.plan_execute",
+            &[
+                "max_steps",
+                "max_revisions",
+                "replan",
+                "retries",
+                "on_step_failure",
+            ],
+        )?;
+        let d = PlanPolicy::default();
+        let int = |p: &mut Self, key: &str, min: i64, max: i64, default: u32| match f.get(key) {
+            None => Some(default),
+            Some(n) => p.integer(n, &f.child(key), min, max).map(|v| v as u32),
+        };
+        let max_steps = int(self, "max_steps", 1, 20, d.max_steps);
+        let max_revisions = int(self, "max_revisions", 0, 10, d.max_revisions);
+        let retries = int(self, "retries", 0, 5, d.retries);
+        let replan = f.get("replan").map_or(Some(d.replan), |n| {
+            self.one_of(
+                n,
+                "flow.plan_execute.replan",
+                &[
+                    ("on_failure", Replan::OnFailure),
+                    ("after_each_step", Replan::AfterEachStep),
+                ],
+            )
+        });
+        let on_step_failure = f
+            .get("on_step_failure")
+            .map_or(Some(d.on_step_failure), |n| {
+                self.one_of(
+                    n,
+                    "flow.plan_execute.on_step_failure",
+                    &[
+                        ("replan", OnStepFailure::Replan),
+                        ("skip", OnStepFailure::Skip),
+                        ("fail", OnStepFailure::Fail),
+                    ],
+                )
+            });
+        Some(PlanPolicy {
+            max_steps: max_steps?,
+            max_revisions: max_revisions?,
+            replan: replan?,
+            retries: retries?,
+            on_step_failure: on_step_failure?,
+        })
+    }
+
     /// The answer validators of a graph's model steps.
-    fn node_validators(
+    fn step_validators(
         &mut self,
         graph: &Graph,
     ) -> Option<BTreeMap<String, (Value, Arc<jsonschema::Validator>)>> {

@@ -11,9 +11,10 @@
 //! repeat_last: false   # true: keep answering with the last response forever
 //! ```
 //!
-//! A response with `when: TEXT` answers only conversations whose system prompt contains TEXT
-//! (the Nth such call gets the Nth such response): a graph's nodes each begin a conversation
-//! of their own, and `when` names the node's instructions.
+//! A response with `when: TEXT` answers only conversations whose messages contain TEXT, and
+//! one with `unless: TEXT` only those whose messages do not (the Nth such call gets the Nth
+//! such response): a graph's nodes and a plan's steps each begin a conversation of their own,
+//! and `when` names the node's instructions or the step.
 //!
 //! The script is stateless: which response to give is read off the conversation (how many
 //! assistant turns it has), so one scripted model serves any number of concurrent runs and a
@@ -47,6 +48,8 @@ struct Script {
 struct Step {
     #[serde(default)]
     when: Option<String>,
+    #[serde(default)]
+    unless: Option<String>,
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
@@ -106,17 +109,18 @@ impl ScriptedModel {
             .filter(|m| m.role == Role::Assistant)
             .count()
             + 1;
-        let system = request
-            .messages
-            .iter()
-            .find(|m| m.role == Role::System)
-            .and_then(|m| m.content.as_deref())
-            .unwrap_or_default();
+        let says = |text: &str| {
+            request
+                .messages
+                .iter()
+                .any(|m| m.content.as_deref().is_some_and(|c| c.contains(text)))
+        };
         let responses: Vec<&Step> = self
             .script
             .responses
             .iter()
-            .filter(|s| s.when.as_ref().is_none_or(|w| system.contains(w.as_str())))
+            .filter(|s| s.when.as_deref().is_none_or(says))
+            .filter(|s| s.unless.as_deref().is_none_or(|u| !says(u)))
             .collect();
         let step = match responses.get(n - 1) {
             Some(step) => *step,
@@ -231,7 +235,7 @@ mod tests {
     fn a_response_with_when_answers_only_the_conversations_it_names() {
         let m = ScriptedModel::parse(
             "s.yaml",
-            "responses:\n  - {when: Classify, text: refund}\n  - {when: Answer, text: hello}\n  - {when: Answer, text: again}\n",
+            "responses:\n  - {when: Classify, text: refund}\n  - {when: Answer, unless: twice, text: hello}\n  - {when: Answer, unless: twice, text: again}\n  - {when: twice, text: second}\n",
         )
         .unwrap();
         let ask = |system: &str, earlier: usize| {
@@ -250,6 +254,10 @@ mod tests {
         assert_eq!(
             ask("Answer the customer.", 1).unwrap().as_deref(),
             Some("again")
+        );
+        assert_eq!(
+            ask("Answer it twice.", 0).unwrap().as_deref(),
+            Some("second")
         );
         assert!(ask("Something else.", 0).is_err(), "no response answers it");
     }

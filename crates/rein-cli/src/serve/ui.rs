@@ -276,6 +276,20 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                     tool.as_deref().unwrap_or(""),
                     verdict.as_str()
                 ),
+                EventKind::PlanMade {
+                    revision, steps, ..
+                } => format!("plan (revision {revision}): {} step(s)", steps.len()),
+                EventKind::PlanStepStarted {
+                    index,
+                    purpose,
+                    attempt,
+                } => format!("step {index} started (attempt {attempt}): {purpose}"),
+                EventKind::PlanStepFinished {
+                    index,
+                    status,
+                    result,
+                    ..
+                } => format!("step {index} {}: {result}", status.as_str()),
                 EventKind::NodeEntered {
                     node, node_kind, ..
                 } => format!("entered {node_kind} node {node}"),

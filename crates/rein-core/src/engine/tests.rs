@@ -8,6 +8,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 
 mod graph;
+mod plan;
 
 const SPEC: &str = r#"
 name: tester

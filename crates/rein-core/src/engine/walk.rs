@@ -42,12 +42,15 @@ impl Engine {
     /// The validator of the answer the next model call must give: the node's, in a graph's
     /// model step; else the spec's `output_schema`.
     pub(super) fn answer_validator(&self) -> Option<Arc<jsonschema::Validator>> {
+        if let Some((_, v)) = self.plan_answer() {
+            return Some(v.clone());
+        }
         if self.in_model_node()
             && let Some((g, _)) = self.current_node()
         {
             return self
                 .agent
-                .node_validators
+                .step_validators
                 .get(&g.node)
                 .map(|(_, v)| v.clone());
         }
@@ -57,17 +60,20 @@ impl Engine {
     /// The JSON Schema the next model call's answer must satisfy, for the provider's
     /// structured-output support: the node's, in a graph's model step; else the spec's.
     pub fn output_schema(&self) -> Option<&Value> {
+        if let Some((s, _)) = self.plan_answer() {
+            return Some(s);
+        }
         if self.in_model_node()
             && let Some((g, _)) = self.current_node()
         {
-            return self.agent.node_validators.get(&g.node).map(|(s, _)| s);
+            return self.agent.step_validators.get(&g.node).map(|(s, _)| s);
         }
         self.agent.spec.output_schema.as_ref()
     }
 
     /// Whether the model is offered tools: the node's, in a graph; else the agent's.
     pub(super) fn offers_tools(&self) -> bool {
-        if self.graph.is_some() {
+        if self.graph.is_some() || self.plan.is_some() {
             !self.tool_definitions.is_empty()
         } else {
             !self.agent.spec.tools.is_empty()
@@ -77,6 +83,9 @@ impl Engine {
     /// Whether the run, where it is, may call `tool`: in a graph, only a tool node's own tool
     /// or one of the `llm` node's tools.
     pub(super) fn may_call(&self, tool: &str) -> bool {
+        if self.plan.is_some() {
+            return self.tool_definitions.iter().any(|d| d.name == tool);
+        }
         if self.graph.is_none() {
             return true;
         }
@@ -109,7 +118,7 @@ impl Engine {
             );
             return;
         };
-        let schema = agent.node_validators.get(node).map(|(s, _)| s);
+        let schema = agent.step_validators.get(node).map(|(s, _)| s);
         match &spec_node.kind {
             NodeKind::Llm {
                 instructions,
@@ -313,7 +322,7 @@ impl Engine {
                 .collect(),
         };
         let value = Value::Object(set.clone());
-        if let Some((_, validator)) = agent.node_validators.get(&node.name) {
+        if let Some((_, validator)) = agent.step_validators.get(&node.name) {
             let problems: Vec<String> = validator
                 .iter_errors(&value)
                 .take(5)

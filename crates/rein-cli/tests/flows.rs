@@ -1,6 +1,7 @@
-//! `flow: graph` through the `rein` binary: `rein check` naming the bad node, `rein graph`,
-//! the refund example run to a person's approval and on to its end, and a graph run killed
-//! inside a node resumed to the end without repeating a node.
+//! Explicit control flow through the `rein` binary. `flow: graph`: `rein check` naming the
+//! bad node, `rein graph`, the refund example run to a person's approval and on to its end,
+//! and a graph run killed inside a node resumed there. `flow: plan_execute`: the order
+//! example, whose failed step is retried and whose plan is then revised.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -310,5 +311,100 @@ flow:
         "{kinds:?}"
     );
     let out = rein(dir.path(), &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+}
+
+#[test]
+fn the_order_plan_retries_its_failed_step_then_revises_the_plan() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tools = rt.block_on(rein_fakes::ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/demo/order-plan.yaml"
+    ))
+    .unwrap()
+    .replace("{{tools_url}}", &tools.url());
+    std::fs::write(dir.path().join("plan.yaml"), spec).unwrap();
+    std::fs::write(
+        dir.path().join("script.yaml"),
+        include_str!("../../../examples/demo/order-plan.script.yaml"),
+    )
+    .unwrap();
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "plan.yaml",
+            "--input",
+            "Order 42 arrived damaged, please sort it out.",
+            "--script",
+            "script.yaml",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(
+        v["output"]
+            .as_str()
+            .unwrap()
+            .starts_with("Order 42 has not shipped yet"),
+        "{v}"
+    );
+    // The failed attempt really called the service, for the wrong order; the retry the right one.
+    assert_eq!((tools.hits("orders/4200"), tools.hits("orders/42")), (1, 1));
+    let id = v["run_id"].as_str().unwrap();
+    let shown = rein(
+        dir.path(),
+        &["runs", "show", id, "--json", "--db", "runs.db"],
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let story: Vec<String> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let p = &e["payload"];
+            Some(match e["kind"].as_str()? {
+                "plan_made" => format!(
+                    "plan {} ({} steps)",
+                    p["revision"],
+                    p["steps"].as_array()?.len()
+                ),
+                "plan_step_started" => format!("start {}.{}", p["index"], p["attempt"]),
+                "plan_step_finished" => {
+                    format!("{} {}.{}", p["status"].as_str()?, p["index"], p["attempt"])
+                }
+                _ => return None,
+            })
+        })
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "plan 0 (2 steps)",
+            "start 1.1",
+            "failed 1.1",
+            "start 1.2",
+            "done 1.2",
+            "plan 1 (1 steps)",
+            "start 2.1",
+            "done 2.1",
+        ]
+    );
+    let out = rein(dir.path(), &["runs", "show", id, "--db", "runs.db"]);
+    let (trace, _) = text(&out);
+    for line in [
+        "FAILED: the order service has no order 4200",
+        "started, attempt 2: Look up order 42",
+        "revision 1",
+    ] {
+        assert!(trace.contains(line), "{line}: {trace}");
+    }
+    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
 }
