@@ -796,7 +796,13 @@ pub async fn runtime_for(
         ),
         None => store.clone(),
     };
+    let workers = Arc::new(WorkerSpecs {
+        prices: config.prices.clone(),
+        builtins: builtins.clone(),
+        store: store.clone(),
+    });
     let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
+        .with_workers(workers)
         .with_governor(rein_runtime::Governor {
             counters,
             budgets: config.budgets.clone(),
@@ -807,6 +813,45 @@ pub async fn runtime_for(
         Some(otlp) => runtime.with_spans(otlp),
         None => runtime,
     })
+}
+
+/// Finds the worker agents a spec calls (`source: {agent: {spec: ...}}`): a reference ending in
+/// `.yaml` or `.yml` is a file, relative to where rein runs; any other is an agent registered
+/// for the caller's tenant (`POST /v1/agents`), in its newest version.
+struct WorkerSpecs {
+    prices: rein_core::PriceTable,
+    builtins: Builtins,
+    store: Arc<dyn Store>,
+}
+
+impl rein_runtime::Workers for WorkerSpecs {
+    fn resolve<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        reference: &'a str,
+    ) -> rein_runtime::workers::BoxFuture<'a, Result<(Agent, String), String>> {
+        Box::pin(async move {
+            let source = if reference.ends_with(".yaml") || reference.ends_with(".yml") {
+                tokio::fs::read_to_string(reference)
+                    .await
+                    .map_err(|e| format!("cannot read {reference}: {e}"))?
+            } else {
+                self.store
+                    .agent(tenant, reference, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no agent `{reference}` is registered"))?
+                    .spec
+            };
+            let infos = self.builtins.infos();
+            let ctx = CheckContext {
+                prices: &self.prices,
+                builtin_tools: &infos,
+            };
+            let agent = Agent::parse(reference, &source, &ctx).map_err(|e| e.to_string())?;
+            Ok((agent, source))
+        })
+    }
 }
 
 async fn open_store(store: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {

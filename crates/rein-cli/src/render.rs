@@ -32,6 +32,10 @@ fn short(text: &str, max: usize) -> String {
 pub fn trace(run: &RunRecord, events: &[Event]) -> String {
     let mut rows: Vec<[String; 6]> = Vec::new();
     let mut finish = None;
+    // Worker agents: each run's outcome, and, by tool call, whether a failure was contained.
+    let mut workers: Vec<(u32, String, bool, Option<String>)> = Vec::new();
+    let mut worker_cost = rein_core::Usd::ZERO;
+    let mut contained: Vec<String> = Vec::new();
     for event in events {
         match &event.kind {
             EventKind::ModelResponded {
@@ -99,6 +103,30 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 attempts,
                 ..
             } => {
+                let failed_workers: Vec<&(u32, String, bool, Option<String>)> = workers
+                    .iter()
+                    .filter(|(s, t, accepted, _)| s == step && t == tool && !accepted)
+                    .collect();
+                if !failed_workers.is_empty() {
+                    let stopped = failed_workers
+                        .iter()
+                        .any(|(_, _, _, r)| r.as_deref() == Some("max_depth"));
+                    let how = if stopped {
+                        "not contained: a cascade past max_depth stops the whole tree"
+                    } else if result.is_success() {
+                        "its fallback answered"
+                    } else {
+                        "the caller's model was told"
+                    };
+                    let why: Vec<String> = failed_workers
+                        .iter()
+                        .map(|(_, _, _, r)| r.clone().unwrap_or_else(|| "failed".into()))
+                        .collect();
+                    contained.push(format!(
+                        "`{tool}` (step {step}) {}: {how}",
+                        why.join(", then ")
+                    ));
+                }
                 let status = match (result.status, attempts) {
                     (ToolStatus::Success, 1) => "success".to_string(),
                     (ToolStatus::Success, n) => format!("success after {n} attempts"),
@@ -273,6 +301,63 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     short(reason, 50)
                 ),
             ]),
+            // Worker agents: each child run, its budget, what it spent, whether it was taken.
+            EventKind::WorkerStarted {
+                step,
+                tool,
+                spec,
+                run_id,
+                budget,
+                fallback,
+                ..
+            } => rows.push([
+                format!("#{step} worker"),
+                tool.clone(),
+                "-".into(),
+                format!("≤{} tokens", budget.max_total_tokens),
+                format!("≤{}", budget.max_cost_usd),
+                format!(
+                    "{}started {spec} as run {run_id} (depth {})",
+                    if *fallback { "fallback " } else { "" },
+                    budget.depth
+                ),
+            ]),
+            EventKind::WorkerFinished {
+                step,
+                tool,
+                agent,
+                status,
+                reason,
+                detail,
+                cost,
+                usage,
+                accepted,
+                ..
+            } => {
+                worker_cost += *cost;
+                let ended = reason.map_or(status.to_string(), |r| r.to_string());
+                workers.push((
+                    *step,
+                    tool.clone(),
+                    *accepted,
+                    reason.map(|r| r.to_string()),
+                ));
+                rows.push([
+                    format!("#{step} worker"),
+                    agent.clone(),
+                    "-".into(),
+                    tokens(usage),
+                    cost.to_string(),
+                    if *accepted {
+                        format!("{ended}: answer taken")
+                    } else {
+                        format!(
+                            "FAILED ({ended}): {}",
+                            short(detail.as_deref().unwrap_or(""), 60)
+                        )
+                    },
+                ]);
+            }
             // A plan's life: each plan and revision, each step's start and report.
             EventKind::PlanMade {
                 revision,
@@ -457,6 +542,18 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
         }
         None => {
             let _ = writeln!(out, "└─ {} (no run_finished event yet)", p.status);
+        }
+    }
+    if !workers.is_empty() {
+        let taken = workers.iter().filter(|w| w.2).count();
+        let _ = writeln!(
+            out,
+            "workers: {} run(s), {taken} answer(s) taken, {} spent by them (in this run's limits)",
+            workers.len(),
+            worker_cost
+        );
+        for c in &contained {
+            let _ = writeln!(out, "  failure contained: {c}");
         }
     }
     let wall = (run.updated_ms - run.info.created_ms).max(0);

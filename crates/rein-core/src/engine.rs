@@ -148,6 +148,8 @@ pub struct ToolInvocation {
     pub tool: String,
     /// Arguments, valid against the tool's input schema.
     pub arguments: Value,
+    /// For a worker agent: its budget and place in the tree.
+    pub budget: Option<crate::event::WorkerBudget>,
 }
 
 impl ToolInvocation {
@@ -376,6 +378,14 @@ pub struct Engine {
     graph: Option<GraphRun>,
     /// For `flow: plan_execute`: where the run is in its plan.
     plan: Option<planning::PlanRun>,
+    /// This run's depth in its tree of worker agents (0 at the top).
+    depth: u32,
+    /// The deepest the tree may grow.
+    max_depth: u32,
+    /// Budget held by workers running (or whose end is not recorded): cost and tokens.
+    worker_reserved: (Usd, u64),
+    /// Each worker call's budget, by the step and call id of its tool call.
+    worker_budgets: HashMap<(u32, String), Vec<crate::event::WorkerBudget>>,
 }
 
 /// A graph run's place in its graph, rebuilt from `node_entered` and `node_finished`.
@@ -495,6 +505,10 @@ impl Engine {
             held_reason: None,
             graph: None,
             plan: None,
+            depth: 0,
+            max_depth: 0,
+            worker_reserved: (Usd::ZERO, 0),
+            worker_budgets: HashMap::new(),
         }
     }
 
@@ -513,6 +527,11 @@ impl Engine {
     /// The agent this run executes.
     pub fn agent(&self) -> &Arc<Agent> {
         &self.agent
+    }
+
+    /// The authorisation scopes the run's tenant was granted when it started.
+    pub fn granted_scopes(&self) -> &[String] {
+        &self.granted_scopes
     }
 
     /// The conversation so far, to send with the next model call.
@@ -787,9 +806,16 @@ impl Engine {
                 input,
                 granted_scopes,
                 fence,
+                parent,
                 ..
             } => {
                 self.started_ms = Some(event.ts_ms);
+                // A worker's tree is bounded by its top run's limit and by its own.
+                let own = self.agent.spec.limits.max_depth;
+                (self.depth, self.max_depth) = match parent {
+                    Some(p) => (p.depth, p.max_depth.min(p.depth.saturating_add(own))),
+                    None => (0, own),
+                };
                 self.granted_scopes = granted_scopes.clone();
                 self.input = input.clone();
                 self.input_message = input.clone();
@@ -1146,6 +1172,33 @@ impl Engine {
                 });
             }
             EventKind::NodeEntered { node, visit, .. } => self.enter_node(node, *visit),
+            EventKind::WorkerStarted {
+                step,
+                call_id,
+                budget,
+                ..
+            } => {
+                self.worker_started(budget);
+                self.worker_budgets
+                    .entry((*step, call_id.clone()))
+                    .or_default()
+                    .push(*budget);
+            }
+            EventKind::WorkerFinished {
+                step,
+                call_id,
+                reason,
+                detail,
+                cost,
+                usage,
+                ..
+            } => {
+                let budget = self
+                    .worker_budgets
+                    .get_mut(&(*step, call_id.clone()))
+                    .and_then(|b| (!b.is_empty()).then(|| b.remove(0)));
+                self.worker_finished(budget, *reason, detail.as_deref(), *cost, usage);
+            }
             EventKind::PlanMade {
                 revision, steps, ..
             } => self.plan_made(*revision, steps),
@@ -1237,6 +1290,9 @@ impl Engine {
                 }
                 self.judge_progress(tool_name, result);
                 self.tool_node_result(call_id, result);
+                if !result.is_success() {
+                    self.worker_failed(tool_name, result.message.as_deref().unwrap_or_default());
+                }
                 if !result.is_success() && self.past_deadline(event.ts_ms) {
                     let detail = format!(
                         "the call to `{}` was cut off at the run's wall-clock limit of {:?}",
@@ -1766,7 +1822,9 @@ impl Engine {
             None => spec.model.max_output_tokens,
         };
         let worst_case_tokens = estimated_input_tokens + u64::from(max_output_tokens);
-        if self.usage.total() + worst_case_tokens > limits.max_total_tokens {
+        // What workers hold counts as spent until they end.
+        let (held_cost, held_tokens) = self.worker_reserved;
+        if self.usage.total() + held_tokens + worst_case_tokens > limits.max_total_tokens {
             let detail = format!(
                 "refused the next model call before making it: {} tokens used + up to {} for the call would exceed the cap of {}",
                 self.usage.total(),
@@ -1783,7 +1841,7 @@ impl Engine {
             cache_write_tokens: 0,
             output_tokens: u64::from(max_output_tokens),
         });
-        if self.cost + worst_case_cost > limits.max_cost_usd {
+        if self.cost + held_cost + worst_case_cost > limits.max_cost_usd {
             let detail = format!(
                 "refused the next model call before making it: {} spent + up to {} for the call would exceed the cap of {}",
                 self.cost, worst_case_cost, limits.max_cost_usd
@@ -2014,11 +2072,16 @@ impl Engine {
                 }
             }
         }
+        let budget = match self.worker_budget(tool) {
+            Ok(budget) => budget,
+            Err((reason, detail)) => return self.finish_effect(reason, Some(detail), None),
+        };
         Effect::CallTool(ToolInvocation {
             step,
             call_id: call.id.clone(),
             tool: call.name.clone(),
             arguments,
+            budget,
         })
     }
 }
@@ -2034,11 +2097,19 @@ impl Engine {
         let tool = self.agent.tool(&call.name).map(|(tool, _)| tool);
         let arguments = serde_json::from_str::<Value>(&call.arguments).ok();
         let again = |arguments: Value| {
+            let budget = match tool.map(|t| self.worker_budget(t)) {
+                Some(Err((reason, detail))) => {
+                    return self.finish_effect(reason, Some(detail), None);
+                }
+                Some(Ok(budget)) => budget,
+                None => None,
+            };
             Effect::CallTool(ToolInvocation {
                 step,
                 call_id: call.id.clone(),
                 tool: call.name.clone(),
                 arguments,
+                budget,
             })
         };
         match (tool, arguments, self.approvals.get(&step)) {
@@ -2118,6 +2189,7 @@ fn parse_json_answer(text: &str) -> Result<Value, serde_json::Error> {
 
 mod planning;
 mod walk;
+mod workers;
 
 #[cfg(test)]
 mod tests;

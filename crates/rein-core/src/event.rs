@@ -13,6 +13,32 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// Where a worker's run sits in its tree of agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The run whose tool call started it.
+    pub run_id: RunId,
+    /// That call's step.
+    pub step: u32,
+    /// Its depth: 1 for a worker of a top-level run.
+    pub depth: u32,
+    /// The deepest the tree may grow (the top-level run's `limits.max_depth`, or less).
+    pub max_depth: u32,
+}
+
+/// A worker's budget, carved out of its caller's, and its place in the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerBudget {
+    /// The most it may spend.
+    pub max_cost_usd: Usd,
+    /// The most tokens it may use.
+    pub max_total_tokens: u64,
+    /// Its depth in the tree.
+    pub depth: u32,
+    /// The tree's depth limit.
+    pub max_depth: u32,
+}
+
 /// The `prev_hash` of a run's first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -49,6 +75,9 @@ pub enum EventKind {
         /// markers carrying it, which text from outside cannot forge.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fence: Option<String>,
+        /// For a worker's run: the run that called it, and where in the tree it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<ParentLink>,
     },
     /// The conversation this run continues: the earlier turns of its session (recorded with
     /// `run_started`, so a resumed run begins from the same place). With `summarize`, the
@@ -112,6 +141,52 @@ pub enum EventKind {
         result: String,
         /// Which attempt this was.
         attempt: u32,
+    },
+    /// A worker agent's run was started for a tool call, under a budget carved out of this
+    /// run's (held against this run's limits until the worker ends).
+    WorkerStarted {
+        /// The tool call's step.
+        step: u32,
+        /// The tool call.
+        call_id: String,
+        /// The worker tool.
+        tool: String,
+        /// The worker's spec reference.
+        spec: String,
+        /// The worker's run.
+        run_id: RunId,
+        /// What it may spend, and where in the tree it is.
+        budget: WorkerBudget,
+        /// Whether it stands in for a worker that failed.
+        fallback: bool,
+    },
+    /// A worker's run ended: what it spent (now this run's spend too) and whether its answer
+    /// was taken.
+    WorkerFinished {
+        /// The tool call's step.
+        step: u32,
+        /// The tool call.
+        call_id: String,
+        /// The worker tool.
+        tool: String,
+        /// The worker's run.
+        run_id: RunId,
+        /// The worker's agent.
+        agent: String,
+        /// How it ended.
+        status: RunStatus,
+        /// Its termination reason.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<TerminationReason>,
+        /// Why it ended so, or why its answer was not taken.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        /// What it spent.
+        cost: Usd,
+        /// Tokens it used.
+        usage: Usage,
+        /// Whether its answer was taken (completed, and within the output schema).
+        accepted: bool,
     },
     /// A queued run was taken up by a worker: its wall clock starts here.
     RunClaimed {
@@ -390,6 +465,8 @@ impl EventKind {
             EventKind::PlanMade { .. } => "plan_made",
             EventKind::PlanStepStarted { .. } => "plan_step_started",
             EventKind::PlanStepFinished { .. } => "plan_step_finished",
+            EventKind::WorkerStarted { .. } => "worker_started",
+            EventKind::WorkerFinished { .. } => "worker_finished",
             EventKind::RunClaimed { .. } => "run_claimed",
             EventKind::GuardVerdict { .. } => "guard_verdict",
             EventKind::OutputSanitized { .. } => "output_sanitized",

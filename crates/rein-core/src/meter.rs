@@ -573,6 +573,7 @@ mod tests {
                     granted_scopes: Vec::new(),
                     trace_parent: None,
                     fence: None,
+                    parent: None,
                 },
             ),
             at(1_001, requested(1, StepKind::Plan)),

@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_STEPS_WITHOUT_PROGRESS: u32 = 10;
 pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 5;
 /// Default cap on output tokens per model call when `model.max_output_tokens` is not set.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 1024;
+/// Default depth of a tree of worker agents below a run.
+pub const DEFAULT_MAX_DEPTH: u32 = 3;
 /// Default per-call timeout of a tool when its contract sets none.
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -403,6 +405,40 @@ pub enum ToolSource {
     Builtin(String),
     /// An HTTP endpoint.
     Http(HttpSource),
+    /// Another agent, run as a worker: a child run of its own under a budget carved out of
+    /// the caller's.
+    Agent(WorkerSource),
+}
+
+/// A worker agent called as a tool.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkerSource {
+    /// The worker's spec: a file (`.yaml`/`.yml`, relative to where Rein runs) or the name of
+    /// an agent registered with `rein serve` for the caller's tenant.
+    pub spec: String,
+    /// JSON Schema the worker's answer must satisfy (given to the worker as its output schema
+    /// when its spec has none, so it repairs its own answer; checked again when it returns).
+    pub output_schema: Option<Value>,
+    /// The most the worker may spend; at most what the caller has left, and by default half
+    /// of it.
+    pub max_cost_usd: Option<Usd>,
+    /// The most tokens it may use; likewise.
+    pub max_total_tokens: Option<u64>,
+    /// What stands in when the worker fails (ends other than `completed`, or answers outside
+    /// its output schema).
+    pub fallback: Option<WorkerFallback>,
+}
+
+/// What stands in for a worker that failed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerFallback {
+    /// Another worker agent (same reference forms), under what is left of the budget.
+    Agent(String),
+    /// A fixed answer.
+    Answer(Value),
+    /// The caller's run is handed to a person.
+    Escalate,
 }
 
 /// An HTTP tool: `{field}` placeholders in the URL are filled from the arguments.
@@ -649,6 +685,9 @@ pub struct Limits {
     pub max_steps_without_progress: u32,
     /// This many failed tool calls in a row end the run as `circuit_open` (the run's own breaker).
     pub max_consecutive_failures: u32,
+    /// How deep a tree of worker agents may grow below a run (a worker's workers count too):
+    /// the call that would go deeper ends the run `max_depth`.
+    pub max_depth: u32,
 }
 
 /// What a built-in tool looks like, so specs that use it can be checked.
@@ -725,6 +764,8 @@ pub struct Agent {
     /// graph, by node (an `llm` node's fields, a model-chosen router's choice, a tool node's
     /// result); for `plan_execute`, `plan` (a plan) and `step` (an executor's report).
     pub step_validators: BTreeMap<String, (Value, Arc<jsonschema::Validator>)>,
+    /// Validators of the worker tools' output schemas, by tool name.
+    pub worker_validators: BTreeMap<String, Arc<jsonschema::Validator>>,
 }
 
 impl Agent {
@@ -1179,6 +1220,18 @@ impl Parser<'_> {
             }
             _ => BTreeMap::new(),
         };
+        let worker_validators = tools
+            .iter()
+            .filter_map(|t| match &t.source {
+                ToolSource::Agent(WorkerSource {
+                    output_schema: Some(schema),
+                    ..
+                }) => jsonschema::validator_for(schema)
+                    .ok()
+                    .map(|v| (t.name.clone(), Arc::new(v))),
+                _ => None,
+            })
+            .collect();
         Some(Agent {
             spec: AgentSpec {
                 name: name?,
@@ -1200,6 +1253,7 @@ impl Parser<'_> {
             tool_validators,
             output_validator,
             step_validators,
+            worker_validators,
         })
     }
 
@@ -2394,14 +2448,17 @@ impl Parser<'_> {
     }
 
     fn source(&mut self, node: &Node, path: &str) -> Option<ToolSource> {
-        let f = self.fields(node, path, &["builtin", "http"])?;
+        let f = self.fields(node, path, &["builtin", "http", "agent"])?;
         if f.entries.len() != 1 {
             self.error(
                 node.pos,
                 path,
-                "give exactly one source: `builtin` or `http`",
+                "give exactly one source: `builtin`, `http` or `agent`",
             );
             return None;
+        }
+        if let Some(n) = f.get("agent") {
+            return self.worker(n, &f.child("agent")).map(ToolSource::Agent);
         }
         if let Some(n) = f.get("builtin") {
             let name = self.string(n, &f.child("builtin"))?;
@@ -2493,6 +2550,88 @@ impl Parser<'_> {
             method: method?,
             headers: headers?,
         }))
+    }
+
+    /// `source: {agent: {spec, output_schema, max_cost_usd, max_total_tokens, fallback}}`.
+    fn worker(&mut self, node: &Node, path: &str) -> Option<WorkerSource> {
+        let f = self.fields(
+            node,
+            path,
+            &[
+                "spec",
+                "output_schema",
+                "max_cost_usd",
+                "max_total_tokens",
+                "fallback",
+            ],
+        )?;
+        let spec = self
+            .required(
+                &f,
+                "spec",
+                "; a spec file (.yaml) or a registered agent's name",
+            )
+            .and_then(|n| self.string(n, &f.child("spec")));
+        let output_schema = match f.get("output_schema") {
+            None => Some(None),
+            Some(n) => self
+                .json_schema(n, &f.child("output_schema"))
+                .map(|(s, _)| Some(s)),
+        };
+        let max_cost_usd = match f.get("max_cost_usd") {
+            None => Some(None),
+            Some(n) => {
+                let dollars = self.number(n, &f.child("max_cost_usd"))?;
+                match Usd::from_dollars(dollars) {
+                    Some(usd) if usd > Usd::ZERO => Some(Some(usd)),
+                    _ => {
+                        self.error(
+                            n.pos,
+                            &f.child("max_cost_usd"),
+                            "must be a positive amount of USD with at most 6 decimals",
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let max_total_tokens = match f.get("max_total_tokens") {
+            None => Some(None),
+            Some(n) => self
+                .integer(n, &f.child("max_total_tokens"), 1, i64::MAX)
+                .map(|v| Some(v as u64)),
+        };
+        let fallback = match f.get("fallback") {
+            None => Some(None),
+            Some(n) if matches!(&n.value, NodeValue::Str(s) if s == "escalate") => {
+                Some(Some(WorkerFallback::Escalate))
+            }
+            Some(n) => {
+                let path = f.child("fallback");
+                let g = self.fields(n, &path, &["agent", "answer"])?;
+                match (g.get("agent"), g.get("answer")) {
+                    (Some(a), None) => self
+                        .string(a, &g.child("agent"))
+                        .map(|a| Some(WorkerFallback::Agent(a))),
+                    (None, Some(v)) => Some(Some(WorkerFallback::Answer(v.to_json()))),
+                    _ => {
+                        self.error(
+                            n.pos,
+                            &path,
+                            "give one fallback: `{agent: SPEC}`, `{answer: VALUE}` or `escalate`",
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        Some(WorkerSource {
+            spec: spec?,
+            output_schema: output_schema?,
+            max_cost_usd: max_cost_usd?,
+            max_total_tokens: max_total_tokens?,
+            fallback: fallback?,
+        })
     }
 
     fn contract(&mut self, node: &Node, path: &str) -> Option<ToolContract> {
@@ -2714,6 +2853,7 @@ impl Parser<'_> {
                 "max_repeated_errors",
                 "max_steps_without_progress",
                 "max_consecutive_failures",
+                "max_depth",
             ],
         )?;
         let max_iterations = self
@@ -2772,7 +2912,11 @@ impl Parser<'_> {
         );
         let max_consecutive_failures =
             count("max_consecutive_failures", DEFAULT_MAX_CONSECUTIVE_FAILURES);
+        let max_depth = f.get("max_depth").map_or(Some(DEFAULT_MAX_DEPTH), |n| {
+            self.integer(n, "limits.max_depth", 0, 16).map(|v| v as u32)
+        });
         Some(Limits {
+            max_depth: max_depth?,
             max_repeated_errors: max_repeated_errors?,
             max_steps_without_progress: max_steps_without_progress?,
             max_consecutive_failures: max_consecutive_failures?,

@@ -13,12 +13,14 @@ mod breakers;
 mod cells;
 mod meters;
 mod retry;
+pub mod workers;
 
 use rein_core::breaker::Admission;
 use rein_core::budget::{
     self, Amount, Budgets, Counters, CountersError, Reservation, Scope, Standing, key_part,
 };
 use rein_core::bulkhead::{BulkheadState, Bulkheads, Entry};
+use rein_core::event::ParentLink;
 use rein_core::meter::{Measure, RunMeter};
 use rein_core::rate::{OverLimit, RateLimits, RateState, Take};
 
@@ -35,6 +37,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+pub use workers::Workers;
 
 pub use meters::{Recorder, record as record_measures};
 pub use retry::Backoff as RetryBackoff;
@@ -211,6 +214,8 @@ pub struct Runtime {
     lease_ms: i64,
     /// The runs this process is driving, each with who asked to cancel it, once someone has.
     driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<std::sync::OnceLock<String>>>>>,
+    /// How worker agents' specs are found, for tools whose source is an agent.
+    workers: Option<Arc<dyn Workers>>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
@@ -339,7 +344,14 @@ impl Runtime {
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
             lease_ms: DEFAULT_LEASE_MS,
             driving: Arc::default(),
+            workers: None,
         }
+    }
+
+    /// How this runtime finds the specs of worker agents (tools with `source: {agent: ...}`).
+    pub fn with_workers(mut self, workers: Arc<dyn Workers>) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// Cancels a run: one this process drives stops before its next step; one nobody drives
@@ -435,7 +447,7 @@ impl Runtime {
     /// with its first events, `queued` and unleased.
     pub async fn enqueue(&self, request: RunRequest) -> Result<RunId, RuntimeError> {
         let run_id = Runtime::new_run_id();
-        let (info, kinds) = self.first_events(&run_id, request).await?;
+        let (info, kinds) = self.first_events(&run_id, request, None).await?;
         let first = seal_first(&run_id, info.created_ms, kinds);
         let events: Vec<_> = first.iter().map(|(_, s)| s.clone()).collect();
         self.store.create_run(&info, &events, None).await?;
@@ -744,18 +756,21 @@ impl Runtime {
         let lease = run_lease_ms(&request.agent);
         self.enter_bulkhead(&tenant, run_id.as_str(), lease).await?;
         let outcome = self
-            .run_admitted(run_id.clone(), request, model, sink)
+            .run_admitted(run_id.clone(), request, model, sink, None)
             .await;
         self.leave_bulkhead(&tenant, run_id.as_str()).await?;
         outcome
     }
 
+    /// A run already admitted by its tenant's bulkhead (a worker's run is admitted with its
+    /// caller's: the tree holds one slot, so a full bulkhead cannot deadlock it).
     async fn run_admitted(
         &self,
         run_id: RunId,
         request: RunRequest,
         model: &dyn Model,
         sink: Option<&TokenSink>,
+        parent: Option<ParentLink>,
     ) -> Result<RunOutcome, RuntimeError> {
         let agent = request.agent.clone();
         let (tenant, user, session) = (
@@ -764,7 +779,7 @@ impl Runtime {
             request.session.clone(),
         );
         let (trace, _) = rein_core::spans::run_trace(&run_id, request.trace_parent.as_deref());
-        let (info, kinds) = self.first_events(&run_id, request).await?;
+        let (info, kinds) = self.first_events(&run_id, request, parent).await?;
         let mut driver = Driver {
             runtime: self,
             model,
@@ -806,6 +821,7 @@ impl Runtime {
         &self,
         run_id: &RunId,
         request: RunRequest,
+        parent: Option<ParentLink>,
     ) -> Result<(RunInfo, Vec<EventKind>), RuntimeError> {
         let spec = &request.agent.spec;
         let info = RunInfo {
@@ -851,6 +867,7 @@ impl Runtime {
                 .fences(&spec.tools)
                 .then(fence_boundary)
                 .flatten(),
+            parent,
         })
         .chain(context)
         .chain(request.chat.map(EventKind::ChatRequest))
@@ -1760,6 +1777,10 @@ impl Driver<'_> {
             .await?;
             return Ok(Duration::ZERO);
         };
+        if let rein_core::ToolSource::Agent(worker) = &tool.source {
+            // A worker is a run of its own, with its own breakers on what it calls.
+            return self.call_worker(invocation, tool, worker).await;
+        }
         let contract = &tool.contract;
         // One breaker per tenant, agent and tool: a failing dependency of one tenant does not
         // stop the others. Breaker bookkeeping is best effort: an outage of the counters must

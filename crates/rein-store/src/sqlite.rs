@@ -756,6 +756,7 @@ mod tests {
                 granted_scopes: Vec::new(),
                 trace_parent: None,
                 fence: None,
+                parent: None,
             },
         }
     }

@@ -90,6 +90,7 @@ fn started(tenant: &str) -> EventKind {
         granted_scopes: Vec::new(),
         trace_parent: None,
         fence: None,
+        parent: None,
     }
 }
 

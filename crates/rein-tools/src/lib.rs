@@ -13,7 +13,7 @@ mod http;
 pub use builtin::{BoxFuture, Builtin, Builtins};
 pub use http::{CONNECT_TIMEOUT, HttpTools};
 
-use rein_core::{ToolResult, ToolSource, ToolSpec};
+use rein_core::{ErrorType, ToolResult, ToolSource, ToolSpec};
 use serde_json::Value;
 
 /// Every tool source, ready to call.
@@ -51,6 +51,14 @@ impl ToolBox {
                     .call(&tool.name, source, args, idempotency_key, traceparent)
                     .await
             }
+            // A worker is a run of its own, which the runtime's driver starts.
+            ToolSource::Agent(_) => ToolResult::error(
+                ErrorType::Permanent,
+                format!(
+                    "`{}` is a worker agent: only the runtime can run it",
+                    tool.name
+                ),
+            ),
         }
     }
 }

@@ -276,6 +276,20 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                     tool.as_deref().unwrap_or(""),
                     verdict.as_str()
                 ),
+                EventKind::WorkerStarted {
+                    tool, spec, run_id, ..
+                } => format!("worker {tool}: {spec} started as run {run_id}"),
+                EventKind::WorkerFinished {
+                    tool,
+                    status,
+                    accepted,
+                    cost,
+                    ..
+                } => format!(
+                    "worker {tool}: {} ({cost}){}",
+                    status.as_str(),
+                    if *accepted { "" } else { ", answer not taken" }
+                ),
                 EventKind::PlanMade {
                     revision, steps, ..
                 } => format!("plan (revision {revision}): {} step(s)", steps.len()),

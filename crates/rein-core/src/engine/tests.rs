@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 mod graph;
 mod plan;
+mod workers;
 
 const SPEC: &str = r#"
 name: tester
@@ -104,6 +105,7 @@ impl Sim {
             granted_scopes: Vec::new(),
             trace_parent: None,
             fence: Some(FENCE.into()),
+            parent: None,
         });
         sim.check_guards();
         sim
@@ -1694,6 +1696,7 @@ fn the_users_input_is_checked_before_the_first_model_call() {
         granted_scopes: Vec::new(),
         trace_parent: None,
         fence: Some(FENCE.into()),
+        parent: None,
     });
     let outcome = sim.run(|_, _| panic!("no model call may be made"));
     assert_eq!(outcome.1, TerminationReason::GuardrailBlocked);

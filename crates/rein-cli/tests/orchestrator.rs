@@ -1,0 +1,211 @@
+//! Orchestrator-worker through the `rein` binary, with the example in examples/orchestrator:
+//! three worker agents, one timing out (its fallback answers) and one answering outside its
+//! schema (repaired), the tree within the orchestrator's caps and trace; and a self-recursive
+//! agent stopped at max_depth.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use common::rein;
+use serde_json::Value;
+use std::path::Path;
+
+fn example_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/orchestrator");
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn runs(dir: &Path, db: &str) -> Vec<Value> {
+    let out = rein(dir, &["runs", "list", "--json", "--db", db]);
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn events(dir: &Path, db: &str, id: &str) -> Vec<Value> {
+    let out = rein(dir, &["runs", "show", id, "--json", "--db", db]);
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn micros(v: &Value) -> i64 {
+    (v.as_f64().unwrap() * 1e6).round() as i64
+}
+
+#[test]
+fn three_workers_one_timed_out_one_repaired_within_the_orchestrators_caps() {
+    let dir = example_dir();
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "orchestrator.yaml",
+            "--script",
+            "script.yaml",
+            "--input",
+            "Brief me on order 42.",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "completed");
+    let id = v["run_id"].as_str().unwrap().to_string();
+
+    let all = runs(dir.path(), "runs.db");
+    let by_agent = |agent: &str| {
+        all.iter()
+            .find(|r| r["agent"] == agent)
+            .unwrap_or_else(|| panic!("no {agent} run"))
+    };
+    assert_eq!(all.len(), 4, "the orchestrator and its three workers");
+    assert_eq!(by_agent("checker")["termination_reason"], "timeout");
+    assert_eq!(by_agent("researcher")["termination_reason"], "completed");
+    let summariser = by_agent("summariser");
+    assert_eq!(summariser["termination_reason"], "completed");
+    assert_eq!(summariser["iterations"], 2, "its first answer was repaired");
+
+    let log = events(dir.path(), "runs.db", &id);
+    let of = |kind: &str| -> Vec<&Value> { log.iter().filter(|e| e["kind"] == kind).collect() };
+    let started = of("worker_started");
+    assert_eq!(started.len(), 3);
+    // Each worker's budget (micro-dollars in the log) is carved out of what the orchestrator
+    // had left; together they stay within its cap.
+    let cap = 10_000;
+    let budgets: i64 = started
+        .iter()
+        .map(|e| e["payload"]["budget"]["max_cost_usd"].as_i64().unwrap())
+        .sum();
+    assert!(budgets <= cap, "{budgets}");
+    let finished = of("worker_finished");
+    let accepted: Vec<bool> = finished
+        .iter()
+        .map(|e| e["payload"]["accepted"].as_bool().unwrap())
+        .collect();
+    assert_eq!(accepted, [true, false, true]);
+    // The timed-out worker's fallback answered the call.
+    let results = of("tool_result");
+    assert_eq!(
+        results[1]["payload"]["result"]["data"]["note"],
+        "the warehouse did not answer in time"
+    );
+    assert_eq!(
+        results[2]["payload"]["result"]["data"]["summary"],
+        "Kettle 42 arrived dented; replacement wanted."
+    );
+    // The tree's spend is the orchestrator's: what `rein run` reports is every run's own
+    // spend added up, and within the cap.
+    let tree: i64 = all.iter().map(|r| micros(&r["cost_usd"])).sum();
+    assert_eq!(micros(&v["cost_usd"]), tree);
+    assert!(tree <= cap, "{tree}");
+    // One trace: each worker's run continues the orchestrator's.
+    let trace = id.replace('-', "");
+    for worker in ["checker", "researcher", "summariser"] {
+        let child = by_agent(worker)["run_id"].as_str().unwrap().to_string();
+        let first = &events(dir.path(), "runs.db", &child)[0]["payload"];
+        assert!(
+            first["trace_parent"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("00-{trace}-")),
+            "{first}"
+        );
+        assert_eq!(first["parent"]["run_id"], id.as_str());
+        assert_eq!(first["parent"]["depth"], 1);
+    }
+
+    let out = rein(dir.path(), &["runs", "show", &id, "--db", "runs.db"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "workers: 3 run(s), 2 answer(s) taken",
+        "failure contained: `check_stock` (step 3) timeout: its fallback answered",
+        "completed: answer taken",
+    ] {
+        assert!(shown.contains(line), "{line}: {shown}");
+    }
+    let out = rein(dir.path(), &["audit", "verify", "--db", "runs.db"]);
+    assert_eq!(out.status.code(), Some(0));
+
+    // With a cap too small for the workers' own caps, each gets only what is left, and the
+    // whole tree still stays within the orchestrator's cap, however the run ends.
+    let tight = std::fs::read_to_string(dir.path().join("orchestrator.yaml"))
+        .unwrap()
+        .replace("max_cost_usd: 0.01", "max_cost_usd: 0.0004");
+    std::fs::write(dir.path().join("tight.yaml"), tight).unwrap();
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "tight.yaml",
+            "--script",
+            "script.yaml",
+            "--input",
+            "Brief me.",
+            "--json",
+            "--db",
+            "tight.db",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tree: i64 = runs(dir.path(), "tight.db")
+        .iter()
+        .map(|r| micros(&r["cost_usd"]))
+        .sum();
+    assert!(
+        tree <= 400,
+        "the tree spent {tree} micro-dollars of a 400 cap: {v}"
+    );
+    let log = events(dir.path(), "tight.db", v["run_id"].as_str().unwrap());
+    let first = log.iter().find(|e| e["kind"] == "worker_started").unwrap();
+    assert!(first["payload"]["budget"]["max_cost_usd"].as_i64().unwrap() < 400);
+}
+
+#[test]
+fn a_self_recursive_agent_stops_at_max_depth() {
+    let dir = example_dir();
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "recursive.yaml",
+            "--script",
+            "recursive.script.yaml",
+            "--input",
+            "why?",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a limit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["termination_reason"], "max_depth");
+    assert_eq!(
+        v["detail"],
+        "calling `delegate` (the agent recursive.yaml) would make the tree of agents 3 deep, past max_depth 2"
+    );
+    let all = runs(dir.path(), "runs.db");
+    assert_eq!(all.len(), 3, "depths 0, 1 and 2; depth 3 was never started");
+    assert!(all.iter().all(|r| r["termination_reason"] == "max_depth"));
+}

@@ -1,0 +1,273 @@
+//! Worker agents as tools, in the engine: budgets carved out of the caller's, held while the
+//! worker runs and settled at its end, the depth guard, and what a failed worker leads to.
+
+use super::*;
+use crate::event::{ParentLink, WorkerBudget};
+
+fn orchestrator(worker: &str, limits: &str) -> String {
+    format!(
+        r#"
+name: tester
+version: 1
+model: {{primary: openai/gpt-4o-mini, max_output_tokens: 100}}
+instructions: Delegate.
+tools:
+  - name: research
+    description: Research a question.
+    input_schema: {{type: object, properties: {{q: {{type: string}}}}, required: [q]}}
+    source: {{agent: {worker}}}
+    contract: {{timeout: 5s, side_effects: none}}
+limits: {{max_iterations: 6, max_total_tokens: 100000, max_cost_usd: 1.0, timeout: 60s{limits}}}
+guards: {{data_flow: off}}
+"#
+    )
+}
+
+/// Calls `research` once, then answers.
+fn delegate_once(n: u32, _: &Engine) -> ModelReply {
+    if n == 1 {
+        reply(None, vec![call("c1", "research", r#"{"q":"why"}"#)], 10, 10)
+    } else {
+        reply(Some("done"), vec![], 10, 10)
+    }
+}
+
+/// Drives `sim` until its first tool call, then plays the worker: started under the budget
+/// the engine gave, finished having spent `cost` (ending `reason`), then the call's result.
+fn play_worker(
+    sim: &mut Sim,
+    cost: Usd,
+    reason: TerminationReason,
+    result: ToolResult,
+) -> WorkerBudget {
+    loop {
+        match sim.engine.next_effect(sim.now) {
+            Some(Effect::CallTool(inv)) => {
+                let budget = inv.budget.expect("a worker call carries a budget");
+                sim.record(inv.requested());
+                sim.record(EventKind::WorkerStarted {
+                    step: inv.step,
+                    call_id: inv.call_id.clone(),
+                    tool: inv.tool.clone(),
+                    spec: "w.yaml".into(),
+                    run_id: crate::RunId::new("child"),
+                    budget,
+                    fallback: false,
+                });
+                sim.record(EventKind::WorkerFinished {
+                    step: inv.step,
+                    call_id: inv.call_id.clone(),
+                    tool: inv.tool.clone(),
+                    run_id: crate::RunId::new("child"),
+                    agent: "w".into(),
+                    status: reason.status(),
+                    reason: Some(reason),
+                    detail: None,
+                    cost,
+                    usage: Usage {
+                        input_tokens: 500,
+                        cached_input_tokens: 0,
+                        cache_write_tokens: 0,
+                        output_tokens: 100,
+                    },
+                    accepted: reason == TerminationReason::Completed,
+                });
+                sim.record(EventKind::ToolResult {
+                    step: inv.step,
+                    call_id: inv.call_id,
+                    tool: inv.tool,
+                    result,
+                    latency_ms: 1,
+                    attempts: 1,
+                });
+                return budget;
+            }
+            Some(Effect::CallModel(call)) => {
+                sim.record(call.requested());
+                let r = delegate_once(sim.engine.iterations(), &sim.engine);
+                let cost = sim.engine.agent().prices[&call.model].cost(&r.usage);
+                sim.record(EventKind::ModelResponded {
+                    step: call.step,
+                    model: call.model,
+                    content: r.content,
+                    tool_calls: r.tool_calls,
+                    usage: r.usage,
+                    cost,
+                    latency_ms: 1,
+                    attempts: 1,
+                    finish_reason: None,
+                    cached: false,
+                });
+            }
+            Some(Effect::Record(kind)) => sim.record(kind),
+            Some(Effect::CheckContent(check)) => {
+                let verdict = check.verdict(&sim.engine.agent().spec.guards);
+                sim.record(verdict);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_workers_budget_is_carved_out_of_what_the_caller_has_left() {
+    // By default half of what is left; an explicit cap is kept when it fits.
+    let mut sim = Sim::new(&orchestrator("{spec: w.yaml}", ""));
+    let budget = play_worker(
+        &mut sim,
+        Usd::from_micros(200_000),
+        TerminationReason::Completed,
+        ToolResult::success(json!("found")),
+    );
+    assert!(
+        budget.max_cost_usd <= Usd::from_micros(500_000),
+        "{budget:?}"
+    );
+    assert!(
+        budget.max_cost_usd >= Usd::from_micros(499_000),
+        "{budget:?}"
+    );
+    assert_eq!((budget.depth, budget.max_depth), (1, 3));
+    // The worker's spend is the caller's: its cost and tokens count against the caller's caps.
+    let before = sim.engine.cost();
+    assert!(before >= Usd::from_micros(200_000), "{before}");
+    assert!(sim.engine.usage().total() >= 600);
+    assert_eq!(sim.run(delegate_once).1, TerminationReason::Completed);
+
+    let mut sim = Sim::new(&orchestrator(
+        "{spec: w.yaml, max_cost_usd: 5.0, max_total_tokens: 1000}",
+        "",
+    ));
+    let budget = play_worker(
+        &mut sim,
+        Usd::ZERO,
+        TerminationReason::Completed,
+        ToolResult::success(json!("found")),
+    );
+    assert!(
+        budget.max_cost_usd < Usd::from_micros(1_000_000),
+        "never more than is left: {budget:?}"
+    );
+    assert_eq!(budget.max_total_tokens, 1000);
+}
+
+#[test]
+fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
+    // The worker starts but its end is never recorded (the process died): its whole budget
+    // stays held, so the caller cannot spend it again.
+    let mut sim = Sim::new(&orchestrator("{spec: w.yaml, max_cost_usd: 0.9999}", ""));
+    let inv = loop {
+        match sim.engine.next_effect(sim.now) {
+            Some(Effect::CallTool(inv)) => break inv,
+            Some(Effect::CallModel(call)) => {
+                sim.record(call.requested());
+                let r = delegate_once(sim.engine.iterations(), &sim.engine);
+                sim.record(EventKind::ModelResponded {
+                    step: call.step,
+                    model: call.model,
+                    content: r.content,
+                    tool_calls: r.tool_calls,
+                    usage: r.usage,
+                    cost: Usd::ZERO,
+                    latency_ms: 1,
+                    attempts: 1,
+                    finish_reason: None,
+                    cached: false,
+                });
+            }
+            Some(Effect::Record(kind)) => sim.record(kind),
+            Some(Effect::CheckContent(c)) => {
+                let v = c.verdict(&sim.engine.agent().spec.guards);
+                sim.record(v);
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    sim.record(inv.requested());
+    sim.record(EventKind::WorkerStarted {
+        step: inv.step,
+        call_id: inv.call_id.clone(),
+        tool: inv.tool.clone(),
+        spec: "w.yaml".into(),
+        run_id: crate::RunId::new("child"),
+        budget: inv.budget.unwrap(),
+        fallback: false,
+    });
+    // Resumed: the interrupted call (side_effects none) is made again, as the same step, but
+    // only with what the held budget leaves: 1.0 - 0.9999.
+    let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    match replayed.next_effect(sim.now) {
+        Some(Effect::CallTool(again)) => {
+            assert_eq!(again.step, inv.step);
+            assert_eq!(again.budget.unwrap().max_cost_usd, Usd::from_micros(100));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_depth_guard_stops_a_cascade_at_max_depth() {
+    let mut sim = Sim::new(&orchestrator("{spec: w.yaml}", ", max_depth: 2"));
+    // This run is itself a worker two deep in a tree bounded at 2.
+    let mut engine = Engine::new(sim.engine.agent().clone());
+    let mut started = sim.events[0].clone();
+    if let EventKind::RunStarted { parent, .. } = &mut started.kind {
+        *parent = Some(ParentLink {
+            run_id: crate::RunId::new("up"),
+            step: 1,
+            depth: 2,
+            max_depth: 2,
+        });
+    }
+    engine.apply(&started).unwrap();
+    sim.engine = engine;
+    sim.events = vec![started];
+    sim.check_guards();
+    let outcome = sim.run(delegate_once);
+    assert_eq!(
+        outcome,
+        (RunStatus::LimitExceeded, TerminationReason::MaxDepth)
+    );
+    let EventKind::RunFinished { detail, .. } = &sim.events.last().unwrap().kind else {
+        unreachable!()
+    };
+    assert!(
+        detail
+            .as_deref()
+            .unwrap()
+            .contains("would make the tree of agents 3 deep, past max_depth 2"),
+        "{detail:?}"
+    );
+    assert!(sim.tool_runs.is_empty(), "the worker was never started");
+
+    // A worker that stopped at max_depth stops its caller too.
+    let mut sim = Sim::new(&orchestrator("{spec: w.yaml, fallback: {answer: x}}", ""));
+    play_worker(
+        &mut sim,
+        Usd::ZERO,
+        TerminationReason::MaxDepth,
+        ToolResult::error(ErrorType::Permanent, "the worker ended max_depth"),
+    );
+    assert_eq!(sim.run(delegate_once).1, TerminationReason::MaxDepth);
+}
+
+#[test]
+fn a_failed_worker_with_an_escalate_fallback_hands_the_run_to_a_person() {
+    let mut sim = Sim::new(&orchestrator("{spec: w.yaml, fallback: escalate}", ""));
+    play_worker(
+        &mut sim,
+        Usd::ZERO,
+        TerminationReason::Timeout,
+        ToolResult::error(ErrorType::Permanent, "the worker `w.yaml` ended timeout"),
+    );
+    let outcome = sim.run(delegate_once);
+    assert_eq!(
+        outcome,
+        (RunStatus::Escalated, TerminationReason::Escalated)
+    );
+    let out = sim.engine.output().unwrap().to_string();
+    assert!(
+        out.contains("worker_failed") && out.contains("ended timeout"),
+        "{out}"
+    );
+}

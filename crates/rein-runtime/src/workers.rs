@@ -1,0 +1,319 @@
+//! Worker agents called as tools: the driver runs each as a child run of its own, under the
+//! budget and depth the engine gave the call, in the caller's trace, and turns its outcome
+//! into the call's `ToolResult` (its answer, or its fallback's, or a failure the caller's model
+//! can act on).
+//!
+//! Which spec a worker reference names is the embedding program's business ([`Workers`]): the
+//! CLI reads files and registered agents; a program embedding Rein can resolve its own way.
+
+use crate::{Driver, RunOutcome, RunRequest, Runtime};
+use rein_core::event::{ParentLink, WorkerBudget};
+use rein_core::spec::{ToolSpec, WorkerFallback, WorkerSource};
+use rein_core::{
+    Agent, ErrorType, EventKind, RunStatus, SessionId, TenantId, ToolInvocation, ToolResult, Usd,
+};
+use serde_json::Value;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A boxed future, as object-safe traits return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Finds the spec a worker reference names, checked: the agent and its source (pinned with
+/// the worker's run). The error is a message for the caller's model and log.
+pub trait Workers: Send + Sync {
+    /// Resolves `reference` for `tenant`.
+    fn resolve<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<(Agent, String), String>>;
+}
+
+/// How one worker's run went.
+struct Ran {
+    outcome: Option<RunOutcome>,
+    /// Why its answer was not taken, if it was not.
+    rejected: Option<String>,
+    cost: Usd,
+    tokens: u64,
+}
+
+impl Driver<'_> {
+    /// Carries out a call of a worker tool: the worker's run, then (if it failed) its
+    /// fallback, each recorded as `worker_started` / `worker_finished` before the call's
+    /// `tool_result`.
+    pub(crate) async fn call_worker(
+        &mut self,
+        invocation: ToolInvocation,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+    ) -> Result<std::time::Duration, crate::RuntimeError> {
+        self.record(invocation.requested()).await?;
+        let started = Instant::now();
+        let result = match invocation.budget {
+            None => ToolResult::error(
+                ErrorType::Permanent,
+                format!(
+                    "`{}` is a worker agent, but the call has no budget",
+                    tool.name
+                ),
+            ),
+            Some(budget) => self.run_workers(&invocation, tool, worker, budget).await?,
+        };
+        let waited = started.elapsed();
+        self.record(EventKind::ToolResult {
+            step: invocation.step,
+            call_id: invocation.call_id,
+            tool: invocation.tool,
+            result,
+            latency_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            attempts: 1,
+        })
+        .await?;
+        Ok(waited)
+    }
+
+    async fn run_workers(
+        &mut self,
+        invocation: &ToolInvocation,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        budget: WorkerBudget,
+    ) -> Result<ToolResult, crate::RuntimeError> {
+        let first = self
+            .run_worker(invocation, tool, worker, &worker.spec, budget, false)
+            .await?;
+        let failure = match &first.rejected {
+            None => {
+                let output = first.outcome.and_then(|o| o.output).unwrap_or(Value::Null);
+                return Ok(ToolResult::success(output));
+            }
+            Some(why) => why.clone(),
+        };
+        Ok(match &worker.fallback {
+            Some(WorkerFallback::Answer(answer)) => ToolResult::success(answer.clone()),
+            Some(WorkerFallback::Agent(reference)) => {
+                let left = WorkerBudget {
+                    max_cost_usd: budget.max_cost_usd.saturating_sub(first.cost),
+                    max_total_tokens: budget.max_total_tokens.saturating_sub(first.tokens),
+                    ..budget
+                };
+                if left.max_cost_usd <= Usd::ZERO || left.max_total_tokens == 0 {
+                    ToolResult::error(
+                        ErrorType::Permanent,
+                        format!("{failure}; no budget was left for its fallback"),
+                    )
+                } else {
+                    let second = self
+                        .run_worker(invocation, tool, worker, reference, left, true)
+                        .await?;
+                    match second.rejected {
+                        None => ToolResult::success(
+                            second.outcome.and_then(|o| o.output).unwrap_or(Value::Null),
+                        ),
+                        Some(why) => ToolResult::error(
+                            ErrorType::Permanent,
+                            format!("{failure}; its fallback failed too: {why}"),
+                        ),
+                    }
+                }
+            }
+            Some(WorkerFallback::Escalate) | None => {
+                ToolResult::error(ErrorType::Permanent, failure)
+            }
+        })
+    }
+
+    /// One worker's run, recorded in this run's log around it.
+    async fn run_worker(
+        &mut self,
+        invocation: &ToolInvocation,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        reference: &str,
+        budget: WorkerBudget,
+        fallback: bool,
+    ) -> Result<Ran, crate::RuntimeError> {
+        let run_id = Runtime::new_run_id();
+        let resolved = match &self.runtime.workers {
+            Some(workers) => workers.resolve(&self.tenant, reference).await,
+            None => Err("this runtime has no way to find worker agents".to_string()),
+        };
+        let (agent, source) = match resolved {
+            Ok(found) => found,
+            Err(why) => {
+                return Ok(Ran {
+                    outcome: None,
+                    rejected: Some(format!(
+                        "the worker `{reference}` could not be started: {why}"
+                    )),
+                    cost: Usd::ZERO,
+                    tokens: 0,
+                });
+            }
+        };
+        let agent = self.fit_worker(agent, tool, worker, budget);
+        let name = agent.spec.name.clone();
+        self.record(EventKind::WorkerStarted {
+            step: invocation.step,
+            call_id: invocation.call_id.clone(),
+            tool: tool.name.clone(),
+            spec: reference.to_string(),
+            run_id: run_id.clone(),
+            budget,
+            fallback,
+        })
+        .await?;
+        let traceparent = rein_core::spans::traceparent(
+            &self.trace,
+            &rein_core::spans::tool_span_id(&self.run_id, invocation.step, &invocation.call_id),
+        );
+        let request = RunRequest {
+            agent: Arc::new(agent),
+            spec_source: source,
+            input: match &invocation.arguments {
+                Value::String(text) => text.clone(),
+                args => args.to_string(),
+            },
+            tenant: self.tenant.clone(),
+            user: self.user.clone(),
+            session: SessionId::new(format!("{}:{}", self.run_id, invocation.step)),
+            job: None,
+            granted_scopes: self.engine.granted_scopes().to_vec(),
+            chat: None,
+            trace_parent: Some(traceparent),
+        };
+        let parent = ParentLink {
+            run_id: self.run_id.clone(),
+            step: invocation.step,
+            depth: budget.depth,
+            max_depth: budget.max_depth,
+        };
+        // A worker's run is a run like any other, driven here until it ends (boxed: the call
+        // recurses through the driver).
+        let ran: Result<RunOutcome, crate::RuntimeError> = Box::pin(self.runtime.run_admitted(
+            run_id.clone(),
+            request,
+            self.model,
+            None,
+            Some(parent),
+        ))
+        .await;
+        let (outcome, rejected) = match ran {
+            Ok(outcome) => {
+                let rejected = self.rejection(tool, worker, &outcome);
+                (Some(outcome), rejected)
+            }
+            Err(e) => (
+                None,
+                Some(format!("the worker `{name}` could not run: {e}")),
+            ),
+        };
+        let (cost, usage) = outcome
+            .as_ref()
+            .map_or((Usd::ZERO, Default::default()), |o| (o.cost, o.usage));
+        self.record(EventKind::WorkerFinished {
+            step: invocation.step,
+            call_id: invocation.call_id.clone(),
+            tool: tool.name.clone(),
+            run_id,
+            agent: name,
+            status: outcome.as_ref().map_or(RunStatus::Failed, |o| o.status),
+            reason: outcome.as_ref().and_then(|o| o.reason),
+            detail: rejected.clone(),
+            cost,
+            usage,
+            accepted: rejected.is_none(),
+        })
+        .await?;
+        Ok(Ran {
+            outcome,
+            rejected,
+            cost,
+            tokens: usage.total(),
+        })
+    }
+
+    /// The worker's agent within what the call may use: its caps no higher than its budget,
+    /// its wall clock no longer than the tool's timeout or the caller's own deadline, and the
+    /// tool's output schema as its own when it has none (so it repairs its own answer).
+    fn fit_worker(
+        &self,
+        mut agent: Agent,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        budget: WorkerBudget,
+    ) -> Agent {
+        let limits = &mut agent.spec.limits;
+        limits.max_cost_usd = limits.max_cost_usd.min(budget.max_cost_usd);
+        limits.max_total_tokens = limits.max_total_tokens.min(budget.max_total_tokens);
+        limits.timeout = limits
+            .timeout
+            .min(tool.contract.timeout)
+            .min(self.remaining());
+        if agent.spec.output_schema.is_none()
+            && let (Some(schema), Some(validator)) = (
+                &worker.output_schema,
+                self.engine.agent().worker_validators.get(&tool.name),
+            )
+        {
+            agent.spec.output_schema = Some(schema.clone());
+            agent.output_validator = Some(validator.clone());
+        }
+        agent
+    }
+
+    /// Why a worker's answer is not taken: it did not complete, or its answer is outside the
+    /// tool's output schema.
+    fn rejection(
+        &self,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        outcome: &RunOutcome,
+    ) -> Option<String> {
+        if outcome.reason == Some(rein_core::TerminationReason::MaxDepth) {
+            // Passed up the tree as it is: the deepest run says where the cascade stopped.
+            return Some(
+                outcome
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| "a worker stopped at max_depth".into()),
+            );
+        }
+        if outcome.status != RunStatus::Completed {
+            let reason = outcome
+                .reason
+                .map_or(outcome.status.as_str(), |r| r.as_str());
+            let detail = outcome
+                .detail
+                .as_deref()
+                .map_or(String::new(), |d| format!(": {d}"));
+            return Some(format!(
+                "the worker `{}` ended {reason}{detail}",
+                worker.spec
+            ));
+        }
+        let validator = self.engine.agent().worker_validators.get(&tool.name)?;
+        let output = outcome.output.clone().unwrap_or(Value::Null);
+        let output = match output {
+            // A worker without a schema of its own answers in text; JSON text is read as JSON.
+            Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            other => other,
+        };
+        let problems: Vec<String> = validator
+            .iter_errors(&output)
+            .take(3)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        (!problems.is_empty()).then(|| {
+            format!(
+                "the worker `{}` answered outside its output schema: {}",
+                worker.spec,
+                problems.join("; ")
+            )
+        })
+    }
+}
