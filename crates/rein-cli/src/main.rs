@@ -609,6 +609,8 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
+    let mut seen = std::collections::BTreeSet::from([file.clone()]);
+    check_workers(&file, &agent, &config, &mut seen)?;
     let s = &agent.spec;
     say!(
         "{file}: ok: {} v{}, {} tool{}, model {} ({} per M input, {} per M output); limits: {} iterations, {} tokens, {}, {:?} wall clock",
@@ -640,6 +642,52 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::OK)
+}
+
+/// The worker agents `agent` calls that are files, checked too (each once: an agent may call
+/// itself, which `limits.max_depth` bounds at run time). Registered agents are only named.
+fn check_workers(
+    file: &str,
+    agent: &Agent,
+    config: &config::Config,
+    seen: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    use rein_core::spec::{ToolSource, WorkerFallback};
+    for (i, tool) in agent.spec.tools.iter().enumerate() {
+        let ToolSource::Agent(worker) = &tool.source else {
+            continue;
+        };
+        let fallback = match &worker.fallback {
+            Some(WorkerFallback::Agent(other)) => Some(("fallback.agent", other)),
+            _ => None,
+        };
+        for (field, reference) in std::iter::once(("spec", &worker.spec)).chain(fallback) {
+            if !(reference.ends_with(".yaml") || reference.ends_with(".yml")) {
+                say!(
+                    "{file}: worker `{}`: `{reference}` is looked up among the agents registered with rein serve",
+                    tool.name
+                );
+                continue;
+            }
+            if !seen.insert(reference.clone()) {
+                continue;
+            }
+            let source = std::fs::read_to_string(reference).map_err(|e| {
+                anyhow!(BadInput(format!(
+                    "{file}: tools[{i}].source.agent.{field}: cannot read the worker spec {reference}: {e}"
+                )))
+            })?;
+            let child = parse_agent(reference, &source, config, &Builtins::standard())?;
+            say!(
+                "{reference}: ok: worker `{}` of {file} ({} v{})",
+                tool.name,
+                child.spec.name,
+                child.spec.version
+            );
+            check_workers(reference, &child, config, seen)?;
+        }
+    }
+    Ok(())
 }
 
 /// `rein graph`: the spec's graph, checked, as Mermaid on stdout.

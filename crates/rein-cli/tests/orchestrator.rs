@@ -209,3 +209,28 @@ fn a_self_recursive_agent_stops_at_max_depth() {
     assert_eq!(all.len(), 3, "depths 0, 1 and 2; depth 3 was never started");
     assert!(all.iter().all(|r| r["termination_reason"] == "max_depth"));
 }
+
+#[test]
+fn check_follows_the_worker_specs_and_names_a_missing_one() {
+    let dir = example_dir();
+    let out = rein(dir.path(), &["check", "orchestrator.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("checker.yaml: ok: worker `check_stock` of orchestrator.yaml"),
+        "{stdout}"
+    );
+    let bad = std::fs::read_to_string(dir.path().join("orchestrator.yaml"))
+        .unwrap()
+        .replace("spec: summariser.yaml", "spec: missing.yaml");
+    std::fs::write(dir.path().join("bad.yaml"), bad).unwrap();
+    let out = rein(dir.path(), &["check", "bad.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains(
+            "bad.yaml: tools[2].source.agent.spec: cannot read the worker spec missing.yaml"
+        ),
+        "{stderr}"
+    );
+}

@@ -74,6 +74,9 @@ pub enum NodeKind {
         writes: Vec<String>,
         /// Where the run goes when the call fails; without it the run ends `error`.
         on_error: Option<String>,
+        /// Written `kind: subagent`: the tool is a worker agent, run as a child run of its
+        /// own (under a budget carved out of this run's).
+        subagent: bool,
     },
     /// A branch. Deterministic routes are taken in order, the first whose condition holds;
     /// with `choose`, a model picks one of the routes' targets instead.
@@ -105,6 +108,7 @@ impl NodeKind {
     pub fn name(&self) -> &'static str {
         match self {
             NodeKind::Llm { .. } => "llm",
+            NodeKind::Tool { subagent: true, .. } => "subagent",
             NodeKind::Tool { .. } => "tool",
             NodeKind::Router { .. } => "router",
             NodeKind::Human { .. } => "human",
@@ -345,9 +349,16 @@ impl Graph {
     /// The structural problems of the graph, each at the node or edge it concerns: unknown
     /// targets, nodes with no way out or more than one, unreachable nodes, nodes from which
     /// no `end` can be reached, cycles with no `max_visits`, undeclared state fields.
-    /// `tools` are the agent's tools; `edge_pos` the position of each edge; `at` the graph's.
-    pub fn problems(&self, tools: &[&str], edge_pos: &[Pos], at: Pos) -> Vec<Diagnostic> {
-        let out = self.local_problems(tools, edge_pos, at);
+    /// `tools` are the agent's tools, `workers` those that are worker agents; `edge_pos` the
+    /// position of each edge; `at` the graph's.
+    pub fn problems(
+        &self,
+        tools: &[&str],
+        workers: &[&str],
+        edge_pos: &[Pos],
+        at: Pos,
+    ) -> Vec<Diagnostic> {
+        let out = self.local_problems(tools, workers, edge_pos, at);
         if out.is_empty() {
             self.shape_problems(at)
         } else {
@@ -356,7 +367,13 @@ impl Graph {
     }
 
     /// Problems of single nodes and edges: names, fields, tools, ways out.
-    fn local_problems(&self, tools: &[&str], edge_pos: &[Pos], at: Pos) -> Vec<Diagnostic> {
+    fn local_problems(
+        &self,
+        tools: &[&str],
+        workers: &[&str],
+        edge_pos: &[Pos],
+        at: Pos,
+    ) -> Vec<Diagnostic> {
         let mut out = Vec::new();
         let mut problem =
             |pos: Pos, path: String, message: String| out.push(Diagnostic { pos, path, message });
@@ -496,6 +513,22 @@ impl Graph {
                 NodeKind::Tool { tool, .. } => vec![tool],
                 _ => Vec::new(),
             };
+            if let NodeKind::Tool {
+                tool,
+                subagent: true,
+                ..
+            } = &node.kind
+                && tools.contains(&tool.as_str())
+                && !workers.contains(&tool.as_str())
+            {
+                problem(
+                    node.pos,
+                    format!("{path}.agent"),
+                    format!(
+                        "`{tool}` is not a worker agent (`source: {{agent: ...}}`); call it from a `tool` node"
+                    ),
+                );
+            }
             for t in tool_names {
                 if !tools.contains(&t.as_str()) {
                     problem(
@@ -826,7 +859,12 @@ flow:
             (
                 "{kind: human,",
                 "{kind: subagent,",
-                "`subagent` nodes are not supported yet",
+                "flow.graph.nodes.refund.agent: missing required field `agent`",
+            ),
+            (
+                "{kind: human, prompt: \"Approve this refund?\"}",
+                "{kind: subagent, agent: lookup}",
+                "flow.graph.nodes.refund.agent: `lookup` is not a worker agent",
             ),
             (
                 "{kind: human,",

@@ -1127,7 +1127,12 @@ impl Parser<'_> {
             (None, _) => Some(Flow::React),
             (Some(n), Some(tools)) => {
                 let names: Vec<&str> = tools.iter().map(|(t, _)| t.name.as_str()).collect();
-                self.flow(n, &names)
+                let workers: Vec<&str> = tools
+                    .iter()
+                    .filter(|(t, _)| matches!(t.source, ToolSource::Agent(_)))
+                    .map(|(t, _)| t.name.as_str())
+                    .collect();
+                self.flow(n, &names, &workers)
             }
             // The tools have their own errors; the flow is checked once they are right.
             (Some(_), None) => None,
@@ -1258,7 +1263,7 @@ impl Parser<'_> {
     }
 
     /// `flow`: `react` (the default), `plan_execute` (not yet), or `{graph: {...}}`.
-    fn flow(&mut self, node: &Node, tools: &[&str]) -> Option<Flow> {
+    fn flow(&mut self, node: &Node, tools: &[&str], workers: &[&str]) -> Option<Flow> {
         if let NodeValue::Map(_) = &node.value {
             let f = self.fields(node, "flow", &["graph", "plan_execute"])?;
             if let Some(p) = f.get("plan_execute") {
@@ -1272,7 +1277,9 @@ impl Parser<'_> {
                 );
                 return None;
             };
-            return self.graph(g, tools).map(|g| Flow::Graph(Box::new(g)));
+            return self
+                .graph(g, tools, workers)
+                .map(|g| Flow::Graph(Box::new(g)));
         }
         let flow = self.string(node, "flow")?;
         match flow.as_str() {
@@ -1384,7 +1391,7 @@ impl Parser<'_> {
         Some(out)
     }
 
-    fn graph(&mut self, node: &Node, tools: &[&str]) -> Option<Graph> {
+    fn graph(&mut self, node: &Node, tools: &[&str], workers: &[&str]) -> Option<Graph> {
         let f = self.fields(node, "flow.graph", &["state", "start", "nodes", "edges"])?;
         let state = self
             .required(&f, "state", "; a graph's state is a JSON Schema of the fields its nodes read and write")
@@ -1448,7 +1455,7 @@ impl Parser<'_> {
             nodes: nodes?,
             edges,
         };
-        let problems = graph.problems(tools, &edge_pos, node.pos);
+        let problems = graph.problems(tools, workers, &edge_pos, node.pos);
         if problems.is_empty() {
             Some(graph)
         } else {
@@ -1484,19 +1491,12 @@ impl Parser<'_> {
             Some("router") => &["kind", "max_visits", "routes", "choose"],
             Some("human") => &["kind", "max_visits", "prompt", "writes", "on_deny"],
             Some("end") => &["kind", "output"],
-            Some("subagent") => {
-                self.error(
-                    pos,
-                    &path,
-                    "`subagent` nodes are not supported yet: call the other agent through a tool node",
-                );
-                return None;
-            }
+            Some("subagent") => &["kind", "max_visits", "agent", "args", "writes", "on_error"],
             Some(other) => {
                 self.error(
                     pos,
                     &format!("{path}.kind"),
-                    format!("`{other}` is not a node kind; use llm, tool, router, human or end"),
+                    format!("`{other}` is not a node kind; use llm, tool, subagent, router, human or end"),
                 );
                 return None;
             }
@@ -1504,7 +1504,7 @@ impl Parser<'_> {
                 self.error(
                     pos,
                     &format!("{path}.kind"),
-                    "missing `kind` (llm, tool, router, human or end)",
+                    "missing `kind` (llm, tool, subagent, router, human or end)",
                 );
                 return None;
             }
@@ -1551,10 +1551,12 @@ impl Parser<'_> {
                     writes: writes?,
                 }
             }
-            Some("tool") => {
+            Some(kind @ ("tool" | "subagent")) => {
+                // A subagent node names its worker tool as `agent`.
+                let key = if kind == "tool" { "tool" } else { "agent" };
                 let tool = self
-                    .required(&f, "tool", "")
-                    .and_then(|n| self.string(n, &f.child("tool")));
+                    .required(&f, key, "")
+                    .and_then(|n| self.string(n, &f.child(key)));
                 let args = match f.get("args") {
                     None => Some(Value::Object(Map::new())),
                     Some(n) if matches!(n.value, NodeValue::Map(_)) => Some(n.to_json()),
@@ -1572,6 +1574,7 @@ impl Parser<'_> {
                     args: args?,
                     writes: names(self, "writes")?,
                     on_error: text(self, "on_error")?,
+                    subagent: kind == "subagent",
                 }
             }
             Some("router") => {

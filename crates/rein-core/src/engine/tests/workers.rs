@@ -271,3 +271,41 @@ fn a_failed_worker_with_an_escalate_fallback_hands_the_run_to_a_person() {
         "{out}"
     );
 }
+
+#[test]
+fn a_subagent_node_runs_its_worker_under_a_carved_budget() {
+    let src = orchestrator("{spec: w.yaml, max_cost_usd: 0.25}", "")
+        + r#"flow:
+  graph:
+    state: {type: object, properties: {q: {type: string}, found: {type: string}}}
+    start: ask
+    nodes:
+      ask: {kind: subagent, agent: research, args: {q: why}, writes: [found]}
+      done: {kind: end, output: found}
+    edges: [[ask, done]]
+"#;
+    let mut sim = Sim::new(&src);
+    let budget = play_worker(
+        &mut sim,
+        Usd::from_micros(100_000),
+        TerminationReason::Completed,
+        ToolResult::success(json!("because")),
+    );
+    assert_eq!(budget.max_cost_usd, Usd::from_micros(250_000));
+    assert_eq!(sim.run(delegate_once).1, TerminationReason::Completed);
+    assert_eq!(sim.engine.output(), Some(&json!("because")));
+    let kinds: Vec<String> = sim
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::NodeEntered { node_kind, .. } => Some(node_kind.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["subagent", "end"]);
+    assert_eq!(
+        sim.engine.cost(),
+        Usd::from_micros(100_000),
+        "the worker's spend is the run's"
+    );
+}
