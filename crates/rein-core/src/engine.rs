@@ -1322,7 +1322,7 @@ impl Engine {
                     on_timeout: *on_timeout,
                     requested_ms: event.ts_ms,
                 };
-                if call_id.starts_with("node:") {
+                if self.is_node_approval(call_id) {
                     // A human node's approval is a step of its own.
                     self.step = self.step.max(*step);
                 }
@@ -1336,7 +1336,7 @@ impl Engine {
                 ..
             } => {
                 if let Some(Approval::Pending(p)) = self.approvals.get(step)
-                    && p.call_id.starts_with("node:")
+                    && self.is_node_approval(&p.call_id)
                 {
                     self.paused_ms = self
                         .paused_ms

@@ -185,7 +185,7 @@ impl Engine {
         let done = if done.is_empty() {
             "(none yet)".to_string()
         } else {
-            done.join("\n")
+            self.spotlit("the results of the steps done", &done.join("\n"))
         };
         let left = if p.left.is_empty() {
             "(none)".to_string()

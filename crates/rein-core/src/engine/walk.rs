@@ -230,6 +230,7 @@ impl Engine {
             "\n\nWhen you are done, reply with JSON only: an object matching this JSON Schema: {schema}"
         ));
         self.push_message(Message::text(Role::System, system));
+        let state = self.spotlit("the workflow's state", &state.to_string());
         self.push_message(Message::text(
             Role::User,
             format!(
@@ -237,6 +238,25 @@ impl Engine {
                 self.input_message
             ),
         ));
+    }
+
+    /// `text` gathered from earlier steps, fenced as untrusted when untrusted content has
+    /// entered the run and the run fences: what a tool returned reaches a later model step
+    /// through the state or a step's result, and must not arrive there as instructions.
+    pub(super) fn spotlit(&self, origin: &str, text: &str) -> String {
+        match (&self.fence, &self.tainted) {
+            (Some(boundary), Some(_)) => guard::fence(boundary, origin.to_string(), text, None),
+            _ => text.to_string(),
+        }
+    }
+
+    /// Whether an approval's call id is the current human node's (never a model's tool call,
+    /// whatever id the model chose).
+    pub(super) fn is_node_approval(&self, call_id: &str) -> bool {
+        self.current_node().is_some_and(|(g, node)| {
+            matches!(node.kind, NodeKind::Human { .. })
+                && call_id == node_call_id(&g.node, g.visits.get(&g.node).copied().unwrap_or(0))
+        })
     }
 
     fn set_exit(&mut self, writes: Map<String, Value>, next: String, why: String) {

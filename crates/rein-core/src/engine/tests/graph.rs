@@ -396,3 +396,22 @@ fn each_node_is_a_span_and_its_steps_are_its_children() {
     assert_eq!(models[0].parent, Some(triage.span_id));
     assert_eq!(models[1].parent, Some(named("node answer").span_id));
 }
+
+#[test]
+fn state_that_untrusted_content_reached_is_fenced_for_later_model_steps() {
+    // The lookup's result is untrusted: once it is in the state, the answer node sees the
+    // state between the run's markers; before it, the triage node sees it as it is.
+    let mut sim = Sim::new(GRAPH);
+    let mut seen: Vec<(bool, bool)> = Vec::new();
+    let mut model = by_node("refund");
+    let mut spy = |n: u32, engine: &Engine| {
+        let system = engine.messages()[0].content.clone().unwrap_or_default();
+        let user = engine.messages()[1].content.clone().unwrap_or_default();
+        seen.push((system.contains("Answer the customer"), user.contains(FENCE)));
+        model(n, engine)
+    };
+    let pending = sim.advance(&mut spy).unwrap_err();
+    sim.record(pending.decided(true, "ann", None));
+    sim.run(&mut spy);
+    assert_eq!(seen, [(false, false), (true, true)]);
+}
