@@ -391,26 +391,7 @@ limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout
         .spawn()
         .unwrap();
     // Wait until the tool call is recorded as requested, then kill the process outright.
-    let started = std::time::Instant::now();
-    let id = loop {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(20),
-            "the tool call was never requested"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        if !dir.path().join("rein.db").exists() {
-            continue;
-        }
-        let out = rein(dir.path(), &["runs", "list", "--json"]);
-        let Ok(runs) = serde_json::from_str::<Value>(text(&out).0.trim()) else {
-            continue;
-        };
-        if let Some(run) = runs.as_array().and_then(|r| r.first())
-            && run["events"].as_u64() >= Some(4)
-        {
-            break run["run_id"].as_str().unwrap().to_string();
-        }
-    };
+    let id = common::run_once_logged(dir.path(), "tool_requested");
     child.kill().unwrap();
     child.wait().unwrap();
 

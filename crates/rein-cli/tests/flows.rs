@@ -221,38 +221,7 @@ flow:
         .spawn()
         .unwrap();
     // Kill the process once the tool node's call is recorded as requested.
-    let started = std::time::Instant::now();
-    let id = loop {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(20),
-            "the tool call was never requested"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        if !dir.path().join("rein.db").exists() {
-            continue;
-        }
-        let out = rein(dir.path(), &["runs", "list", "--json"]);
-        let Ok(runs) = serde_json::from_str::<Value>(text(&out).0.trim()) else {
-            continue;
-        };
-        let Some(id) = runs
-            .as_array()
-            .and_then(|r| r.first())
-            .and_then(|r| r["run_id"].as_str())
-        else {
-            continue;
-        };
-        let shown = rein(dir.path(), &["runs", "show", id, "--json"]);
-        let Ok(shown) = serde_json::from_slice::<Value>(&shown.stdout) else {
-            continue;
-        };
-        if shown["events"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|e| e["kind"] == "tool_requested"))
-        {
-            break id.to_string();
-        }
-    };
+    let id = common::run_once_logged(dir.path(), "tool_requested");
     child.kill().unwrap();
     child.wait().unwrap();
 

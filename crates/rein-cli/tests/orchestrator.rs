@@ -234,3 +234,80 @@ fn check_follows_the_worker_specs_and_names_a_missing_one() {
         "{stderr}"
     );
 }
+
+/// An orchestrator that calls its worker by a registered agent's name.
+const BOSS: &str = r#"
+name: boss
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 200}
+instructions: You lead a research team.
+tools:
+  - name: research
+    description: Finds the facts about an order.
+    input_schema: {type: object, properties: {question: {type: string}}, required: [question]}
+    source: {agent: {spec: researcher, fallback: {answer: {facts: [no researcher]}}}}
+    contract: {timeout: 20s, side_effects: none}
+limits: {max_iterations: 3, max_total_tokens: 20000, max_cost_usd: 0.01}
+"#;
+
+const BOSS_SCRIPT: &str = r#"
+responses:
+  - {when: You lead a research team, tool_calls: [{name: research, arguments: {question: "order 42?"}}]}
+  - {when: You lead a research team, text: briefed}
+  - {when: You research orders, text: '{"facts": ["order 42 is a kettle"]}'}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_worker_is_one_of_the_callers_own_registered_agents() {
+    let dir = example_dir();
+    std::fs::write(dir.path().join("boss.script.yaml"), BOSS_SCRIPT).unwrap();
+    let acme = common::tenant_key(dir.path(), "acme");
+    let bolt = common::tenant_key(dir.path(), "bolt");
+    let server = common::serve(
+        dir.path(),
+        &["--script", "boss.script.yaml", "--db", "rein.db"],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let researcher = std::fs::read_to_string(dir.path().join("researcher.yaml")).unwrap();
+    common::register(&http, &base, &acme, &researcher).await;
+    common::register(&http, &base, &acme, BOSS).await;
+    common::register(&http, &base, &bolt, BOSS).await;
+    let ask = serde_json::json!({"agent": "boss", "input": "Brief me on order 42."});
+
+    let run = common::run_waiting(&http, &base, &acme, ask.clone(), &[]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let runs = common::get_json(&http, &format!("{base}/v1/runs"), &acme).await;
+    let agents: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["agent"].as_str().unwrap())
+        .collect();
+    assert!(agents.contains(&"researcher"), "{agents:?}");
+
+    // Another tenant's orchestrator cannot reach acme's researcher: its worker is not found,
+    // and the fallback answers.
+    let run = common::run_waiting(&http, &base, &bolt, ask, &[]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let runs = common::get_json(&http, &format!("{base}/v1/runs"), &bolt).await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "no worker ran for bolt: {runs}");
+    drop(server);
+    let id = run["run_id"].as_str().unwrap();
+    let shown = rein(dir.path(), &["runs", "show", id, "--tenant", "bolt", "--json", "--db", "rein.db"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let result = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "tool_result")
+        .unwrap();
+    assert_eq!(result["payload"]["result"]["data"]["facts"][0], "no researcher");
+    let started = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "worker_started");
+    assert!(!started, "a worker that cannot be found is never started");
+}

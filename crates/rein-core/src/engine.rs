@@ -1335,9 +1335,7 @@ impl Engine {
                 reason,
                 ..
             } => {
-                if let Some(Approval::Pending(p)) = self.approvals.get(step)
-                    && self.is_node_approval(&p.call_id)
-                {
+                if let Some(Approval::Pending(p)) = self.approvals.get(step) {
                     self.paused_ms = self
                         .paused_ms
                         .saturating_add(event.ts_ms.saturating_sub(p.requested_ms).max(0));
@@ -1349,14 +1347,11 @@ impl Engine {
                             reason: reason.clone(),
                         }
                     };
-                    self.approvals.insert(*step, decision);
-                    self.human_decided(*approved, by, reason.as_deref());
-                    return Ok(());
-                }
-                if let Some(Approval::Pending(p)) = self.approvals.get(step) {
-                    self.paused_ms = self
-                        .paused_ms
-                        .saturating_add(event.ts_ms.saturating_sub(p.requested_ms).max(0));
+                    if self.is_node_approval(&p.call_id) {
+                        self.approvals.insert(*step, decision);
+                        self.human_decided(*approved, by, reason.as_deref());
+                        return Ok(());
+                    }
                     let tool = p.tool.clone();
                     if let Some(answer) = p.answer.clone() {
                         // A held answer: approved, it is the run's answer; denied, the model
@@ -1380,14 +1375,6 @@ impl Engine {
                             ));
                         }
                     }
-                    let decision = if *approved {
-                        Approval::Approved
-                    } else {
-                        Approval::Denied {
-                            by: by.clone(),
-                            reason: reason.clone(),
-                        }
-                    };
                     self.approvals.insert(*step, decision);
                     if !*approved && self.agent.spec.approval.on_deny == OnDeny::End {
                         let why = reason

@@ -267,3 +267,40 @@ pub async fn paying_provider() -> rein_fakes::FakeOpenAi {
     .await
     .unwrap()
 }
+
+/// The id of the first run in `dir`'s default store whose log holds an event of `kind`,
+/// once one does (within 20 s): for killing a process at a known point of its run.
+pub fn run_once_logged(dir: &Path, kind: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no run logged `{kind}`"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if !dir.join("rein.db").exists() {
+            continue;
+        }
+        let out = rein(dir, &["runs", "list", "--json"]);
+        let Ok(runs) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            continue;
+        };
+        let Some(id) = runs
+            .as_array()
+            .and_then(|r| r.first())
+            .and_then(|r| r["run_id"].as_str())
+        else {
+            continue;
+        };
+        let shown = rein(dir, &["runs", "show", id, "--json"]);
+        let Ok(shown) = serde_json::from_slice::<serde_json::Value>(&shown.stdout) else {
+            continue;
+        };
+        if shown["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["kind"] == kind))
+        {
+            return id.to_string();
+        }
+    }
+}

@@ -158,23 +158,7 @@ impl Sim {
                     let verdict = check.verdict(&self.engine.agent().spec.guards);
                     self.record(verdict);
                 }
-                Effect::CallModel(call) => {
-                    self.record(call.requested());
-                    let r = model(self.engine.iterations(), &self.engine);
-                    let cost = self.engine.agent().prices[&call.model].cost(&r.usage);
-                    self.record(EventKind::ModelResponded {
-                        step: call.step,
-                        model: call.model,
-                        content: r.content,
-                        tool_calls: r.tool_calls,
-                        usage: r.usage,
-                        cost,
-                        latency_ms: 1,
-                        attempts: 1,
-                        finish_reason: None,
-                        cached: false,
-                    });
-                }
+                Effect::CallModel(call) => self.call_model(call, &mut model),
                 Effect::CallTool(inv) => {
                     self.record(inv.requested());
                     self.tool_runs.push(inv.clone());
@@ -191,6 +175,26 @@ impl Sim {
             self.now += 10;
         }
         panic!("the run did not end");
+    }
+
+    /// Makes the model call: recorded as requested, answered by `model`, recorded as
+    /// responded (costed at the model's price).
+    fn call_model(&mut self, call: ModelCall, model: &mut impl FnMut(u32, &Engine) -> ModelReply) {
+        self.record(call.requested());
+        let r = model(self.engine.iterations(), &self.engine);
+        let cost = self.engine.agent().prices[&call.model].cost(&r.usage);
+        self.record(EventKind::ModelResponded {
+            step: call.step,
+            model: call.model,
+            content: r.content,
+            tool_calls: r.tool_calls,
+            usage: r.usage,
+            cost,
+            latency_ms: 1,
+            attempts: 1,
+            finish_reason: None,
+            cached: false,
+        });
     }
 
     fn model_requests(&self) -> usize {

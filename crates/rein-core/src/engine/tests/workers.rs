@@ -82,23 +82,7 @@ fn play_worker(
                 });
                 return budget;
             }
-            Some(Effect::CallModel(call)) => {
-                sim.record(call.requested());
-                let r = delegate_once(sim.engine.iterations(), &sim.engine);
-                let cost = sim.engine.agent().prices[&call.model].cost(&r.usage);
-                sim.record(EventKind::ModelResponded {
-                    step: call.step,
-                    model: call.model,
-                    content: r.content,
-                    tool_calls: r.tool_calls,
-                    usage: r.usage,
-                    cost,
-                    latency_ms: 1,
-                    attempts: 1,
-                    finish_reason: None,
-                    cached: false,
-                });
-            }
+            Some(Effect::CallModel(call)) => sim.call_model(call, &mut delegate_once),
             Some(Effect::Record(kind)) => sim.record(kind),
             Some(Effect::CheckContent(check)) => {
                 let verdict = check.verdict(&sim.engine.agent().spec.guards);
@@ -159,22 +143,7 @@ fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
     let inv = loop {
         match sim.engine.next_effect(sim.now) {
             Some(Effect::CallTool(inv)) => break inv,
-            Some(Effect::CallModel(call)) => {
-                sim.record(call.requested());
-                let r = delegate_once(sim.engine.iterations(), &sim.engine);
-                sim.record(EventKind::ModelResponded {
-                    step: call.step,
-                    model: call.model,
-                    content: r.content,
-                    tool_calls: r.tool_calls,
-                    usage: r.usage,
-                    cost: Usd::ZERO,
-                    latency_ms: 1,
-                    attempts: 1,
-                    finish_reason: None,
-                    cached: false,
-                });
-            }
+            Some(Effect::CallModel(call)) => sim.call_model(call, &mut delegate_once),
             Some(Effect::Record(kind)) => sim.record(kind),
             Some(Effect::CheckContent(c)) => {
                 let v = c.verdict(&sim.engine.agent().spec.guards);
@@ -194,12 +163,16 @@ fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
         fallback: false,
     });
     // Resumed: the interrupted call (side_effects none) is made again, as the same step, but
-    // only with what the held budget leaves: 1.0 - 0.9999.
+    // only with what the held budget leaves: 1.0, less the model call, less 0.9999.
     let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
     match replayed.next_effect(sim.now) {
         Some(Effect::CallTool(again)) => {
             assert_eq!(again.step, inv.step);
-            assert_eq!(again.budget.unwrap().max_cost_usd, Usd::from_micros(100));
+            let left = Usd::from_micros(1_000_000)
+                .saturating_sub(sim.engine.cost())
+                .saturating_sub(Usd::from_micros(999_900));
+            assert!(left < Usd::from_micros(100), "{left}");
+            assert_eq!(again.budget.unwrap().max_cost_usd, left);
         }
         other => panic!("{other:?}"),
     }
