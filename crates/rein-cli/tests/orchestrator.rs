@@ -292,10 +292,19 @@ async fn a_served_worker_is_one_of_the_callers_own_registered_agents() {
     let run = common::run_waiting(&http, &base, &bolt, ask, &[]).await;
     assert_eq!(run["status"], "completed", "{run}");
     let runs = common::get_json(&http, &format!("{base}/v1/runs"), &bolt).await;
-    assert_eq!(runs.as_array().unwrap().len(), 1, "no worker ran for bolt: {runs}");
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        1,
+        "no worker ran for bolt: {runs}"
+    );
     drop(server);
     let id = run["run_id"].as_str().unwrap();
-    let shown = rein(dir.path(), &["runs", "show", id, "--tenant", "bolt", "--json", "--db", "rein.db"]);
+    let shown = rein(
+        dir.path(),
+        &[
+            "runs", "show", id, "--tenant", "bolt", "--json", "--db", "rein.db",
+        ],
+    );
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     let result = shown["events"]
         .as_array()
@@ -303,7 +312,10 @@ async fn a_served_worker_is_one_of_the_callers_own_registered_agents() {
         .iter()
         .find(|e| e["kind"] == "tool_result")
         .unwrap();
-    assert_eq!(result["payload"]["result"]["data"]["facts"][0], "no researcher");
+    assert_eq!(
+        result["payload"]["result"]["data"]["facts"][0],
+        "no researcher"
+    );
     let started = shown["events"]
         .as_array()
         .unwrap()
