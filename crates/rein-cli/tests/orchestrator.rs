@@ -323,3 +323,183 @@ async fn a_served_worker_is_one_of_the_callers_own_registered_agents() {
         .any(|e| e["kind"] == "worker_started");
     assert!(!started, "a worker that cannot be found is never started");
 }
+
+const WAITER: &str = r#"
+name: waiter
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: You wait for the batch.
+tools:
+  - name: wait_for_batch
+    source: {builtin: sleep}
+    contract: {timeout: 30s, side_effects: none}
+limits: {max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.01}
+"#;
+
+const WAITING_BOSS: &str = r#"
+name: waiting-boss
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: You wait on your team.
+tools:
+  - name: batch
+    description: Waits for the batch.
+    input_schema: {type: object}
+    source: {agent: {spec: waiter}}
+    contract: {timeout: 30s, side_effects: none}
+limits: {max_iterations: 3, max_total_tokens: 20000, max_cost_usd: 0.01}
+"#;
+
+const WAITING_SCRIPT: &str = r#"
+responses:
+  - {when: You wait on your team, tool_calls: [{name: batch, arguments: {}}]}
+  - {when: You wait on your team, text: done}
+  - {when: You wait for the batch, tool_calls: [{name: wait_for_batch, arguments: {seconds: 1.5}}]}
+  - {when: You wait for the batch, text: batch done}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_caller_cancels_the_worker_it_waits_on() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), WAITING_SCRIPT).unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(
+        dir.path(),
+        &["--script", "script.yaml", "--db", "rein.db"],
+        &[],
+    );
+    let (http, base) = (reqwest::Client::new(), server.base.clone());
+    common::register(&http, &base, &key, WAITER).await;
+    common::register(&http, &base, &key, WAITING_BOSS).await;
+    let queued: Value = http
+        .post(format!("{base}/v1/runs"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"agent": "waiting-boss", "input": "go"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let boss = queued["run_id"].as_str().unwrap().to_string();
+    let list = |agent: &'static str| {
+        let (http, url, key) = (
+            http.clone(),
+            format!("{base}/v1/runs?agent={agent}"),
+            key.clone(),
+        );
+        async move { common::get_json(&http, &url, &key).await }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Once the worker is at its slow tool call, cancel the caller.
+    let worker = loop {
+        let runs = list("waiter").await;
+        if let Some(run) = runs.as_array().and_then(|r| r.first())
+            && run["tool_calls"].as_u64() == Some(0)
+            && run["iterations"].as_u64() == Some(1)
+        {
+            break run["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let asked = http
+        .post(format!("{base}/v1/runs/{boss}/cancel"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), 202);
+    let ended = |id: String| {
+        let (http, url, key) = (http.clone(), format!("{base}/v1/runs/{id}"), key.clone());
+        async move {
+            loop {
+                let run = common::get_json(&http, &url, &key).await;
+                if run["status"] != "running" {
+                    return run;
+                }
+                assert!(std::time::Instant::now() < deadline, "{run}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let child = ended(worker.clone()).await;
+    assert_eq!(child["status"], "cancelled", "{child}");
+    assert_eq!(
+        child["detail"],
+        "cancelled by api:acme (who cancelled its caller) while it ran"
+    );
+    assert_eq!(
+        child["iterations"], 1,
+        "the worker made no model call after the cancel"
+    );
+    let parent = ended(boss).await;
+    assert_eq!(parent["status"], "cancelled", "{parent}");
+    assert_eq!(parent["iterations"], 1);
+}
+
+#[test]
+fn a_worker_that_waits_for_a_person_is_ended_and_its_fallback_answers() {
+    let dir = example_dir();
+    std::fs::write(
+        dir.path().join("held.yaml"),
+        r#"
+name: held
+version: 1
+model: {primary: openai/gpt-4o-mini, max_output_tokens: 100}
+instructions: You refund orders.
+tools:
+  - name: refund
+    source: {builtin: echo}
+    contract: {confirm: true, side_effects: write}
+limits: {max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.01}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("boss.yaml"),
+        BOSS.replace("spec: researcher,", "spec: held.yaml,"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("held.script.yaml"),
+        r#"
+responses:
+  - {when: You lead a research team, tool_calls: [{name: research, arguments: {question: "refund 42"}}]}
+  - {when: You lead a research team, text: handled}
+  - {when: You refund orders, tool_calls: [{name: refund, arguments: {text: "42"}}]}
+"#,
+    )
+    .unwrap();
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "boss.yaml",
+            "--script",
+            "held.script.yaml",
+            "--input",
+            "x",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "completed", "{v}");
+    let all = runs(dir.path(), "runs.db");
+    let held = all.iter().find(|r| r["agent"] == "held").unwrap();
+    assert_eq!(
+        held["status"], "cancelled",
+        "not left awaiting approval: {held}"
+    );
+    let log = events(dir.path(), "runs.db", v["run_id"].as_str().unwrap());
+    let result = log.iter().find(|e| e["kind"] == "tool_result").unwrap();
+    assert_eq!(
+        result["payload"]["result"]["data"]["facts"][0],
+        "no researcher"
+    );
+}

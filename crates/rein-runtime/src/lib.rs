@@ -756,7 +756,7 @@ impl Runtime {
         let lease = run_lease_ms(&request.agent);
         self.enter_bulkhead(&tenant, run_id.as_str(), lease).await?;
         let outcome = self
-            .run_admitted(run_id.clone(), request, model, sink, None)
+            .run_admitted(run_id.clone(), request, model, sink, None, None)
             .await;
         self.leave_bulkhead(&tenant, run_id.as_str()).await?;
         outcome
@@ -771,6 +771,7 @@ impl Runtime {
         model: &dyn Model,
         sink: Option<&TokenSink>,
         parent: Option<ParentLink>,
+        caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
     ) -> Result<RunOutcome, RuntimeError> {
         let agent = request.agent.clone();
         let (tenant, user, session) = (
@@ -799,6 +800,8 @@ impl Runtime {
             meter: None,
             unmeasured: Vec::new(),
             trace,
+            cancel: None,
+            caller_cancel,
         };
         driver.start(info, kinds)?;
         let keeper = self.keep_lease(&run_id);
@@ -1062,6 +1065,8 @@ impl Runtime {
             meter: None,
             unmeasured: Vec::new(),
             trace: rein_core::spans::log_trace(run_id, &events).0,
+            cancel: None,
+            caller_cancel: None,
         };
         if self.meters.on() {
             // What the log already holds was measured when it was written.
@@ -1163,15 +1168,24 @@ struct Driver<'a> {
     trace: [u8; 16],
     /// What the staged events add to the metrics, applied once they are durable.
     unmeasured: Vec<Measure>,
+    /// Who asked to cancel this run, once someone has (set while it is driven).
+    cancel: Option<Arc<std::sync::OnceLock<String>>>,
+    /// For a worker's run: its caller's cancel flag (a cancelled caller stops its workers).
+    caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
 }
 
 impl Driver<'_> {
     async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
         let cancel = Driving::register(self.runtime, &self.run_id);
+        self.cancel = Some(cancel.flag.clone());
         let mut carried = Duration::ZERO;
         let mut awaiting = None;
         while let Some(effect) = self.engine.next_effect(now_ms()) {
-            if let Some(by) = cancel.requested() {
+            let by_caller = || {
+                let by = self.caller_cancel.as_ref()?.get()?;
+                Some(format!("{by} (who cancelled its caller)"))
+            };
+            if let Some(by) = cancel.requested().or_else(by_caller) {
                 self.record(EventKind::RunFinished {
                     status: RunStatus::Cancelled,
                     reason: TerminationReason::Cancelled,

@@ -200,8 +200,33 @@ impl Driver<'_> {
             self.model,
             None,
             Some(parent),
+            self.cancel.clone(),
         ))
         .await;
+        let ran = match ran {
+            // Its caller does not wait for a person on a worker's behalf: the worker is ended
+            // (not left waiting, able to spend outside its caller's accounting) and counts as
+            // failed.
+            Ok(outcome) if outcome.status == RunStatus::AwaitingApproval => {
+                let by = format!(
+                    "its caller, run {}, which does not wait for a worker's approvals",
+                    self.run_id
+                );
+                match self.runtime.cancel(&self.tenant, &run_id, &by).await {
+                    Ok(_) => Ok(RunOutcome {
+                        status: RunStatus::Cancelled,
+                        reason: Some(rein_core::TerminationReason::Cancelled),
+                        detail: Some(format!(
+                            "it waited for a person's approval; cancelled by {by}"
+                        )),
+                        awaiting: None,
+                        ..outcome
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
         let (outcome, rejected) = match ran {
             Ok(outcome) => {
                 let rejected = self.rejection(tool, worker, &outcome);
