@@ -119,6 +119,26 @@ pub const METRICS: &[(&str, &str)] = &[
         "Final answers the LLM judge scored, by tenant, agent and outcome (passed or failed).",
     ),
     (
+        "rein_worker_runs_total",
+        "Worker agents' runs ended, by tenant, calling agent, tool, outcome (accepted, or failed) and the worker's termination reason.",
+    ),
+    (
+        "rein_worker_cost_micro_usd_total",
+        "What worker agents' runs spent, in millionths of a US dollar, by tenant, calling agent and tool (also counted in each worker's own model calls).",
+    ),
+    (
+        "rein_graph_node_visits_total",
+        "Graph nodes entered, by tenant, agent, node and node kind.",
+    ),
+    (
+        "rein_plan_steps_total",
+        "Plan steps ended, by tenant, agent and status (done or failed).",
+    ),
+    (
+        "rein_plan_revisions_total",
+        "Plans revised after the first, by tenant and agent.",
+    ),
+    (
         "rein_output_redactions_total",
         "Things found in final answers by the output sanitiser, by tenant, agent, kind (secret.*, pii.*, internal_url, stack_trace, prompt_leak) and action (redact, block).",
     ),
@@ -416,6 +436,59 @@ impl RunMeter {
                     ("source", source.as_str().into()),
                     ("verdict", verdict.as_str().into()),
                 ],
+                1,
+            )],
+            EventKind::WorkerFinished {
+                tool,
+                status,
+                reason,
+                cost,
+                accepted,
+                ..
+            } => {
+                let reason = reason.map_or(status.as_str(), |r| r.as_str());
+                vec![
+                    count(
+                        "rein_worker_runs_total",
+                        vec![
+                            tenant(),
+                            agent(),
+                            ("tool", tool.clone()),
+                            (
+                                "outcome",
+                                if *accepted { "accepted" } else { "failed" }.into(),
+                            ),
+                            ("reason", reason.into()),
+                        ],
+                        1,
+                    ),
+                    count(
+                        "rein_worker_cost_micro_usd_total",
+                        vec![tenant(), agent(), ("tool", tool.clone())],
+                        u64::try_from(cost.micros()).unwrap_or(0),
+                    ),
+                ]
+            }
+            EventKind::NodeEntered {
+                node, node_kind, ..
+            } => vec![count(
+                "rein_graph_node_visits_total",
+                vec![
+                    tenant(),
+                    agent(),
+                    ("node", node.clone()),
+                    ("kind", node_kind.clone()),
+                ],
+                1,
+            )],
+            EventKind::PlanStepFinished { status, .. } => vec![count(
+                "rein_plan_steps_total",
+                vec![tenant(), agent(), ("status", status.as_str().into())],
+                1,
+            )],
+            EventKind::PlanMade { revision, .. } if *revision > 0 => vec![count(
+                "rein_plan_revisions_total",
+                vec![tenant(), agent()],
                 1,
             )],
             EventKind::JudgeVerdict { passed, .. } => vec![count(
@@ -733,6 +806,76 @@ mod tests {
             count_of(&measures, "rein_output_redactions_total", &found),
             2
         );
+    }
+
+    #[test]
+    fn workers_graph_nodes_and_plan_steps_are_counted() {
+        use crate::plan::{PlanStep, StepStatus};
+        let mut meter = RunMeter::new("acme", "boss");
+        let measures: Vec<Measure> = [
+            EventKind::WorkerFinished {
+                step: 2,
+                call_id: "c".into(),
+                tool: "research".into(),
+                run_id: crate::RunId::new("w"),
+                agent: "researcher".into(),
+                status: crate::RunStatus::LimitExceeded,
+                reason: Some(crate::TerminationReason::Timeout),
+                detail: None,
+                cost: Usd::from_micros(120),
+                usage: Usage::default(),
+                accepted: false,
+            },
+            EventKind::NodeEntered {
+                node: "triage".into(),
+                node_kind: "llm".into(),
+                visit: 1,
+            },
+            EventKind::PlanMade {
+                revision: 0,
+                steps: vec![PlanStep {
+                    purpose: "a".into(),
+                    tool: None,
+                }],
+                why: String::new(),
+            },
+            EventKind::PlanMade {
+                revision: 1,
+                steps: Vec::new(),
+                why: String::new(),
+            },
+            EventKind::PlanStepFinished {
+                index: 1,
+                status: StepStatus::Failed,
+                result: String::new(),
+                attempt: 1,
+            },
+        ]
+        .into_iter()
+        .flat_map(|k| meter.observe(&at(1_000, k)))
+        .collect();
+        let failed = [
+            ("tool", "research"),
+            ("outcome", "failed"),
+            ("reason", "timeout"),
+        ];
+        assert_eq!(count_of(&measures, "rein_worker_runs_total", &failed), 1);
+        assert_eq!(
+            count_of(
+                &measures,
+                "rein_worker_cost_micro_usd_total",
+                &[("agent", "boss")]
+            ),
+            120
+        );
+        let node = [("node", "triage"), ("kind", "llm")];
+        assert_eq!(
+            count_of(&measures, "rein_graph_node_visits_total", &node),
+            1
+        );
+        assert_eq!(count_of(&measures, "rein_plan_revisions_total", &[]), 1);
+        let failed = [("status", "failed")];
+        assert_eq!(count_of(&measures, "rein_plan_steps_total", &failed), 1);
     }
 
     #[test]
