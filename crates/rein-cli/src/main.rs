@@ -848,6 +848,7 @@ pub async fn runtime_for(
         prices: config.prices.clone(),
         builtins: builtins.clone(),
         store: store.clone(),
+        files: true,
     });
     let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
         .with_workers(workers)
@@ -866,10 +867,30 @@ pub async fn runtime_for(
 /// Finds the worker agents a spec calls (`source: {agent: {spec: ...}}`): a reference ending in
 /// `.yaml` or `.yml` is a file, relative to where rein runs; any other is an agent registered
 /// for the caller's tenant (`POST /v1/agents`), in its newest version.
-struct WorkerSpecs {
+pub struct WorkerSpecs {
     prices: rein_core::PriceTable,
     builtins: Builtins,
     store: Arc<dyn Store>,
+    /// Whether file references are read. Not for runs whose specs came over the API (`rein
+    /// serve`, and `rein worker`, which drives them too): a tenant must not make the server
+    /// read its files.
+    files: bool,
+}
+
+impl WorkerSpecs {
+    /// Registered agents only: for processes that drive runs other people submitted.
+    pub fn registered_only(
+        config: &config::Config,
+        store: &Arc<dyn Store>,
+        builtins: Builtins,
+    ) -> Arc<Self> {
+        Arc::new(WorkerSpecs {
+            prices: config.prices.clone(),
+            builtins,
+            store: store.clone(),
+            files: false,
+        })
+    }
 }
 
 impl rein_runtime::Workers for WorkerSpecs {
@@ -879,7 +900,12 @@ impl rein_runtime::Workers for WorkerSpecs {
         reference: &'a str,
     ) -> rein_runtime::workers::BoxFuture<'a, Result<(Agent, String), String>> {
         Box::pin(async move {
-            let source = if reference.ends_with(".yaml") || reference.ends_with(".yml") {
+            let file = reference.ends_with(".yaml") || reference.ends_with(".yml");
+            let source = if file && !self.files {
+                return Err(format!(
+                    "`{reference}` is a file, and this process only runs registered agents as workers (register it with POST /v1/agents and name it)"
+                ));
+            } else if file {
                 tokio::fs::read_to_string(reference)
                     .await
                     .map_err(|e| format!("cannot read {reference}: {e}"))?
@@ -1061,8 +1087,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
         ),
         None => Box::new(ProviderRouter::from_env(http.clone())),
     };
-    let runtime = runtime_for(&config, &store, builtins, http)
+    let runtime = runtime_for(&config, &store, builtins.clone(), http)
         .await?
+        .with_workers(WorkerSpecs::registered_only(&config, &store, builtins))
         .with_lease(args.lease);
     loop {
         match runtime.work_one(&config.prices, model.as_ref()).await {

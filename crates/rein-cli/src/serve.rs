@@ -421,6 +421,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .unwrap_or(Duration::from_secs(30));
     let runtime = crate::runtime_for(&config, &store, builtins.clone(), http)
         .await?
+        .with_workers(crate::WorkerSpecs::registered_only(
+            &config,
+            &store,
+            builtins.clone(),
+        ))
         .with_lease(lease);
     let app = App::new(config, store.clone(), runtime, builtins, model, admin_key)?;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -287,6 +287,27 @@ async fn a_served_worker_is_one_of_the_callers_own_registered_agents() {
         .collect();
     assert!(agents.contains(&"researcher"), "{agents:?}");
 
+    // Over the API a worker is never a file: a tenant cannot make the server read one.
+    let filer = BOSS
+        .replace("name: boss", "name: filer")
+        .replace("spec: researcher,", "spec: researcher.yaml,");
+    common::register(&http, &base, &acme, &filer).await;
+    let run = common::run_waiting(
+        &http,
+        &base,
+        &acme,
+        serde_json::json!({"agent": "filer", "input": "Brief me."}),
+        &[],
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let runs = common::get_json(&http, &format!("{base}/v1/runs?agent=researcher"), &acme).await;
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        1,
+        "only the first run's worker: {runs}"
+    );
+
     // Another tenant's orchestrator cannot reach acme's researcher: its worker is not found,
     // and the fallback answers.
     let run = common::run_waiting(&http, &base, &bolt, ask, &[]).await;

@@ -375,9 +375,9 @@ pub struct Engine {
     /// Why the held answer waits for a person, when it is not its confidence.
     held_reason: Option<String>,
     /// For `flow: graph`: where the run is in its graph.
-    graph: Option<GraphRun>,
+    graph: Option<Box<GraphRun>>,
     /// For `flow: plan_execute`: where the run is in its plan.
-    plan: Option<planning::PlanRun>,
+    plan: Option<Box<planning::PlanRun>>,
     /// This run's depth in its tree of worker agents (0 at the top).
     depth: u32,
     /// The deepest the tree may grow.
@@ -826,13 +826,13 @@ impl Engine {
                 }
                 self.begin_conversation([]);
                 if let Some(graph) = self.agent.spec.flow.graph() {
-                    self.graph = Some(GraphRun {
+                    self.graph = Some(Box::new(GraphRun {
                         state: Map::new(),
                         node: graph.start.clone(),
                         entered: false,
                         visits: HashMap::new(),
                         exit: None,
-                    });
+                    }));
                 }
                 if self.agent.spec.guards.input != Policy::Off {
                     self.unchecked = Some(ContentCheck {

@@ -1792,8 +1792,9 @@ impl Driver<'_> {
             return Ok(Duration::ZERO);
         };
         if let rein_core::ToolSource::Agent(worker) = &tool.source {
-            // A worker is a run of its own, with its own breakers on what it calls.
-            return self.call_worker(invocation, tool, worker).await;
+            // A worker is a run of its own, with its own breakers on what it calls. (Boxed: its
+            // state would otherwise make every run's future, worker or not, kilobytes larger.)
+            return Box::pin(self.call_worker(invocation, tool, worker)).await;
         }
         let contract = &tool.contract;
         // One breaker per tenant, agent and tool: a failing dependency of one tenant does not

@@ -68,7 +68,7 @@ enum Phase {
 impl Engine {
     /// Starts a plan run: the planner is offered no tools (it plans; executors act).
     pub(super) fn start_plan(&mut self) {
-        self.plan = Some(PlanRun::new());
+        self.plan = Some(Box::new(PlanRun::new()));
         self.tool_definitions.clear();
         self.fixed_tokens = self
             .agent
