@@ -1620,14 +1620,22 @@ impl Engine {
         if self.repairs < max_repairs {
             self.repairs += 1;
             self.repair_pending = true;
-            let correction = format!(
-                "Your final answer must be JSON that matches the output schema. Problems: {}. Reply with the corrected JSON only.",
-                problems.join("; ")
-            );
+            let correction = if self.graph.is_some() || self.plan.is_some() {
+                format!(
+                    "Your answer must be JSON that matches the JSON Schema you were given. Problems: {}. Reply with the corrected JSON only.",
+                    problems.join("; ")
+                )
+            } else {
+                format!(
+                    "Your final answer must be JSON that matches the output schema. Problems: {}. Reply with the corrected JSON only.",
+                    problems.join("; ")
+                )
+            };
             self.push_message(Message::text(Role::User, correction));
         } else {
             let detail = format!(
-                "the final answer still failed the output schema after {max_repairs} repair(s): {}",
+                "{} still failed its schema after {max_repairs} repair(s): {}",
+                self.answer_name(),
                 problems.join("; ")
             );
             self.finish_with(TerminationReason::OutputInvalid, detail);

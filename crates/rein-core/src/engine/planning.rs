@@ -100,6 +100,15 @@ impl Engine {
         self.agent.step_validators.get(key)
     }
 
+    /// What the next model call's answer is, in a plan's structured steps: for messages.
+    pub(super) fn plan_answer_name(&self) -> Option<&'static str> {
+        match self.plan.as_ref()?.phase {
+            Phase::Planning | Phase::Replanning => Some("the plan"),
+            Phase::Step => Some("the step's report"),
+            Phase::Between | Phase::Answering => None,
+        }
+    }
+
     /// The step kind of the next model call, in a plan: planning and revising are `plan`
     /// (so `model.routes.plan` can send them to a stronger model), the answer is `final`.
     pub(super) fn plan_step_kind(&self) -> Option<StepKind> {

@@ -39,6 +39,18 @@ impl Engine {
         })
     }
 
+    /// What the next model call's answer is, for messages about it: a graph node's, a plan's,
+    /// or the run's final answer.
+    pub(super) fn answer_name(&self) -> String {
+        if let Some(name) = self.plan_answer_name() {
+            return name.to_string();
+        }
+        match self.current_node() {
+            Some((g, _)) if self.in_model_node() => format!("the answer of node `{}`", g.node),
+            _ => "the final answer".to_string(),
+        }
+    }
+
     /// The validator of the answer the next model call must give: the node's, in a graph's
     /// model step; else the spec's `output_schema`.
     pub(super) fn answer_validator(&self) -> Option<Arc<jsonschema::Validator>> {

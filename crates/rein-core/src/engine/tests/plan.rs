@@ -388,3 +388,21 @@ fn each_plan_step_is_a_span_over_its_executors_calls() {
     );
     assert_eq!(models[1].parent, Some(step.span_id));
 }
+
+#[test]
+fn a_plan_that_never_fits_its_schema_ends_output_invalid_naming_the_plan() {
+    let mut sim = Sim::new(&plan_spec("{max_steps: 1}"));
+    let outcome = sim.run(|_, engine| {
+        assert_eq!(role(engine), "planner");
+        text(json!({"steps": [{"purpose": "a"}, {"purpose": "b"}]}))
+    });
+    assert_eq!(outcome.1, TerminationReason::OutputInvalid);
+    let EventKind::RunFinished { detail, .. } = &sim.events.last().unwrap().kind else {
+        unreachable!()
+    };
+    let detail = detail.clone().unwrap_or_default();
+    assert!(
+        detail.starts_with("the plan still failed its schema after 2 repair(s)"),
+        "{detail}"
+    );
+}
