@@ -18,6 +18,8 @@ struct Scenario {
     tenant: &'static str,
     spec: &'static str,
     script: &'static str,
+    /// Where the spec and the script are in the repository.
+    files: (&'static str, &'static str),
     input: &'static str,
     shows: &'static str,
     /// The termination reason it must end with, or the status when it does not end.
@@ -34,6 +36,10 @@ macro_rules! scenario {
             tenant: $tenant,
             spec: include_str!(concat!("../../../examples/demo/", $name, ".yaml")),
             script: include_str!(concat!("../../../examples/demo/", $name, ".script.yaml")),
+            files: (
+                concat!("examples/demo/", $name, ".yaml"),
+                concat!("examples/demo/", $name, ".script.yaml"),
+            ),
             input: $input,
             shows: $shows,
             expect: $expect,
@@ -106,6 +112,19 @@ const SCENARIOS: &[Scenario] = &[
         "plan and execute: a failed step is retried, then the plan is revised",
         "completed"
     ),
+    Scenario {
+        name: "orchestrator",
+        tenant: "default",
+        spec: include_str!("../../../examples/orchestrator/orchestrator.yaml"),
+        script: include_str!("../../../examples/orchestrator/script.yaml"),
+        files: (
+            "examples/orchestrator/orchestrator.yaml",
+            "examples/orchestrator/script.yaml",
+        ),
+        input: "Brief me on order 42.",
+        shows: "three worker agents under one budget: one times out (its fallback answers), one is repaired",
+        expect: "completed",
+    },
     scenario!(
         "escalation",
         "Where are my orders 5001, 5002 and 5003?",
@@ -119,6 +138,52 @@ const SCENARIOS: &[Scenario] = &[
         "timeout"
     ),
 ];
+
+/// The worker agents of `examples/orchestrator`, compiled in like the scenarios: the demo
+/// reads no file.
+const WORKERS: &[(&str, &str)] = &[
+    (
+        "researcher.yaml",
+        include_str!("../../../examples/orchestrator/researcher.yaml"),
+    ),
+    (
+        "checker.yaml",
+        include_str!("../../../examples/orchestrator/checker.yaml"),
+    ),
+    (
+        "summariser.yaml",
+        include_str!("../../../examples/orchestrator/summariser.yaml"),
+    ),
+];
+
+/// Finds the demo's worker agents among [`WORKERS`].
+struct DemoWorkers {
+    prices: rein_core::PriceTable,
+    builtins: Builtins,
+}
+
+impl rein_runtime::Workers for DemoWorkers {
+    fn resolve<'a>(
+        &'a self,
+        _tenant: &'a TenantId,
+        reference: &'a str,
+    ) -> rein_runtime::workers::BoxFuture<'a, Result<(rein_core::Agent, String), String>> {
+        Box::pin(async move {
+            let (_, source) = WORKERS
+                .iter()
+                .find(|(name, _)| *name == reference)
+                .ok_or_else(|| format!("the demo has no worker `{reference}`"))?;
+            let infos = self.builtins.infos();
+            let ctx = rein_core::CheckContext {
+                prices: &self.prices,
+                builtin_tools: &infos,
+            };
+            let agent =
+                rein_core::Agent::parse(reference, source, &ctx).map_err(|e| e.to_string())?;
+            Ok((agent, source.to_string()))
+        })
+    }
+}
 
 /// The scenario whose trace tree is printed in full.
 const TRACED: &str = "hallucinated-tool";
@@ -159,7 +224,12 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     let builtins = Builtins::standard();
     let http = http_client()?;
     let store = crate::open_store(store_args).await?;
-    let runtime = crate::runtime_for(&config, &store, builtins.clone(), http.clone()).await?;
+    let runtime = crate::runtime_for(&config, &store, builtins.clone(), http.clone())
+        .await?
+        .with_workers(std::sync::Arc::new(DemoWorkers {
+            prices: config.prices.clone(),
+            builtins: builtins.clone(),
+        }));
     let tenant = TenantId::new("default");
 
     let mut rows = vec![[
@@ -173,15 +243,14 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     ]];
     let mut outcomes: Vec<(&Scenario, RunOutcome)> = Vec::new();
     for scenario in SCENARIOS {
-        let file = format!("examples/demo/{}.yaml", scenario.name);
+        let file = scenario.files.0;
         let source = scenario.spec.replace("{{tools_url}}", &tools.url());
-        let agent = parse_agent(&file, &source, &config, &builtins)?;
+        let agent = parse_agent(file, &source, &config, &builtins)?;
         let model: Box<dyn Model> = if live {
             Box::new(ProviderRouter::from_env(http.clone()))
         } else {
-            let script = format!("examples/demo/{}.script.yaml", scenario.name);
             Box::new(
-                ScriptedModel::parse(&script, scenario.script)
+                ScriptedModel::parse(scenario.files.1, scenario.script)
                     .map_err(|e| anyhow!(BadInput(e.to_string())))?,
             )
         };
@@ -243,7 +312,7 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
                 if live {
                     String::new()
                 } else {
-                    format!(" --script examples/demo/{}.script.yaml", scenario.name)
+                    format!(" --script {}", scenario.files.1)
                 }
             );
         }

@@ -290,7 +290,7 @@ fn the_demo_runs_offline_and_audit_verify_catches_one_altered_byte() {
     let out = rein(dir.path(), &["audit", "verify"]);
     let (stdout, _) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("ok: 11 runs"), "{stdout}");
+    assert!(stdout.contains("ok: 15 runs"), "{stdout}");
 
     // One run, looked up across tenants.
     let out = rein(dir.path(), &["runs", "list", "--json"]);
