@@ -626,6 +626,32 @@ fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         s.limits.max_cost_usd,
         s.limits.timeout,
     );
+    // The data-flow rule changes what a run does once untrusted content is in it: say so,
+    // rather than let a first held call be the surprise.
+    let guarded: Vec<&str> = s
+        .tools
+        .iter()
+        .filter(|t| {
+            t.contract.side_effects == rein_core::spec::SideEffects::External
+                && !s.guards.allows_host_of(&t.source)
+        })
+        .map(|t| t.name.as_str())
+        .collect();
+    if !guarded.is_empty() && s.guards.data_flow != rein_core::guard::DataFlow::Off {
+        let what = if s.guards.data_flow == rein_core::guard::DataFlow::Refuse {
+            "are refused"
+        } else {
+            "wait for a person's approval"
+        };
+        say!(
+            "{file}: note: once untrusted content (a flagged input, a tool's or document's result) is in a run, calls to {} (side_effects: external) {what}: the data-flow rule; `guards.allow_hosts` or `guards.data_flow` changes it",
+            guarded
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if let Some(plan) = s.flow.plan() {
         say!(
             "{file}: flow: plan_execute, plans of at most {} steps, {} revision(s), {} retry(ies) per step",

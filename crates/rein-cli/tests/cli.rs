@@ -33,6 +33,51 @@ fn the_issue_example_spec_checks_clean() {
 }
 
 #[test]
+fn check_says_which_tools_the_data_flow_rule_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"
+name: mailer
+version: 1
+model: {primary: openai/gpt-4o-mini}
+instructions: Mail people.
+tools:
+  - name: send_email
+    description: Sends an email.
+    input_schema: {type: object}
+    source: {http: {url: "https://mail.example.com/send", method: POST}}
+    contract: {side_effects: external}
+  - name: lookup
+    description: Looks up.
+    input_schema: {type: object}
+    source: {http: {url: "https://api.example.com/x", method: GET}}
+    contract: {side_effects: none}
+limits: {max_iterations: 3, max_total_tokens: 1000, max_cost_usd: 0.01}
+"#;
+    std::fs::write(dir.path().join("a.yaml"), spec).unwrap();
+    let out = rein(dir.path(), &["check", "a.yaml"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("note: once untrusted content")
+            && stdout.contains(
+                "calls to `send_email` (side_effects: external) wait for a person's approval"
+            ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("`lookup`"), "{stdout}");
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        format!("{spec}guards: {{allow_hosts: [mail.example.com]}}\n"),
+    )
+    .unwrap();
+    let (stdout, _) = text(&rein(dir.path(), &["check", "b.yaml"]));
+    assert!(
+        !stdout.contains("note:"),
+        "an allow-listed host is not held: {stdout}"
+    );
+}
+
+#[test]
 fn a_spec_without_a_cost_cap_is_rejected_by_check_and_run_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml")).unwrap();
