@@ -173,14 +173,7 @@ impl rein_runtime::Workers for DemoWorkers {
                 .iter()
                 .find(|(name, _)| *name == reference)
                 .ok_or_else(|| format!("the demo has no worker `{reference}`"))?;
-            let infos = self.builtins.infos();
-            let ctx = rein_core::CheckContext {
-                prices: &self.prices,
-                builtin_tools: &infos,
-            };
-            let agent =
-                rein_core::Agent::parse(reference, source, &ctx).map_err(|e| e.to_string())?;
-            Ok((agent, source.to_string()))
+            crate::parse_worker(&self.prices, &self.builtins, reference, source.to_string())
         })
     }
 }

@@ -943,15 +943,25 @@ impl rein_runtime::Workers for WorkerSpecs {
                     .ok_or_else(|| format!("no agent `{reference}` is registered"))?
                     .spec
             };
-            let infos = self.builtins.infos();
-            let ctx = CheckContext {
-                prices: &self.prices,
-                builtin_tools: &infos,
-            };
-            let agent = Agent::parse(reference, &source, &ctx).map_err(|e| e.to_string())?;
-            Ok((agent, source))
+            parse_worker(&self.prices, &self.builtins, reference, source)
         })
     }
+}
+
+/// A worker's spec, checked: the agent and its source, or the problems as one message.
+pub fn parse_worker(
+    prices: &rein_core::PriceTable,
+    builtins: &Builtins,
+    reference: &str,
+    source: String,
+) -> Result<(Agent, String), String> {
+    let infos = builtins.infos();
+    let ctx = CheckContext {
+        prices,
+        builtin_tools: &infos,
+    };
+    let agent = Agent::parse(reference, &source, &ctx).map_err(|e| e.to_string())?;
+    Ok((agent, source))
 }
 
 async fn open_store(store: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {

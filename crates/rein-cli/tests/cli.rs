@@ -421,24 +421,8 @@ limits: {max_iterations: 5, max_total_tokens: 10000, max_cost_usd: 0.05, timeout
     let script = "responses:\n  - tool_calls: [{name: wait_for_batch, arguments: {seconds: 2}}]\n  - text: The batch is done.\n";
     std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
     std::fs::write(dir.path().join("script.yaml"), script).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args([
-            "run",
-            "agent.yaml",
-            "--input",
-            "report",
-            "--script",
-            "script.yaml",
-        ])
-        .current_dir(dir.path())
-        .env_remove("REIN_DB")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until the tool call is recorded as requested, then kill the process outright.
-    let id = common::run_once_logged(dir.path(), "tool_requested");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // Kill the process once the tool call is recorded as requested.
+    let id = common::run_killed_at(dir.path(), "tool_requested");
 
     let out = rein(dir.path(), &["runs", "list", "--json"]);
     let runs: Value = serde_json::from_str(text(&out).0.trim()).unwrap();

@@ -9,7 +9,7 @@ mod common;
 
 use common::rein;
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn text(out: &Output) -> (String, String) {
     (
@@ -206,24 +206,8 @@ flow:
     let script = "responses:\n  - text: '{\"report\": \"The batch is done.\"}'\n";
     std::fs::write(dir.path().join("agent.yaml"), spec).unwrap();
     std::fs::write(dir.path().join("script.yaml"), script).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rein"))
-        .args([
-            "run",
-            "agent.yaml",
-            "--input",
-            "report",
-            "--script",
-            "script.yaml",
-        ])
-        .current_dir(dir.path())
-        .env_remove("REIN_DB")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     // Kill the process once the tool node's call is recorded as requested.
-    let id = common::run_once_logged(dir.path(), "tool_requested");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let id = common::run_killed_at(dir.path(), "tool_requested");
 
     let out = rein(
         dir.path(),

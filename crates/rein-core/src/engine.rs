@@ -763,6 +763,16 @@ impl Engine {
         }
     }
 
+    /// `text` gathered from earlier steps, fenced as untrusted when untrusted content has
+    /// entered the run and the run fences: what a tool returned reaches a later model step
+    /// through the state or a step's result, and must not arrive there as instructions.
+    fn spotlit(&self, origin: &str, text: &str) -> String {
+        match (&self.fence, &self.tainted) {
+            (Some(boundary), Some(_)) => guard::fence(boundary, origin.to_string(), text, None),
+            _ => text.to_string(),
+        }
+    }
+
     fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
         if self.finish.is_none() {
             self.finish = Some(Finish {

@@ -268,6 +268,27 @@ pub async fn paying_provider() -> rein_fakes::FakeOpenAi {
     .unwrap()
 }
 
+/// Runs `rein run agent.yaml --input report --script script.yaml` in `dir` and kills the
+/// process outright once the run has logged an event of `kind`; the run's id.
+pub fn run_killed_at(dir: &Path, kind: &str) -> String {
+    let mut child = rein_command(dir)
+        .args([
+            "run",
+            "agent.yaml",
+            "--input",
+            "report",
+            "--script",
+            "script.yaml",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = run_once_logged(dir, kind);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    id
+}
+
 /// The id of the first run in `dir`'s default store whose log holds an event of `kind`,
 /// once one does (within 20 s): for killing a process at a known point of its run.
 pub fn run_once_logged(dir: &Path, kind: &str) -> String {

@@ -142,10 +142,20 @@ impl Sim {
         }
     }
 
-    /// Runs until the end, or until it waits for a person's approval.
+    /// Runs until the end, or until it waits for a person's approval; tools echo their
+    /// arguments.
     fn advance(
         &mut self,
+        model: impl FnMut(u32, &Engine) -> ModelReply,
+    ) -> Result<(RunStatus, TerminationReason), Box<PendingApproval>> {
+        self.advance_with(model, |inv| ToolResult::success(inv.arguments.clone()))
+    }
+
+    /// [`Sim::advance`], each tool call answered by `tool`.
+    fn advance_with(
+        &mut self,
         mut model: impl FnMut(u32, &Engine) -> ModelReply,
+        mut tool: impl FnMut(&ToolInvocation) -> ToolResult,
     ) -> Result<(RunStatus, TerminationReason), Box<PendingApproval>> {
         for _ in 0..1000 {
             let Some(effect) = self.engine.next_effect(self.now) else {
@@ -162,11 +172,12 @@ impl Sim {
                 Effect::CallTool(inv) => {
                     self.record(inv.requested());
                     self.tool_runs.push(inv.clone());
+                    let result = tool(&inv);
                     self.record(EventKind::ToolResult {
                         step: inv.step,
                         call_id: inv.call_id,
                         tool: inv.tool,
-                        result: ToolResult::success(inv.arguments),
+                        result,
                         latency_ms: 1,
                         attempts: 1,
                     });
@@ -828,57 +839,17 @@ fn a_tool_cut_off_at_the_deadline_ends_the_run_with_timeout() {
 /// Tool results chosen per call, instead of echoing the arguments.
 fn run_with_tool_results(
     src: &str,
-    mut model: impl FnMut(u32) -> ModelReply,
-    mut tool: impl FnMut(&ToolInvocation) -> ToolResult,
+    model: impl FnMut(u32, &Engine) -> ModelReply,
+    tool: impl FnMut(&ToolInvocation) -> ToolResult,
 ) -> (Sim, (RunStatus, TerminationReason)) {
     let mut sim = Sim::new(src);
-    for _ in 0..1000 {
-        let Some(effect) = sim.engine.next_effect(sim.now) else {
-            let outcome = sim.engine.outcome().unwrap();
-            return (sim, outcome);
-        };
-        match effect {
-            Effect::AwaitApproval(pending) => panic!("no tool here needs approval: {pending:?}"),
-            Effect::Record(kind) => sim.record(kind),
-            Effect::CheckContent(check) => {
-                let verdict = check.verdict(&sim.engine.agent().spec.guards);
-                sim.record(verdict);
-            }
-            Effect::CallModel(c) => {
-                sim.record(c.requested());
-                let r = model(sim.engine.iterations());
-                sim.record(EventKind::ModelResponded {
-                    step: c.step,
-                    model: c.model,
-                    content: r.content,
-                    tool_calls: r.tool_calls,
-                    usage: r.usage,
-                    cost: Usd::from_micros(1),
-                    latency_ms: 1,
-                    attempts: 1,
-                    finish_reason: None,
-                    cached: false,
-                });
-            }
-            Effect::CallTool(inv) => {
-                sim.record(inv.requested());
-                sim.tool_runs.push(inv.clone());
-                let result = tool(&inv);
-                sim.record(EventKind::ToolResult {
-                    step: inv.step,
-                    call_id: inv.call_id,
-                    tool: inv.tool,
-                    result,
-                    latency_ms: 1,
-                    attempts: 1,
-                });
-            }
-        }
+    match sim.advance_with(model, tool) {
+        Ok(outcome) => (sim, outcome),
+        Err(pending) => panic!("no tool here needs approval: {pending:?}"),
     }
-    panic!("the run did not end");
 }
 
-fn ask(n: u32) -> ModelReply {
+fn ask(n: u32, _: &Engine) -> ModelReply {
     reply(
         None,
         vec![call(
@@ -951,7 +922,7 @@ fn a_call_over_a_magnitude_limit_is_refused_before_it_is_made() {
     );
     let (sim, outcome) = run_with_tool_results(
         &src,
-        |n| match n {
+        |n, _| match n {
             1 => reply(
                 None,
                 vec![call(
@@ -1493,7 +1464,7 @@ fn lookup_returning(src: &str, result: &'static str) -> (Sim, (RunStatus, Termin
     })
 }
 
-fn call_once_then_answer_text(step: u32) -> ModelReply {
+fn call_once_then_answer_text(step: u32, _: &Engine) -> ModelReply {
     if step == 1 {
         reply(None, vec![call("c1", "lookup", r#"{"key":"a"}"#)], 10, 10)
     } else {
@@ -2006,50 +1977,14 @@ fn agent_and_classifier(verdict: &'static str) -> impl FnMut(u32, &Engine) -> Mo
 #[test]
 fn a_classifier_model_gives_a_second_opinion_on_what_the_detector_let_through() {
     let src = guard_spec("side_effects: read", "classifier: {min_score: 0}");
-    let (mut sim, _) = (Sim::new(&src), ());
     let mut tool_result = Some(ToolResult::success(json!(SUBTLE)));
-    let outcome = loop {
-        let Some(effect) = sim.engine.next_effect(sim.now) else {
-            break sim.engine.outcome().unwrap();
-        };
-        match effect {
-            Effect::CheckContent(check) => {
-                let v = check.verdict(&sim.engine.agent().spec.guards);
-                sim.record(v);
-            }
-            Effect::Record(kind) => sim.record(kind),
-            Effect::CallModel(c) => {
-                sim.record(c.requested());
-                let r = agent_and_classifier(
-                    r#"{"injection": true, "confidence": 0.85, "reason": "asks to send the conversation out"}"#,
-                )(0, &sim.engine);
-                sim.record(EventKind::ModelResponded {
-                    step: c.step,
-                    model: "m".into(),
-                    content: r.content,
-                    tool_calls: r.tool_calls,
-                    usage: r.usage,
-                    cost: Usd::ZERO,
-                    latency_ms: 1,
-                    attempts: 1,
-                    finish_reason: None,
-                    cached: false,
-                });
-            }
-            Effect::CallTool(inv) => {
-                sim.record(inv.requested());
-                sim.record(EventKind::ToolResult {
-                    step: inv.step,
-                    call_id: inv.call_id,
-                    tool: inv.tool,
-                    result: tool_result.take().unwrap(),
-                    latency_ms: 1,
-                    attempts: 1,
-                });
-            }
-            Effect::AwaitApproval(p) => panic!("{p:?}"),
-        }
-    };
+    let (sim, outcome) = run_with_tool_results(
+        &src,
+        agent_and_classifier(
+            r#"{"injection": true, "confidence": 0.85, "reason": "asks to send the conversation out"}"#,
+        ),
+        |_| tool_result.take().unwrap(),
+    );
     assert_eq!(outcome.1, TerminationReason::Completed);
     let v = verdicts(&sim);
     // The input, then the tool result: the detector's allow, then the model's fence.

@@ -6,9 +6,9 @@
 //! re-enters the node it was in) and `node_finished` (the state fields it set and the next
 //! node). Everything in between is the node's own model calls, tool calls and approvals.
 
-use super::{Effect, Engine, GraphRun, node_call_id, tool_tokens};
+use super::{Effect, Engine, node_call_id, tool_tokens};
 use crate::event::EventKind;
-use crate::graph::{GraphNode, NodeKind, resolve_args};
+use crate::graph::{Graph, GraphNode, NodeKind, resolve_args};
 use crate::guard;
 use crate::message::{Message, Role, ToolCall};
 use crate::run::TerminationReason;
@@ -17,17 +17,24 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 impl Engine {
-    /// The graph node the run is in, once entered.
-    fn current_node(&self) -> Option<(&GraphRun, &GraphNode)> {
+    /// The node of `graph` the run is in, once entered, with how many times it was entered.
+    /// (`graph` is the agent's; a fold that changes the engine passes its own clone of the
+    /// agent's `Arc`, so the node outlives its borrow of `self`.)
+    fn entered_node<'g>(&self, graph: &'g Graph) -> Option<(&'g GraphNode, u32)> {
         let g = self.graph.as_ref().filter(|g| g.entered)?;
-        let node = self.agent.spec.flow.graph()?.node(&g.node)?;
-        Some((g, node))
+        let visit = g.visits.get(&g.node).copied().unwrap_or(0);
+        Some((graph.node(&g.node)?, visit))
+    }
+
+    /// The graph node the run is in, once entered, with its visit.
+    fn current_node(&self) -> Option<(&GraphNode, u32)> {
+        self.entered_node(self.agent.spec.flow.graph()?)
     }
 
     /// Whether the run is in a node whose model call answers for the node (an `llm` node, a
     /// model-chosen router).
     pub(super) fn in_model_node(&self) -> bool {
-        self.current_node().is_some_and(|(_, n)| {
+        self.current_node().is_some_and(|(n, _)| {
             matches!(
                 n.kind,
                 NodeKind::Llm { .. }
@@ -46,41 +53,39 @@ impl Engine {
             return name.to_string();
         }
         match self.current_node() {
-            Some((g, _)) if self.in_model_node() => format!("the answer of node `{}`", g.node),
+            Some((node, _)) if self.in_model_node() => {
+                format!("the answer of node `{}`", node.name)
+            }
             _ => "the final answer".to_string(),
         }
+    }
+
+    /// The JSON Schema and validator of the next model call's answer, when it answers for a
+    /// plan or a graph node rather than the user.
+    fn step_answer(&self) -> Option<&(Value, Arc<jsonschema::Validator>)> {
+        if let Some(answer) = self.plan_answer() {
+            return Some(answer);
+        }
+        let (node, _) = self.current_node().filter(|_| self.in_model_node())?;
+        self.agent.step_validators.get(&node.name)
     }
 
     /// The validator of the answer the next model call must give: the node's, in a graph's
     /// model step; else the spec's `output_schema`.
     pub(super) fn answer_validator(&self) -> Option<Arc<jsonschema::Validator>> {
-        if let Some((_, v)) = self.plan_answer() {
-            return Some(v.clone());
+        match self.step_answer() {
+            Some((_, v)) => Some(v.clone()),
+            None => self.agent.output_validator.clone(),
         }
-        if self.in_model_node()
-            && let Some((g, _)) = self.current_node()
-        {
-            return self
-                .agent
-                .step_validators
-                .get(&g.node)
-                .map(|(_, v)| v.clone());
-        }
-        self.agent.output_validator.clone()
     }
 
     /// The JSON Schema the next model call's answer must satisfy, for the provider's
     /// structured-output support: the node's, in a graph's model step; else the spec's.
     pub fn output_schema(&self) -> Option<&Value> {
-        if let Some((s, _)) = self.plan_answer() {
-            return Some(s);
+        match self.step_answer() {
+            Some((s, _)) => Some(s),
+            None => self.agent.spec.output_schema.as_ref(),
         }
-        if self.in_model_node()
-            && let Some((g, _)) = self.current_node()
-        {
-            return self.agent.step_validators.get(&g.node).map(|(s, _)| s);
-        }
-        self.agent.spec.output_schema.as_ref()
     }
 
     /// Whether the model is offered tools: the node's, in a graph; else the agent's.
@@ -101,7 +106,7 @@ impl Engine {
         if self.graph.is_none() {
             return true;
         }
-        match self.current_node().map(|(_, n)| &n.kind) {
+        match self.current_node().map(|(n, _)| &n.kind) {
             Some(NodeKind::Tool { tool: own, .. }) => own == tool,
             Some(NodeKind::Llm { .. }) => self.tool_definitions.iter().any(|d| d.name == tool),
             _ => false,
@@ -252,22 +257,12 @@ impl Engine {
         ));
     }
 
-    /// `text` gathered from earlier steps, fenced as untrusted when untrusted content has
-    /// entered the run and the run fences: what a tool returned reaches a later model step
-    /// through the state or a step's result, and must not arrive there as instructions.
-    pub(super) fn spotlit(&self, origin: &str, text: &str) -> String {
-        match (&self.fence, &self.tainted) {
-            (Some(boundary), Some(_)) => guard::fence(boundary, origin.to_string(), text, None),
-            _ => text.to_string(),
-        }
-    }
-
     /// Whether an approval's call id is the current human node's (never a model's tool call,
     /// whatever id the model chose).
     pub(super) fn is_node_approval(&self, call_id: &str) -> bool {
-        self.current_node().is_some_and(|(g, node)| {
+        self.current_node().is_some_and(|(node, visit)| {
             matches!(node.kind, NodeKind::Human { .. })
-                && call_id == node_call_id(&g.node, g.visits.get(&g.node).copied().unwrap_or(0))
+                && call_id == node_call_id(&node.name, visit)
         })
     }
 
@@ -294,18 +289,23 @@ impl Engine {
     /// else (a judge asked for a revision of the graph's output) it is the run's answer.
     pub(super) fn node_answered(&mut self, answer: Value) {
         let agent = self.agent.clone();
-        let (Some(graph), Some((g, node))) = (agent.spec.flow.graph(), self.current_node()) else {
+        let Some((graph, (node, _))) = agent
+            .spec
+            .flow
+            .graph()
+            .and_then(|graph| Some((graph, self.entered_node(graph)?)))
+        else {
             self.complete(answer);
             return;
         };
-        let name = g.node.clone();
+        let name = &node.name;
         match &node.kind {
             NodeKind::Llm { writes, .. } => {
                 let set: Map<String, Value> = writes
                     .iter()
                     .filter_map(|w| answer.get(w).map(|v| (w.clone(), v.clone())))
                     .collect();
-                let next = graph.next(&name).unwrap_or_default().to_string();
+                let next = graph.next(name).unwrap_or_default().to_string();
                 self.set_exit(set, next, "the model answered".to_string());
             }
             NodeKind::Router { .. } => {
@@ -323,19 +323,18 @@ impl Engine {
     /// Folds a tool node's result: its data set into the state, or the node failed.
     pub(super) fn tool_node_result(&mut self, call_id: &str, result: &ToolResult) {
         let agent = self.agent.clone();
-        let (Some(graph), Some((g, node))) = (agent.spec.flow.graph(), self.current_node()) else {
+        let Some(graph) = agent.spec.flow.graph() else {
             return;
         };
-        let visit = g.visits.get(&g.node).copied().unwrap_or(0);
+        let Some((node, visit)) = self.entered_node(graph) else {
+            return;
+        };
         let NodeKind::Tool { tool, writes, .. } = &node.kind else {
             return;
         };
-        if call_id != node_call_id(&g.node, visit) {
+        if call_id != node_call_id(&node.name, visit) {
             return;
         }
-        let Some(node) = graph.node(&g.node) else {
-            return;
-        };
         if !result.is_success() {
             let message = result.message.clone().unwrap_or_default();
             self.node_failed(node, &format!("`{tool}` failed: {message}"));
@@ -376,10 +375,10 @@ impl Engine {
     /// Folds a person's decision at a human node.
     pub(super) fn human_decided(&mut self, approved: bool, by: &str, reason: Option<&str>) {
         let agent = self.agent.clone();
-        let (Some(graph), Some((_, node))) = (agent.spec.flow.graph(), self.current_node()) else {
+        let Some(graph) = agent.spec.flow.graph() else {
             return;
         };
-        let Some(node) = graph.node(&node.name) else {
+        let Some((node, _)) = self.entered_node(graph) else {
             return;
         };
         let NodeKind::Human {
