@@ -10,12 +10,22 @@
 //! A caller hears back only after the commit its job was in, so what it was told is durable
 //! (to the store's [`Durability`](crate::sqlite::Durability)), and a read that starts after the
 //! answer sees it.
+//!
+//! When nothing else is writing (no job waits and the thread is not committing), a caller
+//! writes on its own thread instead, in a transaction of its own: a commit without `fsync` takes
+//! tens of microseconds, while handing the job to the thread and the answer back costs two
+//! thread wake-ups, and on a busy machine each wake-up may wait milliseconds for a core. That
+//! wait was most of the gateway's tail latency (five writes per call). Under load the thread
+//! still takes every write that finds the connection busy, and commits them together. A
+//! store that fsyncs every commit never writes inline: an `fsync` would stall the caller's
+//! async worker thread for milliseconds.
 
 use crate::StoreError;
 use rusqlite::Connection;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 /// At most this many jobs go into one commit, so one caller's answer never waits behind an
@@ -32,6 +42,22 @@ type Reply = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
 #[derive(Debug)]
 pub(crate) struct Writer {
     jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    /// Whether a caller may write on its own thread when nothing else is writing.
+    inline: bool,
+    busy_timeout: Duration,
+}
+
+/// What the thread and the callers writing inline share.
+#[derive(Debug)]
+struct Shared {
+    /// The one write connection: the thread's while it runs a batch, a caller's while it
+    /// writes inline.
+    conn: Mutex<Connection>,
+    /// Jobs sent to the thread that it has not yet started. A caller writes inline only when
+    /// there are none, so it never overtakes them, and the thread is never starved of the
+    /// connection by callers that keep finding it free.
+    waiting: AtomicUsize,
 }
 
 /// How the writer's connection is set up.
@@ -49,22 +75,32 @@ impl Writer {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (opened, ready) = tokio::sync::oneshot::channel();
         let path = path.to_path_buf();
+        let (inline, busy_timeout) = (!setup.fsync_every_commit, setup.busy_timeout);
         std::thread::Builder::new()
             .name("rein-sqlite-writer".into())
             .spawn(move || match open(&path, &setup) {
                 Ok(conn) => {
-                    let _ = opened.send(Ok(()));
-                    serve(&conn, &queue);
+                    let shared = Arc::new(Shared {
+                        conn: Mutex::new(conn),
+                        waiting: AtomicUsize::new(0),
+                    });
+                    let _ = opened.send(Ok(shared.clone()));
+                    serve(&shared, &queue);
                 }
                 Err(e) => {
                     let _ = opened.send(Err(e));
                 }
             })
             .map_err(|e| StoreError::Writer(format!("cannot start the writer thread: {e}")))?;
-        ready
+        let shared = ready
             .await
             .map_err(|_| StoreError::Writer("the writer thread stopped while opening".into()))??;
-        Ok(Writer { jobs })
+        Ok(Writer {
+            jobs,
+            shared,
+            inline,
+            busy_timeout,
+        })
     }
 
     /// Runs `write` on the writer's connection, in a savepoint of the next commit, and returns
@@ -74,6 +110,9 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        if let Some(conn) = self.begin_inline() {
+            return inline(&conn, write);
+        }
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = match conn {
@@ -88,12 +127,63 @@ impl Writer {
                 let _ = answer.send(result);
             })
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| StoreError::Writer("the writer thread has stopped".into()))?;
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        self.jobs.send(job).map_err(|_| {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            StoreError::Writer("the writer thread has stopped".into())
+        })?;
         answered
             .await
             .map_err(|_| StoreError::Writer("the writer thread stopped before answering".into()))?
+    }
+
+    /// The connection with a transaction begun on it, when nothing else is writing: no job
+    /// waits for the thread, the connection is free, and no other process holds SQLite's write
+    /// lock (this never waits for it; the thread does).
+    fn begin_inline(&self) -> Option<MutexGuard<'_, Connection>> {
+        if !self.inline || self.shared.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let conn = self.shared.conn.try_lock().ok()?;
+        conn.busy_timeout(Duration::ZERO).ok()?;
+        let begun = conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]));
+        // The thread's batches wait for another process's write as long as they always did.
+        let restored = conn.busy_timeout(self.busy_timeout);
+        match (begun, restored) {
+            (Ok(_), Ok(())) => Some(conn),
+            (Ok(_), Err(_)) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                None
+            }
+            (Err(_), _) => None,
+        }
+    }
+}
+
+/// Runs `write` in the transaction `conn` has begun and commits it, or rolls it all back if
+/// `write` fails (a transaction of its own: its failure undoes nothing else).
+fn inline<T>(
+    conn: &Connection,
+    write: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| write(conn))) {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Writer("a write panicked".into())),
+    };
+    let ended = match &result {
+        Ok(_) => conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([])),
+        Err(_) => Ok(0),
+    };
+    if result.is_err() || ended.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    match ended {
+        Ok(_) => result,
+        Err(e) => Err(StoreError::Writer(format!("commit failed: {e}"))),
     }
 }
 
@@ -135,7 +225,7 @@ fn in_savepoint<T>(
 }
 
 /// Takes the jobs as they come, committing every job waiting at once.
-fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
+fn serve(shared: &Shared, queue: &mpsc::Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut batch = Vec::with_capacity(8);
         batch.push(first);
@@ -145,6 +235,13 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Counted as waiting until the connection is the thread's, so that no caller takes it
+        // inline meanwhile. A write that panicked was caught, so a poisoned lock is sound.
+        let conn = shared
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
         if let Err(e) = conn
             .prepare_cached("BEGIN IMMEDIATE")
             .and_then(|mut begin| begin.execute([]))
@@ -156,13 +253,14 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Job>) {
             }
             continue;
         }
-        let replies: Vec<Reply> = batch.into_iter().map(|job| job(Ok(conn))).collect();
+        let replies: Vec<Reply> = batch.into_iter().map(|job| job(Ok(&*conn))).collect();
         let committed = conn
             .prepare_cached("COMMIT")
             .and_then(|mut commit| commit.execute([]));
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
+        drop(conn);
         let failure = committed.err();
         for reply in replies {
             reply(failure.as_ref());
@@ -175,6 +273,10 @@ mod tests {
     use super::*;
 
     async fn writer() -> (tempfile::TempDir, Writer) {
+        writer_fsyncing(false).await
+    }
+
+    async fn writer_fsyncing(fsync_every_commit: bool) -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         Connection::open(&path)
@@ -182,7 +284,7 @@ mod tests {
             .execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
             .unwrap();
         let setup = Setup {
-            fsync_every_commit: false,
+            fsync_every_commit,
             busy_timeout: Duration::from_secs(1),
         };
         let writer = Writer::start(&path, setup).await.unwrap();
@@ -240,6 +342,87 @@ mod tests {
             .map(|k| (k, "first".to_string()))
             .collect();
         assert_eq!(rows, expected);
+    }
+
+    /// The thread a write ran on.
+    fn writes_on(k: i64) -> impl FnOnce(&Connection) -> Result<String, StoreError> {
+        move |c| {
+            c.execute("INSERT INTO t (k, v) VALUES (?, 'x')", [k])?;
+            Ok(std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string())
+        }
+    }
+
+    /// With nothing else writing, a write runs on its caller's thread (no hand-off); one that
+    /// finds the connection busy goes to the writer thread, which takes it once it is free.
+    /// Both are committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_runs_inline_when_nothing_else_writes_and_on_the_thread_otherwise() {
+        let (_dir, writer) = writer().await;
+        let writer = std::sync::Arc::new(writer);
+        let alone = writer.write(writes_on(1)).await.unwrap();
+        assert_ne!(alone, "rein-sqlite-writer");
+
+        // Another holder of the connection (the thread's batch, say) keeps it for a while.
+        let (held, holding) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let writer = writer.clone();
+            move || {
+                let _busy = writer.shared.conn.lock().unwrap();
+                held.send(()).unwrap();
+                released.recv().unwrap();
+            }
+        });
+        holding.recv().unwrap();
+        let queued = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(writes_on(2)).await }
+        });
+        while writer.shared.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !queued.is_finished(),
+            "the write ran while the connection was busy"
+        );
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(queued.await.unwrap().unwrap(), "rein-sqlite-writer");
+        assert_eq!(writer.shared.waiting.load(Ordering::SeqCst), 0);
+
+        let failed = writer
+            .write(|c| {
+                c.execute("INSERT INTO t (k, v) VALUES (3, 'x')", [])?;
+                Ok(c.execute("INSERT INTO t (k, v) VALUES (1, 'again')", [])?)
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Write(_))), "{failed:?}");
+        let keys: Vec<i64> = writer
+            .write(|c| {
+                let mut read = c.prepare("SELECT k FROM t ORDER BY k")?;
+                let keys = read
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok(keys)
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys, vec![1, 2], "the failed inline write was not undone");
+    }
+
+    /// A store that fsyncs every commit never writes on the caller's thread: the fsync would
+    /// stall an async runtime's worker for milliseconds.
+    #[tokio::test]
+    async fn a_store_that_fsyncs_every_commit_writes_only_on_the_thread() {
+        let (_dir, writer) = writer_fsyncing(true).await;
+        assert_eq!(
+            writer.write(writes_on(1)).await.unwrap(),
+            "rein-sqlite-writer"
+        );
     }
 
     /// A write that cannot begin (another connection holds the write lock past the busy
