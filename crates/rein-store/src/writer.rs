@@ -32,6 +32,9 @@ use std::time::Duration;
 /// unbounded queue.
 const MAX_BATCH: usize = 256;
 
+/// The size, in bytes, the write-ahead log is cut back to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// A job runs on the writer's connection inside the batch's transaction (or is told why the
 /// transaction could not begin), and returns what to do once the batch's commit has succeeded
 /// (`None`) or failed.
@@ -137,6 +140,24 @@ impl Writer {
             .map_err(|_| StoreError::Writer("the writer thread stopped before answering".into()))?
     }
 
+    /// Copies what is left of the write-ahead log into the database while no write of this
+    /// process can add to it, so that the next write starts the log over from its beginning.
+    /// Writes wait meanwhile: the caller copies most of the log first, without them waiting
+    /// (see the store's checkpointer).
+    pub(crate) async fn checkpoint_rest(&self) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = shared
+                .conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Writer(format!("the checkpoint stopped: {e}")))?
+    }
+
     /// The connection with a transaction begun on it, when nothing else is writing: no job
     /// waits for the thread, the connection is free, and no other process holds SQLite's write
     /// lock (this never waits for it; the thread does).
@@ -204,6 +225,8 @@ fn open(path: &Path, setup: &Setup) -> Result<Connection, StoreError> {
     // The background checkpointer copies the log into the file; a checkpoint inside a commit
     // would stall every write queued behind it.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A log that grew in a burst is cut back to this when it starts over.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     Ok(conn)
 }
 
