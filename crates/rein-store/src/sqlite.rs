@@ -793,8 +793,6 @@ mod tests {
         }
     }
 
-    /// The writer never checkpoints; the background task does, so the log is reused rather than
-    /// growing for as long as the process writes.
     /// Under writes that never pause, the log still starts over: a background checkpoint
     /// always leaves behind what was written while it ran, so past [`CHECKPOINT_REST_FRAMES`]
     /// the rest is copied with writes held back for that long.
@@ -851,6 +849,8 @@ mod tests {
         store.close().await;
     }
 
+    /// The writer never checkpoints; the background task does, so the log is reused rather than
+    /// growing for as long as the process writes.
     #[tokio::test]
     async fn the_write_ahead_log_is_checkpointed_in_the_background() {
         let dir = tempfile::tempdir().unwrap();

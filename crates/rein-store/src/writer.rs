@@ -63,6 +63,16 @@ struct Shared {
     waiting: AtomicUsize,
 }
 
+impl Shared {
+    /// The connection, waiting while another holds it. A write that panicked was caught, so a
+    /// lock poisoned by one is sound.
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// How the writer's connection is set up.
 pub(crate) struct Setup {
     /// `synchronous=FULL` rather than `NORMAL`.
@@ -147,10 +157,7 @@ impl Writer {
     pub(crate) async fn checkpoint_rest(&self) -> Result<(), StoreError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = shared
-                .conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let conn = shared.lock();
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
             Ok(())
         })
@@ -167,14 +174,12 @@ impl Writer {
         }
         let conn = self.shared.conn.try_lock().ok()?;
         conn.busy_timeout(Duration::ZERO).ok()?;
-        let begun = conn
-            .prepare_cached("BEGIN IMMEDIATE")
-            .and_then(|mut begin| begin.execute([]));
+        let begun = begin(&conn);
         // The thread's batches wait for another process's write as long as they always did.
         let restored = conn.busy_timeout(self.busy_timeout);
         match (begun, restored) {
-            (Ok(_), Ok(())) => Some(conn),
-            (Ok(_), Err(_)) => {
+            (Ok(()), Ok(())) => Some(conn),
+            (Ok(()), Err(_)) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 None
             }
@@ -189,23 +194,39 @@ fn inline<T>(
     conn: &Connection,
     write: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| write(conn))) {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Writer("a write panicked".into())),
-    };
-    let ended = match &result {
-        Ok(_) => conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut commit| commit.execute([])),
-        Err(_) => Ok(0),
-    };
-    if result.is_err() || ended.is_err() {
+    let result = caught(conn, write);
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+        return result;
+    }
+    commit(conn).map_err(|e| StoreError::Writer(format!("commit failed: {e}")))?;
+    result
+}
+
+/// Begins the transaction a write (or a batch of them) runs in, taking SQLite's write lock.
+fn begin(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(())
+}
+
+/// Commits the transaction, or rolls it back if the commit fails.
+fn commit(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let committed = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut commit| commit.execute([]));
+    if committed.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
     }
-    match ended {
-        Ok(_) => result,
-        Err(e) => Err(StoreError::Writer(format!("commit failed: {e}"))),
-    }
+    committed.map(|_| ())
+}
+
+/// Runs `write`, a panic in it being its error.
+fn caught<T>(
+    conn: &Connection,
+    write: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| write(conn)))
+        .unwrap_or_else(|_| Err(StoreError::Writer("a write panicked".into())))
 }
 
 fn open(path: &Path, setup: &Setup) -> Result<Connection, StoreError> {
@@ -236,10 +257,7 @@ fn in_savepoint<T>(
     write: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
-    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| write(conn))) {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Writer("a write panicked".into())),
-    };
+    let result = caught(conn, write);
     if result.is_err() {
         conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
     }
@@ -259,16 +277,10 @@ fn serve(shared: &Shared, queue: &mpsc::Receiver<Job>) {
             }
         }
         // Counted as waiting until the connection is the thread's, so that no caller takes it
-        // inline meanwhile. A write that panicked was caught, so a poisoned lock is sound.
-        let conn = shared
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // inline meanwhile.
+        let conn = shared.lock();
         shared.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
-        if let Err(e) = conn
-            .prepare_cached("BEGIN IMMEDIATE")
-            .and_then(|mut begin| begin.execute([]))
-        {
+        if let Err(e) = begin(&conn) {
             // Nothing ran: every job of the batch hears why (another process held the lock
             // past the busy timeout, say).
             for job in batch {
@@ -277,12 +289,7 @@ fn serve(shared: &Shared, queue: &mpsc::Receiver<Job>) {
             continue;
         }
         let replies: Vec<Reply> = batch.into_iter().map(|job| job(Ok(&*conn))).collect();
-        let committed = conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut commit| commit.execute([]));
-        if committed.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
+        let committed = commit(&conn);
         drop(conn);
         let failure = committed.err();
         for reply in replies {

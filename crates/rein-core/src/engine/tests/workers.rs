@@ -32,14 +32,9 @@ fn delegate_once(n: u32, _: &Engine) -> ModelReply {
     }
 }
 
-/// Drives `sim` until its first tool call, then plays the worker: started under the budget
-/// the engine gave, finished having spent `cost` (ending `reason`), then the call's result.
-fn play_worker(
-    sim: &mut Sim,
-    cost: Usd,
-    reason: TerminationReason,
-    result: ToolResult,
-) -> WorkerBudget {
+/// Drives `sim` until its first tool call, and starts the worker it calls (under the budget
+/// the engine gave); returns the call.
+fn start_worker(sim: &mut Sim) -> ToolInvocation {
     loop {
         match sim.engine.next_effect(sim.now) {
             Some(Effect::CallTool(inv)) => {
@@ -54,33 +49,7 @@ fn play_worker(
                     budget,
                     fallback: false,
                 });
-                sim.record(EventKind::WorkerFinished {
-                    step: inv.step,
-                    call_id: inv.call_id.clone(),
-                    tool: inv.tool.clone(),
-                    run_id: crate::RunId::new("child"),
-                    agent: "w".into(),
-                    status: reason.status(),
-                    reason: Some(reason),
-                    detail: None,
-                    cost,
-                    usage: Usage {
-                        input_tokens: 500,
-                        cached_input_tokens: 0,
-                        cache_write_tokens: 0,
-                        output_tokens: 100,
-                    },
-                    accepted: reason == TerminationReason::Completed,
-                });
-                sim.record(EventKind::ToolResult {
-                    step: inv.step,
-                    call_id: inv.call_id,
-                    tool: inv.tool,
-                    result,
-                    latency_ms: 1,
-                    attempts: 1,
-                });
-                return budget;
+                return inv;
             }
             Some(Effect::CallModel(call)) => sim.call_model(call, &mut delegate_once),
             Some(Effect::Record(kind)) => sim.record(kind),
@@ -91,6 +60,45 @@ fn play_worker(
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// Drives `sim` until its first tool call, then plays the worker: started under the budget
+/// the engine gave, finished having spent `cost` (ending `reason`), then the call's result.
+fn play_worker(
+    sim: &mut Sim,
+    cost: Usd,
+    reason: TerminationReason,
+    result: ToolResult,
+) -> WorkerBudget {
+    let inv = start_worker(sim);
+    let budget = inv.budget.expect("a worker call carries a budget");
+    sim.record(EventKind::WorkerFinished {
+        step: inv.step,
+        call_id: inv.call_id.clone(),
+        tool: inv.tool.clone(),
+        run_id: crate::RunId::new("child"),
+        agent: "w".into(),
+        status: reason.status(),
+        reason: Some(reason),
+        detail: None,
+        cost,
+        usage: Usage {
+            input_tokens: 500,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 100,
+        },
+        accepted: reason == TerminationReason::Completed,
+    });
+    sim.record(EventKind::ToolResult {
+        step: inv.step,
+        call_id: inv.call_id,
+        tool: inv.tool,
+        result,
+        latency_ms: 1,
+        attempts: 1,
+    });
+    budget
 }
 
 #[test]
@@ -140,28 +148,7 @@ fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
     // The worker starts but its end is never recorded (the process died): its whole budget
     // stays held, so the caller cannot spend it again.
     let mut sim = Sim::new(&orchestrator("{spec: w.yaml, max_cost_usd: 0.9999}", ""));
-    let inv = loop {
-        match sim.engine.next_effect(sim.now) {
-            Some(Effect::CallTool(inv)) => break inv,
-            Some(Effect::CallModel(call)) => sim.call_model(call, &mut delegate_once),
-            Some(Effect::Record(kind)) => sim.record(kind),
-            Some(Effect::CheckContent(c)) => {
-                let v = c.verdict(&sim.engine.agent().spec.guards);
-                sim.record(v);
-            }
-            other => panic!("{other:?}"),
-        }
-    };
-    sim.record(inv.requested());
-    sim.record(EventKind::WorkerStarted {
-        step: inv.step,
-        call_id: inv.call_id.clone(),
-        tool: inv.tool.clone(),
-        spec: "w.yaml".into(),
-        run_id: crate::RunId::new("child"),
-        budget: inv.budget.unwrap(),
-        fallback: false,
-    });
+    let inv = start_worker(&mut sim);
     // Resumed: the interrupted call (side_effects none) is made again, as the same step, but
     // only with what the held budget leaves: 1.0, less the model call, less 0.9999.
     let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
