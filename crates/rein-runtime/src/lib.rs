@@ -30,7 +30,7 @@ use rein_core::{
     ToolResult, Usage, Usd, UserId,
 };
 use rein_providers::{Endpoint, Model, ModelError, ModelRequest, TokenSink};
-use rein_store::{RunInfo, Store, StoreError};
+use rein_store::{Hold, RunInfo, Settlement, Store, StoreError};
 use rein_tools::ToolBox;
 use retry::{Backoff, with_retries};
 use serde_json::Value;
@@ -201,6 +201,9 @@ pub struct Runtime {
     tools: ToolBox,
     governor: Option<Governor>,
     counters: Arc<dyn Counters>,
+    /// Whether the budget counters are the store itself: a reservation is then written with
+    /// the events before its call, and a settlement with the answer, in one transaction each.
+    budget_in_store: bool,
     breakers: Arc<breakers::Breakers>,
     meters: meters::Meters,
     /// Where the spans of each ended run go, if anywhere.
@@ -335,6 +338,7 @@ impl Runtime {
             meters: meters::Meters::default(),
             spans: None,
             counters,
+            budget_in_store: true,
             rate_limits: None,
             bulkheads: None,
             store,
@@ -541,6 +545,8 @@ impl Runtime {
             self.meters.clone(),
         ));
         self.counters = governor.counters.clone();
+        self.budget_in_store =
+            std::ptr::addr_eq(Arc::as_ptr(&governor.counters), Arc::as_ptr(&self.store));
         self.governor = governor.budgets.any().then_some(governor);
         self
     }
@@ -1282,23 +1288,29 @@ impl Driver<'_> {
 
     /// Writes the staged events, in one go (with the run itself, the first time).
     async fn save(&mut self) -> Result<(), RuntimeError> {
-        if let Some(info) = self.unstored.take() {
-            self.runtime
-                .store
-                .create_run(&info, &self.unsaved, Some(self.runtime.fresh_lease()))
-                .await?;
-            self.unsaved.clear();
+        let store = &self.runtime.store;
+        if let Some((info, lease)) = self.new_run() {
+            store.create_run(info, &self.unsaved, lease).await?;
         } else if !self.unsaved.is_empty() {
-            self.runtime
-                .store
-                .append_all(&self.tenant, &self.unsaved)
-                .await?;
-            self.unsaved.clear();
+            store.append_all(&self.tenant, &self.unsaved).await?;
         }
+        self.saved();
+        Ok(())
+    }
+
+    /// The new run, if it is not stored yet, with the lease it is stored under.
+    fn new_run(&self) -> Option<(&RunInfo, Option<rein_store::Lease<'_>>)> {
+        let lease = self.runtime.fresh_lease();
+        self.unstored.as_ref().map(|info| (info, Some(lease)))
+    }
+
+    /// What [`Driver::save`] does after the staged events are written.
+    fn saved(&mut self) {
+        self.unstored = None;
+        self.unsaved.clear();
         self.runtime
             .meters
             .apply(std::mem::take(&mut self.unmeasured));
-        Ok(())
     }
 
     /// Seals `kind` into the chain and folds it into the engine; it is written with the next
@@ -1330,18 +1342,39 @@ impl Driver<'_> {
         if let EventKind::RunFinished { detail, .. } = &kind {
             self.detail = detail.clone();
         }
+        let event = self.seal(kind);
+        self.fold(&event)
+    }
+
+    /// Seals `kind` into the chain and stages it, without folding it into the engine yet.
+    fn seal(&mut self, kind: EventKind) -> Event {
         let event = Event {
             seq: self.next_seq,
             ts_ms: now_ms(),
             kind,
         };
         let sealed = event.seal(&self.run_id, &self.prev_hash);
-        self.engine.apply(&event)?;
-        self.measure(&event);
         self.prev_hash = sealed.hash.clone();
         self.next_seq += 1;
         self.unsaved.push(sealed);
+        event
+    }
+
+    /// Folds a sealed event into the engine and the run's meter.
+    fn fold(&mut self, event: &Event) -> Result<(), RuntimeError> {
+        self.engine.apply(event)?;
+        self.measure(event);
         Ok(())
+    }
+
+    /// Takes the events sealed since `mark` (`next_seq` and `prev_hash` then) back out of the
+    /// chain; they were neither written nor folded.
+    fn unseal(&mut self, (seq, hash): (u64, String)) {
+        let sealed = usize::try_from(self.next_seq - seq).unwrap_or(usize::MAX);
+        self.unsaved
+            .truncate(self.unsaved.len().saturating_sub(sealed));
+        self.next_seq = seq;
+        self.prev_hash = hash;
     }
 
     /// Folds a staged event into the run's meter; what it adds is applied once it is durable.
@@ -1361,62 +1394,88 @@ impl Driver<'_> {
         Duration::from_millis(u64::try_from(left).unwrap_or(0))
     }
 
-    /// Reserves the worst case of `call` in every capped shared scope. Returns the reservation
-    /// to settle, or `Err(())` inside `Ok` when a scope refused (the refusal is recorded and
-    /// the engine ends the run).
+    /// Reserves the worst case of `call` in every capped shared scope and records the call as
+    /// requested (`model_requested`, with the staged events and `budget_reserved` before it).
+    /// Returns the reservation to settle, or `Err(())` inside `Ok` when a scope refused (the
+    /// refusal is recorded instead, and the engine ends the run).
     async fn reserve(
         &mut self,
         call: &ModelCall,
     ) -> Result<Result<Option<(String, Vec<Scope>)>, ()>, RuntimeError> {
-        let Some(governor) = self.runtime.governor.clone() else {
+        let governor = self.runtime.governor.clone();
+        let now = now_ms();
+        let scopes = governor.as_ref().map_or_else(Vec::new, |g| {
+            g.budgets
+                .policy(&self.tenant)
+                .scopes(&self.tenant, &self.user, &self.session, now)
+        });
+        let Some(governor) = governor.filter(|_| !scopes.is_empty()) else {
+            self.record(call.requested()).await?;
             return Ok(Ok(None));
         };
-        let now = now_ms();
-        let scopes = governor.budgets.policy(&self.tenant).scopes(
-            &self.tenant,
-            &self.user,
-            &self.session,
-            now,
-        );
-        if scopes.is_empty() {
-            return Ok(Ok(None));
-        }
         let amount = Amount {
             usd: call.worst_case_cost,
             tokens: call.estimated_input_tokens + u64::from(call.max_output_tokens),
         };
         let id = uuid::Uuid::now_v7().to_string();
-        let expires = self
-            .engine
-            .deadline_ms()
-            .unwrap_or(now)
-            .saturating_add(RESERVATION_GRACE_MS);
-        match governor
-            .counters
-            .reserve(&id, &scopes, amount, now, expires)
-            .await?
-        {
-            Reservation::Granted => {
-                // Written with the call's `model_requested`, before the call goes out.
-                self.stage(EventKind::BudgetReserved {
-                    step: call.step,
-                    reservation: id.clone(),
-                    scopes: scopes.iter().map(|s| s.key.clone()).collect(),
-                    amount,
-                })?;
-                Ok(Ok(Some((id, scopes))))
-            }
-            Reservation::Refused { scope, standing } => {
-                self.record(EventKind::BudgetRefused {
-                    step: call.step,
-                    scope,
-                    standing,
-                    amount,
-                })
+        let hold = Hold {
+            id: &id,
+            scopes: &scopes,
+            amount,
+            now_ms: now,
+            expires_ms: self
+                .engine
+                .deadline_ms()
+                .unwrap_or(now)
+                .saturating_add(RESERVATION_GRACE_MS),
+        };
+        let reserved = EventKind::BudgetReserved {
+            step: call.step,
+            reservation: id.clone(),
+            scopes: scopes.iter().map(|s| s.key.clone()).collect(),
+            amount,
+        };
+        let answer = if self.runtime.budget_in_store {
+            // One transaction: the hold, and the events up to the call's `model_requested`
+            // (folded into the engine only once they are written).
+            let mark = (self.next_seq, self.prev_hash.clone());
+            let events = [self.seal(reserved), self.seal(call.requested())];
+            let store = &self.runtime.store;
+            let answer = store
+                .reserve_and_write(&self.tenant, self.new_run(), &self.unsaved, hold)
                 .await?;
-                Ok(Err(()))
+            if answer == Reservation::Granted {
+                for event in &events {
+                    self.fold(event)?;
+                }
+                self.saved();
+                return Ok(Ok(Some((id, scopes))));
             }
+            self.unseal(mark);
+            answer
+        } else {
+            let answer = governor
+                .counters
+                .reserve(hold.id, hold.scopes, amount, now, hold.expires_ms)
+                .await?;
+            if answer == Reservation::Granted {
+                // Written with the call's `model_requested`, before the call goes out.
+                self.stage(reserved)?;
+                self.record(call.requested()).await?;
+                return Ok(Ok(Some((id, scopes))));
+            }
+            answer
+        };
+        if let Reservation::Refused { scope, standing } = answer {
+            self.record(EventKind::BudgetRefused {
+                step: call.step,
+                scope,
+                standing,
+                amount,
+            })
+            .await?;
         }
+        Ok(Err(()))
     }
 
     /// Settles every reservation the log shows as held but not settled (the process stopped,
@@ -1571,7 +1630,6 @@ impl Driver<'_> {
             Ok(reservation) => reservation,
             Err(()) => return Ok(Duration::ZERO),
         };
-        self.record(call.requested()).await?;
         let agent = self.engine.agent().clone();
         let spec = &agent.spec;
         let model = self.model;
@@ -1755,19 +1813,41 @@ impl Driver<'_> {
             },
             _ => Amount::default(),
         };
-        self.record(kind).await?;
-        if let (Some((id, scopes)), Some(governor)) = (reservation, self.runtime.governor.clone()) {
+        let (Some((id, scopes)), Some(governor)) = (reservation, self.runtime.governor.clone())
+        else {
+            self.record(kind).await?;
+            return Ok(waited);
+        };
+        let settled = EventKind::BudgetSettled {
+            step: call.step,
+            reservation: id.clone(),
+            amount: spent,
+        };
+        let standings = if self.runtime.budget_in_store {
+            // One transaction: the answer, the settlement and its record.
+            self.stage(kind)?;
+            self.stage(settled)?;
+            let settlement = Settlement {
+                id: &id,
+                scopes: &scopes,
+                actual: spent,
+            };
+            let store = &self.runtime.store;
+            let standings = store
+                .settle_and_write(&self.tenant, self.new_run(), &self.unsaved, settlement)
+                .await?;
+            self.saved();
+            standings
+        } else {
+            self.record(kind).await?;
             let standings = governor.counters.settle(&id, &scopes, spent).await?;
             // Written with the run's next event: lost in a crash, the settlement is made again
             // on resume (`settle_leftovers`), and the counters count it once.
-            self.stage(EventKind::BudgetSettled {
-                step: call.step,
-                reservation: id,
-                amount: spent,
-            })?;
-            self.warn_on_crossing(&governor, scopes, standings, spent)
-                .await?;
-        }
+            self.stage(settled)?;
+            standings
+        };
+        self.warn_on_crossing(&governor, scopes, standings, spent)
+            .await?;
         Ok(waited)
     }
 

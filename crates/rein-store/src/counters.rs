@@ -95,7 +95,7 @@ fn hold(
 }
 
 /// Reserves `amount` in every scope (see [`Counters::reserve`]), on the writer.
-fn reserve(
+pub(crate) fn reserve(
     c: &Connection,
     id: &str,
     scopes: &[Scope],
@@ -131,7 +131,7 @@ fn reserve(
 /// Counts `actual` in every scope and releases the reservation's holds, in one statement (by
 /// trigger), once: settling again inserts nothing. Returns the scopes' standings read in the
 /// same transaction, so exactly one settlement is the one that crossed a line.
-fn settle(
+pub(crate) fn settle(
     c: &Connection,
     id: &str,
     scopes: &[Scope],

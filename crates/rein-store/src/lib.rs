@@ -22,7 +22,7 @@ mod writer;
 pub use postgres::PgStore;
 pub use sqlite::{Durability, SqliteStore};
 
-use rein_core::budget::{BoxFuture, Counters};
+use rein_core::budget::{Amount, BoxFuture, Counters, Reservation, Scope, Standing};
 use rein_core::{
     JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason, Usage, Usd,
     UserId,
@@ -194,6 +194,34 @@ pub struct Lease<'a> {
     pub until_ms: i64,
 }
 
+/// A reservation to make on a store's own budget counters ([`Store::reserve_and_write`]); the
+/// arguments of [`Counters::reserve`].
+#[derive(Clone, Copy, Debug)]
+pub struct Hold<'a> {
+    /// The reservation's id.
+    pub id: &'a str,
+    /// Every capped scope it holds in.
+    pub scopes: &'a [Scope],
+    /// The worst case held.
+    pub amount: Amount,
+    /// Now, ms since the epoch (expired holds are released against it).
+    pub now_ms: i64,
+    /// When the hold expires if never settled.
+    pub expires_ms: i64,
+}
+
+/// A settlement to make on a store's own budget counters ([`Store::settle_and_write`]); the
+/// arguments of [`Counters::settle`].
+#[derive(Clone, Copy, Debug)]
+pub struct Settlement<'a> {
+    /// The reservation's id.
+    pub id: &'a str,
+    /// Its scopes.
+    pub scopes: &'a [Scope],
+    /// What the call actually spent.
+    pub actual: Amount,
+}
+
 /// Where runs and their logs live. Object safe, so a process picks its engine at start-up
 /// (`--db PATH` or `--db postgres://...`) and everything above holds an `Arc<dyn Store>`.
 ///
@@ -237,6 +265,31 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
             Ok(())
         })
     }
+
+    /// Reserves `hold` on this store's own budget counters and, if every scope grants it,
+    /// writes `events` in the same transaction: `new_run` first, with its lease, as
+    /// [`Store::create_run`] stores it, else appended as [`Store::append_all`] appends them.
+    /// A refusal writes nothing (the run is not created either). For a driver whose counters
+    /// are this store: a model call's reservation goes in with the events before the call, one
+    /// commit instead of two.
+    fn reserve_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        hold: Hold<'a>,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>>;
+
+    /// Settles on this store's own budget counters, as [`Counters::settle`] does, and writes
+    /// `events` as [`Store::reserve_and_write`] does, all in one transaction or none of it.
+    /// Returns the scopes' standings after the settlement.
+    fn settle_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        settlement: Settlement<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Standing>, StoreError>>;
 
     /// Claims the oldest run a worker may drive: a queued one, a running one whose lease
     /// expired (its holder died), or one awaiting an approval that timed out (so its policy

@@ -5,10 +5,10 @@
 //! serialise on per-scope advisory locks.
 
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunCount, RunFilter, RunInfo,
-    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
-    check_first, cost_from_row, counters_error, event_from_row, run_from_row, standing_from_row,
-    tenant_from_row, to_i64,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
+    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry, agent_from_row,
+    api_key_from_row, check_first, cost_from_row, counters_error, event_from_row, run_from_row,
+    standing_from_row, tenant_from_row, to_i64,
 };
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
 use rein_core::{
@@ -188,6 +188,64 @@ async fn insert_events<'e>(
     }
 }
 
+/// Inserts a new run's row, running under `lease` or queued without one.
+async fn insert_run(
+    tx: &mut Transaction<'_, Postgres>,
+    run: &RunInfo,
+    lease: Option<Lease<'_>>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)",
+    )
+    .bind(run.id.as_str())
+    .bind(run.tenant.as_str())
+    .bind(run.user.as_str())
+    .bind(run.session.as_str())
+    .bind(run.job.as_ref().map(JobId::as_str))
+    .bind(&run.agent)
+    .bind(i64::from(run.agent_version))
+    .bind(&run.spec)
+    .bind(&run.input)
+    .bind(match lease {
+        Some(_) => RunStatus::Running.as_str(),
+        None => RunStatus::Queued.as_str(),
+    })
+    .bind(GENESIS_HASH)
+    .bind(run.created_ms)
+    .bind(lease.map(|l| l.owner))
+    .bind(lease.map_or(0, |l| l.until_ms))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Within `tx`: `new_run`'s row if it is new, then `events`.
+async fn write_in(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    new_run: Option<(&RunInfo, Option<Lease<'_>>)>,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
+    if let Some((run, lease)) = new_run {
+        insert_run(tx, run, lease).await?;
+    }
+    insert_all(tx, tenant, events).await
+}
+
+/// Appends consecutive events of one run within `tx` (one statement).
+async fn insert_all(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
+    match events {
+        [one] => insert_event(&mut **tx, tenant, one).await,
+        [head, ..] => insert_events(&mut **tx, tenant, head, events).await,
+        [] => Ok(()),
+    }
+}
+
 /// Which runs a worker may claim at `$3`: queued, running under an expired lease, or awaiting
 /// an approval that timed out.
 macro_rules! claimable {
@@ -207,36 +265,63 @@ impl Store for PgStore {
         Box::pin(async move {
             check_first(run, first)?;
             let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)",
-            )
-            .bind(run.id.as_str())
-            .bind(run.tenant.as_str())
-            .bind(run.user.as_str())
-            .bind(run.session.as_str())
-            .bind(run.job.as_ref().map(JobId::as_str))
-            .bind(&run.agent)
-            .bind(i64::from(run.agent_version))
-            .bind(&run.spec)
-            .bind(&run.input)
-            .bind(match lease {
-                Some(_) => RunStatus::Running.as_str(),
-                None => RunStatus::Queued.as_str(),
-            })
-            .bind(GENESIS_HASH)
-            .bind(run.created_ms)
-            .bind(lease.map(|l| l.owner))
-            .bind(lease.map_or(0, |l| l.until_ms))
-            .execute(&mut *tx)
-            .await?;
-            match first {
-                [one] => insert_event(&mut *tx, &run.tenant, one).await?,
-                [head, ..] => insert_events(&mut *tx, &run.tenant, head, first).await?,
-                [] => {}
-            }
+            insert_run(&mut tx, run, lease).await?;
+            insert_all(&mut tx, &run.tenant, first).await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    // One transaction: the counters' statements (under their scopes' locks), then the run and
+    // its events.
+    fn reserve_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        hold: Hold<'a>,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
+        Box::pin(async move {
+            if let Some((run, _)) = new_run {
+                check_first(run, events)?;
+            }
+            let mut tx = self.pool.begin().await?;
+            let answer = reserve_in(
+                &mut tx,
+                hold.id,
+                hold.scopes,
+                hold.amount,
+                hold.now_ms,
+                hold.expires_ms,
+            )
+            .await?;
+            if answer != Reservation::Granted {
+                tx.rollback().await?;
+                return Ok(answer);
+            }
+            write_in(&mut tx, tenant, new_run, events).await?;
+            tx.commit().await?;
+            Ok(answer)
+        })
+    }
+
+    fn settle_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        settlement: Settlement<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Standing>, StoreError>> {
+        Box::pin(async move {
+            if let Some((run, _)) = new_run {
+                check_first(run, events)?;
+            }
+            let mut tx = self.pool.begin().await?;
+            let after =
+                settle_in(&mut tx, settlement.id, settlement.scopes, settlement.actual).await?;
+            write_in(&mut tx, tenant, new_run, events).await?;
+            tx.commit().await?;
+            Ok(after)
         })
     }
 
@@ -722,6 +807,98 @@ fn keys(scopes: &[Scope]) -> Vec<&str> {
     scopes.iter().map(|s| s.key.as_str()).collect()
 }
 
+/// Reserves (see [`Counters::reserve`]) within `tx`, under the scopes' locks; on a refusal the
+/// caller rolls `tx` back.
+async fn reserve_in(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+    scopes: &[Scope],
+    amount: Amount,
+    now_ms: i64,
+    expires_ms: i64,
+) -> Result<Reservation, sqlx::Error> {
+    let keys = keys(scopes);
+    lock_scopes(tx, &keys).await?;
+    release_expired(tx, &keys, now_ms).await?;
+    for scope in scopes {
+        let standing = standing_in(tx, &scope.key).await?;
+        if !standing.admits(&scope.cap, &amount) {
+            return Ok(Reservation::Refused {
+                scope: scope.clone(),
+                standing,
+            });
+        }
+    }
+    for scope in scopes {
+        sqlx::query(
+            "INSERT INTO budget_counters (scope, reserved_micros, reserved_tokens) VALUES ($1, $2, $3)
+             ON CONFLICT (scope) DO UPDATE SET reserved_micros = budget_counters.reserved_micros + excluded.reserved_micros,
+                                               reserved_tokens = budget_counters.reserved_tokens + excluded.reserved_tokens",
+        )
+        .bind(&scope.key)
+        .bind(amount.usd.micros())
+        .bind(to_i64(amount.tokens))
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(&scope.key)
+        .bind(amount.usd.micros())
+        .bind(to_i64(amount.tokens))
+        .bind(expires_ms)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Reservation::Granted)
+}
+
+/// Settles (see [`Counters::settle`]) within `tx`, under the scopes' locks.
+async fn settle_in(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+    scopes: &[Scope],
+    actual: Amount,
+) -> Result<Vec<Standing>, sqlx::Error> {
+    lock_scopes(tx, &keys(scopes)).await?;
+    let first =
+        sqlx::query("INSERT INTO budget_settlements (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+            == 1;
+    if first {
+        for scope in scopes {
+            sqlx::query(
+                "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES ($1, $2, $3)
+                 ON CONFLICT (scope) DO UPDATE SET
+                     spent_micros = budget_counters.spent_micros + excluded.spent_micros,
+                     spent_tokens = budget_counters.spent_tokens + excluded.spent_tokens,
+                     reserved_micros = budget_counters.reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0),
+                     reserved_tokens = budget_counters.reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0)",
+            )
+            .bind(&scope.key)
+            .bind(actual.usd.micros())
+            .bind(to_i64(actual.tokens))
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM budget_reservations WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    // Already settled: report the standings, change nothing.
+    let mut after = Vec::with_capacity(scopes.len());
+    for scope in scopes {
+        after.push(standing_in(tx, &scope.key).await?);
+    }
+    Ok(after)
+}
+
 impl PgStore {
     async fn reserve_in_store(
         &self,
@@ -731,44 +908,14 @@ impl PgStore {
         now_ms: i64,
         expires_ms: i64,
     ) -> Result<Reservation, sqlx::Error> {
-        let keys = keys(scopes);
         let mut tx = self.pool.begin().await?;
-        lock_scopes(&mut tx, &keys).await?;
-        release_expired(&mut tx, &keys, now_ms).await?;
-        for scope in scopes {
-            let standing = standing_in(&mut tx, &scope.key).await?;
-            if !standing.admits(&scope.cap, &amount) {
-                tx.rollback().await?;
-                return Ok(Reservation::Refused {
-                    scope: scope.clone(),
-                    standing,
-                });
-            }
+        let answer = reserve_in(&mut tx, id, scopes, amount, now_ms, expires_ms).await?;
+        if answer == Reservation::Granted {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
         }
-        for scope in scopes {
-            sqlx::query(
-                "INSERT INTO budget_counters (scope, reserved_micros, reserved_tokens) VALUES ($1, $2, $3)
-                 ON CONFLICT (scope) DO UPDATE SET reserved_micros = budget_counters.reserved_micros + excluded.reserved_micros,
-                                                   reserved_tokens = budget_counters.reserved_tokens + excluded.reserved_tokens",
-            )
-            .bind(&scope.key)
-            .bind(amount.usd.micros())
-            .bind(to_i64(amount.tokens))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO budget_reservations (id, scope, micros, tokens, expires_ms) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(id)
-            .bind(&scope.key)
-            .bind(amount.usd.micros())
-            .bind(to_i64(amount.tokens))
-            .bind(expires_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Reservation::Granted)
+        Ok(answer)
     }
 
     async fn settle_in_store(
@@ -778,46 +925,10 @@ impl PgStore {
         actual: Amount,
     ) -> Result<Vec<Standing>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        lock_scopes(&mut tx, &keys(scopes)).await?;
-        let first = sqlx::query(
-            "INSERT INTO budget_settlements (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if first {
-            for scope in scopes {
-                sqlx::query(
-                    "INSERT INTO budget_counters (scope, spent_micros, spent_tokens) VALUES ($1, $2, $3)
-                     ON CONFLICT (scope) DO UPDATE SET
-                         spent_micros = budget_counters.spent_micros + excluded.spent_micros,
-                         spent_tokens = budget_counters.spent_tokens + excluded.spent_tokens,
-                         reserved_micros = budget_counters.reserved_micros - coalesce((SELECT micros FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0),
-                         reserved_tokens = budget_counters.reserved_tokens - coalesce((SELECT tokens FROM budget_reservations WHERE id = $4 AND scope = excluded.scope), 0)",
-                )
-                .bind(&scope.key)
-                .bind(actual.usd.micros())
-                .bind(to_i64(actual.tokens))
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            sqlx::query("DELETE FROM budget_reservations WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // Already settled: report the standings, change nothing.
-        let mut after = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            after.push(standing_in(&mut tx, &scope.key).await?);
-        }
+        let after = settle_in(&mut tx, id, scopes, actual).await?;
         tx.commit().await?;
         Ok(after)
     }
-
     async fn standing_in_store(&self, scope: &str, now_ms: i64) -> Result<Standing, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         lock_scopes(&mut tx, &[scope]).await?;

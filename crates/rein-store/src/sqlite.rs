@@ -2,11 +2,11 @@
 
 use crate::writer::{Setup, Writer};
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Lease, RunCount, RunFilter, RunInfo,
-    RunRecord, Store, StoreError, StoredAgent, TenantEntry, agent_from_row, api_key_from_row,
-    check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
+    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry, agent_from_row,
+    api_key_from_row, check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
 };
-use rein_core::budget::BoxFuture;
+use rein_core::budget::{BoxFuture, Reservation, Standing};
 use rein_core::{
     GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
     UserId,
@@ -205,6 +205,39 @@ impl SqliteStore {
         })
     }
 
+    /// One write job: `first` on the counters, then, if it says so, `new_run` and `events`.
+    async fn write_after<T, F>(
+        &self,
+        tenant: &TenantId,
+        new_run: Option<(&RunInfo, Option<Lease<'_>>)>,
+        events: &[SealedEvent],
+        first: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<(T, bool), StoreError> + Send + 'static,
+    {
+        if let Some((run, _)) = new_run {
+            check_first(run, events)?;
+        }
+        let new_run = new_run.map(|(run, lease)| {
+            let lease = lease.map(|l| (l.owner.to_string(), l.until_ms));
+            (run.clone(), lease)
+        });
+        let (tenant, events) = (tenant.clone(), events.to_vec());
+        self.write(move |c| {
+            let (answer, go_on) = first(c)?;
+            if go_on {
+                if let Some((run, lease)) = new_run {
+                    insert_run(c, &run, lease)?;
+                }
+                insert_events(c, &tenant, &events)?;
+            }
+            Ok(answer)
+        })
+        .await
+    }
+
     /// Runs `write` on the writer connection (see [`Writer::write`]).
     pub(crate) async fn write<T, F>(&self, write: F) -> Result<T, StoreError>
     where
@@ -242,34 +275,50 @@ impl Store for SqliteStore {
             let (run, first) = (run.clone(), first.to_vec());
             let lease = lease.map(|l| (l.owner.to_string(), l.until_ms));
             self.write(move |c| {
-                c.prepare_cached(
-                    "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )?
-                .execute(rusqlite::params![
-                    run.id.as_str(),
-                    run.tenant.as_str(),
-                    run.user.as_str(),
-                    run.session.as_str(),
-                    run.job.as_ref().map(JobId::as_str),
-                    run.agent,
-                    i64::from(run.agent_version),
-                    run.spec,
-                    run.input,
-                    match lease {
-                        Some(_) => RunStatus::Running.as_str(),
-                        None => RunStatus::Queued.as_str(),
-                    },
-                    GENESIS_HASH,
-                    run.created_ms,
-                    run.created_ms,
-                    lease.as_ref().map(|l| l.0.as_str()),
-                    lease.as_ref().map_or(0, |l| l.1),
-                ])?;
+                insert_run(c, &run, lease)?;
                 insert_events(c, &run.tenant, &first)
             })
             .await
         })
+    }
+
+    // One job on the writer: the counters' statements, then the run and its events.
+    fn reserve_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        hold: Hold<'a>,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
+        let (id, scopes) = (hold.id.to_string(), hold.scopes.to_vec());
+        Box::pin(self.write_after(tenant, new_run, events, move |c| {
+            let answer = crate::counters::reserve(
+                c,
+                &id,
+                &scopes,
+                hold.amount,
+                hold.now_ms,
+                hold.expires_ms,
+            )?;
+            let granted = answer == Reservation::Granted;
+            Ok((answer, granted))
+        }))
+    }
+
+    fn settle_and_write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        new_run: Option<(&'a RunInfo, Option<Lease<'a>>)>,
+        events: &'a [SealedEvent],
+        settlement: Settlement<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Standing>, StoreError>> {
+        let (id, scopes) = (settlement.id.to_string(), settlement.scopes.to_vec());
+        Box::pin(self.write_after(tenant, new_run, events, move |c| {
+            Ok((
+                crate::counters::settle(c, &id, &scopes, settlement.actual)?,
+                true,
+            ))
+        }))
     }
 
     // One statement, one commit: appends are on every step's critical path. The run's row
@@ -692,6 +741,39 @@ impl Store for SqliteStore {
 
 /// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
 /// ends just before the first (checked once, before the first row goes in), else none.
+/// Inserts a new run's row, running under `lease` (holder, expiry) or queued without one.
+fn insert_run(
+    c: &rusqlite::Connection,
+    run: &RunInfo,
+    lease: Option<(String, i64)>,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(rusqlite::params![
+        run.id.as_str(),
+        run.tenant.as_str(),
+        run.user.as_str(),
+        run.session.as_str(),
+        run.job.as_ref().map(JobId::as_str),
+        run.agent,
+        i64::from(run.agent_version),
+        run.spec,
+        run.input,
+        match lease {
+            Some(_) => RunStatus::Running.as_str(),
+            None => RunStatus::Queued.as_str(),
+        },
+        GENESIS_HASH,
+        run.created_ms,
+        run.created_ms,
+        lease.as_ref().map(|l| l.0.as_str()),
+        lease.as_ref().map_or(0, |l| l.1),
+    ])?;
+    Ok(())
+}
+
 fn insert_events(
     c: &rusqlite::Connection,
     tenant: &TenantId,

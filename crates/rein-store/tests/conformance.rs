@@ -4,12 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use rein_core::budget::{Amount, Cap, Reservation, Scope, Standing};
 use rein_core::{
     Event, EventKind, GENESIS_HASH, RunId, RunStatus, SealedEvent, SessionId, TenantId,
     TerminationReason, ToolResult, Usage, Usd, UserId,
 };
 use rein_store::testing::TestSchema;
-use rein_store::{CostGroup, Lease, PgStore, RunFilter, RunInfo, SqliteStore, Store, StoreError};
+use rein_store::{
+    CostGroup, Hold, Lease, PgStore, RunFilter, RunInfo, Settlement, SqliteStore, Store, StoreError,
+};
 use std::sync::Arc;
 
 /// A store for one test and what must outlive it.
@@ -755,6 +758,130 @@ async fn events_appended_together_land_in_order_or_not_at_all(store: &dyn Store)
     store.append_all(&t1, &[]).await.unwrap();
 }
 
+/// `dollars` and `tokens` as an amount.
+fn amount(dollars: f64, tokens: u64) -> Amount {
+    Amount {
+        usd: Usd::from_dollars(dollars).unwrap(),
+        tokens,
+    }
+}
+
+async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
+    let (t1, r1) = (TenantId::new("t1"), RunId::new("r1"));
+    let scope = Scope {
+        key: "tenant:t1:2026-11-27".into(),
+        cap: Cap {
+            usd: Usd::from_dollars(1.0),
+            tokens: None,
+        },
+    };
+    let scopes = [scope.clone()];
+    let hold = |id, dollars| Hold {
+        id,
+        scopes: &scopes,
+        amount: amount(dollars, 100),
+        now_ms: 1,
+        expires_ms: i64::MAX / 2,
+    };
+    let standing = || store.standing(&scope.key, 1);
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    log.seal(EventKind::BudgetReserved {
+        step: 1,
+        reservation: "h1".into(),
+        scopes: vec![scope.key.clone()],
+        amount: amount(0.6, 100),
+    });
+    let new_run = Some((&log.run, Some(lease("w", 10))));
+
+    // Past the cap: refused, and neither the run nor its events are written.
+    let refused = store
+        .reserve_and_write(&t1, new_run, &log.sealed, hold("h0", 1.5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Reservation::Refused { .. }),
+        "{refused:?}"
+    );
+    let missing = store.run(&t1, &r1).await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    assert_eq!(standing().await.unwrap(), Standing::default());
+
+    // Granted: the hold, the run and its events, together.
+    let granted = store
+        .reserve_and_write(&t1, new_run, &log.sealed, hold("h1", 0.6))
+        .await
+        .unwrap();
+    assert_eq!(granted, Reservation::Granted);
+    assert_eq!(store.events(&t1, &r1).await.unwrap(), log.sealed);
+    assert_eq!(standing().await.unwrap().reserved, amount(0.6, 100));
+
+    // A second hold that no longer fits: the events that would go with it are not appended.
+    let mut more = Log {
+        run: log.run.clone(),
+        sealed: log.sealed.clone(),
+    };
+    more.seal(responded("m", 1, 1, 0.0));
+    let refused = store
+        .reserve_and_write(&t1, None, &more.sealed[2..], hold("h2", 0.6))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Reservation::Refused { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(store.events(&t1, &r1).await.unwrap().len(), 2);
+
+    // Events that cannot be appended (a position already taken) undo their settlement.
+    let answer = log.seal(responded("m", 60, 40, 0.4));
+    let settled = log.seal(EventKind::BudgetSettled {
+        step: 1,
+        reservation: "h1".into(),
+        amount: amount(0.4, 100),
+    });
+    let settlement = Settlement {
+        id: "h1",
+        scopes: &scopes,
+        actual: amount(0.4, 100),
+    };
+    let taken = store
+        .settle_and_write(&t1, None, &log.sealed[1..], settlement)
+        .await
+        .unwrap_err();
+    assert!(matches!(taken, StoreError::Conflict { .. }), "{taken}");
+    assert_eq!(
+        standing().await.unwrap(),
+        Standing {
+            spent: Amount::default(),
+            reserved: amount(0.6, 100),
+        },
+        "the settlement went with its events"
+    );
+
+    // Settled with its events: spend counted, the hold released, the answer on the run.
+    let after = store
+        .settle_and_write(&t1, None, &[answer, settled], settlement)
+        .await
+        .unwrap();
+    let counted = Standing {
+        spent: amount(0.4, 100),
+        reserved: Amount::default(),
+    };
+    assert_eq!(after, [counted]);
+    assert_eq!(standing().await.unwrap(), counted);
+    assert_eq!(store.events(&t1, &r1).await.unwrap(), log.sealed);
+    let run = store.run(&t1, &r1).await.unwrap();
+    assert_eq!(run.progress.cost, Usd::from_dollars(0.4).unwrap());
+
+    // Settling again counts nothing; its events are still written.
+    let end = log.seal(finished(serde_json::json!("done")));
+    let again = store
+        .settle_and_write(&t1, None, &[end], settlement)
+        .await
+        .unwrap();
+    assert_eq!(again, [counted]);
+    assert_eq!(store.events(&t1, &r1).await.unwrap(), log.sealed);
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -817,6 +944,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 }
 
 conformance!(sqlite:
+    budget_changes_and_their_events_commit_together,
     events_round_trip_verify_and_project_onto_the_run,
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
@@ -830,6 +958,7 @@ conformance!(sqlite:
 );
 
 conformance!(postgres:
+    budget_changes_and_their_events_commit_together,
     events_round_trip_verify_and_project_onto_the_run,
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
