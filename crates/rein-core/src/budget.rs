@@ -105,6 +105,33 @@ pub fn crossed_warning(cap: &Cap, percent: u8, before: &Amount, after: &Amount) 
     )
 }
 
+/// The scopes whose warning line (`percent` of a cap) a settlement of `spent` crossed, each with
+/// its spend after it, given every scope's standing read in the same atomic step as the
+/// settlement (so exactly one settlement is the one that crossed a line).
+pub fn warnings<'a>(
+    scopes: &'a [Scope],
+    standings: &[Standing],
+    spent: &Amount,
+    percent: u8,
+) -> Vec<(&'a Scope, Amount)> {
+    if *spent == Amount::default() {
+        return Vec::new();
+    }
+    scopes
+        .iter()
+        .zip(standings)
+        .filter_map(|(scope, standing)| {
+            let after = standing.spent;
+            let before = Amount {
+                usd: after.usd - spent.usd,
+                tokens: after.tokens.saturating_sub(spent.tokens),
+            };
+            let (usd, tokens) = crossed_warning(&scope.cap, percent, &before, &after);
+            (usd || tokens).then_some((scope, after))
+        })
+        .collect()
+}
+
 impl Budgets {
     /// The policy for `tenant`.
     pub fn policy(&self, tenant: &TenantId) -> &BudgetPolicy {

@@ -1298,6 +1298,19 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// The run's end, when recording it is all the engine does next and nobody asked to
+    /// cancel the run.
+    fn ending(&self) -> Option<EventKind> {
+        let cancelled = [&self.cancel, &self.caller_cancel]
+            .into_iter()
+            .flatten()
+            .any(|flag| flag.get().is_some());
+        match self.engine.next_effect(now_ms()) {
+            Some(Effect::Record(kind @ EventKind::RunFinished { .. })) if !cancelled => Some(kind),
+            _ => None,
+        }
+    }
+
     /// The new run, if it is not stored yet, with the lease it is stored under.
     fn new_run(&self) -> Option<(&RunInfo, Option<rein_store::Lease<'_>>)> {
         let lease = self.runtime.fresh_lease();
@@ -1317,7 +1330,13 @@ impl Driver<'_> {
     /// [`Driver::record`] (or [`Driver::save`]). Only for an event that nothing outside the run
     /// acts on before that: a crash in between loses it as if it had not happened, and the
     /// run resumes from the event before it.
-    fn stage(&mut self, mut kind: EventKind) -> Result<(), RuntimeError> {
+    fn stage(&mut self, kind: EventKind) -> Result<(), RuntimeError> {
+        let event = self.seal(kind);
+        self.fold(&event)
+    }
+
+    /// Seals `kind` into the chain and stages it, without folding it into the engine yet.
+    fn seal(&mut self, mut kind: EventKind) -> Event {
         // A handoff says where the whole story is: the run's trace.
         if let EventKind::RunFinished {
             reason: TerminationReason::Escalated,
@@ -1342,12 +1361,6 @@ impl Driver<'_> {
         if let EventKind::RunFinished { detail, .. } = &kind {
             self.detail = detail.clone();
         }
-        let event = self.seal(kind);
-        self.fold(&event)
-    }
-
-    /// Seals `kind` into the chain and stages it, without folding it into the engine yet.
-    fn seal(&mut self, kind: EventKind) -> Event {
         let event = Event {
             seq: self.next_seq,
             ts_ms: now_ms(),
@@ -1552,27 +1565,14 @@ impl Driver<'_> {
                 rein_core::meter::budget_utilisation(scope, standing)
             }),
         );
-        if spent == Amount::default() {
-            return Ok(());
-        }
         let percent = governor.budgets.warn_percent;
-        for (scope, standing) in scopes.into_iter().zip(standings) {
-            // Read in the same atomic step as the settlement, so exactly one settlement is the
-            // one that crossed the line.
-            let after = standing.spent;
-            let before = Amount {
-                usd: after.usd - spent.usd,
-                tokens: after.tokens.saturating_sub(spent.tokens),
-            };
-            let (usd, tokens) = budget::crossed_warning(&scope.cap, percent, &before, &after);
-            if usd || tokens {
-                self.record(EventKind::BudgetWarning {
-                    scope,
-                    spent: after,
-                    percent,
-                })
-                .await?;
-            }
+        for (scope, after) in budget::warnings(&scopes, &standings, &spent, percent) {
+            self.record(EventKind::BudgetWarning {
+                scope: scope.clone(),
+                spent: after,
+                percent,
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1824,18 +1824,29 @@ impl Driver<'_> {
             amount: spent,
         };
         let standings = if self.runtime.budget_in_store {
-            // One transaction: the answer, the settlement and its record.
+            // One transaction: the answer, the settlement and its record, and the run's end
+            // when that is all the engine does next (unless the settlement crosses a warning
+            // line: the warning comes first, so the end is then left for the next step).
             self.stage(kind)?;
             self.stage(settled)?;
+            let mark = (self.next_seq, self.prev_hash.clone());
+            let end = self.ending().map(|kind| self.seal(kind));
             let settlement = Settlement {
                 id: &id,
                 scopes: &scopes,
                 actual: spent,
+                warn_percent: governor.budgets.warn_percent,
+                end: usize::from(end.is_some()),
             };
             let store = &self.runtime.store;
             let standings = store
                 .settle_and_write(&self.tenant, self.new_run(), &self.unsaved, settlement)
                 .await?;
+            match end {
+                Some(_) if settlement.warns(&standings) => self.unseal(mark),
+                Some(end) => self.fold(&end)?,
+                None => {}
+            }
             self.saved();
             standings
         } else {

@@ -224,8 +224,20 @@ async fn racing_runs_never_overspend_a_shared_budget_on_redis() {
     race(Arc::new(counters), Arc::new(store)).await;
 }
 
+/// The budget counters in the store itself: the settlement is written with the answer, and the
+/// run's end, which must come after the warning, is then left for a commit of its own.
 #[tokio::test]
 async fn crossing_the_warning_line_records_one_budget_warning() {
+    warns_once(true).await;
+}
+
+/// Counters apart from the store (as Redis is): settled, then recorded.
+#[tokio::test]
+async fn crossing_the_warning_line_on_separate_counters_records_one_budget_warning() {
+    warns_once(false).await;
+}
+
+async fn warns_once(counters_in_store: bool) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
         .await
@@ -241,14 +253,17 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
         },
         ..Budgets::default()
     };
+    let shared = Arc::new(store.clone());
+    let counters: Arc<dyn Counters> = if counters_in_store {
+        shared.clone()
+    } else {
+        Arc::new(store.clone())
+    };
     let runtime = Runtime::new(
-        Arc::new(store.clone()),
+        shared,
         ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
     )
-    .with_governor(Governor {
-        counters: Arc::new(store.clone()),
-        budgets,
-    });
+    .with_governor(Governor { counters, budgets });
     let prices = PriceTable::default();
     let builtins = Builtins::standard().infos();
     let agent = Arc::new(
@@ -283,6 +298,20 @@ async fn crossing_the_warning_line_records_one_budget_warning() {
     assert_eq!(warnings[0].2, 75);
     assert!(warnings[0].0.starts_with("tenant:warned:"));
     assert!(warnings[0].1 >= Usd::from_dollars(0.075).unwrap());
+    let last: Vec<String> = events[events.len() - 4..]
+        .iter()
+        .map(|e| e.kind.clone())
+        .collect();
+    assert_eq!(
+        last,
+        [
+            "model_responded",
+            "budget_settled",
+            "budget_warning",
+            "run_finished"
+        ],
+        "the warning comes before the run's end"
+    );
 }
 
 /// Counters whose first settlement fails, as a Redis blip or a crash right after the model

@@ -220,6 +220,29 @@ pub struct Settlement<'a> {
     pub scopes: &'a [Scope],
     /// What the call actually spent.
     pub actual: Amount,
+    /// A `budget_warning` is due when the settlement crosses this percentage of a scope's cap.
+    pub warn_percent: u8,
+    /// How many of the events, at their end, end the run: they are written only if the
+    /// settlement crosses no warning line (the warning must be recorded before the run ends);
+    /// otherwise the events before them are written without them.
+    pub end: usize,
+}
+
+impl Settlement<'_> {
+    /// Whether the settlement crossed a warning line, given the standings right after it.
+    pub fn warns(&self, standings: &[Standing]) -> bool {
+        !rein_core::budget::warnings(self.scopes, standings, &self.actual, self.warn_percent)
+            .is_empty()
+    }
+
+    /// How many of `count` events to write, given the standings after the settlement.
+    pub fn writes(&self, count: usize, standings: &[Standing]) -> usize {
+        if self.warns(standings) {
+            count.saturating_sub(self.end)
+        } else {
+            count
+        }
+    }
 }
 
 /// Where runs and their logs live. Object safe, so a process picks its engine at start-up
@@ -281,8 +304,9 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Reservation, StoreError>>;
 
     /// Settles on this store's own budget counters, as [`Counters::settle`] does, and writes
-    /// `events` as [`Store::reserve_and_write`] does, all in one transaction or none of it.
-    /// Returns the scopes' standings after the settlement.
+    /// `events` as [`Store::reserve_and_write`] does (without the last `settlement.end` of them
+    /// when the settlement crosses a warning line: [`Settlement::writes`]), all in one
+    /// transaction or none of it. Returns the scopes' standings after the settlement.
     fn settle_and_write<'a>(
         &'a self,
         tenant: &'a TenantId,

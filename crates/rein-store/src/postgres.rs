@@ -220,13 +220,16 @@ async fn insert_run(
     Ok(())
 }
 
-/// Within `tx`: `new_run`'s row if it is new, then `events`.
+/// Within `tx`: `new_run`'s row if it is new, then `events` (nothing when there are none).
 async fn write_in(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     new_run: Option<(&RunInfo, Option<Lease<'_>>)>,
     events: &[SealedEvent],
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     if let Some((run, lease)) = new_run {
         insert_run(tx, run, lease).await?;
     }
@@ -319,6 +322,7 @@ impl Store for PgStore {
             let mut tx = self.pool.begin().await?;
             let after =
                 settle_in(&mut tx, settlement.id, settlement.scopes, settlement.actual).await?;
+            let events = &events[..settlement.writes(events.len(), &after)];
             write_in(&mut tx, tenant, new_run, events).await?;
             tx.commit().await?;
             Ok(after)

@@ -205,7 +205,8 @@ impl SqliteStore {
         })
     }
 
-    /// One write job: `first` on the counters, then, if it says so, `new_run` and `events`.
+    /// One write job: `first` on the counters, then as many of `events` as it says (with
+    /// `new_run`, unless that is none).
     async fn write_after<T, F>(
         &self,
         tenant: &TenantId,
@@ -215,7 +216,7 @@ impl SqliteStore {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection) -> Result<(T, bool), StoreError> + Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<(T, usize), StoreError> + Send + 'static,
     {
         if let Some((run, _)) = new_run {
             check_first(run, events)?;
@@ -226,12 +227,13 @@ impl SqliteStore {
         });
         let (tenant, events) = (tenant.clone(), events.to_vec());
         self.write(move |c| {
-            let (answer, go_on) = first(c)?;
-            if go_on {
+            let (answer, writes) = first(c)?;
+            let events = &events[..writes.min(events.len())];
+            if !events.is_empty() {
                 if let Some((run, lease)) = new_run {
                     insert_run(c, &run, lease)?;
                 }
-                insert_events(c, &tenant, &events)?;
+                insert_events(c, &tenant, events)?;
             }
             Ok(answer)
         })
@@ -300,8 +302,12 @@ impl Store for SqliteStore {
                 hold.now_ms,
                 hold.expires_ms,
             )?;
-            let granted = answer == Reservation::Granted;
-            Ok((answer, granted))
+            let writes = if answer == Reservation::Granted {
+                usize::MAX
+            } else {
+                0
+            };
+            Ok((answer, writes))
         }))
     }
 
@@ -313,11 +319,23 @@ impl Store for SqliteStore {
         settlement: Settlement<'a>,
     ) -> BoxFuture<'a, Result<Vec<Standing>, StoreError>> {
         let (id, scopes) = (settlement.id.to_string(), settlement.scopes.to_vec());
+        let (count, actual, percent, end) = (
+            events.len(),
+            settlement.actual,
+            settlement.warn_percent,
+            settlement.end,
+        );
         Box::pin(self.write_after(tenant, new_run, events, move |c| {
-            Ok((
-                crate::counters::settle(c, &id, &scopes, settlement.actual)?,
-                true,
-            ))
+            let after = crate::counters::settle(c, &id, &scopes, actual)?;
+            let settlement = Settlement {
+                id: &id,
+                scopes: &scopes,
+                actual,
+                warn_percent: percent,
+                end,
+            };
+            let writes = settlement.writes(count, &after);
+            Ok((after, writes))
         }))
     }
 

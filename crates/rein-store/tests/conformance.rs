@@ -842,6 +842,8 @@ async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
         id: "h1",
         scopes: &scopes,
         actual: amount(0.4, 100),
+        warn_percent: 75,
+        end: 1,
     };
     let taken = store
         .settle_and_write(&t1, None, &log.sealed[1..], settlement)
@@ -873,13 +875,55 @@ async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
     assert_eq!(run.progress.cost, Usd::from_dollars(0.4).unwrap());
 
     // Settling again counts nothing; its events are still written.
-    let end = log.seal(finished(serde_json::json!("done")));
+    let more = log.seal(responded("m", 0, 0, 0.0));
     let again = store
-        .settle_and_write(&t1, None, &[end], settlement)
+        .settle_and_write(&t1, None, &[more], settlement)
         .await
         .unwrap();
     assert_eq!(again, [counted]);
     assert_eq!(store.events(&t1, &r1).await.unwrap(), log.sealed);
+
+    // A settlement that crosses a warning line (75% of the cap) leaves out the events that end
+    // the run: its warning must be recorded before them.
+    let from = log.sealed.len();
+    log.seal(EventKind::BudgetReserved {
+        step: 2,
+        reservation: "h2".into(),
+        scopes: vec![scope.key.clone()],
+        amount: amount(0.5, 100),
+    });
+    log.seal(responded("m", 60, 40, 0.4));
+    log.seal(EventKind::BudgetSettled {
+        step: 2,
+        reservation: "h2".into(),
+        amount: amount(0.4, 100),
+    });
+    log.seal(finished(serde_json::json!("done")));
+    let granted = store
+        .reserve_and_write(&t1, None, &log.sealed[from..from + 1], hold("h2", 0.5))
+        .await
+        .unwrap();
+    assert_eq!(granted, Reservation::Granted);
+    let crossing = Settlement {
+        id: "h2",
+        actual: amount(0.4, 100),
+        ..settlement
+    };
+    let after = store
+        .settle_and_write(&t1, None, &log.sealed[from + 1..], crossing)
+        .await
+        .unwrap();
+    assert_eq!(after[0].spent, amount(0.8, 200));
+    let written = store.events(&t1, &r1).await.unwrap();
+    assert_eq!(
+        written,
+        log.sealed[..log.sealed.len() - 1],
+        "all but the end"
+    );
+    assert_eq!(
+        store.run(&t1, &r1).await.unwrap().progress.status,
+        RunStatus::Running
+    );
 }
 
 macro_rules! conformance {
