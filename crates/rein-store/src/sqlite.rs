@@ -159,6 +159,52 @@ macro_rules! select_runs {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// How many times opening a store tries to bring its schema up to date.
+const MIGRATION_TRIES: u64 = 10;
+
+/// Brings the schema up to date. Another process opening the same new file at the same moment
+/// may be applying the same migrations (SQLite has no lock for the migrator to take): one it
+/// applied first fails here, its tables being there already, rolls back, and is found applied
+/// on the next try, since each migration is one transaction with its record.
+async fn migrate(options: &SqliteConnectOptions) -> Result<(), StoreError> {
+    let mut tries = 1;
+    loop {
+        let done = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            let done = MIGRATOR.run(&pool).await;
+            pool.close().await;
+            Ok::<_, StoreError>(done?)
+        }
+        .await;
+        match done {
+            Err(e) if tries < MIGRATION_TRIES && first_open_race(&e) => {
+                tokio::time::sleep(Duration::from_millis(10 * tries)).await;
+                tries += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` is what a process meets when another is creating the same file's schema: a
+/// migration the other applied first, or the file locked while it does.
+fn first_open_race(e: &StoreError) -> bool {
+    let busy = |e: &sqlx::Error| {
+        e.as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "5" || code == "6")
+    };
+    match e {
+        StoreError::Migration(sqlx::migrate::MigrateError::ExecuteMigration(..)) => true,
+        StoreError::Migration(sqlx::migrate::MigrateError::Execute(e))
+        | StoreError::Database(e) => busy(e),
+        _ => false,
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and brings its schema up to date.
     pub async fn open(path: impl AsRef<Path>, durability: Durability) -> Result<Self, StoreError> {
@@ -174,12 +220,7 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         // The schema is brought up to date on a connection of its own, before the writer opens.
-        let migrations = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        MIGRATOR.run(&migrations).await?;
-        migrations.close().await;
+        migrate(&options).await?;
         let writer = Writer::start(
             path,
             Setup {
@@ -896,6 +937,26 @@ mod tests {
     /// Under writes that never pause, the log still starts over: a background checkpoint
     /// always leaves behind what was written while it ran, so past [`CHECKPOINT_REST_FRAMES`]
     /// the rest is copied with writes held back for that long.
+    /// Processes that open a new database at the same moment (`rein serve` and `rein worker`
+    /// started together) each bring its schema up to date or find it done; none fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stores_opened_at_once_on_a_new_file_all_open() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("rein.db");
+            let opens: Vec<_> = (0..6)
+                .map(|_| {
+                    let path = path.clone();
+                    tokio::spawn(async move { SqliteStore::open(path, Durability::Process).await })
+                })
+                .collect();
+            for open in opens {
+                let store = open.await.unwrap().unwrap();
+                store.close().await;
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_write_ahead_log_starts_over_under_writes_that_never_pause() {
         use std::sync::atomic::{AtomicBool, Ordering};
