@@ -201,9 +201,6 @@ pub struct Runtime {
     tools: ToolBox,
     governor: Option<Governor>,
     counters: Arc<dyn Counters>,
-    /// Whether the budget counters are the store itself: a reservation is then written with
-    /// the events before its call, and a settlement with the answer, in one transaction each.
-    budget_in_store: bool,
     breakers: Arc<breakers::Breakers>,
     meters: meters::Meters,
     /// Where the spans of each ended run go, if anywhere.
@@ -338,7 +335,6 @@ impl Runtime {
             meters: meters::Meters::default(),
             spans: None,
             counters,
-            budget_in_store: true,
             rate_limits: None,
             bulkheads: None,
             store,
@@ -421,6 +417,12 @@ impl Runtime {
             self.store.release(run, &self.owner).await?;
         }
         Ok(())
+    }
+
+    /// Whether the budget counters are the store itself: a reservation is then written with the
+    /// events before its call, and a settlement with the answer, in one transaction each.
+    fn budget_in_store(&self) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.counters), Arc::as_ptr(&self.store))
     }
 
     /// This process's lease on a run, from now.
@@ -545,8 +547,6 @@ impl Runtime {
             self.meters.clone(),
         ));
         self.counters = governor.counters.clone();
-        self.budget_in_store =
-            std::ptr::addr_eq(Arc::as_ptr(&governor.counters), Arc::as_ptr(&self.store));
         self.governor = governor.budgets.any().then_some(governor);
         self
     }
@@ -1313,8 +1313,8 @@ impl Driver<'_> {
 
     /// The new run, if it is not stored yet, with the lease it is stored under.
     fn new_run(&self) -> Option<(&RunInfo, Option<rein_store::Lease<'_>>)> {
-        let lease = self.runtime.fresh_lease();
-        self.unstored.as_ref().map(|info| (info, Some(lease)))
+        let info = self.unstored.as_ref()?;
+        Some((info, Some(self.runtime.fresh_lease())))
     }
 
     /// What [`Driver::save`] does after the staged events are written.
@@ -1448,7 +1448,7 @@ impl Driver<'_> {
             scopes: scopes.iter().map(|s| s.key.clone()).collect(),
             amount,
         };
-        let answer = if self.runtime.budget_in_store {
+        let answer = if self.runtime.budget_in_store() {
             // One transaction: the hold, and the events up to the call's `model_requested`
             // (folded into the engine only once they are written).
             let mark = (self.next_seq, self.prev_hash.clone());
@@ -1823,7 +1823,7 @@ impl Driver<'_> {
             reservation: id.clone(),
             amount: spent,
         };
-        let standings = if self.runtime.budget_in_store {
+        let standings = if self.runtime.budget_in_store() {
             // One transaction: the answer, the settlement and its record, and the run's end
             // when that is all the engine does next (unless the settlement crosses a warning
             // line: the warning comes first, so the end is then left for the next step).

@@ -268,8 +268,7 @@ impl Store for PgStore {
         Box::pin(async move {
             check_first(run, first)?;
             let mut tx = self.pool.begin().await?;
-            insert_run(&mut tx, run, lease).await?;
-            insert_all(&mut tx, &run.tenant, first).await?;
+            write_in(&mut tx, &run.tenant, Some((run, lease)), first).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -246,8 +246,8 @@ impl SqliteStore {
         })
     }
 
-    /// One write job: `first` on the counters, then as many of `events` as it says (with
-    /// `new_run`, unless that is none).
+    /// One write job: `first` (on the counters, or nothing), then as many of `events` as it
+    /// says (with `new_run`, unless that is none).
     async fn write_after<T, F>(
         &self,
         tenant: &TenantId,
@@ -313,16 +313,8 @@ impl Store for SqliteStore {
         first: &'a [SealedEvent],
         lease: Option<Lease<'a>>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            check_first(run, first)?;
-            let (run, first) = (run.clone(), first.to_vec());
-            let lease = lease.map(|l| (l.owner.to_string(), l.until_ms));
-            self.write(move |c| {
-                insert_run(c, &run, lease)?;
-                insert_events(c, &run.tenant, &first)
-            })
-            .await
-        })
+        let new_run = Some((run, lease));
+        Box::pin(self.write_after(&run.tenant, new_run, first, |_| Ok(((), usize::MAX))))
     }
 
     // One job on the writer: the counters' statements, then the run and its events.
