@@ -243,6 +243,11 @@ fn open(path: &Path, setup: &Setup) -> Result<Connection, StoreError> {
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // A statement or a savepoint keeps the pages it changes in a journal of its own, to undo
+    // itself alone; past 64 KiB SQLite moves that journal to a temporary file (created,
+    // written and removed within the commit). It is never needed after a crash, so it stays in
+    // memory: it holds at most one commit's pages.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The background checkpointer copies the log into the file; a checkpoint inside a commit
     // would stall every write queued behind it.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -442,6 +447,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys, vec![1, 2], "the failed inline write was not undone");
+    }
+
+    /// Statement and savepoint journals stay in memory (`temp_store=MEMORY`): under load a
+    /// batch's savepoints journalled past 64 KiB, and SQLite moved the journal to a temporary
+    /// file created, written and removed within the commit (about 90 files and half the
+    /// writes to disk in 1,100 gateway calls at 500 a second).
+    #[tokio::test]
+    async fn statement_journals_are_kept_in_memory() {
+        let (_dir, writer) = writer().await;
+        let temp_store: i64 = writer
+            .write(|c| Ok(c.query_row("PRAGMA temp_store", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(temp_store, 2, "2 is MEMORY");
     }
 
     /// A store that fsyncs every commit never writes on the caller's thread: the fsync would
