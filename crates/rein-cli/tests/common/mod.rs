@@ -281,24 +281,45 @@ pub fn run_killed_at(dir: &Path, kind: &str) -> String {
             "script.yaml",
         ])
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = run_once_logged(dir, kind);
-    child.kill().unwrap();
+    // A run that ends before it logs `kind` (it failed to start, say) is reported with its
+    // error at once, not as a wait that timed out.
+    let id = run_once_logged(dir, kind, &mut || {
+        let status = child.try_wait().ok()??;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        Some(format!("`rein run` ended ({status}): {stderr}"))
+    });
+    let _ = child.kill();
     child.wait().unwrap();
     id
 }
 
 /// The id of the first run in `dir`'s default store whose log holds an event of `kind`,
-/// once one does (within 20 s): for killing a process at a known point of its run.
-pub fn run_once_logged(dir: &Path, kind: &str) -> String {
+/// once one does (within 60 s): for killing a process at a known point of its run. `ended`
+/// says why the process that runs it ended, once it has: the event is then looked for once
+/// more, and if it is not there the wait fails with that reason.
+pub fn run_once_logged(
+    dir: &Path,
+    kind: &str,
+    ended: &mut dyn FnMut() -> Option<String>,
+) -> String {
     let started = std::time::Instant::now();
+    let mut last_look = None;
     loop {
+        if let Some(why) = last_look {
+            panic!("no run logged `{kind}`: {why}");
+        }
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(20),
-            "no run logged `{kind}`"
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no run logged `{kind}` in 60 s"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+        last_look = ended();
         if !dir.join("rein.db").exists() {
             continue;
         }
