@@ -1101,6 +1101,23 @@ impl Runtime {
             if let Some(kind) = decided {
                 driver.record(kind).await?;
             }
+            if interrupted_gateway_call(&events) {
+                // Its caller waited on a connection that the crash closed: no one would receive
+                // the answer of a model call made now, so none is made and the run ends.
+                driver
+                    .record(EventKind::RunFinished {
+                        status: RunStatus::Failed,
+                        reason: TerminationReason::Error,
+                        detail: Some(
+                            "the gateway call was interrupted before the model answered (the \
+                             process serving it stopped); its caller got no answer, so it is \
+                             not called again"
+                                .into(),
+                        ),
+                        output: None,
+                    })
+                    .await?;
+            }
             driver.drive().await
         }
         .await;
@@ -2013,4 +2030,21 @@ impl Driver<'_> {
             .await;
         Ok(waited)
     }
+}
+
+/// Whether `events` are the log of a gateway call stopped before its model answered (or
+/// failed): resuming it would call the model for a caller who is no longer there.
+fn interrupted_gateway_call(events: &[Event]) -> bool {
+    let gateway = events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::ChatRequest(_)));
+    let answered = events.iter().any(|e| {
+        matches!(
+            e.kind,
+            EventKind::ModelResponded { .. }
+                | EventKind::ModelFailed { .. }
+                | EventKind::RunFinished { .. }
+        )
+    });
+    gateway && !answered
 }

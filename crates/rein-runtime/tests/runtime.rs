@@ -1968,3 +1968,119 @@ async fn a_queued_run_is_cancelled_at_once_and_never_claimed() {
         "{again}"
     );
 }
+
+/// A model that never answers (the process serving the call is stopped meanwhile), and one
+/// that counts the calls made to it.
+struct Stalls(std::sync::atomic::AtomicUsize);
+
+impl Model for Stalls {
+    fn complete<'a>(
+        &'a self,
+        _request: rein_providers::ModelRequest<'a>,
+    ) -> rein_providers::BoxFuture<'a, Result<rein_core::ModelReply, rein_providers::ModelError>>
+    {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A gateway call whose process stopped while the model was answering is ended when the run
+/// is taken over, not called again: its caller's connection went with the process, so no one
+/// would receive the answer.
+#[tokio::test]
+async fn a_gateway_call_interrupted_mid_model_call_is_ended_not_called_again() {
+    let h = harness().await;
+    let tenant = TenantId::new("acme");
+    let src = "name: gateway\nversion: 1\nmodel: {primary: openai/gpt-4o-mini, max_output_tokens: 50}\ninstructions: Answer.\nlimits: {max_iterations: 1, max_total_tokens: 5000, max_cost_usd: 0.05, timeout: 60s}\n";
+    let mut gateway_call = request(src, "hi", "acme", "ann", "s1", &[]);
+    gateway_call.chat = Some(rein_core::ChatRequest {
+        messages: vec![rein_core::Message::text(rein_core::Role::User, "hi")],
+        tools: Vec::new(),
+        max_output_tokens: None,
+        temperature: None,
+        tool_choice: None,
+    });
+    let runtime = h.runtime.clone();
+    let stalls = Arc::new(Stalls(Default::default()));
+    let first = stalls.clone();
+    let task = tokio::spawn(async move { runtime.run(gateway_call, first.as_ref()).await });
+    let started = Instant::now();
+    let id = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the model was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if stalls.0.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            let runs = h
+                .runtime
+                .store()
+                .list_runs(&tenant, &Default::default(), 1)
+                .await
+                .unwrap();
+            break runs[0].info.id.clone();
+        }
+    };
+    task.abort();
+    let _ = task.await;
+
+    let again = Stalls(Default::default());
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        h.runtime
+            .resume(&tenant, &id, &PriceTable::default(), &again),
+    )
+    .await
+    .expect("the resumed call waited on the model")
+    .unwrap();
+    assert_eq!(again.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(outcome.status, RunStatus::Failed);
+    assert_eq!(outcome.reason, Some(TerminationReason::Error));
+    assert!(
+        outcome.detail.as_deref().unwrap().contains("interrupted"),
+        "{:?}",
+        outcome.detail
+    );
+    let kinds: Vec<String> = h
+        .runtime
+        .store()
+        .events(&tenant, &id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "model_requested").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last().map(String::as_str), Some("run_finished"));
+
+    // A run that is not a gateway call is resumed as before: its model is called again.
+    let plain = request(src, "hi", "acme", "ann", "s2", &[]);
+    let runtime = h.runtime.clone();
+    let stalls = Arc::new(Stalls(Default::default()));
+    let first = stalls.clone();
+    let task = tokio::spawn(async move { runtime.run(plain, first.as_ref()).await });
+    while stalls.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let runs = h
+        .runtime
+        .store()
+        .list_runs(&tenant, &Default::default(), 1)
+        .await
+        .unwrap();
+    let called = Stalls(Default::default());
+    let resumed = tokio::time::timeout(
+        Duration::from_millis(300),
+        h.runtime
+            .resume(&tenant, &runs[0].info.id, &PriceTable::default(), &called),
+    )
+    .await;
+    assert!(resumed.is_err(), "the plain run did not wait on its model");
+    assert_eq!(called.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
