@@ -1984,6 +1984,33 @@ impl Model for Stalls {
     }
 }
 
+/// Starts `request` with a model that never answers, waits until the model is called, then
+/// kills the task as a crash would. Returns the run id.
+async fn crash_during_model_call(h: &Harness, request: RunRequest) -> rein_core::RunId {
+    let runtime = h.runtime.clone();
+    let tenant = request.tenant.clone();
+    let stalls = Arc::new(Stalls(Default::default()));
+    let model = stalls.clone();
+    let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
+    let started = Instant::now();
+    while stalls.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the model was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let runs = h
+        .runtime
+        .store()
+        .list_runs(&tenant, &Default::default(), 1)
+        .await
+        .unwrap();
+    runs[0].info.id.clone()
+}
+
 /// A gateway call whose process stopped while the model was answering is ended when the run
 /// is taken over, not called again: its caller's connection went with the process, so no one
 /// would receive the answer.
@@ -2000,29 +2027,7 @@ async fn a_gateway_call_interrupted_mid_model_call_is_ended_not_called_again() {
         temperature: None,
         tool_choice: None,
     });
-    let runtime = h.runtime.clone();
-    let stalls = Arc::new(Stalls(Default::default()));
-    let first = stalls.clone();
-    let task = tokio::spawn(async move { runtime.run(gateway_call, first.as_ref()).await });
-    let started = Instant::now();
-    let id = loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the model was never called"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        if stalls.0.load(std::sync::atomic::Ordering::SeqCst) == 1 {
-            let runs = h
-                .runtime
-                .store()
-                .list_runs(&tenant, &Default::default(), 1)
-                .await
-                .unwrap();
-            break runs[0].info.id.clone();
-        }
-    };
-    task.abort();
-    let _ = task.await;
+    let id = crash_during_model_call(&h, gateway_call).await;
 
     let again = Stalls(Default::default());
     let outcome = tokio::time::timeout(
@@ -2058,27 +2063,12 @@ async fn a_gateway_call_interrupted_mid_model_call_is_ended_not_called_again() {
     assert_eq!(kinds.last().map(String::as_str), Some("run_finished"));
 
     // A run that is not a gateway call is resumed as before: its model is called again.
-    let plain = request(src, "hi", "acme", "ann", "s2", &[]);
-    let runtime = h.runtime.clone();
-    let stalls = Arc::new(Stalls(Default::default()));
-    let first = stalls.clone();
-    let task = tokio::spawn(async move { runtime.run(plain, first.as_ref()).await });
-    while stalls.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    task.abort();
-    let _ = task.await;
-    let runs = h
-        .runtime
-        .store()
-        .list_runs(&tenant, &Default::default(), 1)
-        .await
-        .unwrap();
+    let plain = crash_during_model_call(&h, request(src, "hi", "acme", "ann", "s2", &[])).await;
     let called = Stalls(Default::default());
     let resumed = tokio::time::timeout(
         Duration::from_millis(300),
         h.runtime
-            .resume(&tenant, &runs[0].info.id, &PriceTable::default(), &called),
+            .resume(&tenant, &plain, &PriceTable::default(), &called),
     )
     .await;
     assert!(resumed.is_err(), "the plain run did not wait on its model");
