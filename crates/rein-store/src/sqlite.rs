@@ -831,8 +831,6 @@ impl Store for SqliteStore {
     }
 }
 
-/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
-/// ends just before the first (checked once, before the first row goes in), else none.
 /// Inserts a new run's row, running under `lease` (holder, expiry) or queued without one.
 fn insert_run(
     c: &rusqlite::Connection,
@@ -866,6 +864,8 @@ fn insert_run(
     Ok(())
 }
 
+/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
+/// ends just before the first (checked once, before the first row goes in), else none.
 fn insert_events(
     c: &rusqlite::Connection,
     tenant: &TenantId,
@@ -967,9 +967,6 @@ mod tests {
         }
     }
 
-    /// Under writes that never pause, the log still starts over: a background checkpoint
-    /// always leaves behind what was written while it ran, so past [`CHECKPOINT_REST_FRAMES`]
-    /// the rest is copied with writes held back for that long.
     /// Processes that open a new database at the same moment (`rein serve` and `rein worker`
     /// started together) each bring its schema up to date or find it done; none fails.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1010,6 +1007,9 @@ mod tests {
         assert!(!pass(MAX_PASSES, 9000, 8000, Some(8000)).then_hold_writes());
     }
 
+    /// Under writes that never pause, the log still starts over: a background checkpoint
+    /// always leaves behind what was written while it ran, so past [`CHECKPOINT_REST_FRAMES`]
+    /// the rest is copied with writes held back for that long.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_write_ahead_log_starts_over_under_writes_that_never_pause() {
         use std::sync::atomic::{AtomicBool, Ordering};
