@@ -4,9 +4,10 @@
 //! and PostgreSQL for several stateless workers on one database ([`PgStore`]). Both pass one
 //! conformance suite (`tests/conformance.rs`).
 //!
-//! The event log is the source of truth; the `runs` row is a projection of it, derived by the
-//! database from each appended event within the appending statement, so listings never
-//! disagree with the log. Every query takes the caller's tenant: a run of another tenant is
+//! The event log is the source of truth; the `runs` row is a projection of it, brought up to
+//! date in the transaction that appends the events, so listings never disagree with the log
+//! (SQLite: by the store, once per append, from `summary::Appended`; PostgreSQL: by a trigger,
+//! once per event). Every query takes the caller's tenant: a run of another tenant is
 //! simply not found.
 //!
 //! This crate depends on the core for event and run types; it must never depend on providers,
@@ -15,6 +16,7 @@
 mod counters;
 mod postgres;
 mod sqlite;
+mod summary;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod writer;

@@ -1,5 +1,6 @@
 //! The embedded engine: one SQLite file (WAL), the default store.
 
+use crate::summary::Appended;
 use crate::writer::{Setup, Writer};
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
@@ -864,8 +865,10 @@ fn insert_run(
     Ok(())
 }
 
-/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
-/// ends just before the first (checked once, before the first row goes in), else none.
+/// Appends consecutive events: all of them if the run is `tenant`'s and its log ends just
+/// before the first, else none. The run's row is brought up to date first (its position is
+/// the check), then the events go in with one statement; a failure of either rolls back both
+/// with the write.
 fn insert_events(
     c: &rusqlite::Connection,
     tenant: &TenantId,
@@ -882,19 +885,26 @@ fn insert_events(
     if !crate::consecutive(events) {
         return Err(conflict());
     }
+    let run = first.run_id.as_str();
+    if update_run(
+        c,
+        tenant,
+        run,
+        crate::to_i64(first.seq),
+        &Appended::of(events)?,
+    )? == 0
+    {
+        return Err(conflict());
+    }
     let mut sql = String::from(
-        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (VALUES ",
+        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) VALUES ",
     );
     for i in 0..events.len() {
         sql.push_str(if i == 0 { "(" } else { ", (" });
         sql.push_str("?, ?, ?, ?, ?, ?, ?, ?)");
     }
-    sql.push_str(
-        ") WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND tenant = ? AND event_count = ?)",
-    );
-    let (run, tenant) = (first.run_id.as_str(), tenant.as_str());
     let seqs: Vec<i64> = events.iter().map(|e| crate::to_i64(e.seq)).collect();
-    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(events.len() * 8 + 3);
+    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(events.len() * 8);
     for (event, seq) in events.iter().zip(&seqs) {
         params.extend([
             &run as &dyn rusqlite::ToSql,
@@ -907,7 +917,6 @@ fn insert_events(
             &event.hash,
         ]);
     }
-    params.extend([&run as &dyn rusqlite::ToSql, &tenant, &seqs[0]]);
     let inserted = c
         .prepare_cached(&sql)?
         .execute(rusqlite::params_from_iter(params));
@@ -922,6 +931,78 @@ fn insert_events(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `UPDATE runs SET <what every append changes> <tail>`.
+macro_rules! update_run {
+    ($tail:literal) => {
+        concat!(
+            "UPDATE runs SET event_count = ?1, head_hash = ?2, updated_ms = ?3, ",
+            "iterations = iterations + ?4, tool_calls = tool_calls + ?5, ",
+            "input_tokens = input_tokens + ?6, cached_input_tokens = cached_input_tokens + ?7, ",
+            "output_tokens = output_tokens + ?8, cost_micros = cost_micros + ?9",
+            $tail
+        )
+    };
+}
+
+/// Applies `appended` to `tenant`'s run `run` if its log has `at` events; returns the rows
+/// changed (0: not the tenant's run, or another writer appended first). The status columns are
+/// assigned only by a batch that changes them: assigning `status`, even to its own value,
+/// rewrites the run's entry in `runs_claimable`.
+fn update_run(
+    c: &rusqlite::Connection,
+    tenant: &TenantId,
+    run: &str,
+    at: i64,
+    appended: &Appended,
+) -> Result<usize, StoreError> {
+    let a = appended;
+    let counts = rusqlite::params![
+        a.event_count,
+        a.head_hash,
+        a.updated_ms,
+        a.iterations,
+        a.tool_calls,
+        a.input_tokens,
+        a.cached_input_tokens,
+        a.output_tokens,
+        a.cost_micros,
+        run,
+        tenant.as_str(),
+        at,
+    ];
+    let Some((status, expires)) = &a.status else {
+        return Ok(c
+            .prepare_cached(update_run!(
+                " WHERE id = ?10 AND tenant = ?11 AND event_count = ?12"
+            ))?
+            .execute(counts)?);
+    };
+    let finished = a.finished.as_ref();
+    let (ended, reason, detail, output) = (
+        finished.is_some(),
+        finished.and_then(|f| f.reason.as_deref()),
+        finished.and_then(|f| f.detail.as_deref()),
+        finished.and_then(|f| f.output.as_deref()),
+    );
+    let mut params: Vec<&dyn rusqlite::ToSql> = counts.to_vec();
+    params.extend([
+        status as &dyn rusqlite::ToSql,
+        expires,
+        &ended,
+        &reason,
+        &detail,
+        &output,
+    ]);
+    Ok(c.prepare_cached(update_run!(
+        ", status = ?13, approval_expires_ms = ?14, \
+         termination_reason = CASE WHEN ?15 THEN ?16 ELSE termination_reason END, \
+         detail = CASE WHEN ?15 THEN ?17 ELSE detail END, \
+         output = CASE WHEN ?15 THEN ?18 ELSE output END \
+         WHERE id = ?10 AND tenant = ?11 AND event_count = ?12"
+    ))?
+    .execute(rusqlite::params_from_iter(params))?)
 }
 
 #[cfg(test)]

@@ -926,6 +926,98 @@ async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
     );
 }
 
+/// The events of a run with every kind the row counts, in the batches `batches` gives (how many
+/// events each append takes), appended as run `id`; returns the row after each append.
+async fn project_in_batches(
+    store: &dyn Store,
+    id: &str,
+    batches: &[usize],
+) -> Vec<rein_store::RunRecord> {
+    let mut log = Log::new(info(id, "t1", "s", 1));
+    log.create(store, Some(lease("w1", 100))).await;
+    let kinds = vec![
+        responded("openai/m", 100, 20, 0.25),
+        EventKind::ModelFailed {
+            step: 2,
+            model: "openai/m".into(),
+            error_type: rein_core::ErrorType::Transient,
+            message: "503".into(),
+            latency_ms: 4,
+            attempts: 2,
+            all_circuits_open: false,
+        },
+        EventKind::ToolResult {
+            step: 2,
+            call_id: "c1".into(),
+            tool: "t".into(),
+            result: ToolResult::success(serde_json::json!({"ok": true})),
+            latency_ms: 3,
+            attempts: 1,
+        },
+        EventKind::ApprovalRequested {
+            step: 3,
+            call_id: "c2".into(),
+            tool: "refund".into(),
+            arguments: serde_json::json!({"amount": 900}),
+            reason: "confirm".into(),
+            expires_at_ms: 5_000,
+            on_timeout: rein_core::spec::OnTimeout::Deny,
+            answer: None,
+        },
+        EventKind::ApprovalDecided {
+            step: 3,
+            call_id: "c2".into(),
+            approved: true,
+            by: "ana".into(),
+            reason: None,
+        },
+        responded("openai/m", 50, 10, 0.5),
+        finished(serde_json::json!({"answer": null})),
+    ];
+    assert_eq!(batches.iter().sum::<usize>(), kinds.len());
+    let mut kinds = kinds.into_iter();
+    let mut rows = Vec::new();
+    for &n in batches {
+        let sealed: Vec<SealedEvent> = kinds.by_ref().take(n).map(|k| log.seal(k)).collect();
+        store.append_all(&log.run.tenant, &sealed).await.unwrap();
+        rows.push(store.run(&log.run.tenant, &log.run.id).await.unwrap());
+    }
+    rows
+}
+
+async fn a_runs_row_is_the_same_whatever_its_events_batches(store: &dyn Store) {
+    let one_by_one = project_in_batches(store, "r1", &[1; 7]).await;
+    let together = project_in_batches(store, "r2", &[4, 3]).await;
+    let last = |rows: &[rein_store::RunRecord]| {
+        let row = rows.last().unwrap().clone();
+        (row.progress, row.event_count, row.updated_ms)
+    };
+    assert_eq!(last(&one_by_one), last(&together));
+    let (progress, event_count, _) = last(&together);
+    assert_eq!(event_count, 8);
+    assert_eq!((progress.iterations, progress.tool_calls), (3, 1));
+    assert_eq!(
+        (progress.usage.input_tokens, progress.usage.output_tokens),
+        (150, 30)
+    );
+    assert_eq!(progress.cost, Usd::from_dollars(0.75).unwrap());
+    assert_eq!(progress.status, RunStatus::Completed);
+    assert_eq!(progress.detail.as_deref(), Some("done"));
+    assert_eq!(progress.output, Some(serde_json::json!({"answer": null})));
+    // A batch that ends waiting for a person leaves the run waiting, claimable only once the
+    // request times out; the same as one by one.
+    assert_eq!(together[0].progress.status, RunStatus::AwaitingApproval);
+    assert_eq!(together[0].progress, one_by_one[3].progress);
+    let t1 = TenantId::new("t1");
+    let r1 = RunId::new("r1");
+    let ended = store.run(&t1, &r1).await.unwrap();
+    rein_core::verify_chain(
+        &store.events(&t1, &r1).await.unwrap(),
+        Some((ended.event_count, &ended.head_hash)),
+    )
+    .unwrap();
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -989,6 +1081,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 
 conformance!(sqlite:
     budget_changes_and_their_events_commit_together,
+    a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
@@ -1003,6 +1096,7 @@ conformance!(sqlite:
 
 conformance!(postgres:
     budget_changes_and_their_events_commit_together,
+    a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
