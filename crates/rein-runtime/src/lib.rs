@@ -212,6 +212,8 @@ pub struct Runtime {
     owner: String,
     /// How long a lease lasts unless renewed.
     lease_ms: i64,
+    /// The runs whose leases this process renews while it drives them.
+    leases: Arc<Leases>,
     /// The runs this process is driving, each with who asked to cancel it, once someone has.
     driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<std::sync::OnceLock<String>>>>>,
     /// How worker agents' specs are found, for tools whose source is an agent.
@@ -221,33 +223,79 @@ pub struct Runtime {
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
 pub const DEFAULT_LEASE_MS: i64 = 30_000;
 
-/// Renews a run's lease in the background while the run is driven; stops when dropped.
-struct LeaseKeeper(tokio::task::JoinHandle<()>);
+/// The runs whose leases this process holds while it drives them, and the one task that renews
+/// them all, a third of the way into each lease (started with the first; stopped when the last
+/// clone of the runtime goes). One task for every run rather than one each: a run that ends
+/// within a third of its lease, as a gateway call does, costs an insert and a removal here, not
+/// a task spawned, a timer set and a task aborted.
+#[derive(Default)]
+struct Leases {
+    held: std::sync::Mutex<std::collections::HashSet<RunId>>,
+    renewer: std::sync::OnceLock<Renewer>,
+}
 
-impl LeaseKeeper {
-    fn start(store: Arc<dyn Store>, run: RunId, owner: String, lease_ms: i64) -> Self {
-        LeaseKeeper(tokio::spawn(async move {
+/// The renewing task; aborted on drop.
+struct Renewer(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Leases {
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<RunId>> {
+        // The set stays whole whatever panicked while holding it.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Renews every held lease each third of a lease, until `leases` is gone.
+    fn renew(
+        leases: std::sync::Weak<Leases>,
+        store: Arc<dyn Store>,
+        owner: String,
+        lease_ms: i64,
+    ) -> Renewer {
+        Renewer(tokio::spawn(async move {
             let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1).max(1));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::time::sleep(every).await;
-                let lease = rein_store::Lease {
-                    owner: &owner,
-                    until_ms: now_ms() + lease_ms,
-                };
-                // A lost lease means another worker took the run over (this one was presumed
-                // dead); this one's next append then fails on position and it stops. A store
-                // error is retried at the next tick: the lease is still this process's.
-                if let Ok(false) = store.renew(&run, lease).await {
+                tick.tick().await;
+                let Some(runs) = leases.upgrade().map(|l| l.held().clone()) else {
                     return;
+                };
+                for run in runs {
+                    let lease = rein_store::Lease {
+                        owner: &owner,
+                        until_ms: now_ms() + lease_ms,
+                    };
+                    // A lost lease means another worker took the run over (this one was
+                    // presumed dead); this one's next append then fails on position and it
+                    // stops. A store error is retried at the next tick: the lease is still
+                    // this process's.
+                    if let Ok(false) = store.renew(&run, lease).await
+                        && let Some(leases) = leases.upgrade()
+                    {
+                        leases.held().remove(&run);
+                    }
                 }
             }
         }))
     }
 }
 
-impl Drop for LeaseKeeper {
+/// A run's lease, renewed while this lives.
+struct LeaseKeeper<'a> {
+    leases: &'a Leases,
+    run: RunId,
+}
+
+impl Drop for LeaseKeeper<'_> {
     fn drop(&mut self) {
-        self.0.abort();
+        self.leases.held().remove(&self.run);
     }
 }
 
@@ -343,6 +391,7 @@ impl Runtime {
             step_timings: false,
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
             lease_ms: DEFAULT_LEASE_MS,
+            leases: Arc::default(),
             driving: Arc::default(),
             workers: None,
         }
@@ -434,18 +483,27 @@ impl Runtime {
     }
 
     /// Renews this process's lease on `run_id` until the keeper is dropped.
-    fn keep_lease(&self, run_id: &RunId) -> LeaseKeeper {
-        LeaseKeeper::start(
-            self.store.clone(),
-            run_id.clone(),
-            self.owner.clone(),
-            self.lease_ms,
-        )
+    fn keep_lease(&self, run_id: &RunId) -> LeaseKeeper<'_> {
+        self.leases.renewer.get_or_init(|| {
+            Leases::renew(
+                Arc::downgrade(&self.leases),
+                self.store.clone(),
+                self.owner.clone(),
+                self.lease_ms,
+            )
+        });
+        self.leases.held().insert(run_id.clone());
+        LeaseKeeper {
+            leases: &self.leases,
+            run: run_id.clone(),
+        }
     }
 
     /// How long this process's leases on runs last unless renewed.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(30);
+        // Leases of another length are renewed on their own schedule.
+        self.leases = Arc::default();
         self
     }
 

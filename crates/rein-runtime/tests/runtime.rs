@@ -2074,3 +2074,69 @@ async fn a_gateway_call_interrupted_mid_model_call_is_ended_not_called_again() {
     assert!(resumed.is_err(), "the plain run did not wait on its model");
     assert_eq!(called.0.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Runs driven longer than their lease keep it (one task renews every lease this process
+/// holds), so no other process can take them over; once their drivers stop, renewal stops and
+/// the leases run out.
+#[tokio::test]
+async fn runs_driven_past_their_lease_keep_it_until_their_drivers_stop() {
+    let mut h = harness().await;
+    h.runtime = h.runtime.with_lease(Duration::from_millis(300));
+    let src = "name: slow\nversion: 1\nmodel: {primary: openai/gpt-4o-mini, max_output_tokens: 50}\ninstructions: Answer.\nlimits: {max_iterations: 1, max_total_tokens: 5000, max_cost_usd: 0.05, timeout: 60s}\n";
+    let stalls = Arc::new(Stalls(Default::default()));
+    let mut tasks = Vec::new();
+    for session in ["s1", "s2"] {
+        let (runtime, model) = (h.runtime.clone(), stalls.clone());
+        let request = request(src, "hi", "acme", "ann", session, &[]);
+        tasks.push(tokio::spawn(async move {
+            runtime.run(request, model.as_ref()).await
+        }));
+    }
+    let started = Instant::now();
+    while stalls.0.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the runs never called their model"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let store = h.runtime.store();
+    let tenant = TenantId::new("acme");
+    let runs: Vec<_> = store
+        .list_runs(&tenant, &Default::default(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.info.id)
+        .collect();
+    assert_eq!(runs.len(), 2);
+    let take_over = |run| async move {
+        let lease = rein_store::Lease {
+            owner: "another-process",
+            until_ms: rein_runtime::now_ms() + 60_000,
+        };
+        store
+            .acquire(run, lease, rein_runtime::now_ms())
+            .await
+            .unwrap()
+    };
+    // Three leases' length: each lease would have run out twice over without renewal.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for run in &runs {
+        assert!(
+            !take_over(run).await,
+            "run {run} lost its lease while driven"
+        );
+    }
+    for task in tasks {
+        task.abort();
+        let _ = task.await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for run in &runs {
+        assert!(
+            take_over(run).await,
+            "run {run} was still renewed after its driver stopped"
+        );
+    }
+}

@@ -414,8 +414,8 @@ impl Store for SqliteStore {
         }))
     }
 
-    // One statement, one commit: appends are on every step's critical path. The run's row
-    // follows from the `events_update_run` triggers.
+    // One write, one commit: appends are on every step's critical path. The run's row is
+    // brought up to date in the same write (`insert_events`).
     fn append<'a>(
         &'a self,
         tenant: &'a TenantId,
