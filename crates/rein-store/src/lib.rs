@@ -5,9 +5,8 @@
 //! conformance suite (`tests/conformance.rs`).
 //!
 //! The event log is the source of truth; the `runs` row is a projection of it, brought up to
-//! date in the transaction that appends the events, so listings never disagree with the log
-//! (SQLite: by the store, once per append, from `summary::Appended`; PostgreSQL: by a trigger,
-//! once per event). Every query takes the caller's tenant: a run of another tenant is
+//! date by the write that appends the events (`summary::Appended`, once per append, on both
+//! engines), so listings never disagree with the log. Every query takes the caller's tenant: a run of another tenant is
 //! simply not found.
 //!
 //! This crate depends on the core for event and run types; it must never depend on providers,

@@ -4,6 +4,7 @@
 //! (`FOR UPDATE SKIP LOCKED`), appends race on the `(run_id, seq)` key, and budget counters
 //! serialise on per-scope advisory locks.
 
+use crate::summary::Appended;
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
     RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry, agent_from_row,
@@ -107,51 +108,19 @@ fn cost_sql(group: CostGroup, all_tenants: bool) -> &'static str {
     }
 }
 
-/// Inserts `event` if it extends `tenant`'s run by exactly one (see [`Store::append`]). Two
-/// writers at one position both pass the check; the primary key refuses the second.
-async fn insert_event<'e>(
-    executor: impl sqlx::Executor<'e, Database = Postgres>,
-    tenant: &TenantId,
-    event: &SealedEvent,
-) -> Result<(), StoreError> {
-    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-    let inserted = sqlx::query(
-        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8
-         WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND tenant = $9 AND event_count = $2)",
-    )
-    .bind(event.run_id.as_str())
-    .bind(seq)
-    .bind(event.ts_ms)
-    .bind(&event.kind)
-    .bind(event.payload.as_deref())
-    .bind(&event.payload_sha256)
-    .bind(&event.prev_hash)
-    .bind(&event.hash)
-    .bind(tenant.as_str())
-    .execute(executor)
-    .await;
-    let conflict = || StoreError::Conflict {
-        run_id: event.run_id.clone(),
-        seq: event.seq,
-    };
-    match inserted {
-        Ok(done) if done.rows_affected() == 1 => Ok(()),
-        Ok(_) => Err(conflict()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(conflict()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Inserts consecutive events in one statement: all of them if the run is `tenant`'s and its log
-/// ends just before the first (checked in the statement's snapshot, before any row goes in),
-/// else none.
+/// Appends consecutive events in one statement: all of them if the run is `tenant`'s and its
+/// log ends just before the first, else none. The statement first brings the run's row up to
+/// date (`summary::Appended`; its position is the check, and its row lock makes a second
+/// writer at the same position find the position taken), then inserts the events only if it
+/// did.
 async fn insert_events<'e>(
     executor: impl sqlx::Executor<'e, Database = Postgres>,
     tenant: &TenantId,
-    first: &SealedEvent,
     events: &[SealedEvent],
 ) -> Result<(), StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(());
+    };
     let conflict = || StoreError::Conflict {
         run_id: first.run_id.clone(),
         seq: first.seq,
@@ -159,12 +128,56 @@ async fn insert_events<'e>(
     if !crate::consecutive(events) {
         return Err(conflict());
     }
-    let mut query = sqlx::QueryBuilder::<Postgres>::new(
-        "INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (",
-    );
+    let a = Appended::of(events)?;
+    let mut query =
+        sqlx::QueryBuilder::<Postgres>::new("WITH moved AS (UPDATE runs SET event_count = ");
+    query
+        .push_bind(a.event_count)
+        .push(", head_hash = ")
+        .push_bind(&a.head_hash)
+        .push(", updated_ms = ")
+        .push_bind(a.updated_ms)
+        .push(", iterations = iterations + ")
+        .push_bind(a.iterations)
+        .push(", tool_calls = tool_calls + ")
+        .push_bind(a.tool_calls)
+        .push(", input_tokens = input_tokens + ")
+        .push_bind(a.input_tokens)
+        .push(", cached_input_tokens = cached_input_tokens + ")
+        .push_bind(a.cached_input_tokens)
+        .push(", output_tokens = output_tokens + ")
+        .push_bind(a.output_tokens)
+        .push(", cost_micros = cost_micros + ")
+        .push_bind(a.cost_micros);
+    // The status columns only when the batch changes them: an update of an indexed column
+    // rewrites the row's index entries.
+    if let Some((status, expires)) = &a.status {
+        query
+            .push(", status = ")
+            .push_bind(status)
+            .push(", approval_expires_ms = ")
+            .push_bind(*expires);
+    }
+    if let Some(finished) = &a.finished {
+        query
+            .push(", termination_reason = ")
+            .push_bind(finished.reason.as_deref())
+            .push(", detail = ")
+            .push_bind(finished.detail.as_deref())
+            .push(", output = ")
+            .push_bind(finished.output.as_deref());
+    }
+    query
+        .push(" WHERE id = ")
+        .push_bind(first.run_id.as_str())
+        .push(" AND tenant = ")
+        .push_bind(tenant.as_str())
+        .push(" AND event_count = ")
+        .push_bind(crate::to_i64(first.seq))
+        .push(" RETURNING 1) INSERT INTO events (run_id, seq, ts_ms, kind, payload, payload_sha256, prev_hash, hash) SELECT * FROM (");
     query.push_values(events, |mut row, event| {
         row.push_bind(event.run_id.as_str())
-            .push_bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
+            .push_bind(crate::to_i64(event.seq))
             .push_bind(event.ts_ms)
             .push_bind(&event.kind)
             .push_bind(event.payload.as_deref())
@@ -172,14 +185,7 @@ async fn insert_events<'e>(
             .push_bind(&event.prev_hash)
             .push_bind(&event.hash);
     });
-    query
-        .push(") AS v WHERE EXISTS (SELECT 1 FROM runs WHERE id = ")
-        .push_bind(first.run_id.as_str())
-        .push(" AND tenant = ")
-        .push_bind(tenant.as_str())
-        .push(" AND event_count = ")
-        .push_bind(i64::try_from(first.seq).unwrap_or(i64::MAX))
-        .push(")");
+    query.push(") AS v WHERE EXISTS (SELECT 1 FROM moved)");
     match query.build().execute(executor).await {
         Ok(done) if done.rows_affected() == events.len() as u64 => Ok(()),
         Ok(_) => Err(conflict()),
@@ -233,20 +239,7 @@ async fn write_in(
     if let Some((run, lease)) = new_run {
         insert_run(tx, run, lease).await?;
     }
-    insert_all(tx, tenant, events).await
-}
-
-/// Appends consecutive events of one run within `tx` (one statement).
-async fn insert_all(
-    tx: &mut Transaction<'_, Postgres>,
-    tenant: &TenantId,
-    events: &[SealedEvent],
-) -> Result<(), StoreError> {
-    match events {
-        [one] => insert_event(&mut **tx, tenant, one).await,
-        [head, ..] => insert_events(&mut **tx, tenant, head, events).await,
-        [] => Ok(()),
-    }
+    insert_events(&mut **tx, tenant, events).await
 }
 
 /// Which runs a worker may claim at `$3`: queued, running under an expired lease, or awaiting
@@ -333,7 +326,11 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         event: &'a SealedEvent,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(insert_event(&self.pool, tenant, event))
+        Box::pin(insert_events(
+            &self.pool,
+            tenant,
+            std::slice::from_ref(event),
+        ))
     }
 
     fn append_all<'a>(
@@ -341,13 +338,7 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         events: &'a [SealedEvent],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            match events {
-                [] => Ok(()),
-                [one] => insert_event(&self.pool, tenant, one).await,
-                [first, ..] => insert_events(&self.pool, tenant, first, events).await,
-            }
-        })
+        Box::pin(insert_events(&self.pool, tenant, events))
     }
 
     // The oldest claimable row no other worker has locked; the outer condition is checked again
