@@ -126,6 +126,20 @@ fn finished(output: serde_json::Value) -> EventKind {
     }
 }
 
+/// A refund held for approval until 5,000 ms.
+fn approval_requested(step: u32, call_id: &str) -> EventKind {
+    EventKind::ApprovalRequested {
+        step,
+        call_id: call_id.into(),
+        tool: "refund".into(),
+        arguments: serde_json::json!({"amount": 900}),
+        reason: "confirm".into(),
+        expires_at_ms: 5_000,
+        on_timeout: rein_core::spec::OnTimeout::Deny,
+        answer: None,
+    }
+}
+
 /// A run's log as the engine writes it: sealed one after another.
 struct Log {
     run: RunInfo,
@@ -315,20 +329,7 @@ async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store
     log.create(store, Some(lease("w1", 100))).await;
     let t1 = TenantId::new("t1");
     let r1 = RunId::new("r1");
-    log.append(
-        store,
-        EventKind::ApprovalRequested {
-            step: 1,
-            call_id: "c1".into(),
-            tool: "refund".into(),
-            arguments: serde_json::json!({"amount": 900}),
-            reason: "confirm".into(),
-            expires_at_ms: 5_000,
-            on_timeout: rein_core::spec::OnTimeout::Deny,
-            answer: None,
-        },
-    )
-    .await;
+    log.append(store, approval_requested(1, "c1")).await;
     store.release(&r1, "w1").await.unwrap();
     let run = store.run(&t1, &r1).await.unwrap();
     assert_eq!(run.progress.status, RunStatus::AwaitingApproval);
@@ -954,16 +955,7 @@ async fn project_in_batches(
             latency_ms: 3,
             attempts: 1,
         },
-        EventKind::ApprovalRequested {
-            step: 3,
-            call_id: "c2".into(),
-            tool: "refund".into(),
-            arguments: serde_json::json!({"amount": 900}),
-            reason: "confirm".into(),
-            expires_at_ms: 5_000,
-            on_timeout: rein_core::spec::OnTimeout::Deny,
-            answer: None,
-        },
+        approval_requested(3, "c2"),
         EventKind::ApprovalDecided {
             step: 3,
             call_id: "c2".into(),
