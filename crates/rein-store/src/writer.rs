@@ -449,6 +449,19 @@ mod tests {
         assert_eq!(keys, vec![1, 2], "the failed inline write was not undone");
     }
 
+    /// SQLite, compiled from source, syncs with `fdatasync` as its own Linux builds do, not
+    /// `fsync` (which also commits the file system's journal for each write's new timestamp):
+    /// the flag is set for every build of the workspace in `.cargo/config.toml`, and reaches
+    /// libsqlite3-sys's build script the same way it reaches this crate.
+    #[test]
+    fn sqlite_is_built_to_sync_with_fdatasync() {
+        let flags = option_env!("LIBSQLITE3_FLAGS").unwrap_or("");
+        assert!(
+            flags.split_whitespace().any(|f| f == "-DHAVE_FDATASYNC=1"),
+            "LIBSQLITE3_FLAGS is {flags:?}: build from the workspace, whose .cargo/config.toml sets it"
+        );
+    }
+
     /// Statement and savepoint journals stay in memory (`temp_store=MEMORY`): under load a
     /// batch's savepoints journalled past 64 KiB, and SQLite moved the journal to a temporary
     /// file created, written and removed within the commit (about 90 files and half the
