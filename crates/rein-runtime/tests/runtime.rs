@@ -402,25 +402,14 @@ async fn crash_during_tool_call(h: &Harness, service: &ToolService, src: &str) -
     let task = tokio::spawn(async move { runtime.run(request, model.as_ref()).await });
     let started = Instant::now();
     loop {
-        let runs = h
-            .runtime
-            .store()
-            .list_runs(&tenant, &Default::default(), 1)
-            .await
-            .unwrap();
-        if let Some(run) = runs.first() {
-            let events = h
-                .runtime
-                .store()
-                .events(&tenant, &run.info.id)
-                .await
-                .unwrap();
+        if let Some(run) = run_ids(h, &tenant, 1).await.pop() {
+            let events = h.runtime.store().events(&tenant, &run).await.unwrap();
             if events.last().is_some_and(|e| e.kind == "tool_requested")
                 && service.hits("slow") + service.hits("apply") == 1
             {
                 task.abort();
                 let _ = task.await;
-                return run.info.id.clone();
+                return run;
             }
         }
         assert!(
@@ -2002,13 +1991,20 @@ async fn crash_during_model_call(h: &Harness, request: RunRequest) -> rein_core:
     }
     task.abort();
     let _ = task.await;
-    let runs = h
-        .runtime
+    let mut newest = run_ids(h, &tenant, 1).await;
+    newest.pop().expect("the run was recorded")
+}
+
+/// The ids of `tenant`'s newest runs, at most `limit`, newest first.
+async fn run_ids(h: &Harness, tenant: &TenantId, limit: u32) -> Vec<rein_core::RunId> {
+    h.runtime
         .store()
-        .list_runs(&tenant, &Default::default(), 1)
+        .list_runs(tenant, &Default::default(), limit)
         .await
-        .unwrap();
-    runs[0].info.id.clone()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.info.id)
+        .collect()
 }
 
 /// A gateway call whose process stopped while the model was answering is ended when the run
@@ -2100,16 +2096,9 @@ async fn runs_driven_past_their_lease_keep_it_until_their_drivers_stop() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let store = h.runtime.store();
-    let tenant = TenantId::new("acme");
-    let runs: Vec<_> = store
-        .list_runs(&tenant, &Default::default(), 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.info.id)
-        .collect();
+    let runs = run_ids(&h, &TenantId::new("acme"), 10).await;
     assert_eq!(runs.len(), 2);
+    let store = h.runtime.store();
     let take_over = |run| async move {
         let lease = rein_store::Lease {
             owner: "another-process",

@@ -6,8 +6,8 @@
 //!
 //! The event log is the source of truth; the `runs` row is a projection of it, brought up to
 //! date by the write that appends the events (`summary::Appended`, once per append, on both
-//! engines), so listings never disagree with the log. Every query takes the caller's tenant: a run of another tenant is
-//! simply not found.
+//! engines), so listings never disagree with the log. Every query takes the caller's tenant: a
+//! run of another tenant is simply not found.
 //!
 //! This crate depends on the core for event and run types; it must never depend on providers,
 //! tools or the driver.
