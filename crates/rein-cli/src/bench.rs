@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, watch};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Steps (model calls plus tool calls) in the long run.
+    /// Steps (model calls plus tool calls) in the long run, before the model's final answer.
     #[arg(long, default_value_t = 2000)]
     steps: u32,
     /// Runs held in flight at once for the memory measurement.

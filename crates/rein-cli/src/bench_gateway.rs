@@ -25,6 +25,9 @@ struct Phase {
     latencies_us: Vec<u64>,
     wall: Duration,
     failures: usize,
+    /// CPU time the hypervisor gave to other guests while this machine's vCPUs wanted to run,
+    /// during the phase, summed over CPUs (Linux's steal time; `None` where it cannot be read).
+    steal: Option<Duration>,
 }
 
 impl Phase {
@@ -45,6 +48,7 @@ impl Phase {
             "p90_us": self.p(90.0),
             "p99_us": self.p(99.0),
             "max_us": self.latencies_us.last().copied().unwrap_or(0),
+            "cpu_steal_ms": self.steal.map(|d| d.as_millis()),
         })
     }
 }
@@ -62,6 +66,7 @@ async fn phase(
     let clients = clients.max(1);
     let interval = Duration::from_secs_f64(clients as f64 / f64::from(rate.max(1)));
     let started = Instant::now();
+    let stolen_before = steal_time();
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let n = total / clients + usize::from(c < total % clients);
@@ -111,7 +116,27 @@ async fn phase(
         latencies_us,
         wall: started.elapsed(),
         failures,
+        steal: stolen_before
+            .zip(steal_time())
+            .map(|(before, after)| after.saturating_sub(before)),
     })
+}
+
+/// The machine's steal time so far (`/proc/stat`), or `None` off Linux.
+fn steal_time() -> Option<Duration> {
+    steal_in_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// Clock ticks per second of `/proc/stat`'s counters: the kernel's `USER_HZ`, 100 on every
+/// architecture Linux supports today.
+const USER_HZ: u64 = 100;
+
+/// The steal time in `/proc/stat`'s text: the eighth counter of its `cpu` line (all CPUs), in
+/// `USER_HZ` ticks.
+fn steal_in_proc_stat(stat: &str) -> Option<Duration> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(Duration::from_millis(ticks.saturating_mul(1000 / USER_HZ)))
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
@@ -232,6 +257,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
                 p.p(90.0),
                 p.p(99.0)
             );
+            if let Some(steal) = p.steal.filter(|s| !s.is_zero()) {
+                say!(
+                    "           the hypervisor ran other guests for {} ms of this phase's CPU time (steal time): its tail may be the machine's, not Rein's",
+                    steal.as_millis()
+                );
+            }
         }
         say!(
             "  added by the gateway: p50 {} us, p99 {} us ({} calls recorded as runs, each with its budget reservation)",
@@ -250,4 +281,29 @@ fn http_client_pool(clients: usize) -> anyhow::Result<reqwest::Client> {
         .timeout(Duration::from_secs(30))
         .build()
         .context("cannot build the benchmark's HTTP client")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_time_is_the_eighth_counter_of_the_cpu_line() {
+        let stat = "cpu  370169 33 50920 217488 2165 0 2208 11709 0 0\n\
+                    cpu0 185000 10 25000 108000 1000 0 1100 5900 0 0\n\
+                    intr 1 2 3\n";
+        assert_eq!(
+            steal_in_proc_stat(stat),
+            Some(Duration::from_millis(117_090))
+        );
+    }
+
+    #[test]
+    fn a_stat_without_steal_time_gives_none() {
+        // Kernels before 2.6.11 print seven counters; a per-CPU line alone is not the total.
+        assert_eq!(steal_in_proc_stat("cpu  1 2 3 4 5 6 7\n"), None);
+        assert_eq!(steal_in_proc_stat("cpu0 1 2 3 4 5 6 7 8 9 10\n"), None);
+        assert_eq!(steal_in_proc_stat("cpu  1 2 3 4 5 6 7 x 9 10\n"), None);
+        assert_eq!(steal_in_proc_stat(""), None);
+    }
 }

@@ -1024,3 +1024,59 @@ fn rein_approve_decides_a_held_call_and_the_run_goes_on() {
             .contains("refunds are paused")
     );
 }
+
+/// README's engine benchmark runs end to end (kept small here; figures are not checked, only
+/// that every step and every run it counts happened).
+#[test]
+fn the_engine_benchmark_runs_and_reports_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = rein(
+        dir.path(),
+        &["bench", "--steps", "20", "--runs", "50", "--json"],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    // Ten turns of a model call and a tool call, then the model's final answer.
+    assert_eq!(report["steps"], 21);
+    assert_eq!(report["runs_in_flight"], 50);
+    assert_eq!(report["runs_completed"], 50);
+    assert!(report["overhead_per_step_us"]["p50"].as_f64().unwrap() > 0.0);
+}
+
+/// README's gateway benchmark runs end to end: both phases answer every request, every
+/// gateway call (the warm-up's 100 included) is recorded as a run, and the report carries the
+/// machine's steal time beside the percentiles.
+#[test]
+fn the_gateway_benchmark_records_every_call_it_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = rein(
+        dir.path(),
+        &[
+            "bench",
+            "--gateway",
+            "--requests",
+            "200",
+            "--clients",
+            "4",
+            "--rate",
+            "400",
+            "--json",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    for phase in ["direct", "gateway"] {
+        assert_eq!(report[phase]["requests"], 200, "{report}");
+        assert_eq!(report[phase]["failures"], 0, "{report}");
+        assert!(
+            report[phase]["p99_us"].as_u64().unwrap() >= report[phase]["p50_us"].as_u64().unwrap()
+        );
+        if cfg!(target_os = "linux") {
+            assert!(report[phase]["cpu_steal_ms"].is_u64(), "{report}");
+        }
+    }
+    assert_eq!(report["gateway_calls_recorded"], 300, "{report}");
+    assert!(report["added_p50_us"].is_u64(), "{report}");
+}
