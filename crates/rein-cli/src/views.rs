@@ -295,6 +295,10 @@ pub struct AuditView {
     pub events: usize,
     /// Each problem: the run and the first event that does not verify.
     pub problems: Vec<String>,
+    /// More runs remain: pass this as `after` for the next page. Absent once the last of the
+    /// tenant's runs has been checked (and for a single run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// A tenant of `rein serve`.

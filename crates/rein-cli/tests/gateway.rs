@@ -284,6 +284,42 @@ async fn openai_clients_call_through_the_governed_gateway() {
     let audit: Value = common::get_json(&http, &url("/v1/audit/verify"), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
     assert_eq!(audit["runs"], 3);
+    assert!(audit.get("next").is_none(), "{audit}");
+    // A page at a time: two runs, then the last one, whose page names no next.
+    let first: Value = common::get_json(&http, &url("/v1/audit/verify?limit=2"), &key_a).await;
+    assert_eq!(
+        (&first["ok"], &first["runs"]),
+        (&json!(true), &json!(2)),
+        "{first}"
+    );
+    let next = first["next"].as_str().unwrap();
+    let after = url(&format!("/v1/audit/verify?limit=2&after={next}"));
+    let rest: Value = common::get_json(&http, &after, &key_a).await;
+    assert_eq!(
+        (&rest["ok"], &rest["runs"]),
+        (&json!(true), &json!(1)),
+        "{rest}"
+    );
+    assert!(rest.get("next").is_none(), "{rest}");
+    assert_eq!(
+        first["events"].as_u64().unwrap() + rest["events"].as_u64().unwrap(),
+        audit["events"].as_u64().unwrap()
+    );
+    // Another tenant's run as the cursor is 404, as any of its run ids is; `run` and `after`
+    // together are 400.
+    let b_run = runs_b[0]["run_id"].as_str().unwrap();
+    for (query, status) in [
+        (format!("after={b_run}"), 404),
+        (format!("run={next}&after={next}"), 400),
+    ] {
+        let answer = http
+            .get(url(&format!("/v1/audit/verify?{query}")))
+            .bearer_auth(&key_a)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status, "{query}");
+    }
     let costs: Value = common::get_json(&http, &url("/v1/costs?by=agent"), &key_a).await;
     assert_eq!(costs["rows"][0]["key"], "gateway", "{costs}");
     assert_eq!(costs["rows"][0]["calls"], 2);

@@ -377,9 +377,15 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
     /// operator's metrics; no tenant sees another's).
     fn open_run_counts(&self) -> BoxFuture<'_, Result<Vec<RunCount>, StoreError>>;
 
-    /// The ids of every run of `tenant`, oldest first (for audits).
-    fn run_ids<'a>(&'a self, tenant: &'a TenantId)
-    -> BoxFuture<'a, Result<Vec<RunId>, StoreError>>;
+    /// The ids of `tenant`'s runs, oldest first, a page at a time (for audits): at most
+    /// `limit` of them, starting after the run `after`. A run `after` that is not one of
+    /// `tenant`'s gives an empty page.
+    fn run_ids<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        after: Option<&'a RunId>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<RunId>, StoreError>>;
 
     /// Every tenant that owns at least one run (operator audits only: this is the one query
     /// that is not scoped to a tenant).

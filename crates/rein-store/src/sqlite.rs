@@ -599,12 +599,28 @@ impl Store for SqliteStore {
     fn run_ids<'a>(
         &'a self,
         tenant: &'a TenantId,
+        after: Option<&'a RunId>,
+        limit: u32,
     ) -> BoxFuture<'a, Result<Vec<RunId>, StoreError>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT id FROM runs WHERE tenant = ? ORDER BY created_ms, id")
+            // The page starts after the cursor's (created_ms, id), the order it is read in;
+            // a cursor that is not this tenant's run compares with NULL and matches nothing.
+            let query = match after {
+                None => sqlx::query(
+                    "SELECT id FROM runs WHERE tenant = ?1 ORDER BY created_ms, id LIMIT ?2",
+                )
                 .bind(tenant.as_str())
-                .fetch_all(&self.reader)
-                .await?;
+                .bind(i64::from(limit)),
+                Some(after) => sqlx::query(
+                    "SELECT id FROM runs WHERE tenant = ?1 AND (created_ms, id) > \
+                     (SELECT created_ms, id FROM runs WHERE tenant = ?1 AND id = ?3) \
+                     ORDER BY created_ms, id LIMIT ?2",
+                )
+                .bind(tenant.as_str())
+                .bind(i64::from(limit))
+                .bind(after.as_str()),
+            };
+            let rows = query.fetch_all(&self.reader).await?;
             rows.iter().map(|r| Ok(RunId::new(r.text("id")?))).collect()
         })
     }

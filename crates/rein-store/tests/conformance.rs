@@ -454,8 +454,19 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
             .unwrap()
             .is_none()
     );
-    let run_ids: Vec<_> = store.run_ids(&t1).await.unwrap();
-    assert_eq!(run_ids, ["a", "b", "c"].map(RunId::new));
+    let ids = |after: Option<&str>, limit| {
+        let after = after.map(RunId::new);
+        let t1 = t1.clone();
+        async move { store.run_ids(&t1, after.as_ref(), limit).await.unwrap() }
+    };
+    assert_eq!(ids(None, 10).await, ["a", "b", "c"].map(RunId::new));
+    // A page at a time, oldest first, each starting after the last one's end.
+    assert_eq!(ids(None, 2).await, ["a", "b"].map(RunId::new));
+    assert_eq!(ids(Some("b"), 2).await, [RunId::new("c")]);
+    assert!(ids(Some("c"), 2).await.is_empty());
+    // A cursor that is no run of this tenant's (unknown, or another tenant's) starts nothing.
+    assert!(ids(Some("nope"), 2).await.is_empty());
+    assert!(ids(Some("d"), 2).await.is_empty());
     assert_eq!(
         store.tenants().await.unwrap(),
         [TenantId::new("t1"), TenantId::new("t2")]
@@ -488,7 +499,14 @@ async fn another_tenants_runs_are_invisible(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
-    assert!(store.run_ids(&other).await.unwrap().is_empty());
+    assert!(store.run_ids(&other, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .run_ids(&other, Some(&RunId::new("r1")), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         store
             .latest_in_session(&other, &SessionId::new("s"))
