@@ -68,8 +68,8 @@ struct App {
     admin_key_sha256: Option<String>,
     /// The gateway's exact-match response cache.
     gateway_cache: cache::ResponseCache,
-    /// Tenants by API-key hash, as recently read from the store (see [`KEY_CACHE_TTL`]).
-    keys: moka::sync::Cache<String, TenantId>,
+    /// Tenants by API-key hash, as recently read from the store.
+    keys: KeyCache,
     /// The Prometheus registry runs are measured into; `None` when `[telemetry] metrics` is
     /// off.
     metrics: Option<metrics::Metrics>,
@@ -81,6 +81,53 @@ struct App {
 /// another process still works here for up to this long (one revoked through this process's
 /// admin API stops at once).
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Tenants by API-key hash, as recently read from the store (for [`KEY_CACHE_TTL`]).
+/// Requests that present the same key while it is not remembered share one store lookup: after
+/// an expiry or a restart, a burst of requests with one key reads the store once, not once per
+/// request. An unknown key and a failed lookup are not remembered.
+pub(crate) struct KeyCache(moka::future::Cache<String, TenantId>);
+
+/// Why a key hash named no tenant.
+#[derive(Debug)]
+enum KeyMiss {
+    Unknown,
+    Store(StoreError),
+}
+
+impl KeyCache {
+    fn new() -> Self {
+        KeyCache(
+            moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
+        )
+    }
+
+    /// The tenant of the key whose SHA-256 is `hash`: remembered, or found by `lookup` (shared
+    /// by every request waiting for the same hash meanwhile).
+    async fn tenant(
+        &self,
+        hash: String,
+        lookup: impl Future<Output = Result<Option<TenantId>, StoreError>>,
+    ) -> Result<TenantId, Arc<KeyMiss>> {
+        self.0
+            .try_get_with(hash, async move {
+                match lookup.await {
+                    Ok(Some(tenant)) => Ok(tenant),
+                    Ok(None) => Err(KeyMiss::Unknown),
+                    Err(e) => Err(KeyMiss::Store(e)),
+                }
+            })
+            .await
+    }
+
+    /// Forgets every key (a revocation names a key by id, and keys are remembered by hash).
+    pub(crate) fn forget_all(&self) {
+        self.0.invalidate_all();
+    }
+}
 
 impl App {
     fn new(
@@ -106,10 +153,7 @@ impl App {
             ui: ui::Templates::new()?,
             admin_key_sha256,
             gateway_cache: cache::ResponseCache::new(config.gateway.cache),
-            keys: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(KEY_CACHE_TTL)
-                .build(),
+            keys: KeyCache::new(),
             store,
             runtime,
             config,
@@ -203,15 +247,18 @@ impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(id) => Problem::not_found(format!("run {id}")),
-            other => {
-                tracing::error!(error = %other, "store error");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the store is unavailable; retry later",
-                )
-            }
+            other => store_unavailable(&other),
         }
     }
+}
+
+/// 503 for a store that failed (the cause goes to the log, not to the caller).
+fn store_unavailable(e: &StoreError) -> Problem {
+    tracing::error!(error = %e, "store error");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the store is unavailable; retry later",
+    )
 }
 
 impl From<rein_runtime::RuntimeError> for Problem {
@@ -259,16 +306,14 @@ impl Caller {
 /// The tenant whose API key `key` is (remembered for [`KEY_CACHE_TTL`]); 401 for any other.
 async fn tenant_of_key(app: &App, key: &str) -> Result<TenantId, Problem> {
     let hash = sha256_hex(key.as_bytes());
-    if let Some(tenant) = app.keys.get(&hash) {
-        return Ok(tenant);
-    }
-    match app.store.tenant_by_key(&hash).await? {
-        Some(tenant) => {
-            app.keys.insert(hash, tenant.clone());
-            Ok(tenant)
-        }
-        None => Err(Problem::new(StatusCode::UNAUTHORIZED, "unknown API key")),
-    }
+    let lookup = app.store.tenant_by_key(&hash);
+    app.keys
+        .tenant(hash.clone(), lookup)
+        .await
+        .map_err(|miss| match &*miss {
+            KeyMiss::Unknown => Problem::new(StatusCode::UNAUTHORIZED, "unknown API key"),
+            KeyMiss::Store(e) => store_unavailable(e),
+        })
 }
 
 /// The key in `Authorization: Bearer <key>`.
@@ -1184,6 +1229,52 @@ async fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst of requests with one key the cache does not hold reads the store once; a
+    /// remembered key reads it not at all; an unknown key and a failed lookup are never
+    /// remembered, so the next request asks again.
+    #[tokio::test]
+    async fn requests_with_one_unremembered_key_share_one_lookup() {
+        let keys = KeyCache::new();
+        let lookups = std::sync::atomic::AtomicUsize::new(0);
+        let lookup = |answer: Result<Option<TenantId>, StoreError>| {
+            let lookups = &lookups;
+            async move {
+                lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                answer
+            }
+        };
+        let count = || lookups.load(std::sync::atomic::Ordering::SeqCst);
+        let acme = || Ok(Some(TenantId::new("acme")));
+        let burst = (0..50).map(|_| keys.tenant("a".into(), lookup(acme())));
+        for answer in futures_util::future::join_all(burst).await {
+            assert_eq!(answer.unwrap(), TenantId::new("acme"));
+        }
+        assert_eq!(count(), 1, "one lookup for the whole burst");
+        assert_eq!(
+            keys.tenant("a".into(), lookup(acme())).await.unwrap(),
+            TenantId::new("acme")
+        );
+        assert_eq!(count(), 1, "remembered");
+        for _ in 0..2 {
+            let unknown = keys.tenant("b".into(), lookup(Ok(None))).await;
+            assert!(matches!(*unknown.unwrap_err(), KeyMiss::Unknown));
+        }
+        assert_eq!(count(), 3, "an unknown key is looked up every time");
+        let failed = keys
+            .tenant("c".into(), lookup(Err(StoreError::Writer("down".into()))))
+            .await;
+        assert!(matches!(*failed.unwrap_err(), KeyMiss::Store(_)));
+        assert_eq!(
+            keys.tenant("c".into(), lookup(acme())).await.unwrap(),
+            TenantId::new("acme")
+        );
+        assert_eq!(count(), 5, "a failed lookup is not remembered");
+        keys.forget_all();
+        keys.tenant("a".into(), lookup(acme())).await.unwrap();
+        assert_eq!(count(), 6, "forgotten keys are looked up again");
+    }
 
     #[test]
     fn nesting_counts_brackets_outside_strings() {

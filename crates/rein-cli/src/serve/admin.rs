@@ -351,7 +351,7 @@ pub(super) async fn revoke(
         .await?
     {
         // Remembered keys are by hash, and a revocation names a key by id: forget them all.
-        app.keys.invalidate_all();
+        app.keys.forget_all();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found(format!(
