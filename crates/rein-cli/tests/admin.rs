@@ -17,7 +17,7 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
     let server = common::serve(
         dir.path(),
         &["--db", "rein.db"],
-        &[("REIN_ADMIN_KEY", ADMIN_KEY)],
+        &[("REIN_ADMIN_KEY", ADMIN_KEY), ("REIN_LOG_FORMAT", "json")],
     );
     let base = &server.base;
     let http = reqwest::Client::new();
@@ -147,6 +147,49 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
         .await
         .unwrap();
     assert_eq!(twice.status(), 404);
+
+    // The log says who may now call Rein and who tried the admin API with a wrong key: one line
+    // per change, under its own target, by key id, never with a key.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let admin_lines = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        let lines: Vec<Value> = logs
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["target"] == "rein::admin")
+            .collect();
+        if lines.len() >= 5 || std::time::Instant::now() > deadline {
+            for line in &logs {
+                assert!(!line.contains(&key) && !line.contains(ADMIN_KEY), "{line}");
+            }
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let said: Vec<(&str, &str, &str, &str)> = admin_lines
+        .iter()
+        .map(|l| {
+            let field = |name: &str| l[name].as_str().unwrap_or("");
+            (
+                field("level"),
+                field("message"),
+                field("tenant"),
+                field("key_id"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("WARN", "admin request refused: not the admin key", "", ""),
+            ("INFO", "tenant created", "acme", ""),
+            ("INFO", "key created", "acme", id.as_str()),
+            ("WARN", "admin request refused: not the admin key", "", ""),
+            ("INFO", "key revoked", "acme", id.as_str()),
+        ],
+        "{admin_lines:#?}"
+    );
+    assert_eq!(admin_lines[0]["path"], "/v1/admin/tenants");
     drop(server);
 
     // The CLI sees what the API did, and does the same.

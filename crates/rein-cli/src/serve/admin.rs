@@ -179,6 +179,13 @@ pub async fn revoke_key(tenant: &str, id: &str, store: &StoreArgs) -> anyhow::Re
     Ok(exit::OK)
 }
 
+/// Logs an admin API action that changed who may call Rein (target `rein::admin`, so a log
+/// pipeline can keep these lines apart): the tenant and the key's id, never the key. (The
+/// `rein tenants` and `rein keys` commands say what they did on their own standard error.)
+fn admin_done(action: &str, tenant: &str, key_id: Option<&str>) {
+    tracing::info!(target: "rein::admin", tenant, key_id, "{action}");
+}
+
 async fn tenant_exists(store: &dyn Store, tenant: &TenantId) -> Result<bool, StoreError> {
     Ok(store
         .registered_tenants()
@@ -226,6 +233,11 @@ impl FromRequestParts<Arc<App>> for Admin {
         if sha256_hex(bearer(parts)?.as_bytes()) == expected {
             Ok(Admin)
         } else {
+            tracing::warn!(
+                target: "rein::admin",
+                path = parts.uri.path(),
+                "admin request refused: not the admin key"
+            );
             Err(Problem::new(StatusCode::UNAUTHORIZED, "not the admin key"))
         }
     }
@@ -286,6 +298,7 @@ pub(super) async fn new_tenant(
         .create_tenant(&TenantId::new(&name), now_ms())
         .await?;
     let status = if created {
+        admin_done("tenant created", &name, None);
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -313,6 +326,7 @@ pub(super) async fn new_key(
             )
         })?;
     let (key, id) = added.ok_or_else(|| Problem::not_found(format!("tenant {tenant:?}")))?;
+    admin_done("key created", &tenant, Some(&id));
     Ok((StatusCode::CREATED, axum::Json(NewKey { tenant, id, key })))
 }
 
@@ -352,6 +366,7 @@ pub(super) async fn revoke(
     {
         // Remembered keys are by hash, and a revocation names a key by id: forget them all.
         app.keys.forget_all();
+        admin_done("key revoked", &tenant, Some(&id));
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found(format!(
