@@ -438,3 +438,81 @@ async fn identical_calls_of_one_tenant_are_answered_from_the_cache() {
         common::get_json(&http, &format!("{}/v1/audit/verify", server.base), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
 }
+
+/// `rein audit verify` checks a tenant's runs a page (1,000) at a time: it counts every run of
+/// a tenant with more than a page, and finds one altered byte in the last run, on the second
+/// page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_checks_every_page_of_runs() {
+    const CALLS: usize = 1001;
+    let fake = FakeOpenAi::start_unrecorded(|_, _| FakeResponse::text("ok", 4, 1))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db"],
+        &[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-operator-test"),
+        ],
+    );
+    let url = format!("{}/v1/chat/completions", server.base);
+    let http = reqwest::Client::new();
+    // Eight callers at once; call n says "call n", so the last run's log is found by its text.
+    let callers = (0..8).map(|first| {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        tokio::spawn(async move {
+            for n in (first..CALLS).step_by(8) {
+                let body = json!({
+                    "model": "openai/gpt-4o-mini",
+                    "messages": [{"role": "user", "content": format!("call {n:04} of the audit test")}],
+                });
+                let answer = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+            }
+        })
+    });
+    for caller in futures_util::future::join_all(callers).await {
+        caller.unwrap();
+    }
+    assert!(server.terminate().success());
+
+    let out = common::rein(
+        dir.path(),
+        &["audit", "verify", "--tenant", "acme", "--db", "rein.db"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("ok: {CALLS} runs,")),
+        "{stdout}"
+    );
+
+    let db = dir.path().join("rein.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let needle = format!("call {:04} of the audit test", CALLS - 1);
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("the last call's conversation in the file");
+    bytes[at] = b'C';
+    std::fs::write(&db, &bytes).unwrap();
+    let out = common::rein(
+        dir.path(),
+        &["audit", "verify", "--tenant", "acme", "--db", "rein.db"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(6), "{stdout}");
+    assert!(
+        stdout.contains(&format!("1 problem(s) in {CALLS} runs")),
+        "{stdout}"
+    );
+}
