@@ -78,6 +78,29 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    // Behind a proxy that ended HTTPS, the cookie is never to travel over plain HTTP.
+    for (proto, secure) in [("https", true), ("HTTPS, http", true), ("http", false)] {
+        let behind_tls = browser
+            .post(format!("{base}/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-proto", proto)
+            .body(format!("key={}", key))
+            .send()
+            .await
+            .unwrap();
+        let set = behind_tls.headers()["set-cookie"].to_str().unwrap();
+        assert_eq!(set.ends_with("; Secure"), secure, "{proto}: {set}");
+        let out = browser
+            .post(format!("{base}/ui/logout"))
+            .header("x-forwarded-proto", proto)
+            .send()
+            .await
+            .unwrap();
+        let cleared = out.headers()["set-cookie"].to_str().unwrap();
+        assert!(cleared.contains("Max-Age=0"), "{cleared}");
+        assert_eq!(cleared.ends_with("; Secure"), secure, "{proto}: {cleared}");
+    }
     let cookie = cookie.split(';').next().unwrap().to_string();
     let page = |path: String| {
         let (browser, cookie, base) = (browser.clone(), cookie.clone(), base.clone());

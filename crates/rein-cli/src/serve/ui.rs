@@ -9,7 +9,7 @@ use crate::render;
 use axum::Form;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use minijinja::{Environment, context};
 use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, TerminationReason, UserId};
@@ -358,11 +358,18 @@ pub(super) struct LoginForm {
 }
 
 /// `POST /ui/login`: checks the key, keeps it in the cookie and shows the runs.
-pub(super) async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Response {
+pub(super) async fn login(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let key = form.key.trim();
     match tenant_of_key(&app, key).await {
         Ok(_) => {
-            let cookie = format!("{COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict");
+            let cookie = format!(
+                "{COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict{}",
+                secure(&headers)
+            );
             let mut response = Redirect::to("/ui/runs").into_response();
             if let Ok(value) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
@@ -381,13 +388,29 @@ pub(super) async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginFor
 }
 
 /// `POST /ui/logout`: forgets the key.
-pub(super) async fn logout() -> Response {
+pub(super) async fn logout(headers: HeaderMap) -> Response {
     let mut response = Redirect::to("/ui/login").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("rein_key=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
+    let cookie = format!(
+        "{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure(&headers)
     );
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
     response
+}
+
+/// `; Secure` when the browser reached Rein over HTTPS through a proxy that says so
+/// (`X-Forwarded-Proto: https`), so the cookie holding the key is never sent over plain HTTP.
+/// Without it (plain HTTP, as on a laptop or an internal address) a Secure cookie would be
+/// dropped by the browser, and nobody could sign in.
+fn secure(headers: &HeaderMap) -> &'static str {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    if https { "; Secure" } else { "" }
 }
 
 #[derive(Deserialize, Serialize, Default)]
