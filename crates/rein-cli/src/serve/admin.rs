@@ -229,15 +229,15 @@ impl FromRequestParts<Arc<App>> for Admin {
                 ),
             ));
         };
+        let refused = |why: &str| {
+            tracing::warn!(target: "rein::admin", path = parts.uri.path(), "admin request refused: {why}");
+        };
+        let key = bearer(parts).inspect_err(|_| refused("no key"))?;
         // Comparing hashes, not keys, leaks nothing about the key through timing.
-        if sha256_hex(bearer(parts)?.as_bytes()) == expected {
+        if sha256_hex(key.as_bytes()) == expected {
             Ok(Admin)
         } else {
-            tracing::warn!(
-                target: "rein::admin",
-                path = parts.uri.path(),
-                "admin request refused: not the admin key"
-            );
+            refused("not the admin key");
             Err(Problem::new(StatusCode::UNAUTHORIZED, "not the admin key"))
         }
     }
