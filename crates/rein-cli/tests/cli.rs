@@ -756,12 +756,12 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("script.yaml"),
-        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 5}}]\n  - text: done\n",
+        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 600}}]\n  - text: done\n",
     )
     .unwrap();
     std::fs::write(
         dir.path().join("agent.yaml"),
-        "name: napper\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Nap.\ntools:\n  - {name: nap, source: {builtin: sleep}, contract: {side_effects: none}}\nlimits: {max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.1}\n",
+        "name: napper\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Nap.\ntools:\n  - {name: nap, source: {builtin: sleep}, contract: {side_effects: none, timeout: 600s}}\nlimits: {max_iterations: 3, max_total_tokens: 10000, max_cost_usd: 0.1, timeout: 600s}\n",
     )
     .unwrap();
     std::fs::write(
@@ -787,7 +787,8 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
         .unwrap();
     // Wait until the first run holds its slot (its run exists), then try a second while it
     // naps. (Generous bounds: with the whole suite running on two cores, starting a process and
-    // opening the store can take seconds.)
+    // opening the store can take seconds; the nap outlasts any of them, and ends when the
+    // first process is stopped below.)
     let started = std::time::Instant::now();
     loop {
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
@@ -814,7 +815,9 @@ fn a_run_refused_by_a_full_bulkhead_exits_with_the_limit_code_and_records_nothin
         "{}",
         text(&out).1
     );
-    assert!(first.wait().unwrap().success());
+    // The refused run was never recorded: only the first, still napping, is.
+    first.kill().unwrap();
+    first.wait().unwrap();
     let out = rein(dir.path(), &["runs", "list", "--json"]);
     assert_eq!(
         serde_json::from_str::<Value>(text(&out).0.trim())

@@ -284,14 +284,29 @@ pub fn run_killed_at(dir: &Path, kind: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained as it comes, so the child never blocks on a full pipe.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let pipe = child.stderr.take().unwrap();
+    let mut drained = Some({
+        let said = said.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Ok(mut said) = said.lock() {
+                    said.push_str(&line);
+                    said.push('\n');
+                }
+            }
+        })
+    });
     // A run that ends before it logs `kind` (it failed to start, say) is reported with its
     // error at once, not as a wait that timed out.
     let id = run_once_logged(dir, kind, &mut || {
         let status = child.try_wait().ok()??;
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        // The process has ended, so its pipe closes and the thread reads it to the end.
+        if let Some(thread) = drained.take() {
+            let _ = thread.join();
         }
+        let stderr = said.lock().map(|s| s.clone()).unwrap_or_default();
         Some(format!("`rein run` ended ({status}): {stderr}"))
     });
     let _ = child.kill();
