@@ -105,16 +105,19 @@ impl KeyCache {
         )
     }
 
-    /// The tenant of the key whose SHA-256 is `hash`: remembered, or found by `lookup` (shared
-    /// by every request waiting for the same hash meanwhile).
-    async fn tenant(
+    /// The tenant of the key whose SHA-256 is `hash`: remembered, or found by `lookup` (called
+    /// only on a miss, and shared by every request waiting for the same hash meanwhile).
+    async fn tenant<F>(
         &self,
         hash: String,
-        lookup: impl Future<Output = Result<Option<TenantId>, StoreError>>,
-    ) -> Result<TenantId, Arc<KeyMiss>> {
+        lookup: impl FnOnce() -> F,
+    ) -> Result<TenantId, Arc<KeyMiss>>
+    where
+        F: Future<Output = Result<Option<TenantId>, StoreError>>,
+    {
         self.0
             .try_get_with(hash, async move {
-                match lookup.await {
+                match lookup().await {
                     Ok(Some(tenant)) => Ok(tenant),
                     Ok(None) => Err(KeyMiss::Unknown),
                     Err(e) => Err(KeyMiss::Store(e)),
@@ -306,9 +309,8 @@ impl Caller {
 /// The tenant whose API key `key` is (remembered for [`KEY_CACHE_TTL`]); 401 for any other.
 async fn tenant_of_key(app: &App, key: &str) -> Result<TenantId, Problem> {
     let hash = sha256_hex(key.as_bytes());
-    let lookup = app.store.tenant_by_key(&hash);
     app.keys
-        .tenant(hash.clone(), lookup)
+        .tenant(hash.clone(), || app.store.tenant_by_key(&hash))
         .await
         .map_err(|miss| match &*miss {
             KeyMiss::Unknown => Problem::new(StatusCode::UNAUTHORIZED, "unknown API key"),
@@ -1247,32 +1249,34 @@ mod tests {
         };
         let count = || lookups.load(std::sync::atomic::Ordering::SeqCst);
         let acme = || Ok(Some(TenantId::new("acme")));
-        let burst = (0..50).map(|_| keys.tenant("a".into(), lookup(acme())));
+        let burst = (0..50).map(|_| keys.tenant("a".into(), || lookup(acme())));
         for answer in futures_util::future::join_all(burst).await {
             assert_eq!(answer.unwrap(), TenantId::new("acme"));
         }
         assert_eq!(count(), 1, "one lookup for the whole burst");
         assert_eq!(
-            keys.tenant("a".into(), lookup(acme())).await.unwrap(),
+            keys.tenant("a".into(), || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 1, "remembered");
         for _ in 0..2 {
-            let unknown = keys.tenant("b".into(), lookup(Ok(None))).await;
+            let unknown = keys.tenant("b".into(), || lookup(Ok(None))).await;
             assert!(matches!(*unknown.unwrap_err(), KeyMiss::Unknown));
         }
         assert_eq!(count(), 3, "an unknown key is looked up every time");
         let failed = keys
-            .tenant("c".into(), lookup(Err(StoreError::Writer("down".into()))))
+            .tenant("c".into(), || {
+                lookup(Err(StoreError::Writer("down".into())))
+            })
             .await;
         assert!(matches!(*failed.unwrap_err(), KeyMiss::Store(_)));
         assert_eq!(
-            keys.tenant("c".into(), lookup(acme())).await.unwrap(),
+            keys.tenant("c".into(), || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 5, "a failed lookup is not remembered");
         keys.forget_all();
-        keys.tenant("a".into(), lookup(acme())).await.unwrap();
+        keys.tenant("a".into(), || lookup(acme())).await.unwrap();
         assert_eq!(count(), 6, "forgotten keys are looked up again");
     }
 

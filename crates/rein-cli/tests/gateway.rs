@@ -493,12 +493,18 @@ async fn audit_verify_checks_every_page_of_runs() {
     call(CALLS - 1).await;
     assert!(server.terminate().success());
 
-    let out = common::rein(
-        dir.path(),
-        &["audit", "verify", "--tenant", "acme", "--db", "rein.db"],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let audit = || {
+        let out = common::rein(
+            dir.path(),
+            &["audit", "verify", "--tenant", "acme", "--db", "rein.db"],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout.starts_with(&format!("ok: {CALLS} runs,")),
         "{stdout}"
@@ -522,12 +528,8 @@ async fn audit_verify_checks_every_page_of_runs() {
         bytes[at] = b'C';
     }
     std::fs::write(&db, &bytes).unwrap();
-    let out = common::rein(
-        dir.path(),
-        &["audit", "verify", "--tenant", "acme", "--db", "rein.db"],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(out.status.code(), Some(6), "{stdout}");
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(6), "{stdout}");
     assert!(
         stdout.contains(&format!("1 problem(s) in {CALLS} runs")),
         "{stdout}"

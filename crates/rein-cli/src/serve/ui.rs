@@ -365,17 +365,11 @@ pub(super) async fn login(
 ) -> Response {
     let key = form.key.trim();
     match tenant_of_key(&app, key).await {
-        Ok(_) => {
-            let cookie = format!(
-                "{COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict{}",
-                secure(&headers)
-            );
-            let mut response = Redirect::to("/ui/runs").into_response();
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                response.headers_mut().insert(header::SET_COOKIE, value);
-            }
-            response
-        }
+        Ok(_) => with_key_cookie(
+            Redirect::to("/ui/runs").into_response(),
+            &headers,
+            Some(key),
+        ),
         Err(_) => {
             let mut page = app.ui.page(
                 "login.html",
@@ -389,10 +383,19 @@ pub(super) async fn login(
 
 /// `POST /ui/logout`: forgets the key.
 pub(super) async fn logout(headers: HeaderMap) -> Response {
-    let mut response = Redirect::to("/ui/login").into_response();
+    with_key_cookie(Redirect::to("/ui/login").into_response(), &headers, None)
+}
+
+/// `response` setting the cookie that carries `key`, or clearing it (`None`): one set of
+/// attributes for both, so the clearing cookie always names the one that was set.
+fn with_key_cookie(mut response: Response, headers: &HeaderMap, key: Option<&str>) -> Response {
+    let (value, max_age) = match key {
+        Some(key) => (key, ""),
+        None => ("", "; Max-Age=0"),
+    };
     let cookie = format!(
-        "{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0{}",
-        secure(&headers)
+        "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict{max_age}{}",
+        secure(headers)
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
