@@ -23,7 +23,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -891,20 +891,28 @@ struct RunQuery {
     agent: Option<String>,
     /// Only runs for this user.
     user: Option<String>,
+    /// Only runs of this session.
+    session: Option<String>,
     /// At most this many (default 50, at most 1000).
     limit: Option<u32>,
+    /// Only runs older than this one: the next page after a page that ended with it, as the
+    /// `Link` header of that page names it.
+    before: Option<String>,
 }
 
-/// The tenant's newest runs, filtered.
+/// The tenant's newest runs, filtered, a page at a time.
 #[utoipa::path(get, path = "/v1/runs", tag = "runs", params(RunQuery), responses(
-    (status = 200, description = "The runs, newest first", body = Vec<RunView>),
+    (status = 200, description = "The runs, newest first. While older runs match, a `Link` header names the next page (`rel=\"next\"`).", body = Vec<RunView>,
+        headers(("Link" = String, description = "`<URL>; rel=\"next\"`: the same query, from the run after this page's last"))),
     (status = 400, description = "An unknown status or query parameter", body = ProblemView, content_type = "application/problem+json"),
+    (status = 404, description = "`before` is not one of this tenant's runs", body = ProblemView, content_type = "application/problem+json"),
 ))]
 async fn list_runs(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
+    RawQuery(raw): RawQuery,
     query: Result<Query<RunQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Vec<RunView>>, Problem> {
+) -> Result<Response, Problem> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = q
         .status
@@ -917,17 +925,50 @@ async fn list_runs(
             })
         })
         .transpose()?;
+    let before = q.before.map(RunId::new);
+    if let Some(before) = &before {
+        // Another tenant's run, or none: 404, as for the run itself.
+        app.store.run(&tenant, before).await?;
+    }
     let filter = RunFilter {
         status,
         agent: q.agent,
         user: q.user.map(UserId::new),
+        session: q.session.map(SessionId::new),
+        before,
         reason: None,
     };
-    let runs = app
-        .store
-        .list_runs(&tenant, &filter, q.limit.unwrap_or(50).min(1000))
-        .await?;
-    Ok(axum::Json(runs.iter().map(RunView::of).collect()))
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let mut runs = app.store.list_runs(&tenant, &filter, limit + 1).await?;
+    let more = runs.len() > limit as usize;
+    runs.truncate(limit as usize);
+    let mut response = axum::Json(runs.iter().map(RunView::of).collect::<Vec<_>>()).into_response();
+    if let Some(last) = runs.last().filter(|_| more) {
+        let link = format!(
+            "</v1/runs?{}>; rel=\"next\"",
+            next_page_query(raw.as_deref(), last.info.id.as_str())
+        );
+        if let Ok(link) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, link);
+        }
+    }
+    Ok(response)
+}
+
+/// The query of the page after the one `query` asked for, which ended with run `last`: the
+/// same parameters, as the client wrote them, with `before` moved on.
+fn next_page_query(query: Option<&str>, last: &str) -> String {
+    let cursor = format!(
+        "before={}",
+        form_urlencoded::byte_serialize(last.as_bytes()).collect::<String>()
+    );
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("before"))
+        .chain(std::iter::once(cursor.as_str()))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The run, its events, and the trace tree as text.

@@ -281,6 +281,53 @@ async fn openai_clients_call_through_the_governed_gateway() {
         ["completed", "completed", "limit_exceeded"],
         "{runs_a}"
     );
+    // The list a page at a time: the `Link` header names the next page, with the same query.
+    let page = |path: String| {
+        let (http, key) = (http.clone(), key_a.clone());
+        async move {
+            let answer = http.get(path).bearer_auth(key).send().await.unwrap();
+            assert_eq!(answer.status(), 200);
+            let next = answer
+                .headers()
+                .get("link")
+                .map(|l| l.to_str().unwrap().to_string());
+            (answer.json::<Value>().await.unwrap(), next)
+        }
+    };
+    let ids = |runs: &Value| -> Vec<String> {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (first, link) = page(url("/v1/runs?agent=gateway&limit=2")).await;
+    let link = link.expect("two of three runs: a next page");
+    let next = link
+        .strip_prefix('<')
+        .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+        .unwrap_or_else(|| panic!("{link}"));
+    assert!(
+        next.starts_with("/v1/runs?agent=gateway&limit=2&before="),
+        "{next}"
+    );
+    let (rest, none) = page(url(next)).await;
+    assert_eq!(none, None, "the last page names no next");
+    assert_eq!(
+        [ids(&first), ids(&rest)].concat(),
+        ids(&runs_a),
+        "the pages are the list, newest first"
+    );
+    let b_run = runs_b[0]["run_id"].as_str().unwrap();
+    for cursor in [b_run, "no-such-run"] {
+        let answer = http
+            .get(url(&format!("/v1/runs?before={cursor}")))
+            .bearer_auth(&key_a)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "{cursor}");
+    }
     let audit: Value = common::get_json(&http, &url("/v1/audit/verify"), &key_a).await;
     assert_eq!(audit["ok"], true, "{audit}");
     assert_eq!(audit["runs"], 3);
@@ -307,7 +354,6 @@ async fn openai_clients_call_through_the_governed_gateway() {
     );
     // Another tenant's run as the cursor is 404, as any of its run ids is; `run` and `after`
     // together are 400.
-    let b_run = runs_b[0]["run_id"].as_str().unwrap();
     for (query, status) in [
         (format!("after={b_run}"), 404),
         (format!("run={next}&after={next}"), 400),
@@ -460,8 +506,9 @@ async fn audit_verify_checks_every_page_of_runs() {
     let url = format!("{}/v1/chat/completions", server.base);
     let http = reqwest::Client::new();
     // Call n says "call n", so a run's log is found by its text.
+    let caller_key = key.clone();
     let call = move |n: usize| {
-        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        let (http, url, key) = (http.clone(), url.clone(), caller_key.clone());
         async move {
             let body = json!({
                 "model": "openai/gpt-4o-mini",
@@ -491,6 +538,49 @@ async fn audit_verify_checks_every_page_of_runs() {
         caller.unwrap();
     }
     call(CALLS - 1).await;
+
+    // The dashboard pages through them too, 200 at a time, newest first, each run once.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = browser
+        .post(format!("{}/ui/login", server.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={key}"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let (mut seen, mut pages, mut next) = (Vec::new(), 0, Some("/ui/runs".to_string()));
+    while let Some(path) = next.take() {
+        let html = browser
+            .get(format!("{}{path}", server.base))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let rows: Vec<String> = html
+            .split("<td><a href=\"/ui/runs/")
+            .skip(1)
+            .map(|row| row.split('"').next().unwrap().to_string())
+            .collect();
+        pages += 1;
+        assert_eq!(rows.len(), if pages <= 5 { 200 } else { 1 }, "page {pages}");
+        seen.extend(rows);
+        next = html
+            .split("id=\"older\" href=\"")
+            .nth(1)
+            .map(|rest| rest.split('"').next().unwrap().replace("&amp;", "&"));
+    }
+    assert_eq!(pages, 6);
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), CALLS, "every run on one page");
     assert!(server.terminate().success());
 
     let audit = || {

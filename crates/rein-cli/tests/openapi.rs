@@ -74,7 +74,7 @@ async fn the_openapi_document_describes_every_endpoint_served() {
         "GET /v1/audit/verify -> 200 400 401 404 default",
         "GET /v1/costs -> 200 400 401 default",
         "GET /v1/models -> 200 401 default",
-        "GET /v1/runs -> 200 400 401 default",
+        "GET /v1/runs -> 200 400 401 404 default",
         "GET /v1/runs/{id} -> 200 401 404 default",
         "GET /v1/runs/{id}/events -> 200 400 401 404 default",
         "GET /v1/runs/{id}/trace -> 200 401 404 default",

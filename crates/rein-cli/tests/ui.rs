@@ -1,5 +1,6 @@
-//! The dashboard at `/ui`, over HTTP as a browser uses it: signing in with a tenant key (kept
-//! in an HttpOnly, SameSite=Strict cookie), the runs list and its filters, a run's page showing
+//! The dashboard at `/ui`, over HTTP as a browser uses it: signing in with a tenant key (a
+//! session in the store; the HttpOnly, SameSite=Strict cookie holds the session's token, never
+//! the key; signing out or revoking the key ends it), the runs list and its filters, a run's page showing
 //! the very trace tree `rein runs show` prints, the approvals queue where approving a held run
 //! lets it finish, the costs page, and one tenant never seeing another's run.
 
@@ -79,7 +80,36 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
         "{cookie}"
     );
     assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
-    // Behind a proxy that ended HTTPS, the cookie is never to travel over plain HTTP.
+    assert!(
+        cookie.contains("Max-Age=43200"),
+        "a 12-hour session: {cookie}"
+    );
+    assert!(
+        !cookie.contains(&key) && !cookie.contains(key.trim_start_matches("rein_")),
+        "the cookie holds a session token, never the key: {cookie}"
+    );
+    let opens = |cookie: String| {
+        let (browser, base) = (browser.clone(), base.clone());
+        async move {
+            let answer = browser
+                .get(format!("{base}/ui/runs"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            match answer.status().as_u16() {
+                200 => true,
+                303 => {
+                    assert_eq!(answer.headers()["location"], "/ui/login");
+                    false
+                }
+                other => panic!("/ui/runs answered {other}"),
+            }
+        }
+    };
+    let session_of = |set_cookie: &str| set_cookie.split(';').next().unwrap().to_string();
+    // Behind a proxy that ended HTTPS, the cookie is never to travel over plain HTTP. And
+    // signing out ends the session in the store: a copy of its cookie opens nothing after.
     for (proto, secure) in [("https", true), ("HTTPS, http", true), ("http", false)] {
         let behind_tls = browser
             .post(format!("{base}/ui/login"))
@@ -91,17 +121,35 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
             .unwrap();
         let set = behind_tls.headers()["set-cookie"].to_str().unwrap();
         assert_eq!(set.ends_with("; Secure"), secure, "{proto}: {set}");
+        let session = session_of(set);
+        assert_ne!(
+            session,
+            session_of(&cookie),
+            "every sign-in is a new session"
+        );
+        assert!(opens(session.clone()).await);
         let out = browser
             .post(format!("{base}/ui/logout"))
             .header("x-forwarded-proto", proto)
+            .header("cookie", session.clone())
             .send()
             .await
             .unwrap();
+        assert_eq!(out.status(), 303);
         let cleared = out.headers()["set-cookie"].to_str().unwrap();
         assert!(cleared.contains("Max-Age=0"), "{cleared}");
         assert_eq!(cleared.ends_with("; Secure"), secure, "{proto}: {cleared}");
+        assert!(!opens(session).await, "{proto}: signed out");
     }
-    let cookie = cookie.split(';').next().unwrap().to_string();
+    let cookie = session_of(&cookie);
+    assert!(
+        opens(cookie.clone()).await,
+        "the first session is still open"
+    );
+    assert!(
+        !opens(format!("rein_session={}", "0".repeat(64))).await,
+        "a made-up token opens nothing"
+    );
     let page = |path: String| {
         let (browser, cookie, base) = (browser.clone(), cookie.clone(), base.clone());
         async move {
@@ -234,7 +282,7 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     assert!(!list.contains(&done_id));
     let status = browser
         .get(format!("{base}/ui/status"))
-        .header("cookie", theirs)
+        .header("cookie", theirs.clone())
         .send()
         .await
         .unwrap()
@@ -242,4 +290,16 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
         .await
         .unwrap();
     assert!(!status.contains("breaker:tool:acme"), "{status}");
+
+    // Revoking a key ends its sessions at once, even those of another process's dashboard.
+    let rival_id = &rein_core::event::sha256_hex(rival.as_bytes())[..16];
+    assert!(opens(theirs.clone()).await);
+    common::rein_ok(
+        dir.path(),
+        &[
+            "keys", "revoke", "--tenant", "rival", rival_id, "--db", "rein.db",
+        ],
+    );
+    assert!(!opens(theirs).await, "revoked");
+    assert!(opens(cookie).await, "another key's session stays open");
 }

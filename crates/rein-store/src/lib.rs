@@ -463,6 +463,32 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         key_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// Opens a dashboard session for the API key whose SHA-256 (hex) is `key_sha256`: the
+    /// browser keeps a random token, the store only the token's SHA-256, until `expires_ms`.
+    /// `false` if there is no such key. Sessions that expired by `now_ms` are removed.
+    fn open_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        key_sha256: &'a str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The tenant signed in by the dashboard session whose token has this SHA-256 (hex): none
+    /// once the session expired (by `now_ms`) or was closed, or its key was revoked.
+    fn dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>>;
+
+    /// Closes (signs out) the dashboard session whose token has this SHA-256; `false` if
+    /// there is none.
+    fn close_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Registers `spec` as the next version of `tenant`'s agent `name` (1 for a new name) and
     /// returns that version. [`StoreError::Conflict`]-free: two registrations at once get two
     /// versions, or one fails with a database error to retry.
@@ -500,6 +526,11 @@ pub struct RunFilter {
     pub user: Option<UserId>,
     /// Only runs that ended for this reason.
     pub reason: Option<TerminationReason>,
+    /// Only runs of this session.
+    pub session: Option<SessionId>,
+    /// Only runs older than this one (by creation, then id: the list's order), to read the
+    /// page after one that ended with it. A run that is not the tenant's matches nothing.
+    pub before: Option<RunId>,
 }
 
 /// An agent spec registered over the API.

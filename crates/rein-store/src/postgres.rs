@@ -476,13 +476,17 @@ impl Store for PgStore {
             let rows = sqlx::query(select_runs!(
                 "WHERE tenant = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR agent = $3)
                    AND ($4::text IS NULL OR user_id = $4) AND ($5::text IS NULL OR termination_reason = $5)
-                 ORDER BY created_ms DESC, id DESC LIMIT $6"
+                   AND ($6::text IS NULL OR session_id = $6)
+                   AND ($7::text IS NULL OR (created_ms, id) < (SELECT created_ms, id FROM runs WHERE tenant = $1 AND id = $7))
+                 ORDER BY created_ms DESC, id DESC LIMIT $8"
             ))
             .bind(tenant.as_str())
             .bind(filter.status.map(RunStatus::as_str))
             .bind(filter.agent.as_deref())
             .bind(filter.user.as_ref().map(UserId::as_str))
             .bind(filter.reason.map(TerminationReason::as_str))
+            .bind(filter.session.as_ref().map(SessionId::as_str))
+            .bind(filter.before.as_ref().map(RunId::as_str))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
@@ -686,6 +690,61 @@ impl Store for PgStore {
             .bind(key_id)
             .execute(&self.pool)
             .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
+    fn open_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        key_sha256: &'a str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            sqlx::query("DELETE FROM dashboard_sessions WHERE expires_ms <= $1")
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+            let done = sqlx::query(
+                "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT $1, key_sha256, $2 FROM api_keys WHERE key_sha256 = $3",
+            )
+            .bind(token_sha256)
+            .bind(expires_ms)
+            .bind(key_sha256)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = $1 AND s.expires_ms > $2",
+            )
+            .bind(token_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
+                .transpose()
+        })
+    }
+
+    fn close_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query("DELETE FROM dashboard_sessions WHERE token_sha256 = $1")
+                .bind(token_sha256)
+                .execute(&self.pool)
+                .await?;
             Ok(done.rows_affected() > 0)
         })
     }

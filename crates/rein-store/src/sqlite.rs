@@ -575,20 +575,21 @@ impl Store for SqliteStore {
             let agent = filter.agent.as_deref();
             let user = filter.user.as_ref().map(UserId::as_str);
             let reason = filter.reason.map(TerminationReason::as_str);
+            let session = filter.session.as_ref().map(SessionId::as_str);
+            let before = filter.before.as_ref().map(RunId::as_str);
             let rows = sqlx::query(select_runs!(
-                "WHERE tenant = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR agent = ?) AND (? IS NULL OR user_id = ?)
-                   AND (? IS NULL OR termination_reason = ?)
-                 ORDER BY created_ms DESC, id DESC LIMIT ?"
+                "WHERE tenant = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR user_id = ?4)
+                   AND (?5 IS NULL OR termination_reason = ?5) AND (?6 IS NULL OR session_id = ?6)
+                   AND (?7 IS NULL OR (created_ms, id) < (SELECT created_ms, id FROM runs WHERE tenant = ?1 AND id = ?7))
+                 ORDER BY created_ms DESC, id DESC LIMIT ?8"
             ))
             .bind(tenant.as_str())
             .bind(status)
-            .bind(status)
-            .bind(agent)
             .bind(agent)
             .bind(user)
-            .bind(user)
             .bind(reason)
-            .bind(reason)
+            .bind(session)
+            .bind(before)
             .bind(i64::from(limit))
             .fetch_all(&self.reader)
             .await?;
@@ -788,6 +789,57 @@ impl Store for SqliteStore {
             })
             .await
         })
+    }
+
+    fn open_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        key_sha256: &'a str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (token, key) = (token_sha256.to_string(), key_sha256.to_string());
+        Box::pin(self.write(move |c| {
+            c.prepare_cached("DELETE FROM dashboard_sessions WHERE expires_ms <= ?")?
+                .execute([now_ms])?;
+            let opened = c
+                .prepare_cached(
+                    "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM api_keys WHERE key_sha256 = ?2)",
+                )?
+                .execute(rusqlite::params![token, key, expires_ms])?;
+            Ok(opened == 1)
+        }))
+    }
+
+    fn dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = ? AND s.expires_ms > ?",
+            )
+            .bind(token_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.reader)
+            .await?;
+            row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
+                .transpose()
+        })
+    }
+
+    fn close_dashboard_session<'a>(
+        &'a self,
+        token_sha256: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let token = token_sha256.to_string();
+        Box::pin(self.write(move |c| {
+            let closed = c
+                .prepare_cached("DELETE FROM dashboard_sessions WHERE token_sha256 = ?")?
+                .execute([token])?;
+            Ok(closed > 0)
+        }))
     }
 
     fn register_agent<'a>(

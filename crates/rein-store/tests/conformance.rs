@@ -11,7 +11,8 @@ use rein_core::{
 };
 use rein_store::testing::TestSchema;
 use rein_store::{
-    CostGroup, Hold, Lease, PgStore, RunFilter, RunInfo, Settlement, SqliteStore, Store, StoreError,
+    CostGroup, Hold, Lease, PgStore, RunFilter, RunInfo, Settlement, SqliteStore, Store,
+    StoreError, api_key_id,
 };
 use std::sync::Arc;
 
@@ -442,6 +443,50 @@ async fn listings_filter_by_status_session_and_tenant(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
+    let page = |session: Option<&str>, before: Option<&str>| RunFilter {
+        session: session.map(SessionId::new),
+        before: before.map(RunId::new),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &page(Some("s1"), None), 10)
+            .await
+            .unwrap()),
+        ["b", "a"]
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &page(None, Some("c")), 1)
+            .await
+            .unwrap()),
+        ["b"],
+        "the page after one that ended with c"
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &page(None, Some("b")), 10)
+            .await
+            .unwrap()),
+        ["a"]
+    );
+    assert_eq!(
+        ids(store
+            .list_runs(&t1, &page(Some("s2"), Some("c")), 10)
+            .await
+            .unwrap()),
+        Vec::<String>::new()
+    );
+    for foreign in ["d", "zzz"] {
+        assert!(
+            store
+                .list_runs(&t1, &page(None, Some(foreign)), 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "another tenant's run or none as the cursor matches nothing"
+        );
+    }
     let latest = store
         .latest_in_session(&t1, &SessionId::new("s1"))
         .await
@@ -1028,6 +1073,81 @@ async fn a_runs_row_is_the_same_whatever_its_events_batches(store: &dyn Store) {
     .unwrap();
 }
 
+async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Store) {
+    let (acme, other) = (TenantId::new("acme"), TenantId::new("other"));
+    assert!(store.create_tenant(&acme, 1).await.unwrap());
+    assert!(store.create_tenant(&other, 1).await.unwrap());
+    let (key, other_key) = ("a".repeat(64), "c".repeat(64));
+    assert!(store.add_api_key(&acme, &key, 1).await.unwrap());
+    assert!(store.add_api_key(&other, &other_key, 1).await.unwrap());
+    assert!(
+        !store
+            .open_dashboard_session("t0", &"d".repeat(64), 10, 100)
+            .await
+            .unwrap(),
+        "no session for a key that does not exist"
+    );
+    assert!(
+        store
+            .open_dashboard_session("t1", &key, 10, 100)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .open_dashboard_session("t2", &key, 10, 50)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .open_dashboard_session("t3", &other_key, 10, 100)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.dashboard_session("t0", 20).await.unwrap(), None);
+    assert_eq!(
+        store.dashboard_session("t1", 20).await.unwrap(),
+        Some(acme.clone())
+    );
+    assert_eq!(
+        store.dashboard_session("t3", 20).await.unwrap(),
+        Some(other.clone()),
+        "each session signs in its own key's tenant"
+    );
+    assert_eq!(
+        store.dashboard_session("t2", 50).await.unwrap(),
+        None,
+        "expired"
+    );
+    // Opening a session sweeps away the expired ones, so the table does not grow forever.
+    assert!(
+        store
+            .open_dashboard_session("t4", &key, 60, 100)
+            .await
+            .unwrap()
+    );
+    assert!(!store.close_dashboard_session("t2").await.unwrap(), "swept");
+    assert!(store.close_dashboard_session("t1").await.unwrap());
+    assert!(!store.close_dashboard_session("t1").await.unwrap());
+    assert_eq!(
+        store.dashboard_session("t1", 20).await.unwrap(),
+        None,
+        "closed"
+    );
+    assert_eq!(
+        store.dashboard_session("t4", 70).await.unwrap(),
+        Some(acme.clone())
+    );
+    // Revoking the key ends its sessions, and only its own.
+    assert!(store.revoke_api_key(&acme, api_key_id(&key)).await.unwrap());
+    assert_eq!(store.dashboard_session("t4", 70).await.unwrap(), None);
+    assert_eq!(
+        store.dashboard_session("t3", 70).await.unwrap(),
+        Some(other)
+    );
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -1102,6 +1222,7 @@ conformance!(sqlite:
     another_tenants_runs_are_invisible,
     costs_group_recorded_spend,
     tenants_keys_and_versioned_agents,
+    dashboard_sessions_end_at_sign_out_expiry_or_revocation,
 );
 
 conformance!(postgres:
@@ -1117,6 +1238,7 @@ conformance!(postgres:
     another_tenants_runs_are_invisible,
     costs_group_recorded_spend,
     tenants_keys_and_versioned_agents,
+    dashboard_sessions_end_at_sign_out_expiry_or_revocation,
 );
 
 /// PostgreSQL refuses, like SQLite, to change a stored event or a run's identity, or to remove

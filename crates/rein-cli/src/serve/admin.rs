@@ -32,9 +32,14 @@ const MIN_ADMIN_KEY_LEN: usize = 32;
 
 /// A new API key: 256 random bits, shown once; only its SHA-256 is stored.
 pub fn new_api_key() -> anyhow::Result<String> {
+    Ok(format!("rein_{}", random_secret()?))
+}
+
+/// 256 random bits from the system, in hex: an API key's or a dashboard session's secret.
+pub(super) fn random_secret() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
-    Ok(format!("rein_{}", rein_core::event::hex(&bytes)))
+    Ok(rein_core::event::hex(&bytes))
 }
 
 /// The admin key's SHA-256, from `REIN_ADMIN_KEY` (the key) or `[server] admin_key_sha256`

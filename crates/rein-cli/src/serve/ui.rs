@@ -1,10 +1,11 @@
 //! The dashboard at `/ui`: runs with filters, a run's trace tree and timeline, the approvals
 //! queue with approve and deny, spend by day, agent and model, and budget and breaker status. Server-rendered HTML
 //! (minijinja templates compiled into the binary, no script, no external resource), behind the
-//! tenant's API key: signing in keeps it in an HttpOnly, SameSite=Strict cookie, and every page
-//! shows only that tenant's data, as the API does.
+//! tenant's API key: signing in with it opens a session in the store, the browser keeps only
+//! the session's random token (an HttpOnly, SameSite=Strict cookie, never the key), and every
+//! page shows only that tenant's data, as the API does.
 
-use super::{App, Problem, decide_run, tenant_of_key};
+use super::{App, Problem, decide_run, store_unavailable, tenant_of_key};
 use crate::render;
 use axum::Form;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -12,13 +13,18 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use minijinja::{Environment, context};
+use rein_core::event::sha256_hex;
 use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, TerminationReason, UserId};
+use rein_runtime::now_ms;
 use rein_store::{CostGroup, RunFilter, RunRecord};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// The cookie that carries the tenant's key.
-const COOKIE: &str = "rein_key";
+/// The cookie that carries the session's token.
+const COOKIE: &str = "rein_session";
+/// How long a dashboard session lasts from signing in (12 hours, in seconds): then the browser
+/// forgets the cookie and the store the session.
+const SESSION_SECS: i64 = 12 * 60 * 60;
 /// The most runs a list shows.
 const LIST_LIMIT: u32 = 200;
 
@@ -83,31 +89,37 @@ impl Templates {
     }
 }
 
-/// A signed-in dashboard user: the tenant of the key in the cookie. Without a valid one, the
-/// page sends the browser to sign in.
+/// A signed-in dashboard user: the tenant of the session in the cookie. Without a live one
+/// (none, expired, signed out, or its key revoked), the page sends the browser to sign in.
 pub(super) struct Viewer(TenantId);
 
 impl FromRequestParts<Arc<App>> for Viewer {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Response> {
-        let key = parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-            .filter(|k| !k.is_empty())
-            .map(str::to_string);
-        let Some(key) = key else {
-            return Err(Redirect::to("/ui/login").into_response());
-        };
-        tenant_of_key(app, &key)
+        let sign_in = || Redirect::to("/ui/login").into_response();
+        let token = session_token(&parts.headers).ok_or_else(sign_in)?;
+        match app
+            .store
+            .dashboard_session(&sha256_hex(token.as_bytes()), now_ms())
             .await
-            .map(Viewer)
-            .map_err(|_| Redirect::to("/ui/login").into_response())
+        {
+            Ok(Some(tenant)) => Ok(Viewer(tenant)),
+            Ok(None) => Err(sign_in()),
+            Err(e) => Err(store_unavailable(&e).into_response()),
+        }
     }
+}
+
+/// The session token in the request's cookie, if any.
+fn session_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .filter(|t| !t.is_empty())
 }
 
 /// `value` as a template value.
@@ -357,44 +369,80 @@ pub(super) struct LoginForm {
     key: String,
 }
 
-/// `POST /ui/login`: checks the key, keeps it in the cookie and shows the runs.
+/// `POST /ui/login`: checks the key, opens a session for it, gives the browser the session's
+/// token and shows the runs.
 pub(super) async fn login(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let key = form.key.trim();
-    match tenant_of_key(&app, key).await {
-        Ok(_) => with_key_cookie(
+    let not_a_key = || {
+        let mut page = app.ui.page(
+            "login.html",
+            context! { error => "That is not an API key of any tenant." },
+        );
+        *page.status_mut() = StatusCode::UNAUTHORIZED;
+        page
+    };
+    if tenant_of_key(&app, key).await.is_err() {
+        return not_a_key();
+    }
+    let token = match super::admin::random_secret() {
+        Ok(token) => token,
+        Err(e) => {
+            return Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
+    };
+    let now = now_ms();
+    match app
+        .store
+        .open_dashboard_session(
+            &sha256_hex(token.as_bytes()),
+            &sha256_hex(key.as_bytes()),
+            now,
+            now + SESSION_SECS * 1000,
+        )
+        .await
+    {
+        Ok(true) => with_session_cookie(
             Redirect::to("/ui/runs").into_response(),
             &headers,
-            Some(key),
+            Some(&token),
         ),
-        Err(_) => {
-            let mut page = app.ui.page(
-                "login.html",
-                context! { error => "That is not an API key of any tenant." },
-            );
-            *page.status_mut() = StatusCode::UNAUTHORIZED;
-            page
-        }
+        // Revoked between the two reads.
+        Ok(false) => not_a_key(),
+        Err(e) => store_unavailable(&e).into_response(),
     }
 }
 
-/// `POST /ui/logout`: forgets the key.
-pub(super) async fn logout(headers: HeaderMap) -> Response {
-    with_key_cookie(Redirect::to("/ui/login").into_response(), &headers, None)
+/// `POST /ui/logout`: closes the session in the store, so its token opens nothing even where
+/// the cookie was copied, and clears the cookie.
+pub(super) async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(token) = session_token(&headers)
+        && let Err(e) = app
+            .store
+            .close_dashboard_session(&sha256_hex(token.as_bytes()))
+            .await
+    {
+        return store_unavailable(&e).into_response();
+    }
+    with_session_cookie(Redirect::to("/ui/login").into_response(), &headers, None)
 }
 
-/// `response` setting the cookie that carries `key`, or clearing it (`None`): one set of
-/// attributes for both, so the clearing cookie always names the one that was set.
-fn with_key_cookie(mut response: Response, headers: &HeaderMap, key: Option<&str>) -> Response {
-    let (value, max_age) = match key {
-        Some(key) => (key, ""),
-        None => ("", "; Max-Age=0"),
+/// `response` setting the cookie that carries a session's `token`, or clearing it (`None`):
+/// one set of attributes for both, so the clearing cookie always names the one that was set.
+fn with_session_cookie(
+    mut response: Response,
+    headers: &HeaderMap,
+    token: Option<&str>,
+) -> Response {
+    let (value, max_age) = match token {
+        Some(token) => (token, SESSION_SECS),
+        None => ("", 0),
     };
     let cookie = format!(
-        "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict{max_age}{}",
+        "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
         secure(headers)
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -404,7 +452,7 @@ fn with_key_cookie(mut response: Response, headers: &HeaderMap, key: Option<&str
 }
 
 /// `; Secure` when the browser reached Rein over HTTPS through a proxy that says so
-/// (`X-Forwarded-Proto: https`), so the cookie holding the key is never sent over plain HTTP.
+/// (`X-Forwarded-Proto: https`), so the session's cookie is never sent over plain HTTP.
 /// Without it (plain HTTP, as on a laptop or an internal address) a Secure cookie would be
 /// dropped by the browser, and nobody could sign in.
 fn secure(headers: &HeaderMap) -> &'static str {
@@ -426,9 +474,13 @@ pub(super) struct RunsQuery {
     user: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    /// Runs older than this one: the page after one that ended with it.
+    #[serde(default)]
+    before: Option<String>,
 }
 
-/// `GET /ui/runs`: the newest runs, filtered by status, agent, user and termination reason.
+/// `GET /ui/runs`: the newest runs, filtered by status, agent, user and termination reason, a
+/// page at a time.
 pub(super) async fn runs(
     State(app): State<Arc<App>>,
     Viewer(tenant): Viewer,
@@ -439,6 +491,7 @@ pub(super) async fn runs(
         &mut query.agent,
         &mut query.user,
         &mut query.reason,
+        &mut query.before,
     ] {
         if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
             *field = None;
@@ -456,7 +509,7 @@ pub(super) async fn runs(
     let reason = query.reason.as_deref().map(|r| {
         serde_json::from_value::<TerminationReason>(serde_json::Value::String(r.into())).ok()
     });
-    let found = match reason {
+    let mut found = match reason {
         Some(None) => Vec::new(),
         Some(Some(_)) | None => {
             let filter = RunFilter {
@@ -464,11 +517,32 @@ pub(super) async fn runs(
                 agent: query.agent.clone(),
                 user: query.user.clone().map(UserId::new),
                 reason: reason.flatten(),
+                before: query.before.clone().map(RunId::new),
+                ..RunFilter::default()
             };
-            app.store.list_runs(&tenant, &filter, LIST_LIMIT).await?
+            app.store
+                .list_runs(&tenant, &filter, LIST_LIMIT + 1)
+                .await?
         }
     };
-    let limited = found.len() == LIST_LIMIT as usize;
+    let limited = found.len() > LIST_LIMIT as usize;
+    found.truncate(LIST_LIMIT as usize);
+    // The next page's query: these filters, from the run after this page's last.
+    let older = found.last().filter(|_| limited).map(|last| {
+        let mut next = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("status", &query.status),
+            ("agent", &query.agent),
+            ("user", &query.user),
+            ("reason", &query.reason),
+        ] {
+            if let Some(value) = value {
+                next.append_pair(name, value);
+            }
+        }
+        next.append_pair("before", last.info.id.as_str());
+        next.finish()
+    });
     let rows: Vec<RunRow> = found.iter().map(RunRow::of).collect();
     Ok(app.ui.page(
         "runs.html",
@@ -480,6 +554,7 @@ pub(super) async fn runs(
             reasons => ser(&REASONS),
             limited,
             limit => LIST_LIMIT,
+            older,
         },
     ))
 }
