@@ -154,12 +154,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     );
     let tenant = TenantId::new("bench");
     let key = crate::serve::admin::new_api_key()?;
-    store.create_tenant(&tenant, rein_runtime::now_ms()).await?;
+    store
+        .create_tenant(&tenant, rein_runtime::now_ms(), "bench")
+        .await?;
     store
         .add_api_key(
             &tenant,
             &rein_core::event::sha256_hex(key.as_bytes()),
             rein_runtime::now_ms(),
+            "bench",
         )
         .await?;
     let runtime = crate::runtime_for(&config, &store, Builtins::standard(), http.clone()).await?;

@@ -1357,6 +1357,23 @@ async fn audit(
             ));
         }
     }
+    // The operator's audit also checks the admin log (tenants and keys), a page at a time.
+    let mut admin_entries = None;
+    if all_tenants && run_id.is_none() {
+        let (mut after, mut checked) = (None, 0usize);
+        while let Some(page) = admin::admin_log_page(store.as_ref(), after, AUDIT_PAGE).await? {
+            checked += page.entries.len();
+            if let Err(problem) = page.verdict {
+                problems.push(problem);
+                break;
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        admin_entries = Some(checked);
+    }
     if !problems.is_empty() {
         for p in &problems {
             say!("TAMPERED {p}");
@@ -1364,9 +1381,14 @@ async fn audit(
         say!("{} problem(s) in {runs_checked} runs", problems.len());
         return Err(anyhow!(Exit(exit::TAMPERED)));
     }
-    say!(
-        "ok: {runs_checked} runs, {events_checked} events: every hash chain is intact and every run agrees with its log"
-    );
+    match admin_entries {
+        Some(admin) => say!(
+            "ok: {runs_checked} runs, {events_checked} events, {admin} admin log entries: every hash chain is intact and every run agrees with its log"
+        ),
+        None => say!(
+            "ok: {runs_checked} runs, {events_checked} events: every hash chain is intact and every run agrees with its log"
+        ),
+    }
     Ok(exit::OK)
 }
 

@@ -586,6 +586,7 @@ fn router(app: Arc<App>) -> Router {
         .routes(routes!(admin::tenants, admin::new_tenant))
         .routes(routes!(admin::keys, admin::new_key))
         .routes(routes!(admin::revoke))
+        .routes(routes!(admin::log))
         .routes(routes!(metrics::metrics))
         .split_for_parts();
     let document = openapi::finish(api);
@@ -689,7 +690,9 @@ async fn register_agent(
             "`name: gateway` is reserved for the OpenAI-compatible gateway's calls; name the agent otherwise",
         ));
     }
-    app.store.create_tenant(&tenant, now_ms()).await?;
+    app.store
+        .create_tenant(&tenant, now_ms(), &format!("api:{}", tenant.as_str()))
+        .await?;
     let version = app
         .store
         .register_agent(&tenant, &name, &source, now_ms())

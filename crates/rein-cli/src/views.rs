@@ -310,6 +310,39 @@ pub struct TenantView {
     pub created_at: String,
 }
 
+/// One entry of the admin log: a tenant created, or a key created or revoked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminEntryView {
+    /// Position in the log: 0, 1, 2, ...
+    pub seq: u64,
+    pub at: String,
+    /// `tenant_created`, `key_created` or `key_revoked`.
+    pub action: String,
+    pub tenant: String,
+    /// The key's id, for key changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Who asked: `admin_api`, `cli` or `cli:<user>`, or `api:<tenant>` (a tenant created by
+    /// registering its first agent).
+    pub actor: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// A page of the admin log, checked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminLogView {
+    /// The page's chain is intact, and linked to the entry before it.
+    pub ok: bool,
+    /// The first entry that does not verify, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    pub entries: Vec<AdminEntryView>,
+    /// More entries follow: pass this as `after` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
 /// One of a tenant's API keys: its id, never the key.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyView {

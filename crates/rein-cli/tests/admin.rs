@@ -231,6 +231,170 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_log_records_every_change_chained_and_the_audit_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db"],
+        &[("REIN_ADMIN_KEY", ADMIN_KEY)],
+    );
+    let base = &server.base;
+    let http = reqwest::Client::new();
+    let admin = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}/v1/admin{path}"))
+            .bearer_auth(ADMIN_KEY)
+    };
+    for tenant in ["acme", "zebra-co"] {
+        let created = admin(reqwest::Method::POST, "/tenants")
+            .json(&json!({ "name": tenant }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+    }
+    let issued: Value = admin(reqwest::Method::POST, "/tenants/acme/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (key, id) = (
+        issued["key"].as_str().unwrap(),
+        issued["id"].as_str().unwrap(),
+    );
+    let revoked = admin(reqwest::Method::DELETE, &format!("/tenants/acme/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    // Changes that change nothing are not entries.
+    let again = admin(reqwest::Method::DELETE, &format!("/tenants/acme/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+
+    let log: Value = admin(reqwest::Method::GET, "/log")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["ok"], true, "{log}");
+    assert!(log.get("next").is_none(), "{log}");
+    let entries: Vec<(u64, &str, &str, &str, &str)> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["action"].as_str().unwrap(),
+                e["tenant"].as_str().unwrap(),
+                e["key_id"].as_str().unwrap_or(""),
+                e["actor"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (0, "tenant_created", "acme", "", "admin_api"),
+            (1, "tenant_created", "zebra-co", "", "admin_api"),
+            (2, "key_created", "acme", id, "admin_api"),
+            (3, "key_revoked", "acme", id, "admin_api"),
+        ]
+    );
+    assert!(!log.to_string().contains(key), "never the key");
+    // A page at a time, each page checked against the entry before it.
+    let first: Value = admin(reqwest::Method::GET, "/log?limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(first["next"], 1, "{first}");
+    let rest: Value = admin(reqwest::Method::GET, "/log?after=1&limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&rest["ok"], &rest["entries"][0]["seq"]),
+        (&json!(true), &json!(2))
+    );
+    assert!(rest.get("next").is_none(), "{rest}");
+    assert_eq!(rest["entries"][0]["prev_hash"], log["entries"][1]["hash"]);
+    for (path, status) in [("/log?after=4", 404), ("/log?limit=many", 400)] {
+        let answer = admin(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(answer.status(), status, "{path}");
+    }
+    let tenant_key = common::tenant_key(dir.path(), "beta");
+    for bearer in [None, Some(tenant_key.as_str())] {
+        let mut request = http.get(format!("{base}/v1/admin/log"));
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401, "{bearer:?}");
+    }
+    drop(server);
+
+    // The CLI's changes are entries too, by the user who made them; the operator's audit checks
+    // the whole log.
+    let by_alice = common::rein_command(dir.path())
+        .env("USER", "alice")
+        .args(["tenants", "create", "gamma", "--db", "rein.db"])
+        .output()
+        .unwrap();
+    assert!(by_alice.status.success());
+    let audit = || {
+        let out = common::rein(
+            dir.path(),
+            &["audit", "verify", "--all-tenants", "--db", "rein.db"],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(0), "{stdout}");
+    // beta's tenant and key (made by tenant_key through the CLI), then gamma.
+    assert!(stdout.contains("7 admin log entries"), "{stdout}");
+    // An entry altered in the file is found, by position.
+    let db = dir.path().join("rein.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(
+        bytes.windows(9).any(|w| w == b"cli:alice"),
+        "the CLI's change is recorded as alice's"
+    );
+    let needle = b"zebra-co";
+    let copies: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| w == needle)
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!copies.is_empty());
+    for at in copies {
+        bytes[at] = b'Z';
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(6), "{stdout}");
+    assert!(
+        stdout.contains("TAMPERED admin log entry 1: its fields do not match its hash"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_key_made_by_the_cli_works_through_its_hash_in_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let out = common::rein(dir.path(), &["keys", "create", "--admin"]);

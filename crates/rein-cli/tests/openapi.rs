@@ -68,6 +68,7 @@ async fn the_openapi_document_describes_every_endpoint_served() {
         "GET /healthz -> 200",
         "GET /metrics -> 200 401 404",
         "GET /readyz -> 200 503",
+        "GET /v1/admin/log -> 200 400 401 403 404 default",
         "GET /v1/admin/tenants -> 200 401 403 default",
         "GET /v1/admin/tenants/{name}/keys -> 200 401 403 404 default",
         "GET /v1/agents -> 200 401 default",

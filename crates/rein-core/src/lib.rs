@@ -6,6 +6,7 @@
 //! testable with plain values. It must never depend on tokio, reqwest, sqlx or any other I/O
 //! crate.
 
+pub mod admin_log;
 pub mod breaker;
 pub mod budget;
 pub mod bulkhead;

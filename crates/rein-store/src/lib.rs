@@ -23,6 +23,7 @@ mod writer;
 pub use postgres::PgStore;
 pub use sqlite::{Durability, SqliteStore};
 
+use rein_core::admin_log::AdminEntry;
 use rein_core::budget::{Amount, BoxFuture, Counters, Reservation, Scope, Standing};
 use rein_core::{
     JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason, Usage, Usd,
@@ -425,19 +426,24 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
     /// Flushes what the engine buffers and closes every connection.
     fn close(&self) -> BoxFuture<'_, ()>;
 
-    /// Creates a tenant (for `rein serve`'s API keys and agents); `false` if it exists.
+    /// Creates a tenant (for `rein serve`'s API keys and agents), at `actor`'s request, and
+    /// records it in the admin log in the same transaction; `false` if it exists.
     fn create_tenant<'a>(
         &'a self,
         tenant: &'a TenantId,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// Stores an API key of `tenant` by its SHA-256 (hex); `false` if there is no such tenant.
+    /// Stores an API key of `tenant` by its SHA-256 (hex), at `actor`'s request, and records
+    /// it (by its id) in the admin log in the same transaction; `false` if there is no such
+    /// tenant.
     fn add_api_key<'a>(
         &'a self,
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// The tenant whose API key has this SHA-256 (hex), if any.
@@ -455,13 +461,24 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         tenant: &'a TenantId,
     ) -> BoxFuture<'a, Result<Vec<ApiKeyEntry>, StoreError>>;
 
-    /// Revokes `tenant`'s API key whose id ([`api_key_id`]) is `key_id`: it authenticates no
-    /// more. `false` if `tenant` has no such key.
+    /// Revokes `tenant`'s API key whose id ([`api_key_id`]) is `key_id`, at `actor`'s
+    /// request: it authenticates no more, and the admin log records it in the same
+    /// transaction. `false` if `tenant` has no such key.
     fn revoke_api_key<'a>(
         &'a self,
         tenant: &'a TenantId,
         key_id: &'a str,
+        now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The admin log ([`rein_core::admin_log`]) from position `from` on, oldest first: at most
+    /// `limit` entries. An operator query, like [`Store::tenants`].
+    fn admin_log(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<AdminEntry>, StoreError>>;
 
     /// Opens a dashboard session for the API key whose SHA-256 (hex) is `key_sha256`: the
     /// browser keeps a random token, the store only the token's SHA-256, until `expires_ms`.
@@ -551,6 +568,19 @@ fn tenant_from_row(r: &impl Columns) -> Result<TenantEntry, StoreError> {
         name: TenantId::new(r.text("name")?),
         created_ms: r.int("created_ms")?,
         keys: r.count("keys")?,
+    })
+}
+
+fn admin_entry_from_row(r: &impl Columns) -> Result<AdminEntry, StoreError> {
+    Ok(AdminEntry {
+        seq: r.count("seq")?,
+        ts_ms: r.int("ts_ms")?,
+        action: r.text("action")?,
+        tenant: r.text("tenant")?,
+        key_id: r.opt_text("key_id")?,
+        actor: r.text("actor")?,
+        prev_hash: r.text("prev_hash")?,
+        hash: r.text("hash")?,
     })
 }
 

@@ -7,10 +7,11 @@
 use crate::summary::Appended;
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
-    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry, agent_from_row,
-    api_key_from_row, check_first, cost_from_row, counters_error, event_from_row, run_from_row,
-    standing_from_row, tenant_from_row, to_i64,
+    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
+    admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
+    counters_error, event_from_row, run_from_row, standing_from_row, tenant_from_row, to_i64,
 };
+use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
 use rein_core::{
     GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
@@ -601,16 +602,29 @@ impl Store for PgStore {
         &'a self,
         tenant: &'a TenantId,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
                 "INSERT INTO tenants (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
             )
             .bind(tenant.as_str())
             .bind(now_ms)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-            Ok(done.rows_affected() == 1)
+            let created = done.rows_affected() == 1;
+            if created {
+                let change = AdminChange {
+                    action: AdminAction::TenantCreated,
+                    tenant: tenant.as_str(),
+                    key_id: None,
+                    actor,
+                };
+                append_admin_entry(&mut tx, &change, now_ms).await?;
+            }
+            tx.commit().await?;
+            Ok(created)
         })
     }
 
@@ -619,8 +633,10 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
                 "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $4)",
             )
@@ -628,9 +644,20 @@ impl Store for PgStore {
             .bind(tenant.as_str())
             .bind(now_ms)
             .bind(tenant.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-            Ok(done.rows_affected() == 1)
+            let added = done.rows_affected() == 1;
+            if added {
+                let change = AdminChange {
+                    action: AdminAction::KeyCreated,
+                    tenant: tenant.as_str(),
+                    key_id: Some(api_key_id(key_sha256)),
+                    actor,
+                };
+                append_admin_entry(&mut tx, &change, now_ms).await?;
+            }
+            tx.commit().await?;
+            Ok(added)
         })
     }
 
@@ -678,19 +705,50 @@ impl Store for PgStore {
         &'a self,
         tenant: &'a TenantId,
         key_id: &'a str,
+        now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             if key_id.len() != API_KEY_ID_LEN {
                 return Ok(false);
             }
+            let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
                 "DELETE FROM api_keys WHERE tenant = $1 AND substr(key_sha256, 1, 16) = $2",
             )
             .bind(tenant.as_str())
             .bind(key_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-            Ok(done.rows_affected() > 0)
+            let revoked = done.rows_affected() > 0;
+            if revoked {
+                let change = AdminChange {
+                    action: AdminAction::KeyRevoked,
+                    tenant: tenant.as_str(),
+                    key_id: Some(key_id),
+                    actor,
+                };
+                append_admin_entry(&mut tx, &change, now_ms).await?;
+            }
+            tx.commit().await?;
+            Ok(revoked)
+        })
+    }
+
+    fn admin_log(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<AdminEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash FROM admin_log WHERE seq >= $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(admin_entry_from_row).collect()
         })
     }
 
@@ -818,6 +876,37 @@ fn lock_id(key: &str) -> i64 {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// Appends the admin log's entry for `change`, in the transaction that made it, after taking
+/// the log's advisory lock: concurrent admin changes append one after another, never both
+/// after the same entry.
+async fn append_admin_entry(
+    tx: &mut Transaction<'_, Postgres>,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    lock_scopes(tx, &["rein:admin_log"]).await?;
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let last = last.map(|(seq, hash)| (u64::try_from(seq).unwrap_or(0), hash));
+    let entry = AdminEntry::after(last.as_ref().map(|(s, h)| (*s, h.as_str())), change, now_ms);
+    sqlx::query(
+        "INSERT INTO admin_log (seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(i64::try_from(entry.seq).unwrap_or(i64::MAX))
+    .bind(entry.ts_ms)
+    .bind(&entry.action)
+    .bind(&entry.tenant)
+    .bind(&entry.key_id)
+    .bind(&entry.actor)
+    .bind(&entry.prev_hash)
+    .bind(&entry.hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Serialises this transaction with every other counter transaction on any of `keys`, until it

@@ -4,9 +4,11 @@ use crate::summary::Appended;
 use crate::writer::{Setup, Writer};
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
-    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry, agent_from_row,
-    api_key_from_row, check_first, cost_from_row, event_from_row, run_from_row, tenant_from_row,
+    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
+    admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
+    event_from_row, run_from_row, tenant_from_row,
 };
+use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{BoxFuture, Reservation, Standing};
 use rein_core::{
     GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
@@ -184,6 +186,36 @@ impl Pass {
             .is_some_and(|before| self.log - before <= SHORT_PASS_FRAMES);
         self.log - self.copied <= HELD_FRAMES && (short || self.number == MAX_PASSES)
     }
+}
+
+/// Appends the admin log's entry for `change`, in the transaction that made it: SQLite's one
+/// writer (per process; across processes, the database's write lock) serialises the appends,
+/// and the log's primary key refuses a second entry at one position.
+fn append_admin_entry(
+    c: &rusqlite::Connection,
+    change: &AdminChange<'_>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let last: Option<(i64, String)> = c
+        .prepare_cached("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let last = last.map(|(seq, hash)| (u64::try_from(seq).unwrap_or(0), hash));
+    let entry = AdminEntry::after(last.as_ref().map(|(s, h)| (*s, h.as_str())), change, now_ms);
+    c.prepare_cached(
+        "INSERT INTO admin_log (seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(rusqlite::params![
+        i64::try_from(entry.seq).unwrap_or(i64::MAX),
+        entry.ts_ms,
+        entry.action,
+        entry.tenant,
+        entry.key_id,
+        entry.actor,
+        entry.prev_hash,
+        entry.hash,
+    ])?;
+    Ok(())
 }
 
 /// `SELECT <every run column> FROM runs <tail>`, built at compile time: SQL text never
@@ -700,14 +732,24 @@ impl Store for SqliteStore {
         &'a self,
         tenant: &'a TenantId,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let tenant = tenant.clone();
+        let (tenant, actor) = (tenant.clone(), actor.to_string());
         Box::pin(self.write(move |c| {
             let added = c
                 .prepare_cached(
                     "INSERT INTO tenants (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                 )?
                 .execute(rusqlite::params![tenant.as_str(), now_ms])?;
+            if added == 1 {
+                let change = AdminChange {
+                    action: AdminAction::TenantCreated,
+                    tenant: tenant.as_str(),
+                    key_id: None,
+                    actor: &actor,
+                };
+                append_admin_entry(c, &change, now_ms)?;
+            }
             Ok(added == 1)
         }))
     }
@@ -717,14 +759,24 @@ impl Store for SqliteStore {
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let (tenant, key) = (tenant.clone(), key_sha256.to_string());
+        let (tenant, key, actor) = (tenant.clone(), key_sha256.to_string(), actor.to_string());
         Box::pin(self.write(move |c| {
             let added = c
                 .prepare_cached(
                     "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?2)",
                 )?
                 .execute(rusqlite::params![key, tenant.as_str(), now_ms])?;
+            if added == 1 {
+                let change = AdminChange {
+                    action: AdminAction::KeyCreated,
+                    tenant: tenant.as_str(),
+                    key_id: Some(api_key_id(&key)),
+                    actor: &actor,
+                };
+                append_admin_entry(c, &change, now_ms)?;
+            }
             Ok(added == 1)
         }))
     }
@@ -773,21 +825,49 @@ impl Store for SqliteStore {
         &'a self,
         tenant: &'a TenantId,
         key_id: &'a str,
+        now_ms: i64,
+        actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             if key_id.len() != API_KEY_ID_LEN {
                 return Ok(false);
             }
-            let (tenant, key_id) = (tenant.clone(), key_id.to_string());
+            let (tenant, key_id, actor) = (tenant.clone(), key_id.to_string(), actor.to_string());
             self.write(move |c| {
                 let removed = c
                     .prepare_cached(
                         "DELETE FROM api_keys WHERE tenant = ? AND substr(key_sha256, 1, 16) = ?",
                     )?
                     .execute(rusqlite::params![tenant.as_str(), key_id])?;
+                if removed > 0 {
+                    let change = AdminChange {
+                        action: AdminAction::KeyRevoked,
+                        tenant: tenant.as_str(),
+                        key_id: Some(&key_id),
+                        actor: &actor,
+                    };
+                    append_admin_entry(c, &change, now_ms)?;
+                }
                 Ok(removed > 0)
             })
             .await
+        })
+    }
+
+    fn admin_log(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<AdminEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash FROM admin_log WHERE seq >= ? ORDER BY seq LIMIT ?",
+            )
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter().map(admin_entry_from_row).collect()
         })
     }
 
@@ -1259,12 +1339,20 @@ mod tests {
             .create_run(&new_run("r1", "t1"), std::slice::from_ref(&first), None)
             .await
             .unwrap();
+        assert!(
+            store
+                .create_tenant(&TenantId::new("t1"), 1, "cli")
+                .await
+                .unwrap()
+        );
         for forbidden in [
             "DELETE FROM events",
             "UPDATE events SET hash = 'x'",
             "UPDATE events SET payload = NULL",
             "UPDATE runs SET tenant = 't2'",
             "DELETE FROM runs",
+            "UPDATE admin_log SET actor = 'someone else'",
+            "DELETE FROM admin_log",
         ] {
             let refused = store.write(move |c| Ok(c.execute(forbidden, [])?)).await;
             assert!(refused.is_err(), "{forbidden}");
@@ -1281,5 +1369,6 @@ mod tests {
             2
         );
         assert!(store.orphaned_logs().await.unwrap().is_empty());
+        assert_eq!(store.admin_log(0, 10).await.unwrap().len(), 1);
     }
 }

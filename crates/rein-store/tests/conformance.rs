@@ -683,18 +683,26 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     let acme = TenantId::new("acme");
     let other = TenantId::new("other");
     assert!(
-        !store.add_api_key(&acme, "k1", 1).await.unwrap(),
+        !store.add_api_key(&acme, "k1", 1, "cli").await.unwrap(),
         "no such tenant yet"
     );
-    assert!(store.create_tenant(&acme, 1).await.unwrap());
-    assert!(!store.create_tenant(&acme, 2).await.unwrap(), "exists");
-    assert!(store.create_tenant(&other, 1).await.unwrap());
-    assert!(store.add_api_key(&acme, "k1", 3).await.unwrap());
+    assert!(store.create_tenant(&acme, 1, "cli").await.unwrap());
+    assert!(
+        !store.create_tenant(&acme, 2, "cli").await.unwrap(),
+        "exists"
+    );
+    assert!(store.create_tenant(&other, 1, "cli").await.unwrap());
+    assert!(store.add_api_key(&acme, "k1", 3, "cli").await.unwrap());
     assert_eq!(store.tenant_by_key("k1").await.unwrap(), Some(acme.clone()));
     assert_eq!(store.tenant_by_key("k2").await.unwrap(), None);
     let k2 = "b".repeat(64);
-    assert!(store.add_api_key(&acme, &k2, 4).await.unwrap());
-    assert!(store.add_api_key(&other, &"c".repeat(64), 4).await.unwrap());
+    assert!(store.add_api_key(&acme, &k2, 4, "cli").await.unwrap());
+    assert!(
+        store
+            .add_api_key(&other, &"c".repeat(64), 4, "cli")
+            .await
+            .unwrap()
+    );
     let tenants: Vec<_> = store
         .registered_tenants()
         .await
@@ -715,29 +723,67 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     );
     assert!(
         !store
-            .revoke_api_key(&other, "bbbbbbbbbbbbbbbb")
+            .revoke_api_key(&other, "bbbbbbbbbbbbbbbb", 9, "cli")
             .await
             .unwrap(),
         "another tenant's key is not revoked"
     );
     assert!(
-        !store.revoke_api_key(&acme, "bbbb").await.unwrap(),
+        !store.revoke_api_key(&acme, "bbbb", 9, "cli").await.unwrap(),
         "a short id matches nothing"
     );
     assert!(
         store
-            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb")
+            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb", 9, "cli")
             .await
             .unwrap()
     );
     assert_eq!(store.tenant_by_key(&k2).await.unwrap(), None, "revoked");
     assert!(
         !store
-            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb")
+            .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb", 9, "cli")
             .await
             .unwrap()
     );
     assert_eq!(store.api_keys(&acme).await.unwrap().len(), 1);
+
+    // Each change made, and only those, is in the admin log, in order, chained.
+    let log = store.admin_log(0, 100).await.unwrap();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|e| {
+            (
+                e.seq,
+                e.ts_ms,
+                e.action.as_str(),
+                e.tenant.as_str(),
+                e.key_id.as_deref(),
+                e.actor.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (0, 1, "tenant_created", "acme", None, "cli"),
+            (1, 1, "tenant_created", "other", None, "cli"),
+            (2, 3, "key_created", "acme", Some("k1"), "cli"),
+            (3, 4, "key_created", "acme", Some("bbbbbbbbbbbbbbbb"), "cli"),
+            (
+                4,
+                4,
+                "key_created",
+                "other",
+                Some("cccccccccccccccc"),
+                "cli"
+            ),
+            (5, 9, "key_revoked", "acme", Some("bbbbbbbbbbbbbbbb"), "cli"),
+        ]
+    );
+    rein_core::admin_log::verify_admin_log(&log, None).unwrap();
+    let tail = store.admin_log(4, 100).await.unwrap();
+    assert_eq!(tail, log[4..]);
+    assert!(store.admin_log(6, 100).await.unwrap().is_empty());
 
     assert_eq!(
         store.register_agent(&acme, "a", "v: 1", 5).await.unwrap(),
@@ -1075,11 +1121,16 @@ async fn a_runs_row_is_the_same_whatever_its_events_batches(store: &dyn Store) {
 
 async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Store) {
     let (acme, other) = (TenantId::new("acme"), TenantId::new("other"));
-    assert!(store.create_tenant(&acme, 1).await.unwrap());
-    assert!(store.create_tenant(&other, 1).await.unwrap());
+    assert!(store.create_tenant(&acme, 1, "cli").await.unwrap());
+    assert!(store.create_tenant(&other, 1, "cli").await.unwrap());
     let (key, other_key) = ("a".repeat(64), "c".repeat(64));
-    assert!(store.add_api_key(&acme, &key, 1).await.unwrap());
-    assert!(store.add_api_key(&other, &other_key, 1).await.unwrap());
+    assert!(store.add_api_key(&acme, &key, 1, "cli").await.unwrap());
+    assert!(
+        store
+            .add_api_key(&other, &other_key, 1, "cli")
+            .await
+            .unwrap()
+    );
     assert!(
         !store
             .open_dashboard_session("t0", &"d".repeat(64), 10, 100)
@@ -1140,7 +1191,12 @@ async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Sto
         Some(acme.clone())
     );
     // Revoking the key ends its sessions, and only its own.
-    assert!(store.revoke_api_key(&acme, api_key_id(&key)).await.unwrap());
+    assert!(
+        store
+            .revoke_api_key(&acme, api_key_id(&key), 9, "cli")
+            .await
+            .unwrap()
+    );
     assert_eq!(store.dashboard_session("t4", 70).await.unwrap(), None);
     assert_eq!(
         store.dashboard_session("t3", 70).await.unwrap(),
@@ -1249,7 +1305,16 @@ async fn postgres_refuses_to_rewrite_history_through_sql() {
     let mut log = Log::new(info("r1", "t1", "s", 1));
     log.create(&store, None).await;
     log.append(&store, finished(serde_json::json!(1))).await;
+    assert!(
+        store
+            .create_tenant(&TenantId::new("t1"), 1, "cli")
+            .await
+            .unwrap()
+    );
     for forbidden in [
+        "UPDATE admin_log SET actor = 'someone else'",
+        "DELETE FROM admin_log",
+        "TRUNCATE admin_log",
         "DELETE FROM events",
         "UPDATE events SET hash = 'x'",
         "UPDATE events SET payload = NULL",
@@ -1269,6 +1334,7 @@ async fn postgres_refuses_to_rewrite_history_through_sql() {
         .await
         .unwrap();
     assert_eq!(events, log.sealed);
+    assert_eq!(store.admin_log(0, 10).await.unwrap().len(), 1);
     Fixture {
         store: Arc::new(store),
         cleanup: Cleanup::Schema(schema),

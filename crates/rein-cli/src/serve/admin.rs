@@ -7,15 +7,16 @@
 //! environment or `[server] admin_key_sha256` in rein.toml.
 
 use super::{App, Problem, bearer, json_body};
-use crate::views::{KeyView, ProblemView, TenantView};
+use crate::views::{AdminEntryView, AdminLogView, KeyView, ProblemView, TenantView};
 use crate::{BadInput, StoreArgs, exit};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rein_core::TenantId;
+use rein_core::admin_log::{AdminEntry, verify_admin_log};
 use rein_core::event::sha256_hex;
 use rein_core::time::format_utc;
 use rein_runtime::now_ms;
@@ -23,7 +24,7 @@ use rein_store::{Store, StoreError};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 /// The environment variable holding the admin key itself.
 pub const ADMIN_KEY_ENV: &str = "REIN_ADMIN_KEY";
@@ -60,6 +61,18 @@ pub fn admin_key_sha256(
     }
 }
 
+/// The admin log's author of changes made over `/v1/admin` (with the admin key).
+const ADMIN_API_ACTOR: &str = "admin_api";
+
+/// The admin log's author of changes made by `rein tenants` and `rein keys`: `cli`, with the
+/// operating-system user where the environment names one (`cli:alice`).
+fn cli_actor() -> String {
+    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        Ok(user) if !user.is_empty() => format!("cli:{user}"),
+        _ => "cli".to_string(),
+    }
+}
+
 /// Checks a tenant name: what `rein tenants create` and `POST /v1/admin/tenants` accept.
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -78,10 +91,14 @@ fn check_name(name: &str) -> Result<(), String> {
 
 /// Creates an API key for `tenant`: the key, to show once, and its id; `None` if there is no
 /// such tenant.
-async fn add_key(store: &dyn Store, tenant: &TenantId) -> anyhow::Result<Option<(String, String)>> {
+async fn add_key(
+    store: &dyn Store,
+    tenant: &TenantId,
+    actor: &str,
+) -> anyhow::Result<Option<(String, String)>> {
     let key = new_api_key()?;
     let hash = sha256_hex(key.as_bytes());
-    if !store.add_api_key(tenant, &hash, now_ms()).await? {
+    if !store.add_api_key(tenant, &hash, now_ms(), actor).await? {
         return Ok(None);
     }
     Ok(Some((key, rein_store::api_key_id(&hash).to_string())))
@@ -97,7 +114,9 @@ fn no_tenant(tenant: &str) -> anyhow::Error {
 pub async fn create_tenant(name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
     check_name(name).map_err(|e| anyhow::anyhow!(BadInput(e)))?;
     let store = crate::open_store(store).await?;
-    let created = store.create_tenant(&TenantId::new(name), now_ms()).await?;
+    let created = store
+        .create_tenant(&TenantId::new(name), now_ms(), &cli_actor())
+        .await?;
     store.close().await;
     if created {
         eprintln!("tenant {name} created");
@@ -141,7 +160,7 @@ pub async fn create_key(tenant: Option<&str>, store: &StoreArgs) -> anyhow::Resu
         return Ok(exit::OK);
     };
     let store = crate::open_store(store).await?;
-    let added = add_key(store.as_ref(), &TenantId::new(tenant)).await;
+    let added = add_key(store.as_ref(), &TenantId::new(tenant), &cli_actor()).await;
     store.close().await;
     let (key, id) = added?.ok_or_else(|| no_tenant(tenant))?;
     eprintln!("key {id} created for tenant {tenant}; it is shown once, below");
@@ -173,7 +192,9 @@ pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::R
 /// `rein keys revoke --tenant NAME ID`.
 pub async fn revoke_key(tenant: &str, id: &str, store: &StoreArgs) -> anyhow::Result<u8> {
     let store = crate::open_store(store).await?;
-    let revoked = store.revoke_api_key(&TenantId::new(tenant), id).await;
+    let revoked = store
+        .revoke_api_key(&TenantId::new(tenant), id, now_ms(), &cli_actor())
+        .await;
     store.close().await;
     if !revoked? {
         return Err(anyhow::anyhow!(BadInput(format!(
@@ -217,6 +238,93 @@ fn keys_json(keys: &[rein_store::ApiKeyEntry]) -> Vec<KeyView> {
             created_at: format_utc(k.created_ms),
         })
         .collect()
+}
+
+/// A page of the admin log, checked: up to `limit` entries after position `after` (from the
+/// start when `None`), whether they verify (linked to the entry at `after`), and the `after` of
+/// the next page while entries remain. `None` when there is no entry at `after`.
+pub(crate) async fn admin_log_page(
+    store: &dyn Store,
+    after: Option<u64>,
+    limit: u32,
+) -> Result<Option<AdminLogPage>, StoreError> {
+    // The entry at `after` too, to link the page to it, and one more, to know if more follow.
+    let (from, extra) = match after {
+        Some(after) => (after, 2),
+        None => (0, 1),
+    };
+    let mut entries = store.admin_log(from, limit.saturating_add(extra)).await?;
+    let anchor = match after {
+        Some(after) if entries.first().map(|e| e.seq) != Some(after) => return Ok(None),
+        Some(_) => Some(entries.remove(0)),
+        None => None,
+    };
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
+    let verdict = verify_admin_log(&entries, anchor.as_ref())
+        .map_err(|brk| format!("admin log entry {}: {}", brk.seq, brk.reason));
+    let next = entries.last().filter(|_| more).map(|e| e.seq);
+    Ok(Some(AdminLogPage {
+        entries,
+        verdict,
+        next,
+    }))
+}
+
+/// What [`admin_log_page`] found.
+pub(crate) struct AdminLogPage {
+    pub(crate) entries: Vec<AdminEntry>,
+    /// The first problem, if any.
+    pub(crate) verdict: Result<(), String>,
+    pub(crate) next: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminLogQuery {
+    /// Start after this position (the `next` of the page before).
+    after: Option<u64>,
+    /// Entries in this page (default 100, at most 1,000).
+    limit: Option<u32>,
+}
+
+/// The admin log, a page at a time, oldest first, checked: every tenant created and every API
+/// key created or revoked, by whom and when, hash-chained.
+#[utoipa::path(get, path = "/v1/admin/log", tag = "admin", params(AdminLogQuery), responses(
+    (status = 200, description = "A page of the log, and whether it verifies", body = AdminLogView),
+    (status = 400, description = "A malformed query", body = ProblemView, content_type = "application/problem+json"),
+    (status = 404, description = "No entry at `after`", body = ProblemView, content_type = "application/problem+json"),
+))]
+pub(super) async fn log(
+    State(app): State<Arc<App>>,
+    _: Admin,
+    query: Result<Query<AdminLogQuery>, QueryRejection>,
+) -> Result<axum::Json<AdminLogView>, Problem> {
+    let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let page = admin_log_page(app.store.as_ref(), q.after, limit)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("admin log entry {}", q.after.unwrap_or(0))))?;
+    Ok(axum::Json(AdminLogView {
+        ok: page.verdict.is_ok(),
+        problem: page.verdict.err(),
+        entries: page
+            .entries
+            .into_iter()
+            .map(|e| AdminEntryView {
+                seq: e.seq,
+                at: format_utc(e.ts_ms),
+                action: e.action,
+                tenant: e.tenant,
+                key_id: e.key_id,
+                actor: e.actor,
+                prev_hash: e.prev_hash,
+                hash: e.hash,
+            })
+            .collect(),
+        next: page.next,
+    }))
 }
 
 /// The admin key's holder. A tenant's key is not an admin key: it gets 401 here.
@@ -300,7 +408,7 @@ pub(super) async fn new_tenant(
     check_name(&name).map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let created = app
         .store
-        .create_tenant(&TenantId::new(&name), now_ms())
+        .create_tenant(&TenantId::new(&name), now_ms(), ADMIN_API_ACTOR)
         .await?;
     let status = if created {
         admin_done("tenant created", &name, None);
@@ -321,7 +429,7 @@ pub(super) async fn new_key(
     _: Admin,
     Path(tenant): Path<String>,
 ) -> Result<(StatusCode, axum::Json<NewKey>), Problem> {
-    let added = add_key(app.store.as_ref(), &TenantId::new(&tenant))
+    let added = add_key(app.store.as_ref(), &TenantId::new(&tenant), ADMIN_API_ACTOR)
         .await
         .map_err(|e| {
             tracing::error!(error = format!("{e:#}"), "admin request failed");
@@ -366,7 +474,7 @@ pub(super) async fn revoke(
 ) -> Result<StatusCode, Problem> {
     if app
         .store
-        .revoke_api_key(&TenantId::new(&tenant), &id)
+        .revoke_api_key(&TenantId::new(&tenant), &id, now_ms(), ADMIN_API_ACTOR)
         .await?
     {
         // Remembered keys are by hash, and a revocation names a key by id: forget them all.
