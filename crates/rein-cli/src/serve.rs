@@ -610,7 +610,40 @@ fn router(app: Arc<App>) -> Router {
             app.clone(),
             time_limit,
         ))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(app)
+}
+
+/// The header naming a request, for a client to quote and an operator to find in the logs.
+const REQUEST_ID: &str = "x-request-id";
+
+/// Names every request: the client's `X-Request-Id` when it is a plain token (1 to 128 letters,
+/// digits, `-`, `_`, `.` or `:`, so it cannot forge a log line), else a new UUIDv7. Every log line
+/// written while the request is handled carries it (in its `request` span), and the answer
+/// gives it back in `X-Request-Id`, errors included.
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let value = HeaderValue::from_str(&id).ok();
+    if let Some(value) = &value {
+        request.headers_mut().insert(REQUEST_ID, value.clone());
+    }
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    if let Some(value) = value {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
 }
 
 /// Bounds each request's time (`[server] request_timeout`), so a slow client or a stuck store

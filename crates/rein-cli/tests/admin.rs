@@ -26,13 +26,16 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
             .bearer_auth(ADMIN_KEY)
     };
 
-    // Nobody else gets in.
+    // Nobody else gets in. (Each answer names its request: the client's id when it is a plain
+    // token, else a new one.)
     let anonymous = http
         .get(format!("{base}/v1/admin/tenants"))
+        .header("x-request-id", "anon-request-1")
         .send()
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["x-request-id"], "anon-request-1");
     let wrong = http
         .get(format!("{base}/v1/admin/tenants"))
         .bearer_auth("not-the-admin-key")
@@ -41,6 +44,24 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
     assert_eq!(wrong.headers()["content-type"], "application/problem+json");
+    let wrong_id = wrong.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wrong_id.len(), 36, "a UUID: {wrong_id}");
+    for odd in ["has spaces in it", &"x".repeat(129)] {
+        let answer = http
+            .get(format!("{base}/healthz"))
+            .header("x-request-id", odd)
+            .send()
+            .await
+            .unwrap();
+        let named = answer.headers()["x-request-id"].to_str().unwrap();
+        assert!(
+            named != odd && named.len() == 36 && named != wrong_id,
+            "{named}"
+        );
+    }
 
     // Tenants: created once, named strictly.
     let created = admin(reqwest::Method::POST, "/tenants")
@@ -192,6 +213,16 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
     );
     assert_eq!(admin_lines[0]["path"], "/v1/admin/tenants");
     assert_eq!(admin_lines[1]["path"], "/v1/admin/tenants");
+    // Each line names the request it was written for.
+    let request_of = |line: &Value| line["spans"][0]["request_id"].clone();
+    assert_eq!(
+        request_of(&admin_lines[0]),
+        "anon-request-1",
+        "{:#}",
+        admin_lines[0]
+    );
+    assert_eq!(request_of(&admin_lines[1]), wrong_id.as_str());
+    assert!(request_of(&admin_lines[2]).as_str().unwrap().len() == 36);
     drop(server);
 
     // The CLI sees what the API did, and does the same.
