@@ -348,6 +348,18 @@ enum RunsCommand {
         /// Only runs in this state (e.g. `awaiting-approval`: the approvals queue).
         #[arg(long, value_enum)]
         status: Option<StatusArg>,
+        /// Only runs of this agent (`gateway`: the gateway's calls).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only runs for this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only runs of this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only runs older than this one: the next page after a list that ended with it.
+        #[arg(long, value_name = "RUN_ID")]
+        before: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
@@ -1236,17 +1248,38 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
         RunsCommand::List {
             tenant,
             status,
+            agent,
+            user,
+            session,
+            before,
             limit,
             json,
             store,
         } => {
             let store = open_existing_store(&store).await?;
+            let tenant = TenantId::new(tenant);
+            let before = before.map(RunId::new);
+            if let Some(before) = &before {
+                match store.run(&tenant, before).await {
+                    Ok(_) => {}
+                    Err(rein_store::StoreError::NotFound(_)) => {
+                        return Err(anyhow!(BadInput(format!(
+                            "--before {before}: no such run for tenant {tenant}"
+                        ))));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let runs = store
                 .list_runs(
-                    &TenantId::new(tenant),
+                    &tenant,
                     &rein_store::RunFilter {
                         status: status.map(RunStatus::from),
-                        ..Default::default()
+                        agent,
+                        user: user.map(UserId::new),
+                        session: session.map(SessionId::new),
+                        before,
+                        reason: None,
                     },
                     limit,
                 )

@@ -609,6 +609,48 @@ fn rand_suffix() -> u128 {
 }
 
 #[test]
+fn runs_list_filters_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(rein(dir.path(), &["demo"]).status.code(), Some(0));
+    let list = |args: &[&str]| -> Vec<Value> {
+        let out = rein(dir.path(), &[&["runs", "list", "--json"], args].concat());
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+        serde_json::from_str::<Value>(text(&out).0.trim())
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let ids = |runs: &[Value]| -> Vec<String> {
+        runs.iter()
+            .map(|r| r["run_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = list(&["--limit", "100"]);
+    assert!(all.len() > 2, "the demo makes several runs");
+    let first = list(&["--limit", "2"]);
+    let last = ids(&first)[1].clone();
+    let rest = list(&["--before", &last, "--limit", "100"]);
+    assert_eq!([ids(&first), ids(&rest)].concat(), ids(&all));
+    let agent = all[0]["agent"].as_str().unwrap();
+    let theirs = list(&["--agent", agent, "--limit", "100"]);
+    assert!(!theirs.is_empty());
+    assert_eq!(
+        theirs.len(),
+        all.iter().filter(|r| r["agent"] == agent).count()
+    );
+    let session = all[0]["session"].as_str().unwrap();
+    assert!(
+        list(&["--session", session, "--limit", "100"])
+            .iter()
+            .all(|r| r["session"] == session)
+    );
+    let out = rein(dir.path(), &["runs", "list", "--before", "no-such-run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("no such run"), "{}", text(&out).1);
+}
+
+#[test]
 fn costs_totals_equal_the_sum_of_recorded_model_calls() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(rein(dir.path(), &["demo"]).status.code(), Some(0));
