@@ -162,6 +162,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
             &tenant,
             &rein_core::event::sha256_hex(key.as_bytes()),
             rein_runtime::now_ms(),
+            None,
             "bench",
         )
         .await?;

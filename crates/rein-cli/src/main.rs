@@ -237,6 +237,10 @@ enum KeysCommand {
         /// rein.toml line for its hash on stderr; nothing is stored.
         #[arg(long, conflicts_with = "tenant")]
         admin: bool,
+        /// How long the key works: days (`90d`) or hours and minutes (`12h`, `30m`); by
+        /// default, until revoked.
+        #[arg(long, value_name = "LIFETIME", conflicts_with = "admin")]
+        expires_in: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -563,9 +567,12 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 },
         } => guard_scan(source, spec.as_deref(), json, &config),
         Command::Keys { command } => match command {
-            KeysCommand::Create { tenant, store, .. } => {
-                admin::create_key(tenant.as_deref(), &store).await
-            }
+            KeysCommand::Create {
+                tenant,
+                expires_in,
+                store,
+                ..
+            } => admin::create_key(tenant.as_deref(), expires_in.as_deref(), &store).await,
             KeysCommand::List {
                 tenant,
                 json,

@@ -33,7 +33,7 @@ use rein_core::event::sha256_hex;
 use rein_core::{RunId, RunStatus, SessionId, TenantId, UserId};
 use rein_providers::Model;
 use rein_runtime::{RunOutcome, RunRequest, Runtime, now_ms};
-use rein_store::{RunFilter, Store, StoreError};
+use rein_store::{KeyGrant, RunFilter, Store, StoreError};
 use rein_tools::Builtins;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -82,11 +82,12 @@ struct App {
 /// admin API stops at once).
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 
-/// Tenants by API-key hash, as recently read from the store (for [`KEY_CACHE_TTL`]).
-/// Requests that present the same key while it is not remembered share one store lookup: after
-/// an expiry or a restart, a burst of requests with one key reads the store once, not once per
-/// request. An unknown key and a failed lookup are not remembered.
-pub(crate) struct KeyCache(moka::future::Cache<String, TenantId>);
+/// Tenants by API-key hash, as recently read from the store (for [`KEY_CACHE_TTL`]), with when
+/// each key expires, so an expired key stops at once even while remembered. Requests that
+/// present the same key while it is not remembered share one store lookup: after an expiry or
+/// a restart, a burst of requests with one key reads the store once, not once per request. An
+/// unknown key and a failed lookup are not remembered.
+pub(crate) struct KeyCache(moka::future::Cache<String, KeyGrant>);
 
 /// Why a key hash named no tenant.
 #[derive(Debug)]
@@ -105,25 +106,34 @@ impl KeyCache {
         )
     }
 
-    /// The tenant of the key whose SHA-256 is `hash`: remembered, or found by `lookup` (called
-    /// only on a miss, and shared by every request waiting for the same hash meanwhile).
+    /// The tenant of the key whose SHA-256 is `hash`, if the key is valid at `now_ms`:
+    /// remembered, or found by `lookup` (called only on a miss, and shared by every request
+    /// waiting for the same hash meanwhile).
     async fn tenant<F>(
         &self,
         hash: String,
+        now_ms: i64,
         lookup: impl FnOnce() -> F,
     ) -> Result<TenantId, Arc<KeyMiss>>
     where
-        F: Future<Output = Result<Option<TenantId>, StoreError>>,
+        F: Future<Output = Result<Option<KeyGrant>, StoreError>>,
     {
-        self.0
-            .try_get_with(hash, async move {
+        let grant = self
+            .0
+            .try_get_with(hash.clone(), async move {
                 match lookup().await {
-                    Ok(Some(tenant)) => Ok(tenant),
+                    Ok(Some(grant)) => Ok(grant),
                     Ok(None) => Err(KeyMiss::Unknown),
                     Err(e) => Err(KeyMiss::Store(e)),
                 }
             })
-            .await
+            .await?;
+        if grant.valid_at(now_ms) {
+            Ok(grant.tenant)
+        } else {
+            self.0.invalidate(&hash).await;
+            Err(Arc::new(KeyMiss::Unknown))
+        }
     }
 
     /// Forgets every key (a revocation names a key by id, and keys are remembered by hash).
@@ -309,8 +319,9 @@ impl Caller {
 /// The tenant whose API key `key` is (remembered for [`KEY_CACHE_TTL`]); 401 for any other.
 async fn tenant_of_key(app: &App, key: &str) -> Result<TenantId, Problem> {
     let hash = sha256_hex(key.as_bytes());
+    let now = now_ms();
     app.keys
-        .tenant(hash.clone(), || app.store.tenant_by_key(&hash))
+        .tenant(hash.clone(), now, || app.store.tenant_by_key(&hash, now))
         .await
         .map_err(|miss| match &*miss {
             KeyMiss::Unknown => Problem::new(StatusCode::UNAUTHORIZED, "unknown API key"),
@@ -1316,7 +1327,7 @@ mod tests {
     async fn requests_with_one_unremembered_key_share_one_lookup() {
         let keys = KeyCache::new();
         let lookups = std::sync::atomic::AtomicUsize::new(0);
-        let lookup = |answer: Result<Option<TenantId>, StoreError>| {
+        let lookup = |answer: Result<Option<KeyGrant>, StoreError>| {
             let lookups = &lookups;
             async move {
                 lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1325,36 +1336,62 @@ mod tests {
             }
         };
         let count = || lookups.load(std::sync::atomic::Ordering::SeqCst);
-        let acme = || Ok(Some(TenantId::new("acme")));
-        let burst = (0..50).map(|_| keys.tenant("a".into(), || lookup(acme())));
+        let acme = || {
+            Ok(Some(KeyGrant {
+                tenant: TenantId::new("acme"),
+                expires_ms: None,
+            }))
+        };
+        let burst = (0..50).map(|_| keys.tenant("a".into(), 0, || lookup(acme())));
         for answer in futures_util::future::join_all(burst).await {
             assert_eq!(answer.unwrap(), TenantId::new("acme"));
         }
         assert_eq!(count(), 1, "one lookup for the whole burst");
         assert_eq!(
-            keys.tenant("a".into(), || lookup(acme())).await.unwrap(),
+            keys.tenant("a".into(), 0, || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 1, "remembered");
         for _ in 0..2 {
-            let unknown = keys.tenant("b".into(), || lookup(Ok(None))).await;
+            let unknown = keys.tenant("b".into(), 0, || lookup(Ok(None))).await;
             assert!(matches!(*unknown.unwrap_err(), KeyMiss::Unknown));
         }
         assert_eq!(count(), 3, "an unknown key is looked up every time");
         let failed = keys
-            .tenant("c".into(), || {
+            .tenant("c".into(), 0, || {
                 lookup(Err(StoreError::Writer("down".into())))
             })
             .await;
         assert!(matches!(*failed.unwrap_err(), KeyMiss::Store(_)));
         assert_eq!(
-            keys.tenant("c".into(), || lookup(acme())).await.unwrap(),
+            keys.tenant("c".into(), 0, || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 5, "a failed lookup is not remembered");
         keys.forget_all();
-        keys.tenant("a".into(), || lookup(acme())).await.unwrap();
+        keys.tenant("a".into(), 0, || lookup(acme())).await.unwrap();
         assert_eq!(count(), 6, "forgotten keys are looked up again");
+        // A remembered key that has since expired stops at once, and is forgotten.
+        let until_100 = || {
+            Ok(Some(KeyGrant {
+                tenant: TenantId::new("acme"),
+                expires_ms: Some(100),
+            }))
+        };
+        assert!(
+            keys.tenant("d".into(), 99, || lookup(until_100()))
+                .await
+                .is_ok()
+        );
+        let expired = keys.tenant("d".into(), 100, || lookup(until_100())).await;
+        assert!(matches!(*expired.unwrap_err(), KeyMiss::Unknown));
+        assert_eq!(count(), 7, "remembered until it expired");
+        let _ = keys.tenant("d".into(), 100, || lookup(Ok(None))).await;
+        assert_eq!(
+            count(),
+            8,
+            "an expired key is forgotten, so the store is asked again"
+        );
     }
 
     #[test]

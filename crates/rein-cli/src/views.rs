@@ -349,4 +349,7 @@ pub struct KeyView {
     /// The first 16 hex digits of the key's SHA-256.
     pub id: String,
     pub created_at: String,
+    /// When it stops working (past, once expired); absent: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }

@@ -150,6 +150,94 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 
+    // A key may be given a lifetime, shown when made and when listed; a wrong one changes
+    // nothing.
+    let before = admin(reqwest::Method::GET, "/tenants/acme/keys")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    for bad in [
+        json!({"expires_in": "5s"}),
+        json!({"expires_in": "0d"}),
+        json!({"expires_in": "90d", "scope": "read"}),
+    ] {
+        let refused = admin(reqwest::Method::POST, "/tenants/acme/keys")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 422, "{bad}");
+    }
+    let brief: Value = admin(reqwest::Method::POST, "/tenants/acme/keys")
+        .json(&json!({"expires_in": "90d"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let expires_at = brief["expires_at"].as_str().unwrap().to_string();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let in_90_days = rein_core::time::format_utc(now_ms + 90 * 86_400_000)[..10].to_string();
+    assert!(
+        expires_at.starts_with(&in_90_days),
+        "{expires_at} vs {in_90_days}"
+    );
+    let brief_works = http
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(brief["key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(brief_works.status(), 200);
+    let listed = admin(reqwest::Method::GET, "/tenants/acme/keys")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        before.as_array().unwrap().len() + 1
+    );
+    let listed_brief = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == brief["id"])
+        .unwrap();
+    assert_eq!(listed_brief["expires_at"], expires_at.as_str());
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .unwrap()
+            .get("expires_at")
+            .is_none(),
+        "a key made without a lifetime never expires"
+    );
+    let brief_id = brief["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        admin(
+            reqwest::Method::DELETE,
+            &format!("/tenants/acme/keys/{brief_id}")
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        204
+    );
+
     // Revoked: the key signs in no more.
     let revoked = admin(reqwest::Method::DELETE, &format!("/tenants/acme/keys/{id}"))
         .send()
@@ -179,7 +267,7 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|l| l["target"] == "rein::admin")
             .collect();
-        if lines.len() >= 6 || std::time::Instant::now() > deadline {
+        if lines.len() >= 8 || std::time::Instant::now() > deadline {
             for line in &logs {
                 assert!(!line.contains(&key) && !line.contains(ADMIN_KEY), "{line}");
             }
@@ -207,6 +295,8 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
             ("INFO", "tenant created", "acme", ""),
             ("INFO", "key created", "acme", id.as_str()),
             ("WARN", "admin request refused: not the admin key", "", ""),
+            ("INFO", "key created", "acme", brief_id.as_str()),
+            ("INFO", "key revoked", "acme", brief_id.as_str()),
             ("INFO", "key revoked", "acme", id.as_str()),
         ],
         "{admin_lines:#?}"
@@ -259,6 +349,42 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
         &["keys", "list", "--tenant", "nobody", "--db", "rein.db"],
     );
     assert_eq!(out.status.code(), Some(2));
+    let brief = common::rein(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--expires-in",
+            "12h",
+            "--db",
+            "rein.db",
+        ],
+    );
+    assert!(brief.status.success());
+    let said = String::from_utf8_lossy(&brief.stderr);
+    assert!(said.contains("valid until"), "{said}");
+    let listed = common::rein_ok(
+        dir.path(),
+        &["keys", "list", "--tenant", "acme", "--db", "rein.db"],
+    );
+    assert!(listed.contains("  expires "), "{listed}");
+    let out = common::rein(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--expires-in",
+            "4000d",
+            "--db",
+            "rein.db",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--expires-in"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,7 @@ async fn the_openapi_document_describes_every_endpoint_served() {
         "GET /v1/runs/{id}/events -> 200 400 401 404 default",
         "GET /v1/runs/{id}/trace -> 200 401 404 default",
         "POST /v1/admin/tenants -> 200 201 401 403 422 default",
-        "POST /v1/admin/tenants/{name}/keys -> 201 401 403 404 default",
+        "POST /v1/admin/tenants/{name}/keys -> 201 401 403 404 422 default",
         "POST /v1/agents -> 201 401 413 422 default",
         "POST /v1/chat/completions -> 200 400 401 404 422 429 502 503 504 default",
         "POST /v1/runs -> 200 202 401 404 415 422 429 default",

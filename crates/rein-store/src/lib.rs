@@ -177,6 +177,24 @@ pub struct ApiKeyEntry {
     pub id: String,
     /// Created, ms since the epoch.
     pub created_ms: i64,
+    /// When it stops authenticating, ms since the epoch; `None`: never.
+    pub expires_ms: Option<i64>,
+}
+
+/// What a valid API key grants: its tenant, until `expires_ms` (`None`: for good).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyGrant {
+    /// The key's tenant.
+    pub tenant: TenantId,
+    /// When the key stops authenticating, ms since the epoch.
+    pub expires_ms: Option<i64>,
+}
+
+impl KeyGrant {
+    /// Whether the key still authenticates at `now_ms`.
+    pub fn valid_at(&self, now_ms: i64) -> bool {
+        self.expires_ms.is_none_or(|until| now_ms < until)
+    }
 }
 
 /// The id of the API key whose SHA-256 (hex) is `key_sha256`.
@@ -435,22 +453,25 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// Stores an API key of `tenant` by its SHA-256 (hex), at `actor`'s request, and records
-    /// it (by its id) in the admin log in the same transaction; `false` if there is no such
-    /// tenant.
+    /// Stores an API key of `tenant` by its SHA-256 (hex), valid until `expires_ms` (`None`:
+    /// for good), at `actor`'s request, and records it (by its id) in the admin log in the
+    /// same transaction; `false` if there is no such tenant.
     fn add_api_key<'a>(
         &'a self,
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        expires_ms: Option<i64>,
         actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// The tenant whose API key has this SHA-256 (hex), if any.
+    /// The tenant whose API key has this SHA-256 (hex), and until when the key is valid, if
+    /// there is such a key and it has not expired by `now_ms`.
     fn tenant_by_key<'a>(
         &'a self,
         key_sha256: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>>;
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<KeyGrant>, StoreError>>;
 
     /// Every tenant created with [`Store::create_tenant`], by name, with its key count.
     fn registered_tenants(&self) -> BoxFuture<'_, Result<Vec<TenantEntry>, StoreError>>;
@@ -584,10 +605,18 @@ fn admin_entry_from_row(r: &impl Columns) -> Result<AdminEntry, StoreError> {
     })
 }
 
+fn key_grant_from_row(r: &impl Columns) -> Result<KeyGrant, StoreError> {
+    Ok(KeyGrant {
+        tenant: TenantId::new(r.text("tenant")?),
+        expires_ms: r.opt_int("expires_ms")?,
+    })
+}
+
 fn api_key_from_row(r: &impl Columns) -> Result<ApiKeyEntry, StoreError> {
     Ok(ApiKeyEntry {
         id: api_key_id(&r.text("key_sha256")?).to_string(),
         created_ms: r.int("created_ms")?,
+        expires_ms: r.opt_int("expires_ms")?,
     })
 }
 
@@ -629,6 +658,7 @@ trait Columns {
     fn text(&self, name: &str) -> Result<String, sqlx::Error>;
     fn opt_text(&self, name: &str) -> Result<Option<String>, sqlx::Error>;
     fn int(&self, name: &str) -> Result<i64, sqlx::Error>;
+    fn opt_int(&self, name: &str) -> Result<Option<i64>, sqlx::Error>;
     fn count(&self, name: &str) -> Result<u64, sqlx::Error> {
         Ok(self.int(name)?.max(0) as u64)
     }
@@ -644,6 +674,9 @@ macro_rules! columns_for {
                 sqlx::Row::try_get(self, name)
             }
             fn int(&self, name: &str) -> Result<i64, sqlx::Error> {
+                sqlx::Row::try_get(self, name)
+            }
+            fn opt_int(&self, name: &str) -> Result<Option<i64>, sqlx::Error> {
                 sqlx::Row::try_get(self, name)
             }
         }

@@ -6,10 +6,11 @@
 
 use crate::summary::Appended;
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
-    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease, RunCount,
+    RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
     admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
-    counters_error, event_from_row, run_from_row, standing_from_row, tenant_from_row, to_i64,
+    counters_error, event_from_row, key_grant_from_row, run_from_row, standing_from_row,
+    tenant_from_row, to_i64,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
@@ -633,17 +634,18 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        expires_ms: Option<i64>,
         actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
-                "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $4)",
+                "INSERT INTO api_keys (key_sha256, tenant, created_ms, expires_ms) SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $2)",
             )
             .bind(key_sha256)
             .bind(tenant.as_str())
             .bind(now_ms)
-            .bind(tenant.as_str())
+            .bind(expires_ms)
             .execute(&mut *tx)
             .await?;
             let added = done.rows_affected() == 1;
@@ -664,14 +666,17 @@ impl Store for PgStore {
     fn tenant_by_key<'a>(
         &'a self,
         key_sha256: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<KeyGrant>, StoreError>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT tenant FROM api_keys WHERE key_sha256 = $1")
-                .bind(key_sha256)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
-                .transpose()
+            let row = sqlx::query(
+                "SELECT tenant, expires_ms FROM api_keys WHERE key_sha256 = $1 AND (expires_ms IS NULL OR expires_ms > $2)",
+            )
+            .bind(key_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(key_grant_from_row).transpose()
         })
     }
 
@@ -692,7 +697,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'a, Result<Vec<ApiKeyEntry>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query(
-                "SELECT key_sha256, created_ms FROM api_keys WHERE tenant = $1 ORDER BY created_ms, key_sha256",
+                "SELECT key_sha256, created_ms, expires_ms FROM api_keys WHERE tenant = $1 ORDER BY created_ms, key_sha256",
             )
             .bind(tenant.as_str())
             .fetch_all(&self.pool)
@@ -765,11 +770,12 @@ impl Store for PgStore {
                 .execute(&self.pool)
                 .await?;
             let done = sqlx::query(
-                "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT $1, key_sha256, $2 FROM api_keys WHERE key_sha256 = $3",
+                "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT $1, key_sha256, $2 FROM api_keys WHERE key_sha256 = $3 AND (expires_ms IS NULL OR expires_ms > $4)",
             )
             .bind(token_sha256)
             .bind(expires_ms)
             .bind(key_sha256)
+            .bind(now_ms)
             .execute(&self.pool)
             .await?;
             Ok(done.rows_affected() == 1)
@@ -783,7 +789,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
         Box::pin(async move {
             let row = sqlx::query(
-                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = $1 AND s.expires_ms > $2",
+                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = $1 AND s.expires_ms > $2 AND (k.expires_ms IS NULL OR k.expires_ms > $2)",
             )
             .bind(token_sha256)
             .bind(now_ms)

@@ -3,10 +3,10 @@
 use crate::summary::Appended;
 use crate::writer::{Setup, Writer};
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, Lease, RunCount, RunFilter,
-    RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
+    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease, RunCount,
+    RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
     admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
-    event_from_row, run_from_row, tenant_from_row,
+    event_from_row, key_grant_from_row, run_from_row, tenant_from_row,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{BoxFuture, Reservation, Standing};
@@ -759,15 +759,16 @@ impl Store for SqliteStore {
         tenant: &'a TenantId,
         key_sha256: &'a str,
         now_ms: i64,
+        expires_ms: Option<i64>,
         actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let (tenant, key, actor) = (tenant.clone(), key_sha256.to_string(), actor.to_string());
         Box::pin(self.write(move |c| {
             let added = c
                 .prepare_cached(
-                    "INSERT INTO api_keys (key_sha256, tenant, created_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?2)",
+                    "INSERT INTO api_keys (key_sha256, tenant, created_ms, expires_ms) SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?2)",
                 )?
-                .execute(rusqlite::params![key, tenant.as_str(), now_ms])?;
+                .execute(rusqlite::params![key, tenant.as_str(), now_ms, expires_ms])?;
             if added == 1 {
                 let change = AdminChange {
                     action: AdminAction::KeyCreated,
@@ -784,14 +785,17 @@ impl Store for SqliteStore {
     fn tenant_by_key<'a>(
         &'a self,
         key_sha256: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Option<KeyGrant>, StoreError>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT tenant FROM api_keys WHERE key_sha256 = ?")
-                .bind(key_sha256)
-                .fetch_optional(&self.reader)
-                .await?;
-            row.map(|r| Ok(TenantId::new(r.text("tenant")?)))
-                .transpose()
+            let row = sqlx::query(
+                "SELECT tenant, expires_ms FROM api_keys WHERE key_sha256 = ? AND (expires_ms IS NULL OR expires_ms > ?)",
+            )
+            .bind(key_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.reader)
+            .await?;
+            row.as_ref().map(key_grant_from_row).transpose()
         })
     }
 
@@ -812,7 +816,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<Vec<ApiKeyEntry>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query(
-                "SELECT key_sha256, created_ms FROM api_keys WHERE tenant = ? ORDER BY created_ms, key_sha256",
+                "SELECT key_sha256, created_ms, expires_ms FROM api_keys WHERE tenant = ? ORDER BY created_ms, key_sha256",
             )
             .bind(tenant.as_str())
             .fetch_all(&self.reader)
@@ -884,9 +888,9 @@ impl Store for SqliteStore {
                 .execute([now_ms])?;
             let opened = c
                 .prepare_cached(
-                    "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM api_keys WHERE key_sha256 = ?2)",
+                    "INSERT INTO dashboard_sessions (token_sha256, key_sha256, expires_ms) SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM api_keys WHERE key_sha256 = ?2 AND (expires_ms IS NULL OR expires_ms > ?4))",
                 )?
-                .execute(rusqlite::params![token, key, expires_ms])?;
+                .execute(rusqlite::params![token, key, expires_ms, now_ms])?;
             Ok(opened == 1)
         }))
     }
@@ -898,7 +902,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<Option<TenantId>, StoreError>> {
         Box::pin(async move {
             let row = sqlx::query(
-                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = ? AND s.expires_ms > ?",
+                "SELECT k.tenant FROM dashboard_sessions s JOIN api_keys k ON k.key_sha256 = s.key_sha256 WHERE s.token_sha256 = ?1 AND s.expires_ms > ?2 AND (k.expires_ms IS NULL OR k.expires_ms > ?2)",
             )
             .bind(token_sha256)
             .bind(now_ms)

@@ -683,7 +683,10 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     let acme = TenantId::new("acme");
     let other = TenantId::new("other");
     assert!(
-        !store.add_api_key(&acme, "k1", 1, "cli").await.unwrap(),
+        !store
+            .add_api_key(&acme, "k1", 1, None, "cli")
+            .await
+            .unwrap(),
         "no such tenant yet"
     );
     assert!(store.create_tenant(&acme, 1, "cli").await.unwrap());
@@ -692,14 +695,26 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
         "exists"
     );
     assert!(store.create_tenant(&other, 1, "cli").await.unwrap());
-    assert!(store.add_api_key(&acme, "k1", 3, "cli").await.unwrap());
-    assert_eq!(store.tenant_by_key("k1").await.unwrap(), Some(acme.clone()));
-    assert_eq!(store.tenant_by_key("k2").await.unwrap(), None);
-    let k2 = "b".repeat(64);
-    assert!(store.add_api_key(&acme, &k2, 4, "cli").await.unwrap());
     assert!(
         store
-            .add_api_key(&other, &"c".repeat(64), 4, "cli")
+            .add_api_key(&acme, "k1", 3, None, "cli")
+            .await
+            .unwrap()
+    );
+    let tenant_of = async |key: &str, now_ms: i64| {
+        store
+            .tenant_by_key(key, now_ms)
+            .await
+            .unwrap()
+            .map(|grant| grant.tenant)
+    };
+    assert_eq!(tenant_of("k1", 3).await, Some(acme.clone()));
+    assert_eq!(tenant_of("k2", 3).await, None);
+    let k2 = "b".repeat(64);
+    assert!(store.add_api_key(&acme, &k2, 4, None, "cli").await.unwrap());
+    assert!(
+        store
+            .add_api_key(&other, &"c".repeat(64), 4, None, "cli")
             .await
             .unwrap()
     );
@@ -738,7 +753,7 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
             .await
             .unwrap()
     );
-    assert_eq!(store.tenant_by_key(&k2).await.unwrap(), None, "revoked");
+    assert_eq!(tenant_of(&k2, 9).await, None, "revoked");
     assert!(
         !store
             .revoke_api_key(&acme, "bbbbbbbbbbbbbbbb", 9, "cli")
@@ -1124,10 +1139,15 @@ async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Sto
     assert!(store.create_tenant(&acme, 1, "cli").await.unwrap());
     assert!(store.create_tenant(&other, 1, "cli").await.unwrap());
     let (key, other_key) = ("a".repeat(64), "c".repeat(64));
-    assert!(store.add_api_key(&acme, &key, 1, "cli").await.unwrap());
     assert!(
         store
-            .add_api_key(&other, &other_key, 1, "cli")
+            .add_api_key(&acme, &key, 1, None, "cli")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .add_api_key(&other, &other_key, 1, None, "cli")
             .await
             .unwrap()
     );
@@ -1201,6 +1221,59 @@ async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Sto
     assert_eq!(
         store.dashboard_session("t3", 70).await.unwrap(),
         Some(other)
+    );
+
+    // A key valid until 200 authenticates, and signs sessions in, until then only.
+    let brief = "e".repeat(64);
+    assert!(
+        store
+            .add_api_key(&acme, &brief, 100, Some(200), "cli")
+            .await
+            .unwrap()
+    );
+    let grant = store.tenant_by_key(&brief, 199).await.unwrap().unwrap();
+    assert_eq!((&grant.tenant, grant.expires_ms), (&acme, Some(200)));
+    assert!(grant.valid_at(199) && !grant.valid_at(200));
+    assert_eq!(
+        store.tenant_by_key(&brief, 200).await.unwrap(),
+        None,
+        "expired"
+    );
+    let never = store
+        .tenant_by_key(&other_key, 1 << 50)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        never.expires_ms, None,
+        "a key without an expiry never expires"
+    );
+    let listed = store.api_keys(&acme).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.expires_ms).collect::<Vec<_>>(),
+        [Some(200)]
+    );
+    assert!(
+        store
+            .open_dashboard_session("t5", &brief, 150, 1000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.dashboard_session("t5", 199).await.unwrap(),
+        Some(acme.clone())
+    );
+    assert_eq!(
+        store.dashboard_session("t5", 200).await.unwrap(),
+        None,
+        "a session ends when its key expires"
+    );
+    assert!(
+        !store
+            .open_dashboard_session("t6", &brief, 200, 1000)
+            .await
+            .unwrap(),
+        "no session for an expired key"
     );
 }
 

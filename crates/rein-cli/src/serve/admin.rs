@@ -94,14 +94,43 @@ fn check_name(name: &str) -> Result<(), String> {
 async fn add_key(
     store: &dyn Store,
     tenant: &TenantId,
+    expires_ms: Option<i64>,
     actor: &str,
 ) -> anyhow::Result<Option<(String, String)>> {
     let key = new_api_key()?;
     let hash = sha256_hex(key.as_bytes());
-    if !store.add_api_key(tenant, &hash, now_ms(), actor).await? {
+    if !store
+        .add_api_key(tenant, &hash, now_ms(), expires_ms, actor)
+        .await?
+    {
         return Ok(None);
     }
     Ok(Some((key, rein_store::api_key_id(&hash).to_string())))
+}
+
+/// The longest lifetime a key may be given: ten years.
+const MAX_KEY_DAYS: u64 = 3650;
+
+/// When a key made now with the lifetime `text` expires (ms since the epoch): days (`90d`), or
+/// a duration as agent specs write it (`12h`, `30m`), from one minute to [`MAX_KEY_DAYS`].
+pub(crate) fn key_expiry(text: &str, now_ms: i64) -> Result<i64, String> {
+    let text = text.trim();
+    let millis = match text.strip_suffix('d') {
+        Some(days) => days
+            .parse::<u64>()
+            .ok()
+            .filter(|d| (1..=MAX_KEY_DAYS).contains(d))
+            .map(|d| d * 86_400_000)
+            .ok_or_else(|| format!("`{text}`: give whole days, from 1d to {MAX_KEY_DAYS}d"))?,
+        None => {
+            let lifetime = rein_core::parse_duration(text)?;
+            if lifetime < std::time::Duration::from_secs(60) {
+                return Err(format!("`{text}`: a key lives at least a minute"));
+            }
+            u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX)
+        }
+    };
+    Ok(now_ms.saturating_add(i64::try_from(millis).unwrap_or(i64::MAX)))
 }
 
 fn no_tenant(tenant: &str) -> anyhow::Error {
@@ -149,7 +178,11 @@ pub async fn list_tenants(json: bool, store: &StoreArgs) -> anyhow::Result<u8> {
 /// `rein keys create --tenant NAME`: prints the new key alone on stdout (it is not shown
 /// again). With `--admin` instead: a new admin key, and on stderr the line that puts its hash in
 /// rein.toml.
-pub async fn create_key(tenant: Option<&str>, store: &StoreArgs) -> anyhow::Result<u8> {
+pub async fn create_key(
+    tenant: Option<&str>,
+    expires_in: Option<&str>,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
     let Some(tenant) = tenant else {
         let key = new_api_key()?;
         eprintln!(
@@ -159,11 +192,24 @@ pub async fn create_key(tenant: Option<&str>, store: &StoreArgs) -> anyhow::Resu
         println!("{key}");
         return Ok(exit::OK);
     };
+    let expires_ms = expires_in
+        .map(|text| key_expiry(text, now_ms()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(BadInput(format!("--expires-in {e}"))))?;
     let store = crate::open_store(store).await?;
-    let added = add_key(store.as_ref(), &TenantId::new(tenant), &cli_actor()).await;
+    let added = add_key(
+        store.as_ref(),
+        &TenantId::new(tenant),
+        expires_ms,
+        &cli_actor(),
+    )
+    .await;
     store.close().await;
     let (key, id) = added?.ok_or_else(|| no_tenant(tenant))?;
-    eprintln!("key {id} created for tenant {tenant}; it is shown once, below");
+    let until = expires_ms
+        .map(|ms| format!(", valid until {}", format_utc(ms)))
+        .unwrap_or_default();
+    eprintln!("key {id} created for tenant {tenant}{until}; it is shown once, below");
     println!("{key}");
     Ok(exit::OK)
 }
@@ -183,7 +229,14 @@ pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::R
         println!("{}", json!(keys_json(&keys)));
     } else {
         for k in &keys {
-            println!("{}  created {}", k.id, format_utc(k.created_ms));
+            let until = k
+                .expires_ms
+                .map(|ms| {
+                    let state = if ms <= now_ms() { "expired" } else { "expires" };
+                    format!("  {state} {}", format_utc(ms))
+                })
+                .unwrap_or_default();
+            println!("{}  created {}{until}", k.id, format_utc(k.created_ms));
         }
     }
     Ok(exit::OK)
@@ -236,6 +289,7 @@ fn keys_json(keys: &[rein_store::ApiKeyEntry]) -> Vec<KeyView> {
         .map(|k| KeyView {
             id: k.id.clone(),
             created_at: format_utc(k.created_ms),
+            expires_at: k.expires_ms.map(format_utc),
         })
         .collect()
 }
@@ -390,6 +444,9 @@ pub(super) struct NewKey {
     id: String,
     /// The key itself: only its SHA-256 is kept.
     key: String,
+    /// When it stops working; absent: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 /// Creates a tenant: 201 when created, 200 when it existed.
@@ -419,28 +476,68 @@ pub(super) async fn new_tenant(
     Ok((status, axum::Json(TenantCreated { name, created })).into_response())
 }
 
+/// How long a new key lives; no body, or no `expires_in`: for good.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyLifetime {
+    /// Days (`90d`) or hours and minutes (`12h`, `30m`), from one minute to ten years.
+    expires_in: Option<String>,
+}
+
 /// A new API key for the tenant, shown in this answer only.
-#[utoipa::path(post, path = "/v1/admin/tenants/{name}/keys", tag = "admin", params(("name" = String, Path, description = "The tenant")), responses(
+#[utoipa::path(post, path = "/v1/admin/tenants/{name}/keys", tag = "admin", params(("name" = String, Path, description = "The tenant")),
+    request_body(content = Option<KeyLifetime>, description = "Optional: how long the key lives"),
+    responses(
     (status = 201, description = "The new key", body = NewKey),
     (status = 404, description = "No such tenant", body = ProblemView, content_type = "application/problem+json"),
+    (status = 422, description = "Not a lifetime", body = ProblemView, content_type = "application/problem+json"),
 ))]
 pub(super) async fn new_key(
     State(app): State<Arc<App>>,
     _: Admin,
     Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, axum::Json<NewKey>), Problem> {
-    let added = add_key(app.store.as_ref(), &TenantId::new(&tenant), ADMIN_API_ACTOR)
-        .await
+    let lifetime: KeyLifetime = match &body {
+        Ok(bytes) if bytes.is_empty() => KeyLifetime::default(),
+        _ => json_body(&headers, body)?,
+    };
+    let expires_ms = lifetime
+        .expires_in
+        .map(|text| key_expiry(&text, now_ms()))
+        .transpose()
         .map_err(|e| {
-            tracing::error!(error = format!("{e:#}"), "admin request failed");
             Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the key could not be stored; retry later",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("`expires_in` {e}"),
             )
         })?;
+    let added = add_key(
+        app.store.as_ref(),
+        &TenantId::new(&tenant),
+        expires_ms,
+        ADMIN_API_ACTOR,
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!(error = format!("{e:#}"), "admin request failed");
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the key could not be stored; retry later",
+        )
+    })?;
     let (key, id) = added.ok_or_else(|| Problem::not_found(format!("tenant {tenant:?}")))?;
     admin_done("key created", &tenant, Some(&id));
-    Ok((StatusCode::CREATED, axum::Json(NewKey { tenant, id, key })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(NewKey {
+            tenant,
+            id,
+            key,
+            expires_at: expires_ms.map(format_utc),
+        }),
+    ))
 }
 
 /// The tenant's keys: each one's id and creation time.
@@ -497,6 +594,18 @@ mod tests {
         let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.len(), 5 + 64);
+    }
+
+    #[test]
+    fn a_key_lifetime_is_days_or_a_duration_between_a_minute_and_ten_years() {
+        const DAY: i64 = 86_400_000;
+        assert_eq!(key_expiry("90d", 1000), Ok(1000 + 90 * DAY));
+        assert_eq!(key_expiry(" 12h ", 0), Ok(12 * 3_600_000));
+        assert_eq!(key_expiry("1m", 0), Ok(60_000));
+        assert_eq!(key_expiry("3650d", 0), Ok(3650 * DAY));
+        for bad in ["0d", "3651d", "1.5d", "d", "59s", "90", "soon", "-1d"] {
+            assert!(key_expiry(bad, 0).is_err(), "{bad}");
+        }
     }
 
     #[test]
