@@ -177,6 +177,12 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     assert!(!by_reason.contains(&done_id));
     let (_, by_agent) = page("/ui/runs?agent=held".into()).await;
     assert!(by_agent.contains(&waiting_id) && !by_agent.contains(&done_id));
+    let done_run = common::get_json(&api, &format!("{base}/v1/runs/{done_id}"), &key).await;
+    let session = done_run["session"].as_str().unwrap();
+    let (_, by_session) = page(format!("/ui/runs?session={session}")).await;
+    assert!(by_session.contains(&done_id), "{by_session}");
+    let (_, no_session) = page("/ui/runs?session=no-such-session".into()).await;
+    assert!(!no_session.contains(&done_id) && !no_session.contains(&waiting_id));
 
     // A run's page shows the tree `rein runs show` prints, character for character.
     let (status, run) = page(format!("/ui/runs/{done_id}")).await;

@@ -474,13 +474,15 @@ pub(super) struct RunsQuery {
     user: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
     /// Runs older than this one: the page after one that ended with it.
     #[serde(default)]
     before: Option<String>,
 }
 
-/// `GET /ui/runs`: the newest runs, filtered by status, agent, user and termination reason, a
-/// page at a time.
+/// `GET /ui/runs`: the newest runs, filtered by status, agent, user, session and termination
+/// reason, a page at a time.
 pub(super) async fn runs(
     State(app): State<Arc<App>>,
     Viewer(tenant): Viewer,
@@ -491,6 +493,7 @@ pub(super) async fn runs(
         &mut query.agent,
         &mut query.user,
         &mut query.reason,
+        &mut query.session,
         &mut query.before,
     ] {
         if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
@@ -517,8 +520,8 @@ pub(super) async fn runs(
                 agent: query.agent.clone(),
                 user: query.user.clone().map(UserId::new),
                 reason: reason.flatten(),
+                session: query.session.clone().map(rein_core::SessionId::new),
                 before: query.before.clone().map(RunId::new),
-                ..RunFilter::default()
             };
             app.store
                 .list_runs(&tenant, &filter, LIST_LIMIT + 1)
@@ -535,6 +538,7 @@ pub(super) async fn runs(
             ("agent", &query.agent),
             ("user", &query.user),
             ("reason", &query.reason),
+            ("session", &query.session),
         ] {
             if let Some(value) = value {
                 next.append_pair(name, value);
