@@ -42,6 +42,13 @@ async fn the_openapi_document_describes_every_endpoint_served() {
                 method.to_uppercase(),
                 statuses.join(" ")
             ));
+            // Every answer, errors included, names its request.
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                assert!(
+                    response["headers"]["X-Request-Id"]["schema"]["type"] == "string",
+                    "{method} {path} {status}: {response}"
+                );
+            }
             // Every /v1 operation says how it authenticates and what its errors look like.
             if path.starts_with("/v1/") {
                 let scheme = if path.starts_with("/v1/admin/") {

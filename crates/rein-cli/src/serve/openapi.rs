@@ -75,6 +75,28 @@ pub(super) fn finish(mut doc: OpenApi) -> Arc<str> {
                 .or_insert_with(|| problem("Any other error, with its reason"));
         }
     }
+    // Every answer names its request (the `request_id` middleware), whatever the route.
+    let request_id = utoipa::openapi::header::HeaderBuilder::new()
+        .description(Some(
+            "The request's id: the client's own `X-Request-Id` when it is a plain token (1 to \
+             128 letters, digits, `-`, `_`, `.`, `:`), else a new UUID. The server's log lines \
+             for the request carry it.",
+        ))
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        for operation in [&mut item.get, &mut item.post, &mut item.delete]
+            .into_iter()
+            .flatten()
+        {
+            for response in operation.responses.responses.values_mut() {
+                if let RefOr::T(response) = response {
+                    response
+                        .headers
+                        .insert("X-Request-Id".into(), RefOr::T(request_id.clone()));
+                }
+            }
+        }
+    }
     // Serializing a document of plain data cannot fail; an empty one would say so at once.
     Arc::from(serde_json::to_string(&doc).unwrap_or_default())
 }
