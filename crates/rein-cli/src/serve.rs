@@ -235,6 +235,9 @@ impl IntoResponse for Problem {
         if let Some((kind, code)) = self.openai {
             body["error"] = json!({"message": self.detail, "type": kind, "code": code});
         }
+        if let Ok(id) = REQUEST_ID.try_with(Clone::clone) {
+            body["request_id"] = json!(id);
+        }
         let mut response = (self.status, body.to_string()).into_response();
         let headers = response.headers_mut();
         headers.insert(
@@ -626,16 +629,22 @@ fn router(app: Arc<App>) -> Router {
 }
 
 /// The header naming a request, for a client to quote and an operator to find in the logs.
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    /// The id of the request this task is answering ([`request_id`]), which problem+json
+    /// bodies repeat.
+    static REQUEST_ID: String;
+}
 
 /// Names every request: the client's `X-Request-Id` when it is a plain token (1 to 128 letters,
 /// digits, `-`, `_`, `.` or `:`, so it cannot forge a log line), else a new UUIDv7. Every log line
 /// written while the request is handled carries it (in its `request` span), and the answer
-/// gives it back in `X-Request-Id`, errors included.
+/// gives it back in `X-Request-Id`, errors included (and a problem+json body as `request_id`).
 async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let given = request
         .headers()
-        .get(REQUEST_ID)
+        .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
             (1..=128).contains(&id.len())
@@ -647,12 +656,15 @@ async fn request_id(mut request: axum::extract::Request, next: axum::middleware:
     let id = given.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let value = HeaderValue::from_str(&id).ok();
     if let Some(value) = &value {
-        request.headers_mut().insert(REQUEST_ID, value.clone());
+        request
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER, value.clone());
     }
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    let answer = tracing::Instrument::instrument(next.run(request), span);
+    let mut response = REQUEST_ID.scope(id, answer).await;
     if let Some(value) = value {
-        response.headers_mut().insert(REQUEST_ID, value);
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response
 }

@@ -258,6 +258,8 @@ pub struct ProblemView {
     /// On gateway answers: OpenAI's error member, `{message, type, code}`, for OpenAI clients.
     #[schema(value_type = Option<Object>)]
     pub error: Option<Value>,
+    /// The request's id, as in the `X-Request-Id` header: quote it when asking about the error.
+    pub request_id: Option<String>,
 }
 
 /// An agent version, as registered.

@@ -36,6 +36,8 @@ async fn the_admin_key_manages_tenants_and_keys_and_nothing_else_does() {
         .unwrap();
     assert_eq!(anonymous.status(), 401);
     assert_eq!(anonymous.headers()["x-request-id"], "anon-request-1");
+    let problem: Value = anonymous.json().await.unwrap();
+    assert_eq!(problem["request_id"], "anon-request-1", "{problem}");
     let wrong = http
         .get(format!("{base}/v1/admin/tenants"))
         .bearer_auth("not-the-admin-key")
