@@ -1421,14 +1421,12 @@ async fn audit(
         say!("{} problem(s) in {runs_checked} runs", problems.len());
         return Err(anyhow!(Exit(exit::TAMPERED)));
     }
-    match admin_entries {
-        Some(admin) => say!(
-            "ok: {runs_checked} runs, {events_checked} events, {admin} admin log entries: every hash chain is intact and every run agrees with its log"
-        ),
-        None => say!(
-            "ok: {runs_checked} runs, {events_checked} events: every hash chain is intact and every run agrees with its log"
-        ),
-    }
+    let admin = admin_entries
+        .map(|n| format!(", {n} admin log entries"))
+        .unwrap_or_default();
+    say!(
+        "ok: {runs_checked} runs, {events_checked} events{admin}: every hash chain is intact and every run agrees with its log"
+    );
     Ok(exit::OK)
 }
 

@@ -111,16 +111,17 @@ impl KeyCache {
     /// waiting for the same hash meanwhile).
     async fn tenant<F>(
         &self,
-        hash: String,
+        hash: &str,
         now_ms: i64,
         lookup: impl FnOnce() -> F,
     ) -> Result<TenantId, Arc<KeyMiss>>
     where
         F: Future<Output = Result<Option<KeyGrant>, StoreError>>,
     {
+        // By reference: the hash is copied into the cache only on a miss, not on every request.
         let grant = self
             .0
-            .try_get_with(hash.clone(), async move {
+            .try_get_with_by_ref(hash, async move {
                 match lookup().await {
                     Ok(Some(grant)) => Ok(grant),
                     Ok(None) => Err(KeyMiss::Unknown),
@@ -131,7 +132,7 @@ impl KeyCache {
         if grant.valid_at(now_ms) {
             Ok(grant.tenant)
         } else {
-            self.0.invalidate(&hash).await;
+            self.0.invalidate(hash).await;
             Err(Arc::new(KeyMiss::Unknown))
         }
     }
@@ -324,7 +325,7 @@ async fn tenant_of_key(app: &App, key: &str) -> Result<TenantId, Problem> {
     let hash = sha256_hex(key.as_bytes());
     let now = now_ms();
     app.keys
-        .tenant(hash.clone(), now, || app.store.tenant_by_key(&hash, now))
+        .tenant(&hash, now, || app.store.tenant_by_key(&hash, now))
         .await
         .map_err(|miss| match &*miss {
             KeyMiss::Unknown => Problem::new(StatusCode::UNAUTHORIZED, "unknown API key"),
@@ -999,8 +1000,7 @@ async fn list_runs(
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let mut runs = app.store.list_runs(&tenant, &filter, limit + 1).await?;
-    let more = runs.len() > limit as usize;
-    runs.truncate(limit as usize);
+    let more = cut_page(&mut runs, limit);
     let mut response = axum::Json(runs.iter().map(RunView::of).collect::<Vec<_>>()).into_response();
     if let Some(last) = runs.last().filter(|_| more) {
         let link = format!(
@@ -1012,6 +1012,16 @@ async fn list_runs(
         }
     }
     Ok(response)
+}
+
+/// Cuts `items`, read as one more than a page of `limit` to learn whether another page
+/// follows, to the page; returns whether one does. Every paged answer (runs, audits, the admin
+/// log, the dashboard's list) reads its page this way.
+pub(crate) fn cut_page<T>(items: &mut Vec<T>, limit: u32) -> bool {
+    let limit = limit as usize;
+    let more = items.len() > limit;
+    items.truncate(limit);
+    more
 }
 
 /// The query of the page after the one `query` asked for, which ended with run `last`: the
@@ -1278,13 +1288,11 @@ async fn audit_verify(
                 app.store.run(&tenant, after).await?;
             }
             let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-            // One more than the page, to know whether another follows.
             let mut ids = app
                 .store
                 .run_ids(&tenant, after.as_ref(), limit + 1)
                 .await?;
-            let more = ids.len() > limit as usize;
-            ids.truncate(limit as usize);
+            let more = cut_page(&mut ids, limit);
             let next = more
                 .then(|| ids.last().map(|id| id.as_str().to_string()))
                 .flatten();
@@ -1354,34 +1362,32 @@ mod tests {
                 expires_ms: None,
             }))
         };
-        let burst = (0..50).map(|_| keys.tenant("a".into(), 0, || lookup(acme())));
+        let burst = (0..50).map(|_| keys.tenant("a", 0, || lookup(acme())));
         for answer in futures_util::future::join_all(burst).await {
             assert_eq!(answer.unwrap(), TenantId::new("acme"));
         }
         assert_eq!(count(), 1, "one lookup for the whole burst");
         assert_eq!(
-            keys.tenant("a".into(), 0, || lookup(acme())).await.unwrap(),
+            keys.tenant("a", 0, || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 1, "remembered");
         for _ in 0..2 {
-            let unknown = keys.tenant("b".into(), 0, || lookup(Ok(None))).await;
+            let unknown = keys.tenant("b", 0, || lookup(Ok(None))).await;
             assert!(matches!(*unknown.unwrap_err(), KeyMiss::Unknown));
         }
         assert_eq!(count(), 3, "an unknown key is looked up every time");
         let failed = keys
-            .tenant("c".into(), 0, || {
-                lookup(Err(StoreError::Writer("down".into())))
-            })
+            .tenant("c", 0, || lookup(Err(StoreError::Writer("down".into()))))
             .await;
         assert!(matches!(*failed.unwrap_err(), KeyMiss::Store(_)));
         assert_eq!(
-            keys.tenant("c".into(), 0, || lookup(acme())).await.unwrap(),
+            keys.tenant("c", 0, || lookup(acme())).await.unwrap(),
             TenantId::new("acme")
         );
         assert_eq!(count(), 5, "a failed lookup is not remembered");
         keys.forget_all();
-        keys.tenant("a".into(), 0, || lookup(acme())).await.unwrap();
+        keys.tenant("a", 0, || lookup(acme())).await.unwrap();
         assert_eq!(count(), 6, "forgotten keys are looked up again");
         // A remembered key that has since expired stops at once, and is forgotten.
         let until_100 = || {
@@ -1390,15 +1396,11 @@ mod tests {
                 expires_ms: Some(100),
             }))
         };
-        assert!(
-            keys.tenant("d".into(), 99, || lookup(until_100()))
-                .await
-                .is_ok()
-        );
-        let expired = keys.tenant("d".into(), 100, || lookup(until_100())).await;
+        assert!(keys.tenant("d", 99, || lookup(until_100())).await.is_ok());
+        let expired = keys.tenant("d", 100, || lookup(until_100())).await;
         assert!(matches!(*expired.unwrap_err(), KeyMiss::Unknown));
         assert_eq!(count(), 7, "remembered until it expired");
-        let _ = keys.tenant("d".into(), 100, || lookup(Ok(None))).await;
+        let _ = keys.tenant("d", 100, || lookup(Ok(None))).await;
         assert_eq!(
             count(),
             8,

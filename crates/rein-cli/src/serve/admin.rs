@@ -228,11 +228,12 @@ pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::R
     if json {
         println!("{}", json!(keys_json(&keys)));
     } else {
+        let now = now_ms();
         for k in &keys {
             let until = k
                 .expires_ms
                 .map(|ms| {
-                    let state = if ms <= now_ms() { "expired" } else { "expires" };
+                    let state = if ms <= now { "expired" } else { "expires" };
                     format!("  {state} {}", format_utc(ms))
                 })
                 .unwrap_or_default();
@@ -313,8 +314,7 @@ pub(crate) async fn admin_log_page(
         Some(_) => Some(entries.remove(0)),
         None => None,
     };
-    let more = entries.len() > limit as usize;
-    entries.truncate(limit as usize);
+    let more = super::cut_page(&mut entries, limit);
     let verdict = verify_admin_log(&entries, anchor.as_ref())
         .map_err(|brk| format!("admin log entry {}: {}", brk.seq, brk.reason));
     let next = entries.last().filter(|_| more).map(|e| e.seq);

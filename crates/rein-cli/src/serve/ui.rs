@@ -528,8 +528,7 @@ pub(super) async fn runs(
                 .await?
         }
     };
-    let limited = found.len() > LIST_LIMIT as usize;
-    found.truncate(LIST_LIMIT as usize);
+    let limited = super::cut_page(&mut found, LIST_LIMIT);
     // The next page's query: these filters, from the run after this page's last.
     let older = found.last().filter(|_| limited).map(|last| {
         let mut next = form_urlencoded::Serializer::new(String::new());
