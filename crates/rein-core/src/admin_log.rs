@@ -69,7 +69,7 @@ pub struct AdminEntry {
 impl AdminEntry {
     /// The entry recording `change` at `seq` and `ts_ms`, after the entry whose hash is
     /// `prev_hash`.
-    pub fn new(change: &AdminChange<'_>, seq: u64, ts_ms: i64, prev_hash: &str) -> AdminEntry {
+    fn new(change: &AdminChange<'_>, seq: u64, ts_ms: i64, prev_hash: &str) -> AdminEntry {
         let mut entry = AdminEntry {
             seq,
             ts_ms,

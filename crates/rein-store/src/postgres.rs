@@ -897,8 +897,10 @@ async fn append_admin_entry(
         sqlx::query_as("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut **tx)
             .await?;
-    let last = last.map(|(seq, hash)| (u64::try_from(seq).unwrap_or(0), hash));
-    let entry = AdminEntry::after(last.as_ref().map(|(s, h)| (*s, h.as_str())), change, now_ms);
+    let last = last
+        .as_ref()
+        .map(|(seq, hash)| (u64::try_from(*seq).unwrap_or(0), hash.as_str()));
+    let entry = AdminEntry::after(last, change, now_ms);
     sqlx::query(
         "INSERT INTO admin_log (seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )

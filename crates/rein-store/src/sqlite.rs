@@ -200,8 +200,10 @@ fn append_admin_entry(
         .prepare_cached("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let last = last.map(|(seq, hash)| (u64::try_from(seq).unwrap_or(0), hash));
-    let entry = AdminEntry::after(last.as_ref().map(|(s, h)| (*s, h.as_str())), change, now_ms);
+    let last = last
+        .as_ref()
+        .map(|(seq, hash)| (u64::try_from(*seq).unwrap_or(0), hash.as_str()));
+    let entry = AdminEntry::after(last, change, now_ms);
     c.prepare_cached(
         "INSERT INTO admin_log (seq, ts_ms, action, tenant, key_id, actor, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )?
