@@ -385,6 +385,15 @@ enum RunsCommand {
     /// Continue a run that stopped before it finished (its process crashed or was killed),
     /// under the spec it pinned.
     Resume(ResumeArgs),
+    /// Cancel a run: at once when nobody drives it (queued, awaiting approval, its process
+    /// dead); before its next step in the process that drives it, whichever that is.
+    Cancel {
+        run_id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Args)]
@@ -1169,6 +1178,33 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// `rein runs cancel`: recorded as `cli:$USER`, as the admin commands are.
+async fn cancel(id: RunId, tenant: TenantId, store: &StoreArgs) -> anyhow::Result<u8> {
+    let store = open_existing_store(store).await?;
+    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(http_client()?));
+    let done = Runtime::new(store.clone(), tools)
+        .cancel(&tenant, &id, &serve::admin::cli_actor())
+        .await;
+    store.close().await;
+    match done {
+        Ok(rein_runtime::Cancelled::Ended) => say!("run {id}: cancelled"),
+        Ok(rein_runtime::Cancelled::Requested) => say!(
+            "run {id}: cancel requested; the process driving it ends it before its next step (it looks every {} s; the step in flight finishes first)",
+            rein_runtime::CANCEL_POLL.as_secs()
+        ),
+        Err(rein_runtime::RuntimeError::Store(rein_store::StoreError::NotFound(_))) => {
+            return Err(anyhow!(BadInput(format!(
+                "run {id} not found for tenant {tenant}"
+            ))));
+        }
+        Err(e @ rein_runtime::RuntimeError::Ended(..)) => {
+            return Err(anyhow!(BadInput(e.to_string())));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(0)
+}
+
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
     continue_run(args, None).await
 }
@@ -1252,6 +1288,11 @@ async fn continue_run(
 async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
     match command {
         RunsCommand::Resume(args) => resume(args).await,
+        RunsCommand::Cancel {
+            run_id,
+            tenant,
+            store,
+        } => cancel(RunId::new(run_id), TenantId::new(tenant), &store).await,
         RunsCommand::List {
             tenant,
             status,

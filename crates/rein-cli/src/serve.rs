@@ -1310,13 +1310,13 @@ async fn audit_verify(
     }))
 }
 
-/// Ends a run that nobody drives at once (200), or stops one this process drives before its
-/// next step (202).
+/// Ends a run that nobody drives at once (200), or stops one a process drives (this one, or
+/// another sharing the store) before its next step (202).
 #[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", params(RunPath), responses(
     (status = 200, description = "Cancelled", body = RunView),
-    (status = 202, description = "The run stops before its next step", body = RunView),
+    (status = 202, description = "The run stops before its next step, in whichever process drives it", body = RunView),
     (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
-    (status = 409, description = "The run has ended, or another live process drives it", body = ProblemView, content_type = "application/problem+json"),
+    (status = 409, description = "The run has ended", body = ProblemView, content_type = "application/problem+json"),
 ))]
 async fn cancel(
     State(app): State<Arc<App>>,

@@ -420,6 +420,95 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     assert_eq!(audit["ok"], true, "{audit}");
 }
 
+/// `rein runs cancel` is another process than the server that drives the run: the request waits
+/// in the store, and the server ends the run before its next step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_cancels_a_run_that_the_server_drives() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = serve(dir.path());
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    // The payment takes 3 s: the server looks for requests every second.
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::payer_spec(&service.url(), 3000, 4),
+    )
+    .await;
+    let id = queue_payment(&http, &base, &key, "pay order 9").await;
+    until_paying(&http, &base, &key, &id).await;
+    let cancel = |id: &str| {
+        common::rein(
+            dir.path(),
+            &["runs", "cancel", id, "--tenant", "acme", "--db", "rein.db"],
+        )
+    };
+    let out = cancel(&id);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("run {id}: cancel requested")),
+        "{said}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let trace = loop {
+        let t = common::get_json(&http, &format!("{base}/v1/runs/{id}/trace"), &key).await;
+        if t["run"]["status"] != "running" {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run was never cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(trace["run"]["status"], "cancelled", "{trace}");
+    let detail = trace["run"]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("cancelled by cli") && detail.ends_with("while it ran"),
+        "the log says who cancelled it: {detail}"
+    );
+    let kinds: Vec<&str> = trace["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["tool_result", "run_finished"],
+        "{kinds:?}"
+    );
+    assert_eq!(
+        service.applied().values().sum::<usize>(),
+        1,
+        "one payment, made once"
+    );
+    // An ended run, or one of another tenant, is refused with the reason.
+    let again = cancel(&id);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already ended"),
+        "{again:?}"
+    );
+    let unknown = common::rein(
+        dir.path(),
+        &[
+            "runs", "cancel", &id, "--tenant", "rival", "--db", "rein.db",
+        ],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("not found for tenant rival"),
+        "{unknown:?}"
+    );
+    drop(server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
     let service = ToolService::start().await.unwrap();

@@ -88,8 +88,9 @@ pub enum Cancelled {
     /// The run was not being driven (queued, awaiting approval, or left by a dead process):
     /// it has ended, `cancelled`.
     Ended,
-    /// This process is driving the run: it ends, `cancelled`, before its next step (the step
-    /// in flight, a model or tool call, finishes and is recorded first).
+    /// A process is driving the run, this one or another (which finds the request within
+    /// [`CANCEL_POLL`]): it ends, `cancelled`, before its next step (the step in flight, a model
+    /// or tool call, finishes and is recorded first).
     Requested,
 }
 
@@ -215,13 +216,21 @@ pub struct Runtime {
     /// The runs whose leases this process renews while it drives them.
     leases: Arc<Leases>,
     /// The runs this process is driving, each with who asked to cancel it, once someone has.
-    driving: Arc<std::sync::Mutex<HashMap<RunId, Arc<std::sync::OnceLock<String>>>>>,
+    driving: Arc<DrivingMap>,
     /// How worker agents' specs are found, for tools whose source is an agent.
     workers: Option<Arc<dyn Workers>>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
 pub const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// How often a process looks in the store for requests to cancel the runs it drives, made in
+/// other processes ([`Runtime::cancel`]); its leases' renewals follow their own schedule. A
+/// shorter lease's renewal period is used when it is shorter.
+pub const CANCEL_POLL: Duration = Duration::from_secs(1);
+
+/// The runs this process is driving, each with who asked to cancel it, once someone has.
+type DrivingMap = std::sync::Mutex<HashMap<RunId, Arc<std::sync::OnceLock<String>>>>;
 
 /// The runs whose leases this process holds while it drives them, and the one task that renews
 /// them all, a third of the way into each lease (started with the first; stopped when the last
@@ -251,22 +260,47 @@ impl Leases {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Renews every held lease each third of a lease, until `leases` is gone.
+    /// Renews every held lease each third of a lease, and hands the requests to cancel held
+    /// runs that other processes stored to their drivers every [`CANCEL_POLL`], until `leases`
+    /// is gone.
     fn renew(
         leases: std::sync::Weak<Leases>,
+        driving: std::sync::Weak<DrivingMap>,
         store: Arc<dyn Store>,
         owner: String,
         lease_ms: i64,
     ) -> Renewer {
         Renewer(tokio::spawn(async move {
             let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1).max(1));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let poll = every.min(CANCEL_POLL);
+            let start = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval_at(start + poll, poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renew_at = start + every;
             loop {
                 tick.tick().await;
                 let Some(runs) = leases.upgrade().map(|l| l.held().clone()) else {
                     return;
                 };
+                if runs.is_empty() {
+                    continue;
+                }
+                let runs: Vec<RunId> = runs.into_iter().collect();
+                // A failed look is repeated at the next tick; the requests stay in the store.
+                if let Ok(asked) = store.cancel_requests(&runs).await
+                    && let Some(driving) = driving.upgrade()
+                    && let Ok(driving) = driving.lock()
+                {
+                    for (run, by) in asked {
+                        if let Some(flag) = driving.get(&run) {
+                            let _ = flag.set(by);
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() < renew_at {
+                    continue;
+                }
+                renew_at = tokio::time::Instant::now() + every;
                 for run in runs {
                     let lease = rein_store::Lease {
                         owner: &owner,
@@ -403,10 +437,12 @@ impl Runtime {
         self
     }
 
-    /// Cancels a run: one this process drives stops before its next step; one nobody drives
+    /// Cancels a run: one this process drives stops before its next step; one another live
+    /// process drives stops the same way once that process sees the request, which the store
+    /// keeps ([`Store::request_cancel`], looked for every [`CANCEL_POLL`]); one nobody drives
     /// (queued, awaiting approval, or left by a dead process) ends at once. Either way its log
-    /// ends with `run_finished` (`cancelled`, `by` in the detail). A run another live process
-    /// drives is [`RuntimeError::Leased`]; an ended one [`RuntimeError::Ended`].
+    /// ends with `run_finished` (`cancelled`, `by` in the detail). An ended run is
+    /// [`RuntimeError::Ended`].
     pub async fn cancel(
         &self,
         tenant: &TenantId,
@@ -433,7 +469,13 @@ impl Runtime {
             .acquire(run_id, self.fresh_lease(), now_ms())
             .await?
         {
-            return Err(RuntimeError::Leased(run_id.clone()));
+            // Another live process drives it: the request waits in the store for that process.
+            if self.store.request_cancel(tenant, run_id, by).await? {
+                return Ok(Cancelled::Requested);
+            }
+            // It ended meanwhile.
+            let status = self.store.run(tenant, run_id).await?.progress.status;
+            return Err(RuntimeError::Ended(run_id.clone(), status));
         }
         let ended = self
             .end_run(
@@ -487,6 +529,7 @@ impl Runtime {
         self.leases.renewer.get_or_init(|| {
             Leases::renew(
                 Arc::downgrade(&self.leases),
+                Arc::downgrade(&self.driving),
                 self.store.clone(),
                 self.owner.clone(),
                 self.lease_ms,
@@ -1129,7 +1172,11 @@ impl Runtime {
             meter: None,
             unmeasured: Vec::new(),
             trace: rein_core::spans::log_trace(run_id, &events).0,
-            cancel: None,
+            // A request to cancel the run made while another process drove it.
+            cancel: record
+                .cancel_requested_by
+                .clone()
+                .map(|by| Arc::new(std::sync::OnceLock::from(by))),
             caller_cancel: None,
         };
         if self.meters.on() {
@@ -1196,8 +1243,14 @@ struct Driving<'a> {
 }
 
 impl<'a> Driving<'a> {
-    fn register(runtime: &'a Runtime, run_id: &RunId) -> Self {
-        let flag = Arc::new(std::sync::OnceLock::new());
+    /// Registers the run, with `flag` if it has one already (a request to cancel it found in
+    /// the store when this process took it up).
+    fn register(
+        runtime: &'a Runtime,
+        run_id: &RunId,
+        flag: Option<Arc<std::sync::OnceLock<String>>>,
+    ) -> Self {
+        let flag = flag.unwrap_or_default();
         if let Ok(mut driving) = runtime.driving.lock() {
             driving.insert(run_id.clone(), flag.clone());
         }
@@ -1249,7 +1302,8 @@ struct Driver<'a> {
     trace: [u8; 16],
     /// What the staged events add to the metrics, applied once they are durable.
     unmeasured: Vec<Measure>,
-    /// Who asked to cancel this run, once someone has (set while it is driven).
+    /// Who asked to cancel this run, once someone has (set while it is driven; before, a
+    /// request found in the store when this process took the run up).
     cancel: Option<Arc<std::sync::OnceLock<String>>>,
     /// For a worker's run: its caller's cancel flag (a cancelled caller stops its workers).
     caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
@@ -1257,7 +1311,7 @@ struct Driver<'a> {
 
 impl Driver<'_> {
     async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
-        let cancel = Driving::register(self.runtime, &self.run_id);
+        let cancel = Driving::register(self.runtime, &self.run_id, self.cancel.take());
         self.cancel = Some(cancel.flag.clone());
         let mut carried = Duration::ZERO;
         let mut awaiting = None;

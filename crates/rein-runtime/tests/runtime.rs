@@ -2129,3 +2129,148 @@ async fn runs_driven_past_their_lease_keep_it_until_their_drivers_stop() {
         );
     }
 }
+
+/// Naps `seconds` twice, then answers "done".
+fn two_naps(seconds: f64) -> ScriptedModel {
+    let call =
+        format!("  - tool_calls: [{{name: nap, raw_arguments: '{{\"seconds\": {seconds}}}'}}]\n");
+    let script = format!("responses:\n{call}{call}  - text: done\n");
+    ScriptedModel::parse("script.yaml", &script).unwrap()
+}
+
+fn kinds(events: &[rein_core::SealedEvent]) -> Vec<String> {
+    events.iter().map(|e| e.kind.clone()).collect()
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// Two runtimes that share nothing but the database, as two processes do: `driver`'s runtime
+/// drives a run, `other`'s cancels it. The request waits in the store; the driver finds it
+/// within `CANCEL_POLL` and ends the run before its next step, so the nap in flight finishes
+/// and the second never starts. A run whose driver died with a request pending is ended by the
+/// next process to take it up, before anything runs.
+async fn cancel_across_processes(
+    driver: Arc<dyn rein_store::Store>,
+    other: Arc<dyn rein_store::Store>,
+) {
+    let tools = || ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    let a = Runtime::new(driver, tools());
+    let b = Runtime::new(other.clone(), tools());
+    let acme = TenantId::new("acme");
+    let src = spec("http://127.0.0.1:9/unused", "{timeout: 5s}", "60s");
+    let driving = tokio::spawn({
+        let (a, src) = (a.clone(), src.clone());
+        async move {
+            a.run(
+                request(&src, "go", "acme", "ann", "s1", &[]),
+                &two_naps(3.0),
+            )
+            .await
+            .unwrap()
+        }
+    });
+    // Once the first nap is under way in `a`, `b` asks to cancel.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let runs = other
+            .list_runs(&acme, &rein_store::RunFilter::default(), 10)
+            .await
+            .unwrap();
+        if let Some(run) = runs.first() {
+            let events = other.events(&acme, &run.info.id).await.unwrap();
+            if kinds(&events).iter().any(|k| k == "tool_requested") {
+                break run.info.id.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "the run never reached its nap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let asked = b.cancel(&acme, &id, "api:acme").await.unwrap();
+    assert_eq!(asked, rein_runtime::Cancelled::Requested);
+    let outcome = driving.await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Cancelled);
+    assert_eq!(outcome.reason, Some(TerminationReason::Cancelled));
+    assert_eq!(
+        outcome.detail.as_deref(),
+        Some("cancelled by api:acme while it ran")
+    );
+    let kinds = kinds(&other.events(&acme, &id).await.unwrap());
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "tool_result").count(),
+        1,
+        "the nap in flight finished and no other began: {kinds:?}"
+    );
+    assert_eq!(kinds.last().map(String::as_str), Some("run_finished"));
+    let again = b.cancel(&acme, &id, "api:acme").await.unwrap_err();
+    assert!(
+        matches!(
+            again,
+            rein_runtime::RuntimeError::Ended(_, RunStatus::Cancelled)
+        ),
+        "{again}"
+    );
+
+    // A process died driving a run, with a request to cancel it pending: the next process to
+    // take it up ends it before any step.
+    let queued = b
+        .enqueue(request(&src, "go", "acme", "ann", "s2", &[]))
+        .await
+        .unwrap();
+    let ghost = rein_store::Lease {
+        owner: "ghost",
+        until_ms: now_ms() + 300,
+    };
+    assert!(other.acquire(&queued, ghost, now_ms()).await.unwrap());
+    let asked = b.cancel(&acme, &queued, "cli:ann").await.unwrap();
+    assert_eq!(
+        asked,
+        rein_runtime::Cancelled::Requested,
+        "the ghost holds it"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let outcome = a
+        .work_one(&PriceTable::default(), &two_naps(0.0))
+        .await
+        .unwrap()
+        .expect("the ghost's run is claimed once its lease runs out");
+    assert_eq!(outcome.run_id, queued);
+    assert_eq!(outcome.status, RunStatus::Cancelled);
+    assert_eq!(
+        outcome.detail.as_deref(),
+        Some("cancelled by cli:ann while it ran")
+    );
+    let kinds = self::kinds(&other.events(&acme, &queued).await.unwrap());
+    assert!(
+        !kinds.iter().any(|k| k == "model_requested"),
+        "nothing ran: {kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_driven_by_another_process_is_cancelled_through_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rein.db");
+    let one = SqliteStore::open(&path, Default::default()).await.unwrap();
+    let two = SqliteStore::open(&path, Default::default()).await.unwrap();
+    cancel_across_processes(Arc::new(one), Arc::new(two)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_driven_by_another_process_is_cancelled_through_postgres() {
+    let schema = rein_store::testing::TestSchema::create()
+        .await
+        .expect("PostgreSQL must be running on 127.0.0.1:5432 (scripts/test starts it)");
+    let one = rein_store::PgStore::connect(&schema.url()).await.unwrap();
+    let two = rein_store::PgStore::connect(&schema.url()).await.unwrap();
+    let (one, two): (Arc<dyn rein_store::Store>, Arc<dyn rein_store::Store>) =
+        (Arc::new(one), Arc::new(two));
+    cancel_across_processes(one.clone(), two.clone()).await;
+    one.close().await;
+    two.close().await;
+    schema.drop_schema().await.unwrap();
+}

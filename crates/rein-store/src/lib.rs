@@ -157,6 +157,9 @@ pub struct RunRecord {
     pub head_hash: String,
     /// Last event, ms since the epoch.
     pub updated_ms: i64,
+    /// Who asked to cancel the run while another process drove it ([`Store::request_cancel`]),
+    /// if anyone has.
+    pub cancel_requested_by: Option<String>,
 }
 
 /// A tenant created for `rein serve` (by the CLI or the admin API).
@@ -359,6 +362,23 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         run: &'a RunId,
         lease: Lease<'a>,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Records that `by` asks to cancel `tenant`'s `run`, which another process drives: that
+    /// process finds the request among its runs' ([`Store::cancel_requests`]) and ends the run
+    /// before its next step. `false` when the run has ended (nothing is recorded). A second
+    /// request changes nothing: the first one's author is the one kept.
+    fn request_cancel<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        run: &'a RunId,
+        by: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Of `runs`, those someone asked to cancel ([`Store::request_cancel`]), each with who asked.
+    fn cancel_requests<'a>(
+        &'a self,
+        runs: &'a [RunId],
+    ) -> BoxFuture<'a, Result<Vec<(RunId, String)>, StoreError>>;
 
     /// Gives `owner`'s lease on `run` up (the run finished, or waits for a person).
     fn release<'a>(
@@ -745,6 +765,7 @@ fn run_from_row(r: &impl Columns) -> Result<RunRecord, StoreError> {
         event_count: r.count("event_count")?,
         head_hash: r.text("head_hash")?,
         updated_ms: r.int("updated_ms")?,
+        cancel_requested_by: r.opt_text("cancel_requested_by")?,
         info,
     })
 }

@@ -65,7 +65,7 @@ macro_rules! select_runs {
         concat!(
             "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
             "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
-            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms FROM runs ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by FROM runs ",
             $tail
         )
     };
@@ -406,6 +406,46 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
             Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn request_cancel<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        run: &'a RunId,
+        by: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE runs SET cancel_requested_by = coalesce(cancel_requested_by, $1)
+                 WHERE tenant = $2 AND id = $3 AND status IN ('running', 'queued', 'awaiting_approval')",
+            )
+            .bind(by)
+            .bind(tenant.as_str())
+            .bind(run.as_str())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn cancel_requests<'a>(
+        &'a self,
+        runs: &'a [RunId],
+    ) -> BoxFuture<'a, Result<Vec<(RunId, String)>, StoreError>> {
+        Box::pin(async move {
+            let ids: Vec<&str> = runs.iter().map(RunId::as_str).collect();
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT id, cancel_requested_by FROM runs
+                 WHERE id = ANY($1) AND cancel_requested_by IS NOT NULL",
+            )
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(id, by)| (RunId::new(id), by))
+                .collect())
         })
     }
 

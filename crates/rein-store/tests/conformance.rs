@@ -1277,6 +1277,57 @@ async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Sto
     );
 }
 
+/// A request to cancel a run another process drives is kept for that process to find: the
+/// first author stays, an ended run or another tenant's takes none, and only the runs asked
+/// about are answered.
+async fn requests_to_cancel_wait_in_the_store_for_the_runs_driver(store: &dyn Store) {
+    let mut r1 = Log::new(info("r1", "t1", "s", 1));
+    r1.create(store, Some(lease("w1", 10_000))).await;
+    let r2 = Log::new(info("r2", "t1", "s", 2));
+    r2.create(store, Some(lease("w1", 10_000))).await;
+    let mut r3 = Log::new(info("r3", "t1", "s", 3));
+    r3.create(store, None).await;
+    r3.append(store, finished(serde_json::json!(1))).await;
+    let (t1, t2) = (TenantId::new("t1"), TenantId::new("t2"));
+    let ids = [r1.run.id.clone(), r2.run.id.clone(), r3.run.id.clone()];
+    assert_eq!(store.cancel_requests(&ids).await.unwrap(), vec![]);
+    assert!(
+        store
+            .run(&t1, &ids[0])
+            .await
+            .unwrap()
+            .cancel_requested_by
+            .is_none()
+    );
+
+    assert!(
+        !store.request_cancel(&t2, &ids[0], "api:t2").await.unwrap(),
+        "another tenant's run"
+    );
+    assert!(store.request_cancel(&t1, &ids[0], "api:t1").await.unwrap());
+    assert!(
+        store.request_cancel(&t1, &ids[0], "cli:ann").await.unwrap(),
+        "still live: asked again"
+    );
+    assert!(
+        !store.request_cancel(&t1, &ids[2], "api:t1").await.unwrap(),
+        "an ended run takes no request"
+    );
+    assert_eq!(
+        store.cancel_requests(&ids).await.unwrap(),
+        vec![(ids[0].clone(), "api:t1".to_string())],
+        "the first author stays"
+    );
+    assert_eq!(store.cancel_requests(&ids[1..]).await.unwrap(), vec![]);
+    assert_eq!(store.cancel_requests(&[]).await.unwrap(), vec![]);
+    let record = store.run(&t1, &ids[0]).await.unwrap();
+    assert_eq!(record.cancel_requested_by.as_deref(), Some("api:t1"));
+    // The run's log and summary are untouched by the request; it ends when its driver says.
+    assert_eq!(record.event_count, 1);
+    r1.append(store, finished(serde_json::json!(2))).await;
+    assert!(!store.request_cancel(&t1, &ids[0], "api:t1").await.unwrap());
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -1339,6 +1390,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 }
 
 conformance!(sqlite:
+    requests_to_cancel_wait_in_the_store_for_the_runs_driver,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,
@@ -1355,6 +1407,7 @@ conformance!(sqlite:
 );
 
 conformance!(postgres:
+    requests_to_cancel_wait_in_the_store_for_the_runs_driver,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,

@@ -66,7 +66,7 @@ const ADMIN_API_ACTOR: &str = "admin_api";
 
 /// The admin log's author of changes made by `rein tenants` and `rein keys`: `cli`, with the
 /// operating-system user where the environment names one (`cli:alice`).
-fn cli_actor() -> String {
+pub(crate) fn cli_actor() -> String {
     match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
         Ok(user) if !user.is_empty() => format!("cli:{user}"),
         _ => "cli".to_string(),
