@@ -77,10 +77,39 @@ struct App {
     ui: ui::Templates,
 }
 
-/// How long a key's tenant is remembered without asking the store again: a key revoked by
-/// another process still works here for up to this long (one revoked through this process's
-/// admin API stops at once).
+/// How long a key's tenant is remembered without asking the store again. A key revoked
+/// through this process's admin API stops at once; one revoked by another process (`rein keys
+/// revoke`, another server's admin API) within [`KEY_WATCH`], when the server sees the admin
+/// log grow, and within this long even if the store cannot be read meanwhile.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// How often `rein serve` reads the admin log's head, to forget remembered keys when another
+/// process has changed them.
+const KEY_WATCH: Duration = Duration::from_secs(1);
+
+/// Forgets every remembered key whenever the admin log grows, which every change to tenants
+/// and keys does, whichever process makes it. `seen` is the head read before serving began.
+fn watch_key_changes(app: Arc<App>, mut seen: Option<u64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + KEY_WATCH, KEY_WATCH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match app.store.admin_log_head().await {
+                Ok(head) if head != seen => {
+                    app.keys.forget_all();
+                    seen = head;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot read the admin log's head: keys revoked by other processes stop working here when they are forgotten ({} s)",
+                    KEY_CACHE_TTL.as_secs()
+                ),
+            }
+        }
+    })
+}
 
 /// Tenants by API-key hash, as recently read from the store (for [`KEY_CACHE_TTL`]), with when
 /// each key expires, so an expired key stops at once even while remembered. Requests that
@@ -493,6 +522,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let head = store
+        .admin_log_head()
+        .await
+        .context("cannot read the admin log")?;
+    let watch = watch_key_changes(app.clone(), head);
     let workers: Vec<_> = (0..workers.max(1))
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
@@ -504,6 +538,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     // Every step of an in-flight run is already in its log: stopping the workers loses nothing.
     // Their leases are then given up, so the next start (or another process) takes the runs
     // over at once rather than when the leases expire.
+    watch.abort();
     let driven = app.runtime.driven();
     for w in &workers {
         w.abort();

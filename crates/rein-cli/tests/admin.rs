@@ -594,6 +594,52 @@ async fn an_admin_key_made_by_the_cli_works_through_its_hash_in_the_config() {
     assert!(!stderr.contains(&key), "the key is not echoed: {stderr}");
 }
 
+/// The server remembers keys for 10 s, yet a key revoked by another process (here the CLI)
+/// stops working there within about a second: the server watches the admin log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_by_the_cli_stops_working_in_a_running_server_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let http = reqwest::Client::new();
+    let runs = || {
+        http.get(format!("{}/v1/runs", server.base))
+            .bearer_auth(&key)
+            .send()
+    };
+    assert_eq!(
+        runs().await.unwrap().status(),
+        200,
+        "remembered from now on"
+    );
+    let keys: Value = serde_json::from_str(&common::rein_ok(
+        dir.path(),
+        &[
+            "keys", "list", "--tenant", "acme", "--json", "--db", "rein.db",
+        ],
+    ))
+    .unwrap();
+    let id = keys[0]["id"].as_str().unwrap();
+    common::rein_ok(
+        dir.path(),
+        &["keys", "revoke", "--tenant", "acme", id, "--db", "rein.db"],
+    );
+    let revoked = Instant::now();
+    loop {
+        let status = runs().await.unwrap().status();
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked.elapsed() < Duration::from_secs(4),
+            "the revoked key still works after {:?}",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_admin_key_the_admin_api_is_off() {
     let dir = tempfile::tempdir().unwrap();

@@ -521,6 +521,10 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<AdminEntry>, StoreError>>;
 
+    /// The position of the admin log's newest entry; `None` while the log is empty. A server
+    /// watches it to learn of changes to keys made by other processes.
+    fn admin_log_head(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+
     /// Opens a dashboard session for the API key whose SHA-256 (hex) is `key_sha256`: the
     /// browser keeps a random token, the store only the token's SHA-256, until `expires_ms`.
     /// `false` if there is no such key. Sessions that expired by `now_ms` are removed.

@@ -797,6 +797,15 @@ impl Store for PgStore {
         })
     }
 
+    fn admin_log_head(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let head: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM admin_log")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(head.and_then(|h| u64::try_from(h).ok()))
+        })
+    }
+
     fn open_dashboard_session<'a>(
         &'a self,
         token_sha256: &'a str,

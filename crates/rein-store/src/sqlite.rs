@@ -916,6 +916,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn admin_log_head(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let head: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM admin_log")
+                .fetch_one(&self.reader)
+                .await?;
+            Ok(head.and_then(|h| u64::try_from(h).ok()))
+        })
+    }
+
     fn open_dashboard_session<'a>(
         &'a self,
         token_sha256: &'a str,

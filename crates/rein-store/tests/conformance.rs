@@ -682,6 +682,7 @@ async fn concurrent_claims_never_hand_one_run_to_two_workers(store: Arc<dyn Stor
 async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     let acme = TenantId::new("acme");
     let other = TenantId::new("other");
+    assert_eq!(store.admin_log_head().await.unwrap(), None, "an empty log");
     assert!(
         !store
             .add_api_key(&acme, "k1", 1, None, "cli")
@@ -799,6 +800,7 @@ async fn tenants_keys_and_versioned_agents(store: &dyn Store) {
     let tail = store.admin_log(4, 100).await.unwrap();
     assert_eq!(tail, log[4..]);
     assert!(store.admin_log(6, 100).await.unwrap().is_empty());
+    assert_eq!(store.admin_log_head().await.unwrap(), Some(5));
 
     assert_eq!(
         store.register_agent(&acme, "a", "v: 1", 5).await.unwrap(),
