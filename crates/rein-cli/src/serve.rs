@@ -870,12 +870,15 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
 }
 
 /// Queues a run of a registered agent; with `wait`, answers when it ends or waits for a person.
-#[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = NewRun, responses(
-    (status = 200, description = "With `wait`: the run ended, or waits for a person", body = OutcomeView),
+/// With an `Idempotency-Key`, a retry gets the run the first request made instead of a new one.
+#[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = NewRun,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters naming this request: a retry with the same key and the same request makes no new run and answers about the first one's (marked `Idempotent-Replayed: true`); the same key with a different request is 422")),
+    responses(
+    (status = 200, description = "With `wait`: the run ended, or waits for a person. A retry (`Idempotent-Replayed: true`) of a run that has stopped: the run, as `GET /v1/runs/{id}` shows it", body = OutcomeView),
     (status = 202, description = "Queued (or still running when `wait` timed out); `Location` is the run", body = RunView),
     (status = 404, description = "No such agent or version", body = ProblemView, content_type = "application/problem+json"),
     (status = 415, description = "The body is not `application/json`", body = ProblemView, content_type = "application/problem+json"),
-    (status = 422, description = "Wrong types, unknown fields, or a field too long", body = ProblemView, content_type = "application/problem+json"),
+    (status = 422, description = "Wrong types, unknown fields, a field too long, a malformed `Idempotency-Key`, or one first sent with a different request", body = ProblemView, content_type = "application/problem+json"),
     (status = 429, description = "The tenant's queue is full (`[bulkheads]`)", body = ProblemView, content_type = "application/problem+json"),
 ))]
 async fn create_run(
@@ -885,6 +888,7 @@ async fn create_run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let new: NewRun = json_body(&headers, body)?;
+    let key = idempotency_key(&headers)?;
     check_len("agent", &new.agent, MAX_ID_LEN)?;
     check_len("input", &new.input, MAX_INPUT_LEN)?;
     for (field, value) in [
@@ -893,6 +897,19 @@ async fn create_run(
         ("job", &new.job),
     ] {
         check_len(field, value.as_deref().unwrap_or(""), MAX_ID_LEN)?;
+    }
+    let wait = new.wait.then(|| {
+        new.timeout_ms
+            .map_or(Duration::from_secs(30), Duration::from_millis)
+            .min(MAX_WAIT)
+    });
+    // A retry of a request with an idempotency key gets the run the first one made.
+    let keyed = key.map(|k| (idempotent_run_id(&tenant, k), k));
+    if let Some((id, key)) = &keyed
+        && keyed_run(&app, &tenant, id, &new, key).await?
+    {
+        let outcomes = app.outcomes.subscribe();
+        return answer_run(&app, &tenant, id, wait, outcomes, true).await;
     }
     let stored = app
         .store
@@ -918,31 +935,144 @@ async fn create_run(
     let request = RunRequest {
         agent,
         spec_source: stored.spec,
-        input: new.input,
+        input: new.input.clone(),
         granted_scopes: app.config.granted_scopes(&tenant),
         chat: None,
         trace_parent: trace_parent(&headers),
         tenant: tenant.clone(),
-        user: UserId::new(new.user.unwrap_or_else(|| "anonymous".into())),
+        user: UserId::new(new.user.as_deref().unwrap_or(ANONYMOUS)),
         session: SessionId::new(
             new.session
+                .clone()
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         ),
-        job: new.job.map(rein_core::JobId::new),
+        job: new.job.clone().map(rein_core::JobId::new),
     };
     // Listen before queueing, so the outcome cannot be missed.
-    let mut outcomes = app.outcomes.subscribe();
-    let run_id = app.runtime.enqueue(request).await?;
+    let outcomes = app.outcomes.subscribe();
+    let run_id = match keyed {
+        None => app.runtime.enqueue(request).await?,
+        Some((id, key)) => match app.runtime.enqueue_as(id.clone(), request).await {
+            Ok(id) => id,
+            // A request with the same key stored the run first.
+            Err(e) => {
+                if keyed_run(&app, &tenant, &id, &new, key).await? {
+                    return answer_run(&app, &tenant, &id, wait, outcomes, true).await;
+                }
+                return Err(e.into());
+            }
+        },
+    };
     app.wake.notify_one();
-    if new.wait {
-        let limit = new
-            .timeout_ms
-            .map_or(Duration::from_secs(30), Duration::from_millis)
-            .min(MAX_WAIT);
+    answer_run(&app, &tenant, &run_id, wait, outcomes, false).await
+}
+
+/// The user a run is for when the request names none.
+pub(crate) const ANONYMOUS: &str = "anonymous";
+
+/// The request header that makes `POST /v1/runs` safe to retry.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The response header that marks an answer about a run an earlier request made.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The request's `Idempotency-Key`, if it sent one: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Problem> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|k| {
+            (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len())
+                && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters, without spaces"
+                ),
+            )
+        })
+}
+
+/// The id of the run that `tenant`'s idempotency key `key` names: the same for every retry,
+/// and different for every tenant and key (a UUIDv8 made of their SHA-256). A run made
+/// without a key has a UUIDv7, so the two never meet.
+fn idempotent_run_id(tenant: &TenantId, key: &str) -> RunId {
+    let digest = sha256_hex(format!("rein-run-key-v1\n{tenant}\n{key}").as_bytes());
+    let bytes = uuid::Uuid::try_parse(&digest[..32]).map_or([0; 16], |u| u.into_bytes());
+    RunId::new(
+        uuid::Builder::from_custom_bytes(bytes)
+            .into_uuid()
+            .to_string(),
+    )
+}
+
+/// Whether the run `id` (the one an idempotency key names) exists: `true` when it does and was
+/// made by the same request as `new`; 422 when a different request made it.
+async fn keyed_run(
+    app: &App,
+    tenant: &TenantId,
+    id: &RunId,
+    new: &NewRun,
+    key: &str,
+) -> Result<bool, Problem> {
+    match app.store.run(tenant, id).await {
+        Ok(record) if same_request(new, &record.info) => Ok(true),
+        Ok(_) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the Idempotency-Key {key:?} was first sent with a different request, which made run {id}; send a new key for a new run"
+            ),
+        )),
+        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `new` asks for the run `info` is: the same agent (and version, when it names one),
+/// input, user, session (when it names one) and job. Waiting is not part of the request.
+fn same_request(new: &NewRun, info: &rein_store::RunInfo) -> bool {
+    new.agent == info.agent
+        && new.version.is_none_or(|v| v == info.agent_version)
+        && new.input == info.input
+        && new.user.as_deref().unwrap_or(ANONYMOUS) == info.user.as_str()
+        && new
+            .session
+            .as_deref()
+            .is_none_or(|s| s == info.session.as_str())
+        && new.job.as_deref() == info.job.as_ref().map(rein_core::JobId::as_str)
+}
+
+/// What `POST /v1/runs` answers about `run_id`. With `wait`, the outcome once the run ends or
+/// waits for a person (200), unless a `replayed` run has already stopped. Otherwise the run as
+/// it stands: 202 while it is queued or running, 200 for a replayed run that has stopped.
+async fn answer_run(
+    app: &App,
+    tenant: &TenantId,
+    run_id: &RunId,
+    wait: Option<Duration>,
+    mut outcomes: broadcast::Receiver<Arc<RunOutcome>>,
+    replayed: bool,
+) -> Result<Response, Problem> {
+    let stopped = |status: RunStatus| status.is_terminal() || status == RunStatus::AwaitingApproval;
+    let mut record = None;
+    if replayed {
+        record = Some(app.store.run(tenant, run_id).await?);
+    }
+    let live = record.as_ref().is_none_or(|r| !stopped(r.progress.status));
+    if let (Some(limit), true) = (wait, live) {
         let waited = tokio::time::timeout(limit, async {
             loop {
                 match outcomes.recv().await {
-                    Ok(o) if o.run_id == run_id => return Some(o),
+                    Ok(o) if o.run_id == *run_id => return Some(o),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -951,15 +1081,38 @@ async fn create_run(
         })
         .await;
         if let Ok(Some(outcome)) = waited {
-            return Ok((StatusCode::OK, axum::Json(OutcomeView::of(&outcome))).into_response());
+            let mut response =
+                (StatusCode::OK, axum::Json(OutcomeView::of(&outcome))).into_response();
+            if replayed {
+                mark_replayed(&mut response);
+            }
+            return Ok(response);
         }
+        record = None;
     }
-    let record = app.store.run(&tenant, &run_id).await?;
-    let mut response = (StatusCode::ACCEPTED, axum::Json(RunView::of(&record))).into_response();
+    let record = match record {
+        Some(r) => r,
+        None => app.store.run(tenant, run_id).await?,
+    };
+    let status = if replayed && stopped(record.progress.status) {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (status, axum::Json(RunView::of(&record))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
         response.headers_mut().insert(header::LOCATION, location);
     }
+    if replayed {
+        mark_replayed(&mut response);
+    }
     Ok(response)
+}
+
+fn mark_replayed(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
 }
 
 /// A run.

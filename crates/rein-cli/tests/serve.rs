@@ -420,6 +420,127 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
     assert_eq!(audit["ok"], true, "{audit}");
 }
 
+/// A client that retries `POST /v1/runs` with the same `Idempotency-Key` (its first answer was
+/// lost, say) gets the run the first request made, never a second run: one after another or
+/// racing. The key is the tenant's own, a different request under it is refused, and a
+/// malformed key changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    let key_a = common::tenant_key(dir.path(), "acme");
+    let key_b = common::tenant_key(dir.path(), "rival");
+    let server = serve(dir.path());
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    let spec = common::payer_spec(&service.url(), 100, 4);
+    common::register(&http, &base, &key_a, &spec).await;
+    common::register(&http, &base, &key_b, &spec).await;
+    let post = |key: &str, idempotency: &str, body: Value| {
+        http.post(format!("{base}/v1/runs"))
+            .bearer_auth(key)
+            .header("idempotency-key", idempotency)
+            .json(&body)
+            .send()
+    };
+    let replayed = |r: &reqwest::Response| {
+        r.headers()
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let order = json!({"agent": "payer", "input": "pay order 9", "user": "ann", "wait": true});
+
+    let first = post(&key_a, "order-9", order.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(replayed(&first), None);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["status"], "completed", "{first}");
+    let run = first["run_id"].as_str().unwrap().to_string();
+    // Retried, waiting or not: the same run, which has ended, and no new one.
+    for wait in [true, false] {
+        let mut body = order.clone();
+        body["wait"] = json!(wait);
+        let again = post(&key_a, "order-9", body).await.unwrap();
+        assert_eq!(again.status(), 200);
+        assert_eq!(replayed(&again).as_deref(), Some("true"));
+        assert_eq!(
+            again.headers()["location"],
+            format!("/v1/runs/{run}").as_str()
+        );
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(again["run_id"], run.as_str(), "{again}");
+        assert_eq!(again["status"], "completed");
+    }
+    // The same key with another request is refused, naming the run the key made.
+    let mut other = order.clone();
+    other["input"] = json!("pay order 10");
+    let refused = post(&key_a, "order-9", other).await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("different request") && detail.contains(&run),
+        "{detail}"
+    );
+    // Another tenant's key of the same name is its own.
+    let theirs: Value = post(&key_b, "order-9", order.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(theirs["run_id"], run.as_str(), "{theirs}");
+    assert_eq!(theirs["status"], "completed");
+
+    // Eight retries racing: one run; every answer names it, and only one made it.
+    let body = json!({"agent": "payer", "input": "pay order 11"});
+    let answers =
+        futures_util::future::join_all((0..8).map(|_| post(&key_a, "order-11", body.clone())))
+            .await;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut fresh = 0;
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert!(matches!(answer.status().as_u16(), 200 | 202), "{answer:?}");
+        if replayed(&answer).is_none() {
+            fresh += 1;
+        }
+        let answer: Value = answer.json().await.unwrap();
+        ids.insert(answer["run_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!((ids.len(), fresh), (1, 1), "{ids:?}");
+
+    // Malformed keys are refused before anything is stored.
+    let before: Value =
+        common::get_json(&http, &format!("{base}/v1/runs?limit=1000"), &key_a).await;
+    assert_eq!(before.as_array().unwrap().len(), 2, "{before}");
+    for bad in ["has spaces", &"k".repeat(256), ""] {
+        let answer = post(
+            &key_a,
+            bad,
+            json!({"agent": "payer", "input": "pay order 12"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), 422, "{bad:?}");
+        let problem: Value = answer.json().await.unwrap();
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Idempotency-Key"),
+            "{problem}"
+        );
+    }
+    let after: Value = common::get_json(&http, &format!("{base}/v1/runs?limit=1000"), &key_a).await;
+    assert_eq!(
+        before.as_array().unwrap().len(),
+        after.as_array().unwrap().len()
+    );
+    drop(server);
+}
+
 /// `rein runs cancel` is another process than the server that drives the run: the request waits
 /// in the store, and the server ends the run before its next step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -553,7 +553,16 @@ impl Runtime {
     /// Queues a run for a worker (`rein worker`) and returns its id at once: the run is stored
     /// with its first events, `queued` and unleased.
     pub async fn enqueue(&self, request: RunRequest) -> Result<RunId, RuntimeError> {
-        let run_id = Runtime::new_run_id();
+        self.enqueue_as(Runtime::new_run_id(), request).await
+    }
+
+    /// [`Runtime::enqueue`] under an id the caller chose (one derived from a client's
+    /// idempotency key, say). Storing it fails if a run with that id exists.
+    pub async fn enqueue_as(
+        &self,
+        run_id: RunId,
+        request: RunRequest,
+    ) -> Result<RunId, RuntimeError> {
         let (info, kinds) = self.first_events(&run_id, request, None).await?;
         let first = seal_first(&run_id, info.created_ms, kinds);
         let events: Vec<_> = first.iter().map(|(_, s)| s.clone()).collect();

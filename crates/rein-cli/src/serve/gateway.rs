@@ -363,7 +363,7 @@ pub(super) async fn chat_completions(
         trace_parent: super::trace_parent(&headers),
         chat: Some(chat),
         tenant: tenant.clone(),
-        user: UserId::new(body.user.clone().unwrap_or_else(|| "anonymous".into())),
+        user: UserId::new(body.user.as_deref().unwrap_or(super::ANONYMOUS)),
         session: SessionId::new(run_id.as_str()),
         job: None,
     };
