@@ -43,7 +43,7 @@
 //!
 //! [server]                        # rein serve; flags override these
 //! listen = "127.0.0.1:8080"
-//! workers = 8                     # runs this process drives at once
+//! workers = 8                     # runs this process drives at once (0: none, API only)
 //! lease = "30s"                   # how long a run's lease lasts unless renewed
 //! request_timeout = "30s"         # any request but an event stream, a `wait` run or a gateway call
 //! max_body_bytes = 1048576
@@ -209,9 +209,6 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
             })
         })
         .transpose()?;
-    if entry.workers == Some(0) {
-        return Err(anyhow!("{file}: server.workers: must be at least 1"));
-    }
     let max_body_bytes = entry.max_body_bytes.unwrap_or(defaults.max_body_bytes);
     if max_body_bytes < 1024 {
         return Err(anyhow!(
@@ -762,7 +759,6 @@ mod tests {
         assert_eq!(config.server.max_body_bytes, 1 << 20);
         assert_eq!(config.server.workers, None);
         assert!(error("[server]\nlisten = \"here\"\n").contains("server.listen"));
-        assert!(error("[server]\nworkers = 0\n").contains("server.workers"));
         assert!(error("[server]\nrequest_timeout = \"soon\"\n").contains("server.request_timeout"));
         assert!(error("[server]\nmax_body_bytes = 10\n").contains("server.max_body_bytes"));
         assert!(error("[server]\nadmin_key_sha256 = \"hunter2\"\n").contains("64 lowercase hex"));

@@ -463,7 +463,9 @@ pub struct ServeArgs {
     /// Address to listen on [default: `[server] listen`, else 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Runs this process drives at once [default: `[server] workers`, else 8].
+    /// Runs this process drives at once [default: `[server] workers`, else 8]. 0: it drives
+    /// none (an API-only server; `rein worker` processes or other servers sharing the store
+    /// drive the runs, and `wait`, cancel and approvals still reach them).
     #[arg(long)]
     workers: Option<usize>,
     /// How long a run's lease lasts unless renewed: after a crash, another process (or this
@@ -527,7 +529,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .await
         .context("cannot read the admin log")?;
     let watch = watch_key_changes(app.clone(), head);
-    let workers: Vec<_> = (0..workers.max(1))
+    let workers: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
     eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
@@ -874,7 +876,7 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
 #[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = NewRun,
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters naming this request: a retry with the same key and the same request makes no new run and answers about the first one's (marked `Idempotent-Replayed: true`); the same key with a different request is 422")),
     responses(
-    (status = 200, description = "With `wait`: the run ended, or waits for a person. A retry (`Idempotent-Replayed: true`) of a run that has stopped: the run, as `GET /v1/runs/{id}` shows it", body = OutcomeView),
+    (status = 200, description = "With `wait`: the run ended, or waits for a person, whichever process drove it. Without `wait`, a retry (`Idempotent-Replayed: true`) of a run that has stopped: the run, as `GET /v1/runs/{id}` shows it", body = OutcomeView),
     (status = 202, description = "Queued (or still running when `wait` timed out); `Location` is the run", body = RunView),
     (status = 404, description = "No such agent or version", body = ProblemView, content_type = "application/problem+json"),
     (status = 415, description = "The body is not `application/json`", body = ProblemView, content_type = "application/problem+json"),
@@ -1052,8 +1054,10 @@ fn same_request(new: &NewRun, info: &rein_store::RunInfo) -> bool {
 }
 
 /// What `POST /v1/runs` answers about `run_id`. With `wait`, the outcome once the run ends or
-/// waits for a person (200), unless a `replayed` run has already stopped. Otherwise the run as
-/// it stands: 202 while it is queued or running, 200 for a replayed run that has stopped.
+/// waits for a person (200): this process's workers announce their runs' outcomes, and the
+/// store is looked at too, with a growing pause ([`WAIT_LOOK_FIRST`] to [`WAIT_LOOK_MAX`]), for a
+/// run another process drives or a `replayed` run that stopped before. Otherwise the run as it
+/// stands: 202 while it is queued or running, 200 for a replayed run that has stopped.
 async fn answer_run(
     app: &App,
     tenant: &TenantId,
@@ -1063,57 +1067,68 @@ async fn answer_run(
     replayed: bool,
 ) -> Result<Response, Problem> {
     let stopped = |status: RunStatus| status.is_terminal() || status == RunStatus::AwaitingApproval;
-    let mut record = None;
-    if replayed {
-        record = Some(app.store.run(tenant, run_id).await?);
-    }
-    let live = record.as_ref().is_none_or(|r| !stopped(r.progress.status));
-    if let (Some(limit), true) = (wait, live) {
-        let waited = tokio::time::timeout(limit, async {
-            loop {
-                match outcomes.recv().await {
-                    Ok(o) if o.run_id == *run_id => return Some(o),
+    let located = |mut response: Response| {
+        if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        if replayed {
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        response
+    };
+    let finish = |view: OutcomeView| located((StatusCode::OK, axum::Json(view)).into_response());
+    if let Some(limit) = wait {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pause = WAIT_LOOK_FIRST;
+        let mut look_at = if replayed {
+            tokio::time::Instant::now()
+        } else {
+            tokio::time::Instant::now() + pause
+        };
+        loop {
+            tokio::select! {
+                heard = outcomes.recv() => match heard {
+                    Ok(o) if o.run_id == *run_id => return Ok(finish(OutcomeView::of(&o))),
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                    // Missed announcements may have held this run's: look at the store now.
+                    Err(broadcast::error::RecvError::Lagged(_)) => look_at = tokio::time::Instant::now(),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                () = tokio::time::sleep_until(look_at.min(deadline)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    let record = app.store.run(tenant, run_id).await?;
+                    if stopped(record.progress.status) {
+                        let sealed = app.store.events(tenant, run_id).await?;
+                        let events: Vec<rein_core::Event> =
+                            sealed.iter().filter_map(|s| s.decode().ok()).collect();
+                        return Ok(finish(OutcomeView::of_log(&record, &events)));
+                    }
+                    pause = (pause * 2).min(WAIT_LOOK_MAX);
+                    look_at = tokio::time::Instant::now() + pause;
                 }
             }
-        })
-        .await;
-        if let Ok(Some(outcome)) = waited {
-            let mut response =
-                (StatusCode::OK, axum::Json(OutcomeView::of(&outcome))).into_response();
-            if replayed {
-                mark_replayed(&mut response);
-            }
-            return Ok(response);
         }
-        record = None;
     }
-    let record = match record {
-        Some(r) => r,
-        None => app.store.run(tenant, run_id).await?,
-    };
+    let record = app.store.run(tenant, run_id).await?;
     let status = if replayed && stopped(record.progress.status) {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    let mut response = (status, axum::Json(RunView::of(&record))).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    if replayed {
-        mark_replayed(&mut response);
-    }
-    Ok(response)
+    Ok(located(
+        (status, axum::Json(RunView::of(&record))).into_response(),
+    ))
 }
 
-fn mark_replayed(response: &mut Response) {
-    response
-        .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-}
+/// The first pause before a waiting request looks at the store for its run.
+const WAIT_LOOK_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest pause between a waiting request's looks at the store.
+const WAIT_LOOK_MAX: Duration = Duration::from_secs(1);
 
 /// A run.
 #[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", params(RunPath), responses(

@@ -158,6 +158,62 @@ impl OutcomeView {
     }
 }
 
+impl OutcomeView {
+    /// The same answer for a run that stopped where this process did not see it: made from its
+    /// stored row and log (`events`, decoded) instead of the driver's outcome.
+    pub fn of_log(r: &RunRecord, events: &[rein_core::Event]) -> Self {
+        let p = &r.progress;
+        let mut models_used = BTreeMap::new();
+        let mut pending = None;
+        for event in events {
+            match &event.kind {
+                rein_core::EventKind::ModelResponded { model, .. } => {
+                    *models_used.entry(model.clone()).or_default() += 1;
+                }
+                rein_core::EventKind::ApprovalRequested {
+                    step,
+                    call_id,
+                    tool,
+                    arguments,
+                    reason,
+                    expires_at_ms,
+                    ..
+                } => {
+                    pending = Some(PendingApprovalView {
+                        step: *step,
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        arguments: arguments.clone(),
+                        reason: reason.clone(),
+                        expires_at: format_utc(*expires_at_ms),
+                    });
+                }
+                rein_core::EventKind::ApprovalDecided { call_id, .. }
+                    if pending.as_ref().is_some_and(|p| p.call_id == *call_id) =>
+                {
+                    pending = None;
+                }
+                _ => {}
+            }
+        }
+        OutcomeView {
+            run_id: r.info.id.to_string(),
+            status: p.status,
+            termination_reason: p.reason,
+            detail: p.detail.clone(),
+            iterations: p.iterations,
+            tool_calls: p.tool_calls,
+            usage: UsageView::of(&p.usage),
+            cost_usd: p.cost.as_dollars(),
+            cost_micros: p.cost.micros(),
+            output: p.output.clone(),
+            models_used,
+            events: r.event_count,
+            awaiting_approval: pending.filter(|_| p.status == RunStatus::AwaitingApproval),
+        }
+    }
+}
+
 /// One event of a run's log.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {

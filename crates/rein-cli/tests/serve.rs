@@ -471,6 +471,11 @@ async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
         let again: Value = again.json().await.unwrap();
         assert_eq!(again["run_id"], run.as_str(), "{again}");
         assert_eq!(again["status"], "completed");
+        if wait {
+            // The first answer's shape, rebuilt from the run's log.
+            assert_eq!(again["models_used"], first["models_used"], "{again}");
+            assert_eq!(again["cost_micros"], first["cost_micros"]);
+        }
     }
     // The same key with another request is refused, naming the run the key made.
     let mut other = order.clone();
@@ -538,6 +543,99 @@ async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
         before.as_array().unwrap().len(),
         after.as_array().unwrap().len()
     );
+    drop(server);
+}
+
+/// A server with no workers of its own beside a `rein worker` process on the same store: a
+/// `wait` request is answered with the outcome the worker reached, and a cancel through the
+/// server stops a run the worker drives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(
+        dir.path(),
+        &[
+            "--script",
+            "script.yaml",
+            "--db",
+            "rein.db",
+            "--workers",
+            "0",
+        ],
+        &[],
+    );
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::payer_spec(&service.url(), 100, 4),
+    )
+    .await;
+    let worker = common::rein_command(dir.path())
+        .args(["worker", "--script", "script.yaml", "--db", "rein.db"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _worker = Killed(worker);
+
+    let answer = http
+        .post(format!("{base}/v1/runs"))
+        .bearer_auth(&key)
+        .json(&json!({"agent": "payer", "input": "pay order 9", "wait": true, "timeout_ms": 20000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the worker's outcome, not a timeout");
+    let outcome: Value = answer.json().await.unwrap();
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert_eq!(outcome["models_used"]["openai/gpt-4o-mini"], 2, "{outcome}");
+    assert_eq!(outcome["tool_calls"], 1);
+
+    // A slow payment, cancelled through the server while the worker makes it.
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::payer_spec(&service.url(), 3000, 4),
+    )
+    .await;
+    let id = queue_payment(&http, &base, &key, "pay order 10").await;
+    until_paying(&http, &base, &key, &id).await;
+    let asked = http
+        .post(format!("{base}/v1/runs/{id}/cancel"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let run = loop {
+        let run = common::get_json(&http, &format!("{base}/v1/runs/{id}"), &key).await;
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run was never cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["detail"], "cancelled by api:acme while it ran");
+    assert_eq!(run["tool_calls"], 1);
     drop(server);
 }
 

@@ -273,12 +273,14 @@ impl Leases {
         Renewer(tokio::spawn(async move {
             let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1).max(1));
             let poll = every.min(CANCEL_POLL);
-            let start = tokio::time::Instant::now();
-            let mut tick = tokio::time::interval_at(start + poll, poll);
+            // Leases are renewed every `renew_every`-th look, a third of a lease or sooner.
+            let renew_every = (every.as_millis() / poll.as_millis().max(1)).max(1);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut renew_at = start + every;
+            let mut looks: u128 = 0;
             loop {
                 tick.tick().await;
+                looks += 1;
                 let Some(runs) = leases.upgrade().map(|l| l.held().clone()) else {
                     return;
                 };
@@ -297,10 +299,9 @@ impl Leases {
                         }
                     }
                 }
-                if tokio::time::Instant::now() < renew_at {
+                if !looks.is_multiple_of(renew_every) {
                     continue;
                 }
-                renew_at = tokio::time::Instant::now() + every;
                 for run in runs {
                     let lease = rein_store::Lease {
                         owner: &owner,
