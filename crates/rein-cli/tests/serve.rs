@@ -83,6 +83,23 @@ async fn until_paying(http: &reqwest::Client, base: &str, key: &str, id: &str) {
     }
 }
 
+/// Waits, 10 s at most, until the run is no longer running (a cancelled run ends after the step
+/// in flight), and returns its trace.
+async fn until_stopped(http: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let trace = common::get_json(http, &format!("{base}/v1/runs/{id}/trace"), key).await;
+        if trace["run"]["status"] != "running" {
+            return trace;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_drives_runs_streams_events_and_keeps_tenants_apart() {
     let service = ToolService::start().await.unwrap();
@@ -356,21 +373,7 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
             .map(|e| e["kind"].as_str().unwrap().to_string())
             .collect()
     };
-    let trace = |key: String| {
-        let (http, url) = (http.clone(), url(&format!("/v1/runs/{id}/trace")));
-        async move {
-            http.get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
     until_paying(&http, &base, &key_a, &id).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
 
     // Another tenant's cancel is a 404, and changes nothing.
     let cancel = |key: String| {
@@ -383,17 +386,7 @@ async fn a_run_is_cancelled_between_steps_and_only_by_its_tenant() {
 
     // The payment in flight finishes and is recorded; the run then ends, cancelled, without
     // another model call.
-    let trace_a = loop {
-        let t = trace(key_a.clone()).await;
-        if t["run"]["status"] != "running" {
-            break t;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run was never cancelled"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let trace_a = until_stopped(&http, &base, &key_a, &id).await;
     assert_eq!(trace_a["run"]["status"], "cancelled", "{trace_a}");
     assert_eq!(trace_a["run"]["termination_reason"], "cancelled");
     assert_eq!(
@@ -621,18 +614,7 @@ async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
         .await
         .unwrap();
     assert_eq!(asked.status(), 202);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let run = loop {
-        let run = common::get_json(&http, &format!("{base}/v1/runs/{id}"), &key).await;
-        if run["status"] != "running" {
-            break run;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run was never cancelled"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let run = until_stopped(&http, &base, &key, &id).await["run"].clone();
     assert_eq!(run["status"], "cancelled", "{run}");
     assert_eq!(run["detail"], "cancelled by api:acme while it ran");
     assert_eq!(run["tool_calls"], 1);
@@ -673,18 +655,7 @@ async fn the_cli_cancels_a_run_that_the_server_drives() {
         said.contains(&format!("run {id}: cancel requested")),
         "{said}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let trace = loop {
-        let t = common::get_json(&http, &format!("{base}/v1/runs/{id}/trace"), &key).await;
-        if t["run"]["status"] != "running" {
-            break t;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run was never cancelled"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let trace = until_stopped(&http, &base, &key, &id).await;
     assert_eq!(trace["run"]["status"], "cancelled", "{trace}");
     let detail = trace["run"]["detail"].as_str().unwrap();
     assert!(
