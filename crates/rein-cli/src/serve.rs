@@ -876,8 +876,10 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
 #[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = NewRun,
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters naming this request: a retry with the same key and the same request makes no new run and answers about the first one's (marked `Idempotent-Replayed: true`); the same key with a different request is 422")),
     responses(
-    (status = 200, description = "With `wait`: the run ended, or waits for a person, whichever process drove it. Without `wait`, a retry (`Idempotent-Replayed: true`) of a run that has stopped: the run, as `GET /v1/runs/{id}` shows it", body = OutcomeView),
-    (status = 202, description = "Queued (or still running when `wait` timed out); `Location` is the run", body = RunView),
+    (status = 200, description = "With `wait`: the run ended, or waits for a person, whichever process drove it. Without `wait`, a retry (`Idempotent-Replayed: true`) of a run that has stopped: the run, as `GET /v1/runs/{id}` shows it", body = OutcomeView,
+        headers(("Location" = String, description = "The run"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with the same `Idempotency-Key` made the run"))),
+    (status = 202, description = "Queued (or still running when `wait` timed out)", body = RunView,
+        headers(("Location" = String, description = "The run"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with the same `Idempotency-Key` made the run"))),
     (status = 404, description = "No such agent or version", body = ProblemView, content_type = "application/problem+json"),
     (status = 415, description = "The body is not `application/json`", body = ProblemView, content_type = "application/problem+json"),
     (status = 422, description = "Wrong types, unknown fields, a field too long, a malformed `Idempotency-Key`, or one first sent with a different request", body = ProblemView, content_type = "application/problem+json"),
