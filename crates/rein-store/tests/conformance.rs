@@ -259,6 +259,34 @@ async fn a_run_is_stored_only_with_its_own_first_event(store: &dyn Store) {
     ));
 }
 
+/// A run id is stored once: a second run under it, of the same tenant or another, is refused
+/// and changes nothing (a retried `POST /v1/runs` with an idempotency key relies on this).
+async fn a_run_id_is_stored_once(store: &dyn Store) {
+    let first = Log::new(info("r1", "t1", "s", 1));
+    first.create(store, None).await;
+    for tenant in ["t1", "t2"] {
+        let again = Log::new(info("r1", tenant, "s2", 2));
+        assert!(
+            store
+                .create_run(&again.run, &again.sealed, None)
+                .await
+                .is_err(),
+            "{tenant}"
+        );
+    }
+    let t1 = TenantId::new("t1");
+    let stored = store.run(&t1, &first.run.id).await.unwrap();
+    assert_eq!(stored.info, first.run);
+    assert_eq!(
+        store.events(&t1, &first.run.id).await.unwrap(),
+        first.sealed
+    );
+    assert!(matches!(
+        store.run(&TenantId::new("t2"), &first.run.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires(
     store: &dyn Store,
 ) {
@@ -1393,6 +1421,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 
 conformance!(sqlite:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
+    a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,
@@ -1410,6 +1439,7 @@ conformance!(sqlite:
 
 conformance!(postgres:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
+    a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
     events_round_trip_verify_and_project_onto_the_run,
