@@ -111,6 +111,24 @@ fn watch_key_changes(app: Arc<App>, mut seen: Option<u64>) -> tokio::task::JoinH
     })
 }
 
+/// How often `rein serve` removes expired dashboard sessions (signing in removes them too).
+const SESSION_SWEEP: Duration = Duration::from_secs(600);
+
+/// Removes expired dashboard sessions every [`SESSION_SWEEP`], so they go even when nobody signs
+/// in again.
+fn sweep_sessions(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SESSION_SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = app.store.sweep_dashboard_sessions(now_ms()).await {
+                tracing::warn!(error = %e, "cannot remove expired dashboard sessions; trying again later");
+            }
+        }
+    })
+}
+
 /// Tenants by API-key hash, as recently read from the store (for [`KEY_CACHE_TTL`]), with when
 /// each key expires, so an expired key stops at once even while remembered. Requests that
 /// present the same key while it is not remembered share one store lookup: after an expiry or
@@ -529,6 +547,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .await
         .context("cannot read the admin log")?;
     let watch = watch_key_changes(app.clone(), head);
+    let sweep = sweep_sessions(app.clone());
     let workers: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
@@ -541,6 +560,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     // Their leases are then given up, so the next start (or another process) takes the runs
     // over at once rather than when the leases expire.
     watch.abort();
+    sweep.abort();
     let driven = app.runtime.driven();
     for w in &workers {
         w.abort();

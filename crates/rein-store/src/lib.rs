@@ -521,6 +521,10 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<AdminEntry>, StoreError>>;
 
+    /// Removes the dashboard sessions that expired by `now_ms`; how many. (Opening a session
+    /// sweeps too; a server also does this now and then, so they go even if nobody signs in.)
+    fn sweep_dashboard_sessions(&self, now_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+
     /// The position of the admin log's newest entry; `None` while the log is empty. A server
     /// watches it to learn of changes to keys made by other processes.
     fn admin_log_head(&self) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;

@@ -849,6 +849,16 @@ impl Store for PgStore {
         })
     }
 
+    fn sweep_dashboard_sessions(&self, now_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query("DELETE FROM dashboard_sessions WHERE expires_ms <= $1")
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
     fn close_dashboard_session<'a>(
         &'a self,
         token_sha256: &'a str,

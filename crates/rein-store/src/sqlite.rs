@@ -963,6 +963,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn sweep_dashboard_sessions(&self, now_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.write(move |c| {
+            let swept = c
+                .prepare_cached("DELETE FROM dashboard_sessions WHERE expires_ms <= ?")?
+                .execute([now_ms])?;
+            Ok(u64::try_from(swept).unwrap_or(u64::MAX))
+        }))
+    }
+
     fn close_dashboard_session<'a>(
         &'a self,
         token_sha256: &'a str,

@@ -1221,7 +1221,20 @@ async fn dashboard_sessions_end_at_sign_out_expiry_or_revocation(store: &dyn Sto
         None,
         "expired"
     );
-    // Opening a session sweeps away the expired ones, so the table does not grow forever.
+    // Sweeping removes the expired ones and only those; so does opening a session, so the
+    // table does not grow forever.
+    assert!(
+        store
+            .open_dashboard_session("t5", &key, 10, 40)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.sweep_dashboard_sessions(45).await.unwrap(), 1);
+    assert_eq!(store.sweep_dashboard_sessions(45).await.unwrap(), 0);
+    assert_eq!(
+        store.dashboard_session("t1", 45).await.unwrap(),
+        Some(acme.clone())
+    );
     assert!(
         store
             .open_dashboard_session("t4", &key, 60, 100)
