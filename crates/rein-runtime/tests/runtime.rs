@@ -2142,13 +2142,6 @@ fn kinds(events: &[rein_core::SealedEvent]) -> Vec<String> {
     events.iter().map(|e| e.kind.clone()).collect()
 }
 
-fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    i64::try_from(since.as_millis()).unwrap()
-}
-
 /// Two runtimes that share nothing but the database, as two processes do: `driver`'s runtime
 /// drives a run, `other`'s cancels it. The request waits in the store; the driver finds it
 /// within `CANCEL_POLL` and ends the run before its next step, so the nap in flight finishes
@@ -2223,9 +2216,14 @@ async fn cancel_across_processes(
         .unwrap();
     let ghost = rein_store::Lease {
         owner: "ghost",
-        until_ms: now_ms() + 300,
+        until_ms: rein_runtime::now_ms() + 300,
     };
-    assert!(other.acquire(&queued, ghost, now_ms()).await.unwrap());
+    assert!(
+        other
+            .acquire(&queued, ghost, rein_runtime::now_ms())
+            .await
+            .unwrap()
+    );
     let asked = b.cancel(&acme, &queued, "cli:ann").await.unwrap();
     assert_eq!(
         asked,
