@@ -930,10 +930,10 @@ async fn create_run(
     // A retry of a request with an idempotency key gets the run the first one made.
     let keyed = key.map(|k| (idempotent_run_id(&tenant, k), k));
     if let Some((id, key)) = &keyed
-        && keyed_run(&app, &tenant, id, &new, key).await?
+        && let Some(first) = keyed_run(&app, &tenant, id, &new, key).await?
     {
         let outcomes = app.outcomes.subscribe();
-        return answer_run(&app, &tenant, id, wait, outcomes, true).await;
+        return answer_run(&app, &tenant, id, wait, outcomes, Some(first)).await;
     }
     let stored = app
         .store
@@ -980,15 +980,15 @@ async fn create_run(
             Ok(id) => id,
             // A request with the same key stored the run first.
             Err(e) => {
-                if keyed_run(&app, &tenant, &id, &new, key).await? {
-                    return answer_run(&app, &tenant, &id, wait, outcomes, true).await;
-                }
-                return Err(e.into());
+                let Some(first) = keyed_run(&app, &tenant, &id, &new, key).await? else {
+                    return Err(e.into());
+                };
+                return answer_run(&app, &tenant, &id, wait, outcomes, Some(first)).await;
             }
         },
     };
     app.wake.notify_one();
-    answer_run(&app, &tenant, &run_id, wait, outcomes, false).await
+    answer_run(&app, &tenant, &run_id, wait, outcomes, None).await
 }
 
 /// The user a run is for when the request names none.
@@ -1041,24 +1041,24 @@ fn idempotent_run_id(tenant: &TenantId, key: &str) -> RunId {
     )
 }
 
-/// Whether the run `id` (the one an idempotency key names) exists: `true` when it does and was
-/// made by the same request as `new`; 422 when a different request made it.
+/// The run `id` (the one an idempotency key names), if it exists and was made by the same
+/// request as `new`; 422 when a different request made it.
 async fn keyed_run(
     app: &App,
     tenant: &TenantId,
     id: &RunId,
     new: &NewRun,
     key: &str,
-) -> Result<bool, Problem> {
+) -> Result<Option<rein_store::RunRecord>, Problem> {
     match app.store.run(tenant, id).await {
-        Ok(record) if same_request(new, &record.info) => Ok(true),
+        Ok(record) if same_request(new, &record.info) => Ok(Some(record)),
         Ok(_) => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "the Idempotency-Key {key:?} was first sent with a different request, which made run {id}; send a new key for a new run"
             ),
         )),
-        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(StoreError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -1080,22 +1080,24 @@ fn same_request(new: &NewRun, info: &rein_store::RunInfo) -> bool {
 /// What `POST /v1/runs` answers about `run_id`. With `wait`, the outcome once the run ends or
 /// waits for a person (200): this process's workers announce their runs' outcomes, and the
 /// store is looked at too, with a growing pause ([`WAIT_LOOK_FIRST`] to [`WAIT_LOOK_MAX`]), for a
-/// run another process drives or a `replayed` run that stopped before. Otherwise the run as it
-/// stands: 202 while it is queued or running, 200 for a replayed run that has stopped.
+/// run another process drives. Otherwise the run as it stands: 202 while it is queued or
+/// running. A `replayed` run (the row an earlier request with the same idempotency key made,
+/// as just read) that has stopped is answered at once, 200.
 async fn answer_run(
     app: &App,
     tenant: &TenantId,
     run_id: &RunId,
     wait: Option<Duration>,
     mut outcomes: broadcast::Receiver<Arc<RunOutcome>>,
-    replayed: bool,
+    replayed: Option<rein_store::RunRecord>,
 ) -> Result<Response, Problem> {
     let stopped = |status: RunStatus| status.is_terminal() || status == RunStatus::AwaitingApproval;
+    let is_replay = replayed.is_some();
     let located = |mut response: Response| {
         if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{run_id}")) {
             response.headers_mut().insert(header::LOCATION, location);
         }
-        if replayed {
+        if is_replay {
             response
                 .headers_mut()
                 .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
@@ -1103,14 +1105,16 @@ async fn answer_run(
         response
     };
     let finish = |view: OutcomeView| located((StatusCode::OK, axum::Json(view)).into_response());
+    if let Some(record) = replayed.as_ref().filter(|r| stopped(r.progress.status)) {
+        return Ok(match wait {
+            Some(_) => finish(logged_outcome(app, record).await?),
+            None => located((StatusCode::OK, axum::Json(RunView::of(record))).into_response()),
+        });
+    }
     if let Some(limit) = wait {
         let deadline = tokio::time::Instant::now() + limit;
         let mut pause = WAIT_LOOK_FIRST;
-        let mut look_at = if replayed {
-            tokio::time::Instant::now()
-        } else {
-            tokio::time::Instant::now() + pause
-        };
+        let mut look_at = tokio::time::Instant::now() + pause;
         loop {
             tokio::select! {
                 heard = outcomes.recv() => match heard {
@@ -1126,10 +1130,7 @@ async fn answer_run(
                     }
                     let record = app.store.run(tenant, run_id).await?;
                     if stopped(record.progress.status) {
-                        let sealed = app.store.events(tenant, run_id).await?;
-                        let events: Vec<rein_core::Event> =
-                            sealed.iter().filter_map(|s| s.decode().ok()).collect();
-                        return Ok(finish(OutcomeView::of_log(&record, &events)));
+                        return Ok(finish(logged_outcome(app, &record).await?));
                     }
                     pause = (pause * 2).min(WAIT_LOOK_MAX);
                     look_at = tokio::time::Instant::now() + pause;
@@ -1137,8 +1138,12 @@ async fn answer_run(
             }
         }
     }
-    let record = app.store.run(tenant, run_id).await?;
-    let status = if replayed && stopped(record.progress.status) {
+    // Without `wait`, a replayed run stands as just read.
+    let record = match replayed.filter(|_| wait.is_none()) {
+        Some(record) => record,
+        None => app.store.run(tenant, run_id).await?,
+    };
+    let status = if is_replay && stopped(record.progress.status) {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
@@ -1146,6 +1151,17 @@ async fn answer_run(
     Ok(located(
         (status, axum::Json(RunView::of(&record))).into_response(),
     ))
+}
+
+/// The answer to `wait` for a run that stopped where this process did not see it: made from
+/// its row and its log.
+async fn logged_outcome(app: &App, record: &rein_store::RunRecord) -> Result<OutcomeView, Problem> {
+    let sealed = app
+        .store
+        .events(&record.info.tenant, &record.info.id)
+        .await?;
+    let events: Vec<rein_core::Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
+    Ok(OutcomeView::of_log(record, &events))
 }
 
 /// The first pause before a waiting request looks at the store for its run.
