@@ -1079,8 +1079,9 @@ fn same_request(new: &NewRun, info: &rein_store::RunInfo) -> bool {
 
 /// What `POST /v1/runs` answers about `run_id`. With `wait`, the outcome once the run ends or
 /// waits for a person (200): this process's workers announce their runs' outcomes, and the
-/// store is looked at too, with a growing pause ([`WAIT_LOOK_FIRST`] to [`WAIT_LOOK_MAX`]), for a
-/// run another process drives. Otherwise the run as it stands: 202 while it is queued or
+/// store is looked at too, for a run another process drives: as soon as the run's log grows
+/// where the store hears it ([`Store::follow`]), and otherwise after a growing pause
+/// ([`WAIT_LOOK_FIRST`] to [`WAIT_LOOK_MAX`]). Otherwise the run as it stands: 202 while it is queued or
 /// running. A `replayed` run (the row an earlier request with the same idempotency key made,
 /// as just read) that has stopped is answered at once, 200.
 async fn answer_run(
@@ -1115,8 +1116,11 @@ async fn answer_run(
         let deadline = tokio::time::Instant::now() + limit;
         let mut pause = WAIT_LOOK_FIRST;
         let mut look_at = tokio::time::Instant::now() + pause;
+        let mut appends = app.store.follow(run_id);
         loop {
             tokio::select! {
+                // Its log grew (in this process, or, on PostgreSQL, in another): look now.
+                _ = appends.changed(limit) => look_at = tokio::time::Instant::now(),
                 heard = outcomes.recv() => match heard {
                     Ok(o) if o.run_id == *run_id => return Ok(finish(OutcomeView::of(&o))),
                     Ok(_) => {}
@@ -1128,6 +1132,7 @@ async fn answer_run(
                     if tokio::time::Instant::now() >= deadline {
                         break;
                     }
+                    appends.seen();
                     let record = app.store.run(tenant, run_id).await?;
                     if stopped(record.progress.status) {
                         return Ok(finish(logged_outcome(app, &record).await?));
@@ -1163,6 +1168,15 @@ async fn logged_outcome(app: &App, record: &rein_store::RunRecord) -> Result<Out
     let events: Vec<rein_core::Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
     Ok(OutcomeView::of_log(record, &events))
 }
+
+/// How often an event stream reads its run's log when it hears of no append, on a store whose
+/// followers hear only their own process's appends (SQLite: a run another process drives is
+/// followed this way).
+const STREAM_RECHECK: Duration = Duration::from_millis(50);
+
+/// The same, on a store whose followers hear every process's appends (PostgreSQL): only for
+/// what went unheard while a connection was down.
+const STREAM_RECHECK_HEARD: Duration = Duration::from_secs(1);
 
 /// The first pause before a waiting request looks at the store for its run.
 const WAIT_LOOK_FIRST: Duration = Duration::from_millis(100);
@@ -1337,6 +1351,14 @@ async fn run_events(
         ),
     };
     let next = after.map_or(0, |a| a + 1);
+    let appends = app.store.follow(&id);
+    // Woken by the run's appends; the store is read anyway now and then, for appends not heard
+    // (another process's on SQLite, or told while a database connection was down).
+    let recheck = if appends.hears_other_processes() {
+        STREAM_RECHECK_HEARD
+    } else {
+        STREAM_RECHECK
+    };
     let state = (
         app,
         tenant,
@@ -1344,10 +1366,11 @@ async fn run_events(
         next,
         Vec::<rein_core::SealedEvent>::new(),
         false,
+        appends,
     );
     let stream = futures_util::stream::unfold(
         state,
-        |(app, tenant, id, next, mut buffer, done)| async move {
+        move |(app, tenant, id, next, mut buffer, done, mut appends)| async move {
             if done && buffer.is_empty() {
                 return None;
             }
@@ -1359,11 +1382,13 @@ async fn run_events(
                         .event(event.kind.clone())
                         .data(json!(EventView::of(&event)).to_string());
                     let next = event.seq + 1;
-                    return Some((Ok(sse), (app, tenant, id, next, buffer, finished)));
+                    let state = (app, tenant, id, next, buffer, finished, appends);
+                    return Some((Ok(sse), state));
                 }
                 if done {
                     return None;
                 }
+                appends.seen();
                 match app.store.events_from(&tenant, &id, next).await {
                     Ok(events) => buffer = events,
                     Err(e) => {
@@ -1372,7 +1397,7 @@ async fn run_events(
                     }
                 }
                 if buffer.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    appends.changed(recheck).await;
                 }
             }
         },

@@ -621,6 +621,89 @@ async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
     drop(server);
 }
 
+/// On PostgreSQL, an API-only server streams, live, the events of a run that a `rein worker`
+/// process drives (it hears the worker's appends through the database), and answers a `wait`
+/// request with the worker's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_api_only_server_streams_a_run_a_worker_process_drives() {
+    let schema = rein_store::testing::TestSchema::create().await.unwrap();
+    let db = schema.url();
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
+    common::rein_ok(dir.path(), &["tenants", "create", "acme", "--db", &db]);
+    let key = common::rein_ok(
+        dir.path(),
+        &["keys", "create", "--tenant", "acme", "--db", &db],
+    )
+    .trim()
+    .to_string();
+    let server = common::serve(
+        dir.path(),
+        &["--script", "script.yaml", "--db", &db, "--workers", "0"],
+        &[],
+    );
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    // The payment takes a second: the stream is open while the worker makes it.
+    common::register(
+        &http,
+        &base,
+        &key,
+        &common::payer_spec(&service.url(), 1000, 4),
+    )
+    .await;
+    let worker = common::rein_command(dir.path())
+        .args(["worker", "--script", "script.yaml", "--db", &db])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let worker = Killed(worker);
+
+    let id = queue_payment(&http, &base, &key, "pay order 9").await;
+    let stream = http
+        .get(format!("{base}/v1/runs/{id}/events"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let all = frames(&stream.text().await.unwrap());
+    assert_eq!(
+        all.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>(),
+        (0..all.len() as u64).collect::<Vec<_>>(),
+        "every event, in order"
+    );
+    assert!(all.iter().any(|(_, kind, _)| kind == "tool_result"));
+    assert_eq!(all.last().unwrap().1, "run_finished");
+    assert_eq!(all.last().unwrap().2["payload"]["status"], "completed");
+
+    let answer = http
+        .post(format!("{base}/v1/runs"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"agent": "payer", "input": "pay order 10", "wait": true, "timeout_ms": 20000}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the worker's outcome, not a timeout");
+    let outcome: Value = answer.json().await.unwrap();
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert_eq!(service.applied().values().sum::<usize>(), 2, "two payments");
+    drop(server);
+    drop(worker);
+    schema.drop_schema().await.unwrap();
+}
+
 /// `rein runs cancel` is another process than the server that drives the run: the request waits
 /// in the store, and the server ends the run before its next step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 //! This crate depends on the core for event and run types; it must never depend on providers,
 //! tools or the driver.
 
+mod appends;
 mod counters;
 mod postgres;
 mod sqlite;
@@ -20,6 +21,7 @@ mod summary;
 pub mod testing;
 mod writer;
 
+pub use appends::Appends;
 pub use postgres::PgStore;
 pub use sqlite::{Durability, SqliteStore};
 
@@ -460,6 +462,12 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         id: &'a RunId,
         from: u64,
     ) -> BoxFuture<'a, Result<Vec<SealedEvent>, StoreError>>;
+
+    /// Follows run `id`'s appends from now on: what an event stream or a request waiting for
+    /// the run waits on between reads of its log, instead of reading it over and over. The
+    /// caller must already know the run is its tenant's (it names only the run). See
+    /// [`Appends`] for which appends are heard.
+    fn follow(&self, id: &RunId) -> Appends;
 
     /// Flushes what the engine buffers and closes every connection.
     fn close(&self) -> BoxFuture<'_, ()>;

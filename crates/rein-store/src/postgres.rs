@@ -4,13 +4,14 @@
 //! (`FOR UPDATE SKIP LOCKED`), appends race on the `(run_id, seq)` key, and budget counters
 //! serialise on per-scope advisory locks.
 
+use crate::appends::{Announcer, Task};
 use crate::summary::Appended;
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease, RunCount,
-    RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
-    admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
-    counters_error, event_from_row, key_grant_from_row, run_from_row, standing_from_row,
-    tenant_from_row, to_i64,
+    API_KEY_ID_LEN, ApiKeyEntry, Appends, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease,
+    RunCount, RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent,
+    TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first,
+    cost_from_row, counters_error, event_from_row, key_grant_from_row, run_from_row,
+    standing_from_row, tenant_from_row, to_i64,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
@@ -18,10 +19,12 @@ use rein_core::{
     GENESIS_HASH, JobId, RunId, RunStatus, SealedEvent, SessionId, TenantId, TerminationReason,
     UserId,
 };
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -29,6 +32,124 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    appends: Arc<PgAppends>,
+}
+
+/// Appends on the database, for the runs' followers: this process's are announced as they
+/// commit, and told to the other processes on the database with `NOTIFY` (on a channel named
+/// after the schema, so that two deployments in one database do not hear each other), in
+/// batches, by a task of their own, after the commit: never inside the appending transaction,
+/// where `NOTIFY` would serialise every commit on the database's notification queue. The other
+/// processes' come back through `LISTEN`, once a first follower asks.
+#[derive(Debug)]
+struct PgAppends {
+    announcer: Announcer,
+    /// To the task that tells the other processes; when it is full, an announcement is
+    /// dropped (they are hints: followers read the log again after a while anyway).
+    outgoing: mpsc::Sender<RunId>,
+    /// The `NOTIFY` channel.
+    channel: String,
+    /// Marks this store's own notifications, which its listener skips.
+    origin: String,
+    teller: Task,
+    /// Started by the first follower.
+    listener: OnceLock<Task>,
+}
+
+/// How many appends may wait to be told to the other processes.
+const OUTGOING: usize = 4096;
+
+/// How long the listener waits before connecting again after its connection failed.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+impl PgAppends {
+    fn start(pool: &PgPool, schema: &str) -> Self {
+        let mut channel = format!("rein {schema}");
+        // PostgreSQL cuts names to 63 bytes; cut it here so that both ends agree.
+        while channel.len() > 63 {
+            channel.pop();
+        }
+        let origin = uuid::Uuid::now_v7().simple().to_string();
+        let (outgoing, queued) = mpsc::channel(OUTGOING);
+        let teller = Task::spawn(tell_others(
+            pool.clone(),
+            queued,
+            channel.clone(),
+            origin.clone(),
+        ));
+        PgAppends {
+            announcer: Announcer::new(true),
+            outgoing,
+            channel,
+            origin,
+            teller,
+            listener: OnceLock::new(),
+        }
+    }
+
+    /// `events` were just committed.
+    fn appended(&self, events: &[SealedEvent]) {
+        if let Some(first) = events.first() {
+            self.announcer.announce(&first.run_id);
+            let _ = self.outgoing.try_send(first.run_id.clone());
+        }
+    }
+}
+
+/// Tells the other processes on the database which runs this one appended to, a batch per
+/// statement (what queued while the last one ran).
+async fn tell_others(
+    pool: PgPool,
+    mut queued: mpsc::Receiver<RunId>,
+    channel: String,
+    origin: String,
+) {
+    let mut batch = Vec::new();
+    while queued.recv_many(&mut batch, 256).await > 0 {
+        let mut payloads: Vec<String> = batch
+            .drain(..)
+            .map(|run| format!("{origin} {run}"))
+            .collect();
+        payloads.sort_unstable();
+        payloads.dedup();
+        let told = sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&channel)
+            .bind(&payloads)
+            .execute(&pool)
+            .await;
+        if let Err(e) = told {
+            tracing::debug!(error = %e, "other processes were not told of appends");
+        }
+    }
+}
+
+/// Announces the appends other processes tell of, until the store goes.
+async fn hear_others(pool: PgPool, channel: String, origin: String, announcer: Announcer) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot listen for other processes' appends");
+                tokio::time::sleep(LISTEN_RETRY).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            tracing::debug!(error = %e, "cannot listen for other processes' appends");
+            tokio::time::sleep(LISTEN_RETRY).await;
+            continue;
+        }
+        // `recv` connects again by itself after a dropped connection (what was told meanwhile
+        // is missed); an error means it could not.
+        while let Ok(told) = listener.recv().await {
+            if let Some((from, run)) = told.payload().split_once(' ')
+                && from != origin
+            {
+                announcer.announce(&RunId::new(run));
+            }
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
 }
 
 impl PgStore {
@@ -36,7 +157,13 @@ impl PgStore {
     /// search_path=NAME` keeps Rein's tables in a schema of their own) and brings its schema up
     /// to date. Several processes may start at once: migrations take a database lock.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)?.application_name("rein");
+        let mut options = PgConnectOptions::from_str(url)?.application_name("rein");
+        // PostgreSQL's notices (such as "relation already exists, skipping" from the migrations'
+        // `IF NOT EXISTS`, at every start) would reach Rein's log as lines of their own; a URL
+        // that sets the level itself keeps it.
+        if !url.contains("client_min_messages") {
+            options = options.options([("client_min_messages", "warning")]);
+        }
         // One direct connection first: a pool only reports that it timed out, while this
         // says why (refused, no such database, authentication failed).
         sqlx::Connection::close(
@@ -49,7 +176,14 @@ impl PgStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(PgStore { pool })
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
+        let appends = PgAppends::start(&pool, schema.as_deref().unwrap_or("public"));
+        Ok(PgStore {
+            pool,
+            appends: Arc::new(appends),
+        })
     }
 
     /// The connection pool (tests reach behind the API with it).
@@ -265,6 +399,7 @@ impl Store for PgStore {
             let mut tx = self.pool.begin().await?;
             write_in(&mut tx, &run.tenant, Some((run, lease)), first).await?;
             tx.commit().await?;
+            self.appends.appended(first);
             Ok(())
         })
     }
@@ -298,6 +433,7 @@ impl Store for PgStore {
             }
             write_in(&mut tx, tenant, new_run, events).await?;
             tx.commit().await?;
+            self.appends.appended(events);
             Ok(answer)
         })
     }
@@ -319,6 +455,7 @@ impl Store for PgStore {
             let events = &events[..settlement.writes(events.len(), &after)];
             write_in(&mut tx, tenant, new_run, events).await?;
             tx.commit().await?;
+            self.appends.appended(events);
             Ok(after)
         })
     }
@@ -328,11 +465,7 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         event: &'a SealedEvent,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(insert_events(
-            &self.pool,
-            tenant,
-            std::slice::from_ref(event),
-        ))
+        self.append_all(tenant, std::slice::from_ref(event))
     }
 
     fn append_all<'a>(
@@ -340,7 +473,11 @@ impl Store for PgStore {
         tenant: &'a TenantId,
         events: &'a [SealedEvent],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(insert_events(&self.pool, tenant, events))
+        Box::pin(async move {
+            insert_events(&self.pool, tenant, events).await?;
+            self.appends.appended(events);
+            Ok(())
+        })
     }
 
     // The oldest claimable row no other worker has locked; the outer condition is checked again
@@ -635,7 +772,24 @@ impl Store for PgStore {
         })
     }
 
+    fn follow(&self, id: &RunId) -> Appends {
+        let appends = &*self.appends;
+        appends.listener.get_or_init(|| {
+            Task::spawn(hear_others(
+                self.pool.clone(),
+                appends.channel.clone(),
+                appends.origin.clone(),
+                appends.announcer.clone(),
+            ))
+        });
+        appends.announcer.follow(id)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
+        self.appends.teller.stop();
+        if let Some(listener) = self.appends.listener.get() {
+            listener.stop();
+        }
         Box::pin(self.pool.close())
     }
 

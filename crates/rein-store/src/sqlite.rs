@@ -1,12 +1,13 @@
 //! The embedded engine: one SQLite file (WAL), the default store.
 
+use crate::appends::Announcer;
 use crate::summary::Appended;
 use crate::writer::{Setup, Writer};
 use crate::{
-    API_KEY_ID_LEN, ApiKeyEntry, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease, RunCount,
-    RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent, TenantEntry,
-    admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first, cost_from_row,
-    event_from_row, key_grant_from_row, run_from_row, tenant_from_row,
+    API_KEY_ID_LEN, ApiKeyEntry, Appends, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease,
+    RunCount, RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent,
+    TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first,
+    cost_from_row, event_from_row, key_grant_from_row, run_from_row, tenant_from_row,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{BoxFuture, Reservation, Standing};
@@ -84,6 +85,8 @@ pub struct SqliteStore {
     checkpoints: SqlitePool,
     /// The checkpointing task, stopped when the last clone of the store goes.
     checkpointer: Arc<Checkpointer>,
+    /// This process's appends, for the runs' followers (other processes' are not heard).
+    announcer: Announcer,
 }
 
 /// How often the write-ahead log is copied into the database file.
@@ -319,6 +322,7 @@ impl SqliteStore {
             writer,
             reader,
             checkpoints,
+            announcer: Announcer::new(false),
         })
     }
 
@@ -343,18 +347,24 @@ impl SqliteStore {
             (run.clone(), lease)
         });
         let (tenant, events) = (tenant.clone(), events.to_vec());
-        self.write(move |c| {
-            let (answer, writes) = first(c)?;
-            let events = &events[..writes.min(events.len())];
-            if !events.is_empty() {
-                if let Some((run, lease)) = new_run {
-                    insert_run(c, &run, lease)?;
+        let run = events.first().map(|e| e.run_id.clone());
+        let (answer, wrote) = self
+            .write(move |c| {
+                let (answer, writes) = first(c)?;
+                let events = &events[..writes.min(events.len())];
+                if !events.is_empty() {
+                    if let Some((run, lease)) = new_run {
+                        insert_run(c, &run, lease)?;
+                    }
+                    insert_events(c, &tenant, events)?;
                 }
-                insert_events(c, &tenant, events)?;
-            }
-            Ok(answer)
-        })
-        .await
+                Ok((answer, !events.is_empty()))
+            })
+            .await?;
+        if let Some(run) = run.filter(|_| wrote) {
+            self.announcer.announce(&run);
+        }
+        Ok(answer)
     }
 
     /// Runs `write` on the writer connection (see [`Writer::write`]).
@@ -371,6 +381,10 @@ impl SqliteStore {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Store for SqliteStore {
+    fn follow(&self, id: &RunId) -> Appends {
+        self.announcer.follow(id)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.checkpointer.0.abort();
@@ -468,9 +482,12 @@ impl Store for SqliteStore {
             if events.is_empty() {
                 return Ok(());
             }
-            let (tenant, events) = (tenant.clone(), events.to_vec());
+            let (tenant, run) = (tenant.clone(), events[0].run_id.clone());
+            let events = events.to_vec();
             self.write(move |c| insert_events(c, &tenant, &events))
-                .await
+                .await?;
+            self.announcer.announce(&run);
+            Ok(())
         })
     }
 

@@ -15,6 +15,7 @@ use rein_store::{
     StoreError, api_key_id,
 };
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A store for one test and what must outlive it.
 struct Fixture {
@@ -1371,6 +1372,112 @@ async fn requests_to_cancel_wait_in_the_store_for_the_runs_driver(store: &dyn St
     assert!(!store.request_cancel(&t1, &ids[0], "api:t1").await.unwrap());
 }
 
+/// Long enough for an announcement that was made; a test that waits it out sees none was.
+const HEARD: Duration = Duration::from_secs(5);
+const NOT_HEARD: Duration = Duration::from_millis(100);
+
+/// A run's followers hear each write that appends to its log (a new run, an append, a budget
+/// change with its events), and nothing else: another run's appends, a refused append, a
+/// refused reservation. What they heard, they heard once.
+async fn a_runs_followers_hear_each_write_that_appends_to_it(store: &dyn Store) {
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    let t1 = TenantId::new("t1");
+    let mut follower = store.follow(&log.run.id);
+    let mut other = store.follow(&RunId::new("r2"));
+    follower.seen();
+    log.create(store, None).await;
+    assert!(follower.changed(HEARD).await, "the new run");
+    assert!(!follower.changed(NOT_HEARD).await, "heard once");
+
+    follower.seen();
+    log.append(store, responded("m", 1, 1, 0.01)).await;
+    assert!(follower.changed(HEARD).await, "an append");
+
+    follower.seen();
+    let taken = store.append(&t1, &log.sealed[0]).await.unwrap_err();
+    assert!(matches!(taken, StoreError::Conflict { .. }), "{taken}");
+    assert!(!follower.changed(NOT_HEARD).await, "a refused append");
+
+    let scopes = [Scope {
+        key: "tenant:t1".into(),
+        cap: Cap {
+            usd: Usd::from_dollars(1.0),
+            tokens: None,
+        },
+    }];
+    let next = log.seal(finished(serde_json::json!(1)));
+    let hold = |id, dollars| Hold {
+        id,
+        scopes: &scopes,
+        amount: amount(dollars, 100),
+        now_ms: 1,
+        expires_ms: i64::MAX / 2,
+    };
+    follower.seen();
+    let refused = store
+        .reserve_and_write(&t1, None, std::slice::from_ref(&next), hold("h1", 5.0))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Reservation::Refused { .. }),
+        "{refused:?}"
+    );
+    assert!(!follower.changed(NOT_HEARD).await, "a refused reservation");
+    let granted = store
+        .reserve_and_write(&t1, None, std::slice::from_ref(&next), hold("h2", 0.5))
+        .await
+        .unwrap();
+    assert_eq!(granted, Reservation::Granted);
+    assert!(
+        follower.changed(HEARD).await,
+        "a reservation with its events"
+    );
+
+    assert!(!other.changed(NOT_HEARD).await, "another run's follower");
+    let mut r2 = Log::new(info("r2", "t1", "s", 2));
+    other.seen();
+    r2.create(store, None).await;
+    assert!(other.changed(HEARD).await);
+    r2.append(store, finished(serde_json::json!(2))).await;
+    assert!(
+        !follower.changed(NOT_HEARD).await,
+        "r2's appends are not r1's"
+    );
+}
+
+/// On PostgreSQL a follower also hears the appends of other processes on the database (another
+/// store on its schema), and not those of a deployment in another schema of the same database.
+#[tokio::test]
+async fn postgres_followers_hear_other_processes_but_not_other_schemas() {
+    let (here, schema) = postgres_store().await;
+    let there = PgStore::connect(&schema.url()).await.unwrap();
+    let (elsewhere, other_schema) = postgres_store().await;
+    let mut log = Log::new(info("r1", "t1", "s", 1));
+    let mut follower = here.follow(&log.run.id);
+    assert!(follower.hears_other_processes());
+    follower.seen();
+    // The listener starts with the first follower; give it time to connect before appending.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let twin = Log::new(info("r1", "t1", "s", 1));
+    twin.create(&elsewhere, None).await;
+    assert!(
+        !follower.changed(NOT_HEARD * 3).await,
+        "another schema's r1"
+    );
+
+    log.create(&there, None).await;
+    assert!(follower.changed(HEARD).await, "another process's new run");
+    follower.seen();
+    log.append(&there, finished(serde_json::json!(1))).await;
+    assert!(follower.changed(HEARD).await, "another process's append");
+
+    for store in [&here, &there, &elsewhere] {
+        store.close().await;
+    }
+    schema.drop_schema().await.unwrap();
+    other_schema.drop_schema().await.unwrap();
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {
@@ -1434,6 +1541,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 
 conformance!(sqlite:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
+    a_runs_followers_hear_each_write_that_appends_to_it,
     a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
@@ -1452,6 +1560,7 @@ conformance!(sqlite:
 
 conformance!(postgres:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
+    a_runs_followers_hear_each_write_that_appends_to_it,
     a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
