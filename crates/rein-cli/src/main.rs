@@ -1164,11 +1164,19 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
         .await?
         .with_workers(WorkerSpecs::registered_only(&config, &store, builtins))
         .with_lease(args.lease);
+    // Idle, it looks for work every 100 ms, and on PostgreSQL at once when another process
+    // queues a run.
+    let mut claimable = store.follow_claimable();
     loop {
+        claimable.seen();
         match runtime.work_one(&config.prices, model.as_ref()).await {
             Ok(Some(outcome)) => print_outcome(&outcome, args.exec.json, false),
             Ok(None) if args.until_idle && store.unfinished().await? == 0 => break,
-            Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Ok(None) => {
+                claimable
+                    .changed(std::time::Duration::from_millis(100))
+                    .await;
+            }
             // One run's failure (a spec that no longer checks, a lost lease) is reported and
             // the worker goes on with the next.
             Err(e) => tracing::error!(error = %e, "worker: a run could not be driven"),

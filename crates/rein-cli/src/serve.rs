@@ -618,9 +618,14 @@ async fn shutdown_signal() {
 }
 
 /// One worker: claims queued runs (and runs whose process died, and runs whose approval timed
-/// out) and drives them, until the server stops.
+/// out) and drives them, until the server stops. Idle, it waits to be woken by this process's
+/// requests, and on PostgreSQL also by runs other processes queue (every idle worker wakes and
+/// tries a claim; one wins), looking anyway every [`POLL`].
 async fn work(app: Arc<App>) {
+    let mut claimable = app.store.follow_claimable();
+    let hears_others = claimable.hears_other_processes();
     loop {
+        claimable.seen();
         match app
             .runtime
             .work_one(&app.config.prices, app.model.as_ref())
@@ -628,6 +633,12 @@ async fn work(app: Arc<App>) {
         {
             Ok(Some(outcome)) => {
                 let _ = app.outcomes.send(Arc::new(outcome));
+            }
+            Ok(None) if hears_others => {
+                tokio::select! {
+                    () = app.wake.notified() => {}
+                    _ = claimable.changed(POLL) => {}
+                }
             }
             Ok(None) => {
                 let _ = tokio::time::timeout(POLL, app.wake.notified()).await;

@@ -1,11 +1,12 @@
 //! Which runs' logs just grew, for whoever follows a run (an event stream, a request waiting
-//! for its run to end): they wait here instead of reading the store over and over.
+//! for its run to end), and when a run became claimable, for idle workers: they wait here
+//! instead of reading the store over and over.
 //!
-//! A store announces its own process's appends as they commit; the PostgreSQL store also
+//! A store announces its own process's writes as they commit; the PostgreSQL store also
 //! carries them to the other processes on its database (`NOTIFY`, see [`crate::PgStore`]).
-//! An announcement is a hint, never the record: a follower reads the log to see what changed,
-//! and reads it anyway after a while, since announcements can be missed (another process's
-//! appends on SQLite, a dropped database connection).
+//! An announcement is a hint, never the record: a follower reads the store to see what
+//! changed, and reads it anyway after a while, since announcements can be missed (another
+//! process's writes on SQLite, a dropped database connection).
 
 use rein_core::RunId;
 use std::collections::HashMap;
@@ -13,19 +14,36 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Where a store announces appends, to the followers of each run (only those are woken).
+/// Where a store announces appends, to the followers of each run (only those are woken), and
+/// claimable runs, to idle workers.
 #[derive(Clone, Debug)]
 pub(crate) struct Announcer {
     runs: Arc<Mutex<HashMap<RunId, watch::Sender<()>>>>,
+    claimable: watch::Sender<()>,
     hears_other_processes: bool,
 }
 
 impl Announcer {
-    /// `hears_other_processes`: whether appends made by other processes are announced too.
+    /// `hears_other_processes`: whether writes made by other processes are announced too.
     pub(crate) fn new(hears_other_processes: bool) -> Self {
         Announcer {
             runs: Arc::default(),
+            claimable: watch::channel(()).0,
             hears_other_processes,
+        }
+    }
+
+    /// A run was queued, or its lease given up: a worker may claim it now.
+    pub(crate) fn announce_claimable(&self) {
+        self.claimable.send_replace(());
+    }
+
+    /// What an idle worker waits on: a run became claimable.
+    pub(crate) fn claimable(&self) -> Appends {
+        Appends {
+            receiver: self.claimable.subscribe(),
+            hears_other_processes: self.hears_other_processes,
+            run: None,
         }
     }
 
@@ -45,37 +63,40 @@ impl Announcer {
             .or_insert_with(|| watch::channel(()).0)
             .subscribe();
         Appends {
-            run: run.clone(),
             receiver,
-            announcer: self.clone(),
+            hears_other_processes: self.hears_other_processes,
+            run: Some((run.clone(), self.clone())),
         }
     }
 }
 
-/// A follower of one run's appends ([`crate::Store::follow`]).
+/// A follower of one run's appends ([`crate::Store::follow`]), or of the runs that become
+/// claimable ([`crate::Store::follow_claimable`]).
 #[derive(Debug)]
 pub struct Appends {
-    run: RunId,
     receiver: watch::Receiver<()>,
-    announcer: Announcer,
+    hears_other_processes: bool,
+    /// The run followed, and where its channel is kept (to take it away with the last
+    /// follower).
+    run: Option<(RunId, Announcer)>,
 }
 
 impl Appends {
-    /// Whether appends made by other processes on the same store are heard too. Where they
-    /// are not (SQLite), a follower must also read the store now and then for runs that
-    /// another process drives.
+    /// Whether writes made by other processes on the same store are heard too. Where they are
+    /// not (SQLite), a follower must also read the store now and then for what another
+    /// process writes.
     pub fn hears_other_processes(&self) -> bool {
-        self.announcer.hears_other_processes
+        self.hears_other_processes
     }
 
-    /// Marks every append so far as seen: call it just before reading the log, so that an
-    /// append committed while the read ran still wakes [`Appends::changed`].
+    /// Marks every announcement so far as seen: call it just before reading the store, so that
+    /// a write committed while the read ran still wakes [`Appends::changed`].
     pub fn seen(&mut self) {
         self.receiver.borrow_and_update();
     }
 
-    /// Waits until the run's log may have grown since [`Appends::seen`], or `at_most` has
-    /// passed; says which.
+    /// Waits until something was announced since [`Appends::seen`] (the run's log may have
+    /// grown; a run may be claimable), or `at_most` has passed; says which.
     pub async fn changed(&mut self, at_most: Duration) -> bool {
         match tokio::time::timeout(at_most, self.receiver.changed()).await {
             Ok(Ok(())) => true,
@@ -91,17 +112,19 @@ impl Appends {
 
 impl Drop for Appends {
     fn drop(&mut self) {
-        let mut runs = self
-            .announcer
+        let Some((run, announcer)) = &self.run else {
+            return;
+        };
+        let mut runs = announcer
             .runs
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         // The last follower (this one) takes the run's channel with it.
         if runs
-            .get(&self.run)
+            .get(run)
             .is_some_and(|sender| sender.receiver_count() <= 1)
         {
-            runs.remove(&self.run);
+            runs.remove(run);
         }
     }
 }
@@ -170,6 +193,21 @@ mod tests {
         assert!(announcer.runs.lock().unwrap().is_empty());
         // Announcing a run nobody follows keeps nothing.
         announcer.announce(&r1);
+        assert!(announcer.runs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_workers_hear_of_claimable_runs_not_of_appends() {
+        let announcer = Announcer::new(false);
+        let mut worker = announcer.claimable();
+        let mut other = announcer.claimable();
+        worker.seen();
+        announcer.announce(&RunId::new("r1"));
+        assert!(!worker.changed(SOON).await, "an append to a run");
+        announcer.announce_claimable();
+        assert!(worker.changed(SOON).await);
+        assert!(other.changed(SOON).await, "every idle worker");
+        drop(worker);
         assert!(announcer.runs.lock().unwrap().is_empty());
     }
 }

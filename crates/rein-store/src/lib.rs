@@ -466,8 +466,13 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
     /// Follows run `id`'s appends from now on: what an event stream or a request waiting for
     /// the run waits on between reads of its log, instead of reading it over and over. The
     /// caller must already know the run is its tenant's (it names only the run). See
-    /// [`Appends`] for which appends are heard.
+    /// [`Appends`] for which appends are heard. Called within a Tokio runtime.
     fn follow(&self, id: &RunId) -> Appends;
+
+    /// Follows the runs that become claimable (queued, or a lease given up): what an idle
+    /// worker waits on between claims. Runs whose lease or approval expires are not announced:
+    /// a worker still looks now and then.
+    fn follow_claimable(&self) -> Appends;
 
     /// Flushes what the engine buffers and closes every connection.
     fn close(&self) -> BoxFuture<'_, ()>;

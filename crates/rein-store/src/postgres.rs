@@ -45,8 +45,8 @@ pub struct PgStore {
 struct PgAppends {
     announcer: Announcer,
     /// To the task that tells the other processes; when it is full, an announcement is
-    /// dropped (they are hints: followers read the log again after a while anyway).
-    outgoing: mpsc::Sender<RunId>,
+    /// dropped (they are hints: followers read the store again after a while anyway).
+    outgoing: mpsc::Sender<Told>,
     /// The `NOTIFY` channel.
     channel: String,
     /// Marks this store's own notifications, which its listener skips.
@@ -56,7 +56,16 @@ struct PgAppends {
     listener: OnceLock<Task>,
 }
 
-/// How many appends may wait to be told to the other processes.
+/// What one process tells the others.
+#[derive(Debug)]
+enum Told {
+    /// This run's log grew.
+    Appended(RunId),
+    /// A run became claimable.
+    Claimable,
+}
+
+/// How many announcements may wait to be told to the other processes.
 const OUTGOING: usize = 4096;
 
 /// How long the listener waits before connecting again after its connection failed.
@@ -91,16 +100,23 @@ impl PgAppends {
     fn appended(&self, events: &[SealedEvent]) {
         if let Some(first) = events.first() {
             self.announcer.announce(&first.run_id);
-            let _ = self.outgoing.try_send(first.run_id.clone());
+            let _ = self.outgoing.try_send(Told::Appended(first.run_id.clone()));
         }
+    }
+
+    /// A run just became claimable.
+    fn claimable(&self) {
+        self.announcer.announce_claimable();
+        let _ = self.outgoing.try_send(Told::Claimable);
     }
 }
 
-/// Tells the other processes on the database which runs this one appended to, a batch per
-/// statement (what queued while the last one ran).
+/// Tells the other processes on the database which runs this one appended to (`ORIGIN RUN`)
+/// and that a run became claimable (`ORIGIN`), a batch per statement (what queued while the
+/// last one ran).
 async fn tell_others(
     pool: PgPool,
-    mut queued: mpsc::Receiver<RunId>,
+    mut queued: mpsc::Receiver<Told>,
     channel: String,
     origin: String,
 ) {
@@ -108,7 +124,10 @@ async fn tell_others(
     while queued.recv_many(&mut batch, 256).await > 0 {
         let mut payloads: Vec<String> = batch
             .drain(..)
-            .map(|run| format!("{origin} {run}"))
+            .map(|told| match told {
+                Told::Appended(run) => format!("{origin} {run}"),
+                Told::Claimable => origin.clone(),
+            })
             .collect();
         payloads.sort_unstable();
         payloads.dedup();
@@ -142,10 +161,10 @@ async fn hear_others(pool: PgPool, channel: String, origin: String, announcer: A
         // `recv` connects again by itself after a dropped connection (what was told meanwhile
         // is missed); an error means it could not.
         while let Ok(told) = listener.recv().await {
-            if let Some((from, run)) = told.payload().split_once(' ')
-                && from != origin
-            {
-                announcer.announce(&RunId::new(run));
+            match told.payload().split_once(' ') {
+                Some((from, run)) if from != origin => announcer.announce(&RunId::new(run)),
+                None if told.payload() != origin => announcer.announce_claimable(),
+                _ => {}
             }
         }
         tokio::time::sleep(LISTEN_RETRY).await;
@@ -153,6 +172,19 @@ async fn hear_others(pool: PgPool, channel: String, origin: String, announcer: A
 }
 
 impl PgStore {
+    /// Starts hearing the other processes' announcements, if not yet.
+    fn listen(&self) {
+        let appends = &*self.appends;
+        appends.listener.get_or_init(|| {
+            Task::spawn(hear_others(
+                self.pool.clone(),
+                appends.channel.clone(),
+                appends.origin.clone(),
+                appends.announcer.clone(),
+            ))
+        });
+    }
+
     /// Connects to the database at `url` (`postgres://user@host:port/db`; `?options=-c
     /// search_path=NAME` keeps Rein's tables in a schema of their own) and brings its schema up
     /// to date. Several processes may start at once: migrations take a database lock.
@@ -396,10 +428,14 @@ impl Store for PgStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             check_first(run, first)?;
+            let queued = lease.is_none();
             let mut tx = self.pool.begin().await?;
             write_in(&mut tx, &run.tenant, Some((run, lease)), first).await?;
             tx.commit().await?;
             self.appends.appended(first);
+            if queued {
+                self.appends.claimable();
+            }
             Ok(())
         })
     }
@@ -592,11 +628,16 @@ impl Store for PgStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2")
-                .bind(run.as_str())
-                .bind(owner)
-                .execute(&self.pool)
-                .await?;
+            let released = sqlx::query(
+                "UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(run.as_str())
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+            if released.rows_affected() > 0 {
+                self.appends.claimable();
+            }
             Ok(())
         })
     }
@@ -773,16 +814,13 @@ impl Store for PgStore {
     }
 
     fn follow(&self, id: &RunId) -> Appends {
-        let appends = &*self.appends;
-        appends.listener.get_or_init(|| {
-            Task::spawn(hear_others(
-                self.pool.clone(),
-                appends.channel.clone(),
-                appends.origin.clone(),
-                appends.announcer.clone(),
-            ))
-        });
-        appends.announcer.follow(id)
+        self.listen();
+        self.appends.announcer.follow(id)
+    }
+
+    fn follow_claimable(&self) -> Appends {
+        self.listen();
+        self.appends.announcer.claimable()
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

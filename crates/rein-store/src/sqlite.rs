@@ -385,6 +385,10 @@ impl Store for SqliteStore {
         self.announcer.follow(id)
     }
 
+    fn follow_claimable(&self) -> Appends {
+        self.announcer.claimable()
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.checkpointer.0.abort();
@@ -403,8 +407,16 @@ impl Store for SqliteStore {
         first: &'a [SealedEvent],
         lease: Option<Lease<'a>>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let queued = lease.is_none();
         let new_run = Some((run, lease));
-        Box::pin(self.write_after(&run.tenant, new_run, first, |_| Ok(((), usize::MAX))))
+        Box::pin(async move {
+            self.write_after(&run.tenant, new_run, first, |_| Ok(((), usize::MAX)))
+                .await?;
+            if queued {
+                self.announcer.announce_claimable();
+            }
+            Ok(())
+        })
     }
 
     // One job on the writer: the counters' statements, then the run and its events.
@@ -601,13 +613,20 @@ impl Store for SqliteStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let (run, owner) = (run.clone(), owner.to_string());
-        Box::pin(self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?",
-            )?
-            .execute(rusqlite::params![run.as_str(), owner])?;
+        Box::pin(async move {
+            let released = self
+                .write(move |c| {
+                    Ok(c.prepare_cached(
+                        "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?",
+                    )?
+                    .execute(rusqlite::params![run.as_str(), owner])?)
+                })
+                .await?;
+            if released > 0 {
+                self.announcer.announce_claimable();
+            }
             Ok(())
-        }))
+        })
     }
 
     fn unfinished(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -1445,6 +1445,27 @@ async fn a_runs_followers_hear_each_write_that_appends_to_it(store: &dyn Store) 
     );
 }
 
+/// Idle workers hear of a queued run and of a lease given up, and not of a run created under a
+/// lease, its appends, or a release by someone who does not hold the lease.
+async fn idle_workers_hear_of_runs_that_become_claimable(store: &dyn Store) {
+    let mut idle = store.follow_claimable();
+    idle.seen();
+    let mut leased = Log::new(info("r1", "t1", "s", 1));
+    leased.create(store, Some(lease("w1", i64::MAX / 2))).await;
+    leased.append(store, responded("m", 1, 1, 0.01)).await;
+    assert!(
+        !idle.changed(NOT_HEARD).await,
+        "a leased run and its appends"
+    );
+    Log::new(info("r2", "t1", "s", 2)).create(store, None).await;
+    assert!(idle.changed(HEARD).await, "a queued run");
+    idle.seen();
+    store.release(&leased.run.id, "w2").await.unwrap();
+    assert!(!idle.changed(NOT_HEARD).await, "not w2's to give up");
+    store.release(&leased.run.id, "w1").await.unwrap();
+    assert!(idle.changed(HEARD).await, "a lease given up");
+}
+
 /// On PostgreSQL a follower also hears the appends of other processes on the database (another
 /// store on its schema), and not those of a deployment in another schema of the same database.
 #[tokio::test]
@@ -1454,8 +1475,10 @@ async fn postgres_followers_hear_other_processes_but_not_other_schemas() {
     let (elsewhere, other_schema) = postgres_store().await;
     let mut log = Log::new(info("r1", "t1", "s", 1));
     let mut follower = here.follow(&log.run.id);
-    assert!(follower.hears_other_processes());
+    let mut idle = here.follow_claimable();
+    assert!(follower.hears_other_processes() && idle.hears_other_processes());
     follower.seen();
+    idle.seen();
     // The listener starts with the first follower; give it time to connect before appending.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let twin = Log::new(info("r1", "t1", "s", 1));
@@ -1464,9 +1487,14 @@ async fn postgres_followers_hear_other_processes_but_not_other_schemas() {
         !follower.changed(NOT_HEARD * 3).await,
         "another schema's r1"
     );
+    assert!(
+        !idle.changed(Duration::ZERO).await,
+        "another schema's queued run"
+    );
 
     log.create(&there, None).await;
     assert!(follower.changed(HEARD).await, "another process's new run");
+    assert!(idle.changed(HEARD).await, "another process's queued run");
     follower.seen();
     log.append(&there, finished(serde_json::json!(1))).await;
     assert!(follower.changed(HEARD).await, "another process's append");
@@ -1542,6 +1570,7 @@ async fn racing_writers(store: Arc<dyn Store>) {
 conformance!(sqlite:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
     a_runs_followers_hear_each_write_that_appends_to_it,
+    idle_workers_hear_of_runs_that_become_claimable,
     a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
@@ -1561,6 +1590,7 @@ conformance!(sqlite:
 conformance!(postgres:
     requests_to_cancel_wait_in_the_store_for_the_runs_driver,
     a_runs_followers_hear_each_write_that_appends_to_it,
+    idle_workers_hear_of_runs_that_become_claimable,
     a_run_id_is_stored_once,
     budget_changes_and_their_events_commit_together,
     a_runs_row_is_the_same_whatever_its_events_batches,
