@@ -539,6 +539,26 @@ async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
     drop(server);
 }
 
+/// A `rein worker` process on store `db` with `script.yaml` as its model, killed when dropped.
+fn worker_process(dir: &Path, db: &str) -> Killed {
+    let worker = common::rein_command(dir)
+        .args(["worker", "--script", "script.yaml", "--db", db])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Killed(worker)
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server with no workers of its own beside a `rein worker` process on the same store: a
 /// `wait` request is answered with the outcome the worker reached, and a cancel through the
 /// server stops a run the worker drives.
@@ -569,20 +589,7 @@ async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
         &common::payer_spec(&service.url(), 100, 4),
     )
     .await;
-    let worker = common::rein_command(dir.path())
-        .args(["worker", "--script", "script.yaml", "--db", "rein.db"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _worker = Killed(worker);
+    let _worker = worker_process(dir.path(), "rein.db");
 
     let answer = http
         .post(format!("{base}/v1/runs"))
@@ -653,20 +660,7 @@ async fn on_postgres_an_api_only_server_streams_a_run_a_worker_process_drives() 
         &common::payer_spec(&service.url(), 1000, 4),
     )
     .await;
-    let worker = common::rein_command(dir.path())
-        .args(["worker", "--script", "script.yaml", "--db", &db])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let worker = Killed(worker);
+    let worker = worker_process(dir.path(), &db);
 
     let id = queue_payment(&http, &base, &key, "pay order 9").await;
     let stream = http

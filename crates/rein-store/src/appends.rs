@@ -119,10 +119,12 @@ impl Drop for Appends {
             .runs
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // The last follower (this one) takes the run's channel with it.
+        // This follower's receiver goes under the lock, so that of two last followers dropped
+        // at once on two threads, the second sees none left and takes the run's channel away.
+        drop(std::mem::replace(&mut self.receiver, watch::channel(()).1));
         if runs
             .get(run)
-            .is_some_and(|sender| sender.receiver_count() <= 1)
+            .is_some_and(|sender| sender.receiver_count() == 0)
         {
             runs.remove(run);
         }

@@ -628,14 +628,16 @@ impl Store for PgStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let released = sqlx::query(
-                "UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2",
+            // A run given up while it runs is claimable now; one awaiting a person, or ended,
+            // is not.
+            let released: Option<String> = sqlx::query_scalar(
+                "UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2 RETURNING status",
             )
             .bind(run.as_str())
             .bind(owner)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-            if released.rows_affected() > 0 {
+            if released.is_some_and(|status| status == "running") {
                 self.appends.claimable();
             }
             Ok(())

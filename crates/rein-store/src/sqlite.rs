@@ -614,15 +614,18 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let (run, owner) = (run.clone(), owner.to_string());
         Box::pin(async move {
-            let released = self
+            // A run given up while it runs is claimable now; one awaiting a person, or ended,
+            // is not.
+            let released: Option<String> = self
                 .write(move |c| {
                     Ok(c.prepare_cached(
-                        "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?",
+                        "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ? RETURNING status",
                     )?
-                    .execute(rusqlite::params![run.as_str(), owner])?)
+                    .query_row(rusqlite::params![run.as_str(), owner], |r| r.get(0))
+                    .optional()?)
                 })
                 .await?;
-            if released > 0 {
+            if released.is_some_and(|status| status == "running") {
                 self.announcer.announce_claimable();
             }
             Ok(())

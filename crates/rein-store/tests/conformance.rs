@@ -1464,6 +1464,16 @@ async fn idle_workers_hear_of_runs_that_become_claimable(store: &dyn Store) {
     assert!(!idle.changed(NOT_HEARD).await, "not w2's to give up");
     store.release(&leased.run.id, "w1").await.unwrap();
     assert!(idle.changed(HEARD).await, "a lease given up");
+
+    // Given up while it awaits a person, or once ended, a run is not claimable.
+    let mut paused = Log::new(info("r3", "t1", "s", 3));
+    paused.create(store, Some(lease("w1", i64::MAX / 2))).await;
+    paused.append(store, approval_requested(1, "c1")).await;
+    leased.append(store, finished(serde_json::json!(1))).await;
+    idle.seen();
+    store.release(&paused.run.id, "w1").await.unwrap();
+    store.release(&leased.run.id, "w1").await.unwrap();
+    assert!(!idle.changed(NOT_HEARD).await, "a paused run, an ended one");
 }
 
 /// On PostgreSQL a follower also hears the appends of other processes on the database (another
