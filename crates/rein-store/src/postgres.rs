@@ -142,8 +142,17 @@ async fn tell_others(
     }
 }
 
-/// Announces the appends other processes tell of, until the store goes.
-async fn hear_others(pool: PgPool, channel: String, origin: String, announcer: Announcer) {
+/// Announces what other processes tell of, until the store goes. It listens on a connection
+/// of its own, outside the store's pool (whose connections stay free for queries).
+async fn hear_others(
+    options: PgConnectOptions,
+    channel: String,
+    origin: String,
+    announcer: Announcer,
+) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
@@ -177,7 +186,7 @@ impl PgStore {
         let appends = &*self.appends;
         appends.listener.get_or_init(|| {
             Task::spawn(hear_others(
-                self.pool.clone(),
+                (*self.pool.connect_options()).clone(),
                 appends.channel.clone(),
                 appends.origin.clone(),
                 appends.announcer.clone(),
