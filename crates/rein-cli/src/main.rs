@@ -391,6 +391,10 @@ enum RunsCommand {
         run_id: String,
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// Wait until the run has ended, at most this long (`--wait` alone: 60s), and say how
+        /// it ended; exit 1 if it is still running then (the request stays).
+        #[arg(long, value_parser = parse_lease, num_args = 0..=1, default_missing_value = "60s")]
+        wait: Option<std::time::Duration>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -1187,15 +1191,28 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
 }
 
 /// `rein runs cancel`: recorded as `cli:$USER`, as the admin commands are.
-async fn cancel(id: RunId, tenant: TenantId, store: &StoreArgs) -> anyhow::Result<u8> {
+async fn cancel(
+    id: RunId,
+    tenant: TenantId,
+    wait: Option<std::time::Duration>,
+    store: &StoreArgs,
+) -> anyhow::Result<u8> {
     let store = open_existing_store(store).await?;
     let tools = ToolBox::new(Builtins::standard(), HttpTools::new(http_client()?));
     let done = Runtime::new(store.clone(), tools)
         .cancel(&tenant, &id, &serve::admin::cli_actor())
         .await;
+    let code = match (&done, wait) {
+        (Ok(rein_runtime::Cancelled::Requested), Some(limit)) => {
+            say!("run {id}: cancel requested; waiting for the process driving it to end it");
+            until_ended(&*store, &tenant, &id, limit).await?
+        }
+        _ => exit::OK,
+    };
     store.close().await;
     match done {
         Ok(rein_runtime::Cancelled::Ended) => say!("run {id}: cancelled"),
+        Ok(rein_runtime::Cancelled::Requested) if wait.is_some() => {}
         Ok(rein_runtime::Cancelled::Requested) => say!(
             "run {id}: cancel requested; the process driving it ends it before its next step (it looks every {} s; the step in flight finishes first)",
             rein_runtime::CANCEL_POLL.as_secs()
@@ -1210,7 +1227,45 @@ async fn cancel(id: RunId, tenant: TenantId, store: &StoreArgs) -> anyhow::Resul
         }
         Err(e) => return Err(e.into()),
     }
-    Ok(0)
+    Ok(code)
+}
+
+/// Waits, `limit` at most, until run `id` has ended (or waits for a person), following its log
+/// (a process that drives it on SQLite is not heard: its row is read every 250 ms), and says
+/// how it ended: exit 0, or 1 if it still runs.
+async fn until_ended(
+    store: &dyn Store,
+    tenant: &TenantId,
+    id: &RunId,
+    limit: std::time::Duration,
+) -> anyhow::Result<u8> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut appends = store.follow(id);
+    loop {
+        appends.seen();
+        let record = store.run(tenant, id).await?;
+        let status = record.progress.status;
+        if status.is_terminal() || status == RunStatus::AwaitingApproval {
+            let detail = record.progress.detail.as_deref().unwrap_or("");
+            say!(
+                "run {id}: {status}{}",
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                }
+            );
+            return Ok(exit::OK);
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            say!("run {id}: still {status} after {limit:?}; the cancel stays requested");
+            return Ok(exit::INTERNAL);
+        }
+        appends
+            .changed(left.min(std::time::Duration::from_millis(250)))
+            .await;
+    }
 }
 
 async fn resume(args: ResumeArgs) -> anyhow::Result<u8> {
@@ -1299,8 +1354,9 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
         RunsCommand::Cancel {
             run_id,
             tenant,
+            wait,
             store,
-        } => cancel(RunId::new(run_id), TenantId::new(tenant), &store).await,
+        } => cancel(RunId::new(run_id), TenantId::new(tenant), wait, &store).await,
         RunsCommand::List {
             tenant,
             status,

@@ -719,17 +719,26 @@ async fn the_cli_cancels_a_run_that_the_server_drives() {
     .await;
     let id = queue_payment(&http, &base, &key, "pay order 9").await;
     until_paying(&http, &base, &key, &id).await;
-    let cancel = |id: &str| {
-        common::rein(
-            dir.path(),
-            &["runs", "cancel", id, "--tenant", "acme", "--db", "rein.db"],
-        )
+    let cancel = |id: &str, wait: &[&str]| {
+        let mut args = vec!["runs", "cancel", id, "--tenant", "acme", "--db", "rein.db"];
+        args.extend(wait);
+        common::rein(dir.path(), &args)
     };
-    let out = cancel(&id);
+    // The payment in flight outlasts a one-second wait: the request stays, exit 1.
+    let out = cancel(&id, &["--wait", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("run {id}: cancel requested"))
+            && said.contains(&format!("run {id}: still running after 1s")),
+        "{said}"
+    );
+    // Asked again, waiting until it ends: the CLI says how.
+    let out = cancel(&id, &["--wait"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains(&format!("run {id}: cancel requested")),
+        said.contains(&format!("run {id}: cancelled: cancelled by cli")),
         "{said}"
     );
     let trace = until_stopped(&http, &base, &key, &id).await;
@@ -756,7 +765,7 @@ async fn the_cli_cancels_a_run_that_the_server_drives() {
         "one payment, made once"
     );
     // An ended run, or one of another tenant, is refused with the reason.
-    let again = cancel(&id);
+    let again = cancel(&id, &[]);
     assert_eq!(again.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("already ended"),
