@@ -548,6 +548,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot read the admin log")?;
     let watch = watch_key_changes(app.clone(), head);
     let sweep = sweep_sessions(app.clone());
+    let claimable = (workers > 0)
+        .then(|| wake_for_claimable_runs(app.clone()))
+        .flatten();
     let workers: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
@@ -561,6 +564,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     // over at once rather than when the leases expire.
     watch.abort();
     sweep.abort();
+    if let Some(claimable) = claimable {
+        claimable.abort();
+    }
     let driven = app.runtime.driven();
     for w in &workers {
         w.abort();
@@ -617,15 +623,29 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// One worker: claims queued runs (and runs whose process died, and runs whose approval timed
-/// out) and drives them, until the server stops. Idle, it waits to be woken by this process's
-/// requests, and on PostgreSQL also by runs other processes queue (every idle worker wakes and
-/// tries a claim; one wins), looking anyway every [`POLL`].
-async fn work(app: Arc<App>) {
+/// Wakes one idle worker whenever the store announces a claimable run, until aborted: on
+/// PostgreSQL, runs other processes queue or give up are claimed at once. One worker, not all:
+/// every idle worker of every process trying a claim for each run would be that many queries.
+/// `None` where the store hears only this process (whose requests wake a worker themselves).
+fn wake_for_claimable_runs(app: Arc<App>) -> Option<tokio::task::JoinHandle<()>> {
     let mut claimable = app.store.follow_claimable();
-    let hears_others = claimable.hears_other_processes();
+    claimable.hears_other_processes().then(|| {
+        tokio::spawn(async move {
+            loop {
+                claimable.seen();
+                if claimable.changed(Duration::from_secs(3600)).await {
+                    app.wake.notify_one();
+                }
+            }
+        })
+    })
+}
+
+/// One worker: claims queued runs (and runs whose process died, and runs whose approval timed
+/// out) and drives them, until the server stops. Idle, it waits to be woken (by this process's
+/// requests, or [`wake_for_claimable_runs`]), looking anyway every [`POLL`].
+async fn work(app: Arc<App>) {
     loop {
-        claimable.seen();
         match app
             .runtime
             .work_one(&app.config.prices, app.model.as_ref())
@@ -633,12 +653,6 @@ async fn work(app: Arc<App>) {
         {
             Ok(Some(outcome)) => {
                 let _ = app.outcomes.send(Arc::new(outcome));
-            }
-            Ok(None) if hears_others => {
-                tokio::select! {
-                    () = app.wake.notified() => {}
-                    _ = claimable.changed(POLL) => {}
-                }
             }
             Ok(None) => {
                 let _ = tokio::time::timeout(POLL, app.wake.notified()).await;
