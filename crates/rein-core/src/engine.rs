@@ -24,6 +24,7 @@ use crate::spec::{
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
 use serde_json::{Map, Value};
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -310,7 +311,11 @@ pub struct Engine {
     fixed_tokens: u64,
     started_ms: Option<i64>,
     messages: Vec<Message>,
-    message_tokens: u64,
+    /// Tokens of the first `counted` messages. Messages are counted when an estimate first
+    /// needs them, not as they arrive: a reply a run ends on, or the spec's conversation a
+    /// gateway call replaces with its caller's, is never counted.
+    message_tokens: Cell<u64>,
+    counted: Cell<usize>,
     step: u32,
     iterations: u32,
     usage: Usage,
@@ -463,7 +468,8 @@ impl Engine {
             fixed_tokens,
             started_ms: None,
             messages: Vec::new(),
-            message_tokens: 0,
+            message_tokens: Cell::new(0),
+            counted: Cell::new(0),
             step: 0,
             iterations: 0,
             usage: Usage::default(),
@@ -608,8 +614,26 @@ impl Engine {
     }
 
     fn push_message(&mut self, message: Message) {
-        self.message_tokens += message_tokens(self.counter, &message);
         self.messages.push(message);
+    }
+
+    /// Tokens of the conversation as it stands, counting the messages not counted yet.
+    fn conversation_tokens(&self) -> u64 {
+        let counted = self.counted.get().min(self.messages.len());
+        let more: u64 = self.messages[counted..]
+            .iter()
+            .map(|m| message_tokens(self.counter, m))
+            .sum();
+        self.counted.set(self.messages.len());
+        self.message_tokens.set(self.message_tokens.get() + more);
+        self.message_tokens.get()
+    }
+
+    /// Empties the conversation.
+    fn forget_messages(&mut self) {
+        self.messages.clear();
+        self.message_tokens.set(0);
+        self.counted.set(0);
     }
 
     /// What a person taking the run over needs: what was asked, what was done, what is
@@ -702,8 +726,7 @@ impl Engine {
 
     /// Starts the conversation over: the instructions, `context`, then the user's input.
     fn begin_conversation(&mut self, context: impl IntoIterator<Item = Message>) {
-        self.messages.clear();
-        self.message_tokens = 0;
+        self.forget_messages();
         // A plan's run opens with its planner.
         let mut instructions = self
             .planner_prompt()
@@ -747,9 +770,14 @@ impl Engine {
                 if !self.summarizing
                     && let Some(last) = self.messages.pop()
                 {
-                    self.message_tokens = self
-                        .message_tokens
-                        .saturating_sub(message_tokens(self.counter, &last));
+                    if self.messages.len() < self.counted.get() {
+                        self.counted.set(self.messages.len());
+                        self.message_tokens.set(
+                            self.message_tokens
+                                .get()
+                                .saturating_sub(message_tokens(self.counter, &last)),
+                        );
+                    }
                     self.push_message(Message::text(Role::User, self.input_message.clone()));
                 }
             }
@@ -1007,8 +1035,7 @@ impl Engine {
                             m.content.as_ref().map(|c| format!("{who}: {c}"))
                         })
                         .collect();
-                    self.messages.clear();
-                    self.message_tokens = 0;
+                    self.forget_messages();
                     self.push_message(Message::text(Role::System, SUMMARIZE_INSTRUCTIONS));
                     self.push_message(Message::text(Role::User, transcript.join("\n\n")));
                 } else {
@@ -1170,8 +1197,7 @@ impl Engine {
                 self.fence = None;
                 self.fixed_tokens = tool_tokens(self.counter, tools);
                 self.tool_definitions = tools.clone();
-                self.messages.clear();
-                self.message_tokens = 0;
+                self.forget_messages();
                 for m in messages {
                     self.push_message(m.clone());
                 }
@@ -1551,7 +1577,7 @@ impl Engine {
     /// be given back to [`Engine::restore`] when the verdict arrives.
     fn set_aside(&mut self, instructions: String, request: String) -> Vec<Message> {
         let conversation = std::mem::take(&mut self.messages);
-        self.message_tokens = 0;
+        self.forget_messages();
         self.push_message(Message::text(Role::System, instructions));
         self.push_message(Message::text(Role::User, request));
         conversation
@@ -1559,8 +1585,7 @@ impl Engine {
 
     /// The conversation set aside for a verdict call, back in place.
     fn restore(&mut self, conversation: Vec<Message>) {
-        self.messages.clear();
-        self.message_tokens = 0;
+        self.forget_messages();
         for m in conversation {
             self.push_message(m);
         }
@@ -1821,7 +1846,7 @@ impl Engine {
             let detail = format!("made {} model calls, the cap", self.iterations);
             return self.finish_effect(TerminationReason::MaxIterations, Some(detail), None);
         }
-        let estimated_input_tokens = 3 + self.fixed_tokens + self.message_tokens;
+        let estimated_input_tokens = 3 + self.fixed_tokens + self.conversation_tokens();
         let max_output_tokens = match self.chat.as_ref().and_then(|c| c.max_output_tokens) {
             Some(asked) => asked.min(spec.model.max_output_tokens),
             None => spec.model.max_output_tokens,

@@ -158,8 +158,7 @@ impl Engine {
         self.tool_definitions = tools;
         let schema_tokens = schema.as_deref().map_or(0, |s| self.counter.count(s));
         self.fixed_tokens = tool_tokens(self.counter, &self.tool_definitions) + schema_tokens;
-        self.messages.clear();
-        self.message_tokens = 0;
+        self.forget_messages();
         let mut system = format!("{}\n\n{task}", self.agent.spec.instructions);
         if self.fence.is_some() {
             system.push_str(crate::guard::FENCE_INSTRUCTIONS);

@@ -237,8 +237,7 @@ impl Engine {
         let schema = schema.map_or(String::new(), Value::to_string);
         self.fixed_tokens =
             tool_tokens(self.counter, &self.tool_definitions) + self.counter.count(&schema);
-        self.messages.clear();
-        self.message_tokens = 0;
+        self.forget_messages();
         let mut system = format!("{}\n\n{task}", self.agent.spec.instructions);
         if self.fence.is_some() {
             system.push_str(guard::FENCE_INSTRUCTIONS);
