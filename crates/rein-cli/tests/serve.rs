@@ -539,15 +539,18 @@ async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
     drop(server);
 }
 
-/// A `rein worker` process on store `db` with `script.yaml` as its model, killed when dropped.
-fn worker_process(dir: &Path, db: &str) -> Killed {
+/// A `rein serve` with no workers of its own and a `rein worker` process (killed when dropped),
+/// both on store `db` with `script.yaml` as their model.
+fn api_only_with_worker(dir: &Path, db: &str) -> (common::Server, Killed) {
+    let args = ["--script", "script.yaml", "--db", db, "--workers", "0"];
+    let server = common::serve(dir, &args, &[]);
     let worker = common::rein_command(dir)
         .args(["worker", "--script", "script.yaml", "--db", db])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    Killed(worker)
+    (server, Killed(worker))
 }
 
 struct Killed(std::process::Child);
@@ -568,18 +571,7 @@ async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
     let key = common::tenant_key(dir.path(), "acme");
-    let server = common::serve(
-        dir.path(),
-        &[
-            "--script",
-            "script.yaml",
-            "--db",
-            "rein.db",
-            "--workers",
-            "0",
-        ],
-        &[],
-    );
+    let (server, _worker) = api_only_with_worker(dir.path(), "rein.db");
     let base = server.base.clone();
     let http = reqwest::Client::new();
     common::register(
@@ -589,7 +581,6 @@ async fn an_api_only_server_answers_and_cancels_runs_a_worker_process_drives() {
         &common::payer_spec(&service.url(), 100, 4),
     )
     .await;
-    let _worker = worker_process(dir.path(), "rein.db");
 
     let answer = http
         .post(format!("{base}/v1/runs"))
@@ -645,11 +636,7 @@ async fn on_postgres_an_api_only_server_streams_a_run_a_worker_process_drives() 
     )
     .trim()
     .to_string();
-    let server = common::serve(
-        dir.path(),
-        &["--script", "script.yaml", "--db", &db, "--workers", "0"],
-        &[],
-    );
+    let (server, worker) = api_only_with_worker(dir.path(), &db);
     let base = server.base.clone();
     let http = reqwest::Client::new();
     // The payment takes a second: the stream is open while the worker makes it.
@@ -660,7 +647,6 @@ async fn on_postgres_an_api_only_server_streams_a_run_a_worker_process_drives() 
         &common::payer_spec(&service.url(), 1000, 4),
     )
     .await;
-    let worker = worker_process(dir.path(), &db);
 
     let id = queue_payment(&http, &base, &key, "pay order 9").await;
     let stream = http
