@@ -692,15 +692,20 @@ fn router(app: Arc<App>) -> Router {
             "/openapi.json",
             get(move || openapi::serve(document.clone())),
         )
-        .route("/ui", get(ui::home))
-        .route("/ui/login", get(ui::login_page).post(ui::login))
-        .route("/ui/logout", post(ui::logout))
-        .route("/ui/runs", get(ui::runs))
-        .route("/ui/runs/{id}", get(ui::run))
-        .route("/ui/runs/{id}/approval", post(ui::decide))
-        .route("/ui/approvals", get(ui::approvals))
-        .route("/ui/costs", get(ui::costs))
-        .route("/ui/status", get(ui::status))
+        .merge(
+            Router::new()
+                .route("/ui", get(ui::home))
+                .route("/ui/login", get(ui::login_page).post(ui::login))
+                .route("/ui/logout", post(ui::logout))
+                .route("/ui/runs", get(ui::runs))
+                .route("/ui/runs/{id}", get(ui::run))
+                .route("/ui/runs/{id}/approval", post(ui::decide))
+                .route("/ui/runs/{id}/cancel", post(ui::cancel))
+                .route("/ui/approvals", get(ui::approvals))
+                .route("/ui/costs", get(ui::costs))
+                .route("/ui/status", get(ui::status))
+                .route_layer(axum::middleware::from_fn(ui::same_origin_forms)),
+        )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(app.config.server.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(

@@ -297,6 +297,56 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
         .unwrap();
     assert!(!status.contains("breaker:tool:acme"), "{status}");
 
+    // A run waiting for a person can be cancelled from its page (an ended one cannot). A form
+    // sent from another site is refused before anything happens, as is another tenant.
+    let held = common::run_waiting(
+        &api,
+        &base,
+        &key,
+        serde_json::json!({"agent": "held", "input": "pay 3"}),
+        &[],
+    )
+    .await;
+    let held_id = held["run_id"].as_str().unwrap().to_string();
+    let (_, held_page) = page(format!("/ui/runs/{held_id}")).await;
+    assert!(
+        held_page.contains(&format!("action=\"/ui/runs/{held_id}/cancel\"")),
+        "{held_page}"
+    );
+    assert!(!run.contains("id=\"cancel\""), "an ended run's page");
+    let cancel = |cookie: String, headers: Vec<(&'static str, String)>| {
+        let mut request = browser
+            .post(format!("{base}/ui/runs/{held_id}/cancel"))
+            .header("cookie", cookie);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    for forged in [
+        ("sec-fetch-site", "cross-site".to_string()),
+        ("sec-fetch-site", "same-site".to_string()),
+        ("origin", "https://evil.example".to_string()),
+        ("origin", "null".to_string()),
+    ] {
+        let answer = cancel(cookie.clone(), vec![forged.clone()]).await;
+        assert_eq!(answer.status(), 403, "{forged:?}");
+    }
+    let answer = cancel(theirs.clone(), vec![]).await;
+    assert_eq!(answer.status(), 404, "another tenant's run");
+    let still = common::get_json(&api, &format!("{base}/v1/runs/{held_id}"), &key).await;
+    assert_eq!(still["status"], "awaiting_approval", "{still}");
+    let answer = cancel(cookie.clone(), vec![("origin", base.clone())]).await;
+    assert_eq!(answer.status(), 303);
+    assert_eq!(answer.headers()["location"], format!("/ui/runs/{held_id}"));
+    let (_, cancelled) = page(format!("/ui/runs/{held_id}")).await;
+    assert!(
+        cancelled.contains("id=\"status\">cancelled<"),
+        "{cancelled}"
+    );
+    assert!(cancelled.contains("cancelled by ui:acme"), "{cancelled}");
+    assert!(!cancelled.contains("id=\"cancel\""));
+
     // Revoking a key ends its sessions at once, even those of another process's dashboard.
     let rival_id = &rein_core::event::sha256_hex(rival.as_bytes())[..16];
     assert!(opens(theirs.clone()).await);

@@ -111,6 +111,47 @@ impl FromRequestParts<Arc<App>> for Viewer {
     }
 }
 
+/// Refuses a form sent to the dashboard from a page of another origin (cross-site request
+/// forgery), on top of the session cookie's `SameSite=Strict`, which a sibling subdomain still
+/// gets. Browsers say where a request comes from in `Sec-Fetch-Site` (only `same-origin`, or
+/// `none` for a typed address, pass); older ones in `Origin`, which must name the host the
+/// request was sent to (`Host`, or `X-Forwarded-Host` behind a proxy). A client that sends
+/// neither is not a browser acting for someone else.
+pub(super) async fn same_origin_forms(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !safe && !from_this_origin(request.headers()) {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "this form was sent from a page of another site; the dashboard takes forms only from its own pages",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a request's headers say it comes from the dashboard's own origin (or do not say).
+fn from_this_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some((_, origin_host)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return false;
+    };
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok())
+        .any(|host| host.eq_ignore_ascii_case(origin_host))
+}
+
 /// The session token in the request's cookie, if any.
 fn session_token(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -650,6 +691,22 @@ pub(super) async fn decide(
         status => outcome.status.as_str(),
     };
     approvals_page(&app, &tenant, Some(decided)).await
+}
+
+/// `POST /ui/runs/{id}/cancel`: cancels the run (by `ui:<tenant>`), as `POST
+/// /v1/runs/{id}/cancel` does, then shows it (a run another process drives ends before its next
+/// step there).
+pub(super) async fn cancel(
+    State(app): State<Arc<App>>,
+    Viewer(tenant): Viewer,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = RunId::new(id);
+    app.runtime
+        .cancel(&tenant, &id, &format!("ui:{tenant}"))
+        .await?;
+    let path: String = form_urlencoded::byte_serialize(id.as_str().as_bytes()).collect();
+    Ok(Redirect::to(&format!("/ui/runs/{path}")).into_response())
 }
 
 #[derive(Serialize)]
