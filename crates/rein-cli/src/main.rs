@@ -391,9 +391,9 @@ enum RunsCommand {
         run_id: String,
         #[arg(long, default_value = "default")]
         tenant: String,
-        /// Wait until the run has ended, at most this long (`--wait` alone: 60s), and say how
-        /// it ended; exit 1 if it is still running then (the request stays).
-        #[arg(long, value_parser = parse_lease, num_args = 0..=1, default_missing_value = "60s")]
+        /// Wait until the run has ended, at most this long (`--wait` alone: 60s; `--wait=5m`),
+        /// and say how it ended; exit 1 if it is still running then (the request stays).
+        #[arg(long, value_parser = parse_lease, num_args = 0..=1, require_equals = true, default_missing_value = "60s")]
         wait: Option<std::time::Duration>,
         #[command(flatten)]
         store: StoreArgs,
@@ -1199,17 +1199,18 @@ async fn cancel(
 ) -> anyhow::Result<u8> {
     let store = open_existing_store(store).await?;
     let tools = ToolBox::new(Builtins::standard(), HttpTools::new(http_client()?));
-    let done = Runtime::new(store.clone(), tools)
-        .cancel(&tenant, &id, &serve::admin::cli_actor())
-        .await;
+    let runtime = Runtime::new(store.clone(), tools);
+    let actor = serve::admin::cli_actor();
+    let done = runtime.cancel(&tenant, &id, &actor).await;
     let code = match (&done, wait) {
         (Ok(rein_runtime::Cancelled::Requested), Some(limit)) => {
             say!("run {id}: cancel requested; waiting for the process driving it to end it");
-            until_ended(&*store, &tenant, &id, limit).await?
+            until_ended(&runtime, &*store, (&tenant, &id, &actor), limit).await
         }
-        _ => exit::OK,
+        _ => Ok(exit::OK),
     };
     store.close().await;
+    let code = code?;
     match done {
         Ok(rein_runtime::Cancelled::Ended) => say!("run {id}: cancelled"),
         Ok(rein_runtime::Cancelled::Requested) if wait.is_some() => {}
@@ -1230,13 +1231,14 @@ async fn cancel(
     Ok(code)
 }
 
-/// Waits, `limit` at most, until run `id` has ended (or waits for a person), following its log
-/// (a process that drives it on SQLite is not heard: its row is read every 250 ms), and says
-/// how it ended: exit 0, or 1 if it still runs.
+/// Waits, `limit` at most, until run `id`, whose cancel `actor` requested, has ended,
+/// following its log (a process that drives it on SQLite is not heard: its row is read every
+/// 250 ms), and says how it ended: exit 0, or 1 if it still runs. A run that stopped to wait
+/// for a person before its driver saw the request is cancelled here (nobody drives it now).
 async fn until_ended(
+    runtime: &Runtime,
     store: &dyn Store,
-    tenant: &TenantId,
-    id: &RunId,
+    (tenant, id, actor): (&TenantId, &RunId, &str),
     limit: std::time::Duration,
 ) -> anyhow::Result<u8> {
     let deadline = tokio::time::Instant::now() + limit;
@@ -1245,7 +1247,18 @@ async fn until_ended(
         appends.seen();
         let record = store.run(tenant, id).await?;
         let status = record.progress.status;
-        if status.is_terminal() || status == RunStatus::AwaitingApproval {
+        if status == RunStatus::AwaitingApproval {
+            match runtime.cancel(tenant, id, actor).await {
+                // Ended now, or by someone else meanwhile: the next read says how.
+                Ok(rein_runtime::Cancelled::Ended) | Err(rein_runtime::RuntimeError::Ended(..)) => {
+                    continue;
+                }
+                // Another process holds it still: wait for it as for a running run.
+                Ok(rein_runtime::Cancelled::Requested) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if status.is_terminal() {
             let detail = record.progress.detail.as_deref().unwrap_or("");
             say!(
                 "run {id}: {status}{}",

@@ -711,7 +711,7 @@ async fn the_cli_cancels_a_run_that_the_server_drives() {
         common::rein(dir.path(), &args)
     };
     // The payment in flight outlasts a one-second wait: the request stays, exit 1.
-    let out = cancel(&id, &["--wait", "1s"]);
+    let out = cancel(&id, &["--wait=1s"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -346,6 +346,8 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     );
     assert!(cancelled.contains("cancelled by ui:acme"), "{cancelled}");
     assert!(!cancelled.contains("id=\"cancel\""));
+    let again = cancel(cookie.clone(), vec![("origin", base.clone())]).await;
+    assert_eq!(again.status(), 303, "a second click shows the ended run");
 
     // Revoking a key ends its sessions at once, even those of another process's dashboard.
     let rival_id = &rein_core::event::sha256_hex(rival.as_bytes())[..16];

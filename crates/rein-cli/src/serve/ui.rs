@@ -702,9 +702,15 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let id = RunId::new(id);
-    app.runtime
+    match app
+        .runtime
         .cancel(&tenant, &id, &format!("ui:{tenant}"))
-        .await?;
+        .await
+    {
+        // Ended already (a second click): the page shows how.
+        Ok(_) | Err(rein_runtime::RuntimeError::Ended(..)) => {}
+        Err(e) => return Err(e.into()),
+    }
     let path: String = form_urlencoded::byte_serialize(id.as_str().as_bytes()).collect();
     Ok(Redirect::to(&format!("/ui/runs/{path}")).into_response())
 }
