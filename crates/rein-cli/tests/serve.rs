@@ -629,13 +629,7 @@ async fn on_postgres_an_api_only_server_streams_a_run_a_worker_process_drives() 
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("script.yaml"), SCRIPT).unwrap();
-    common::rein_ok(dir.path(), &["tenants", "create", "acme", "--db", &db]);
-    let key = common::rein_ok(
-        dir.path(),
-        &["keys", "create", "--tenant", "acme", "--db", &db],
-    )
-    .trim()
-    .to_string();
+    let key = common::tenant_key_in(dir.path(), "acme", &db);
     let (server, worker) = api_only_with_worker(dir.path(), &db);
     let base = server.base.clone();
     let http = reqwest::Client::new();

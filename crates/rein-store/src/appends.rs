@@ -8,7 +8,7 @@
 //! changed, and reads it anyway after a while, since announcements can be missed (another
 //! process's writes on SQLite, a dropped database connection).
 
-use rein_core::RunId;
+use rein_core::{RunId, SealedEvent};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -44,6 +44,14 @@ impl Announcer {
             receiver: self.claimable.subscribe(),
             hears_other_processes: self.hears_other_processes,
             run: None,
+        }
+    }
+
+    /// `events` (of one run, as every write appends them) were just committed: wakes their
+    /// run's followers.
+    pub(crate) fn appended(&self, events: &[SealedEvent]) {
+        if let Some(first) = events.first() {
+            self.announce(&first.run_id);
         }
     }
 

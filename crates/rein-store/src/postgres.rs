@@ -98,8 +98,8 @@ impl PgAppends {
 
     /// `events` were just committed.
     fn appended(&self, events: &[SealedEvent]) {
+        self.announcer.appended(events);
         if let Some(first) = events.first() {
-            self.announcer.announce(&first.run_id);
             let _ = self.outgoing.try_send(Told::Appended(first.run_id.clone()));
         }
     }

@@ -346,24 +346,21 @@ impl SqliteStore {
             let lease = lease.map(|l| (l.owner.to_string(), l.until_ms));
             (run.clone(), lease)
         });
-        let (tenant, events) = (tenant.clone(), events.to_vec());
-        let run = events.first().map(|e| e.run_id.clone());
-        let (answer, wrote) = self
+        let (tenant, owned) = (tenant.clone(), events.to_vec());
+        let (answer, written) = self
             .write(move |c| {
                 let (answer, writes) = first(c)?;
-                let events = &events[..writes.min(events.len())];
+                let events = &owned[..writes.min(owned.len())];
                 if !events.is_empty() {
                     if let Some((run, lease)) = new_run {
                         insert_run(c, &run, lease)?;
                     }
                     insert_events(c, &tenant, events)?;
                 }
-                Ok((answer, !events.is_empty()))
+                Ok((answer, events.len()))
             })
             .await?;
-        if let Some(run) = run.filter(|_| wrote) {
-            self.announcer.announce(&run);
-        }
+        self.announcer.appended(&events[..written]);
         Ok(answer)
     }
 
@@ -494,11 +491,10 @@ impl Store for SqliteStore {
             if events.is_empty() {
                 return Ok(());
             }
-            let (tenant, run) = (tenant.clone(), events[0].run_id.clone());
-            let events = events.to_vec();
-            self.write(move |c| insert_events(c, &tenant, &events))
+            let (tenant, owned) = (tenant.clone(), events.to_vec());
+            self.write(move |c| insert_events(c, &tenant, &owned))
                 .await?;
-            self.announcer.announce(&run);
+            self.announcer.appended(events);
             Ok(())
         })
     }

@@ -922,23 +922,33 @@ fn amount(dollars: f64, tokens: u64) -> Amount {
     }
 }
 
-async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
-    let (t1, r1) = (TenantId::new("t1"), RunId::new("r1"));
-    let scope = Scope {
-        key: "tenant:t1:2026-11-27".into(),
+/// A scope capped at $1 and no token cap.
+fn one_dollar_cap(key: &str) -> Scope {
+    Scope {
+        key: key.into(),
         cap: Cap {
             usd: Usd::from_dollars(1.0),
             tokens: None,
         },
-    };
-    let scopes = [scope.clone()];
-    let hold = |id, dollars| Hold {
+    }
+}
+
+/// A hold of `dollars` (and 100 tokens) on `scopes`, made at 1 ms, that does not expire.
+fn hold_in<'a>(id: &'a str, scopes: &'a [Scope], dollars: f64) -> Hold<'a> {
+    Hold {
         id,
-        scopes: &scopes,
+        scopes,
         amount: amount(dollars, 100),
         now_ms: 1,
         expires_ms: i64::MAX / 2,
-    };
+    }
+}
+
+async fn budget_changes_and_their_events_commit_together(store: &dyn Store) {
+    let (t1, r1) = (TenantId::new("t1"), RunId::new("r1"));
+    let scope = one_dollar_cap("tenant:t1:2026-11-27");
+    let scopes = [scope.clone()];
+    let hold = |id, dollars| hold_in(id, &scopes, dollars);
     let standing = || store.standing(&scope.key, 1);
     let mut log = Log::new(info("r1", "t1", "s", 1));
     log.seal(EventKind::BudgetReserved {
@@ -1398,21 +1408,9 @@ async fn a_runs_followers_hear_each_write_that_appends_to_it(store: &dyn Store) 
     assert!(matches!(taken, StoreError::Conflict { .. }), "{taken}");
     assert!(!follower.changed(NOT_HEARD).await, "a refused append");
 
-    let scopes = [Scope {
-        key: "tenant:t1".into(),
-        cap: Cap {
-            usd: Usd::from_dollars(1.0),
-            tokens: None,
-        },
-    }];
+    let scopes = [one_dollar_cap("tenant:t1")];
     let next = log.seal(finished(serde_json::json!(1)));
-    let hold = |id, dollars| Hold {
-        id,
-        scopes: &scopes,
-        amount: amount(dollars, 100),
-        now_ms: 1,
-        expires_ms: i64::MAX / 2,
-    };
+    let hold = |id, dollars| hold_in(id, &scopes, dollars);
     follower.seen();
     let refused = store
         .reserve_and_write(&t1, None, std::slice::from_ref(&next), hold("h1", 5.0))

@@ -128,13 +128,15 @@ pub fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
 
 /// A new tenant and one API key for it, in `dir`'s `rein.db`.
 pub fn tenant_key(dir: &Path, tenant: &str) -> String {
-    rein_ok(dir, &["tenants", "create", tenant, "--db", "rein.db"]);
-    rein_ok(
-        dir,
-        &["keys", "create", "--tenant", tenant, "--db", "rein.db"],
-    )
-    .trim()
-    .to_string()
+    tenant_key_in(dir, tenant, "rein.db")
+}
+
+/// The same, in store `db`.
+pub fn tenant_key_in(dir: &Path, tenant: &str, db: &str) -> String {
+    rein_ok(dir, &["tenants", "create", tenant, "--db", db]);
+    rein_ok(dir, &["keys", "create", "--tenant", tenant, "--db", db])
+        .trim()
+        .to_string()
 }
 
 /// A Python with the official `openai` package and `openapi-spec-validator` (`REIN_TEST_PYTHON`,
