@@ -548,9 +548,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot read the admin log")?;
     let watch = watch_key_changes(app.clone(), head);
     let sweep = sweep_sessions(app.clone());
-    let claimable = (workers > 0)
-        .then(|| wake_for_claimable_runs(app.clone()))
-        .flatten();
+    let claimable = (workers > 0).then(|| wake_for_claimable_runs(app.clone()));
     let workers: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
@@ -623,27 +621,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Wakes one idle worker whenever the store announces a claimable run, until aborted: on
-/// PostgreSQL, runs other processes queue or give up are claimed at once. One worker, not all:
-/// every idle worker of every process trying a claim for each run would be that many queries.
-/// `None` where the store hears only this process (whose requests wake a worker themselves).
-fn wake_for_claimable_runs(app: Arc<App>) -> Option<tokio::task::JoinHandle<()>> {
+/// Wakes one idle worker whenever the store announces a claimable run, until aborted: the runs
+/// this process's requests queue, and on PostgreSQL those other processes queue or give up. One
+/// worker, not all: every idle worker of every process trying a claim for each run would be that
+/// many queries.
+fn wake_for_claimable_runs(app: Arc<App>) -> tokio::task::JoinHandle<()> {
     let mut claimable = app.store.follow_claimable();
-    claimable.hears_other_processes().then(|| {
-        tokio::spawn(async move {
-            loop {
-                claimable.seen();
-                if claimable.changed(Duration::from_secs(3600)).await {
-                    app.wake.notify_one();
-                }
+    tokio::spawn(async move {
+        loop {
+            claimable.seen();
+            if claimable.changed(Duration::from_secs(3600)).await {
+                app.wake.notify_one();
             }
-        })
+        }
     })
 }
 
 /// One worker: claims queued runs (and runs whose process died, and runs whose approval timed
-/// out) and drives them, until the server stops. Idle, it waits to be woken (by this process's
-/// requests, or [`wake_for_claimable_runs`]), looking anyway every [`POLL`].
+/// out) and drives them, until the server stops. Idle, it waits to be woken
+/// ([`wake_for_claimable_runs`]), looking anyway every [`POLL`].
 async fn work(app: Arc<App>) {
     loop {
         match app
@@ -1017,7 +1013,6 @@ async fn create_run(
             }
         },
     };
-    app.wake.notify_one();
     answer_run(&app, &tenant, &run_id, wait, outcomes, None).await
 }
 

@@ -258,6 +258,23 @@ impl Default for Guards {
     }
 }
 
+/// `host` as `guards.allow_hosts` holds it: a name in lower case, or an IPv6 address (bare or in
+/// brackets) in its one short form, so that `[FE80:0::7]` and `fe80::7` are the same host. `None`
+/// for what is not a host alone: a URL, a port, a path, a space.
+pub fn canonical_host(host: &str) -> Option<String> {
+    let bare = host
+        .strip_prefix('[')
+        .map_or(Some(host), |h| h.strip_suffix(']'))?;
+    if let Ok(v6) = bare.parse::<std::net::Ipv6Addr>() {
+        return Some(v6.to_string());
+    }
+    let name_like = !host.is_empty()
+        && !host
+            .chars()
+            .any(|c| matches!(c, '/' | ':' | '[' | ']' | '@' | '?' | '#') || c.is_whitespace());
+    name_like.then(|| host.to_ascii_lowercase())
+}
+
 impl Guards {
     /// The policy for text from `source`.
     pub fn policy(&self, source: Source) -> Policy {
@@ -298,8 +315,7 @@ impl Guards {
             Some(v6) => v6.split(']').next().unwrap_or_default(),
             None => host.split(':').next().unwrap_or_default(),
         };
-        let host = host.to_ascii_lowercase();
-        self.allow_hosts.contains(&host)
+        canonical_host(host).is_some_and(|host| self.allow_hosts.contains(&host))
     }
 
     /// Scans `text` from `source` with the one detector and applies this policy.
@@ -1167,6 +1183,8 @@ mod tests {
         assert!(guards.allows_host_of(&http("https://API.example.com:8443/mail/{to}")));
         assert!(guards.allows_host_of(&http("http://user@api.example.com/x")));
         assert!(guards.allows_host_of(&http("http://[::1]:9000/send")));
+        assert!(guards.allows_host_of(&http("http://[0:0:0:0:0:0:0:1]/send")));
+        assert!(!guards.allows_host_of(&http("http://[::2]/send")));
         assert!(!guards.allows_host_of(&http("https://api.example.com.evil.test/x")));
         assert!(!guards.allows_host_of(&http("https://evil.test/?h=api.example.com")));
         assert!(!guards.allows_host_of(&ToolSource::Builtin("echo".into())));

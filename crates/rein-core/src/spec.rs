@@ -1898,15 +1898,17 @@ impl Parser<'_> {
                 "a list of host names",
                 |p, item, path| {
                     let host = p.string(item, path)?;
-                    if host.contains('/') || host.contains(':') || host.contains(' ') {
+                    let canonical = crate::guard::canonical_host(&host);
+                    if canonical.is_none() {
                         p.error(
                             item.pos,
                             path,
-                            format!("`{host}` is not a host name; write e.g. `api.example.com`"),
+                            format!(
+                                "`{host}` is not a host name; write e.g. `api.example.com`, `10.0.0.7` or `::1`"
+                            ),
                         );
-                        return None;
                     }
-                    Some(host.to_ascii_lowercase())
+                    canonical
                 },
             ),
         };
@@ -3323,8 +3325,14 @@ limits:
         );
         assert_eq!(g.allow_hosts, vec!["api.example.com".to_string()]);
 
+        let v6 = check(&format!(
+            "{EXAMPLE}guards: {{allow_hosts: [\"::1\", \"[FE80:0:0:0:0:0:0:7]\", 10.0.0.7]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(v6.spec.guards.allow_hosts, ["::1", "fe80::7", "10.0.0.7"]);
+
         let text = check(&format!(
-            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\"], sentry: yes}}\n"
+            "{EXAMPLE}guards: {{input: maybe, threshold: 2, allow_hosts: [\"http://x.example/\", \"x.example:443\", \"[::1\"], sentry: yes}}\n"
         ))
         .unwrap_err()
         .to_string();
@@ -3332,6 +3340,8 @@ limits:
             "guards.input: `maybe` is not one of: off, flag, fence, block, escalate",
             "guards.threshold: must be above 0 and at most 1",
             "guards.allow_hosts[0]: `http://x.example/` is not a host name",
+            "guards.allow_hosts[1]: `x.example:443` is not a host name",
+            "guards.allow_hosts[2]: `[::1` is not a host name",
             "guards.sentry: unknown field `sentry`",
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");

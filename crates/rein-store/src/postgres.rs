@@ -836,9 +836,11 @@ impl Store for PgStore {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         self.appends.teller.stop();
-        if let Some(listener) = self.appends.listener.get() {
-            listener.stop();
-        }
+        // A follower that comes after the close finds a stopped task and starts no listener.
+        self.appends
+            .listener
+            .get_or_init(|| Task::spawn(async {}))
+            .stop();
         Box::pin(self.pool.close())
     }
 

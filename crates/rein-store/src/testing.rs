@@ -45,6 +45,19 @@ impl TestSchema {
         )
     }
 
+    /// How many connections listen for the announcements of the stores on this schema.
+    pub async fn listeners(&self) -> Result<i64, StoreError> {
+        let admin = sqlx::PgPool::connect(&self.server).await?;
+        let count = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND strpos(query, $1) > 0",
+        )
+        .bind(format!("rein {}", self.name))
+        .fetch_one(&admin)
+        .await?;
+        admin.close().await;
+        Ok(count)
+    }
+
     /// Drops the schema and everything in it.
     pub async fn drop_schema(self) -> Result<(), StoreError> {
         let admin = sqlx::PgPool::connect(&self.server).await?;

@@ -1514,6 +1514,34 @@ async fn postgres_followers_hear_other_processes_but_not_other_schemas() {
     other_schema.drop_schema().await.unwrap();
 }
 
+/// Closing a PostgreSQL store stops its listener, and a follower that comes after the close
+/// starts none (it would hold a connection until the store is dropped).
+#[tokio::test]
+async fn a_closed_postgres_store_listens_no_more() {
+    let (store, schema) = postgres_store().await;
+    let listeners_become = async |want: i64| {
+        for _ in 0..100 {
+            if schema.listeners().await.unwrap() == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    let _follower = store.follow(&RunId::new("r1"));
+    assert!(listeners_become(1).await, "the first follower starts one");
+    store.close().await;
+    assert!(listeners_become(0).await, "closing stops it");
+    let _late = store.follow_claimable();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        schema.listeners().await.unwrap(),
+        0,
+        "a follower after close"
+    );
+    schema.drop_schema().await.unwrap();
+}
+
 macro_rules! conformance {
     ($engine:ident: $($test:ident),* $(,)?) => {
         mod $engine {

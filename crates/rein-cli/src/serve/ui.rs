@@ -146,10 +146,16 @@ fn from_this_origin(headers: &HeaderMap) -> bool {
     let Some((_, origin_host)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
         return false;
     };
-    [header::HOST.as_str(), "x-forwarded-host"]
-        .iter()
-        .filter_map(|name| headers.get(*name)?.to_str().ok())
-        .any(|host| host.eq_ignore_ascii_case(origin_host))
+    // Behind a chain of proxies, `X-Forwarded-Host` lists a host per hop, the browser's first.
+    let forwarded = headers
+        .get("x-forwarded-host")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|hosts| hosts.split(',').next());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    [host, forwarded]
+        .into_iter()
+        .flatten()
+        .any(|host| host.trim().eq_ignore_ascii_case(origin_host))
 }
 
 /// The session token in the request's cookie, if any.
@@ -840,4 +846,52 @@ pub(super) async fn status(
         "status.html",
         context! { tenant => tenant.as_str(), budgets => ser(&budgets), breakers => ser(&breakers) },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    axum::http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_origin_is_checked_against_the_host_the_browser_asked_for() {
+        let host = ("host", "rein.internal:8080");
+        assert!(from_this_origin(&headers(&[host])));
+        assert!(from_this_origin(&headers(&[
+            host,
+            ("origin", "https://rein.internal:8080")
+        ])));
+        assert!(!from_this_origin(&headers(&[
+            host,
+            ("origin", "https://evil.test")
+        ])));
+        // Behind proxies, the first forwarded host is the one the browser named.
+        assert!(from_this_origin(&headers(&[
+            host,
+            ("origin", "https://rein.example.com"),
+            ("x-forwarded-host", "rein.example.com, edge.internal")
+        ])));
+        assert!(!from_this_origin(&headers(&[
+            host,
+            ("origin", "https://edge.internal"),
+            ("x-forwarded-host", "rein.example.com, edge.internal")
+        ])));
+        // A browser's own verdict wins over the headers beside it.
+        assert!(!from_this_origin(&headers(&[
+            host,
+            ("origin", "https://rein.internal:8080"),
+            ("sec-fetch-site", "same-site")
+        ])));
+    }
 }
