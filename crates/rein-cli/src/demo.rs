@@ -176,6 +176,10 @@ impl rein_runtime::Workers for DemoWorkers {
             crate::parse_worker(&self.prices, &self.builtins, reference, source.to_string())
         })
     }
+
+    fn pinned(&self, reference: &str, source: String) -> Result<rein_core::Agent, String> {
+        crate::parse_worker(&self.prices, &self.builtins, reference, source).map(|(a, _)| a)
+    }
 }
 
 /// The scenario whose trace tree is printed in full.

@@ -987,6 +987,10 @@ impl rein_runtime::Workers for WorkerSpecs {
             parse_worker(&self.prices, &self.builtins, reference, source)
         })
     }
+
+    fn pinned(&self, reference: &str, source: String) -> Result<Agent, String> {
+        parse_worker(&self.prices, &self.builtins, reference, source).map(|(agent, _)| agent)
+    }
 }
 
 /// A worker's spec, checked: the agent and its source, or the problems as one message.

@@ -190,3 +190,109 @@ fn a_run_killed_mid_call_and_at_random_points_resumes_and_applies_each_effect_on
         "no effect beyond one per logical call: {applied:?}"
     );
 }
+
+/// kill -9 while a worker agent is in the middle of a payment: resuming its caller continues
+/// that worker's run where its log ends (its interrupted payment made again with the same
+/// idempotency key) instead of starting a second worker, so each payment is applied once and
+/// the tree holds one worker's run.
+#[test]
+fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("payer.yaml"),
+        common::payer_spec(&service.url(), 400, 8),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        r#"
+name: boss
+version: 1
+model: {primary: openai/gpt-4o-mini}
+instructions: You delegate work.
+tools:
+  - name: delegate
+    description: Has the payer pay.
+    input_schema: {type: object, properties: {task: {type: string}}, required: [task]}
+    source: {agent: {spec: payer.yaml, max_cost_usd: 0.05}}
+    contract: {timeout: 30s, side_effects: none}
+limits: {max_iterations: 4, max_total_tokens: 40000, max_cost_usd: 0.10, max_depth: 2}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("script.yaml"),
+        r#"
+responses:
+  - {when: You delegate, tool_calls: [{name: delegate, arguments: {task: pay}}]}
+  - {when: You delegate, text: delegated}
+  - {unless: You delegate, tool_calls: [{name: pay, arguments: {n: 1}}]}
+  - {unless: You delegate, tool_calls: [{name: pay, arguments: {n: 2}}]}
+  - {unless: You delegate, text: paid twice}
+"#,
+    )
+    .unwrap();
+
+    let before = service.hits("apply");
+    let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
+        service.hits("apply") > before
+    });
+    let shown = finish(dir.path(), &id);
+    assert_eq!(shown["status"], "completed", "{shown}");
+    assert_eq!(shown["output"], "delegated");
+    let kinds = |shown: &Value, kind: &str| -> Vec<Value> {
+        shown["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["payload"].clone())
+            .collect()
+    };
+    let started = kinds(&shown, "worker_started");
+    assert_eq!(started.len(), 1, "one worker, continued: {started:?}");
+    let finished = kinds(&shown, "worker_finished");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0]["accepted"], true, "{finished:?}");
+    let child = started[0]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(finished[0]["run_id"], child.as_str());
+
+    let out = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        2,
+        "the caller and one worker: {runs}"
+    );
+    let worker = finish(dir.path(), &child);
+    assert_eq!(worker["status"], "completed", "{worker}");
+    assert_eq!(worker["output"], "paid twice");
+    let steps = tool_steps(&worker);
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    let applied = service.applied();
+    for (step, status) in &steps {
+        assert_eq!(status, "success", "step {step}");
+        let key = format!("{child}:{step}");
+        assert_eq!(
+            applied.get(&key),
+            Some(&1),
+            "{key} applied once: {applied:?}"
+        );
+    }
+    assert_eq!(
+        applied.len(),
+        2,
+        "no payment beyond the worker's two: {applied:?}"
+    );
+    for run in [&id, &child] {
+        let out = rein(dir.path(), &["audit", "verify", run, "--db", "runs.db"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -19,7 +19,7 @@ use crate::run::{RunStatus, TerminationReason};
 use crate::sanitize;
 use crate::spec::{
     Agent, EscalationTrigger, ModelRef, OnDeny, OnTimeout, RuleAction, SideEffects, StepKind,
-    ToolChoice,
+    ToolChoice, ToolSource,
 };
 use crate::tokens::TokenCounter;
 use crate::tool::{ErrorType, ToolResult};
@@ -389,8 +389,9 @@ pub struct Engine {
     max_depth: u32,
     /// Budget held by workers running (or whose end is not recorded): cost and tokens.
     worker_reserved: (Usd, u64),
-    /// Each worker call's budget, by the step and call id of its tool call.
-    worker_budgets: HashMap<(u32, String), Vec<crate::event::WorkerBudget>>,
+    /// Each worker call's runs (its worker's, then its fallback's), by the step and call id of
+    /// its tool call.
+    worker_children: HashMap<(u32, String), Vec<WorkerChild>>,
 }
 
 /// A graph run's place in its graph, rebuilt from `node_entered` and `node_finished`.
@@ -514,7 +515,7 @@ impl Engine {
             depth: 0,
             max_depth: 0,
             worker_reserved: (Usd::ZERO, 0),
-            worker_budgets: HashMap::new(),
+            worker_children: HashMap::new(),
         }
     }
 
@@ -1212,17 +1213,25 @@ impl Engine {
                 step,
                 call_id,
                 budget,
+                run_id,
+                fallback,
                 ..
             } => {
                 self.worker_started(budget);
-                self.worker_budgets
+                self.worker_children
                     .entry((*step, call_id.clone()))
                     .or_default()
-                    .push(*budget);
+                    .push(WorkerChild {
+                        run_id: run_id.clone(),
+                        budget: *budget,
+                        fallback: *fallback,
+                        finished: false,
+                    });
             }
             EventKind::WorkerFinished {
                 step,
                 call_id,
+                run_id,
                 reason,
                 detail,
                 cost,
@@ -1230,9 +1239,17 @@ impl Engine {
                 ..
             } => {
                 let budget = self
-                    .worker_budgets
+                    .worker_children
                     .get_mut(&(*step, call_id.clone()))
-                    .and_then(|b| (!b.is_empty()).then(|| b.remove(0)));
+                    .and_then(|children| {
+                        children
+                            .iter_mut()
+                            .find(|c| &c.run_id == run_id && !c.finished)
+                    })
+                    .map(|child| {
+                        child.finished = true;
+                        child.budget
+                    });
                 self.worker_finished(budget, *reason, detail.as_deref(), *cost, usage);
             }
             EventKind::PlanMade {
@@ -2123,11 +2140,19 @@ impl Engine {
     /// has no further effect, or the tool is an HTTP tool, which sends the key so the service
     /// applies the effect once. Otherwise a person decides: approved, it is made again;
     /// denied, it is reported to the model as failed with an unknown outcome.
+    ///
+    /// A worker agent's call is always continued: the worker's run it started (if it had) is
+    /// taken up where its own log ends, with the budget it was given, and that log keeps its
+    /// steps from being repeated.
     fn interrupted_tool_effect(&self, call: &ToolCall, step: u32, now_ms: i64) -> Effect {
         let tool = self.agent.tool(&call.name).map(|(tool, _)| tool);
         let arguments = serde_json::from_str::<Value>(&call.arguments).ok();
         let again = |arguments: Value| {
-            let budget = match tool.map(|t| self.worker_budget(t)) {
+            let started = self.worker_child(step, &call.id, false);
+            let budget = match tool.map(|t| match started {
+                Some(child) => Ok(Some(child.budget)),
+                None => self.worker_budget(t),
+            }) {
                 Some(Err((reason, detail))) => {
                     return self.finish_effect(reason, Some(detail), None);
                 }
@@ -2144,7 +2169,9 @@ impl Engine {
         };
         match (tool, arguments, self.approvals.get(&step)) {
             (Some(tool), Some(arguments), _)
-                if tool.contract.may_retry() || tool.sends_idempotency_key() =>
+                if tool.contract.may_retry()
+                    || tool.sends_idempotency_key()
+                    || matches!(tool.source, ToolSource::Agent(_)) =>
             {
                 again(arguments)
             }
@@ -2220,6 +2247,8 @@ fn parse_json_answer(text: &str) -> Result<Value, serde_json::Error> {
 mod planning;
 mod walk;
 mod workers;
+
+pub use workers::WorkerChild;
 
 #[cfg(test)]
 mod tests;

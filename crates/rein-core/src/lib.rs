@@ -33,7 +33,8 @@ pub mod yaml;
 
 pub use duration::parse_duration;
 pub use engine::{
-    ContentCheck, Effect, Engine, ModelCall, ReplayError, ToolInvocation, estimate_tokens,
+    ContentCheck, Effect, Engine, ModelCall, ReplayError, ToolInvocation, WorkerChild,
+    estimate_tokens,
 };
 pub use event::{
     ChainBreak, Event, EventKind, GENESIS_HASH, LogSummary, SealedEvent, verify_chain,

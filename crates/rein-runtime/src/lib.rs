@@ -955,6 +955,7 @@ impl Runtime {
             spec: request.spec_source.clone(),
             input: request.input.clone(),
             created_ms: now_ms(),
+            parent: parent.as_ref().map(|p| p.run_id.clone()),
         };
         let context = match spec.session {
             Some(policy) => {
@@ -1148,6 +1149,65 @@ impl Runtime {
             &ctx,
         )
         .map_err(RuntimeError::PinnedSpec)?;
+        self.drive_logged(tenant, run_id, record, agent, model, decision, None, true)
+            .await
+    }
+
+    /// Continues a worker agent's run that its caller started before a crash, as `agent` (its
+    /// pinned spec, fitted to the budget its caller gave it), under the caller's cancellation
+    /// and bulkhead slot. The caller's driver holds the whole tree, so it takes the worker's
+    /// lease whoever held it: that process is gone with the caller's, and no other process
+    /// claims a worker's run.
+    pub(crate) async fn continue_worker(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        record: rein_store::RunRecord,
+        agent: Agent,
+        model: &dyn Model,
+        caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
+    ) -> Result<RunOutcome, RuntimeError> {
+        if !self
+            .store
+            .acquire(run_id, self.fresh_lease(), i64::MAX)
+            .await?
+        {
+            return Err(RuntimeError::Leased(run_id.clone()));
+        }
+        let keeper = self.keep_lease(run_id);
+        let outcome = self
+            .drive_logged(
+                tenant,
+                run_id,
+                record,
+                agent,
+                model,
+                None,
+                caller_cancel,
+                false,
+            )
+            .await;
+        drop(keeper);
+        let released = self.store.release(run_id, &self.owner).await;
+        let outcome = outcome?;
+        released?;
+        Ok(outcome)
+    }
+
+    /// Drives a leased run on from its log as `agent`, in a bulkhead slot of its own
+    /// (`own_slot`), or in its caller's (a worker's run).
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_logged(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        record: rein_store::RunRecord,
+        agent: Agent,
+        model: &dyn Model,
+        decision: Option<Decision>,
+        caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
+        own_slot: bool,
+    ) -> Result<RunOutcome, RuntimeError> {
         let sealed = self.store.events(tenant, run_id).await?;
         let events = sealed
             .iter()
@@ -1160,7 +1220,9 @@ impl Runtime {
             (Some(d), Some(pending)) => Some(pending.decided(d.approved, &d.by, d.reason.clone())),
             (Some(_), None) => return Err(RuntimeError::NotAwaitingApproval(run_id.clone())),
         };
-        self.enter_bulkhead(tenant, run_id.as_str(), lease).await?;
+        if own_slot {
+            self.enter_bulkhead(tenant, run_id.as_str(), lease).await?;
+        }
         let mut driver = Driver {
             runtime: self,
             model,
@@ -1187,7 +1249,7 @@ impl Runtime {
                 .cancel_requested_by
                 .clone()
                 .map(|by| Arc::new(std::sync::OnceLock::from(by))),
-            caller_cancel: None,
+            caller_cancel,
         };
         if self.meters.on() {
             // What the log already holds was measured when it was written.
@@ -1240,7 +1302,9 @@ impl Runtime {
         if matches!(&outcome, Ok(o) if o.status.is_terminal()) {
             self.trace_ended(tenant, run_id).await;
         }
-        self.leave_bulkhead(tenant, run_id.as_str()).await?;
+        if own_slot {
+            self.leave_bulkhead(tenant, run_id.as_str()).await?;
+        }
         outcome
     }
 }

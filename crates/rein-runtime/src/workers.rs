@@ -10,7 +10,8 @@ use crate::{Driver, RunOutcome, RunRequest, Runtime};
 use rein_core::event::{ParentLink, WorkerBudget};
 use rein_core::spec::{ToolSpec, WorkerFallback, WorkerSource};
 use rein_core::{
-    Agent, ErrorType, EventKind, RunStatus, SessionId, TenantId, ToolInvocation, ToolResult, Usd,
+    Agent, ErrorType, EventKind, RunId, RunStatus, SessionId, TenantId, ToolInvocation, ToolResult,
+    Usd, WorkerChild,
 };
 use serde_json::Value;
 use std::future::Future;
@@ -30,6 +31,10 @@ pub trait Workers: Send + Sync {
         tenant: &'a TenantId,
         reference: &'a str,
     ) -> BoxFuture<'a, Result<(Agent, String), String>>;
+
+    /// Parses a worker's spec as its run pinned it (`source`, first found as `reference`), to
+    /// continue that run after a crash.
+    fn pinned(&self, reference: &str, source: String) -> Result<Agent, String>;
 }
 
 /// How one worker's run went.
@@ -127,7 +132,8 @@ impl Driver<'_> {
         })
     }
 
-    /// One worker's run, recorded in this run's log around it.
+    /// One worker's run, recorded in this run's log around it. A call interrupted by a crash
+    /// after its worker started continues that worker's run instead of starting another.
     async fn run_worker(
         &mut self,
         invocation: &ToolInvocation,
@@ -137,36 +143,122 @@ impl Driver<'_> {
         budget: WorkerBudget,
         fallback: bool,
     ) -> Result<Ran, crate::RuntimeError> {
-        let run_id = Runtime::new_run_id();
-        let resolved = match &self.runtime.workers {
-            Some(workers) => workers.resolve(&self.tenant, reference).await,
-            None => Err("this runtime has no way to find worker agents".to_string()),
-        };
-        let (agent, source) = match resolved {
-            Ok(found) => found,
-            Err(why) => {
-                return Ok(Ran {
-                    outcome: None,
-                    rejected: Some(format!(
-                        "the worker `{reference}` could not be started: {why}"
-                    )),
-                    cost: Usd::ZERO,
-                    tokens: 0,
-                });
+        let started = self
+            .engine
+            .worker_child(invocation.step, &invocation.call_id, fallback)
+            .cloned();
+        let (run_id, name, ran, finished) = match started {
+            Some(child) => {
+                let (name, ran) = self.continue_child(tool, worker, reference, &child).await;
+                (child.run_id, name, ran, child.finished)
+            }
+            None => {
+                let run_id = Runtime::new_run_id();
+                let resolved = match &self.runtime.workers {
+                    Some(workers) => workers.resolve(&self.tenant, reference).await,
+                    None => Err("this runtime has no way to find worker agents".to_string()),
+                };
+                let (agent, source) = match resolved {
+                    Ok(found) => found,
+                    Err(why) => {
+                        return Ok(Ran {
+                            outcome: None,
+                            rejected: Some(format!(
+                                "the worker `{reference}` could not be started: {why}"
+                            )),
+                            cost: Usd::ZERO,
+                            tokens: 0,
+                        });
+                    }
+                };
+                let agent = self.fit_worker(agent, tool, worker, budget);
+                let name = agent.spec.name.clone();
+                self.record(EventKind::WorkerStarted {
+                    step: invocation.step,
+                    call_id: invocation.call_id.clone(),
+                    tool: tool.name.clone(),
+                    spec: reference.to_string(),
+                    run_id: run_id.clone(),
+                    budget,
+                    fallback,
+                })
+                .await?;
+                let ran = self
+                    .start_child(invocation, &run_id, agent, source, budget)
+                    .await;
+                (run_id, name, ran.map_err(|e| e.to_string()), false)
             }
         };
-        let agent = self.fit_worker(agent, tool, worker, budget);
-        let name = agent.spec.name.clone();
-        self.record(EventKind::WorkerStarted {
-            step: invocation.step,
-            call_id: invocation.call_id.clone(),
-            tool: tool.name.clone(),
-            spec: reference.to_string(),
-            run_id: run_id.clone(),
-            budget,
-            fallback,
+        let ran = match ran {
+            // Its caller does not wait for a person on a worker's behalf: the worker is ended
+            // (not left waiting, able to spend outside its caller's accounting) and counts as
+            // failed.
+            Ok(outcome) if outcome.status == RunStatus::AwaitingApproval => {
+                let by = format!(
+                    "its caller, run {}, which does not wait for a worker's approvals",
+                    self.run_id
+                );
+                match self.runtime.cancel(&self.tenant, &run_id, &by).await {
+                    Ok(_) => Ok(RunOutcome {
+                        status: RunStatus::Cancelled,
+                        reason: Some(rein_core::TerminationReason::Cancelled),
+                        detail: Some(format!(
+                            "it waited for a person's approval; cancelled by {by}"
+                        )),
+                        awaiting: None,
+                        ..outcome
+                    }),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            other => other,
+        };
+        let (outcome, rejected) = match ran {
+            Ok(outcome) => {
+                let rejected = self.rejection(tool, worker, &outcome);
+                (Some(outcome), rejected)
+            }
+            Err(e) => (
+                None,
+                Some(format!("the worker `{name}` could not run: {e}")),
+            ),
+        };
+        let (cost, usage) = outcome
+            .as_ref()
+            .map_or((Usd::ZERO, Default::default()), |o| (o.cost, o.usage));
+        if !finished {
+            self.record(EventKind::WorkerFinished {
+                step: invocation.step,
+                call_id: invocation.call_id.clone(),
+                tool: tool.name.clone(),
+                run_id,
+                agent: name,
+                status: outcome.as_ref().map_or(RunStatus::Failed, |o| o.status),
+                reason: outcome.as_ref().and_then(|o| o.reason),
+                detail: rejected.clone(),
+                cost,
+                usage,
+                accepted: rejected.is_none(),
+            })
+            .await?;
+        }
+        Ok(Ran {
+            outcome,
+            rejected,
+            cost,
+            tokens: usage.total(),
         })
-        .await?;
+    }
+
+    /// Starts the worker's run `run_id` as `agent` and drives it until it ends.
+    async fn start_child(
+        &mut self,
+        invocation: &ToolInvocation,
+        run_id: &RunId,
+        agent: Agent,
+        source: String,
+        budget: WorkerBudget,
+    ) -> Result<RunOutcome, crate::RuntimeError> {
         let traceparent = rein_core::spans::traceparent(
             &self.trace,
             &rein_core::spans::tool_span_id(&self.run_id, invocation.step, &invocation.call_id),
@@ -194,7 +286,7 @@ impl Driver<'_> {
         };
         // A worker's run is a run like any other, driven here until it ends (boxed: the call
         // recurses through the driver).
-        let ran: Result<RunOutcome, crate::RuntimeError> = Box::pin(self.runtime.run_admitted(
+        Box::pin(self.runtime.run_admitted(
             run_id.clone(),
             request,
             self.model,
@@ -202,64 +294,42 @@ impl Driver<'_> {
             Some(parent),
             self.cancel.clone(),
         ))
+        .await
+    }
+
+    /// Continues the worker's run `child` from its log, as its pinned spec fitted to the
+    /// budget it was given (a run whose end is recorded only reports it). Returns the worker's
+    /// agent name and how its run went.
+    async fn continue_child(
+        &mut self,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        reference: &str,
+        child: &WorkerChild,
+    ) -> (String, Result<RunOutcome, String>) {
+        let record = match self.runtime.store.run(&self.tenant, &child.run_id).await {
+            Ok(record) => record,
+            Err(e) => return (reference.to_string(), Err(e.to_string())),
+        };
+        let name = record.info.agent.clone();
+        let pinned = match &self.runtime.workers {
+            Some(workers) => workers.pinned(reference, record.info.spec.clone()),
+            None => Err("this runtime has no way to find worker agents".to_string()),
+        };
+        let agent = match pinned {
+            Ok(agent) => self.fit_worker(agent, tool, worker, child.budget),
+            Err(why) => return (name, Err(format!("its pinned spec: {why}"))),
+        };
+        let ran = Box::pin(self.runtime.continue_worker(
+            &self.tenant,
+            &child.run_id,
+            record,
+            agent,
+            self.model,
+            self.cancel.clone(),
+        ))
         .await;
-        let ran = match ran {
-            // Its caller does not wait for a person on a worker's behalf: the worker is ended
-            // (not left waiting, able to spend outside its caller's accounting) and counts as
-            // failed.
-            Ok(outcome) if outcome.status == RunStatus::AwaitingApproval => {
-                let by = format!(
-                    "its caller, run {}, which does not wait for a worker's approvals",
-                    self.run_id
-                );
-                match self.runtime.cancel(&self.tenant, &run_id, &by).await {
-                    Ok(_) => Ok(RunOutcome {
-                        status: RunStatus::Cancelled,
-                        reason: Some(rein_core::TerminationReason::Cancelled),
-                        detail: Some(format!(
-                            "it waited for a person's approval; cancelled by {by}"
-                        )),
-                        awaiting: None,
-                        ..outcome
-                    }),
-                    Err(e) => Err(e),
-                }
-            }
-            other => other,
-        };
-        let (outcome, rejected) = match ran {
-            Ok(outcome) => {
-                let rejected = self.rejection(tool, worker, &outcome);
-                (Some(outcome), rejected)
-            }
-            Err(e) => (
-                None,
-                Some(format!("the worker `{name}` could not run: {e}")),
-            ),
-        };
-        let (cost, usage) = outcome
-            .as_ref()
-            .map_or((Usd::ZERO, Default::default()), |o| (o.cost, o.usage));
-        self.record(EventKind::WorkerFinished {
-            step: invocation.step,
-            call_id: invocation.call_id.clone(),
-            tool: tool.name.clone(),
-            run_id,
-            agent: name,
-            status: outcome.as_ref().map_or(RunStatus::Failed, |o| o.status),
-            reason: outcome.as_ref().and_then(|o| o.reason),
-            detail: rejected.clone(),
-            cost,
-            usage,
-            accepted: rejected.is_none(),
-        })
-        .await?;
-        Ok(Ran {
-            outcome,
-            rejected,
-            cost,
-            tokens: usage.total(),
-        })
+        (name, ran.map_err(|e| e.to_string()))
     }
 
     /// The worker's agent within what the call may use: its caps no higher than its budget,

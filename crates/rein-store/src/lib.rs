@@ -123,6 +123,9 @@ pub struct RunInfo {
     pub input: String,
     /// Creation time, ms since the epoch.
     pub created_ms: i64,
+    /// For a worker agent's run, the run that called it: only that run continues it, so it is
+    /// never claimed on its own.
+    pub parent: Option<RunId>,
 }
 
 /// A run's counters and outcome, as projected from its log.
@@ -764,6 +767,7 @@ fn run_from_row(r: &impl Columns) -> Result<RunRecord, StoreError> {
         spec: r.text("spec")?,
         input: r.text("input")?,
         created_ms: r.int("created_ms")?,
+        parent: r.opt_text("parent_run_id")?.map(RunId::new),
     };
     Ok(RunRecord {
         progress: Progress {

@@ -240,7 +240,7 @@ macro_rules! select_runs {
         concat!(
             "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
             "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
-            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by FROM runs ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by, parent_run_id FROM runs ",
             $tail
         )
     };
@@ -378,8 +378,8 @@ async fn insert_run(
     lease: Option<Lease<'_>>,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14)",
+        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms, parent_run_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)",
     )
     .bind(run.id.as_str())
     .bind(run.tenant.as_str())
@@ -398,6 +398,7 @@ async fn insert_run(
     .bind(run.created_ms)
     .bind(lease.map(|l| l.owner))
     .bind(lease.map_or(0, |l| l.until_ms))
+    .bind(run.parent.as_ref().map(RunId::as_str))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -424,7 +425,8 @@ async fn write_in(
 macro_rules! claimable {
     () => {
         "((status IN ('queued', 'running') AND lease_until_ms < $3)
-          OR (status = 'awaiting_approval' AND approval_expires_ms <= $3 AND lease_until_ms < $3))"
+          OR (status = 'awaiting_approval' AND approval_expires_ms <= $3 AND lease_until_ms < $3))
+         AND parent_run_id IS NULL"
     };
 }
 

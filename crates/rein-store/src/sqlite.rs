@@ -230,7 +230,7 @@ macro_rules! select_runs {
         concat!(
             "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
             "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
-            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by FROM runs ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by, parent_run_id FROM runs ",
             $tail
         )
     };
@@ -512,8 +512,9 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "UPDATE runs SET lease_owner = ?1, lease_until_ms = ?2
                          WHERE id = (SELECT id FROM runs
-                                     WHERE status IN ('queued', 'running') AND lease_until_ms < ?3
-                                        OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3)
+                                     WHERE (status IN ('queued', 'running') AND lease_until_ms < ?3
+                                            OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3))
+                                       AND parent_run_id IS NULL
                                      ORDER BY created_ms LIMIT 1)
                            AND (status IN ('queued', 'running') AND lease_until_ms < ?3
                                 OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3))
@@ -1085,8 +1086,8 @@ fn insert_run(
     lease: Option<(String, i64)>,
 ) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO runs (id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, head_hash, created_ms, updated_ms, lease_owner, lease_until_ms, parent_run_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(rusqlite::params![
         run.id.as_str(),
@@ -1107,6 +1108,7 @@ fn insert_run(
         run.created_ms,
         lease.as_ref().map(|l| l.0.as_str()),
         lease.as_ref().map_or(0, |l| l.1),
+        run.parent.as_ref().map(RunId::as_str),
     ])?;
     Ok(())
 }
@@ -1270,6 +1272,7 @@ mod tests {
             spec: "name: a".into(),
             input: "hi".into(),
             created_ms: 1,
+            parent: None,
         }
     }
 

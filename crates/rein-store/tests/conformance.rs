@@ -79,6 +79,7 @@ fn info(id: &str, tenant: &str, session: &str, created_ms: i64) -> RunInfo {
         spec: "name: a".into(),
         input: "hi".into(),
         created_ms,
+        parent: None,
     }
 }
 
@@ -327,6 +328,33 @@ async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expir
     store.release(&r1, "w2").await.unwrap();
     let again = store.claim(lease("w3", 9_000), 1_700).await.unwrap();
     assert_eq!(again.map(|(_, id)| id), Some(r1));
+}
+
+/// A worker agent's run is continued by its caller only: its lease running out does not make
+/// it claimable, though its caller's does; its caller (any process continuing it) can still
+/// acquire it.
+async fn a_workers_run_is_never_claimed_on_its_own(store: &dyn Store) {
+    let caller = Log::new(info("r1", "t1", "s", 1));
+    caller.create(store, Some(lease("w1", 100))).await;
+    let child = Log::new(RunInfo {
+        parent: Some(RunId::new("r1")),
+        ..info("r2", "t1", "s", 2)
+    });
+    child.create(store, Some(lease("w1", 100))).await;
+    let shown = store
+        .run(&TenantId::new("t1"), &RunId::new("r2"))
+        .await
+        .unwrap();
+    assert_eq!(shown.info.parent, Some(RunId::new("r1")));
+    let claimed = store.claim(lease("w2", 1_000), 500).await.unwrap();
+    assert_eq!(claimed.map(|(_, id)| id), Some(RunId::new("r1")));
+    assert_eq!(store.claim(lease("w3", 1_000), 500).await.unwrap(), None);
+    assert!(
+        store
+            .acquire(&RunId::new("r2"), lease("w2", 1_000), 500)
+            .await
+            .unwrap()
+    );
 }
 
 async fn claims_take_the_oldest_run_first_and_never_a_finished_one(store: &dyn Store) {
@@ -1619,6 +1647,7 @@ conformance!(sqlite:
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
+    a_workers_run_is_never_claimed_on_its_own,
     claims_take_the_oldest_run_first_and_never_a_finished_one,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,
@@ -1639,6 +1668,7 @@ conformance!(postgres:
     events_appended_together_land_in_order_or_not_at_all,
     a_run_is_stored_only_with_its_own_first_event,
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
+    a_workers_run_is_never_claimed_on_its_own,
     claims_take_the_oldest_run_first_and_never_a_finished_one,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,

@@ -9,13 +9,38 @@
 //! started but never finished (a crash) keeps its reservation, which errs on the safe side.
 
 use super::Engine;
-use crate::Usd;
 use crate::event::WorkerBudget;
 use crate::message::Usage;
 use crate::run::TerminationReason;
 use crate::spec::{ToolSource, ToolSpec, WorkerFallback};
+use crate::{RunId, Usd};
+
+/// A worker's run that a call of a worker tool started, as the caller's log records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerChild {
+    /// The worker's run.
+    pub run_id: RunId,
+    /// What it was given.
+    pub budget: WorkerBudget,
+    /// Whether it ran as the call's fallback.
+    pub fallback: bool,
+    /// Whether its `worker_finished` is recorded.
+    pub finished: bool,
+}
 
 impl Engine {
+    /// The run the worker tool call (`step`, `call_id`) started for its worker (or, with
+    /// `fallback`, for its fallback), if the log records one: a call interrupted by a crash
+    /// continues that run rather than starting another, so the worker's own recorded steps
+    /// and side effects are not repeated.
+    pub fn worker_child(&self, step: u32, call_id: &str, fallback: bool) -> Option<&WorkerChild> {
+        self.worker_children
+            .get(&(step, call_id.to_string()))?
+            .iter()
+            .rev()
+            .find(|c| c.fallback == fallback)
+    }
+
     /// The budget of a call to `tool`, when it is a worker agent: `Ok(None)` for other tools;
     /// `Err` with how the run ends when the tree would grow past `max_depth` or nothing is
     /// left to give the worker.

@@ -149,20 +149,31 @@ fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
     // stays held, so the caller cannot spend it again.
     let mut sim = Sim::new(&orchestrator("{spec: w.yaml, max_cost_usd: 0.9999}", ""));
     let inv = start_worker(&mut sim);
-    // Resumed: the interrupted call (side_effects none) is made again, as the same step, but
-    // only with what the held budget leaves: 1.0, less the model call, less 0.9999.
+    // Resumed: the interrupted call continues that worker under the budget it was given, not
+    // a second carve of what the held budget leaves (1.0, less the model call, less 0.9999).
     let replayed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
     match replayed.next_effect(sim.now) {
         Some(Effect::CallTool(again)) => {
             assert_eq!(again.step, inv.step);
-            let left = Usd::from_micros(1_000_000)
-                .saturating_sub(sim.engine.cost())
-                .saturating_sub(Usd::from_micros(999_900));
-            assert!(left < Usd::from_micros(100), "{left}");
-            assert_eq!(again.budget.unwrap().max_cost_usd, left);
+            assert_eq!(again.budget, inv.budget);
+            assert_eq!(
+                again.budget.unwrap().max_cost_usd,
+                Usd::from_micros(999_900)
+            );
         }
         other => panic!("{other:?}"),
     }
+    // Had it not started, only what the held budget leaves could be given.
+    let mut held = replayed.clone();
+    held.worker_children.clear();
+    let Some(Effect::CallTool(fresh)) = held.next_effect(sim.now) else {
+        panic!("expected the call")
+    };
+    let left = Usd::from_micros(1_000_000)
+        .saturating_sub(sim.engine.cost())
+        .saturating_sub(Usd::from_micros(999_900));
+    assert!(left < Usd::from_micros(100), "{left}");
+    assert_eq!(fresh.budget.unwrap().max_cost_usd, left);
 }
 
 #[test]
@@ -268,4 +279,53 @@ fn a_subagent_node_runs_its_worker_under_a_carved_budget() {
         Usd::from_micros(100_000),
         "the worker's spend is the run's"
     );
+}
+
+#[test]
+fn a_worker_call_interrupted_by_a_crash_continues_its_worker_under_the_same_budget() {
+    // Side effects external: another tool's interrupted call would wait for a person. A
+    // worker's run keeps its own log, so its call is continued instead.
+    let src =
+        orchestrator("{spec: w.yaml}", "").replace("side_effects: none", "side_effects: external");
+    let mut sim = Sim::new(&src);
+    let inv = start_worker(&mut sim);
+    let given = inv.budget.expect("a budget");
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    let child = resumed.worker_child(inv.step, &inv.call_id, false).cloned();
+    assert_eq!(
+        child.map(|c| (c.run_id, c.budget, c.finished)),
+        Some((crate::RunId::new("child"), given, false))
+    );
+    assert_eq!(resumed.worker_child(inv.step, &inv.call_id, true), None);
+    let Some(Effect::CallTool(again)) = resumed.next_effect(sim.now) else {
+        panic!("expected the call to be continued")
+    };
+    assert_eq!(again, inv, "the same step, call and budget");
+
+    // Once its end is recorded, the child shows as finished (a crash before the call's result
+    // then reports that run rather than starting another).
+    sim.record(EventKind::WorkerFinished {
+        step: inv.step,
+        call_id: inv.call_id.clone(),
+        tool: inv.tool.clone(),
+        run_id: crate::RunId::new("child"),
+        agent: "w".into(),
+        status: RunStatus::Completed,
+        reason: Some(TerminationReason::Completed),
+        detail: None,
+        cost: Usd::from_micros(1_000),
+        usage: Usage::default(),
+        accepted: true,
+    });
+    let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
+    assert!(
+        resumed
+            .worker_child(inv.step, &inv.call_id, false)
+            .unwrap()
+            .finished
+    );
+    let Some(Effect::CallTool(again)) = resumed.next_effect(sim.now) else {
+        panic!("expected the call to be continued")
+    };
+    assert_eq!(again.budget, Some(given));
 }
