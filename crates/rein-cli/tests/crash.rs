@@ -191,22 +191,12 @@ fn a_run_killed_mid_call_and_at_random_points_resumes_and_applies_each_effect_on
     );
 }
 
-/// kill -9 while a worker agent is in the middle of a payment: resuming its caller continues
-/// that worker's run where its log ends (its interrupted payment made again with the same
-/// idempotency key) instead of starting a second worker, so each payment is applied once and
-/// the tree holds one worker's run.
-#[test]
-fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let service = rt.block_on(ToolService::start()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+/// A caller (`agent.yaml`, "You delegate work.") whose one tool is the worker `payer.yaml`,
+/// which makes two payments of 400 ms each, and the script for both.
+fn write_worker_tree(dir: &Path, url: &str) {
+    std::fs::write(dir.join("payer.yaml"), common::payer_spec(url, 400, 8)).unwrap();
     std::fs::write(
-        dir.path().join("payer.yaml"),
-        common::payer_spec(&service.url(), 400, 8),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("agent.yaml"),
+        dir.join("agent.yaml"),
         r#"
 name: boss
 version: 1
@@ -223,7 +213,7 @@ limits: {max_iterations: 4, max_total_tokens: 40000, max_cost_usd: 0.10, max_dep
     )
     .unwrap();
     std::fs::write(
-        dir.path().join("script.yaml"),
+        dir.join("script.yaml"),
         r#"
 responses:
   - {when: You delegate, tool_calls: [{name: delegate, arguments: {task: pay}}]}
@@ -234,7 +224,18 @@ responses:
 "#,
     )
     .unwrap();
+}
 
+/// kill -9 while a worker agent is in the middle of a payment: resuming its caller continues
+/// that worker's run where its log ends (its interrupted payment made again with the same
+/// idempotency key) instead of starting a second worker, so each payment is applied once and
+/// the tree holds one worker's run.
+#[test]
+fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_worker_tree(dir.path(), &service.url());
     let before = service.hits("apply");
     let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
         service.hits("apply") > before
@@ -295,4 +296,69 @@ responses:
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// A caller killed inside its worker, then cancelled before anyone resumed it: resuming it ends
+/// it, and ends the worker's run it did not continue (no one else ever would: a worker's run is
+/// not claimed on its own).
+#[test]
+fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_worker_tree(dir.path(), &service.url());
+    let before = service.hits("apply");
+    let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
+        service.hits("apply") > before
+    });
+    let out = rein(dir.path(), &["runs", "cancel", &id, "--db", "runs.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rein(
+        dir.path(),
+        &[
+            "runs",
+            "resume",
+            &id,
+            "--take-over",
+            "--script",
+            "script.yaml",
+            "--json",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let resumed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(resumed["status"], "cancelled", "{resumed}");
+
+    let out = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let worker = runs.iter().find(|r| r["run_id"] != id.as_str()).unwrap();
+    assert_eq!(worker["status"], "cancelled", "{worker}");
+    let child = worker["run_id"].as_str().unwrap();
+    let shown = rein(
+        dir.path(),
+        &["runs", "show", child, "--json", "--db", "runs.db"],
+    );
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(
+        shown["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("its caller, run {id}, ended without it")),
+        "{shown}"
+    );
+    let out = rein(dir.path(), &["audit", "verify", child, "--db", "runs.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

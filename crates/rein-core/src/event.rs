@@ -453,6 +453,20 @@ pub enum EventKind {
     },
 }
 
+/// The worker runs a log started (`worker_started`) whose end it does not record
+/// (`worker_finished`).
+pub fn unfinished_workers(events: &[Event]) -> Vec<RunId> {
+    let mut open: Vec<RunId> = Vec::new();
+    for event in events {
+        match &event.kind {
+            EventKind::WorkerStarted { run_id, .. } => open.push(run_id.clone()),
+            EventKind::WorkerFinished { run_id, .. } => open.retain(|r| r != run_id),
+            _ => {}
+        }
+    }
+    open
+}
+
 impl EventKind {
     /// The event's kind name (its `type` tag).
     pub fn name(&self) -> &'static str {

@@ -618,6 +618,77 @@ impl Runtime {
         .await
     }
 
+    /// Ends the worker runs `orphans` of `caller`, which ended without continuing them, and
+    /// theirs in turn: each is `cancelled`, naming its caller. Best effort: a worker that
+    /// cannot be ended now is logged and left as it is.
+    pub(crate) async fn end_orphaned_workers(
+        &self,
+        tenant: &TenantId,
+        caller: &RunId,
+        orphans: Vec<RunId>,
+    ) {
+        let mut left: Vec<(RunId, RunId)> =
+            orphans.into_iter().map(|o| (caller.clone(), o)).collect();
+        while let Some((caller, orphan)) = left.pop() {
+            match self.end_orphan(tenant, &caller, &orphan).await {
+                Ok(theirs) => left.extend(theirs.into_iter().map(|o| (orphan.clone(), o))),
+                Err(e) => tracing::warn!(
+                    run_id = %orphan,
+                    caller = %caller,
+                    error = %e,
+                    "a worker's run left running by a crash could not be ended"
+                ),
+            }
+        }
+    }
+
+    /// Ends one orphaned worker's run (if its end is not recorded yet); returns its own
+    /// unfinished workers. Its caller ended, so its lease is taken whoever held it.
+    async fn end_orphan(
+        &self,
+        tenant: &TenantId,
+        caller: &RunId,
+        orphan: &RunId,
+    ) -> Result<Vec<RunId>, RuntimeError> {
+        if !self
+            .store
+            .acquire(orphan, self.fresh_lease(), i64::MAX)
+            .await?
+        {
+            return Ok(Vec::new());
+        }
+        let ended = async {
+            let events = self
+                .store
+                .events(tenant, orphan)
+                .await?
+                .iter()
+                .map(|e| e.decode())
+                .collect::<Result<Vec<_>, _>>()?;
+            if !matches!(
+                events.last().map(|e| &e.kind),
+                Some(EventKind::RunFinished { .. })
+            ) {
+                self.end_run(
+                    tenant,
+                    orphan,
+                    RunStatus::Cancelled,
+                    TerminationReason::Cancelled,
+                    format!(
+                        "its caller, run {caller}, ended without it after a crash interrupted it"
+                    ),
+                )
+                .await?;
+            }
+            Ok::<_, RuntimeError>(rein_core::event::unfinished_workers(&events))
+        }
+        .await;
+        let released = self.store.release(orphan, &self.owner).await;
+        let theirs = ended?;
+        released?;
+        Ok(theirs)
+    }
+
     /// Appends `run_finished` to a run this process holds the lease of but does not drive.
     async fn end_run(
         &self,
@@ -1446,6 +1517,16 @@ impl Driver<'_> {
             (None, Some(_)) => (RunStatus::AwaitingApproval, None),
             (None, None) => (RunStatus::Failed, Some(TerminationReason::Error)),
         };
+        if status.is_terminal() {
+            // Workers a crash left running, which this run ended without continuing (it was
+            // cancelled, or ran out of time, first): no one else would ever end them.
+            let orphans = self.engine.unfinished_workers();
+            if !orphans.is_empty() {
+                self.runtime
+                    .end_orphaned_workers(&self.tenant, &self.run_id, orphans)
+                    .await;
+            }
+        }
         Ok(RunOutcome {
             run_id: self.run_id.clone(),
             status,

@@ -316,20 +316,29 @@ impl Driver<'_> {
             Some(workers) => workers.pinned(reference, record.info.spec.clone()),
             None => Err("this runtime has no way to find worker agents".to_string()),
         };
-        let agent = match pinned {
-            Ok(agent) => self.fit_worker(agent, tool, worker, child.budget),
-            Err(why) => return (name, Err(format!("its pinned spec: {why}"))),
+        let ran = match pinned {
+            Ok(agent) => {
+                let agent = self.fit_worker(agent, tool, worker, child.budget);
+                Box::pin(self.runtime.continue_worker(
+                    &self.tenant,
+                    &child.run_id,
+                    record,
+                    agent,
+                    self.model,
+                    self.cancel.clone(),
+                ))
+                .await
+                .map_err(|e| e.to_string())
+            }
+            Err(why) => Err(format!("its pinned spec: {why}")),
         };
-        let ran = Box::pin(self.runtime.continue_worker(
-            &self.tenant,
-            &child.run_id,
-            record,
-            agent,
-            self.model,
-            self.cancel.clone(),
-        ))
-        .await;
-        (name, ran.map_err(|e| e.to_string()))
+        if ran.is_err() {
+            // Counted as failed here, so it must not go on running (or stay `running`) there.
+            self.runtime
+                .end_orphaned_workers(&self.tenant, &self.run_id, vec![child.run_id.clone()])
+                .await;
+        }
+        (name, ran)
     }
 
     /// The worker's agent within what the call may use: its caps no higher than its budget,

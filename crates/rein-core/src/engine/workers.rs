@@ -41,6 +41,17 @@ impl Engine {
             .find(|c| c.fallback == fallback)
     }
 
+    /// The worker runs this run started whose end its log does not record: after a crash,
+    /// the ones to end when this run ends without continuing them.
+    pub fn unfinished_workers(&self) -> Vec<RunId> {
+        self.worker_children
+            .values()
+            .flatten()
+            .filter(|c| !c.finished)
+            .map(|c| c.run_id.clone())
+            .collect()
+    }
+
     /// The budget of a call to `tool`, when it is a worker agent: `Ok(None)` for other tools;
     /// `Err` with how the run ends when the tree would grow past `max_depth` or nothing is
     /// left to give the worker.
