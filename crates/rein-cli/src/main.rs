@@ -1334,11 +1334,15 @@ async fn continue_run(
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
     let outcome = match decision {
-        None if args.take_over => {
-            runtime
-                .take_over(&tenant, &id, &config.prices, model.as_ref())
-                .await?
-        }
+        None if args.take_over => match runtime
+            .take_over(&tenant, &id, &config.prices, model.as_ref())
+            .await
+        {
+            Err(e @ rein_runtime::RuntimeError::WorkerRun { .. }) => {
+                return Err(anyhow!(BadInput(e.to_string())));
+            }
+            other => other?,
+        },
         None => match runtime
             .resume(&tenant, &id, &config.prices, model.as_ref())
             .await
@@ -1348,13 +1352,19 @@ async fn continue_run(
                     "{e} (pass --take-over if that process is known to be dead)"
                 ))));
             }
+            Err(e @ rein_runtime::RuntimeError::WorkerRun { .. }) => {
+                return Err(anyhow!(BadInput(e.to_string())));
+            }
             other => other?,
         },
         Some(decision) => match runtime
             .decide(&tenant, &id, &config.prices, model.as_ref(), decision)
             .await
         {
-            Err(e @ rein_runtime::RuntimeError::NotAwaitingApproval(_)) => {
+            Err(
+                e @ (rein_runtime::RuntimeError::NotAwaitingApproval(_)
+                | rein_runtime::RuntimeError::WorkerRun { .. }),
+            ) => {
                 return Err(anyhow!(BadInput(e.to_string())));
             }
             other => other?,

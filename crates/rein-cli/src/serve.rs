@@ -333,7 +333,7 @@ impl From<rein_runtime::RuntimeError> for Problem {
             E::Busy { .. } => Problem::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
             E::Leased(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
             E::NotAwaitingApproval(_) => Problem::new(StatusCode::CONFLICT, e.to_string()),
-            E::Ended(..) => Problem::new(StatusCode::CONFLICT, e.to_string()),
+            E::Ended(..) | E::WorkerRun { .. } => Problem::new(StatusCode::CONFLICT, e.to_string()),
             other => {
                 tracing::error!(error = %other, "request failed");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())

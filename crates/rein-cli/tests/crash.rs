@@ -267,7 +267,11 @@ fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
         2,
         "the caller and one worker: {runs}"
     );
-    let worker = finish(dir.path(), &child);
+    let out = rein(
+        dir.path(),
+        &["runs", "show", &child, "--json", "--db", "runs.db"],
+    );
+    let worker: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(worker["status"], "completed", "{worker}");
     assert_eq!(worker["output"], "paid twice");
     let steps = tool_steps(&worker);
@@ -311,6 +315,37 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
     let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
         service.hits("apply") > before
     });
+    // Only its caller continues a worker's run.
+    let runs = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
+    let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let child = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "payer")
+        .unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = rein(
+        dir.path(),
+        &[
+            "runs",
+            "resume",
+            &child,
+            "--take-over",
+            "--script",
+            "script.yaml",
+            "--db",
+            "runs.db",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run {child} is a worker of run {id}")),
+        "{stderr}"
+    );
     let out = rein(dir.path(), &["runs", "cancel", &id, "--db", "runs.db"]);
     assert_eq!(
         out.status.code(),
@@ -339,12 +374,11 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
     let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = runs.as_array().unwrap();
     assert_eq!(runs.len(), 2, "{runs:?}");
-    let worker = runs.iter().find(|r| r["run_id"] != id.as_str()).unwrap();
+    let worker = runs.iter().find(|r| r["run_id"] == child.as_str()).unwrap();
     assert_eq!(worker["status"], "cancelled", "{worker}");
-    let child = worker["run_id"].as_str().unwrap();
     let shown = rein(
         dir.path(),
-        &["runs", "show", child, "--json", "--db", "runs.db"],
+        &["runs", "show", &child, "--json", "--db", "runs.db"],
     );
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert!(
@@ -354,7 +388,7 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
             .contains(&format!("its caller, run {id}, ended without it")),
         "{shown}"
     );
-    let out = rein(dir.path(), &["audit", "verify", child, "--db", "runs.db"]);
+    let out = rein(dir.path(), &["audit", "verify", &child, "--db", "runs.db"]);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -80,6 +80,16 @@ pub enum RuntimeError {
     /// The run has already ended, so there is nothing to cancel.
     #[error("run {0} has already ended ({1})")]
     Ended(RunId, RunStatus),
+    /// The run is a worker agent's, which only its caller continues (under the budget it gave).
+    #[error(
+        "run {run} is a worker of run {caller}, which alone continues it: resume run {caller} instead (or cancel run {run})"
+    )]
+    WorkerRun {
+        /// The worker's run.
+        run: RunId,
+        /// Its caller.
+        caller: RunId,
+    },
 }
 
 /// What cancelling a run did.
@@ -488,8 +498,9 @@ impl Runtime {
             )
             .await;
         let released = self.store.release(run_id, &self.owner).await;
-        ended?;
+        let orphans = ended?;
         released?;
+        self.end_orphaned_workers(tenant, run_id, orphans).await;
         Ok(Cancelled::Ended)
     }
 
@@ -608,14 +619,17 @@ impl Runtime {
         run_id: &RunId,
         why: &str,
     ) -> Result<(), RuntimeError> {
-        self.end_run(
-            tenant,
-            run_id,
-            RunStatus::Failed,
-            TerminationReason::Error,
-            format!("the run cannot be continued: {why}"),
-        )
-        .await
+        let orphans = self
+            .end_run(
+                tenant,
+                run_id,
+                RunStatus::Failed,
+                TerminationReason::Error,
+                format!("the run cannot be continued: {why}"),
+            )
+            .await?;
+        self.end_orphaned_workers(tenant, run_id, orphans).await;
+        Ok(())
     }
 
     /// Ends the worker runs `orphans` of `caller`, which ended without continuing them, and
@@ -658,29 +672,24 @@ impl Runtime {
             return Ok(Vec::new());
         }
         let ended = async {
-            let events = self
+            if self
                 .store
-                .events(tenant, orphan)
+                .run(tenant, orphan)
                 .await?
-                .iter()
-                .map(|e| e.decode())
-                .collect::<Result<Vec<_>, _>>()?;
-            if !matches!(
-                events.last().map(|e| &e.kind),
-                Some(EventKind::RunFinished { .. })
-            ) {
-                self.end_run(
-                    tenant,
-                    orphan,
-                    RunStatus::Cancelled,
-                    TerminationReason::Cancelled,
-                    format!(
-                        "its caller, run {caller}, ended without it after a crash interrupted it"
-                    ),
-                )
-                .await?;
+                .progress
+                .status
+                .is_terminal()
+            {
+                return Ok(Vec::new());
             }
-            Ok::<_, RuntimeError>(rein_core::event::unfinished_workers(&events))
+            self.end_run(
+                tenant,
+                orphan,
+                RunStatus::Cancelled,
+                TerminationReason::Cancelled,
+                format!("its caller, run {caller}, ended without it after a crash interrupted it"),
+            )
+            .await
         }
         .await;
         let released = self.store.release(orphan, &self.owner).await;
@@ -690,6 +699,8 @@ impl Runtime {
     }
 
     /// Appends `run_finished` to a run this process holds the lease of but does not drive.
+    /// Returns the worker runs it started and its log does not see end, which nothing will
+    /// continue now (for [`Runtime::end_orphaned_workers`]).
     async fn end_run(
         &self,
         tenant: &TenantId,
@@ -697,11 +708,15 @@ impl Runtime {
         status: RunStatus,
         reason: TerminationReason,
         detail: String,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Vec<RunId>, RuntimeError> {
         let sealed = self.store.events(tenant, run_id).await?;
         let Some(last) = sealed.last() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let events = sealed
+            .iter()
+            .map(|e| e.decode())
+            .collect::<Result<Vec<_>, _>>()?;
         let event = Event {
             seq: last.seq + 1,
             ts_ms: now_ms(),
@@ -715,7 +730,7 @@ impl Runtime {
         self.store
             .append(tenant, &event.seal(run_id, &last.hash))
             .await?;
-        Ok(())
+        Ok(rein_core::event::unfinished_workers(&events))
     }
 
     /// Enforces shared budgets: every model call reserves its worst case in every capped scope
@@ -1184,6 +1199,12 @@ impl Runtime {
     ) -> Result<RunOutcome, RuntimeError> {
         // The lease first: the log read below is then the one this process continues.
         let record = self.store.run(tenant, run_id).await?;
+        if let Some(caller) = &record.info.parent {
+            return Err(RuntimeError::WorkerRun {
+                run: run_id.clone(),
+                caller: caller.clone(),
+            });
+        }
         let now = if take_over { i64::MAX } else { now_ms() };
         if !self.store.acquire(run_id, self.fresh_lease(), now).await? {
             return Err(RuntimeError::Leased(run_id.clone()));

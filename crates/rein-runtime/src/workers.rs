@@ -149,29 +149,27 @@ impl Driver<'_> {
             .cloned();
         let (run_id, name, ran, finished) = match started {
             Some(child) => {
-                let (name, ran) = self.continue_child(tool, worker, reference, &child).await;
+                let (name, ran) = self
+                    .take_up_child(invocation, tool, worker, reference, &child)
+                    .await;
                 (child.run_id, name, ran, child.finished)
             }
             None => {
                 let run_id = Runtime::new_run_id();
-                let resolved = match &self.runtime.workers {
-                    Some(workers) => workers.resolve(&self.tenant, reference).await,
-                    None => Err("this runtime has no way to find worker agents".to_string()),
-                };
-                let (agent, source) = match resolved {
-                    Ok(found) => found,
-                    Err(why) => {
-                        return Ok(Ran {
-                            outcome: None,
-                            rejected: Some(format!(
-                                "the worker `{reference}` could not be started: {why}"
-                            )),
-                            cost: Usd::ZERO,
-                            tokens: 0,
-                        });
-                    }
-                };
-                let agent = self.fit_worker(agent, tool, worker, budget);
+                let (agent, source) =
+                    match self.resolve_worker(tool, worker, reference, budget).await {
+                        Ok(found) => found,
+                        Err(why) => {
+                            return Ok(Ran {
+                                outcome: None,
+                                rejected: Some(format!(
+                                    "the worker `{reference}` could not be started: {why}"
+                                )),
+                                cost: Usd::ZERO,
+                                tokens: 0,
+                            });
+                        }
+                    };
                 let name = agent.spec.name.clone();
                 self.record(EventKind::WorkerStarted {
                     step: invocation.step,
@@ -297,11 +295,29 @@ impl Driver<'_> {
         .await
     }
 
-    /// Continues the worker's run `child` from its log, as its pinned spec fitted to the
-    /// budget it was given (a run whose end is recorded only reports it). Returns the worker's
-    /// agent name and how its run went.
-    async fn continue_child(
+    /// The worker `reference`, found and fitted to `budget`, with its source; or why not.
+    async fn resolve_worker(
         &mut self,
+        tool: &ToolSpec,
+        worker: &WorkerSource,
+        reference: &str,
+        budget: WorkerBudget,
+    ) -> Result<(Agent, String), String> {
+        let resolved = match &self.runtime.workers {
+            Some(workers) => workers.resolve(&self.tenant, reference).await,
+            None => Err("this runtime has no way to find worker agents".to_string()),
+        };
+        resolved.map(|(agent, source)| (self.fit_worker(agent, tool, worker, budget), source))
+    }
+
+    /// Takes up the worker's run `child` that this call started before a crash: one whose end
+    /// is recorded is only reported; one never stored (the crash came before its first events
+    /// were durable) is started now, as that run; any other is continued from its log, as its
+    /// pinned spec fitted to the budget it was given. Returns the worker's agent name and how
+    /// its run went.
+    async fn take_up_child(
+        &mut self,
+        invocation: &ToolInvocation,
         tool: &ToolSpec,
         worker: &WorkerSource,
         reference: &str,
@@ -309,9 +325,30 @@ impl Driver<'_> {
     ) -> (String, Result<RunOutcome, String>) {
         let record = match self.runtime.store.run(&self.tenant, &child.run_id).await {
             Ok(record) => record,
+            Err(rein_store::StoreError::NotFound(_)) if !child.finished => {
+                return match self
+                    .resolve_worker(tool, worker, reference, child.budget)
+                    .await
+                {
+                    Ok((agent, source)) => {
+                        let name = agent.spec.name.clone();
+                        let ran = self
+                            .start_child(invocation, &child.run_id, agent, source, child.budget)
+                            .await;
+                        (name, ran.map_err(|e| e.to_string()))
+                    }
+                    Err(why) => (
+                        reference.to_string(),
+                        Err(format!("it could not be started again: {why}")),
+                    ),
+                };
+            }
             Err(e) => return (reference.to_string(), Err(e.to_string())),
         };
         let name = record.info.agent.clone();
+        if child.finished {
+            return (name, Ok(reported(&child.run_id, record)));
+        }
         let pinned = match &self.runtime.workers {
             Some(workers) => workers.pinned(reference, record.info.spec.clone()),
             None => Err("this runtime has no way to find worker agents".to_string()),
@@ -419,5 +456,25 @@ impl Driver<'_> {
                 problems.join("; ")
             )
         })
+    }
+}
+
+/// How the worker's run `run_id` ended, as its stored row shows it.
+fn reported(run_id: &RunId, record: rein_store::RunRecord) -> RunOutcome {
+    let progress = record.progress;
+    RunOutcome {
+        run_id: run_id.clone(),
+        status: progress.status,
+        reason: progress.reason,
+        awaiting: None,
+        detail: progress.detail,
+        iterations: progress.iterations,
+        tool_calls: progress.tool_calls,
+        usage: progress.usage,
+        cost: progress.cost,
+        output: progress.output,
+        models_used: Default::default(),
+        events: record.event_count,
+        step_overheads_ns: Vec::new(),
     }
 }

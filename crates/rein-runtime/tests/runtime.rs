@@ -2272,3 +2272,125 @@ async fn a_run_driven_by_another_process_is_cancelled_through_postgres() {
     two.close().await;
     schema.drop_schema().await.unwrap();
 }
+
+/// A process died while a run's worker (and that worker's own worker) ran; once the leases ran
+/// out, the caller is cancelled where it lies. Nothing will ever continue the workers (a
+/// worker's run is not claimed on its own), so the cancel ends them too, down the tree.
+#[tokio::test]
+async fn cancelling_a_caller_left_by_a_dead_process_ends_its_workers_down_the_tree() {
+    use rein_core::event::{Event, ParentLink, WorkerBudget};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn rein_store::Store> = Arc::new(
+        SqliteStore::open(dir.path().join("rein.db"), Default::default())
+            .await
+            .unwrap(),
+    );
+    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    let runtime = Runtime::new(store.clone(), tools);
+    let acme = TenantId::new("acme");
+    let ids = ["caller", "worker", "its-worker"].map(rein_core::RunId::new);
+    let ghost = rein_store::Lease {
+        owner: "ghost",
+        until_ms: rein_runtime::now_ms() - 1,
+    };
+    for (depth, id) in ids.iter().enumerate() {
+        let parent = depth.checked_sub(1).map(|up| ParentLink {
+            run_id: ids[up].clone(),
+            step: 2,
+            depth: u32::try_from(depth).unwrap(),
+            max_depth: 3,
+        });
+        let mut kinds = vec![EventKind::RunStarted {
+            agent: "a".into(),
+            agent_version: 1,
+            spec_sha256: "0".repeat(64),
+            input: "go".into(),
+            tenant: acme.clone(),
+            user: UserId::new("ann"),
+            session: SessionId::new("s"),
+            job: None,
+            granted_scopes: Vec::new(),
+            trace_parent: None,
+            fence: None,
+            parent: parent.clone(),
+        }];
+        if let Some(below) = ids.get(depth + 1) {
+            kinds.push(EventKind::WorkerStarted {
+                step: 2,
+                call_id: "c1".into(),
+                tool: "delegate".into(),
+                spec: "w.yaml".into(),
+                run_id: below.clone(),
+                budget: WorkerBudget {
+                    max_cost_usd: rein_core::Usd::from_micros(1_000),
+                    max_total_tokens: 1_000,
+                    depth: u32::try_from(depth + 1).unwrap(),
+                    max_depth: 3,
+                },
+                fallback: false,
+            });
+        }
+        let mut prev = rein_core::GENESIS_HASH.to_string();
+        let sealed: Vec<_> = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(seq, kind)| {
+                let event = Event {
+                    seq: seq as u64,
+                    ts_ms: 1,
+                    kind,
+                }
+                .seal(id, &prev);
+                prev = event.hash.clone();
+                event
+            })
+            .collect();
+        let info = rein_store::RunInfo {
+            id: id.clone(),
+            tenant: acme.clone(),
+            user: UserId::new("ann"),
+            session: SessionId::new("s"),
+            job: None,
+            agent: "a".into(),
+            agent_version: 1,
+            spec: "name: a".into(),
+            input: "go".into(),
+            created_ms: 1,
+            parent: parent.map(|p| p.run_id),
+        };
+        store
+            .create_run(&info, &sealed[..1], Some(ghost))
+            .await
+            .unwrap();
+        store.append_all(&acme, &sealed[1..]).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .claim(ghost, rein_runtime::now_ms())
+            .await
+            .unwrap()
+            .map(|(_, id)| id),
+        Some(ids[0].clone()),
+        "only the caller is claimable"
+    );
+    store.release(&ids[0], "ghost").await.unwrap();
+
+    let cancelled = runtime.cancel(&acme, &ids[0], "cli:ann").await.unwrap();
+    assert_eq!(cancelled, rein_runtime::Cancelled::Ended);
+    for (up, id) in ids.iter().enumerate().skip(1) {
+        let record = store.run(&acme, id).await.unwrap();
+        assert_eq!(record.progress.status, RunStatus::Cancelled, "{id}");
+        assert_eq!(
+            record.progress.detail.as_deref(),
+            Some(
+                format!(
+                    "its caller, run {}, ended without it after a crash interrupted it",
+                    ids[up - 1]
+                )
+                .as_str()
+            ),
+        );
+        rein_core::verify_chain(&store.events(&acme, id).await.unwrap(), None).unwrap();
+    }
+    assert_eq!(store.unfinished().await.unwrap(), 0);
+}
