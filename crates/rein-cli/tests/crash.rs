@@ -396,3 +396,136 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A finished tree's logs, cut where a crash could have stopped the caller, copied into a
+/// fresh database and resumed there: just after the worker's end was recorded (the worker is
+/// not run again: its recorded answer is the call's result), and just after the worker was
+/// recorded as started but before its own run was stored (it is started as that run, so its
+/// payments carry the same idempotency keys and the service applies each once).
+#[test]
+fn a_caller_cut_around_its_worker_takes_it_up_without_running_it_twice() {
+    use rein_store::Store as _;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let service = rt.block_on(ToolService::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_worker_tree(dir.path(), &service.url());
+    let out = rein(
+        dir.path(),
+        &[
+            "run",
+            "agent.yaml",
+            "--input",
+            "go",
+            "--script",
+            "script.yaml",
+            "--json",
+            "--db",
+            "whole.db",
+        ],
+    );
+    let whole: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(whole["status"], "completed", "{whole}");
+    let caller = rein_core::RunId::new(whole["run_id"].as_str().unwrap());
+    let tenant = rein_core::TenantId::new("default");
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        rt.block_on(rein_store::SqliteStore::open(path, Default::default()))
+            .unwrap()
+    };
+    let source = open("whole.db");
+    let (caller_record, caller_log) = rt.block_on(async {
+        (
+            source.run(&tenant, &caller).await.unwrap(),
+            source.events(&tenant, &caller).await.unwrap(),
+        )
+    });
+    let cut_after = |kind: &str| caller_log.iter().position(|e| e.kind == kind).unwrap() + 1;
+    let child_event = &caller_log[cut_after("worker_started") - 1];
+    let child = match child_event.decode().unwrap().kind {
+        rein_core::EventKind::WorkerStarted { run_id, .. } => run_id,
+        other => panic!("{other:?}"),
+    };
+    let (child_record, child_log) = rt.block_on(async {
+        (
+            source.run(&tenant, &child).await.unwrap(),
+            source.events(&tenant, &child).await.unwrap(),
+        )
+    });
+    let applied_before = service.applied();
+    assert_eq!(applied_before.len(), 2, "{applied_before:?}");
+
+    for (db, cut, with_child) in [
+        ("finished.db", cut_after("worker_finished"), true),
+        ("unstored.db", cut_after("worker_started"), false),
+    ] {
+        let copy = open(db);
+        rt.block_on(async {
+            copy.create_run(&caller_record.info, &caller_log[..1], None)
+                .await
+                .unwrap();
+            copy.append_all(&tenant, &caller_log[1..cut]).await.unwrap();
+            if with_child {
+                copy.create_run(&child_record.info, &child_log[..1], None)
+                    .await
+                    .unwrap();
+                copy.append_all(&tenant, &child_log[1..]).await.unwrap();
+            }
+            copy.close().await;
+        });
+        let out = rein(
+            dir.path(),
+            &[
+                "runs",
+                "resume",
+                caller.as_str(),
+                "--script",
+                "script.yaml",
+                "--json",
+                "--db",
+                db,
+            ],
+        );
+        let resumed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(resumed["status"], "completed", "{db}: {resumed}");
+        assert_eq!(resumed["output"], "delegated", "{db}");
+        let shown = rein(
+            dir.path(),
+            &["runs", "show", caller.as_str(), "--json", "--db", db],
+        );
+        let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+        let events = shown["events"].as_array().unwrap();
+        let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+        assert_eq!(
+            (count("worker_started"), count("worker_finished")),
+            (1, 1),
+            "{db}"
+        );
+        let result = events.iter().find(|e| e["kind"] == "tool_result").unwrap();
+        assert_eq!(
+            result["payload"]["result"]["status"], "success",
+            "{db}: {result}"
+        );
+        let worker = rein(
+            dir.path(),
+            &["runs", "show", child.as_str(), "--json", "--db", db],
+        );
+        let worker: Value = serde_json::from_slice(&worker.stdout).unwrap();
+        assert_eq!(worker["status"], "completed", "{db}: {worker}");
+        if with_child {
+            assert_eq!(
+                worker["events"].as_array().unwrap().len(),
+                child_log.len(),
+                "{db}: the finished worker was not driven again"
+            );
+        }
+        let out = rein(dir.path(), &["runs", "list", "--json", "--db", db]);
+        let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(runs.as_array().unwrap().len(), 2, "{db}: {runs}");
+        let applied = service.applied();
+        assert_eq!(applied.len(), 2, "{db}: the same two payments: {applied:?}");
+        assert!(
+            applied.values().all(|n| *n == 1),
+            "{db}: each applied once: {applied:?}"
+        );
+    }
+}

@@ -1451,6 +1451,7 @@ mod tests {
             "UPDATE events SET hash = 'x'",
             "UPDATE events SET payload = NULL",
             "UPDATE runs SET tenant = 't2'",
+            "UPDATE runs SET parent_run_id = 'r0'",
             "DELETE FROM runs",
             "UPDATE admin_log SET actor = 'someone else'",
             "DELETE FROM admin_log",

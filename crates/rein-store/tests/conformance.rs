@@ -1702,6 +1702,7 @@ async fn postgres_refuses_to_rewrite_history_through_sql() {
         "TRUNCATE events CASCADE",
         "UPDATE runs SET tenant = 't2'",
         "UPDATE runs SET input = 'other'",
+        "UPDATE runs SET parent_run_id = 'r0'",
         "DELETE FROM runs",
         "TRUNCATE runs CASCADE",
     ] {

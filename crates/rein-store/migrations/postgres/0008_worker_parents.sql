@@ -2,3 +2,5 @@
 -- continues it after a crash, with the budget the caller gave it, so no worker process claims
 -- it on its own.
 ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
+CREATE TRIGGER runs_parent_is_immutable BEFORE UPDATE OF parent_run_id ON runs
+    FOR EACH ROW EXECUTE FUNCTION rein_refuse('a run''s identity is immutable');
