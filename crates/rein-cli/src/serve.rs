@@ -1447,7 +1447,7 @@ struct ApprovalBody {
 #[utoipa::path(post, path = "/v1/runs/{id}/approval", tag = "runs", params(RunPath), request_body = ApprovalBody, responses(
     (status = 200, description = "The run, driven to its next stop", body = OutcomeView),
     (status = 404, description = "No such run for this tenant", body = ProblemView, content_type = "application/problem+json"),
-    (status = 409, description = "The run is not awaiting approval, or another process drives it", body = ProblemView, content_type = "application/problem+json"),
+    (status = 409, description = "The run is not awaiting approval, another process drives it, or it is a worker agent's run (which only its caller continues)", body = ProblemView, content_type = "application/problem+json"),
 ))]
 async fn decide(
     State(app): State<Arc<App>>,

@@ -1226,6 +1226,7 @@ impl Engine {
                         budget: *budget,
                         fallback: *fallback,
                         finished: false,
+                        spent: (Usd::ZERO, Usage::default()),
                     });
             }
             EventKind::WorkerFinished {
@@ -1248,6 +1249,7 @@ impl Engine {
                     })
                     .map(|child| {
                         child.finished = true;
+                        child.spent = (*cost, *usage);
                         child.budget
                     });
                 self.worker_finished(budget, *reason, detail.as_deref(), *cost, usage);

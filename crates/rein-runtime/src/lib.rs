@@ -713,10 +713,8 @@ impl Runtime {
         let Some(last) = sealed.last() else {
             return Ok(Vec::new());
         };
-        let events = sealed
-            .iter()
-            .map(|e| e.decode())
-            .collect::<Result<Vec<_>, _>>()?;
+        // Read leniently: an event this build cannot decode must not keep a run from ending.
+        let events: Vec<Event> = sealed.iter().filter_map(|e| e.decode().ok()).collect();
         let event = Event {
             seq: last.seq + 1,
             ts_ms: now_ms(),

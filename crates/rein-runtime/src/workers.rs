@@ -211,6 +211,13 @@ impl Driver<'_> {
             }
             other => other,
         };
+        if ran.is_err() {
+            // Counted as failed here, so it must not go on running (or waiting, or stay
+            // `running`) there, where no one else would end it.
+            self.runtime
+                .end_orphaned_workers(&self.tenant, &self.run_id, vec![run_id.clone()])
+                .await;
+        }
         let (outcome, rejected) = match ran {
             Ok(outcome) => {
                 let rejected = self.rejection(tool, worker, &outcome);
@@ -347,7 +354,7 @@ impl Driver<'_> {
         };
         let name = record.info.agent.clone();
         if child.finished {
-            return (name, Ok(reported(&child.run_id, record)));
+            return (name, Ok(reported(child, record)));
         }
         let pinned = match &self.runtime.workers {
             Some(workers) => workers.pinned(reference, record.info.spec.clone()),
@@ -369,12 +376,6 @@ impl Driver<'_> {
             }
             Err(why) => Err(format!("its pinned spec: {why}")),
         };
-        if ran.is_err() {
-            // Counted as failed here, so it must not go on running (or stay `running`) there.
-            self.runtime
-                .end_orphaned_workers(&self.tenant, &self.run_id, vec![child.run_id.clone()])
-                .await;
-        }
         (name, ran)
     }
 
@@ -459,19 +460,20 @@ impl Driver<'_> {
     }
 }
 
-/// How the worker's run `run_id` ended, as its stored row shows it.
-fn reported(run_id: &RunId, record: rein_store::RunRecord) -> RunOutcome {
+/// How the worker's run `child` ended: as its stored row shows it, with what its
+/// `worker_finished` recorded it spent (the row counts its own model calls only).
+fn reported(child: &WorkerChild, record: rein_store::RunRecord) -> RunOutcome {
     let progress = record.progress;
     RunOutcome {
-        run_id: run_id.clone(),
+        run_id: child.run_id.clone(),
         status: progress.status,
         reason: progress.reason,
         awaiting: None,
         detail: progress.detail,
         iterations: progress.iterations,
         tool_calls: progress.tool_calls,
-        usage: progress.usage,
-        cost: progress.cost,
+        usage: child.spent.1,
+        cost: child.spent.0,
         output: progress.output,
         models_used: Default::default(),
         events: record.event_count,

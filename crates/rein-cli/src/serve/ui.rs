@@ -649,10 +649,12 @@ async fn approvals_page(
         ..RunFilter::default()
     };
     let mut waiting = Vec::new();
-    for run in app.store.list_runs(tenant, &filter, LIST_LIMIT).await? {
+    // A worker's run is decided by no one: its caller ends it rather than wait for a person.
+    let runs = app.store.list_runs(tenant, &filter, LIST_LIMIT).await?;
+    for run in runs.iter().filter(|r| r.info.parent.is_none()) {
         let sealed = app.store.events(tenant, &run.info.id).await?;
         let events: Vec<Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
-        waiting.extend(pending(&run, &events));
+        waiting.extend(pending(run, &events));
     }
     Ok(app.ui.page(
         "approvals.html",

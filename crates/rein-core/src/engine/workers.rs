@@ -26,6 +26,8 @@ pub struct WorkerChild {
     pub fallback: bool,
     /// Whether its `worker_finished` is recorded.
     pub finished: bool,
+    /// What its `worker_finished` recorded it spent, its own workers' spend included.
+    pub spent: (Usd, Usage),
 }
 
 impl Engine {
