@@ -87,8 +87,7 @@ fn finish(dir: &Path, id: &str) -> Value {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = rein(dir, &["runs", "show", id, "--json", "--db", "runs.db"]);
-    serde_json::from_slice(&out.stdout).unwrap()
+    show(dir, "runs.db", id)
 }
 
 /// Each tool step of a finished run and its `tool_result` status.
@@ -108,6 +107,23 @@ fn tool_steps(shown: &Value) -> Vec<(u64, String)> {
             )
         })
         .collect()
+}
+
+/// `rein runs show ID --json` against `db`.
+fn show(dir: &Path, db: &str, id: &str) -> Value {
+    let out = rein(dir, &["runs", "show", id, "--json", "--db", db]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `rein audit verify ID` against `db` passes.
+fn assert_verifies(dir: &Path, db: &str, id: &str) {
+    let out = rein(dir, &["audit", "verify", id, "--db", db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -172,13 +188,7 @@ fn a_run_killed_mid_call_and_at_random_points_resumes_and_applies_each_effect_on
             );
         }
         expected_effects += 3;
-        let out = rein(dir.path(), &["audit", "verify", id, "--db", "runs.db"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_verifies(dir.path(), "runs.db", id);
     }
     assert!(
         expected_effects >= 3,
@@ -226,6 +236,16 @@ responses:
     .unwrap();
 }
 
+/// Writes the worker tree into `dir`, runs its caller, and kills it with SIGKILL once the
+/// worker's first payment has reached the service (it takes 400 ms). Returns the caller's id.
+fn killed_inside_worker(dir: &Path, service: &ToolService) -> String {
+    write_worker_tree(dir, &service.url());
+    let before = service.hits("apply");
+    run_and_kill(dir, Duration::from_secs(10), || {
+        service.hits("apply") > before
+    })
+}
+
 /// kill -9 while a worker agent is in the middle of a payment: resuming its caller continues
 /// that worker's run where its log ends (its interrupted payment made again with the same
 /// idempotency key) instead of starting a second worker, so each payment is applied once and
@@ -235,11 +255,7 @@ fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let service = rt.block_on(ToolService::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_worker_tree(dir.path(), &service.url());
-    let before = service.hits("apply");
-    let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
-        service.hits("apply") > before
-    });
+    let id = killed_inside_worker(dir.path(), &service);
     let shown = finish(dir.path(), &id);
     assert_eq!(shown["status"], "completed", "{shown}");
     assert_eq!(shown["output"], "delegated");
@@ -267,11 +283,7 @@ fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
         2,
         "the caller and one worker: {runs}"
     );
-    let out = rein(
-        dir.path(),
-        &["runs", "show", &child, "--json", "--db", "runs.db"],
-    );
-    let worker: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let worker = show(dir.path(), "runs.db", &child);
     assert_eq!(worker["status"], "completed", "{worker}");
     assert_eq!(worker["output"], "paid twice");
     let steps = tool_steps(&worker);
@@ -292,13 +304,7 @@ fn a_caller_killed_inside_its_worker_continues_that_worker_on_resume() {
         "no payment beyond the worker's two: {applied:?}"
     );
     for run in [&id, &child] {
-        let out = rein(dir.path(), &["audit", "verify", run, "--db", "runs.db"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_verifies(dir.path(), "runs.db", run);
     }
 }
 
@@ -310,11 +316,7 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let service = rt.block_on(ToolService::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_worker_tree(dir.path(), &service.url());
-    let before = service.hits("apply");
-    let id = run_and_kill(dir.path(), Duration::from_secs(10), || {
-        service.hits("apply") > before
-    });
+    let id = killed_inside_worker(dir.path(), &service);
     // Only its caller continues a worker's run.
     let runs = rein(dir.path(), &["runs", "list", "--json", "--db", "runs.db"]);
     let runs: Value = serde_json::from_slice(&runs.stdout).unwrap();
@@ -376,11 +378,7 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
     assert_eq!(runs.len(), 2, "{runs:?}");
     let worker = runs.iter().find(|r| r["run_id"] == child.as_str()).unwrap();
     assert_eq!(worker["status"], "cancelled", "{worker}");
-    let shown = rein(
-        dir.path(),
-        &["runs", "show", &child, "--json", "--db", "runs.db"],
-    );
-    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shown = show(dir.path(), "runs.db", &child);
     assert!(
         shown["detail"]
             .as_str()
@@ -388,13 +386,7 @@ fn a_caller_cancelled_after_a_crash_ends_the_worker_it_left_running() {
             .contains(&format!("its caller, run {id}, ended without it")),
         "{shown}"
     );
-    let out = rein(dir.path(), &["audit", "verify", &child, "--db", "runs.db"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verifies(dir.path(), "runs.db", &child);
 }
 
 /// A finished tree's logs, cut where a crash could have stopped the caller, copied into a
@@ -492,11 +484,7 @@ fn a_caller_cut_around_its_worker_takes_it_up_without_running_it_twice() {
         let resumed: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(resumed["status"], "completed", "{db}: {resumed}");
         assert_eq!(resumed["output"], "delegated", "{db}");
-        let shown = rein(
-            dir.path(),
-            &["runs", "show", caller.as_str(), "--json", "--db", db],
-        );
-        let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+        let shown = show(dir.path(), db, caller.as_str());
         let events = shown["events"].as_array().unwrap();
         let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
         assert_eq!(
@@ -509,11 +497,7 @@ fn a_caller_cut_around_its_worker_takes_it_up_without_running_it_twice() {
             result["payload"]["result"]["status"], "success",
             "{db}: {result}"
         );
-        let worker = rein(
-            dir.path(),
-            &["runs", "show", child.as_str(), "--json", "--db", db],
-        );
-        let worker: Value = serde_json::from_slice(&worker.stdout).unwrap();
+        let worker = show(dir.path(), db, child.as_str());
         assert_eq!(worker["status"], "completed", "{db}: {worker}");
         if with_child {
             assert_eq!(
