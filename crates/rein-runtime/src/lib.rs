@@ -1204,15 +1204,34 @@ impl Runtime {
             });
         }
         let now = if take_over { i64::MAX } else { now_ms() };
-        if !self.store.acquire(run_id, self.fresh_lease(), now).await? {
+        self.leased(
+            run_id,
+            now,
+            self.continue_leased(tenant, run_id, record, prices, model, decision),
+        )
+        .await
+    }
+
+    /// Does `work` under this process's lease on `run_id`, taken as of `now_ms` (`i64::MAX`:
+    /// whoever holds it), renewed meanwhile and released after on every path; a failure to
+    /// release only delays others by one lease. [`RuntimeError::Leased`] if another process
+    /// holds it.
+    async fn leased<T>(
+        &self,
+        run_id: &RunId,
+        now_ms: i64,
+        work: impl std::future::Future<Output = Result<T, RuntimeError>>,
+    ) -> Result<T, RuntimeError> {
+        if !self
+            .store
+            .acquire(run_id, self.fresh_lease(), now_ms)
+            .await?
+        {
             return Err(RuntimeError::Leased(run_id.clone()));
         }
         let keeper = self.keep_lease(run_id);
-        let outcome = self
-            .continue_leased(tenant, run_id, record, prices, model, decision)
-            .await;
+        let outcome = work.await;
         drop(keeper);
-        // Released on every path; a failure to release only delays others by one lease.
         let released = self.store.release(run_id, &self.owner).await;
         let outcome = outcome?;
         released?;
@@ -1257,31 +1276,17 @@ impl Runtime {
         model: &dyn Model,
         caller_cancel: Option<Arc<std::sync::OnceLock<String>>>,
     ) -> Result<RunOutcome, RuntimeError> {
-        if !self
-            .store
-            .acquire(run_id, self.fresh_lease(), i64::MAX)
-            .await?
-        {
-            return Err(RuntimeError::Leased(run_id.clone()));
-        }
-        let keeper = self.keep_lease(run_id);
-        let outcome = self
-            .drive_logged(
-                tenant,
-                run_id,
-                record,
-                agent,
-                model,
-                None,
-                caller_cancel,
-                false,
-            )
-            .await;
-        drop(keeper);
-        let released = self.store.release(run_id, &self.owner).await;
-        let outcome = outcome?;
-        released?;
-        Ok(outcome)
+        let drive = self.drive_logged(
+            tenant,
+            run_id,
+            record,
+            agent,
+            model,
+            None,
+            caller_cancel,
+            false,
+        );
+        self.leased(run_id, i64::MAX, drive).await
     }
 
     /// Drives a leased run on from its log as `agent`, in a bulkhead slot of its own

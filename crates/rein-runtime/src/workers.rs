@@ -46,7 +46,7 @@ struct Ran {
     tokens: u64,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
     /// Carries out a call of a worker tool: the worker's run, then (if it failed) its
     /// fallback, each recorded as `worker_started` / `worker_finished` before the call's
     /// `tool_result`.
@@ -310,11 +310,16 @@ impl Driver<'_> {
         reference: &str,
         budget: WorkerBudget,
     ) -> Result<(Agent, String), String> {
-        let resolved = match &self.runtime.workers {
-            Some(workers) => workers.resolve(&self.tenant, reference).await,
-            None => Err("this runtime has no way to find worker agents".to_string()),
-        };
-        resolved.map(|(agent, source)| (self.fit_worker(agent, tool, worker, budget), source))
+        let (agent, source) = self.workers()?.resolve(&self.tenant, reference).await?;
+        Ok((self.fit_worker(agent, tool, worker, budget), source))
+    }
+
+    /// Where this runtime finds worker agents.
+    fn workers(&self) -> Result<&'a dyn Workers, String> {
+        self.runtime
+            .workers
+            .as_deref()
+            .ok_or_else(|| "this runtime has no way to find worker agents".to_string())
     }
 
     /// Takes up the worker's run `child` that this call started before a crash: one whose end
@@ -356,10 +361,9 @@ impl Driver<'_> {
         if child.finished {
             return (name, Ok(reported(child, record)));
         }
-        let pinned = match &self.runtime.workers {
-            Some(workers) => workers.pinned(reference, record.info.spec.clone()),
-            None => Err("this runtime has no way to find worker agents".to_string()),
-        };
+        let pinned = self
+            .workers()
+            .and_then(|workers| workers.pinned(reference, record.info.spec.clone()));
         let ran = match pinned {
             Ok(agent) => {
                 let agent = self.fit_worker(agent, tool, worker, child.budget);

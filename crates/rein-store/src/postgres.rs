@@ -639,16 +639,17 @@ impl Store for PgStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            // A run given up while it runs is claimable now; one awaiting a person, or ended,
-            // is not.
-            let released: Option<String> = sqlx::query_scalar(
-                "UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2 RETURNING status",
+            // A run given up while it runs is claimable now; one awaiting a person, ended, or
+            // a worker's (continued by its caller only) is not.
+            let claimable: Option<bool> = sqlx::query_scalar(
+                "UPDATE runs SET lease_until_ms = 0 WHERE id = $1 AND lease_owner = $2
+                 RETURNING status = 'running' AND parent_run_id IS NULL",
             )
             .bind(run.as_str())
             .bind(owner)
             .fetch_optional(&self.pool)
             .await?;
-            if released.is_some_and(|status| status == "running") {
+            if claimable == Some(true) {
                 self.appends.claimable();
             }
             Ok(())

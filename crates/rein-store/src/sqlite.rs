@@ -611,18 +611,19 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let (run, owner) = (run.clone(), owner.to_string());
         Box::pin(async move {
-            // A run given up while it runs is claimable now; one awaiting a person, or ended,
-            // is not.
-            let released: Option<String> = self
+            // A run given up while it runs is claimable now; one awaiting a person, ended, or
+            // a worker's (continued by its caller only) is not.
+            let claimable: Option<bool> = self
                 .write(move |c| {
                     Ok(c.prepare_cached(
-                        "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ? RETURNING status",
+                        "UPDATE runs SET lease_until_ms = 0 WHERE id = ? AND lease_owner = ?
+                         RETURNING status = 'running' AND parent_run_id IS NULL",
                     )?
                     .query_row(rusqlite::params![run.as_str(), owner], |r| r.get(0))
                     .optional()?)
                 })
                 .await?;
-            if released.is_some_and(|status| status == "running") {
+            if claimable == Some(true) {
                 self.announcer.announce_claimable();
             }
             Ok(())

@@ -1500,6 +1500,16 @@ async fn idle_workers_hear_of_runs_that_become_claimable(store: &dyn Store) {
     store.release(&paused.run.id, "w1").await.unwrap();
     store.release(&leased.run.id, "w1").await.unwrap();
     assert!(!idle.changed(NOT_HEARD).await, "a paused run, an ended one");
+
+    // A worker's run given up while it runs is not claimable either: its caller continues it.
+    let worker = Log::new(RunInfo {
+        parent: Some(RunId::new("r3")),
+        ..info("r4", "t1", "s", 4)
+    });
+    worker.create(store, Some(lease("w1", i64::MAX / 2))).await;
+    idle.seen();
+    store.release(&worker.run.id, "w1").await.unwrap();
+    assert!(!idle.changed(NOT_HEARD).await, "a worker's run");
 }
 
 /// On PostgreSQL a follower also hears the appends of other processes on the database (another

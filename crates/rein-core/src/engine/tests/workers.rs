@@ -62,17 +62,10 @@ fn start_worker(sim: &mut Sim) -> ToolInvocation {
     }
 }
 
-/// Drives `sim` until its first tool call, then plays the worker: started under the budget
-/// the engine gave, finished having spent `cost` (ending `reason`), then the call's result.
-fn play_worker(
-    sim: &mut Sim,
-    cost: Usd,
-    reason: TerminationReason,
-    result: ToolResult,
-) -> WorkerBudget {
-    let inv = start_worker(sim);
-    let budget = inv.budget.expect("a worker call carries a budget");
-    sim.record(EventKind::WorkerFinished {
+/// The `worker_finished` of the worker `start_worker` started for `inv`: it spent `cost` (and
+/// 600 tokens) and ended `reason`.
+fn worker_finished(inv: &ToolInvocation, cost: Usd, reason: TerminationReason) -> EventKind {
+    EventKind::WorkerFinished {
         step: inv.step,
         call_id: inv.call_id.clone(),
         tool: inv.tool.clone(),
@@ -89,7 +82,20 @@ fn play_worker(
             output_tokens: 100,
         },
         accepted: reason == TerminationReason::Completed,
-    });
+    }
+}
+
+/// Drives `sim` until its first tool call, then plays the worker: started under the budget
+/// the engine gave, finished having spent `cost` (ending `reason`), then the call's result.
+fn play_worker(
+    sim: &mut Sim,
+    cost: Usd,
+    reason: TerminationReason,
+    result: ToolResult,
+) -> WorkerBudget {
+    let inv = start_worker(sim);
+    let budget = inv.budget.expect("a worker call carries a budget");
+    sim.record(worker_finished(&inv, cost, reason));
     sim.record(EventKind::ToolResult {
         step: inv.step,
         call_id: inv.call_id,
@@ -304,19 +310,11 @@ fn a_worker_call_interrupted_by_a_crash_continues_its_worker_under_the_same_budg
 
     // Once its end is recorded, the child shows as finished (a crash before the call's result
     // then reports that run rather than starting another).
-    sim.record(EventKind::WorkerFinished {
-        step: inv.step,
-        call_id: inv.call_id.clone(),
-        tool: inv.tool.clone(),
-        run_id: crate::RunId::new("child"),
-        agent: "w".into(),
-        status: RunStatus::Completed,
-        reason: Some(TerminationReason::Completed),
-        detail: None,
-        cost: Usd::from_micros(1_000),
-        usage: Usage::default(),
-        accepted: true,
-    });
+    sim.record(worker_finished(
+        &inv,
+        Usd::from_micros(1_000),
+        TerminationReason::Completed,
+    ));
     let resumed = Engine::replay(sim.engine.agent().clone(), &sim.events).unwrap();
     assert!(
         resumed
