@@ -105,6 +105,7 @@ fn request(agent: &Arc<Agent>, source: &str, n: usize) -> RunRequest {
         session: SessionId::new(format!("bench-{n}")),
         job: None,
         granted_scopes: Vec::new(),
+        trust: rein_core::Trust::Operator,
         trace_parent: None,
         chat: None,
     }
@@ -175,7 +176,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         Arc::new(SqliteStore::open(dir.join("bench-steps.db"), Durability::Process).await?);
     let runtime = Runtime::new(
         store.clone(),
-        ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
+        ToolBox::new(
+            builtins.clone(),
+            HttpTools::new(
+                http.clone(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT)?,
+            ),
+        ),
     )
     .with_step_timings(true);
     let model = OpenAiClient::new(http.clone(), fake.base_url(), None);
@@ -212,7 +219,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         Arc::new(SqliteStore::open(dir.join("bench-memory.db"), Durability::Process).await?);
     let runtime = Runtime::new(
         store.clone(),
-        ToolBox::new(builtins.clone(), HttpTools::new(http.clone())),
+        ToolBox::new(
+            builtins.clone(),
+            HttpTools::new(
+                http.clone(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT)?,
+            ),
+        ),
     );
     let fake = FakeOpenAi::start_unrecorded(|_, _| FakeResponse::text("done", 30, 2)).await?;
     let short = spec(4);

@@ -47,8 +47,17 @@
 //! lease = "30s"                   # how long a run's lease lasts unless renewed
 //! request_timeout = "30s"         # any request but an event stream, a `wait` run or a gateway call
 //! max_body_bytes = 1048576
+//! header_timeout = "10s"          # a connection's request head (and, between requests, the
+//!                                 # next one) must arrive within this, or it is closed
+//! body_timeout = "30s"            # a request's body must arrive within this
+//! max_connections = 4096          # open connections at once; more wait to be accepted
 //! admin_key_sha256 = "9f86d0..."  # the admin key's SHA-256 (`rein keys create --admin`), or
 //!                                 # the key itself in REIN_ADMIN_KEY; absent: no admin API
+//!
+//! [egress]                        # where tenants' specs (registered over the API) may connect:
+//! allow = ["10.1.0.0/16", "tools.internal"]  # internal ranges, addresses and hosts opened to
+//!                                 # them; loopback, private, link-local and metadata addresses
+//!                                 # are otherwise refused
 //!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
@@ -89,6 +98,16 @@ struct ConfigFile {
     server: ServerEntry,
     #[serde(default)]
     telemetry: Telemetry,
+    #[serde(default)]
+    egress: EgressEntry,
+}
+
+/// `[egress]`: what tenants' tools and models may reach besides public addresses.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressEntry {
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 /// `[telemetry]`: what `rein serve` exposes about itself.
@@ -158,6 +177,9 @@ struct ServerEntry {
     lease: Option<String>,
     request_timeout: Option<String>,
     max_body_bytes: Option<usize>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    max_connections: Option<usize>,
     admin_key_sha256: Option<String>,
 }
 
@@ -175,6 +197,13 @@ pub struct Server {
     pub request_timeout: std::time::Duration,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's head, and stay idle between
+    /// requests.
+    pub header_timeout: std::time::Duration,
+    /// How long a request's body may take to arrive.
+    pub body_timeout: std::time::Duration,
+    /// Connections open at once; more wait in the listen queue.
+    pub max_connections: usize,
     /// The SHA-256 (lowercase hex) of the admin key, for tenant and key management over HTTP.
     pub admin_key_sha256: Option<String>,
 }
@@ -187,6 +216,9 @@ impl Default for Server {
             lease: None,
             request_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 1 << 20,
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            max_connections: 4096,
             admin_key_sha256: None,
         }
     }
@@ -222,6 +254,24 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
             "{file}: server.request_timeout: must be longer than 0s"
         ));
     }
+    let header_timeout =
+        duration("header_timeout", &entry.header_timeout)?.unwrap_or(defaults.header_timeout);
+    let body_timeout =
+        duration("body_timeout", &entry.body_timeout)?.unwrap_or(defaults.body_timeout);
+    for (key, value) in [
+        ("header_timeout", header_timeout),
+        ("body_timeout", body_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(anyhow!("{file}: server.{key}: must be longer than 0s"));
+        }
+    }
+    let max_connections = entry.max_connections.unwrap_or(defaults.max_connections);
+    if max_connections == 0 {
+        return Err(anyhow!(
+            "{file}: server.max_connections: must be at least 1"
+        ));
+    }
     let is_sha256 =
         |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if entry
@@ -239,6 +289,9 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
         lease: duration("lease", &entry.lease)?,
         request_timeout,
         max_body_bytes,
+        header_timeout,
+        body_timeout,
+        max_connections,
         admin_key_sha256: entry.admin_key_sha256.clone(),
     })
 }
@@ -477,6 +530,8 @@ pub struct Config {
     pub server: Server,
     /// Metrics (and, later, trace export).
     pub telemetry: Telemetry,
+    /// Where tenants' specs may connect.
+    pub egress: rein_core::egress::EgressPolicy,
 }
 
 impl Config {
@@ -624,6 +679,8 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         gateway,
         server,
         telemetry: telemetry(file.telemetry, &file_name)?,
+        egress: rein_core::egress::EgressPolicy::new(&file.egress.allow)
+            .map_err(|e| anyhow!("{file_name}: egress.allow: {e}"))?,
     })
 }
 

@@ -167,6 +167,7 @@ impl rein_runtime::Workers for DemoWorkers {
         &'a self,
         _tenant: &'a TenantId,
         reference: &'a str,
+        _trust: rein_core::Trust,
     ) -> rein_runtime::workers::BoxFuture<'a, Result<(rein_core::Agent, String), String>> {
         Box::pin(async move {
             let (_, source) = WORKERS
@@ -261,6 +262,7 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
             job: None,
             granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
             chat: None,
+            trust: rein_core::Trust::Operator,
             trace_parent: None,
         };
         let outcome = runtime.run(request, model.as_ref()).await?;

@@ -19,6 +19,7 @@ mod bench_gateway;
 mod config;
 mod demo;
 mod render;
+mod secrets;
 mod serve;
 mod telemetry;
 mod views;
@@ -176,6 +177,12 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage the secrets each tenant's specs may name (`${NAME}`, `api_key_env`), sealed with
+    /// the key in REIN_SECRETS_KEY.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Guardrails: scan text with the injection detector the runtime uses.
     Guard {
         #[command(subcommand)]
@@ -259,6 +266,39 @@ enum KeysCommand {
         tenant: String,
         /// The key's id, as `rein keys list` shows it.
         id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new random key for REIN_SECRETS_KEY.
+    Key,
+    /// Set a tenant's secret to the value on standard input (never an argument, which `ps`
+    /// would show).
+    Set {
+        #[arg(long)]
+        tenant: String,
+        /// The name specs use: `${NAME}` in a tool's headers, `api_key_env: NAME`.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List a tenant's secrets by name (values are never shown).
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a tenant's secret.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        name: String,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -569,6 +609,24 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Tenants { command } => match command {
             TenantsCommand::Create { name, store } => admin::create_tenant(&name, &store).await,
             TenantsCommand::List { json, store } => admin::list_tenants(json, &store).await,
+        },
+        Command::Secrets { command } => match command {
+            SecretsCommand::Key => secrets::new_key(),
+            SecretsCommand::Set {
+                tenant,
+                name,
+                store,
+            } => secrets::set(&tenant, &name, &store).await,
+            SecretsCommand::List {
+                tenant,
+                json,
+                store,
+            } => secrets::list(&tenant, json, &store).await,
+            SecretsCommand::Delete {
+                tenant,
+                name,
+                store,
+            } => secrets::delete(&tenant, &name, &store).await,
         },
         Command::Guard {
             command:
@@ -917,14 +975,22 @@ pub async fn runtime_for(
         store: store.clone(),
         files: true,
     });
-    let runtime = Runtime::new(store.clone(), ToolBox::new(builtins, HttpTools::new(http)))
-        .with_workers(workers)
-        .with_governor(rein_runtime::Governor {
-            counters,
-            budgets: config.budgets.clone(),
-        })
-        .with_rate_limits(config.rate_limits.clone())
-        .with_bulkheads(config.bulkheads.clone());
+    let egress = rein_tools::Egress::new(config.egress.clone(), CONNECT_TIMEOUT)
+        .context("cannot build the HTTP client for tenants' calls")?;
+    let secret_key = rein_runtime::SecretKey::from_env()
+        .map_err(|e| anyhow::anyhow!(BadInput(e.to_string())))?;
+    let runtime = Runtime::new(
+        store.clone(),
+        ToolBox::new(builtins, HttpTools::new(http, egress)),
+    )
+    .with_secret_key(secret_key)
+    .with_workers(workers)
+    .with_governor(rein_runtime::Governor {
+        counters,
+        budgets: config.budgets.clone(),
+    })
+    .with_rate_limits(config.rate_limits.clone())
+    .with_bulkheads(config.bulkheads.clone());
     Ok(match telemetry::exporter(&config.telemetry)? {
         Some(otlp) => runtime.with_spans(otlp),
         None => runtime,
@@ -965,10 +1031,11 @@ impl rein_runtime::Workers for WorkerSpecs {
         &'a self,
         tenant: &'a TenantId,
         reference: &'a str,
+        trust: rein_core::Trust,
     ) -> rein_runtime::workers::BoxFuture<'a, Result<(Agent, String), String>> {
         Box::pin(async move {
             let file = reference.ends_with(".yaml") || reference.ends_with(".yml");
-            let source = if file && !self.files {
+            let source = if file && (!self.files || trust == rein_core::Trust::Tenant) {
                 return Err(format!(
                     "`{reference}` is a file, and this process only runs registered agents as workers (register it with POST /v1/agents and name it)"
                 ));
@@ -1059,6 +1126,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         chat: None,
         // The environment carrier OpenTelemetry proposes for processes: a script that traces
         // itself passes its span on to the run.
+        trust: rein_core::Trust::Operator,
         trace_parent: std::env::var("TRACEPARENT")
             .ok()
             .filter(|t| rein_core::spans::parse_traceparent(t).is_some()),
@@ -1202,7 +1270,10 @@ async fn cancel(
     store: &StoreArgs,
 ) -> anyhow::Result<u8> {
     let store = open_existing_store(store).await?;
-    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(http_client()?));
+    let tools = ToolBox::new(
+        Builtins::standard(),
+        HttpTools::new(http_client()?, rein_tools::Egress::closed(CONNECT_TIMEOUT)?),
+    );
     let runtime = Runtime::new(store.clone(), tools);
     let actor = serve::admin::cli_actor();
     let done = runtime.cancel(&tenant, &id, &actor).await;

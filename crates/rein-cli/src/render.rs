@@ -245,6 +245,20 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 spent.usd.to_string(),
                 format!("warning: past {percent}% of {scope}"),
             ]),
+            EventKind::EgressRefused {
+                step,
+                target,
+                host,
+                address,
+                range,
+            } => rows.push([
+                format!("#{step} egress"),
+                target.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("REFUSED: {host} is {address}, {range} address"),
+            ]),
             EventKind::RateLimited {
                 step,
                 scope,

@@ -8,6 +8,7 @@
 
 pub mod admin;
 mod cache;
+mod connections;
 mod gateway;
 mod metrics;
 mod openapi;
@@ -203,7 +204,11 @@ impl App {
         let metrics = config
             .telemetry
             .metrics
-            .then(metrics::Metrics::new)
+            .then(|| {
+                metrics::Metrics::new(
+                    config.telemetry.metrics_auth == crate::config::MetricsAuth::Admin,
+                )
+            })
             .transpose()?;
         let runtime = match &metrics {
             Some(m) => runtime.with_metrics(m.recorder()),
@@ -427,6 +432,12 @@ fn json_body<T: for<'de> Deserialize<'de>>(
             format!("the JSON body is nested deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
+    if escapes_nul(&body) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body's text contains a NUL character (\\u0000), which Rein does not store; remove it",
+        ));
+    }
     serde_json::from_slice(&body).map_err(|e| {
         let status = match e.classify() {
             serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
@@ -434,6 +445,24 @@ fn json_body<T: for<'de> Deserialize<'de>>(
         };
         Problem::new(status, format!("invalid JSON body: {e}"))
     })
+}
+
+/// Whether JSON text writes a NUL character (`\u0000`, the only way JSON can carry one).
+/// PostgreSQL's text cannot hold it, so it is refused on both engines alike, before anything is
+/// stored. A `\u0000` after an escaped backslash (`\\u0000`) is text, not a NUL.
+fn escapes_nul(json: &[u8]) -> bool {
+    let mut backslashes = 0usize;
+    for (i, &b) in json.iter().enumerate() {
+        if b == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if backslashes % 2 == 1 && json[i..].starts_with(b"u0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
 }
 
 /// The caller's W3C `traceparent` header, when it is a valid one (an invalid one is ignored,
@@ -553,10 +582,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
     eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(app.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the server failed")?;
+    let limits = connections::Limits {
+        max_connections: app.config.server.max_connections,
+        header_timeout: app.config.server.header_timeout,
+    };
+    connections::serve(listener, router(app.clone()), limits, shutdown_signal()).await;
     // Every step of an in-flight run is already in its log: stopping the workers loses nothing.
     // Their leases are then given up, so the next start (or another process) takes the runs
     // over at once rather than when the leases expire.
@@ -593,11 +623,16 @@ pub(crate) fn spawn_api(
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let app = App::new(config, store, runtime, Builtins::standard(), model, None)?;
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(app)).await {
-            tracing::error!(error = %e, "the server failed");
-        }
-    }))
+    let limits = connections::Limits {
+        max_connections: app.config.server.max_connections,
+        header_timeout: app.config.server.header_timeout,
+    };
+    Ok(tokio::spawn(connections::serve(
+        listener,
+        router(app),
+        limits,
+        std::future::pending(),
+    )))
 }
 
 async fn shutdown_signal() {
@@ -776,6 +811,18 @@ async fn time_limit(
         }
         _ => base,
     };
+    // The body first, within its own time: a client that declares a body and never sends it
+    // is cut off at `body_timeout`, not at the request's (possibly long) limit.
+    let request = match connections::read_body(
+        request,
+        app.config.server.body_timeout,
+        app.config.server.max_body_bytes,
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
@@ -821,6 +868,12 @@ async fn register_agent(
     let body = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
     let source = String::from_utf8(body.to_vec())
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))?;
+    if source.contains('\0') {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the spec contains a NUL character, which Rein does not store; remove it",
+        ));
+    }
     let agent = parse_agent("request body", &source, &app.config, &app.builtins)
         .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
     let name = agent.spec.name.clone();
@@ -988,6 +1041,7 @@ async fn create_run(
         input: new.input.clone(),
         granted_scopes: app.config.granted_scopes(&tenant),
         chat: None,
+        trust: rein_core::Trust::Tenant,
         trace_parent: trace_parent(&headers),
         tenant: tenant.clone(),
         user: UserId::new(new.user.as_deref().unwrap_or(ANONYMOUS)),
@@ -1093,7 +1147,9 @@ async fn keyed_run(
 fn same_request(new: &NewRun, info: &rein_store::RunInfo) -> bool {
     new.agent == info.agent
         && new.version.is_none_or(|v| v == info.agent_version)
-        && new.input == info.input
+        // The stored input has its secrets redacted (unless the spec turns that off).
+        && (new.input == info.input
+            || rein_core::sanitize::redact_secrets(&new.input).0 == info.input)
         && new.user.as_deref().unwrap_or(ANONYMOUS) == info.user.as_str()
         && new
             .session
@@ -1709,6 +1765,14 @@ mod tests {
             8,
             "an expired key is forgotten, so the store is asked again"
         );
+    }
+
+    #[test]
+    fn a_nul_is_found_only_where_json_escapes_one() {
+        assert!(escapes_nul(br#"{"input": "a\u0000b"}"#));
+        assert!(escapes_nul(br#"{"input": "\\\u0000"}"#));
+        assert!(!escapes_nul(br#"{"input": "a\\u0000b"}"#));
+        assert!(!escapes_nul(br#"{"input": "a\u0001b u0000"}"#));
     }
 
     #[test]

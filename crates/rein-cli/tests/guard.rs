@@ -201,6 +201,7 @@ async fn an_injected_ticket_cannot_email_the_customer_list_out_and_its_secret_le
     let (otlp, exported) = otlp_receiver();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rein.toml"), CONFIG).unwrap();
+    common::open_loopback(dir.path());
     let key = common::tenant_key(dir.path(), "acme");
     let server = common::serve(
         dir.path(),

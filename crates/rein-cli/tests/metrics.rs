@@ -22,7 +22,16 @@ output = 10.0
 
 [budgets]
 tenant_daily_usd = 1.0
+
+[telemetry]
+metrics_auth = "admin"
+
+[egress]
+allow = ["127.0.0.1"]
 "#;
+
+/// The admin key the servers of these tests are given (metrics by tenant are behind it).
+const ADMIN: &str = "admin-key-for-the-metrics-tests-000000";
 
 /// One scrape: each sample's value by its name and sorted labels.
 struct Scrape {
@@ -46,9 +55,18 @@ impl Scrape {
     }
 }
 
-/// Scrapes `base/metrics` and parses it with `prometheus_client`'s parser.
+/// Scrapes `base/metrics` with the admin key and parses it with `prometheus_client`'s parser.
 async fn scrape(http: &reqwest::Client, python: &str, base: &str) -> Scrape {
-    let answer = http.get(format!("{base}/metrics")).send().await.unwrap();
+    parse(python, &exposition(http, base, Some(ADMIN)).await)
+}
+
+/// `base/metrics`, as text, checked for its content type.
+async fn exposition(http: &reqwest::Client, base: &str, key: Option<&str>) -> String {
+    let mut request = http.get(format!("{base}/metrics"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let answer = request.send().await.unwrap();
     assert_eq!(answer.status(), 200);
     assert!(
         answer.headers()["content-type"]
@@ -58,7 +76,11 @@ async fn scrape(http: &reqwest::Client, python: &str, base: &str) -> Scrape {
         "{:?}",
         answer.headers()
     );
-    let text = answer.text().await.unwrap();
+    answer.text().await.unwrap()
+}
+
+/// Parses an exposition with `prometheus_client`'s parser.
+fn parse(python: &str, text: &str) -> Scrape {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/prom_parse.py");
     let mut parse = Command::new(python)
         .arg(script)
@@ -124,6 +146,7 @@ async fn a_scripted_run_moves_the_counters_by_what_its_log_records() {
         &[
             ("OPENAI_BASE_URL", fake.base_url().as_str()),
             ("OPENAI_API_KEY", "sk-operator-test"),
+            ("REIN_ADMIN_KEY", ADMIN),
         ],
     );
     let base = server.base.clone();
@@ -405,5 +428,50 @@ async fn metrics_can_be_closed_to_all_but_the_admin_key_or_turned_off() {
     assert!(
         stderr.contains("metrics_auth") && stderr.contains("everyone"),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_open_to_anyone_name_no_tenant() {
+    let Some(python) = common::python_with_openai() else {
+        return;
+    };
+    let fake = common::paying_provider().await;
+    let service = ToolService::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = CONFIG.replace("metrics_auth = \"admin\"", "metrics_auth = \"none\"");
+    std::fs::write(dir.path().join("rein.toml"), open).unwrap();
+    let key = common::tenant_key(dir.path(), "acme-secretive");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db", "--config", "rein.toml"],
+        &[("OPENAI_BASE_URL", fake.base_url().as_str())],
+    );
+    let http = reqwest::Client::new();
+    let spec =
+        common::payer_spec(&service.url(), 5, 4).replace("name: payer", "name: payer-private");
+    common::register(&http, &server.base, &key, &spec).await;
+    let run = common::run_waiting(
+        &http,
+        &server.base,
+        &key,
+        json!({"agent": "payer-private", "input": "pay order 1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let text = exposition(&http, &server.base, None).await;
+    assert!(!text.contains("acme-secretive"), "{text}");
+    assert!(!text.contains("payer-private"), "{text}");
+    assert!(
+        !text.contains("tenant=") && !text.contains("breaker="),
+        "{text}"
+    );
+    assert!(!text.contains("rein_budget_utilisation_ratio{"), "{text}");
+    let scrape = parse(&python, &text);
+    assert_eq!(scrape.sum("rein_runs_started_total", &[]), 1.0);
+    assert_eq!(
+        scrape.sum("rein_model_tokens_total", &[("type", "input")]),
+        100.0
     );
 }

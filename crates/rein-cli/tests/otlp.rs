@@ -263,6 +263,7 @@ async fn api_callers_traceparent_is_kept_and_passed_to_tools() {
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = common::tenant_key(dir.path(), "acme");
+    common::open_loopback(dir.path());
     let server = common::serve(
         dir.path(),
         &["--db", "rein.db"],

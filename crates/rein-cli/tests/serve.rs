@@ -22,6 +22,7 @@ fn rein(dir: &Path, args: &[&str]) -> String {
 }
 
 fn serve(dir: &Path) -> common::Server {
+    common::open_loopback(dir);
     common::serve(dir, &["--script", "script.yaml", "--db", "rein.db"], &[])
 }
 
@@ -543,6 +544,7 @@ async fn a_retried_run_request_with_an_idempotency_key_makes_one_run() {
 /// both on store `db` with `script.yaml` as their model.
 fn api_only_with_worker(dir: &Path, db: &str) -> (common::Server, Killed) {
     let args = ["--script", "script.yaml", "--db", db, "--workers", "0"];
+    common::open_loopback(dir);
     let server = common::serve(dir, &args, &[]);
     let worker = common::rein_command(dir)
         .args(["worker", "--script", "script.yaml", "--db", db])
@@ -780,6 +782,7 @@ async fn a_stopped_server_hands_its_runs_over_at_once_on_the_next_start() {
         "--lease",
         "60s",
     ];
+    common::open_loopback(dir.path());
     let server = common::serve(dir.path(), &args, &[]);
     let http = reqwest::Client::new();
     let spec = common::payer_spec(&service.url(), 2000, 4);

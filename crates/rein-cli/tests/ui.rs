@@ -35,6 +35,7 @@ async fn the_dashboard_lists_shows_approves_and_keeps_tenants_apart() {
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rein.toml"), CONFIG).unwrap();
+    common::open_loopback(dir.path());
     let key = common::tenant_key(dir.path(), "acme");
     let rival = common::tenant_key(dir.path(), "rival");
     let server = common::serve(

@@ -22,6 +22,7 @@ async fn a_person_approves_a_held_run_from_the_dashboard_in_a_browser() {
     let service = ToolService::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = common::tenant_key(dir.path(), "acme");
+    common::open_loopback(dir.path());
     let server = common::serve(
         dir.path(),
         &["--db", "rein.db"],

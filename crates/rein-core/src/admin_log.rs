@@ -17,15 +17,23 @@ pub enum AdminAction {
     KeyCreated,
     /// One of a tenant's API keys was revoked.
     KeyRevoked,
+    /// A tenant's secret was set (stored or replaced; its name is the entry's `key_id`, its
+    /// value is never logged).
+    SecretSet,
+    /// A tenant's secret was deleted (its name is the entry's `key_id`).
+    SecretDeleted,
 }
 
 impl AdminAction {
-    /// The name stored and shown: `tenant_created`, `key_created`, `key_revoked`.
+    /// The name stored and shown: `tenant_created`, `key_created`, `key_revoked`,
+    /// `secret_set`, `secret_deleted`.
     pub fn as_str(self) -> &'static str {
         match self {
             AdminAction::TenantCreated => "tenant_created",
             AdminAction::KeyCreated => "key_created",
             AdminAction::KeyRevoked => "key_revoked",
+            AdminAction::SecretSet => "secret_set",
+            AdminAction::SecretDeleted => "secret_deleted",
         }
     }
 }
@@ -38,7 +46,8 @@ pub struct AdminChange<'a> {
     pub action: AdminAction,
     /// The tenant changed.
     pub tenant: &'a str,
-    /// The key's id (the first 16 hex digits of its SHA-256), for key changes.
+    /// The key's id (the first 16 hex digits of its SHA-256), for key changes; the secret's
+    /// name, for secret changes.
     pub key_id: Option<&'a str>,
     /// Who asked for it.
     pub actor: &'a str,

@@ -334,6 +334,8 @@ pub struct Engine {
     tool_in_flight: Option<(String, u32)>,
     /// Scopes the tenant granted, pinned at the start of the run.
     granted_scopes: Vec<String>,
+    /// Who wrote the spec, pinned at the start of the run.
+    trust: crate::Trust,
     repairs: u32,
     /// The user's input, for a handoff.
     input: String,
@@ -486,6 +488,7 @@ impl Engine {
             model_in_flight: false,
             tool_in_flight: None,
             granted_scopes: Vec::new(),
+            trust: crate::Trust::Operator,
             repairs: 0,
             input: String::new(),
             summarizing: false,
@@ -539,6 +542,12 @@ impl Engine {
     /// The authorisation scopes the run's tenant was granted when it started.
     pub fn granted_scopes(&self) -> &[String] {
         &self.granted_scopes
+    }
+
+    /// Who wrote the run's spec (`run_started`), and so whose secrets and which addresses its
+    /// tools and models may reach.
+    pub fn trust(&self) -> crate::Trust {
+        self.trust
     }
 
     /// The conversation so far, to send with the next model call.
@@ -846,9 +855,11 @@ impl Engine {
                 granted_scopes,
                 fence,
                 parent,
+                trust,
                 ..
             } => {
                 self.started_ms = Some(event.ts_ms);
+                self.trust = *trust;
                 // A worker's tree is bounded by its top run's limit and by its own.
                 let own = self.agent.spec.limits.max_depth;
                 (self.depth, self.max_depth) = match parent {
@@ -1063,6 +1074,8 @@ impl Engine {
                 }
             }
             EventKind::RateLimited { delayed: true, .. } => {}
+            // The refused call's own result (or failure) follows and is what the run acts on.
+            EventKind::EgressRefused { .. } => {}
             EventKind::RateLimited { scope, wait_ms, .. } => {
                 let detail = if *wait_ms > 0 {
                     format!(

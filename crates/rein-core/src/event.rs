@@ -78,6 +78,9 @@ pub enum EventKind {
         /// For a worker's run: the run that called it, and where in the tree it is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         parent: Option<ParentLink>,
+        /// Who wrote the spec, and so whose secrets and which addresses it may reach.
+        #[serde(default, skip_serializing_if = "crate::Trust::is_operator")]
+        trust: crate::Trust,
     },
     /// The conversation this run continues: the earlier turns of its session (recorded with
     /// `run_started`, so a resumed run begins from the same place). With `summarize`, the
@@ -243,6 +246,20 @@ pub enum EventKind {
         wait_ms: i64,
         /// Whether it waited (true) or was rejected (false, which ends the run).
         delayed: bool,
+    },
+    /// The egress policy refused a connection a tenant's spec asked for: a tool's or a model
+    /// server's address that the operator has not opened. Nothing was sent.
+    EgressRefused {
+        /// Step of the tool or model call.
+        step: u32,
+        /// The tool, or the model entry, that would have connected.
+        target: String,
+        /// The host the URL named.
+        host: String,
+        /// The address it was, or resolved to.
+        address: String,
+        /// The closed range the address is in (`a loopback`, `a private`, ...).
+        range: String,
     },
     /// A model call passed its pre-flight limit check and is about to be made.
     ModelRequested {
@@ -490,6 +507,7 @@ impl EventKind {
             EventKind::BudgetSettled { .. } => "budget_settled",
             EventKind::BudgetWarning { .. } => "budget_warning",
             EventKind::RateLimited { .. } => "rate_limited",
+            EventKind::EgressRefused { .. } => "egress_refused",
             EventKind::ModelRequested { .. } => "model_requested",
             EventKind::ModelResponded { .. } => "model_responded",
             EventKind::ModelAttemptFailed { .. } => "model_attempt_failed",

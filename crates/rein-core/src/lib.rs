@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod budget;
 pub mod bulkhead;
 pub mod duration;
+pub mod egress;
 pub mod engine;
 pub mod event;
 pub mod graph;
@@ -29,6 +30,7 @@ pub mod spec;
 pub mod time;
 pub mod tokens;
 pub mod tool;
+pub mod trust;
 pub mod yaml;
 
 pub use duration::parse_duration;
@@ -48,3 +50,4 @@ pub use spec::{
     Agent, AgentSpec, BuiltinToolInfo, CheckContext, SpecErrors, ToolContract, ToolSource, ToolSpec,
 };
 pub use tool::{ErrorType, ToolResult, ToolStatus};
+pub use trust::Trust;

@@ -103,6 +103,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "Model calls held back by a rate limit, by tenant and whether they waited (delayed) or were rejected.",
     ),
     (
+        "rein_egress_refused_total",
+        "Connections a tenant's tool or model server asked for that the egress policy refused, by tenant.",
+    ),
+    (
         "rein_approvals_requested_total",
         "Tool calls that waited for a person's approval, by tenant, agent and tool.",
     ),
@@ -370,6 +374,9 @@ impl RunMeter {
                 ],
                 1,
             )],
+            EventKind::EgressRefused { .. } => {
+                vec![count("rein_egress_refused_total", vec![tenant()], 1)]
+            }
             EventKind::ApprovalRequested { step, tool, .. } => {
                 self.awaiting.insert(*step, tool.clone());
                 vec![count(
@@ -647,6 +654,7 @@ mod tests {
                     trace_parent: None,
                     fence: None,
                     parent: None,
+                    trust: crate::Trust::Operator,
                 },
             ),
             at(1_001, requested(1, StepKind::Plan)),

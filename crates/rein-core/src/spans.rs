@@ -697,6 +697,7 @@ mod tests {
                     trace_parent: None,
                     fence: None,
                     parent: None,
+                    trust: crate::Trust::Operator,
                 },
             ),
             at(

@@ -45,35 +45,32 @@ pub struct ModelRequest<'a> {
     pub output_schema: Option<&'a Value>,
     /// Whether and which tool the model must call.
     pub tool_choice: Option<&'a rein_core::spec::ToolChoice>,
-    /// A compatible server to call instead of the provider's configured endpoint, and the
-    /// environment variable holding its key (a spec's map-form model entry).
+    /// A compatible server to call instead of the provider's configured endpoint, with its
+    /// own key (a spec's map-form model entry).
     pub endpoint: Option<Endpoint<'a>>,
 }
 
 /// A compatible server named by a spec.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Endpoint<'a> {
     /// Base URL (for `openai`, up to and including `/v1`; for `anthropic`, without it).
     pub base_url: &'a str,
-    /// The variable whose value is sent as the key, to this URL only.
-    pub api_key_env: Option<&'a str>,
+    /// The key sent to this URL only: the entry's `api_key_env`, looked up by the driver when
+    /// the call is made (in the environment for the operator's specs, in the tenant's secrets
+    /// for a tenant's), so a rotated key is picked up without a restart.
+    pub api_key: Option<&'a str>,
+    /// The client to reach it through: for a tenant's spec, the egress policy's; `None`: the
+    /// router's own.
+    pub http: Option<&'a reqwest::Client>,
 }
 
-impl<'a> Endpoint<'a> {
-    /// The endpoint of a map-form model entry; `None` for a provider's configured one.
-    pub fn of(model: &'a rein_core::spec::ModelRef) -> Option<Self> {
-        model.base_url.as_deref().map(|base_url| Endpoint {
-            base_url,
-            api_key_env: model.api_key_env.as_deref(),
-        })
-    }
-
-    /// The key, read from the environment when the call is made (so a rotated key is
-    /// picked up without a restart).
-    fn api_key(&self) -> Option<String> {
-        self.api_key_env
-            .and_then(|var| std::env::var(var).ok())
-            .filter(|k| !k.is_empty())
+impl std::fmt::Debug for Endpoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.map(|_| "<redacted>"))
+            .field("guarded", &self.http.is_some())
+            .finish()
     }
 }
 
@@ -166,15 +163,15 @@ impl ProviderRouter {
         match (provider, request.endpoint) {
             (Some("anthropic"), None) => Routed::Anthropic(Cow::Borrowed(&self.anthropic)),
             (Some("anthropic"), Some(e)) => Routed::Anthropic(Cow::Owned(AnthropicClient::new(
-                self.anthropic.http().clone(),
+                e.http.unwrap_or(self.anthropic.http()).clone(),
                 e.base_url,
-                e.api_key(),
+                e.api_key.map(str::to_string),
             ))),
             (Some("openai") | None, None) => Routed::OpenAi(Cow::Borrowed(&self.openai)),
             (Some("openai") | None, Some(e)) => Routed::OpenAi(Cow::Owned(OpenAiClient::new(
-                self.openai.http().clone(),
+                e.http.unwrap_or(self.openai.http()).clone(),
                 e.base_url,
-                e.api_key(),
+                e.api_key.map(str::to_string),
             ))),
             (Some(other), _) => Routed::Unsupported(format!("provider `{other}` is not supported")),
         }

@@ -13,6 +13,7 @@ mod breakers;
 mod cells;
 mod meters;
 mod retry;
+mod secrets;
 pub mod workers;
 
 use rein_core::breaker::Admission;
@@ -31,8 +32,9 @@ use rein_core::{
 };
 use rein_providers::{Endpoint, Model, ModelError, ModelRequest, TokenSink};
 use rein_store::{Hold, RunInfo, Settlement, Store, StoreError};
-use rein_tools::ToolBox;
+use rein_tools::{Reach, Secrets, ToolBox};
 use retry::{Backoff, with_retries};
+pub use secrets::{SECRETS_KEY_ENV, SecretError, SecretKey};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,6 +141,9 @@ pub struct RunRequest {
     pub chat: Option<rein_core::ChatRequest>,
     /// The W3C `traceparent` the caller sent, if any: the run's trace continues it.
     pub trace_parent: Option<String>,
+    /// Who wrote the spec: a tenant's (registered over the API) reaches only the tenant's
+    /// secrets and the addresses the egress policy allows.
+    pub trust: rein_core::Trust,
 }
 
 /// How a run ended.
@@ -229,6 +234,8 @@ pub struct Runtime {
     driving: Arc<DrivingMap>,
     /// How worker agents' specs are found, for tools whose source is an agent.
     workers: Option<Arc<dyn Workers>>,
+    /// The key tenants' secrets are sealed with; `None`: tenants' specs can name none.
+    secret_key: Option<SecretKey>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
@@ -439,7 +446,50 @@ impl Runtime {
             leases: Arc::default(),
             driving: Arc::default(),
             workers: None,
+            secret_key: None,
         }
+    }
+
+    /// `tenant`'s secrets among `names`, opened for one call. A name the tenant has no secret
+    /// of (or whose secret does not open, which is logged for the operator) is left out: the
+    /// call then says it is not set. `Err` when the store could not be read.
+    async fn open_secrets(&self, tenant: &TenantId, names: &[String]) -> Result<Secrets, ()> {
+        if names.is_empty() {
+            return Ok(Secrets::default());
+        }
+        let Some(key) = &self.secret_key else {
+            tracing::warn!(
+                tenant = tenant.as_str(),
+                "a tenant's spec names secrets, but {SECRETS_KEY_ENV} is not set: none can be opened"
+            );
+            return Ok(Secrets::default());
+        };
+        let sealed = match self.store.sealed_secrets(tenant, names).await {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                tracing::warn!(tenant = tenant.as_str(), error = %e, "a tenant's secrets could not be read");
+                return Err(());
+            }
+        };
+        let mut open = HashMap::with_capacity(sealed.len());
+        for (name, sealed) in sealed {
+            match key.open(tenant, &name, &sealed) {
+                Ok(value) => {
+                    open.insert(name, value);
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = tenant.as_str(), error = %e, "a tenant's secret could not be opened")
+                }
+            }
+        }
+        Ok(Secrets::new(open))
+    }
+
+    /// The key tenants' secrets are sealed with ([`SecretKey::from_env`]): a tenant's spec's
+    /// `${NAME}` and `api_key_env: NAME` are opened with it, for the call that sends them.
+    pub fn with_secret_key(mut self, key: Option<SecretKey>) -> Self {
+        self.secret_key = key;
+        self
     }
 
     /// How this runtime finds the specs of worker agents (tools with `source: {agent: ...}`).
@@ -765,14 +815,14 @@ impl Runtime {
         self
     }
 
-    /// The circuit breakers `tenant` may see, as this process last saw them: the model breakers
-    /// (shared by every tenant) and the tenant's own tool breakers.
+    /// The circuit breakers `tenant` may see, as this process last saw them: the tenant's own
+    /// model and tool breakers.
     pub fn breakers_seen(
         &self,
         tenant: &TenantId,
     ) -> Vec<(String, rein_core::breaker::BreakerState)> {
         self.breakers.seen(&[
-            "breaker:model:".to_string(),
+            format!("breaker:model:{}:", key_part(tenant.as_str())),
             format!("breaker:tool:{}:", key_part(tenant.as_str())),
         ])
     }
@@ -1028,6 +1078,14 @@ impl Runtime {
         parent: Option<ParentLink>,
     ) -> Result<(RunInfo, Vec<EventKind>), RuntimeError> {
         let spec = &request.agent.spec;
+        // A secret pasted into the input is kept out of the store, the log and the model's
+        // view alike: the run row and `run_started` hold the same redacted text, so every view
+        // shows it and the audit finds them equal.
+        let input = if spec.guards.output.secrets == rein_core::sanitize::Action::Off {
+            request.input.clone()
+        } else {
+            rein_core::sanitize::redact_secrets(&request.input).0
+        };
         let info = RunInfo {
             id: run_id.clone(),
             tenant: request.tenant.clone(),
@@ -1037,7 +1095,7 @@ impl Runtime {
             agent: spec.name.clone(),
             agent_version: spec.version,
             spec: request.spec_source.clone(),
-            input: request.input.clone(),
+            input: input.clone(),
             created_ms: now_ms(),
             parent: parent.as_ref().map(|p| p.run_id.clone()),
         };
@@ -1055,12 +1113,7 @@ impl Runtime {
             agent: spec.name.clone(),
             agent_version: spec.version,
             spec_sha256: rein_core::event::sha256_hex(request.spec_source.as_bytes()),
-            // A secret pasted into the input is kept out of the log and the model's view alike.
-            input: if spec.guards.output.secrets == rein_core::sanitize::Action::Off {
-                request.input
-            } else {
-                rein_core::sanitize::redact_secrets(&request.input).0
-            },
+            input,
             tenant: request.tenant,
             user: request.user,
             session: request.session,
@@ -1073,6 +1126,7 @@ impl Runtime {
                 .then(fence_boundary)
                 .flatten(),
             parent,
+            trust: request.trust,
         })
         .chain(context)
         .chain(request.chat.map(EventKind::ChatRequest))
@@ -1202,6 +1256,11 @@ impl Runtime {
                 run: run_id.clone(),
                 caller: caller.clone(),
             });
+        }
+        // An ended run (cancelled while it waited, say) takes no decision: there is nothing
+        // left to approve.
+        if decision.is_some() && record.progress.status.is_terminal() {
+            return Err(RuntimeError::Ended(run_id.clone(), record.progress.status));
         }
         let now = if take_over { i64::MAX } else { now_ms() };
         self.leased(
@@ -1955,9 +2014,15 @@ impl Driver<'_> {
         for (index, &model_ref) in chain.iter().enumerate() {
             let entry = model_ref.id.as_str();
             let has_next = index + 1 < chain.len();
-            // One breaker per provider/model (and server), shared by every tenant and process:
-            // a provider that keeps failing is skipped without a network attempt.
-            let breaker = format!("breaker:model:{}", key_part(&model_ref.endpoint_key()));
+            // One breaker per tenant and provider/model (and server), shared by the tenant's
+            // runs in every process: a provider that keeps failing is skipped without a network
+            // attempt. Per tenant, since its policy (`model.breaker`, `model.timeout`) is the
+            // spec's: one tenant's hair trigger must not stop another tenant's calls.
+            let breaker = format!(
+                "breaker:model:{}:{}",
+                key_part(self.tenant.as_str()),
+                key_part(&model_ref.endpoint_key())
+            );
             let probe_ms = i64::try_from(spec.model.timeout.as_millis()).unwrap_or(i64::MAX);
             let policy = spec.model.breaker;
             let admission = self
@@ -1980,6 +2045,46 @@ impl Driver<'_> {
                 continue;
             }
 
+            // A map-form entry's own server gets the entry's own key, looked up now: from the
+            // environment for the operator's spec, from the tenant's secrets for a tenant's,
+            // whose call also goes through the egress policy.
+            let runtime = self.runtime;
+            let tenant_spec = self.engine.trust() == rein_core::Trust::Tenant;
+            let mut endpoint_key = None;
+            let mut refusal = None;
+            if let Some(base_url) = model_ref.base_url.as_deref() {
+                let var = model_ref.api_key_env.as_deref();
+                if tenant_spec {
+                    refusal = runtime.tools.egress().check_url(base_url).err();
+                    if let Some(var) = var {
+                        let names = [var.to_string()];
+                        endpoint_key = runtime
+                            .open_secrets(&self.tenant, &names)
+                            .await
+                            .ok()
+                            .and_then(|s| s.get(var).map(str::to_string));
+                    }
+                } else {
+                    endpoint_key = var
+                        .and_then(|v| std::env::var(v).ok())
+                        .filter(|k| !k.is_empty());
+                }
+            }
+            if let Some(refusal) = &refusal {
+                self.record(EventKind::EgressRefused {
+                    step: call.step,
+                    target: entry.to_string(),
+                    host: refusal.host.clone(),
+                    address: refusal.address.to_string(),
+                    range: refusal.range.to_string(),
+                })
+                .await?;
+            }
+            let endpoint = model_ref.base_url.as_deref().map(|base_url| Endpoint {
+                base_url,
+                api_key: endpoint_key.as_deref(),
+                http: tenant_spec.then(|| runtime.tools.egress().client()),
+            });
             let outcome = {
                 let request = ModelRequest {
                     // The full `provider/model`: a router sends it to its provider, which
@@ -1995,7 +2100,7 @@ impl Driver<'_> {
                     temperature: self.engine.temperature(),
                     output_schema: self.engine.output_schema().filter(|_| !summary),
                     tool_choice: call.tool_choice.as_ref(),
-                    endpoint: Endpoint::of(model_ref),
+                    endpoint,
                 };
                 with_retries(
                     &Backoff {
@@ -2005,9 +2110,16 @@ impl Driver<'_> {
                     },
                     self.remaining(),
                     spec.model.timeout,
-                    || match sink {
-                        Some(sink) => model.complete_streaming(request, sink),
-                        None => model.complete(request),
+                    || match (&refusal, sink) {
+                        (Some(refusal), _) => {
+                            let refused = ModelError::new(
+                                ErrorType::Permanent,
+                                format!("the model's server may not be reached: {refusal}"),
+                            );
+                            Box::pin(std::future::ready(Err(refused)))
+                        }
+                        (None, Some(sink)) => model.complete_streaming(request, sink),
+                        (None, None) => model.complete(request),
                     },
                     |result: &Result<_, ModelError>| match result {
                         Err(e) if e.is_retryable() => Some(e.retry_after),
@@ -2253,35 +2365,78 @@ impl Driver<'_> {
             &self.trace,
             &rein_core::spans::tool_span_id(&self.run_id, invocation.step, &invocation.call_id),
         );
+        // The secrets a tenant's tool names are opened for this call only (a rotated one is
+        // picked up at the next call) and never kept.
+        let opened = match (&tool.source, self.engine.trust()) {
+            (rein_core::ToolSource::Http(source), rein_core::Trust::Tenant) => {
+                let named: Vec<String> = source
+                    .headers
+                    .values()
+                    .flat_map(|template| rein_core::trust::secret_references(template))
+                    .map(str::to_string)
+                    .collect();
+                self.runtime
+                    .open_secrets(&self.tenant, &named)
+                    .await
+                    .map(Some)
+            }
+            (_, rein_core::Trust::Tenant) => Ok(Some(Secrets::default())),
+            (_, rein_core::Trust::Operator) => Ok(None),
+        };
         let tools = &self.runtime.tools;
         let args = &invocation.arguments;
         let timeout = contract.timeout;
         let name = tool.name.as_str();
-        let outcome = with_retries(
-            &backoff,
-            self.remaining(),
-            timeout,
-            || Box::pin(tools.call(tool, args, &key, &traceparent)),
-            |r: &ToolResult| {
-                (!r.is_success() && r.retry_safe)
-                    .then(|| r.retry_after_ms.map(Duration::from_millis))
-            },
-            |by_deadline| {
-                if by_deadline {
-                    ToolResult::error(
-                        ErrorType::Transient,
-                        format!("`{name}` was cut off at the run's wall-clock limit"),
-                    )
-                } else {
-                    ToolResult::error(
-                        ErrorType::Transient,
-                        format!("`{name}` did not answer within {timeout:?}"),
-                    )
-                }
-            },
-        )
-        .await;
-        let mut result = outcome.output;
+        let (mut result, refusal, attempts) = match &opened {
+            Ok(secrets) => {
+                let reach = secrets.as_ref().map_or(Reach::Operator, Reach::Tenant);
+                let outcome = with_retries(
+                    &backoff,
+                    self.remaining(),
+                    timeout,
+                    || Box::pin(tools.call(tool, args, &key, &traceparent, reach)),
+                    |(r, _): &(ToolResult, _)| {
+                        (!r.is_success() && r.retry_safe)
+                            .then(|| r.retry_after_ms.map(Duration::from_millis))
+                    },
+                    |by_deadline| {
+                        let message = if by_deadline {
+                            format!("`{name}` was cut off at the run's wall-clock limit")
+                        } else {
+                            format!("`{name}` did not answer within {timeout:?}")
+                        };
+                        (ToolResult::error(ErrorType::Transient, message), None)
+                    },
+                )
+                .await;
+                let (result, refusal) = outcome.output;
+                (result, refusal, outcome.attempts)
+            }
+            Err(()) => (
+                ToolResult::error(
+                    ErrorType::Transient,
+                    format!(
+                        "`{name}` was not called: its configuration could not be read; the same call may work later"
+                    ),
+                ),
+                None,
+                0,
+            ),
+        };
+        // A tenant's secret a service echoes back is never recorded, whatever it looks like.
+        if let Ok(Some(secrets)) = &opened {
+            secrets.scrub(&mut result);
+        }
+        if let Some(refusal) = refusal {
+            self.record(EventKind::EgressRefused {
+                step: invocation.step,
+                target: tool.name.clone(),
+                host: refusal.host,
+                address: refusal.address.to_string(),
+                range: refusal.range.to_string(),
+            })
+            .await?;
+        }
         // Secrets a tool returns are removed before anything records or reads them: the model
         // cannot repeat what it never saw, and the log keeps none.
         if self.engine.agent().spec.guards.output.secrets != rein_core::sanitize::Action::Off {
@@ -2305,7 +2460,7 @@ impl Driver<'_> {
             tool: invocation.tool,
             result,
             latency_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            attempts: outcome.attempts,
+            attempts,
         })
         .await?;
         let _ = self

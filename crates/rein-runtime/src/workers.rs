@@ -25,11 +25,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Finds the spec a worker reference names, checked: the agent and its source (pinned with
 /// the worker's run). The error is a message for the caller's model and log.
 pub trait Workers: Send + Sync {
-    /// Resolves `reference` for `tenant`.
+    /// Resolves `reference` for `tenant`, for a caller whose spec's author is `trust` (a
+    /// tenant's spec names registered agents only: it never makes the process read a file).
     fn resolve<'a>(
         &'a self,
         tenant: &'a TenantId,
         reference: &'a str,
+        trust: rein_core::Trust,
     ) -> BoxFuture<'a, Result<(Agent, String), String>>;
 
     /// Parses a worker's spec as its run pinned it (`source`, first found as `reference`), to
@@ -282,6 +284,8 @@ impl<'a> Driver<'a> {
             granted_scopes: self.engine.granted_scopes().to_vec(),
             chat: None,
             trace_parent: Some(traceparent),
+            // A worker runs with its caller's reach, whoever wrote the worker's spec.
+            trust: self.engine.trust(),
         };
         let parent = ParentLink {
             run_id: self.run_id.clone(),
@@ -310,7 +314,10 @@ impl<'a> Driver<'a> {
         reference: &str,
         budget: WorkerBudget,
     ) -> Result<(Agent, String), String> {
-        let (agent, source) = self.workers()?.resolve(&self.tenant, reference).await?;
+        let (agent, source) = self
+            .workers()?
+            .resolve(&self.tenant, reference, self.engine.trust())
+            .await?;
         Ok((self.fit_worker(agent, tool, worker, budget), source))
     }
 

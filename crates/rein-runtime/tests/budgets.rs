@@ -54,7 +54,13 @@ fn budgets() -> Budgets {
 async fn race(counters: Arc<dyn Counters>, store: Arc<dyn Store>) {
     let runtime = Runtime::new(
         store.clone(),
-        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+        ToolBox::new(
+            Builtins::standard(),
+            HttpTools::new(
+                reqwest::Client::new(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+            ),
+        ),
     )
     .with_governor(Governor {
         counters: counters.clone(),
@@ -176,6 +182,7 @@ fn request(agent: Arc<Agent>, input: &str, tenant: &str, user: &str, session: &s
         session: SessionId::new(session),
         job: None,
         granted_scopes: Vec::new(),
+        trust: rein_core::Trust::Operator,
         trace_parent: None,
         chat: None,
     }
@@ -261,7 +268,13 @@ async fn warns_once(counters_in_store: bool) {
     };
     let runtime = Runtime::new(
         shared,
-        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+        ToolBox::new(
+            Builtins::standard(),
+            HttpTools::new(
+                reqwest::Client::new(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+            ),
+        ),
     )
     .with_governor(Governor { counters, budgets });
     let prices = PriceTable::default();
@@ -392,7 +405,13 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
     });
     let runtime = Runtime::new(
         Arc::new(store.clone()),
-        ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new())),
+        ToolBox::new(
+            Builtins::standard(),
+            HttpTools::new(
+                reqwest::Client::new(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+            ),
+        ),
     )
     .with_governor(Governor {
         counters: flaky,

@@ -51,7 +51,13 @@ async fn harness() -> Harness {
     let store = SqliteStore::open(dir.path().join("rein.db"), Default::default())
         .await
         .unwrap();
-    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    let tools = ToolBox::new(
+        Builtins::standard(),
+        HttpTools::new(
+            reqwest::Client::new(),
+            rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+        ),
+    );
     Harness {
         runtime: Runtime::new(std::sync::Arc::new(store), tools),
         _dir: dir,
@@ -76,6 +82,7 @@ fn request(
         session: SessionId::new(session),
         job: None,
         granted_scopes: granted.iter().map(|s| s.to_string()).collect(),
+        trust: rein_core::Trust::Operator,
         trace_parent: None,
         chat: None,
     }
@@ -1128,6 +1135,48 @@ async fn a_model_breaker_opens_after_the_failures_its_spec_allows() {
     );
 }
 
+/// One tenant's spec sets a hair-trigger breaker and makes its calls fail: its breaker opens,
+/// and another tenant's calls to the same model go through all the same.
+#[tokio::test]
+async fn one_tenants_failures_never_open_another_tenants_model_breaker() {
+    let server = FakeOpenAi::start(|_, body| {
+        if body["messages"].to_string().contains("sabotage") {
+            FakeResponse::error(500, "down")
+        } else {
+            FakeResponse::text("fine", 100, 10)
+        }
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let hair_trigger = with_models("breaker: {failures: 1, window: 60s, cool_down: 3600s},");
+    let client = OpenAiClient::new(reqwest::Client::new(), server.base_url(), None);
+    for _ in 0..2 {
+        let request = request(&hair_trigger, "sabotage", "mallory", "m", "s", &[]);
+        let outcome = h.runtime.run(request, &client).await.unwrap();
+        assert_eq!(outcome.status, RunStatus::Failed);
+    }
+    assert_eq!(
+        server.request_count(),
+        1,
+        "mallory's breaker opened after one failure"
+    );
+    let request = request(&with_models(""), "hello", "acme", "ann", "s", &[]);
+    let outcome = h.runtime.run(request, &client).await.unwrap();
+    assert_eq!(
+        (outcome.reason, outcome.output),
+        (Some(TerminationReason::Completed), Some(json!("fine")))
+    );
+    assert_eq!(server.request_count(), 2);
+    let seen: Vec<String> = h
+        .runtime
+        .breakers_seen(&TenantId::new("acme"))
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert!(seen.iter().all(|k| !k.contains("mallory")), "{seen:?}");
+}
+
 #[tokio::test]
 async fn a_routed_step_calls_its_model_and_falls_back_to_the_primary() {
     // The cheap model routed to `plan` is rejected for good; the primary answers the step.
@@ -1601,7 +1650,7 @@ async fn a_confirm_tool_is_never_called_before_a_person_approves_it() {
     rein_core::verify_chain(&events, Some((record.event_count, &record.head_hash))).unwrap();
     assert!(matches!(
         decide(&h, &done.run_id, true).await,
-        Err(rein_runtime::RuntimeError::NotAwaitingApproval(_))
+        Err(rein_runtime::RuntimeError::Ended(_, RunStatus::Completed))
     ));
 }
 
@@ -2151,7 +2200,15 @@ async fn cancel_across_processes(
     driver: Arc<dyn rein_store::Store>,
     other: Arc<dyn rein_store::Store>,
 ) {
-    let tools = || ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    let tools = || {
+        ToolBox::new(
+            Builtins::standard(),
+            HttpTools::new(
+                reqwest::Client::new(),
+                rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+            ),
+        )
+    };
     let a = Runtime::new(driver, tools());
     let b = Runtime::new(other.clone(), tools());
     let acme = TenantId::new("acme");
@@ -2285,7 +2342,13 @@ async fn cancelling_a_caller_left_by_a_dead_process_ends_its_workers_down_the_tr
             .await
             .unwrap(),
     );
-    let tools = ToolBox::new(Builtins::standard(), HttpTools::new(reqwest::Client::new()));
+    let tools = ToolBox::new(
+        Builtins::standard(),
+        HttpTools::new(
+            reqwest::Client::new(),
+            rein_tools::Egress::closed(rein_tools::CONNECT_TIMEOUT).unwrap(),
+        ),
+    );
     let runtime = Runtime::new(store.clone(), tools);
     let acme = TenantId::new("acme");
     let ids = ["caller", "worker", "its-worker"].map(rein_core::RunId::new);
@@ -2313,6 +2376,7 @@ async fn cancelling_a_caller_left_by_a_dead_process_ends_its_workers_down_the_tr
             trace_parent: None,
             fence: None,
             parent: parent.clone(),
+            trust: rein_core::Trust::Operator,
         }];
         if let Some(below) = ids.get(depth + 1) {
             kinds.push(EventKind::WorkerStarted {

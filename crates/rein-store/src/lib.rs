@@ -189,6 +189,18 @@ pub struct ApiKeyEntry {
     pub expires_ms: Option<i64>,
 }
 
+/// One of a tenant's secrets, as listed: its name and when it was last set, never its value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretEntry {
+    /// The name specs refer to it by (`${NAME}`, `api_key_env: NAME`).
+    pub name: String,
+    /// Last set, ms since the epoch.
+    pub updated_ms: i64,
+}
+
+/// A secret's name and its value as sealed by the caller.
+pub type SealedSecret = (String, Vec<u8>);
+
 /// What a valid API key grants: its tenant, until `expires_ms` (`None`: for good).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyGrant {
@@ -529,6 +541,41 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         actor: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// Stores `tenant`'s secret `name` as `sealed` (already encrypted by the caller), replacing
+    /// any value it had, at `actor`'s request, and records it (by name, never the value) in
+    /// the admin log in the same transaction; `false` if there is no such tenant.
+    fn set_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        sealed: &'a [u8],
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Deletes `tenant`'s secret `name` at `actor`'s request, recorded in the admin log in the
+    /// same transaction; `false` if it has none of that name.
+    fn delete_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The names of `tenant`'s secrets, by name.
+    fn secret_names<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<SecretEntry>, StoreError>>;
+
+    /// The sealed values of those of `names` that `tenant` has, by name.
+    fn sealed_secrets<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<SealedSecret>, StoreError>>;
+
     /// The admin log ([`rein_core::admin_log`]) from position `from` on, oldest first: at most
     /// `limit` entries. An operator query, like [`Store::tenants`].
     fn admin_log(
@@ -653,6 +700,13 @@ fn key_grant_from_row(r: &impl Columns) -> Result<KeyGrant, StoreError> {
     Ok(KeyGrant {
         tenant: TenantId::new(r.text("tenant")?),
         expires_ms: r.opt_int("expires_ms")?,
+    })
+}
+
+fn secret_entry_from_row(r: &impl Columns) -> Result<SecretEntry, StoreError> {
+    Ok(SecretEntry {
+        name: r.text("name")?,
+        updated_ms: r.int("updated_ms")?,
     })
 }
 

@@ -4,14 +4,15 @@
 //! (`FOR UPDATE SKIP LOCKED`), appends race on the `(run_id, seq)` key, and budget counters
 //! serialise on per-scope advisory locks.
 
+use crate::SealedSecret;
 use crate::appends::{Announcer, Task};
 use crate::summary::Appended;
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Appends, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease,
-    RunCount, RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent,
-    TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first,
-    cost_from_row, counters_error, event_from_row, key_grant_from_row, run_from_row,
-    standing_from_row, tenant_from_row, to_i64,
+    RunCount, RunFilter, RunInfo, RunRecord, SecretEntry, Settlement, Store, StoreError,
+    StoredAgent, TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id,
+    check_first, cost_from_row, counters_error, event_from_row, key_grant_from_row, run_from_row,
+    secret_entry_from_row, standing_from_row, tenant_from_row, to_i64,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{Amount, BoxFuture, Counters, CountersError, Reservation, Scope, Standing};
@@ -985,6 +986,101 @@ impl Store for PgStore {
             }
             tx.commit().await?;
             Ok(revoked)
+        })
+    }
+
+    fn set_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        sealed: &'a [u8],
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(
+                "INSERT INTO tenant_secrets (tenant, name, sealed, updated_ms) SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = $1) ON CONFLICT (tenant, name) DO UPDATE SET sealed = excluded.sealed, updated_ms = excluded.updated_ms",
+            )
+            .bind(tenant.as_str())
+            .bind(name)
+            .bind(sealed)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            let set = done.rows_affected() > 0;
+            if set {
+                let change = AdminChange {
+                    action: AdminAction::SecretSet,
+                    tenant: tenant.as_str(),
+                    key_id: Some(name),
+                    actor,
+                };
+                append_admin_entry(&mut tx, &change, now_ms).await?;
+            }
+            tx.commit().await?;
+            Ok(set)
+        })
+    }
+
+    fn delete_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query("DELETE FROM tenant_secrets WHERE tenant = $1 AND name = $2")
+                .bind(tenant.as_str())
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            let removed = done.rows_affected() > 0;
+            if removed {
+                let change = AdminChange {
+                    action: AdminAction::SecretDeleted,
+                    tenant: tenant.as_str(),
+                    key_id: Some(name),
+                    actor,
+                };
+                append_admin_entry(&mut tx, &change, now_ms).await?;
+            }
+            tx.commit().await?;
+            Ok(removed)
+        })
+    }
+
+    fn secret_names<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<SecretEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT name, updated_ms FROM tenant_secrets WHERE tenant = $1 ORDER BY name",
+            )
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(secret_entry_from_row).collect()
+        })
+    }
+
+    fn sealed_secrets<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<SealedSecret>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<SealedSecret> = sqlx::query_as(
+                "SELECT name, sealed FROM tenant_secrets WHERE tenant = $1 AND name = ANY($2) ORDER BY name",
+            )
+            .bind(tenant.as_str())
+            .bind(names)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows)
         })
     }
 

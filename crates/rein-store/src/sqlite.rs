@@ -1,13 +1,15 @@
 //! The embedded engine: one SQLite file (WAL), the default store.
 
+use crate::SealedSecret;
 use crate::appends::Announcer;
 use crate::summary::Appended;
 use crate::writer::{Setup, Writer};
 use crate::{
     API_KEY_ID_LEN, ApiKeyEntry, Appends, Columns, CostGroup, CostLine, Hold, KeyGrant, Lease,
-    RunCount, RunFilter, RunInfo, RunRecord, Settlement, Store, StoreError, StoredAgent,
-    TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id, check_first,
-    cost_from_row, event_from_row, key_grant_from_row, run_from_row, tenant_from_row,
+    RunCount, RunFilter, RunInfo, RunRecord, SecretEntry, Settlement, Store, StoreError,
+    StoredAgent, TenantEntry, admin_entry_from_row, agent_from_row, api_key_from_row, api_key_id,
+    check_first, cost_from_row, event_from_row, key_grant_from_row, run_from_row,
+    secret_entry_from_row, tenant_from_row,
 };
 use rein_core::admin_log::{AdminAction, AdminChange, AdminEntry};
 use rein_core::budget::{BoxFuture, Reservation, Standing};
@@ -936,6 +938,102 @@ impl Store for SqliteStore {
         })
     }
 
+    fn set_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        sealed: &'a [u8],
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (tenant, name, sealed, actor) = (
+            tenant.clone(),
+            name.to_string(),
+            sealed.to_vec(),
+            actor.to_string(),
+        );
+        Box::pin(self.write(move |c| {
+            let set = c
+                .prepare_cached(
+                    "INSERT INTO tenant_secrets (tenant, name, sealed, updated_ms) SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM tenants WHERE name = ?1) ON CONFLICT (tenant, name) DO UPDATE SET sealed = excluded.sealed, updated_ms = excluded.updated_ms",
+                )?
+                .execute(rusqlite::params![tenant.as_str(), name, sealed, now_ms])?;
+            if set > 0 {
+                let change = AdminChange {
+                    action: AdminAction::SecretSet,
+                    tenant: tenant.as_str(),
+                    key_id: Some(&name),
+                    actor: &actor,
+                };
+                append_admin_entry(c, &change, now_ms)?;
+            }
+            Ok(set > 0)
+        }))
+    }
+
+    fn delete_secret<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        name: &'a str,
+        now_ms: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (tenant, name, actor) = (tenant.clone(), name.to_string(), actor.to_string());
+        Box::pin(self.write(move |c| {
+            let removed = c
+                .prepare_cached("DELETE FROM tenant_secrets WHERE tenant = ? AND name = ?")?
+                .execute(rusqlite::params![tenant.as_str(), name])?;
+            if removed > 0 {
+                let change = AdminChange {
+                    action: AdminAction::SecretDeleted,
+                    tenant: tenant.as_str(),
+                    key_id: Some(&name),
+                    actor: &actor,
+                };
+                append_admin_entry(c, &change, now_ms)?;
+            }
+            Ok(removed > 0)
+        }))
+    }
+
+    fn secret_names<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<SecretEntry>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT name, updated_ms FROM tenant_secrets WHERE tenant = ? ORDER BY name",
+            )
+            .bind(tenant.as_str())
+            .fetch_all(&self.reader)
+            .await?;
+            rows.iter().map(secret_entry_from_row).collect()
+        })
+    }
+
+    fn sealed_secrets<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<SealedSecret>, StoreError>> {
+        Box::pin(async move {
+            let mut found = Vec::with_capacity(names.len());
+            for name in names {
+                let sealed: Option<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT sealed FROM tenant_secrets WHERE tenant = ? AND name = ?",
+                )
+                .bind(tenant.as_str())
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?;
+                if let Some(sealed) = sealed {
+                    found.push((name.clone(), sealed));
+                }
+            }
+            Ok(found)
+        })
+    }
+
     fn admin_log(
         &self,
         from: u64,
@@ -1294,6 +1392,7 @@ mod tests {
                 trace_parent: None,
                 fence: None,
                 parent: None,
+                trust: rein_core::Trust::Operator,
             },
         }
     }

@@ -97,6 +97,7 @@ fn started(tenant: &str) -> EventKind {
         trace_parent: None,
         fence: None,
         parent: None,
+        trust: rein_core::Trust::Operator,
     }
 }
 

@@ -3,8 +3,11 @@
 //! 2xx → success; 429 → `rate_limit` with the advised wait; 408, 5xx, timeouts and connection
 //! failures → `transient` (safe to retry); any other 4xx → `permanent`.
 
+use crate::{Egress, Reach};
+use rein_core::egress::EgressRefusal;
 use rein_core::spec::{HttpMethod, HttpSource, url_placeholders};
 use rein_core::tool::parse_retry_after;
+use rein_core::trust::expand_secrets;
 use rein_core::{ErrorType, ToolResult};
 use serde_json::Value;
 use std::time::Duration;
@@ -12,20 +15,32 @@ use std::time::Duration;
 /// Largest response body accepted from a tool.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// Calls HTTP tools over one shared connection pool.
+/// Calls HTTP tools: the operator's over one shared connection pool, tenants' through the
+/// egress policy's.
 #[derive(Clone, Debug)]
 pub struct HttpTools {
     client: reqwest::Client,
+    egress: Egress,
 }
 
+/// An HTTP tool's call, as made: its result, and the egress policy's refusal when that is why
+/// it failed.
+pub type HttpCall = (ToolResult, Option<EgressRefusal>);
+
 impl HttpTools {
-    /// Uses `client` (configure its connect timeout there; per-call timeouts come from the
-    /// tool's contract and are applied by the driver).
-    pub fn new(client: reqwest::Client) -> Self {
-        HttpTools { client }
+    /// Uses `client` for the operator's tools and `egress` for tenants' (configure connect
+    /// timeouts there; per-call timeouts come from the tool's contract and are applied by the
+    /// driver).
+    pub fn new(client: reqwest::Client, egress: Egress) -> Self {
+        HttpTools { client, egress }
     }
 
-    /// Calls one HTTP tool once.
+    /// The client and policy tenants' calls go through.
+    pub fn egress(&self) -> &Egress {
+        &self.egress
+    }
+
+    /// Calls one HTTP tool once, reaching what `reach` allows.
     pub async fn call(
         &self,
         tool: &str,
@@ -33,7 +48,8 @@ impl HttpTools {
         args: &Value,
         idempotency_key: &str,
         traceparent: &str,
-    ) -> ToolResult {
+        reach: Reach<'_>,
+    ) -> HttpCall {
         let (url, rest) = fill_url(&source.url, args);
         let method = match source.method {
             HttpMethod::Get => reqwest::Method::GET,
@@ -51,21 +67,40 @@ impl HttpTools {
         } else {
             with_query(url, &rest)
         };
-        let mut request = self
-            .client
+        let client = match reach {
+            Reach::Operator => &self.client,
+            Reach::Tenant(_) => {
+                if let Err(refusal) = self.egress.check_url(&url) {
+                    return refused(tool, refusal);
+                }
+                self.egress.client()
+            }
+        };
+        let mut request = client
             .request(method, &url)
             .header("Idempotency-Key", idempotency_key)
             .header("traceparent", traceparent)
             .header("Accept", "application/json");
         for (name, template) in &source.headers {
-            match expand_env(template) {
+            match expand_secrets(template, |var| reach.secret(var)) {
                 Ok(value) => request = request.header(name.as_str(), value),
                 Err(var) => {
-                    return ToolResult::error(
-                        ErrorType::Permanent,
-                        format!(
-                            "`{tool}` is not configured: its header `{name}` needs the environment variable `{var}`, which is not set"
+                    let missing = match reach {
+                        Reach::Operator => {
+                            format!("the environment variable `{var}`, which is not set")
+                        }
+                        Reach::Tenant(_) => format!(
+                            "the secret `{var}`, which the operator has not set for this tenant"
                         ),
+                    };
+                    return (
+                        ToolResult::error(
+                            ErrorType::Permanent,
+                            format!(
+                                "`{tool}` is not configured: its header `{name}` needs {missing}"
+                            ),
+                        ),
+                        None,
                     );
                 }
             }
@@ -75,7 +110,12 @@ impl HttpTools {
         }
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return transport_error(tool, &e),
+            Err(e) => {
+                return match EgressRefusal::behind(&e) {
+                    Some(refusal) => refused(tool, refusal),
+                    None => (transport_error(tool, &e), None),
+                };
+            }
         };
         let status = response.status();
         let retry_after = response
@@ -87,17 +127,35 @@ impl HttpTools {
         let body = match read_limited(response).await {
             Ok(body) => body,
             Err(message) => {
-                return ToolResult::error(ErrorType::Transient, format!("`{tool}`: {message}"));
+                return (
+                    ToolResult::error(ErrorType::Transient, format!("`{tool}`: {message}")),
+                    None,
+                );
             }
         };
-        classify(
-            tool,
-            status.as_u16(),
-            status.canonical_reason(),
-            &body,
-            retry_after,
+        (
+            classify(
+                tool,
+                status.as_u16(),
+                status.canonical_reason(),
+                &body,
+                retry_after,
+            ),
+            None,
         )
     }
+}
+
+/// A call the egress policy refused: a permanent error the model can read (the same call
+/// will be refused again), with the refusal for the log.
+fn refused(tool: &str, refusal: EgressRefusal) -> HttpCall {
+    (
+        ToolResult::error(
+            ErrorType::Permanent,
+            format!("`{tool}` may not be called: {refusal}."),
+        ),
+        Some(refusal),
+    )
 }
 
 fn classify(
@@ -240,25 +298,6 @@ fn encode(text: &str) -> String {
     out
 }
 
-/// Replaces `${VAR}` with the environment variable `VAR`; returns the missing name on failure.
-fn expand_env(template: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            out.push_str(&rest[start..]);
-            return Ok(out);
-        };
-        let var = &after[..end];
-        out.push_str(&std::env::var(var).map_err(|_| var.to_string())?);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 /// How long to wait for a TCP connection to a tool's service.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -304,14 +343,5 @@ mod tests {
             (Some(ErrorType::Permanent), false)
         );
         assert!(r.message.unwrap().contains("The service said: no order 9"));
-    }
-
-    #[test]
-    fn missing_header_secrets_are_named_not_leaked() {
-        assert_eq!(
-            expand_env("Bearer ${REIN_TEST_SURELY_UNSET_VAR}"),
-            Err("REIN_TEST_SURELY_UNSET_VAR".into())
-        );
-        assert_eq!(expand_env("plain"), Ok("plain".into()));
     }
 }

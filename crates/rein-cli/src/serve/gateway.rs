@@ -360,6 +360,7 @@ pub(super) async fn chat_completions(
         spec_source: source.to_string(),
         input,
         granted_scopes: Vec::new(),
+        trust: rein_core::Trust::Operator,
         trace_parent: super::trace_parent(&headers),
         chat: Some(chat),
         tenant: tenant.clone(),

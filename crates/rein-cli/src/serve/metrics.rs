@@ -4,6 +4,11 @@
 //! `rein_core::meter`), so a scrape shows what the logs hold; the `rein_runs` gauges are read
 //! from the store at scrape time, so they count every process's runs. Each process exports its
 //! own counters: Prometheus sums them across instances.
+//!
+//! Open to anyone who reaches the port (`metrics_auth = "none"`, the default, as Prometheus
+//! scrapes), the metrics name no tenant, agent or breaker: those labels are left out and the
+//! series summed over them, and the per-tenant gauges (budget utilisation, open breakers) are
+//! not shown. Behind the admin key (`metrics_auth = "admin"`) every label is there.
 
 use super::admin::Admin;
 use super::{App, Problem};
@@ -30,10 +35,90 @@ const OPEN_STATUSES: [RunStatus; 3] = [
     RunStatus::AwaitingApproval,
 ];
 
+/// The labels that name a tenant or what belongs to one.
+const NAMING: [&str; 4] = ["tenant", "agent", "breaker", "user"];
+/// The gauges that only mean something per tenant.
+const PER_TENANT: [&str; 2] = ["rein_budget_utilisation_ratio", "rein_breaker_open"];
+
+/// A recorder for metrics anyone may read: it leaves out the labels that name tenants, so
+/// their series add up, and the gauges that only mean something per tenant.
+struct Unnamed(metrics_exporter_prometheus::PrometheusRecorder);
+
+impl Unnamed {
+    fn key(key: &metrics::Key) -> metrics::Key {
+        let labels: Vec<metrics::Label> = key
+            .labels()
+            .filter(|l| !NAMING.contains(&l.key()))
+            .cloned()
+            .collect();
+        metrics::Key::from_parts(key.name().to_string(), labels)
+    }
+}
+
+impl metrics::Recorder for Unnamed {
+    fn describe_counter(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.0.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        if !PER_TENANT.contains(&key.as_str()) {
+            self.0.describe_gauge(key, unit, description);
+        }
+    }
+
+    fn describe_histogram(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.0.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Counter {
+        self.0.register_counter(&Unnamed::key(key), metadata)
+    }
+
+    fn register_gauge(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Gauge {
+        if PER_TENANT.contains(&key.name()) {
+            return metrics::Gauge::noop();
+        }
+        self.0.register_gauge(&Unnamed::key(key), metadata)
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        self.0.register_histogram(&Unnamed::key(key), metadata)
+    }
+}
+
 /// The process's Prometheus registry.
 pub(super) struct Metrics {
     handle: PrometheusHandle,
     recorder: rein_runtime::Recorder,
+    /// Whether the metrics name tenants (only behind the admin key).
+    named: bool,
     /// The `rein_runs` series shown so far, set to 0 when a scrape no longer finds them.
     shown: Mutex<HashSet<(String, &'static str)>>,
     upkeep: tokio::task::JoinHandle<()>,
@@ -46,8 +131,9 @@ impl Drop for Metrics {
 }
 
 impl Metrics {
-    /// A registry with every metric described and every histogram given its buckets.
-    pub(super) fn new() -> anyhow::Result<Self> {
+    /// A registry with every metric described and every histogram given its buckets, naming
+    /// tenants when `named`.
+    pub(super) fn new(named: bool) -> anyhow::Result<Self> {
         let mut builder = PrometheusBuilder::new();
         for (name, _) in METRICS {
             let bounds = buckets(name);
@@ -56,7 +142,13 @@ impl Metrics {
                     builder.set_buckets_for_metric(Matcher::Full(name.to_string()), bounds)?;
             }
         }
-        let recorder = builder.build_recorder();
+        let prometheus = builder.build_recorder();
+        let handle = prometheus.handle();
+        let recorder: rein_runtime::Recorder = if named {
+            Arc::new(prometheus)
+        } else {
+            Arc::new(Unnamed(prometheus))
+        };
         for (name, help) in METRICS {
             let (key, help) = ((*name).into(), (*help).into());
             if name.ends_with("_total") {
@@ -67,7 +159,6 @@ impl Metrics {
                 recorder.describe_histogram(key, None, help);
             }
         }
-        let handle = recorder.handle();
         let upkeep = {
             let handle = handle.clone();
             tokio::spawn(async move {
@@ -80,7 +171,8 @@ impl Metrics {
         };
         Ok(Metrics {
             handle,
-            recorder: Arc::new(recorder),
+            recorder,
+            named,
             shown: Mutex::new(HashSet::new()),
             upkeep,
         })
@@ -107,16 +199,22 @@ impl Metrics {
         let Ok(mut shown) = self.shown.lock() else {
             return;
         };
-        let mut now = HashSet::new();
+        // Unnamed, one series per status: the tenants' counts summed.
+        let mut runs: std::collections::BTreeMap<(String, &'static str), f64> = Default::default();
         for count in counts {
             if OPEN_STATUSES.contains(&count.status) {
-                gauge(
-                    count.tenant.as_str(),
-                    count.status.as_str(),
-                    count.runs as f64,
-                );
-                now.insert((count.tenant.as_str().to_string(), count.status.as_str()));
+                let tenant = if self.named {
+                    count.tenant.as_str().to_string()
+                } else {
+                    String::new()
+                };
+                *runs.entry((tenant, count.status.as_str())).or_default() += count.runs as f64;
             }
+        }
+        let mut now = HashSet::new();
+        for ((tenant, status), value) in runs {
+            gauge(&tenant, status, value);
+            now.insert((tenant, status));
         }
         for (tenant, status) in shown.difference(&now) {
             gauge(tenant, status, 0.0);
@@ -125,10 +223,10 @@ impl Metrics {
     }
 }
 
-/// Prometheus metrics (text format 0.0.4): tokens and cost by tenant, agent, model and step
-/// kind; runs by outcome; model and tool latencies; tool calls by status; budgets, breakers,
-/// and runs not yet ended. Open to anyone who reaches the port unless `[telemetry]
-/// metrics_auth = "admin"`.
+/// Prometheus metrics (text format 0.0.4): tokens and cost by model and step kind; runs by
+/// outcome; model and tool latencies; tool calls by status; budgets, breakers, and runs not yet
+/// ended. Open to anyone who reaches the port unless `[telemetry] metrics_auth = "admin"`, and
+/// then by tenant and agent too (open, they name no tenant).
 #[utoipa::path(get, path = "/metrics", tag = "server",
     responses(
         (status = 200, description = "The metrics, in Prometheus's text format", body = String, content_type = "text/plain"),

@@ -57,6 +57,19 @@ pub fn rein_ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The rein.toml lines that open 127.0.0.1, where the tests' tool services listen, to tenants'
+/// specs (closed to them by default: `tests/tenant_safety.rs`).
+pub const LOOPBACK_TOOLS: &str = "\n[egress]\nallow = [\"127.0.0.1\"]\n";
+
+/// Adds [`LOOPBACK_TOOLS`] to `dir`'s rein.toml (made if missing), once.
+pub fn open_loopback(dir: &Path) {
+    let path = dir.join("rein.toml");
+    let config = std::fs::read_to_string(&path).unwrap_or_default();
+    if !config.contains("[egress]") {
+        std::fs::write(&path, format!("{config}{LOOPBACK_TOOLS}")).unwrap();
+    }
+}
+
 /// `rein serve` as a process, killed on drop.
 pub struct Server {
     child: Child,
