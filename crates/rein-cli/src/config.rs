@@ -51,6 +51,8 @@
 //!                                 # next one) must arrive within this, or it is closed
 //! body_timeout = "30s"            # a request's body must arrive within this
 //! max_connections = 4096          # open connections at once; more wait to be accepted
+//! max_runs_per_tenant = 6         # runs of one tenant the workers drive at once (rein serve:
+//!                                 # three quarters of its workers by default)
 //! admin_key_sha256 = "9f86d0..."  # the admin key's SHA-256 (`rein keys create --admin`), or
 //!                                 # the key itself in REIN_ADMIN_KEY; absent: no admin API
 //!
@@ -180,6 +182,7 @@ struct ServerEntry {
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_runs_per_tenant: Option<u32>,
     admin_key_sha256: Option<String>,
 }
 
@@ -204,6 +207,9 @@ pub struct Server {
     pub body_timeout: std::time::Duration,
     /// Connections open at once; more wait in the listen queue.
     pub max_connections: usize,
+    /// Runs of one tenant the workers claim while that many are driven; `None`: the command's
+    /// default.
+    pub max_runs_per_tenant: Option<u32>,
     /// The SHA-256 (lowercase hex) of the admin key, for tenant and key management over HTTP.
     pub admin_key_sha256: Option<String>,
 }
@@ -219,6 +225,7 @@ impl Default for Server {
             header_timeout: std::time::Duration::from_secs(10),
             body_timeout: std::time::Duration::from_secs(30),
             max_connections: 4096,
+            max_runs_per_tenant: None,
             admin_key_sha256: None,
         }
     }
@@ -272,6 +279,11 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
             "{file}: server.max_connections: must be at least 1"
         ));
     }
+    if entry.max_runs_per_tenant == Some(0) {
+        return Err(anyhow!(
+            "{file}: server.max_runs_per_tenant: must be at least 1"
+        ));
+    }
     let is_sha256 =
         |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if entry
@@ -292,6 +304,7 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
         header_timeout,
         body_timeout,
         max_connections,
+        max_runs_per_tenant: entry.max_runs_per_tenant,
         admin_key_sha256: entry.admin_key_sha256.clone(),
     })
 }

@@ -168,13 +168,19 @@ impl rein_runtime::Workers for DemoWorkers {
         _tenant: &'a TenantId,
         reference: &'a str,
         _trust: rein_core::Trust,
-    ) -> rein_runtime::workers::BoxFuture<'a, Result<(rein_core::Agent, String), String>> {
+    ) -> rein_runtime::workers::BoxFuture<
+        'a,
+        Result<(rein_core::Agent, String, rein_core::Trust), String>,
+    > {
         Box::pin(async move {
             let (_, source) = WORKERS
                 .iter()
                 .find(|(name, _)| *name == reference)
                 .ok_or_else(|| format!("the demo has no worker `{reference}`"))?;
-            crate::parse_worker(&self.prices, &self.builtins, reference, source.to_string())
+            let (agent, source) =
+                crate::parse_worker(&self.prices, &self.builtins, reference, source.to_string())?;
+            // The demo's workers ship with Rein.
+            Ok((agent, source, rein_core::Trust::Operator))
         })
     }
 

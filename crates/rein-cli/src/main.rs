@@ -1032,26 +1032,31 @@ impl rein_runtime::Workers for WorkerSpecs {
         tenant: &'a TenantId,
         reference: &'a str,
         trust: rein_core::Trust,
-    ) -> rein_runtime::workers::BoxFuture<'a, Result<(Agent, String), String>> {
+    ) -> rein_runtime::workers::BoxFuture<'a, Result<(Agent, String, rein_core::Trust), String>>
+    {
         Box::pin(async move {
             let file = reference.ends_with(".yaml") || reference.ends_with(".yml");
-            let source = if file && (!self.files || trust == rein_core::Trust::Tenant) {
+            let (source, author) = if file && (!self.files || trust == rein_core::Trust::Tenant) {
                 return Err(format!(
                     "`{reference}` is a file, and this process only runs registered agents as workers (register it with POST /v1/agents and name it)"
                 ));
             } else if file {
-                tokio::fs::read_to_string(reference)
+                let source = tokio::fs::read_to_string(reference)
                     .await
-                    .map_err(|e| format!("cannot read {reference}: {e}"))?
+                    .map_err(|e| format!("cannot read {reference}: {e}"))?;
+                (source, rein_core::Trust::Operator)
             } else {
-                self.store
+                // An agent registered over the API is the tenant's text, whoever calls it.
+                let stored = self
+                    .store
                     .agent(tenant, reference, None)
                     .await
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("no agent `{reference}` is registered"))?
-                    .spec
+                    .ok_or_else(|| format!("no agent `{reference}` is registered"))?;
+                (stored.spec, rein_core::Trust::Tenant)
             };
-            parse_worker(&self.prices, &self.builtins, reference, source)
+            let (agent, source) = parse_worker(&self.prices, &self.builtins, reference, source)?;
+            Ok((agent, source, author))
         })
     }
 
@@ -1239,7 +1244,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
     let runtime = runtime_for(&config, &store, builtins.clone(), http)
         .await?
         .with_workers(WorkerSpecs::registered_only(&config, &store, builtins))
-        .with_lease(args.lease);
+        .with_lease(args.lease)
+        .with_runs_per_tenant(config.server.max_runs_per_tenant)
+        // Its runs came over the API: one whose log predates the recorded author is a tenant's.
+        .with_unrecorded_trust(rein_core::Trust::Tenant);
     // Idle, it looks for work every 100 ms, and on PostgreSQL at once when another process
     // queues a run.
     let mut claimable = store.follow_claimable();

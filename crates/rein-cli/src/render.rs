@@ -249,7 +249,6 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 step,
                 target,
                 host,
-                address,
                 range,
             } => rows.push([
                 format!("#{step} egress"),
@@ -257,7 +256,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                format!("REFUSED: {host} is {address}, {range} address"),
+                format!("REFUSED: {host} is {range} address"),
             ]),
             EventKind::RateLimited {
                 step,

@@ -420,12 +420,7 @@ fn json_body<T: for<'de> Deserialize<'de>>(
             "the body must be JSON, sent with `Content-Type: application/json`",
         ));
     }
-    let body = body.map_err(|e| {
-        Problem::new(
-            e.status(),
-            format!("the body could not be read: {}", e.body_text()),
-        )
-    })?;
+    let body = body.map_err(|e| connections::unread_body(&e))?;
     if nesting(&body) > MAX_JSON_DEPTH {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
@@ -566,7 +561,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             &store,
             builtins.clone(),
         ))
-        .with_lease(lease);
+        .with_lease(lease)
+        .with_runs_per_tenant(Some(runs_per_tenant(&config, workers)))
+        // Its runs came over the API: one whose log predates the recorded author is a tenant's.
+        .with_unrecorded_trust(rein_core::Trust::Tenant);
     let app = App::new(config, store.clone(), runtime, builtins, model, admin_key)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -611,6 +609,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     store.close().await;
     eprintln!("rein serve: stopped");
     Ok(exit::OK)
+}
+
+/// The most runs of one tenant this server's workers drive at once: `[server]
+/// max_runs_per_tenant`, else three quarters of the workers (at least one), so one tenant's
+/// backlog always leaves workers for the others' first runs.
+fn runs_per_tenant(config: &Config, workers: usize) -> u32 {
+    config.server.max_runs_per_tenant.unwrap_or_else(|| {
+        u32::try_from(workers.saturating_mul(3) / 4)
+            .unwrap_or(u32::MAX)
+            .max(1)
+    })
 }
 
 /// Serves the API on `listener` without workers, until the returned task is aborted: the
@@ -811,18 +820,9 @@ async fn time_limit(
         }
         _ => base,
     };
-    // The body first, within its own time: a client that declares a body and never sends it
+    // The body is due within its own time: a client that declares a body and never sends it
     // is cut off at `body_timeout`, not at the request's (possibly long) limit.
-    let request = match connections::read_body(
-        request,
-        app.config.server.body_timeout,
-        app.config.server.max_body_bytes,
-    )
-    .await
-    {
-        Ok(request) => request,
-        Err(refused) => return refused,
-    };
+    let request = connections::Deadline::on(request, app.config.server.body_timeout);
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
@@ -865,7 +865,7 @@ async fn register_agent(
     Caller(tenant): Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, axum::Json<AgentVersionView>), Problem> {
-    let body = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
+    let body = body.map_err(|e| connections::unread_body(&e))?;
     let source = String::from_utf8(body.to_vec())
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))?;
     if source.contains('\0') {

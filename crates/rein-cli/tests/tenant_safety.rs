@@ -231,8 +231,11 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
         let spec = spec(agent, &model, &[]).replace("tools:\n", "");
         common::register(&http, base, &key, &spec).await;
         let before = rogue.requests().len();
-        let (answer, _) = run(&http, base, &key, agent).await;
+        let (answer, views) = run(&http, base, &key, agent).await;
         assert_eq!(answer["status"], "completed", "{answer}");
+        for probe in [ADMIN_PROBE, TENANT_SECRET] {
+            assert!(!views.contains(probe), "{probe} in the views of {agent}");
+        }
         let sent = rogue.requests()[before].1.clone();
         assert_eq!(sent, expected, "{agent}");
     }
@@ -306,11 +309,33 @@ async fn a_tenant_tool_cannot_reach_the_servers_network() {
         );
         assert!(result.contains("\"error_type\":\"permanent\""), "{result}");
     }
+    // Where an internal name points is not told to the tenant.
+    assert!(
+        !results[2].contains("127.0.0.1") && !results[2].contains("::1"),
+        "{}",
+        results[2]
+    );
     let refusals = seen
         .lines()
         .filter(|l| l.starts_with("event: egress_refused"))
         .count();
     assert_eq!(refusals, 4, "{seen}");
+
+    // A model entry's own server is held to the same policy, by address and by name.
+    for (agent, host) in [("local-model", "127.0.0.1"), ("named-model", "localhost")] {
+        let model = format!(
+            "{{name: gpt-4o-mini, provider: openai, base_url: \"http://{host}:{port}/v1\"}}"
+        );
+        let spec = spec(agent, &model, &[]).replace("tools:\n", "");
+        common::register(&http, base, &key, &spec).await;
+        let (answer, seen) = run(&http, base, &key, agent).await;
+        assert_eq!(answer["status"], "failed", "{answer}");
+        assert!(
+            seen.contains("the model's server may not be reached"),
+            "{agent}: {seen}"
+        );
+    }
+    assert!(capture.paths().is_empty(), "{:?}", capture.paths());
     drop(server);
 
     // Opened by the operator, the host is reached; a redirect from it to another closed
@@ -342,7 +367,7 @@ async fn a_tenant_tool_cannot_reach_the_servers_network() {
         results[0]
     );
     assert!(
-        results[1].contains("`127.0.0.2` is 127.0.0.2, a loopback address"),
+        results[1].contains("`127.0.0.2` is a loopback address"),
         "{}",
         results[1]
     );
@@ -577,4 +602,72 @@ async fn run_views(http: &reqwest::Client, base: &str, key: &str, id: &str) -> (
     let trace = common::get_json(http, &format!("{base}/v1/runs/{id}/trace"), key).await;
     let shown = common::get_json(http, &format!("{base}/v1/runs/{id}"), key).await;
     (shown.clone(), format!("{events}\n{trace}\n{shown}"))
+}
+
+/// One tenant's backlog of long runs does not hold another tenant's first run: the workers
+/// keep a share free (three of four at most to one tenant), and the next run claimed is the
+/// tenant's with the fewest running.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_tenants_backlog_never_holds_another_tenants_first_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(
+        dir,
+        "script.yaml",
+        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 4}}]\n    when: slowly\n  - text: done\n    when: slowly\n  - text: quick\n    unless: slowly\n",
+    );
+    let big = common::tenant_key(dir, "big");
+    let small = common::tenant_key(dir, "small");
+    let server = common::serve(
+        dir,
+        &[
+            "--db",
+            "rein.db",
+            "--script",
+            "script.yaml",
+            "--workers",
+            "4",
+        ],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let base = &server.base;
+    let napper = "name: napper\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Nap.\ntools:\n  - name: nap\n    source: {builtin: sleep}\n    contract: {timeout: 30s, side_effects: none}\nlimits: {max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}\n";
+    common::register(&http, base, &big, napper).await;
+    common::register(&http, base, &small, napper).await;
+    let mut backlog = Vec::new();
+    for n in 0..10 {
+        let queued = http
+            .post(format!("{base}/v1/runs"))
+            .bearer_auth(&big)
+            .json(&json!({"agent": "napper", "input": format!("nap slowly {n}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(queued.status(), 202);
+        backlog.push(queued.json::<Value>().await.unwrap()["run_id"].clone());
+    }
+    // Let the workers take what they will of the backlog.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let first = common::run_waiting(
+        &http,
+        base,
+        &small,
+        json!({"agent": "napper", "input": "hello", "timeout_ms": 20000}),
+        &[],
+    )
+    .await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the small tenant's run waited {:?} behind the big one's backlog",
+        started.elapsed()
+    );
+    let running = common::get_json(&http, &format!("{base}/v1/runs?status=running"), &big).await;
+    assert_eq!(
+        running.as_array().map(Vec::len),
+        Some(3),
+        "three of four workers at most for one tenant: {running}"
+    );
 }

@@ -25,13 +25,12 @@ pub struct EgressPolicy {
 
 /// A connection the policy refuses.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "`{host}` is {address}, {range} address, which the server's egress policy closes to tenants' agents"
-)]
+#[error("`{host}` is {range} address, which the server's egress policy closes to tenants' agents")]
 pub struct EgressRefusal {
     /// The host as the URL named it.
     pub host: String,
-    /// The address it resolved to (or was).
+    /// The address it resolved to (or was): for the operator's log only, since telling a
+    /// tenant where an internal name points would map the operator's network for it.
     pub address: IpAddr,
     /// Which closed range the address is in (`a loopback`, `a private`, ...).
     pub range: &'static str,
@@ -298,7 +297,7 @@ mod tests {
         let refusal = p.check_literal("[::ffff:169.254.169.254]").unwrap_err();
         assert_eq!(
             refusal.to_string(),
-            "`::ffff:169.254.169.254` is 169.254.169.254, a link-local (cloud metadata) address, which the server's egress policy closes to tenants' agents"
+            "`::ffff:169.254.169.254` is a link-local (cloud metadata) address, which the server's egress policy closes to tenants' agents"
         );
         assert!(p.check_literal("127.0.0.1").is_err());
         assert!(p.check_literal("api.example.com").is_ok());

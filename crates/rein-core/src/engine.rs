@@ -334,8 +334,8 @@ pub struct Engine {
     tool_in_flight: Option<(String, u32)>,
     /// Scopes the tenant granted, pinned at the start of the run.
     granted_scopes: Vec<String>,
-    /// Who wrote the spec, pinned at the start of the run.
-    trust: crate::Trust,
+    /// Who wrote the spec, pinned at the start of the run (`None` in older logs).
+    trust: Option<crate::Trust>,
     repairs: u32,
     /// The user's input, for a handoff.
     input: String,
@@ -488,7 +488,7 @@ impl Engine {
             model_in_flight: false,
             tool_in_flight: None,
             granted_scopes: Vec::new(),
-            trust: crate::Trust::Operator,
+            trust: None,
             repairs: 0,
             input: String::new(),
             summarizing: false,
@@ -544,9 +544,9 @@ impl Engine {
         &self.granted_scopes
     }
 
-    /// Who wrote the run's spec (`run_started`), and so whose secrets and which addresses its
-    /// tools and models may reach.
-    pub fn trust(&self) -> crate::Trust {
+    /// Who wrote the run's spec, as `run_started` recorded it (`None` in logs from before it
+    /// was), and so whose secrets and which addresses its tools and models may reach.
+    pub fn trust(&self) -> Option<crate::Trust> {
         self.trust
     }
 

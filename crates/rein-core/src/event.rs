@@ -78,9 +78,11 @@ pub enum EventKind {
         /// For a worker's run: the run that called it, and where in the tree it is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         parent: Option<ParentLink>,
-        /// Who wrote the spec, and so whose secrets and which addresses it may reach.
-        #[serde(default, skip_serializing_if = "crate::Trust::is_operator")]
-        trust: crate::Trust,
+        /// Who wrote the spec, and so whose secrets and which addresses it may reach. Absent
+        /// in logs written before it was recorded: the process driving the run then assumes
+        /// what its runs usually are (`rein serve` and `rein worker`: a tenant's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trust: Option<crate::Trust>,
     },
     /// The conversation this run continues: the earlier turns of its session (recorded with
     /// `run_started`, so a resumed run begins from the same place). With `summarize`, the
@@ -256,8 +258,6 @@ pub enum EventKind {
         target: String,
         /// The host the URL named.
         host: String,
-        /// The address it was, or resolved to.
-        address: String,
         /// The closed range the address is in (`a loopback`, `a private`, ...).
         range: String,
     },

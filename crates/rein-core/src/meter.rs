@@ -654,7 +654,7 @@ mod tests {
                     trace_parent: None,
                     fence: None,
                     parent: None,
-                    trust: crate::Trust::Operator,
+                    trust: Some(crate::Trust::Operator),
                 },
             ),
             at(1_001, requested(1, StepKind::Plan)),

@@ -697,7 +697,7 @@ mod tests {
                     trace_parent: None,
                     fence: None,
                     parent: None,
-                    trust: crate::Trust::Operator,
+                    trust: Some(crate::Trust::Operator),
                 },
             ),
             at(

@@ -23,12 +23,6 @@ pub enum Trust {
 }
 
 impl Trust {
-    /// Whether this is the operator (for `skip_serializing_if`: logs written before the
-    /// author was recorded read as the operator's, as they ran).
-    pub fn is_operator(&self) -> bool {
-        *self == Trust::Operator
-    }
-
     /// The name shown: `operator` or `tenant`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,21 +93,14 @@ mod tests {
     }
 
     #[test]
-    fn a_log_without_an_author_reads_as_the_operators() {
-        #[derive(Deserialize, Serialize)]
-        struct Started {
-            #[serde(default, skip_serializing_if = "Trust::is_operator")]
-            trust: Trust,
-        }
-        let old: Started = serde_json::from_str("{}").unwrap();
-        assert_eq!(old.trust, Trust::Operator);
-        assert_eq!(serde_json::to_string(&old).unwrap(), "{}");
-        let tenant = Started {
-            trust: Trust::Tenant,
-        };
+    fn the_author_is_written_by_name() {
         assert_eq!(
-            serde_json::to_string(&tenant).unwrap(),
-            r#"{"trust":"tenant"}"#
+            serde_json::to_string(&Trust::Tenant).unwrap(),
+            r#""tenant""#
+        );
+        assert_eq!(
+            serde_json::from_str::<Trust>(r#""operator""#).unwrap(),
+            Trust::Operator
         );
     }
 }

@@ -236,6 +236,11 @@ pub struct Runtime {
     workers: Option<Arc<dyn Workers>>,
     /// The key tenants' secrets are sealed with; `None`: tenants' specs can name none.
     secret_key: Option<SecretKey>,
+    /// Whose spec a run is taken to be when its log does not say (written before it was
+    /// recorded).
+    unrecorded_trust: rein_core::Trust,
+    /// The most runs of one tenant that workers claim to drive at once.
+    per_tenant: Option<u32>,
 }
 
 /// How long a run's lease lasts unless its holder renews it (it does, a third of the way in).
@@ -447,7 +452,26 @@ impl Runtime {
             driving: Arc::default(),
             workers: None,
             secret_key: None,
+            unrecorded_trust: rein_core::Trust::Operator,
+            per_tenant: None,
         }
+    }
+
+    /// Whose spec a run is taken to be when its log does not say, as logs written before the
+    /// author was recorded do not: a process that drives runs submitted over the API takes
+    /// them as a tenant's (the operator's, by default).
+    pub fn with_unrecorded_trust(mut self, trust: rein_core::Trust) -> Self {
+        self.unrecorded_trust = trust;
+        self
+    }
+
+    /// Caps the runs of one tenant that [`Runtime::work_one`] claims while that many are being
+    /// driven (by any process on the store), so its backlog leaves workers free for other
+    /// tenants. Claims are fair either way: the next run claimed is the oldest of the tenant
+    /// with the fewest runs being driven.
+    pub fn with_runs_per_tenant(mut self, cap: Option<u32>) -> Self {
+        self.per_tenant = cap;
+        self
     }
 
     /// `tenant`'s secrets among `names`, opened for one call. A name the tenant has no secret
@@ -644,7 +668,11 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<Option<RunOutcome>, RuntimeError> {
-        let Some((tenant, run_id)) = self.store.claim(self.fresh_lease(), now_ms()).await? else {
+        let claimed = self
+            .store
+            .claim(self.fresh_lease(), now_ms(), self.per_tenant)
+            .await?;
+        let Some((tenant, run_id)) = claimed else {
             return Ok(None);
         };
         match self
@@ -1126,7 +1154,7 @@ impl Runtime {
                 .then(fence_boundary)
                 .flatten(),
             parent,
-            trust: request.trust,
+            trust: Some(request.trust),
         })
         .chain(context)
         .chain(request.chat.map(EventKind::ChatRequest))
@@ -1538,6 +1566,37 @@ struct Driver<'a> {
 }
 
 impl Driver<'_> {
+    /// Who wrote the run's spec: as its log says, else as this runtime assumes.
+    fn trust(&self) -> rein_core::Trust {
+        self.engine.trust().unwrap_or(self.runtime.unrecorded_trust)
+    }
+
+    /// Records a connection the egress policy refused; the address goes to the operator's log
+    /// only (the tenant sees the host and the kind of range).
+    async fn egress_refused(
+        &mut self,
+        step: u32,
+        target: &str,
+        refusal: &rein_core::egress::EgressRefusal,
+    ) -> Result<(), RuntimeError> {
+        tracing::warn!(
+            tenant = self.tenant.as_str(),
+            run_id = self.run_id.as_str(),
+            target,
+            host = refusal.host.as_str(),
+            address = %refusal.address,
+            "the egress policy refused a tenant's connection"
+        );
+        self.record(EventKind::EgressRefused {
+            step,
+            target: target.to_string(),
+            host: refusal.host.clone(),
+            range: refusal.range.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn drive(&mut self) -> Result<RunOutcome, RuntimeError> {
         let cancel = Driving::register(self.runtime, &self.run_id, self.cancel.take());
         self.cancel = Some(cancel.flag.clone());
@@ -2049,7 +2108,7 @@ impl Driver<'_> {
             // environment for the operator's spec, from the tenant's secrets for a tenant's,
             // whose call also goes through the egress policy.
             let runtime = self.runtime;
-            let tenant_spec = self.engine.trust() == rein_core::Trust::Tenant;
+            let tenant_spec = self.trust() == rein_core::Trust::Tenant;
             let mut endpoint_key = None;
             let mut refusal = None;
             if let Some(base_url) = model_ref.base_url.as_deref() {
@@ -2071,14 +2130,7 @@ impl Driver<'_> {
                 }
             }
             if let Some(refusal) = &refusal {
-                self.record(EventKind::EgressRefused {
-                    step: call.step,
-                    target: entry.to_string(),
-                    host: refusal.host.clone(),
-                    address: refusal.address.to_string(),
-                    range: refusal.range.to_string(),
-                })
-                .await?;
+                self.egress_refused(call.step, entry, refusal).await?;
             }
             let endpoint = model_ref.base_url.as_deref().map(|base_url| Endpoint {
                 base_url,
@@ -2367,7 +2419,7 @@ impl Driver<'_> {
         );
         // The secrets a tenant's tool names are opened for this call only (a rotated one is
         // picked up at the next call) and never kept.
-        let opened = match (&tool.source, self.engine.trust()) {
+        let opened = match (&tool.source, self.trust()) {
             (rein_core::ToolSource::Http(source), rein_core::Trust::Tenant) => {
                 let named: Vec<String> = source
                     .headers
@@ -2427,15 +2479,9 @@ impl Driver<'_> {
         if let Ok(Some(secrets)) = &opened {
             secrets.scrub(&mut result);
         }
-        if let Some(refusal) = refusal {
-            self.record(EventKind::EgressRefused {
-                step: invocation.step,
-                target: tool.name.clone(),
-                host: refusal.host,
-                address: refusal.address.to_string(),
-                range: refusal.range.to_string(),
-            })
-            .await?;
+        if let Some(refusal) = &refusal {
+            self.egress_refused(invocation.step, &tool.name, refusal)
+                .await?;
         }
         // Secrets a tool returns are removed before anything records or reads them: the model
         // cannot repeat what it never saw, and the log keeps none.

@@ -26,13 +26,15 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// the worker's run). The error is a message for the caller's model and log.
 pub trait Workers: Send + Sync {
     /// Resolves `reference` for `tenant`, for a caller whose spec's author is `trust` (a
-    /// tenant's spec names registered agents only: it never makes the process read a file).
+    /// tenant's spec names registered agents only: it never makes the process read a file):
+    /// the worker's agent, its source, and who wrote it (an agent registered over the API is
+    /// the tenant's, whoever calls it).
     fn resolve<'a>(
         &'a self,
         tenant: &'a TenantId,
         reference: &'a str,
         trust: rein_core::Trust,
-    ) -> BoxFuture<'a, Result<(Agent, String), String>>;
+    ) -> BoxFuture<'a, Result<(Agent, String, rein_core::Trust), String>>;
 
     /// Parses a worker's spec as its run pinned it (`source`, first found as `reference`), to
     /// continue that run after a crash.
@@ -158,7 +160,7 @@ impl<'a> Driver<'a> {
             }
             None => {
                 let run_id = Runtime::new_run_id();
-                let (agent, source) =
+                let (agent, source, trust) =
                     match self.resolve_worker(tool, worker, reference, budget).await {
                         Ok(found) => found,
                         Err(why) => {
@@ -184,7 +186,7 @@ impl<'a> Driver<'a> {
                 })
                 .await?;
                 let ran = self
-                    .start_child(invocation, &run_id, agent, source, budget)
+                    .start_child(invocation, &run_id, (agent, source, trust), budget)
                     .await;
                 (run_id, name, ran.map_err(|e| e.to_string()), false)
             }
@@ -262,8 +264,7 @@ impl<'a> Driver<'a> {
         &mut self,
         invocation: &ToolInvocation,
         run_id: &RunId,
-        agent: Agent,
-        source: String,
+        (agent, source, trust): (Agent, String, rein_core::Trust),
         budget: WorkerBudget,
     ) -> Result<RunOutcome, crate::RuntimeError> {
         let traceparent = rein_core::spans::traceparent(
@@ -284,8 +285,7 @@ impl<'a> Driver<'a> {
             granted_scopes: self.engine.granted_scopes().to_vec(),
             chat: None,
             trace_parent: Some(traceparent),
-            // A worker runs with its caller's reach, whoever wrote the worker's spec.
-            trust: self.engine.trust(),
+            trust,
         };
         let parent = ParentLink {
             run_id: self.run_id.clone(),
@@ -306,19 +306,26 @@ impl<'a> Driver<'a> {
         .await
     }
 
-    /// The worker `reference`, found and fitted to `budget`, with its source; or why not.
+    /// The worker `reference`, found and fitted to `budget`, with its source and the reach its
+    /// run gets: a tenant's if its caller's spec or its own is a tenant's; or why not.
     async fn resolve_worker(
         &mut self,
         tool: &ToolSpec,
         worker: &WorkerSource,
         reference: &str,
         budget: WorkerBudget,
-    ) -> Result<(Agent, String), String> {
-        let (agent, source) = self
+    ) -> Result<(Agent, String, rein_core::Trust), String> {
+        let caller = self.trust();
+        let (agent, source, author) = self
             .workers()?
-            .resolve(&self.tenant, reference, self.engine.trust())
+            .resolve(&self.tenant, reference, caller)
             .await?;
-        Ok((self.fit_worker(agent, tool, worker, budget), source))
+        let trust = if caller == rein_core::Trust::Tenant || author == rein_core::Trust::Tenant {
+            rein_core::Trust::Tenant
+        } else {
+            rein_core::Trust::Operator
+        };
+        Ok((self.fit_worker(agent, tool, worker, budget), source, trust))
     }
 
     /// Where this runtime finds worker agents.
@@ -349,10 +356,15 @@ impl<'a> Driver<'a> {
                     .resolve_worker(tool, worker, reference, child.budget)
                     .await
                 {
-                    Ok((agent, source)) => {
+                    Ok((agent, source, trust)) => {
                         let name = agent.spec.name.clone();
                         let ran = self
-                            .start_child(invocation, &child.run_id, agent, source, child.budget)
+                            .start_child(
+                                invocation,
+                                &child.run_id,
+                                (agent, source, trust),
+                                child.budget,
+                            )
                             .await;
                         (name, ran.map_err(|e| e.to_string()))
                     }

@@ -355,13 +355,19 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         settlement: Settlement<'a>,
     ) -> BoxFuture<'a, Result<Vec<Standing>, StoreError>>;
 
-    /// Claims the oldest run a worker may drive: a queued one, a running one whose lease
-    /// expired (its holder died), or one awaiting an approval that timed out (so its policy
-    /// happens). Two workers never claim the same run.
+    /// Claims a run a worker may drive: a queued one, a running one whose lease expired (its
+    /// holder died), or one awaiting an approval that timed out (so its policy happens). Fair
+    /// between tenants: the oldest run of the tenant with the fewest runs being driven now
+    /// (leased and not ended, in any process), so no tenant's backlog delays another's first
+    /// run; and, with `per_tenant`, none of a tenant that already has that many driven (on
+    /// PostgreSQL, claims racing in several processes may each see the same count, so the cap
+    /// can be passed by the number of racing processes less one). Two workers never claim the
+    /// same run.
     fn claim<'a>(
         &'a self,
         lease: Lease<'a>,
         now_ms: i64,
+        per_tenant: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>>;
 
     /// Takes the lease on `run` for `lease.owner` if no one else holds a live one; `false`

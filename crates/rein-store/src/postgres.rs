@@ -534,19 +534,26 @@ impl Store for PgStore {
         &'a self,
         lease: Lease<'a>,
         now_ms: i64,
+        per_tenant: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
         Box::pin(async move {
             let row = sqlx::query(concat!(
-                "UPDATE runs SET lease_owner = $1, lease_until_ms = $2
-                 WHERE id = (SELECT id FROM runs WHERE ",
+                "WITH driven AS (SELECT tenant AS driven_tenant, count(*) AS n FROM runs
+                                 WHERE status IN ('queued', 'running') AND parent_run_id IS NULL
+                                   AND lease_until_ms >= $3
+                                 GROUP BY tenant)
+                 UPDATE runs SET lease_owner = $1, lease_until_ms = $2
+                 WHERE id = (SELECT id FROM runs LEFT JOIN driven ON driven_tenant = tenant WHERE ",
                 claimable!(),
-                " ORDER BY created_ms LIMIT 1 FOR UPDATE SKIP LOCKED) AND ",
+                " AND ($4::bigint IS NULL OR coalesce(n, 0) < $4)
+                   ORDER BY coalesce(n, 0), created_ms LIMIT 1 FOR UPDATE OF runs SKIP LOCKED) AND ",
                 claimable!(),
                 " RETURNING tenant, id"
             ))
             .bind(lease.owner)
             .bind(lease.until_ms)
             .bind(now_ms)
+            .bind(per_tenant.map(i64::from))
             .fetch_optional(&self.pool)
             .await?;
             row.map(|r| Ok((TenantId::new(r.text("tenant")?), RunId::new(r.text("id")?))))

@@ -506,23 +506,29 @@ impl Store for SqliteStore {
         &'a self,
         lease: Lease<'a>,
         now_ms: i64,
+        per_tenant: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
         Box::pin(async move {
             let (owner, until_ms) = (lease.owner.to_string(), lease.until_ms);
             self.write(move |c| {
                 let claimed = c
                     .prepare_cached(
-                        "UPDATE runs SET lease_owner = ?1, lease_until_ms = ?2
-                         WHERE id = (SELECT id FROM runs
-                                     WHERE (status IN ('queued', 'running') AND lease_until_ms < ?3
-                                            OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3))
-                                       AND parent_run_id IS NULL
-                                     ORDER BY created_ms LIMIT 1)
+                        "WITH driven AS (SELECT tenant, count(*) AS n FROM runs
+                                         WHERE status IN ('queued', 'running') AND parent_run_id IS NULL
+                                           AND lease_until_ms >= ?3
+                                         GROUP BY tenant)
+                         UPDATE runs SET lease_owner = ?1, lease_until_ms = ?2
+                         WHERE id = (SELECT r.id FROM runs r LEFT JOIN driven d ON d.tenant = r.tenant
+                                     WHERE (r.status IN ('queued', 'running') AND r.lease_until_ms < ?3
+                                            OR (r.status = 'awaiting_approval' AND r.approval_expires_ms <= ?3 AND r.lease_until_ms < ?3))
+                                       AND r.parent_run_id IS NULL
+                                       AND (?4 IS NULL OR coalesce(d.n, 0) < ?4)
+                                     ORDER BY coalesce(d.n, 0), r.created_ms LIMIT 1)
                            AND (status IN ('queued', 'running') AND lease_until_ms < ?3
                                 OR (status = 'awaiting_approval' AND approval_expires_ms <= ?3 AND lease_until_ms < ?3))
                          RETURNING tenant, id",
                     )?
-                    .query_row(rusqlite::params![owner, until_ms, now_ms], |r| {
+                    .query_row(rusqlite::params![owner, until_ms, now_ms, per_tenant], |r| {
                         Ok((TenantId::new(r.get::<_, String>(0)?), RunId::new(r.get::<_, String>(1)?)))
                     })
                     .optional()?;
@@ -1392,7 +1398,7 @@ mod tests {
                 trace_parent: None,
                 fence: None,
                 parent: None,
-                trust: rein_core::Trust::Operator,
+                trust: Some(rein_core::Trust::Operator),
             },
         }
     }

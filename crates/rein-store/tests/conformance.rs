@@ -97,7 +97,7 @@ fn started(tenant: &str) -> EventKind {
         trace_parent: None,
         fence: None,
         parent: None,
-        trust: rein_core::Trust::Operator,
+        trust: Some(rein_core::Trust::Operator),
     }
 }
 
@@ -294,10 +294,10 @@ async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expir
     store: &dyn Store,
 ) {
     Log::new(info("r1", "t1", "s", 1)).create(store, None).await;
-    let claimed = store.claim(lease("w1", 1_000), 1).await.unwrap();
+    let claimed = store.claim(lease("w1", 1_000), 1, None).await.unwrap();
     assert_eq!(claimed, Some((TenantId::new("t1"), RunId::new("r1"))));
     assert_eq!(
-        store.claim(lease("w2", 1_000), 10).await.unwrap(),
+        store.claim(lease("w2", 1_000), 10, None).await.unwrap(),
         None,
         "w1 holds it"
     );
@@ -316,18 +316,18 @@ async fn a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expir
     );
     assert!(store.renew(&r1, lease("w1", 1_500)).await.unwrap());
     assert_eq!(
-        store.claim(lease("w2", 3_000), 1_200).await.unwrap(),
+        store.claim(lease("w2", 3_000), 1_200, None).await.unwrap(),
         None,
         "renewed"
     );
     // w1 died: once its lease runs out, w2 takes the run over, and w1 cannot renew it.
-    let taken = store.claim(lease("w2", 3_000), 1_600).await.unwrap();
+    let taken = store.claim(lease("w2", 3_000), 1_600, None).await.unwrap();
     assert_eq!(taken.map(|(_, id)| id), Some(r1.clone()));
     assert!(!store.renew(&r1, lease("w1", 4_000)).await.unwrap());
     assert_eq!(store.unfinished().await.unwrap(), 1);
     // A released lease can be claimed at once.
     store.release(&r1, "w2").await.unwrap();
-    let again = store.claim(lease("w3", 9_000), 1_700).await.unwrap();
+    let again = store.claim(lease("w3", 9_000), 1_700, None).await.unwrap();
     assert_eq!(again.map(|(_, id)| id), Some(r1));
 }
 
@@ -347,9 +347,12 @@ async fn a_workers_run_is_never_claimed_on_its_own(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(shown.info.parent, Some(RunId::new("r1")));
-    let claimed = store.claim(lease("w2", 1_000), 500).await.unwrap();
+    let claimed = store.claim(lease("w2", 1_000), 500, None).await.unwrap();
     assert_eq!(claimed.map(|(_, id)| id), Some(RunId::new("r1")));
-    assert_eq!(store.claim(lease("w3", 1_000), 500).await.unwrap(), None);
+    assert_eq!(
+        store.claim(lease("w3", 1_000), 500, None).await.unwrap(),
+        None
+    );
     assert!(
         store
             .acquire(&RunId::new("r2"), lease("w2", 1_000), 500)
@@ -369,9 +372,9 @@ async fn claims_take_the_oldest_run_first_and_never_a_finished_one(store: &dyn S
         .create(store, None)
         .await;
     let order: Vec<_> = [
-        store.claim(lease("w", 100), 1).await.unwrap(),
-        store.claim(lease("w", 100), 1).await.unwrap(),
-        store.claim(lease("w", 100), 1).await.unwrap(),
+        store.claim(lease("w", 100), 1, None).await.unwrap(),
+        store.claim(lease("w", 100), 1, None).await.unwrap(),
+        store.claim(lease("w", 100), 1, None).await.unwrap(),
     ]
     .into_iter()
     .map(|c| c.map(|(t, id)| format!("{t}/{id}")))
@@ -381,6 +384,127 @@ async fn claims_take_the_oldest_run_first_and_never_a_finished_one(store: &dyn S
         [Some("t1/r1".to_string()), Some("t2/r2".to_string()), None]
     );
     assert_eq!(store.unfinished().await.unwrap(), 2);
+}
+
+/// A tenant with a backlog does not hold another tenant's first run back: claims go to the
+/// tenant with the fewest runs being driven, and a tenant at its cap gets none.
+async fn claims_are_fair_between_tenants_and_hold_a_cap(store: &dyn Store) {
+    for (id, tenant, created) in [
+        ("a1", "big", 1),
+        ("a2", "big", 2),
+        ("a3", "big", 3),
+        ("a4", "big", 4),
+        ("b1", "small", 10),
+    ] {
+        Log::new(info(id, tenant, "s", created))
+            .create(store, None)
+            .await;
+    }
+    let claim = async |cap: Option<u32>| {
+        store
+            .claim(lease("w", 1_000), 5, cap)
+            .await
+            .unwrap()
+            .map(|(_, id)| id.to_string())
+    };
+    assert_eq!(claim(None).await.as_deref(), Some("a1"), "the oldest first");
+    assert_eq!(
+        claim(None).await.as_deref(),
+        Some("b1"),
+        "the small tenant's first run before the big one's backlog"
+    );
+    assert_eq!(claim(Some(2)).await.as_deref(), Some("a2"));
+    assert_eq!(claim(Some(2)).await, None, "big is at its cap of two");
+    assert_eq!(claim(None).await.as_deref(), Some("a3"));
+    // A run whose holder died no longer counts as driven.
+    assert_eq!(
+        store
+            .claim(lease("w", 9_000), 2_000, Some(1))
+            .await
+            .unwrap()
+            .map(|(_, id)| id.to_string())
+            .as_deref(),
+        Some("a1")
+    );
+}
+
+/// A tenant's secrets: stored sealed (the store never sees a value), replaced, listed by name,
+/// read back only by name and tenant, deleted; every change in the admin log, by name.
+async fn tenant_secrets_are_kept_by_name_and_logged(store: &dyn Store) {
+    let acme = TenantId::new("acme");
+    let other = TenantId::new("other");
+    assert!(
+        !store
+            .set_secret(&acme, "TOKEN", b"s1", 1, "cli")
+            .await
+            .unwrap(),
+        "no such tenant yet"
+    );
+    store.create_tenant(&acme, 1, "cli").await.unwrap();
+    store.create_tenant(&other, 1, "cli").await.unwrap();
+    assert!(
+        store
+            .set_secret(&acme, "TOKEN", b"s1", 2, "cli")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_secret(&acme, "TOKEN", b"s2", 3, "cli")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_secret(&acme, "OTHER", b"o", 4, "cli")
+            .await
+            .unwrap()
+    );
+    let names: Vec<(String, i64)> = store
+        .secret_names(&acme)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name, s.updated_ms))
+        .collect();
+    assert_eq!(names, [("OTHER".to_string(), 4), ("TOKEN".to_string(), 3)]);
+    let wanted = ["TOKEN".to_string(), "MISSING".to_string()];
+    assert_eq!(
+        store.sealed_secrets(&acme, &wanted).await.unwrap(),
+        [("TOKEN".to_string(), b"s2".to_vec())]
+    );
+    assert!(
+        store
+            .sealed_secrets(&other, &wanted)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.delete_secret(&acme, "TOKEN", 5, "cli").await.unwrap());
+    assert!(!store.delete_secret(&acme, "TOKEN", 6, "cli").await.unwrap());
+    assert!(
+        store
+            .sealed_secrets(&acme, &wanted)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let log = store.admin_log(0, 100).await.unwrap();
+    let secrets: Vec<(&str, Option<&str>)> = log
+        .iter()
+        .filter(|e| e.action.starts_with("secret"))
+        .map(|e| (e.action.as_str(), e.key_id.as_deref()))
+        .collect();
+    assert_eq!(
+        secrets,
+        [
+            ("secret_set", Some("TOKEN")),
+            ("secret_set", Some("TOKEN")),
+            ("secret_set", Some("OTHER")),
+            ("secret_deleted", Some("TOKEN")),
+        ]
+    );
+    rein_core::admin_log::verify_admin_log(&log, None).unwrap();
 }
 
 async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store) {
@@ -398,9 +522,12 @@ async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store
         .unwrap();
     assert_eq!(waiting.len(), 1);
     assert_eq!(store.unfinished().await.unwrap(), 0, "a person holds it");
-    assert_eq!(store.claim(lease("w2", 9_000), 4_999).await.unwrap(), None);
+    assert_eq!(
+        store.claim(lease("w2", 9_000), 4_999, None).await.unwrap(),
+        None
+    );
     // Past its timeout, a worker claims it to apply the policy.
-    let claimed = store.claim(lease("w2", 9_000), 5_000).await.unwrap();
+    let claimed = store.claim(lease("w2", 9_000), 5_000, None).await.unwrap();
     assert_eq!(claimed.map(|(_, id)| id), Some(r1.clone()));
     log.append(
         store,
@@ -721,7 +848,11 @@ async fn concurrent_claims_never_hand_one_run_to_two_workers(store: Arc<dyn Stor
         workers.push(tokio::spawn(async move {
             let owner = format!("w{w}");
             let mut mine = Vec::new();
-            while let Some((_, id)) = store.claim(lease(&owner, 1_000_000), 100).await.unwrap() {
+            while let Some((_, id)) = store
+                .claim(lease(&owner, 1_000_000), 100, None)
+                .await
+                .unwrap()
+            {
                 mine.push(id);
             }
             mine
@@ -1660,6 +1791,8 @@ conformance!(sqlite:
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
     a_workers_run_is_never_claimed_on_its_own,
     claims_take_the_oldest_run_first_and_never_a_finished_one,
+    claims_are_fair_between_tenants_and_hold_a_cap,
+    tenant_secrets_are_kept_by_name_and_logged,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,
@@ -1681,6 +1814,8 @@ conformance!(postgres:
     a_run_is_claimed_by_one_worker_and_taken_over_only_once_its_lease_expires,
     a_workers_run_is_never_claimed_on_its_own,
     claims_take_the_oldest_run_first_and_never_a_finished_one,
+    claims_are_fair_between_tenants_and_hold_a_cap,
+    tenant_secrets_are_kept_by_name_and_logged,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,

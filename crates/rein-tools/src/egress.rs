@@ -64,13 +64,13 @@ impl Egress {
     /// Checks a URL's host before a request is sent: an address written out is judged here
     /// (a name is judged by the client's resolver when it connects).
     pub fn check_url(&self, url: &str) -> Result<(), EgressRefusal> {
-        match reqwest::Url::parse(url) {
-            Ok(url) => self
-                .policy
-                .check_literal(url.host_str().unwrap_or_default()),
-            // A URL that does not parse is refused by the client itself.
-            Err(_) => Ok(()),
-        }
+        // A URL that does not parse is refused by the client itself; an empty host is checked
+        // as one that is no address.
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        self.policy.check_literal(&host)
     }
 }
 

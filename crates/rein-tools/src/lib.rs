@@ -36,7 +36,7 @@ impl Reach<'_> {
     /// The value `${name}` stands for, if there is one.
     pub fn secret(&self, name: &str) -> Option<String> {
         match self {
-            Reach::Operator => std::env::var(name).ok().filter(|v| !v.is_empty()),
+            Reach::Operator => std::env::var(name).ok(),
             Reach::Tenant(secrets) => secrets.get(name).map(str::to_string),
         }
     }

@@ -6,7 +6,7 @@
 //! server lets it. So: at most `[server] max_connections` are open (more wait in the kernel's
 //! listen queue until one closes); a request's head, and between requests the next one's, must
 //! arrive within `header_timeout` (hyper's header-read timer, which also closes idle keep-alive
-//! connections); a body must arrive within `body_timeout` ([`read_body`]). Answers that take
+//! connections); a body must arrive within `body_timeout` ([`Deadline`]). Answers that take
 //! long by design (an event stream, a `wait: true` run) are unaffected: they are past their
 //! head and body.
 
@@ -14,12 +14,13 @@ use super::Problem;
 use axum::Router;
 use axum::body::Body;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -50,8 +51,10 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     let graceful = GracefulShutdown::new();
+    let mut open = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while open.try_join_next().is_some() {}
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -74,50 +77,80 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        open.spawn(async move {
             let _ = connection.await;
             drop(permit);
         });
     }
     drop(listener);
+    // Open connections finish what they are answering; those still open after the drain (an
+    // event stream never ends on its own) are closed, so nothing answers from this process
+    // once its runs are handed over.
     let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+    open.shutdown().await;
 }
 
-/// Reads `request`'s body within `timeout` and at most `max_bytes` of it, handing on the request
-/// with the body in memory; a body that arrives too slowly is 408, one too large 413.
-pub(crate) async fn read_body(
-    request: axum::extract::Request,
-    timeout: Duration,
-    max_bytes: usize,
-) -> Result<axum::extract::Request, axum::response::Response> {
-    let (parts, body) = request.into_parts();
-    match tokio::time::timeout(timeout, axum::body::to_bytes(body, max_bytes)).await {
-        Ok(Ok(bytes)) => Ok(axum::extract::Request::from_parts(parts, Body::from(bytes))),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            Err(if too_large {
-                Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the body is larger than {max_bytes} bytes (`[server] max_body_bytes`)"
-                    ),
-                )
-            } else {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body could not be read: {e}"),
-                )
-            }
-            .into_response())
-        }
-        Err(_) => Err(Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the body did not arrive within {}s (`[server] body_timeout`)",
-                timeout.as_secs()
-            ),
-        )
-        .into_response()),
+/// A request body that must arrive whole by a deadline: past it, reading fails with
+/// [`BodyTimedOut`]. The deadline runs from when the request's head arrived, however the body
+/// trickles in, and nothing is read until a handler asks (so an unauthenticated request is
+/// refused without its body ever being read).
+pub(crate) struct Deadline {
+    body: Body,
+    due: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    /// `request` with its body due within `timeout`.
+    pub(crate) fn on(request: axum::extract::Request, timeout: Duration) -> axum::extract::Request {
+        request.map(|body| {
+            Body::new(Deadline {
+                body,
+                due: Box::pin(tokio::time::sleep(timeout)),
+            })
+        })
     }
+}
+
+impl axum::body::HttpBody for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.due.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))));
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body that did not arrive by its deadline (`[server] body_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time (`[server] body_timeout`)")]
+pub(crate) struct BodyTimedOut;
+
+/// The problem to answer for a body that could not be read: 408 when it came too slowly, else
+/// what the rejection says (413 for one too large).
+pub(crate) fn unread_body(rejection: &axum::extract::rejection::BytesRejection) -> Problem {
+    let mut source = std::error::Error::source(rejection);
+    while let Some(e) = source {
+        if e.is::<BodyTimedOut>() {
+            return Problem::new(StatusCode::REQUEST_TIMEOUT, BodyTimedOut.to_string());
+        }
+        source = e.source();
+    }
+    Problem::new(
+        rejection.status(),
+        format!("the body could not be read: {}", rejection.body_text()),
+    )
 }

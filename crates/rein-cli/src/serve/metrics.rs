@@ -6,7 +6,7 @@
 //! own counters: Prometheus sums them across instances.
 //!
 //! Open to anyone who reaches the port (`metrics_auth = "none"`, the default, as Prometheus
-//! scrapes), the metrics name no tenant, agent or breaker: those labels are left out and the
+//! scrapes), the metrics name no tenant, agent, tool, graph node or breaker: those labels are left out and the
 //! series summed over them, and the per-tenant gauges (budget utilisation, open breakers) are
 //! not shown. Behind the admin key (`metrics_auth = "admin"`) every label is there.
 
@@ -35,8 +35,9 @@ const OPEN_STATUSES: [RunStatus; 3] = [
     RunStatus::AwaitingApproval,
 ];
 
-/// The labels that name a tenant or what belongs to one.
-const NAMING: [&str; 4] = ["tenant", "agent", "breaker", "user"];
+/// The labels that name a tenant or what belongs to one (its agents', tools' and graph nodes'
+/// names are the tenant's own words).
+const NAMING: [&str; 6] = ["tenant", "agent", "breaker", "user", "tool", "node"];
 /// The gauges that only mean something per tenant.
 const PER_TENANT: [&str; 2] = ["rein_budget_utilisation_ratio", "rein_breaker_open"];
 

@@ -106,7 +106,7 @@ impl Sim {
             trace_parent: None,
             fence: Some(FENCE.into()),
             parent: None,
-            trust: crate::Trust::Operator,
+            trust: Some(crate::Trust::Operator),
         });
         sim.check_guards();
         sim
@@ -1673,7 +1673,7 @@ fn the_users_input_is_checked_before_the_first_model_call() {
         trace_parent: None,
         fence: Some(FENCE.into()),
         parent: None,
-        trust: crate::Trust::Operator,
+        trust: Some(crate::Trust::Operator),
     });
     let outcome = sim.run(|_, _| panic!("no model call may be made"));
     assert_eq!(outcome.1, TerminationReason::GuardrailBlocked);
