@@ -1,7 +1,11 @@
 //! Circuit breakers: stop calling a dependency that keeps failing, then probe it carefully.
 //!
-//! Closed: calls go through; failures inside a window are counted. After `failures` of them
-//! the breaker opens: calls are refused without reaching the dependency (no retry storm).
+//! Closed: calls go through; from a call's failure on, calls and failures inside a window are
+//! counted. Once at least `failures` of them have failed and they are at least
+//! `failure_rate` percent of the calls counted, the breaker opens: calls are refused without
+//! reaching the dependency (no retry storm). A count alone would open it on any busy
+//! dependency with a modest error rate (5 failures among 200 calls), and every run asking for
+//! it then fails for the whole cool-down: more failed runs than the dependency causes.
 //! After `cool_down` one probe is let through (half-open): its success closes the breaker, its
 //! failure opens it again. The state is plain data so that any counter backend can store it
 //! and update it with compare-and-swap; the transitions here are the only logic.
@@ -11,8 +15,10 @@ use serde::{Deserialize, Serialize};
 /// When a breaker opens and how long it stays open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct BreakerPolicy {
-    /// Failures within `window_ms` that open the breaker.
+    /// The fewest failures within `window_ms` that open the breaker.
     pub failures: u32,
+    /// The share of the window's calls (in percent) that must have failed for it to open.
+    pub failure_rate: u32,
     /// The counting window.
     pub window_ms: i64,
     /// How long the breaker stays open before one probe is let through.
@@ -23,6 +29,7 @@ impl Default for BreakerPolicy {
     fn default() -> Self {
         BreakerPolicy {
             failures: 5,
+            failure_rate: 50,
             window_ms: 60_000,
             cool_down_ms: 30_000,
         }
@@ -34,6 +41,9 @@ impl Default for BreakerPolicy {
 pub struct BreakerState {
     /// Failures counted in the current window.
     pub failures: u32,
+    /// Calls counted in the current window (its failures included).
+    #[serde(default)]
+    pub calls: u32,
     /// Start of the current window.
     pub window_start_ms: i64,
     /// When the breaker opened, while open.
@@ -108,6 +118,7 @@ impl BreakerState {
                 (true, true) => BreakerState::default(),
                 (true, false) => BreakerState {
                     failures: self.failures,
+                    calls: self.calls,
                     window_start_ms: self.window_start_ms,
                     opened_ms: Some(now_ms),
                     probe_until_ms: None,
@@ -117,22 +128,33 @@ impl BreakerState {
         }
         let in_window = self.failures > 0 && now_ms - self.window_start_ms < policy.window_ms;
         if succeeded {
+            // Successes count only within a window a failure opened: a healthy breaker stays
+            // clear and is never written.
             return if in_window {
-                self.clone()
+                BreakerState {
+                    calls: self.calls.max(self.failures).saturating_add(1),
+                    ..self.clone()
+                }
             } else {
                 BreakerState::default()
             };
         }
-        let failures = if in_window { self.failures + 1 } else { 1 };
-        let window_start_ms = if in_window {
-            self.window_start_ms
+        let (failures, calls, window_start_ms) = if in_window {
+            (
+                self.failures + 1,
+                self.calls.max(self.failures).saturating_add(1),
+                self.window_start_ms,
+            )
         } else {
-            now_ms
+            (1, 1, now_ms)
         };
+        let rate_reached =
+            u64::from(failures) * 100 >= u64::from(policy.failure_rate) * u64::from(calls);
         BreakerState {
             failures,
+            calls,
             window_start_ms,
-            opened_ms: (failures >= policy.failures).then_some(now_ms),
+            opened_ms: (failures >= policy.failures && rate_reached).then_some(now_ms),
             probe_until_ms: None,
         }
     }
@@ -149,6 +171,7 @@ mod tests {
 
     const P: BreakerPolicy = BreakerPolicy {
         failures: 3,
+        failure_rate: 50,
         window_ms: 1_000,
         cool_down_ms: 500,
     };
@@ -214,6 +237,33 @@ mod tests {
             s = s.record(&P, ok, false, t);
         }
         assert_eq!(s.opened_ms, Some(40));
+    }
+
+    #[test]
+    fn a_busy_dependency_with_a_modest_error_rate_stays_closed() {
+        let mut s = BreakerState::default();
+        // 200 calls in the window, every 37th a failure: 6 failures, 3 %.
+        for t in 0..200 {
+            s = s.record(&P, t % 37 != 0, false, t);
+        }
+        assert_eq!(s.opened_ms, None, "{s:?}");
+        assert!(s.failures >= P.failures, "{s:?}");
+        // Failing outright, it opens at its minimum count.
+        let mut s = BreakerState::default();
+        for t in 0..3 {
+            s = s.record(&P, false, false, t);
+        }
+        assert_eq!(s.opened_ms, Some(2));
+    }
+
+    #[test]
+    fn a_state_stored_before_calls_were_counted_reads_as_failures_only() {
+        let old: BreakerState = serde_json::from_str(
+            r#"{"failures": 2, "window_start_ms": 0, "opened_ms": null, "probe_until_ms": null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.calls, 0);
+        assert_eq!(old.record(&P, false, false, 10).opened_ms, Some(10));
     }
 
     #[test]

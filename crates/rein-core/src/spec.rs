@@ -189,7 +189,8 @@ pub struct ModelSpec {
     pub retry: RetryPolicy,
     /// Longest one attempt may take.
     pub timeout: Duration,
-    /// When a model's circuit breaker (one per provider/model, shared by every run) opens.
+    /// When a model's circuit breaker (one per tenant and provider/model, shared by the
+    /// tenant's runs) opens.
     pub breaker: crate::breaker::BreakerPolicy,
 }
 
@@ -448,8 +449,9 @@ pub struct HttpSource {
     pub url: String,
     /// HTTP method; arguments go in a JSON body for methods other than GET and DELETE.
     pub method: HttpMethod,
-    /// Extra headers; `${VAR}` is replaced by the environment variable `VAR` at call time, so
-    /// secrets stay out of specs.
+    /// Extra headers; `${NAME}` is replaced at call time by the environment variable `NAME`
+    /// (the operator's and a local user's specs) or by the tenant's secret `NAME` (a spec
+    /// registered over the API), so secrets stay out of specs.
     pub headers: BTreeMap<String, String>,
 }
 
@@ -2725,10 +2727,18 @@ impl Parser<'_> {
     }
 
     fn breaker(&mut self, node: &Node, path: &str) -> Option<crate::breaker::BreakerPolicy> {
-        let f = self.fields(node, path, &["failures", "window", "cool_down"])?;
+        let f = self.fields(
+            node,
+            path,
+            &["failures", "failure_rate", "window", "cool_down"],
+        )?;
         let d = crate::breaker::BreakerPolicy::default();
         let failures = f.get("failures").map_or(Some(d.failures), |n| {
             self.integer(n, &f.child("failures"), 1, 10_000)
+                .map(|v| v as u32)
+        });
+        let failure_rate = f.get("failure_rate").map_or(Some(d.failure_rate), |n| {
+            self.integer(n, &f.child("failure_rate"), 1, 100)
                 .map(|v| v as u32)
         });
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -2740,6 +2750,7 @@ impl Parser<'_> {
         });
         Some(crate::breaker::BreakerPolicy {
             failures: failures?,
+            failure_rate: failure_rate?,
             window_ms: window?,
             cool_down_ms: cool_down?,
         })

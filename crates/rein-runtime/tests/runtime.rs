@@ -1135,6 +1135,49 @@ async fn a_model_breaker_opens_after_the_failures_its_spec_allows() {
     );
 }
 
+/// A provider failing 30% of its attempts at random, under steady traffic: the retries absorb
+/// most failures, and the breaker does not turn the few calls that still fail into failed runs
+/// (a count of failures alone opened it after five, and every run after failed for the whole
+/// cool-down).
+#[tokio::test]
+async fn a_modest_error_rate_fails_no_more_runs_than_the_retries_leave() {
+    let rng = std::sync::Mutex::new(fastrand::Rng::with_seed(7));
+    let server = FakeOpenAi::start(move |_, _| {
+        if rng.lock().unwrap().f32() < 0.3 {
+            FakeResponse::error(500, "flaky")
+        } else {
+            FakeResponse::text("fine", 100, 10)
+        }
+    })
+    .await
+    .unwrap();
+    let h = harness().await;
+    let src = with_models("").replace(
+        "retry: {max_attempts: 1}",
+        "retry: {max_attempts: 3, base_delay: 1ms, max_delay: 5ms}",
+    );
+    let client: Arc<dyn Model> = Arc::new(OpenAiClient::new(
+        reqwest::Client::new(),
+        server.base_url(),
+        None,
+    ));
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        outcomes.extend(run_concurrently(&h.runtime, &src, client.clone(), 100).await);
+    }
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.status != RunStatus::Completed)
+        .count();
+    let open = outcomes
+        .iter()
+        .filter(|o| o.reason == Some(TerminationReason::CircuitOpen))
+        .count();
+    // 400 calls, each failing for good with p = 0.3^3 = 2.7%: about 11 expected.
+    assert_eq!(open, 0, "{failed} failed, {open} at an open breaker");
+    assert!(failed <= 25, "{failed} of 400 runs failed");
+}
+
 /// One tenant's spec sets a hair-trigger breaker and makes its calls fail: its breaker opens,
 /// and another tenant's calls to the same model go through all the same.
 #[tokio::test]
@@ -2376,7 +2419,7 @@ async fn cancelling_a_caller_left_by_a_dead_process_ends_its_workers_down_the_tr
             trace_parent: None,
             fence: None,
             parent: parent.clone(),
-            trust: rein_core::Trust::Operator,
+            trust: Some(rein_core::Trust::Operator),
         }];
         if let Some(below) = ids.get(depth + 1) {
             kinds.push(EventKind::WorkerStarted {
@@ -2430,7 +2473,7 @@ async fn cancelling_a_caller_left_by_a_dead_process_ends_its_workers_down_the_tr
     }
     assert_eq!(
         store
-            .claim(ghost, rein_runtime::now_ms())
+            .claim(ghost, rein_runtime::now_ms(), None)
             .await
             .unwrap()
             .map(|(_, id)| id),
