@@ -671,3 +671,68 @@ async fn one_tenants_backlog_never_holds_another_tenants_first_run() {
         "three of four workers at most for one tenant: {running}"
     );
 }
+
+/// Someone with write access to the database drops the triggers and changes tenants and keys
+/// behind the admin log's back: the operator's audit names each change.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_finds_keys_and_tenants_changed_outside_the_admin_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let key = common::tenant_key(dir, "acme");
+    let audit = || {
+        let out = common::rein(
+            dir,
+            &["audit", "verify", "--all-tenants", "--db", "rein.db"],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    assert_eq!(audit().0, Some(0), "{}", audit().1);
+    let url = format!("sqlite://{}", dir.join("rein.db").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let sql = |q: &'static str| sqlx::query(sqlx::AssertSqlSafe(q));
+    // A key inserted by hand (it would authenticate), and a tenant with it.
+    sql("INSERT INTO tenants (name, created_ms) VALUES ('ghost', 0)")
+        .execute(&db)
+        .await
+        .unwrap();
+    sql("INSERT INTO api_keys (key_sha256, tenant, created_ms) VALUES ('feedfacefeedface0000000000000000000000000000000000000000000000000', 'ghost', 0)")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(6), "{stdout}");
+    assert!(
+        stdout.contains("tenant ghost is stored without its admin log entry"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("key feedfacefeedface of tenant ghost is stored without its admin log entry"),
+        "{stdout}"
+    );
+
+    // The last admin log entry (acme's key) deleted, triggers dropped first.
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for q in [
+        "DELETE FROM api_keys WHERE tenant = 'ghost'",
+        "DELETE FROM tenants WHERE name = 'ghost'",
+        "DROP TRIGGER admin_log_is_never_deleted",
+        "DELETE FROM admin_log WHERE seq = (SELECT max(seq) FROM admin_log)",
+    ] {
+        sql(q).execute(&db).await.unwrap();
+    }
+    db.close().await;
+    let (code, stdout) = audit();
+    assert_eq!(code, Some(6), "{stdout}");
+    let id = &rein_core::event::sha256_hex(key.as_bytes())[..16];
+    assert!(
+        stdout.contains(&format!(
+            "key {id} of tenant acme is stored without its admin log entry"
+        )),
+        "{stdout}"
+    );
+}

@@ -164,6 +164,109 @@ pub fn verify_admin_log(
     Ok(())
 }
 
+/// What the admin log says exists now, folded from its entries: the tenants, and each tenant's
+/// keys and secrets with whether they are live. Held against what the store holds, it finds a
+/// tenant, key or secret written into the database without its entry (a key inserted by hand
+/// authenticates), and one removed or revoked behind the log's back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    tenants: std::collections::BTreeSet<String>,
+    /// (tenant, key id) → live.
+    keys: std::collections::BTreeMap<(String, String), bool>,
+    /// (tenant, name) → live.
+    secrets: std::collections::BTreeMap<(String, String), bool>,
+}
+
+/// What the store holds of what the admin log records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Tenant names.
+    pub tenants: Vec<String>,
+    /// (tenant, key id) of every stored key.
+    pub keys: Vec<(String, String)>,
+    /// (tenant, name) of every stored secret.
+    pub secrets: Vec<(String, String)>,
+}
+
+impl Recorded {
+    /// Takes in one more entry, in log order.
+    pub fn fold(&mut self, entry: &AdminEntry) {
+        let subject = || {
+            (
+                entry.tenant.clone(),
+                entry.key_id.clone().unwrap_or_default(),
+            )
+        };
+        match entry.action.as_str() {
+            "tenant_created" => {
+                self.tenants.insert(entry.tenant.clone());
+            }
+            "key_created" => {
+                self.keys.insert(subject(), true);
+            }
+            "key_revoked" => {
+                self.keys.insert(subject(), false);
+            }
+            "secret_set" => {
+                self.secrets.insert(subject(), true);
+            }
+            "secret_deleted" => {
+                self.secrets.insert(subject(), false);
+            }
+            _ => {}
+        }
+    }
+
+    /// Each disagreement between the log and what the store `held`, as a line for the audit.
+    pub fn compare(&self, held: &Held) -> Vec<String> {
+        let mut problems = Vec::new();
+        for tenant in &held.tenants {
+            if !self.tenants.contains(tenant) {
+                problems.push(format!(
+                    "tenant {tenant} is stored without its admin log entry (it was added outside Rein)"
+                ));
+            }
+        }
+        let mut stored_keys = std::collections::BTreeSet::new();
+        for (tenant, id) in &held.keys {
+            stored_keys.insert((tenant.clone(), id.clone()));
+            match self.keys.get(&(tenant.clone(), id.clone())) {
+                None => problems.push(format!(
+                    "key {id} of tenant {tenant} is stored without its admin log entry (it was added outside Rein, and authenticates)"
+                )),
+                Some(false) => problems.push(format!(
+                    "key {id} of tenant {tenant} was revoked in the admin log but is still stored"
+                )),
+                Some(true) => {}
+            }
+        }
+        for ((tenant, id), live) in &self.keys {
+            if *live && !stored_keys.contains(&(tenant.clone(), id.clone())) {
+                problems.push(format!(
+                    "key {id} of tenant {tenant} is live in the admin log but missing from the store (removed outside Rein)"
+                ));
+            }
+        }
+        let mut stored_secrets = std::collections::BTreeSet::new();
+        for (tenant, name) in &held.secrets {
+            stored_secrets.insert((tenant.clone(), name.clone()));
+            if self.secrets.get(&(tenant.clone(), name.clone())) != Some(&true) {
+                problems.push(format!(
+                    "secret {name} of tenant {tenant} is stored without a live admin log entry (it was set outside Rein)"
+                ));
+            }
+        }
+        for ((tenant, name), live) in &self.secrets {
+            if *live && !stored_secrets.contains(&(tenant.clone(), name.clone())) {
+                problems.push(format!(
+                    "secret {name} of tenant {tenant} is set in the admin log but missing from the store (removed outside Rein)"
+                ));
+            }
+        }
+        problems
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -233,5 +336,57 @@ mod tests {
         assert!(rewritten.reason.contains("link"), "{rewritten}");
         let wrong_start = verify_admin_log(&entries[1..], None).unwrap_err();
         assert_eq!(wrong_start.seq, 0);
+    }
+
+    #[test]
+    fn what_the_store_holds_is_held_against_what_the_log_records() {
+        let mut entries: Vec<AdminEntry> = Vec::new();
+        for (action, tenant, key) in [
+            (AdminAction::TenantCreated, "acme", None),
+            (AdminAction::KeyCreated, "acme", Some("aaaaaaaaaaaaaaaa")),
+            (AdminAction::KeyCreated, "acme", Some("bbbbbbbbbbbbbbbb")),
+            (AdminAction::KeyRevoked, "acme", Some("bbbbbbbbbbbbbbbb")),
+            (AdminAction::SecretSet, "acme", Some("TOKEN")),
+        ] {
+            let change = AdminChange {
+                action,
+                tenant,
+                key_id: key,
+                actor: "cli",
+            };
+            let last = entries.last().map(|e| (e.seq, e.hash.as_str()));
+            entries.push(AdminEntry::after(last, &change, 1));
+        }
+        let mut recorded = Recorded::default();
+        entries.iter().for_each(|e| recorded.fold(e));
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let faithful = Held {
+            tenants: vec!["acme".into()],
+            keys: vec![pair("acme", "aaaaaaaaaaaaaaaa")],
+            secrets: vec![pair("acme", "TOKEN")],
+        };
+        assert_eq!(recorded.compare(&faithful), Vec::<String>::new());
+        let tampered = Held {
+            tenants: vec!["acme".into(), "ghost".into()],
+            keys: vec![
+                pair("acme", "bbbbbbbbbbbbbbbb"),
+                pair("ghost", "cccccccccccccccc"),
+            ],
+            secrets: vec![],
+        };
+        let problems = recorded.compare(&tampered);
+        for expected in [
+            "tenant ghost is stored without its admin log entry",
+            "key bbbbbbbbbbbbbbbb of tenant acme was revoked in the admin log but is still stored",
+            "key cccccccccccccccc of tenant ghost is stored without its admin log entry",
+            "key aaaaaaaaaaaaaaaa of tenant acme is live in the admin log but missing from the store",
+            "secret TOKEN of tenant acme is set in the admin log but missing from the store",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 5, "{problems:?}");
     }
 }
