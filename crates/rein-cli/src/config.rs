@@ -61,6 +61,11 @@
 //!                                 # them; loopback, private, link-local and metadata addresses
 //!                                 # are otherwise refused
 //!
+//! [audit]
+//! anchor_every = "10m"            # rein serve anchors the store this often ("0s": never)
+//! anchor_file = "/var/lib/rein-anchors/anchors.jsonl"   # and appends each anchor here too,
+//!                                 # where the database's writers cannot write
+//!
 //! [counters]                      # absent: the embedded store (one process)
 //! url = "redis://127.0.0.1:6379"  # shared by several Rein processes
 //! prefix = "rein"
@@ -102,6 +107,35 @@ struct ConfigFile {
     telemetry: Telemetry,
     #[serde(default)]
     egress: EgressEntry,
+    #[serde(default)]
+    audit: AuditEntry,
+}
+
+/// `[audit]`: audit anchors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditEntry {
+    anchor_every: Option<String>,
+    anchor_file: Option<PathBuf>,
+}
+
+/// Audit anchors (`rein_core::anchor`): how often `rein serve` makes one, and the file outside
+/// the database each is appended to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// `None`: never.
+    pub anchor_every: Option<std::time::Duration>,
+    /// Where each anchor is appended as a JSON line, if anywhere.
+    pub anchor_file: Option<PathBuf>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            anchor_every: Some(std::time::Duration::from_secs(600)),
+            anchor_file: None,
+        }
+    }
 }
 
 /// `[egress]`: what tenants' tools and models may reach besides public addresses.
@@ -545,6 +579,8 @@ pub struct Config {
     pub telemetry: Telemetry,
     /// Where tenants' specs may connect.
     pub egress: rein_core::egress::EgressPolicy,
+    /// Audit anchors.
+    pub audit: Audit,
 }
 
 impl Config {
@@ -694,6 +730,17 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         telemetry: telemetry(file.telemetry, &file_name)?,
         egress: rein_core::egress::EgressPolicy::new(&file.egress.allow)
             .map_err(|e| anyhow!("{file_name}: egress.allow: {e}"))?,
+        audit: Audit {
+            anchor_every: match file.audit.anchor_every.as_deref() {
+                None => Audit::default().anchor_every,
+                Some(text) => Some(
+                    rein_core::parse_duration(text)
+                        .map_err(|e| anyhow!("{file_name}: audit.anchor_every: {e}"))?,
+                )
+                .filter(|d| !d.is_zero()),
+            },
+            anchor_file: file.audit.anchor_file,
+        },
     })
 }
 

@@ -14,6 +14,7 @@ macro_rules! say {
     }};
 }
 
+mod anchors;
 mod bench;
 mod bench_gateway;
 mod config;
@@ -379,6 +380,14 @@ struct WorkerArgs {
     exec: ExecArgs,
 }
 
+/// A duration that may be zero (`0s`: no lag, for a store only one machine writes).
+fn parse_lag(text: &str) -> Result<std::time::Duration, String> {
+    if text.trim().trim_end_matches(['s', 'm', 'h']).trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_lease(text)
+}
+
 fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
     rein_core::parse_duration(text).map_err(|e| e.to_string())
 }
@@ -506,11 +515,25 @@ enum AuditCommand {
         run_id: Option<String>,
         #[arg(long, default_value = "default", conflicts_with = "all_tenants")]
         tenant: String,
-        /// Verify every run of every tenant.
+        /// Verify every run of every tenant, the admin log, and the audit anchors.
         #[arg(long)]
         all_tenants: bool,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Anchor the store now: record the admin log's head and a digest of every run (and append
+    /// it to `[audit] anchor_file`), so a later audit finds a run removed or a log cut short.
+    Anchor {
+        /// Runs created within this last stretch are left to the next anchor (processes on
+        /// several machines, whose clocks differ a little, may still be creating them).
+        #[arg(long, default_value = "60s", value_parser = parse_lag)]
+        lag: std::time::Duration,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -592,8 +615,12 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     tenant,
                     all_tenants,
                     store,
+                    config,
                 },
-        } => audit(run_id, &tenant, all_tenants, &store).await,
+        } => audit(run_id, &tenant, all_tenants, &store, &config).await,
+        Command::Audit {
+            command: AuditCommand::Anchor { lag, store, config },
+        } => anchor(lag, &store, &config).await,
         Command::Costs {
             by,
             since,
@@ -1548,12 +1575,46 @@ async fn runs(command: RunsCommand) -> anyhow::Result<u8> {
     }
 }
 
+/// `rein audit anchor`.
+async fn anchor(
+    lag: std::time::Duration,
+    store: &StoreArgs,
+    config: &ConfigArgs,
+) -> anyhow::Result<u8> {
+    let config =
+        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let store = open_existing_store(store).await?;
+    let made = anchors::make(
+        store.as_ref(),
+        rein_runtime::now_ms(),
+        lag,
+        config.audit.anchor_file.as_deref(),
+    )
+    .await;
+    store.close().await;
+    match made? {
+        Some(anchor) => say!(
+            "audit anchor {}: {} runs, admin log head {}",
+            anchor.seq,
+            anchor.runs,
+            anchor
+                .admin_head
+                .map_or_else(|| "none".to_string(), |(seq, _)| seq.to_string())
+        ),
+        None => say!("another process anchored the store at the same moment; nothing to add"),
+    }
+    Ok(exit::OK)
+}
+
 async fn audit(
     run_id: Option<String>,
     tenant: &str,
     all_tenants: bool,
     store: &StoreArgs,
+    config: &ConfigArgs,
 ) -> anyhow::Result<u8> {
+    let config =
+        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     let store = open_existing_store(store).await?;
     let tenants = if all_tenants {
         store.tenants().await?
@@ -1632,7 +1693,10 @@ async fn audit(
         if intact {
             problems.extend(recorded.compare(&held(store.as_ref()).await?));
         }
-        admin_entries = Some(checked);
+        let (anchors, found) =
+            anchors::check(store.as_ref(), config.audit.anchor_file.as_deref()).await?;
+        problems.extend(found);
+        admin_entries = Some((checked, anchors));
     }
     if !problems.is_empty() {
         for p in &problems {
@@ -1642,7 +1706,7 @@ async fn audit(
         return Err(anyhow!(Exit(exit::TAMPERED)));
     }
     let admin = admin_entries
-        .map(|n| format!(", {n} admin log entries"))
+        .map(|(n, anchors)| format!(", {n} admin log entries, {anchors} audit anchors"))
         .unwrap_or_default();
     say!(
         "ok: {runs_checked} runs, {events_checked} events{admin}: every hash chain is intact and every run agrees with its log"

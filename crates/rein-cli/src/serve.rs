@@ -575,6 +575,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .context("cannot read the admin log")?;
     let watch = watch_key_changes(app.clone(), head);
     let sweep = sweep_sessions(app.clone());
+    let anchoring = app
+        .config
+        .audit
+        .anchor_every
+        .map(|every| anchor_now_and_then(app.clone(), every));
     let claimable = (workers > 0).then(|| wake_for_claimable_runs(app.clone()));
     let workers: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(work(app.clone())))
@@ -590,6 +595,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     // over at once rather than when the leases expire.
     watch.abort();
     sweep.abort();
+    if let Some(anchoring) = anchoring {
+        anchoring.abort();
+    }
     if let Some(claimable) = claimable {
         claimable.abort();
     }
@@ -663,6 +671,31 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Anchors the store every `every` (`[audit] anchor_every`), until aborted: a later audit then
+/// finds a run removed or a log cut short before the anchor, which no hash chain shows.
+fn anchor_now_and_then(app: Arc<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let file = app.config.audit.anchor_file.as_deref();
+            let lag = crate::anchors::CUTOFF_LAG;
+            match crate::anchors::make(app.store.as_ref(), now_ms(), lag, file).await {
+                Ok(Some(anchor)) => tracing::info!(
+                    seq = anchor.seq,
+                    runs = anchor.runs,
+                    "audit anchor recorded"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the store could not be anchored; trying again at the next interval")
+                }
+            }
+        }
+    })
 }
 
 /// Wakes one idle worker whenever the store announces a claimable run, until aborted: the runs

@@ -736,3 +736,113 @@ async fn the_audit_finds_keys_and_tenants_changed_outside_the_admin_log() {
         "{stdout}"
     );
 }
+
+/// A run removed from the database, triggers dropped, is found through the audit anchor; and
+/// a database whose anchors were rewritten to match is found through the anchor file.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_finds_a_removed_run_through_its_anchors() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(dir, "script.yaml", "responses:\n  - text: done\n");
+    let spec = spec("scribe", "openai/gpt-4o-mini", &[]).replace("tools:\n", "");
+    write(dir, "scribe.yaml", &spec);
+    let anchors = dir.join("outside").join("anchors.jsonl");
+    std::fs::create_dir_all(anchors.parent().unwrap()).unwrap();
+    write(
+        dir,
+        "rein.toml",
+        &format!("[audit]\nanchor_file = \"{}\"\n", anchors.display()),
+    );
+    let mut ids = Vec::new();
+    for input in ["one", "two"] {
+        let out = common::rein_ok(
+            dir,
+            &[
+                "run",
+                "scribe.yaml",
+                "--input",
+                input,
+                "--script",
+                "script.yaml",
+                "--json",
+            ],
+        );
+        let run: Value = serde_json::from_str(&out).unwrap();
+        ids.push(run["run_id"].as_str().unwrap().to_string());
+    }
+    let anchored = common::rein_ok(dir, &["audit", "anchor", "--lag", "0s"]);
+    assert!(anchored.contains("audit anchor 0: 2 runs"), "{anchored}");
+    let audit = |config: &str| {
+        let out = common::rein(
+            dir,
+            &["audit", "verify", "--all-tenants", "--config", config],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, stdout) = audit("rein.toml");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("1 audit anchors"), "{stdout}");
+
+    let url = format!("sqlite://{}", dir.join("rein.db").display());
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for q in [
+        "DROP TRIGGER events_are_never_deleted",
+        "DROP TRIGGER runs_are_never_deleted",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    for q in [
+        "DELETE FROM events WHERE run_id = ?",
+        "DELETE FROM runs WHERE id = ?",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(&ids[0])
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    db.close().await;
+    let (code, stdout) = audit("rein.toml");
+    assert_eq!(code, Some(6), "{stdout}");
+    assert!(
+        stdout.contains("1 run(s) created before audit anchor 0 are missing from the store"),
+        "{stdout}"
+    );
+
+    // The database's anchors rewritten to match what is left: the file still knows.
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for q in [
+        "DROP TRIGGER audit_anchors_are_never_deleted",
+        "DELETE FROM audit_anchors",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    db.close().await;
+    write(dir, "inside.toml", "");
+    common::rein_ok(
+        dir,
+        &["audit", "anchor", "--lag", "0s", "--config", "inside.toml"],
+    );
+    let (code, stdout) = audit("inside.toml");
+    assert_eq!(
+        code,
+        Some(0),
+        "without the file, a consistent rewrite passes: {stdout}"
+    );
+    let (code, stdout) = audit("rein.toml");
+    assert_eq!(code, Some(6), "{stdout}");
+    assert!(
+        stdout.contains("is not in the database as written"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("are missing from the store"), "{stdout}");
+}

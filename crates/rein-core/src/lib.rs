@@ -7,6 +7,7 @@
 //! crate.
 
 pub mod admin_log;
+pub mod anchor;
 pub mod breaker;
 pub mod budget;
 pub mod bulkhead;

@@ -582,6 +582,33 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         names: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<SealedSecret>, StoreError>>;
 
+    /// Runs created by `cutoff_ms`, in id order after `after`, at most `limit`, as an audit
+    /// anchor covers them (the final head of each that had ended by the cutoff). An operator
+    /// query, across tenants, like [`Store::tenants`].
+    fn anchor_runs<'a>(
+        &'a self,
+        cutoff_ms: i64,
+        after: Option<&'a RunId>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<rein_core::anchor::AnchoredRun>, StoreError>>;
+
+    /// Appends an audit anchor; `false` if one already holds its position (another process
+    /// anchored first).
+    fn append_anchor<'a>(
+        &'a self,
+        anchor: &'a rein_core::anchor::Anchor,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Audit anchors from position `from` on, oldest first, at most `limit`.
+    fn anchors(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<rein_core::anchor::Anchor>, StoreError>>;
+
+    /// The latest audit anchor, if any.
+    fn last_anchor(&self) -> BoxFuture<'_, Result<Option<rein_core::anchor::Anchor>, StoreError>>;
+
     /// The admin log ([`rein_core::admin_log`]) from position `from` on, oldest first: at most
     /// `limit` entries. An operator query, like [`Store::tenants`].
     fn admin_log(
@@ -713,6 +740,35 @@ fn secret_entry_from_row(r: &impl Columns) -> Result<SecretEntry, StoreError> {
     Ok(SecretEntry {
         name: r.text("name")?,
         updated_ms: r.int("updated_ms")?,
+    })
+}
+
+fn anchored_run_from_row(r: &impl Columns) -> Result<rein_core::anchor::AnchoredRun, StoreError> {
+    let ended = match (r.opt_int("end_count")?, r.opt_text("end_hash")?) {
+        (Some(count), Some(hash)) => Some((u64::try_from(count).unwrap_or(0), hash)),
+        _ => None,
+    };
+    Ok(rein_core::anchor::AnchoredRun {
+        id: r.text("id")?,
+        tenant: r.text("tenant")?,
+        ended,
+    })
+}
+
+fn anchor_from_row(r: &impl Columns) -> Result<rein_core::anchor::Anchor, StoreError> {
+    let admin_head = match (r.opt_int("admin_seq")?, r.opt_text("admin_hash")?) {
+        (Some(seq), Some(hash)) => Some((u64::try_from(seq).unwrap_or(0), hash)),
+        _ => None,
+    };
+    Ok(rein_core::anchor::Anchor {
+        seq: r.count("seq")?,
+        ts_ms: r.int("ts_ms")?,
+        cutoff_ms: r.int("cutoff_ms")?,
+        admin_head,
+        runs: r.count("runs")?,
+        runs_sha256: r.text("runs_sha256")?,
+        prev_hash: r.text("prev_hash")?,
+        hash: r.text("hash")?,
     })
 }
 

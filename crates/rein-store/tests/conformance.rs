@@ -507,6 +507,53 @@ async fn tenant_secrets_are_kept_by_name_and_logged(store: &dyn Store) {
     rein_core::admin_log::verify_admin_log(&log, None).unwrap();
 }
 
+/// Audit anchors: the runs they cover come a page at a time in id order across tenants, with
+/// the final head of each that had ended by the cutoff; anchors round-trip, one per position.
+async fn audit_anchors_cover_runs_in_id_order_and_keep_their_place(store: &dyn Store) {
+    let mut ended = Log::new(info("r1", "t2", "s", 1));
+    ended.create(store, None).await;
+    ended.append(store, finished(serde_json::json!("x"))).await;
+    Log::new(info("r2", "t1", "s", 2)).create(store, None).await;
+    Log::new(info("r3", "t1", "s", 50))
+        .create(store, None)
+        .await;
+    let page = |after: Option<&'static str>, cutoff: i64| async move {
+        let after = after.map(RunId::new);
+        store.anchor_runs(cutoff, after.as_ref(), 1).await.unwrap()
+    };
+    let first = page(None, 10).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        (first[0].id.as_str(), first[0].tenant.as_str()),
+        ("r1", "t2")
+    );
+    let head = ended.sealed.last().unwrap().hash.clone();
+    assert_eq!(first[0].ended, Some((2, head)));
+    let second = page(Some("r1"), 10).await;
+    assert_eq!(
+        (second[0].id.as_str(), second[0].ended.clone()),
+        ("r2", None)
+    );
+    assert!(
+        page(Some("r2"), 10).await.is_empty(),
+        "r3 is after the cutoff"
+    );
+    // Ended after the cutoff: covered by its id alone.
+    assert_eq!(page(None, 1).await[0].ended, None);
+
+    let a0 =
+        rein_core::anchor::Anchor::after(None, 100, 10, Some((3, "h".into())), (2, "d".into()));
+    assert!(store.append_anchor(&a0).await.unwrap());
+    assert!(
+        !store.append_anchor(&a0).await.unwrap(),
+        "one anchor per position"
+    );
+    let a1 = rein_core::anchor::Anchor::after(Some(&a0), 200, 110, None, (3, "e".into()));
+    assert!(store.append_anchor(&a1).await.unwrap());
+    assert_eq!(store.last_anchor().await.unwrap(), Some(a1.clone()));
+    assert_eq!(store.anchors(0, 10).await.unwrap(), [a0, a1]);
+}
+
 async fn an_approval_pauses_the_run_until_decided_or_timed_out(store: &dyn Store) {
     let mut log = Log::new(info("r1", "t1", "s", 1));
     log.create(store, Some(lease("w1", 100))).await;
@@ -1793,6 +1840,7 @@ conformance!(sqlite:
     claims_take_the_oldest_run_first_and_never_a_finished_one,
     claims_are_fair_between_tenants_and_hold_a_cap,
     tenant_secrets_are_kept_by_name_and_logged,
+    audit_anchors_cover_runs_in_id_order_and_keep_their_place,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,
@@ -1816,6 +1864,7 @@ conformance!(postgres:
     claims_take_the_oldest_run_first_and_never_a_finished_one,
     claims_are_fair_between_tenants_and_hold_a_cap,
     tenant_secrets_are_kept_by_name_and_logged,
+    audit_anchors_cover_runs_in_id_order_and_keep_their_place,
     an_approval_pauses_the_run_until_decided_or_timed_out,
     listings_filter_by_status_session_and_tenant,
     another_tenants_runs_are_invisible,
