@@ -1439,8 +1439,16 @@ async fn continue_run(
     let http = http_client()?;
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
+    // A lease held by a process on this machine that is gone (killed, crashed) is taken over
+    // at once: waiting for it to expire would only eat the run's time.
+    let holder_gone = record.lease.as_ref().is_some_and(|(owner, until)| {
+        *until > rein_runtime::now_ms() && rein_runtime::holder_is_gone(owner)
+    });
+    if holder_gone && !args.take_over {
+        eprintln!("rein: the process holding run {id}'s lease is gone; taking it over");
+    }
     let outcome = match decision {
-        None if args.take_over => match runtime
+        None if args.take_over || holder_gone => match runtime
             .take_over(&tenant, &id, &config.prices, model.as_ref())
             .await
         {

@@ -517,3 +517,87 @@ fn a_caller_cut_around_its_worker_takes_it_up_without_running_it_twice() {
         );
     }
 }
+
+/// A server driving 200 runs on PostgreSQL is killed with SIGKILL and started again: every
+/// accepted run completes, and none ends `timeout` for the time it lay unattended (the dead
+/// process's leases expiring, the restart), which is not the run's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_on_postgres_completes_every_accepted_run_on_restart() {
+    let schema = rein_store::testing::TestSchema::create().await.unwrap();
+    let db = schema.url();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(
+        dir.join("script.yaml"),
+        "responses:\n  - tool_calls: [{name: nap, arguments: {seconds: 0.3}}]\n  - text: done\n",
+    )
+    .unwrap();
+    let key = common::tenant_key_in(dir, "acme", &db);
+    let args = [
+        "--db",
+        db.as_str(),
+        "--script",
+        "script.yaml",
+        "--lease",
+        "1s",
+        "--workers",
+        "8",
+    ];
+    let server = common::serve(dir, &args, &[]);
+    let http = reqwest::Client::new();
+    // A wall-clock limit of 2 s: shorter than the time a killed run lies unattended here.
+    let spec = "name: napper\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Nap.\ntools:\n  - name: nap\n    source: {builtin: sleep}\n    contract: {timeout: 10s, side_effects: none}\nlimits: {max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10, timeout: 2s}\n";
+    common::register(&http, &server.base, &key, spec).await;
+    for n in 0..200 {
+        let queued = http
+            .post(format!("{}/v1/runs", server.base))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"agent": "napper", "input": format!("run {n}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(queued.status(), 202);
+    }
+    let ended = |runs: &Value| {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] != "queued" && r["status"] != "running")
+            .count()
+    };
+    let list = |base: String| {
+        let (http, key) = (http.clone(), key.clone());
+        async move { common::get_json(&http, &format!("{base}/v1/runs?limit=1000"), &key).await }
+    };
+    // Killed mid-way, with runs in flight.
+    let started = Instant::now();
+    while ended(&list(server.base.clone()).await) < 30 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let server = common::serve(dir, &args, &[]);
+    let started = Instant::now();
+    let runs = loop {
+        let runs = list(server.base.clone()).await;
+        if ended(&runs) == 200 {
+            break runs;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not every run ended: {} of 200",
+            ended(&runs)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let not_completed: Vec<&Value> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] != "completed")
+        .collect();
+    assert!(not_completed.is_empty(), "{not_completed:?}");
+    drop(server);
+    schema.drop_schema().await.unwrap();
+}

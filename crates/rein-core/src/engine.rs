@@ -309,6 +309,8 @@ pub struct Engine {
     counter: TokenCounter,
     tool_definitions: Vec<ToolDefinition>,
     fixed_tokens: u64,
+    /// When the last event applied was recorded.
+    last_ts_ms: Option<i64>,
     started_ms: Option<i64>,
     messages: Vec<Message>,
     /// Tokens of the first `counted` messages. Messages are counted when an estimate first
@@ -470,6 +472,7 @@ impl Engine {
             tool_definitions,
             fixed_tokens,
             started_ms: None,
+            last_ts_ms: None,
             messages: Vec::new(),
             message_tokens: Cell::new(0),
             counted: Cell::new(0),
@@ -833,6 +836,7 @@ impl Engine {
             (_, None) => return Err(ReplayError::BadStart { seq }),
             _ => {}
         }
+        let previous_ts = self.last_ts_ms.replace(event.ts_ms);
         if self.unchecked.is_some()
             && matches!(
                 event.kind,
@@ -1289,9 +1293,16 @@ impl Engine {
                 }
             }
             EventKind::RunClaimed { .. } => {
-                // A queued run's clock starts when a worker takes it up, not when it was queued.
                 if self.step == 0 && self.iterations == 0 {
+                    // A queued run's clock starts when a worker takes it up, not when it was
+                    // queued.
                     self.started_ms = Some(event.ts_ms);
+                } else if let Some(previous) = previous_ts {
+                    // Taken up again after its process stopped (a crash, a lost database):
+                    // the time it lay unattended, lease expiry included, is not its own work.
+                    self.paused_ms = self
+                        .paused_ms
+                        .saturating_add(event.ts_ms.saturating_sub(previous).max(0));
                 }
             }
             EventKind::ToolResult {

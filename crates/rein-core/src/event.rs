@@ -193,7 +193,9 @@ pub enum EventKind {
         /// Whether its answer was taken (completed, and within the output schema).
         accepted: bool,
     },
-    /// A queued run was taken up by a worker: its wall clock starts here.
+    /// A run was taken up by a process: a queued one's wall clock starts here; for one taken
+    /// up again after its process stopped, the time since its last event is not counted
+    /// against its wall clock (it was nobody's work).
     RunClaimed {
         /// The worker (process) that took it.
         by: String,

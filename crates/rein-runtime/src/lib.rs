@@ -419,6 +419,44 @@ fn seal_first(
         .collect()
 }
 
+/// This process's name as a lease holder: `PID@BOOT/UUID`, where BOOT is the machine's boot
+/// id (Linux): with it, a process on the same machine can tell that the holder is gone
+/// ([`holder_is_gone`]).
+fn holder_name() -> String {
+    format!(
+        "{}@{}/{}",
+        std::process::id(),
+        boot_id().unwrap_or_else(|| "unknown".into()),
+        uuid::Uuid::now_v7()
+    )
+}
+
+/// This machine's boot id, where the system tells it (Linux).
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// Whether the process that holds a lease as `owner` is known to be gone: it ran on this
+/// machine since its last boot, and no process has its id now. A holder on another machine, or
+/// one this cannot tell about, is not known to be gone.
+pub fn holder_is_gone(owner: &str) -> bool {
+    let Some((pid, rest)) = owner.split_once('@') else {
+        return false;
+    };
+    let Some((boot, _)) = rest.split_once('/') else {
+        return false;
+    };
+    let (Ok(pid), Some(here)) = (pid.parse::<u32>(), boot_id()) else {
+        return false;
+    };
+    boot == here
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The wall clock, ms since the epoch (the driver's one clock).
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -446,7 +484,7 @@ impl Runtime {
             tools,
             governor: None,
             step_timings: false,
-            owner: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            owner: holder_name(),
             lease_ms: DEFAULT_LEASE_MS,
             leases: Arc::default(),
             driving: Arc::default(),
@@ -1449,7 +1487,12 @@ impl Runtime {
             }
         }
         let outcome = async {
-            if record.progress.status == RunStatus::Queued {
+            // Taken up from the queue, or again after its process stopped: the time it waited
+            // is not the run's (an approval's wait is counted out by its decision).
+            if matches!(
+                record.progress.status,
+                RunStatus::Queued | RunStatus::Running
+            ) {
                 driver
                     .record(EventKind::RunClaimed {
                         by: self.owner.clone(),

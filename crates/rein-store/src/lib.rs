@@ -165,6 +165,8 @@ pub struct RunRecord {
     /// Who asked to cancel the run while another process drove it ([`Store::request_cancel`]),
     /// if anyone has.
     pub cancel_requested_by: Option<String>,
+    /// Who holds (or last held) the run's lease, and until when, ms since the epoch.
+    pub lease: Option<(String, i64)>,
 }
 
 /// A tenant created for `rein serve` (by the CLI or the admin API).
@@ -907,6 +909,10 @@ fn run_from_row(r: &impl Columns) -> Result<RunRecord, StoreError> {
         head_hash: r.text("head_hash")?,
         updated_ms: r.int("updated_ms")?,
         cancel_requested_by: r.opt_text("cancel_requested_by")?,
+        lease: r
+            .opt_text("lease_owner")?
+            .map(|owner| r.int("lease_until_ms").map(|until| (owner, until)))
+            .transpose()?,
         info,
     })
 }

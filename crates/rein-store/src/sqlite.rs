@@ -232,7 +232,7 @@ macro_rules! select_runs {
         concat!(
             "SELECT id, tenant, user_id, session_id, job_id, agent, agent_version, spec, input, status, ",
             "termination_reason, detail, output, iterations, tool_calls, input_tokens, cached_input_tokens, ",
-            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by, parent_run_id FROM runs ",
+            "output_tokens, cost_micros, event_count, head_hash, created_ms, updated_ms, cancel_requested_by, parent_run_id, lease_owner, lease_until_ms FROM runs ",
             $tail
         )
     };

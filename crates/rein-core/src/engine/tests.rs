@@ -1377,6 +1377,39 @@ fn a_queued_runs_clock_starts_when_a_worker_claims_it() {
     ));
 }
 
+#[test]
+fn the_time_a_run_lay_unattended_after_a_crash_is_not_its_own() {
+    let mut sim = Sim::new(SPEC); // limits.timeout: 10s
+    let Some(Effect::CallModel(first)) = sim.engine.next_effect(sim.now) else {
+        panic!("a model call first");
+    };
+    sim.call_model(first, &mut |_, _| {
+        reply(None, vec![call("c1", "lookup", r#"{"key": "a"}"#)], 10, 5)
+    });
+    // Its process dies here; the lease runs out and another takes it up a minute later.
+    sim.now += 60_000;
+    assert!(matches!(
+        sim.engine.next_effect(sim.now),
+        Some(Effect::Record(EventKind::RunFinished {
+            reason: TerminationReason::Timeout,
+            ..
+        }))
+    ));
+    sim.record(EventKind::RunClaimed { by: "w2".into() });
+    assert!(
+        matches!(sim.engine.next_effect(sim.now), Some(Effect::CallTool(_))),
+        "the minute it lay unattended is not counted"
+    );
+    sim.now += 11_000;
+    assert!(matches!(
+        sim.engine.next_effect(sim.now),
+        Some(Effect::Record(EventKind::RunFinished {
+            reason: TerminationReason::Timeout,
+            ..
+        }))
+    ));
+}
+
 const GATEWAY_SPEC: &str = r#"
 name: gateway
 version: 1
