@@ -58,8 +58,7 @@ pub struct RunView {
     pub cost_usd: f64,
     /// The cost in millionths of a dollar: exact, for sums.
     pub cost_micros: i64,
-    /// The final answer, once completed.
-    #[schema(value_type = Option<Object>)]
+    /// The final answer, once completed: its text, or the JSON its `output_schema` asks for.
     pub output: Option<Value>,
     /// Events in its log.
     pub events: u64,
@@ -123,7 +122,7 @@ pub struct OutcomeView {
     pub usage: UsageView,
     pub cost_usd: f64,
     pub cost_micros: i64,
-    #[schema(value_type = Option<Object>)]
+    /// The final answer: its text, or the JSON its `output_schema` asks for.
     pub output: Option<Value>,
     /// Model calls answered, per `provider/model`.
     pub models_used: BTreeMap<String, u32>,

@@ -166,3 +166,132 @@ async fn the_openapi_document_describes_every_endpoint_served() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The schema `doc` gives the answer of `method path` with `status` (JSON or the event
+/// stream), able to resolve the document's own `#/components/...` references.
+fn answer_schema(doc: &Value, method: &str, path: &str, status: u16, content: &str) -> Value {
+    let mut schema = doc["paths"][path][method]["responses"][status.to_string()]["content"]
+        [content]["schema"]
+        .clone();
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status} {content}: no schema"
+    );
+    schema["components"] = doc["components"].clone();
+    schema
+}
+
+/// Checks `answer` against the schema the document gives it; every disagreement, named.
+fn conforms(doc: &Value, (method, path, status, content): (&str, &str, u16, &str), answer: &Value) {
+    let schema = answer_schema(doc, method, path, status, content);
+    let validator = jsonschema::draft202012::new(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(answer)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status}: the answer disagrees with the document: {errors:?}\n{answer}"
+    );
+}
+
+/// Real answers, checked against what the document says of them: a run queued, waited for,
+/// replayed, shown and listed; its events as the stream sends them; its trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_answers_match_the_openapi_document() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("script.yaml"),
+        "responses:\n  - tool_calls: [{name: clock, arguments: {}}]\n  - text: It is late.\n",
+    )
+    .unwrap();
+    let key = common::tenant_key(dir.path(), "acme");
+    let server = common::serve(
+        dir.path(),
+        &["--db", "rein.db", "--script", "script.yaml"],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let base = &server.base;
+    let doc: Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spec = "name: clock\nversion: 1\nmodel: {primary: openai/gpt-4o-mini}\ninstructions: Tell the time.\ntools:\n  - name: clock\n    source: {builtin: current_time}\n    contract: {timeout: 5s, side_effects: none}\nlimits: {max_iterations: 4, max_total_tokens: 20000, max_cost_usd: 0.10}\n";
+    common::register(&http, base, &key, spec).await;
+    let json = "application/json";
+    let post = |body: Value, idempotency: Option<&'static str>| {
+        let mut request = http
+            .post(format!("{base}/v1/runs"))
+            .bearer_auth(&key)
+            .json(&body);
+        if let Some(k) = idempotency {
+            request = request.header("Idempotency-Key", k);
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.json::<Value>().await.unwrap())
+        }
+    };
+    let waited = serde_json::json!({"agent": "clock", "input": "time?", "wait": true});
+    let (status, first) = post(waited.clone(), Some("k1")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["output"], "It is late.");
+    conforms(&doc, ("post", "/v1/runs", 200, json), &first);
+    let (status, replayed) = post(waited, Some("k1")).await;
+    assert_eq!(status, 200, "{replayed}");
+    conforms(&doc, ("post", "/v1/runs", 200, json), &replayed);
+    let (status, queued) = post(
+        serde_json::json!({"agent": "clock", "input": "later"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{queued}");
+    conforms(&doc, ("post", "/v1/runs", 202, json), &queued);
+
+    let id = first["run_id"].as_str().unwrap();
+    let shown = common::get_json(&http, &format!("{base}/v1/runs/{id}"), &key).await;
+    conforms(&doc, ("get", "/v1/runs/{id}", 200, json), &shown);
+    let listed = common::get_json(&http, &format!("{base}/v1/runs"), &key).await;
+    conforms(&doc, ("get", "/v1/runs", 200, json), &listed);
+    let trace = common::get_json(&http, &format!("{base}/v1/runs/{id}/trace"), &key).await;
+    conforms(&doc, ("get", "/v1/runs/{id}/trace", 200, json), &trace);
+    let stream = http
+        .get(format!("{base}/v1/runs/{id}/events"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut events = 0;
+    for data in stream.lines().filter_map(|l| l.strip_prefix("data:")) {
+        let event: Value = serde_json::from_str(data.trim()).unwrap();
+        conforms(
+            &doc,
+            ("get", "/v1/runs/{id}/events", 200, "text/event-stream"),
+            &event,
+        );
+        events += 1;
+    }
+    assert!(events >= 5, "{stream}");
+    let missing = http
+        .get(format!("{base}/v1/runs/nope"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let problem: Value = missing.json().await.unwrap();
+    conforms(
+        &doc,
+        ("get", "/v1/runs/{id}", 404, "application/problem+json"),
+        &problem,
+    );
+}

@@ -571,7 +571,21 @@ async fn a_secret_in_the_input_is_stored_nowhere() {
     let (_, views) = run_views(&http, base, &key, id).await;
     let listed = common::get_json(&http, &format!("{base}/v1/runs"), &key).await;
     let shown = common::rein_ok(dir, &["runs", "show", id, "--tenant", "acme", "--json"]);
-    let everything = format!("{views}\n{listed}\n{shown}\n{run}");
+    // The same key in a gateway call's conversation.
+    let chat = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": input}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let chat_run = chat.headers()["x-rein-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (_, chat_views) = run_views(&http, base, &key, &chat_run).await;
+    let everything = format!("{views}\n{listed}\n{shown}\n{run}\n{chat_views}");
     assert!(!everything.contains(PASTED), "{everything}");
     assert!(everything.contains("my key is"), "{everything}");
     drop(server);

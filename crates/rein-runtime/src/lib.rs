@@ -1195,7 +1195,17 @@ impl Runtime {
             trust: Some(request.trust),
         })
         .chain(context)
-        .chain(request.chat.map(EventKind::ChatRequest))
+        .chain(request.chat.map(|mut chat| {
+            // A gateway call's conversation is its input: its secrets are kept out as well.
+            if spec.guards.output.secrets != rein_core::sanitize::Action::Off {
+                for message in &mut chat.messages {
+                    if let Some(text) = message.content.as_mut() {
+                        *text = rein_core::sanitize::redact_secrets(text).0;
+                    }
+                }
+            }
+            EventKind::ChatRequest(chat)
+        }))
         .collect();
         Ok((info, kinds))
     }
