@@ -853,6 +853,19 @@ async fn time_limit(
         }
         _ => base,
     };
+    // PostgreSQL's text cannot hold a NUL: one in the URL (an id, a filter) is refused before it
+    // reaches the store, on both engines alike.
+    if request
+        .uri()
+        .path_and_query()
+        .is_some_and(|p| p.as_str().to_ascii_lowercase().contains("%00"))
+    {
+        return Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the URL contains a NUL character (%00), which Rein does not store; remove it",
+        )
+        .into_response();
+    }
     // The body is due within its own time: a client that declares a body and never sends it
     // is cut off at `body_timeout`, not at the request's (possibly long) limit.
     let request = connections::Deadline::on(request, app.config.server.body_timeout);

@@ -301,7 +301,7 @@ async fn an_injected_ticket_cannot_email_the_customer_list_out_and_its_secret_le
         "events (SSE)".into(),
         sse_text(&http, &base, &key, &run_id).await,
     ));
-    let cookie = sign_in(&base, &key).await;
+    let cookie = common::sign_in(&base, &key).await;
     for path in [
         "/ui/runs".to_string(),
         format!("/ui/runs/{run_id}"),
@@ -431,22 +431,4 @@ async fn wait_finished(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("run {run_id} did not finish");
-}
-
-/// Signs in to the dashboard; the session cookie.
-async fn sign_in(base: &str, key: &str) -> String {
-    let browser = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let signed = browser
-        .post(format!("{base}/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={key}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signed.status(), 303);
-    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
-    cookie.split(';').next().unwrap().to_string()
 }

@@ -240,7 +240,21 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
         assert_eq!(sent, expected, "{agent}");
     }
 
-    // No probe anywhere a tenant or a log reader can look.
+    // No probe anywhere a tenant or a log reader can look: the API's answers and streams
+    // (above), the dashboard's pages, /metrics, the server's logs.
+    let cookie = common::sign_in(base, &key).await;
+    let mut pages = String::new();
+    for page in ["/ui/runs", "/ui/status", "/ui/costs", "/metrics"] {
+        let answer = http
+            .get(format!("{base}{page}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{page}");
+        pages.push_str(&answer.text().await.unwrap());
+    }
+    let seen = format!("{seen}\n{pages}");
     let logs = server.logs.lock().unwrap().join("\n");
     for probe in [
         AWS_PROBE,
@@ -459,6 +473,15 @@ async fn a_nul_in_a_request_is_refused_on_both_engines() {
         assert_eq!(agents.status(), 422, "{db}");
         let runs = common::get_json(&http, &format!("{base}/v1/runs"), &key).await;
         assert_eq!(runs.as_array().map(Vec::len), Some(0), "{runs}");
+        for url in ["/v1/runs/a%00b", "/v1/runs?user=u%00"] {
+            let answer = http
+                .get(format!("{base}{url}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 422, "{db} {url}");
+        }
     }
     schema.drop_schema().await.unwrap();
 }
@@ -585,7 +608,23 @@ async fn a_secret_in_the_input_is_stored_nowhere() {
         .unwrap()
         .to_string();
     let (_, chat_views) = run_views(&http, base, &key, &chat_run).await;
-    let everything = format!("{views}\n{listed}\n{shown}\n{run}\n{chat_views}");
+    let cookie = common::sign_in(base, &key).await;
+    let mut pages = String::new();
+    for page in [
+        format!("/ui/runs/{id}"),
+        format!("/ui/runs/{chat_run}"),
+        "/ui/runs".into(),
+    ] {
+        let answer = http
+            .get(format!("{base}{page}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{page}");
+        pages.push_str(&answer.text().await.unwrap());
+    }
+    let everything = format!("{views}\n{listed}\n{shown}\n{run}\n{chat_views}\n{pages}");
     assert!(!everything.contains(PASTED), "{everything}");
     assert!(everything.contains("my key is"), "{everything}");
     drop(server);
