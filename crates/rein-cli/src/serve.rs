@@ -585,6 +585,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .map(|_| tokio::spawn(work(app.clone())))
         .collect();
     eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
+    if std::env::var(rein_runtime::SECRETS_KEY_ENV).is_err() {
+        tracing::warn!(
+            "{} is not set: tenants' specs can use none of the secrets stored for them (`rein secrets key` makes one)",
+            rein_runtime::SECRETS_KEY_ENV
+        );
+    }
     let limits = connections::Limits {
         max_connections: app.config.server.max_connections,
         header_timeout: app.config.server.header_timeout,

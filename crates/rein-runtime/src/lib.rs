@@ -2164,17 +2164,18 @@ impl Driver<'_> {
             let tenant_spec = self.trust() == rein_core::Trust::Tenant;
             let mut endpoint_key = None;
             let mut refusal = None;
+            let mut key_unread = false;
             if let Some(base_url) = model_ref.base_url.as_deref() {
                 let var = model_ref.api_key_env.as_deref();
                 if tenant_spec {
                     refusal = runtime.tools.egress().check_url(base_url).err();
                     if let Some(var) = var {
                         let names = [var.to_string()];
-                        endpoint_key = runtime
-                            .open_secrets(&self.tenant, &names)
-                            .await
-                            .ok()
-                            .and_then(|s| s.get(var).map(str::to_string));
+                        match runtime.open_secrets(&self.tenant, &names).await {
+                            Ok(secrets) => endpoint_key = secrets.get(var).map(str::to_string),
+                            // Not sent without its key: the store will answer again.
+                            Err(()) => key_unread = true,
+                        }
                     }
                 } else {
                     endpoint_key = var
@@ -2216,6 +2217,13 @@ impl Driver<'_> {
                     self.remaining(),
                     spec.model.timeout,
                     || match (&refusal, sink) {
+                        (None, _) if key_unread => {
+                            let unread = ModelError::new(
+                                ErrorType::Transient,
+                                "the model's key could not be read; the same call may work later",
+                            );
+                            Box::pin(std::future::ready(Err(unread)))
+                        }
                         (Some(refusal), _) => {
                             let refused = ModelError::new(
                                 ErrorType::Permanent,
