@@ -77,6 +77,23 @@ impl Capture {
     }
 }
 
+/// An OTLP/HTTP collector that keeps every body it is sent: its URL and the bytes so far.
+async fn collector() -> (String, Arc<Mutex<Vec<u8>>>) {
+    let bodies: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(
+            |State(bodies): State<Arc<Mutex<Vec<u8>>>>, body: axum::body::Bytes| async move {
+                bodies.lock().unwrap().extend_from_slice(&body);
+                StatusCode::OK
+            },
+        )
+        .with_state(bodies.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, bodies)
+}
+
 /// A provider that calls each tool named in `calls` in turn, one per answer, then answers.
 async fn calling(calls: &'static [&'static str]) -> FakeOpenAi {
     FakeOpenAi::start(move |n, _| match calls.get(n) {
@@ -168,6 +185,7 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
     );
 
     let provider = calling(&["steal", "crm"]).await;
+    let (otlp, exported) = collector().await;
     // A compatible server a tenant's model entry names: it records the key it is sent.
     let rogue = FakeOpenAi::start(|_, _| FakeResponse::text("done", 30, 5))
         .await
@@ -182,6 +200,7 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
             ("DATABASE_URL", DB_PROBE),
             ("REIN_ADMIN_KEY", ADMIN_PROBE),
             ("REIN_SECRETS_KEY", &secrets_key),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp),
         ],
     );
     let base = &server.base;
@@ -255,7 +274,15 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
         pages.push_str(&answer.text().await.unwrap());
     }
     let seen = format!("{seen}\n{pages}");
-    let logs = server.logs.lock().unwrap().join("\n");
+    let logs = server.logs.clone();
+    // The trace export, flushed as the server stops.
+    assert!(server.terminate().success());
+    let logs = logs.lock().unwrap().join("\n");
+    let exported = exported.lock().unwrap().clone();
+    assert!(
+        exported.windows(5).any(|w| w == b"thief"),
+        "the runs' spans were exported to the collector"
+    );
     for probe in [
         AWS_PROBE,
         ADMIN_PROBE,
@@ -265,6 +292,10 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
     ] {
         assert!(!seen.contains(probe), "{probe} in the run's views");
         assert!(!logs.contains(probe), "{probe} in the server's logs");
+        assert!(
+            !exported.windows(probe.len()).any(|w| w == probe.as_bytes()),
+            "{probe} in the trace export"
+        );
         assert!(
             !capture.headers().contains(probe) || probe == TENANT_SECRET,
             "{probe} sent out"
@@ -348,6 +379,7 @@ async fn a_tenant_tool_cannot_reach_the_servers_network() {
             seen.contains("the model's server may not be reached"),
             "{agent}: {seen}"
         );
+        assert!(seen.contains("event: egress_refused"), "{agent}: {seen}");
     }
     assert!(capture.paths().is_empty(), "{:?}", capture.paths());
     drop(server);

@@ -84,6 +84,9 @@ pub struct ModelError {
     pub message: String,
     /// How long the provider asked us to wait.
     pub retry_after: Option<Duration>,
+    /// The egress policy's refusal, when that is why the call failed (a tenant's model server
+    /// at a closed address).
+    pub egress: Option<rein_core::egress::EgressRefusal>,
 }
 
 impl ModelError {
@@ -93,6 +96,7 @@ impl ModelError {
             kind,
             message: message.into(),
             retry_after: None,
+            egress: None,
         }
     }
 

@@ -499,10 +499,12 @@ pub(crate) fn billed(what: impl std::fmt::Display) -> ModelError {
 pub(crate) fn transport_error(e: reqwest::Error) -> ModelError {
     if let Some(refusal) = rein_core::egress::EgressRefusal::behind(&e) {
         // The same call is refused again: not worth a retry.
-        return ModelError::new(
+        let mut refused = ModelError::new(
             ErrorType::Permanent,
             format!("the model's server may not be reached: {refusal}"),
         );
+        refused.egress = Some(refusal);
+        return refused;
     }
     let what = if e.is_timeout() {
         "the provider did not answer in time"

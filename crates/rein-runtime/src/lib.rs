@@ -2265,6 +2265,13 @@ impl Driver<'_> {
                     .await?;
                 }
             }
+            if let Err(ModelError {
+                egress: Some(refusal),
+                ..
+            }) = &outcome.output
+            {
+                self.egress_refused(call.step, entry, refusal).await?;
+            }
             let provider_failed = matches!(&outcome.output, Err(e) if e.is_retryable());
             let _ = self
                 .runtime
