@@ -1439,19 +1439,32 @@ async fn continue_run(
     let http = http_client()?;
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
     let runtime = runtime_for(&config, &store, builtins, http).await?;
-    // A lease held by a process on this machine that is gone (killed, crashed) is taken over
-    // at once: waiting for it to expire would only eat the run's time.
-    let holder_gone = record.lease.as_ref().is_some_and(|(owner, until)| {
-        *until > rein_runtime::now_ms() && rein_runtime::holder_is_gone(owner)
-    });
-    if holder_gone && !args.take_over {
+    // A lease held by a process in this place that is gone (killed, crashed) is taken over at
+    // once, unless someone claimed or renewed it meanwhile: waiting for it to expire would only
+    // eat the run's time.
+    let gone_holder_until = record
+        .lease
+        .as_ref()
+        .filter(|(owner, until)| {
+            *until > rein_runtime::now_ms() && rein_runtime::holder_is_gone(owner)
+        })
+        .map(|(_, until)| *until);
+    if gone_holder_until.is_some() && !args.take_over {
         eprintln!("rein: the process holding run {id}'s lease is gone; taking it over");
     }
     let outcome = match decision {
-        None if args.take_over || holder_gone => match runtime
-            .take_over(&tenant, &id, &config.prices, model.as_ref())
-            .await
-        {
+        None if args.take_over || gone_holder_until.is_some() => match match gone_holder_until {
+            Some(until) if !args.take_over => {
+                runtime
+                    .take_over_from(&tenant, &id, &config.prices, model.as_ref(), until)
+                    .await
+            }
+            _ => {
+                runtime
+                    .take_over(&tenant, &id, &config.prices, model.as_ref())
+                    .await
+            }
+        } {
             Err(e @ rein_runtime::RuntimeError::WorkerRun { .. }) => {
                 return Err(anyhow!(BadInput(e.to_string())));
             }
@@ -1683,9 +1696,13 @@ async fn audit(
         let (mut after, mut checked) = (None, 0usize);
         let mut recorded = rein_core::admin_log::Recorded::default();
         let mut intact = true;
+        let mut last_seq = None;
         while let Some(page) = admin::admin_log_page(store.as_ref(), after, AUDIT_PAGE).await? {
             checked += page.entries.len();
-            page.entries.iter().for_each(|e| recorded.fold(e));
+            for entry in &page.entries {
+                recorded.fold(entry);
+                last_seq = Some(entry.seq);
+            }
             if let Err(problem) = page.verdict {
                 problems.push(problem);
                 intact = false;
@@ -1699,7 +1716,18 @@ async fn audit(
         // What the store holds must be what the log records: a key inserted by hand
         // authenticates, and nothing else would show it.
         if intact {
-            problems.extend(recorded.compare(&held(store.as_ref()).await?));
+            let (held, predating) = held(store.as_ref()).await?;
+            // Changes made while the store was read are in the log's tail by now.
+            let from = last_seq.map_or(0, |seq| seq + 1);
+            for entry in store.admin_log(from, u32::MAX).await? {
+                recorded.fold(&entry);
+            }
+            problems.extend(recorded.compare(&held));
+            if predating > 0 {
+                say!(
+                    "note: {predating} tenant(s) and key(s) predate the admin log, so it cannot vouch for them"
+                );
+            }
         }
         let (anchors, found) =
             anchors::check(store.as_ref(), config.audit.anchor_file.as_deref()).await?;
@@ -1722,22 +1750,35 @@ async fn audit(
     Ok(exit::OK)
 }
 
-/// The tenants, keys and secrets the store holds, for holding against the admin log.
+/// The tenants, keys and secrets the store holds, for holding against the admin log, and how
+/// many tenants and keys it held before the log began (its baseline): those have no entries,
+/// and the log cannot vouch for them.
 async fn held(
     store: &dyn rein_store::Store,
-) -> Result<rein_core::admin_log::Held, rein_store::StoreError> {
+) -> Result<(rein_core::admin_log::Held, usize), rein_store::StoreError> {
+    let baseline: std::collections::BTreeSet<(String, Option<String>)> =
+        store.admin_baseline().await?.into_iter().collect();
     let mut held = rein_core::admin_log::Held::default();
+    let mut predating = 0;
     for tenant in store.registered_tenants().await? {
         let name = tenant.name.to_string();
         for key in store.api_keys(&tenant.name).await? {
-            held.keys.push((name.clone(), key.id));
+            if baseline.contains(&(name.clone(), Some(key.id.clone()))) {
+                predating += 1;
+            } else {
+                held.keys.push((name.clone(), key.id));
+            }
         }
         for secret in store.secret_names(&tenant.name).await? {
             held.secrets.push((name.clone(), secret.name));
         }
-        held.tenants.push(name);
+        if baseline.contains(&(name.clone(), None)) {
+            predating += 1;
+        } else {
+            held.tenants.push(name);
+        }
     }
-    Ok(held)
+    Ok((held, predating))
 }
 
 /// Checks each run's hash chain, and its stored record against its log: the events checked,

@@ -302,6 +302,10 @@ pub enum ReplayError {
     },
 }
 
+/// How many times a run's time lying unattended after its process stopped is counted out of
+/// its wall clock.
+const MAX_TAKEOVERS: u32 = 5;
+
 /// The state of one run, rebuilt from its events.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -309,6 +313,10 @@ pub struct Engine {
     counter: TokenCounter,
     tool_definitions: Vec<ToolDefinition>,
     fixed_tokens: u64,
+    /// Who took the run up last (`run_claimed`), and how many times it was taken up again
+    /// after its process stopped.
+    last_claimed_by: Option<String>,
+    takeovers: u32,
     /// When the last event applied was recorded.
     last_ts_ms: Option<i64>,
     started_ms: Option<i64>,
@@ -473,6 +481,8 @@ impl Engine {
             fixed_tokens,
             started_ms: None,
             last_ts_ms: None,
+            last_claimed_by: None,
+            takeovers: 0,
             messages: Vec::new(),
             message_tokens: Cell::new(0),
             counted: Cell::new(0),
@@ -545,6 +555,11 @@ impl Engine {
     /// The authorisation scopes the run's tenant was granted when it started.
     pub fn granted_scopes(&self) -> &[String] {
         &self.granted_scopes
+    }
+
+    /// The process that took the run up last (`run_claimed`), if any did.
+    pub fn last_claimed_by(&self) -> Option<&str> {
+        self.last_claimed_by.as_deref()
     }
 
     /// Who wrote the run's spec, as `run_started` recorded it (`None` in logs from before it
@@ -1292,18 +1307,23 @@ impl Engine {
                     g.exit = None;
                 }
             }
-            EventKind::RunClaimed { .. } => {
+            EventKind::RunClaimed { by } => {
                 if self.step == 0 && self.iterations == 0 {
                     // A queued run's clock starts when a worker takes it up, not when it was
                     // queued.
                     self.started_ms = Some(event.ts_ms);
-                } else if let Some(previous) = previous_ts {
+                } else if let Some(previous) = previous_ts
+                    && self.takeovers < MAX_TAKEOVERS
+                {
                     // Taken up again after its process stopped (a crash, a lost database):
                     // the time it lay unattended, lease expiry included, is not its own work.
+                    // Only so many times: a run that keeps failing must still time out.
+                    self.takeovers += 1;
                     self.paused_ms = self
                         .paused_ms
                         .saturating_add(event.ts_ms.saturating_sub(previous).max(0));
                 }
+                self.last_claimed_by = Some(by.clone());
             }
             EventKind::ToolResult {
                 step,

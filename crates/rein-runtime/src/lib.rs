@@ -419,42 +419,55 @@ fn seal_first(
         .collect()
 }
 
-/// This process's name as a lease holder: `PID@BOOT/UUID`, where BOOT is the machine's boot
-/// id (Linux): with it, a process on the same machine can tell that the holder is gone
-/// ([`holder_is_gone`]).
+/// This process's name as a lease holder: `PID@PLACE/UUID`, where PLACE is the machine's boot
+/// id and the process id namespace (Linux): with them, a process in the same place can tell
+/// that the holder is gone ([`holder_is_gone`]). Containers on one host share the boot id but
+/// not the process ids, so the namespace is part of the place.
 fn holder_name() -> String {
     format!(
         "{}@{}/{}",
         std::process::id(),
-        boot_id().unwrap_or_else(|| "unknown".into()),
+        place().unwrap_or_else(|| "unknown".into()),
         uuid::Uuid::now_v7()
     )
 }
 
-/// This machine's boot id, where the system tells it (Linux).
-fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| id.trim().to_string())
-        .filter(|id| !id.is_empty())
+/// The boot id and process id namespace of this process, where the system tells them (Linux).
+fn place() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let namespace = namespace.to_string_lossy();
+    let inode = namespace.trim_start_matches("pid:[").trim_end_matches(']');
+    let boot = boot.trim();
+    (!boot.is_empty() && !inode.is_empty()).then(|| format!("{boot}:{inode}"))
 }
 
-/// Whether the process that holds a lease as `owner` is known to be gone: it ran on this
-/// machine since its last boot, and no process has its id now. A holder on another machine, or
-/// one this cannot tell about, is not known to be gone.
+/// Whether the process that holds a lease as `owner` is known to be gone: it ran in this place
+/// (this machine since its last boot, this process id namespace), and no process has its id
+/// now. A holder elsewhere, or one this cannot tell about, is not known to be gone.
 pub fn holder_is_gone(owner: &str) -> bool {
     let Some((pid, rest)) = owner.split_once('@') else {
         return false;
     };
-    let Some((boot, _)) = rest.split_once('/') else {
+    let Some((there, _)) = rest.split_once('/') else {
         return false;
     };
-    let (Ok(pid), Some(here)) = (pid.parse::<u32>(), boot_id()) else {
+    let (Ok(pid), Some(here)) = (pid.parse::<u32>(), place()) else {
         return false;
     };
-    boot == here
+    // A `/proc` that hides other processes (`hidepid`) would hide a live holder too: then
+    // this process cannot tell, unless it sees process 1.
+    let sees_others = std::path::Path::new("/proc/1/stat").exists();
+    there == here
+        && sees_others
         && pid != std::process::id()
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The name a run's log shows for a lease holder: its random part alone (where it runs is the
+/// operator's business, not the tenant's).
+fn shown_holder(owner: &str) -> &str {
+    owner.rsplit_once('/').map_or(owner, |(_, id)| id)
 }
 
 /// The wall clock, ms since the epoch (the driver's one clock).
@@ -714,7 +727,7 @@ impl Runtime {
             return Ok(None);
         };
         match self
-            .continue_run(&tenant, &run_id, prices, model, None, false)
+            .continue_run(&tenant, &run_id, prices, model, None, now_ms())
             .await
         {
             // A run that can never be driven (its pinned spec no longer checks, its log does
@@ -1284,7 +1297,7 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
-        self.continue_run(tenant, run_id, prices, model, None, false)
+        self.continue_run(tenant, run_id, prices, model, None, now_ms())
             .await
     }
 
@@ -1297,8 +1310,30 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
     ) -> Result<RunOutcome, RuntimeError> {
-        self.continue_run(tenant, run_id, prices, model, None, true)
+        self.continue_run(tenant, run_id, prices, model, None, i64::MAX)
             .await
+    }
+
+    /// [`Runtime::take_over`] of a lease observed to run until `held_until_ms` by a holder known
+    /// to be gone: taken only if nobody has claimed or renewed it since (a restarted server that
+    /// took the run up meanwhile keeps it).
+    pub async fn take_over_from(
+        &self,
+        tenant: &TenantId,
+        run_id: &RunId,
+        prices: &PriceTable,
+        model: &dyn Model,
+        held_until_ms: i64,
+    ) -> Result<RunOutcome, RuntimeError> {
+        self.continue_run(
+            tenant,
+            run_id,
+            prices,
+            model,
+            None,
+            held_until_ms.saturating_add(1),
+        )
+        .await
     }
 
     /// Records a person's decision on the run's pending approval, then drives the run on: an
@@ -1312,7 +1347,7 @@ impl Runtime {
         model: &dyn Model,
         decision: Decision,
     ) -> Result<RunOutcome, RuntimeError> {
-        self.continue_run(tenant, run_id, prices, model, Some(decision), false)
+        self.continue_run(tenant, run_id, prices, model, Some(decision), now_ms())
             .await
     }
 
@@ -1323,7 +1358,7 @@ impl Runtime {
         prices: &PriceTable,
         model: &dyn Model,
         decision: Option<Decision>,
-        take_over: bool,
+        lease_as_of: i64,
     ) -> Result<RunOutcome, RuntimeError> {
         // The lease first: the log read below is then the one this process continues.
         let record = self.store.run(tenant, run_id).await?;
@@ -1338,7 +1373,7 @@ impl Runtime {
         if decision.is_some() && record.progress.status.is_terminal() {
             return Err(RuntimeError::Ended(run_id.clone(), record.progress.status));
         }
-        let now = if take_over { i64::MAX } else { now_ms() };
+        let now = lease_as_of;
         self.leased(
             run_id,
             now,
@@ -1497,15 +1532,20 @@ impl Runtime {
             }
         }
         let outcome = async {
-            // Taken up from the queue, or again after its process stopped: the time it waited
-            // is not the run's (an approval's wait is counted out by its decision).
-            if matches!(
-                record.progress.status,
-                RunStatus::Queued | RunStatus::Running
-            ) {
+            // Taken up from the queue, or by another process after the one driving it stopped:
+            // the time it waited is not the run's (an approval's wait is counted out by its
+            // decision). Taken up again by the process that last took it (after an error of
+            // its own), its clock runs on: a run failing over and over still times out.
+            let holder = shown_holder(&self.owner);
+            let claim = match record.progress.status {
+                RunStatus::Queued => true,
+                RunStatus::Running => driver.engine.last_claimed_by() != Some(holder),
+                _ => false,
+            };
+            if claim {
                 driver
                     .record(EventKind::RunClaimed {
-                        by: self.owner.clone(),
+                        by: holder.to_string(),
                     })
                     .await?;
             }

@@ -200,6 +200,10 @@ pub struct SecretEntry {
     pub updated_ms: i64,
 }
 
+/// A tenant (`(tenant, None)`) or key (`(tenant, Some(key id))`) stored before the admin log
+/// began.
+pub type BaselineItem = (String, Option<String>);
+
 /// A secret's name and its value as sealed by the caller.
 pub type SealedSecret = (String, Vec<u8>);
 
@@ -583,6 +587,10 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
         tenant: &'a TenantId,
         names: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<SealedSecret>, StoreError>>;
+
+    /// The tenants and keys stored before the admin log began (so without entries in it), as
+    /// `(tenant, None)` and `(tenant, Some(key id))`.
+    fn admin_baseline(&self) -> BoxFuture<'_, Result<Vec<BaselineItem>, StoreError>>;
 
     /// Runs created by `cutoff_ms`, in id order after `after`, at most `limit`, as an audit
     /// anchor covers them (the final head of each that had ended by the cutoff). An operator

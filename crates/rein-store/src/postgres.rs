@@ -1092,6 +1092,16 @@ impl Store for PgStore {
         })
     }
 
+    fn admin_baseline(&self) -> BoxFuture<'_, Result<Vec<crate::BaselineItem>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<crate::BaselineItem> =
+                sqlx::query_as("SELECT tenant, key_id FROM admin_baseline ORDER BY tenant, key_id")
+                    .fetch_all(&self.pool)
+                    .await?;
+            Ok(rows)
+        })
+    }
+
     fn anchor_runs<'a>(
         &'a self,
         cutoff_ms: i64,

@@ -119,10 +119,13 @@ impl axum::body::HttpBody for Deadline {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        if self.due.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))));
+        // What has arrived is handed on whenever it is read; only waiting for more is bounded.
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Pending if self.due.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))))
+            }
+            polled => polled,
         }
-        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1410,6 +1410,31 @@ fn the_time_a_run_lay_unattended_after_a_crash_is_not_its_own() {
     ));
 }
 
+#[test]
+fn a_run_taken_up_again_and_again_still_times_out() {
+    let mut sim = Sim::new(SPEC);
+    let Some(Effect::CallModel(first)) = sim.engine.next_effect(sim.now) else {
+        panic!("a model call first");
+    };
+    sim.call_model(first, &mut |_, _| {
+        reply(None, vec![call("c1", "lookup", r#"{"key": "a"}"#)], 10, 5)
+    });
+    let mut deadlines = Vec::new();
+    for n in 0..7 {
+        sim.now += 1_000;
+        sim.record(EventKind::RunClaimed {
+            by: format!("w{n}"),
+        });
+        deadlines.push(sim.engine.deadline_ms().unwrap());
+    }
+    let grew = deadlines.windows(2).filter(|w| w[1] > w[0]).count();
+    assert_eq!(
+        grew, 4,
+        "five takeovers are counted out, then no more: {deadlines:?}"
+    );
+    assert_eq!(sim.engine.last_claimed_by(), Some("w6"));
+}
+
 const GATEWAY_SPEC: &str = r#"
 name: gateway
 version: 1

@@ -17,3 +17,6 @@ CREATE TRIGGER audit_anchors_are_append_only BEFORE UPDATE OR DELETE ON audit_an
     FOR EACH ROW EXECUTE FUNCTION rein_refuse('audit anchors are append-only');
 CREATE TRIGGER audit_anchors_are_never_truncated BEFORE TRUNCATE ON audit_anchors
     FOR EACH STATEMENT EXECUTE FUNCTION rein_refuse('audit anchors are append-only');
+
+-- Anchors walk every run in byte order of its id, a page at a time.
+CREATE INDEX runs_by_id_bytes ON runs (id COLLATE "C");
