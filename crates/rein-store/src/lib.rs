@@ -365,10 +365,9 @@ pub trait Store: Counters + std::fmt::Debug + Send + Sync + 'static {
     /// holder died), or one awaiting an approval that timed out (so its policy happens). Fair
     /// between tenants: the oldest run of the tenant with the fewest runs being driven now
     /// (leased and not ended, in any process), so no tenant's backlog delays another's first
-    /// run; and, with `per_tenant`, none of a tenant that already has that many driven (on
-    /// PostgreSQL, claims racing in several processes may each see the same count, so the cap
-    /// can be passed by the number of racing processes less one). Two workers never claim the
-    /// same run.
+    /// run; and, with `per_tenant`, none of a tenant that already has that many driven (claims
+    /// with a cap take turns, so racing ones cannot pass it). Two workers never claim the same
+    /// run.
     fn claim<'a>(
         &'a self,
         lease: Lease<'a>,

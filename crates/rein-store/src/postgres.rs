@@ -538,6 +538,12 @@ impl Store for PgStore {
         per_tenant: Option<u32>,
     ) -> BoxFuture<'a, Result<Option<(TenantId, RunId)>, StoreError>> {
         Box::pin(async move {
+            // With a cap, claims take turns (an advisory lock held to the commit), so two
+            // claims racing, in one process or several, cannot both see a tenant just under it.
+            let mut tx = self.pool.begin().await?;
+            if per_tenant.is_some() {
+                lock_scopes(&mut tx, &["rein:claims"]).await?;
+            }
             let row = sqlx::query(concat!(
                 "WITH driven AS (SELECT tenant AS driven_tenant, count(*) AS n FROM runs
                                  WHERE status IN ('queued', 'running') AND parent_run_id IS NULL
@@ -555,8 +561,9 @@ impl Store for PgStore {
             .bind(lease.until_ms)
             .bind(now_ms)
             .bind(per_tenant.map(i64::from))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
+            tx.commit().await?;
             row.map(|r| Ok((TenantId::new(r.text("tenant")?), RunId::new(r.text("id")?))))
                 .transpose()
         })
