@@ -171,42 +171,31 @@ fn closed_v6(a: Ipv6Addr) -> Option<&'static str> {
         "a reserved"
     } else if s[0] & 0xffc0 == 0xfe80 {
         "a link-local (cloud metadata)"
-    } else if s[0] & 0xfe00 == 0xfc00 {
-        // Unique local addresses; fd00:ec2::254 is one cloud's metadata service.
+    } else if s[0] & 0xfe00 == 0xfc00 || s[0] & 0xffc0 == 0xfec0 {
+        // Unique local addresses (fd00:ec2::254 is one cloud's metadata service), and the
+        // site-local ones they replaced.
         "a private"
     } else if a.is_multicast() {
         "a multicast"
     } else if s[0] == 0x64 && s[1] == 0xff9b {
         // NAT64: the IPv4 address it carries is judged instead.
-        let v4 = Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            (s[6] & 0xff) as u8,
-            (s[7] >> 8) as u8,
-            (s[7] & 0xff) as u8,
-        );
-        return closed_v4(v4);
+        return closed_v4(carried(s[6], s[7]));
     } else if s[0] == 0x2002 {
         // 6to4: the IPv4 address it carries is judged instead.
-        let v4 = Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            (s[1] & 0xff) as u8,
-            (s[2] >> 8) as u8,
-            (s[2] & 0xff) as u8,
-        );
-        return closed_v4(v4);
+        return closed_v4(carried(s[1], s[2]));
     } else if s[0] == 0x2001 && s[1] == 0x0db8 {
         "a documentation"
     } else if s[0..6] == [0, 0, 0, 0, 0, 0] {
         // IPv4-compatible (deprecated) addresses.
-        return closed_v4(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            (s[6] & 0xff) as u8,
-            (s[7] >> 8) as u8,
-            (s[7] & 0xff) as u8,
-        ));
+        return closed_v4(carried(s[6], s[7]));
     } else {
         return None;
     })
+}
+
+/// The IPv4 address two 16-bit segments of an IPv6 address carry.
+fn carried(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
 }
 
 fn normal_host(host: &str) -> String {
@@ -249,6 +238,7 @@ mod tests {
             ("169.254.169.254", "a link-local (cloud metadata)"),
             ("fe80::1", "a link-local (cloud metadata)"),
             ("fd00:ec2::254", "a private"),
+            ("fec0::1", "a private"),
             ("10.0.0.1", "a private"),
             ("172.16.5.4", "a private"),
             ("172.31.255.255", "a private"),
