@@ -183,6 +183,12 @@ pub fn check_anchor(
             anchor.runs - runs,
             anchor.seq
         ));
+    } else if runs > anchor.runs {
+        problems.push(format!(
+            "{} run(s) dated before audit anchor {}'s cutoff are stored that it did not record: they were added since, or the clocks of the processes that wrote them are further apart than the anchor's lag",
+            runs - anchor.runs,
+            anchor.seq
+        ));
     } else if runs_sha256 != anchor.runs_sha256 {
         problems.push(format!(
             "the runs created before audit anchor {} are not the ones it recorded: a run was removed and another added, or an ended run's log was rewritten or cut",
@@ -242,5 +248,13 @@ mod tests {
         assert!(rewritten[0].contains("rewritten or cut"), "{rewritten:?}");
         let cut = check_anchor(&anchor, None, (n, &sha));
         assert!(cut[0].contains("no longer holds entry 4"), "{cut:?}");
+        let (n3, sha3) = digest(&[runs[0].clone(), runs[1].clone(), run("r0", None)]);
+        let added = check_anchor(&anchor, Some("a4"), (n3, &sha3));
+        assert!(
+            added[0].contains(
+                "1 run(s) dated before audit anchor 0's cutoff are stored that it did not record"
+            ),
+            "{added:?}"
+        );
     }
 }
