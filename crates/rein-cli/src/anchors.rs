@@ -31,12 +31,7 @@ pub async fn make(
 ) -> anyhow::Result<Option<Anchor>> {
     let last = store.last_anchor().await?;
     let admin_head = match store.admin_log_head().await? {
-        Some(seq) => store
-            .admin_log(seq, 1)
-            .await?
-            .into_iter()
-            .next()
-            .map(|e| (e.seq, e.hash)),
+        Some(seq) => admin_hash_at(store, seq).await?.map(|hash| (seq, hash)),
         None => None,
     };
     let cutoff_ms = now_ms - i64::try_from(lag.as_millis()).unwrap_or(i64::MAX / 2);
@@ -57,6 +52,17 @@ pub async fn make(
             .with_context(|| format!("cannot write the anchor file {}", file.display()))?;
     }
     Ok(Some(anchor))
+}
+
+/// The hash of the admin log's entry at `seq`, if it holds one there.
+async fn admin_hash_at(store: &dyn Store, seq: u64) -> anyhow::Result<Option<String>> {
+    Ok(store
+        .admin_log(seq, 1)
+        .await?
+        .into_iter()
+        .next()
+        .filter(|e| e.seq == seq)
+        .map(|e| e.hash))
 }
 
 /// The runs created by `cutoff_ms`, digested in id order.
@@ -127,13 +133,7 @@ pub async fn check(store: &dyn Store, file: Option<&Path>) -> anyhow::Result<(us
     }
     if let Some(anchor) = latest {
         let admin_entry = match &anchor.admin_head {
-            Some((seq, _)) => store
-                .admin_log(*seq, 1)
-                .await?
-                .into_iter()
-                .next()
-                .filter(|e| e.seq == *seq)
-                .map(|e| e.hash),
+            Some((seq, _)) => admin_hash_at(store, *seq).await?,
             None => None,
         };
         let (runs, sha) = runs_digest(store, anchor.cutoff_ms).await?;

@@ -734,7 +734,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             anchor_every: match file.audit.anchor_every.as_deref() {
                 None => Audit::default().anchor_every,
                 Some(text) => Some(
-                    rein_core::parse_duration(text)
+                    rein_core::duration::parse_duration_or_zero(text)
                         .map_err(|e| anyhow!("{file_name}: audit.anchor_every: {e}"))?,
                 )
                 .filter(|d| !d.is_zero()),
@@ -829,6 +829,24 @@ mod tests {
 
     fn error(text: &str) -> String {
         format!("{:#}", load_text(text).unwrap_err())
+    }
+
+    #[test]
+    fn audit_anchors_are_made_every_ten_minutes_unless_turned_off() {
+        let defaults = load_text("").unwrap().audit;
+        assert_eq!(
+            defaults.anchor_every,
+            Some(std::time::Duration::from_secs(600))
+        );
+        let off = load_text("[audit]\nanchor_every = \"0s\"\n").unwrap().audit;
+        assert_eq!(off.anchor_every, None);
+        let set = load_text("[audit]\nanchor_every = \"1h\"\nanchor_file = \"a.jsonl\"\n")
+            .unwrap()
+            .audit;
+        assert_eq!(set.anchor_every, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(set.anchor_file, Some(PathBuf::from("a.jsonl")));
+        let bad = error("[audit]\nanchor_every = \"0\"\n");
+        assert!(bad.contains("audit.anchor_every"), "{bad}");
     }
 
     #[test]

@@ -382,10 +382,7 @@ struct WorkerArgs {
 
 /// A duration that may be zero (`0s`: no lag, for a store only one machine writes).
 fn parse_lag(text: &str) -> Result<std::time::Duration, String> {
-    if text.trim().trim_end_matches(['s', 'm', 'h']).trim() == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    parse_lease(text)
+    rein_core::duration::parse_duration_or_zero(text)
 }
 
 fn parse_lease(text: &str) -> Result<std::time::Duration, String> {

@@ -591,10 +591,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             rein_runtime::SECRETS_KEY_ENV
         );
     }
-    let limits = connections::Limits {
-        max_connections: app.config.server.max_connections,
-        header_timeout: app.config.server.header_timeout,
-    };
+    let limits = connections::Limits::of(&app.config.server);
     connections::serve(listener, router(app.clone()), limits, shutdown_signal()).await;
     // Every step of an in-flight run is already in its log: stopping the workers loses nothing.
     // Their leases are then given up, so the next start (or another process) takes the runs
@@ -646,10 +643,7 @@ pub(crate) fn spawn_api(
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let app = App::new(config, store, runtime, Builtins::standard(), model, None)?;
-    let limits = connections::Limits {
-        max_connections: app.config.server.max_connections,
-        header_timeout: app.config.server.header_timeout,
-    };
+    let limits = connections::Limits::of(&app.config.server);
     Ok(tokio::spawn(connections::serve(
         listener,
         router(app),
@@ -864,7 +858,7 @@ async fn time_limit(
     if request
         .uri()
         .path_and_query()
-        .is_some_and(|p| p.as_str().to_ascii_lowercase().contains("%00"))
+        .is_some_and(|p| p.as_str().contains("%00"))
     {
         return Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,

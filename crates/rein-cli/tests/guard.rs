@@ -308,14 +308,8 @@ async fn an_injected_ticket_cannot_email_the_customer_list_out_and_its_secret_le
         "/ui/approvals".to_string(),
         "/ui/costs".to_string(),
     ] {
-        let page = http
-            .get(format!("{base}{path}"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(page.status(), 200, "{path}");
-        seen.push((path, page.text().await.unwrap()));
+        let page = common::page(&http, &base, &path, &cookie).await;
+        seen.push((path, page));
     }
     let shown = common::rein_ok(
         dir.path(),

@@ -263,15 +263,8 @@ async fn a_tenant_spec_reads_only_its_own_secrets_never_the_servers_environment(
     // (above), the dashboard's pages, /metrics, the server's logs.
     let cookie = common::sign_in(base, &key).await;
     let mut pages = String::new();
-    for page in ["/ui/runs", "/ui/status", "/ui/costs", "/metrics"] {
-        let answer = http
-            .get(format!("{base}{page}"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{page}");
-        pages.push_str(&answer.text().await.unwrap());
+    for path in ["/ui/runs", "/ui/status", "/ui/costs", "/metrics"] {
+        pages.push_str(&common::page(&http, base, path, &cookie).await);
     }
     let seen = format!("{seen}\n{pages}");
     let logs = server.logs.clone();
@@ -642,19 +635,12 @@ async fn a_secret_in_the_input_is_stored_nowhere() {
     let (_, chat_views) = run_views(&http, base, &key, &chat_run).await;
     let cookie = common::sign_in(base, &key).await;
     let mut pages = String::new();
-    for page in [
+    for path in [
         format!("/ui/runs/{id}"),
         format!("/ui/runs/{chat_run}"),
         "/ui/runs".into(),
     ] {
-        let answer = http
-            .get(format!("{base}{page}"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{page}");
-        pages.push_str(&answer.text().await.unwrap());
+        pages.push_str(&common::page(&http, base, &path, &cookie).await);
     }
     let everything = format!("{views}\n{listed}\n{shown}\n{run}\n{chat_views}\n{pages}");
     assert!(!everything.contains(PASTED), "{everything}");

@@ -37,9 +37,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis.round() as u64))
 }
 
+/// [`parse_duration`], zero (`0s`, `0ms`, ...) allowed too: for settings where zero means none
+/// or off.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(rein_core::duration::parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+/// assert!(rein_core::duration::parse_duration_or_zero("0").is_err());
+/// ```
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let number = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if number.len() < text.len() && number.parse::<f64>() == Ok(0.0) {
+        // The unit is checked as it would be for any other number.
+        return parse_duration(&format!("1{}", &text[number.len()..])).map(|_| Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_is_read_where_it_is_allowed() {
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0.0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration_or_zero("0").is_err());
+        assert!(parse_duration_or_zero("0parsecs").is_err());
+    }
 
     #[test]
     fn units_are_read() {

@@ -1,7 +1,7 @@
 //! What each event adds to the process's metrics.
 //!
 //! The counters and histograms `/metrics` shows are folded from the same events the log holds
-//! (DESIGN.md, "One log, four uses"): the runtime hands every event it has made durable to the
+//! (the log is also the metrics: ARCHITECTURE.md): the runtime hands every event it has made durable to the
 //! run's [`RunMeter`] and applies the [`Measure`]s it returns to its metrics recorder. Nothing
 //! here does I/O, so what an event is worth is tested without a recorder.
 

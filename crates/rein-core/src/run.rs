@@ -1,4 +1,4 @@
-//! Run states and termination reasons, as named in DESIGN.md.
+//! Run states and termination reasons, as named throughout Rein (ARCHITECTURE.md).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -1,4 +1,4 @@
-//! A run's trace, as spans made from its event log (DESIGN.md, "One log, four uses").
+//! A run's trace, as spans made from its event log (the log is also the trace: ARCHITECTURE.md).
 //!
 //! One trace per run, its id the run's (a UUIDv7 is 128 bits, as a trace id is), so a trace
 //! found in any backend leads to `rein runs show` and back. Under the run's span: one span per

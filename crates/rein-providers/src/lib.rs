@@ -100,6 +100,16 @@ impl ModelError {
         }
     }
 
+    /// A call the egress policy refused: the same call is refused again, so not worth a retry.
+    pub fn refused(refusal: rein_core::egress::EgressRefusal) -> Self {
+        let mut refused = ModelError::new(
+            ErrorType::Permanent,
+            format!("the model's server may not be reached: {refusal}"),
+        );
+        refused.egress = Some(refusal);
+        refused
+    }
+
     /// Whether the same call may work if made again.
     pub fn is_retryable(&self) -> bool {
         !matches!(self.kind, ErrorType::Permanent)

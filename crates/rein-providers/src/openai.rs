@@ -498,13 +498,7 @@ pub(crate) fn billed(what: impl std::fmt::Display) -> ModelError {
 
 pub(crate) fn transport_error(e: reqwest::Error) -> ModelError {
     if let Some(refusal) = rein_core::egress::EgressRefusal::behind(&e) {
-        // The same call is refused again: not worth a retry.
-        let mut refused = ModelError::new(
-            ErrorType::Permanent,
-            format!("the model's server may not be reached: {refusal}"),
-        );
-        refused.egress = Some(refusal);
-        return refused;
+        return ModelError::refused(refusal);
     }
     let what = if e.is_timeout() {
         "the provider did not answer in time"

@@ -2223,9 +2223,6 @@ impl Driver<'_> {
                         .filter(|k| !k.is_empty());
                 }
             }
-            if let Some(refusal) = &refusal {
-                self.egress_refused(call.step, entry, refusal).await?;
-            }
             let endpoint = model_ref.base_url.as_deref().map(|base_url| Endpoint {
                 base_url,
                 api_key: endpoint_key.as_deref(),
@@ -2265,10 +2262,8 @@ impl Driver<'_> {
                             Box::pin(std::future::ready(Err(unread)))
                         }
                         (Some(refusal), _) => {
-                            let refused = ModelError::new(
-                                ErrorType::Permanent,
-                                format!("the model's server may not be reached: {refusal}"),
-                            );
+                            // Refused as the client refuses a name, and recorded the same way.
+                            let refused = ModelError::refused(refusal.clone());
                             Box::pin(std::future::ready(Err(refused)))
                         }
                         (None, Some(sink)) => model.complete_streaming(request, sink),

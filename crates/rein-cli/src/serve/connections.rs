@@ -37,6 +37,16 @@ pub(crate) struct Limits {
     pub header_timeout: Duration,
 }
 
+impl Limits {
+    /// The limits `[server]` sets.
+    pub(crate) fn of(server: &crate::config::Server) -> Self {
+        Limits {
+            max_connections: server.max_connections,
+            header_timeout: server.header_timeout,
+        }
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown` completes, then lets open
 /// connections finish (for at most [`DRAIN`]).
 pub(crate) async fn serve(

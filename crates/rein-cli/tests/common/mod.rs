@@ -394,3 +394,16 @@ pub async fn sign_in(base: &str, key: &str) -> String {
     let cookie = signed.headers()["set-cookie"].to_str().unwrap();
     cookie.split(';').next().unwrap().to_string()
 }
+
+/// The page at `path` (of the dashboard, or any other GET) as the signed-in `cookie` sees it,
+/// which must be 200.
+pub async fn page(http: &reqwest::Client, base: &str, path: &str, cookie: &str) -> String {
+    let answer = http
+        .get(format!("{base}{path}"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{path}");
+    answer.text().await.unwrap()
+}
