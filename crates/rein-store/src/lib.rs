@@ -86,6 +86,33 @@ pub enum CostGroup {
     Day,
 }
 
+impl CostGroup {
+    /// Every grouping, in the order `rein costs --by` lists them.
+    pub const ALL: [CostGroup; 5] = [
+        CostGroup::Tenant,
+        CostGroup::User,
+        CostGroup::Agent,
+        CostGroup::Model,
+        CostGroup::Day,
+    ];
+
+    /// The grouping's name, as `--by` and `?by=` take it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CostGroup::Tenant => "tenant",
+            CostGroup::User => "user",
+            CostGroup::Agent => "agent",
+            CostGroup::Model => "model",
+            CostGroup::Day => "day",
+        }
+    }
+
+    /// The grouping named `name`, if any.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.name() == name)
+    }
+}
+
 /// Spend of one group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CostLine {

@@ -6,7 +6,7 @@
 //! database rewritten with its anchors: its last anchor must be the database's, and must still
 //! match what the store holds.
 
-use anyhow::Context;
+use crate::error::{Error, Result};
 use rein_core::RunId;
 use rein_core::anchor::{Anchor, RunsDigest, check_anchor, verify_anchors};
 use rein_store::Store;
@@ -28,7 +28,7 @@ pub async fn make(
     now_ms: i64,
     lag: std::time::Duration,
     file: Option<&Path>,
-) -> anyhow::Result<Option<Anchor>> {
+) -> Result<Option<Anchor>> {
     let last = store.last_anchor().await?;
     let admin_head = match store.admin_log_head().await? {
         Some(seq) => admin_hash_at(store, seq).await?.map(|hash| (seq, hash)),
@@ -41,21 +41,29 @@ pub async fn make(
         return Ok(None);
     }
     if let Some(file) = file {
-        let line = serde_json::to_string(&anchor)?;
+        let line = serde_json::to_string(&anchor)
+            .map_err(|e| Error::unavailable("cannot write an anchor as JSON", e))?;
         let mut out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(file)
-            .with_context(|| format!("cannot open the anchor file {}", file.display()))?;
+            .map_err(|e| {
+                Error::unavailable(format!("cannot open the anchor file {}", file.display()), e)
+            })?;
         writeln!(out, "{line}")
             .and_then(|()| out.sync_data())
-            .with_context(|| format!("cannot write the anchor file {}", file.display()))?;
+            .map_err(|e| {
+                Error::unavailable(
+                    format!("cannot write the anchor file {}", file.display()),
+                    e,
+                )
+            })?;
     }
     Ok(Some(anchor))
 }
 
 /// The hash of the admin log's entry at `seq`, if it holds one there.
-async fn admin_hash_at(store: &dyn Store, seq: u64) -> anyhow::Result<Option<String>> {
+async fn admin_hash_at(store: &dyn Store, seq: u64) -> Result<Option<String>> {
     Ok(store
         .admin_log(seq, 1)
         .await?
@@ -66,7 +74,7 @@ async fn admin_hash_at(store: &dyn Store, seq: u64) -> anyhow::Result<Option<Str
 }
 
 /// The runs created by `cutoff_ms`, digested in id order.
-async fn runs_digest(store: &dyn Store, cutoff_ms: i64) -> anyhow::Result<(u64, String)> {
+async fn runs_digest(store: &dyn Store, cutoff_ms: i64) -> Result<(u64, String)> {
     let mut digest = RunsDigest::default();
     let mut after: Option<RunId> = None;
     loop {
@@ -82,7 +90,7 @@ async fn runs_digest(store: &dyn Store, cutoff_ms: i64) -> anyhow::Result<(u64, 
 /// What the anchors say is wrong with the store now: the anchors' own chain, the anchor file's
 /// last anchor against the database's, and the latest anchor against what the store holds.
 /// Also how many anchors there are.
-pub async fn check(store: &dyn Store, file: Option<&Path>) -> anyhow::Result<(usize, Vec<String>)> {
+pub async fn check(store: &dyn Store, file: Option<&Path>) -> Result<(usize, Vec<String>)> {
     let mut anchors = Vec::new();
     loop {
         let page = store.anchors(anchors.len() as u64, PAGE).await?;
@@ -102,15 +110,20 @@ pub async fn check(store: &dyn Store, file: Option<&Path>) -> anyhow::Result<(us
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot read the anchor file {}", file.display()));
+                return Err(Error::unavailable(
+                    format!("cannot read the anchor file {}", file.display()),
+                    e,
+                ));
             }
         };
         if let Some(line) = text.lines().rev().find(|l| !l.trim().is_empty()) {
-            let outside: Anchor = serde_json::from_str(line).with_context(|| {
-                format!(
-                    "the anchor file {} ends with a line that is not an anchor",
-                    file.display()
+            let outside: Anchor = serde_json::from_str(line).map_err(|e| {
+                Error::unavailable(
+                    format!(
+                        "the anchor file {} ends with a line that is not an anchor",
+                        file.display()
+                    ),
+                    e,
                 )
             })?;
             if anchors.get(outside.seq as usize) != Some(&outside) {

@@ -8,12 +8,13 @@
 //! measured from when it was sent. The gateway's added latency is the difference of the two
 //! phases' percentiles. Load generator, gateway and fake share this machine's cores.
 
-use crate::bench::{BenchArgs, percentile};
-use crate::config;
+use crate::commands::bench::{BenchArgs, percentile};
 use anyhow::{Context, anyhow};
+use rein_app::config;
 use rein_core::TenantId;
 use rein_fakes::{FakeOpenAi, FakeResponse};
 use rein_providers::{Model, OpenAiClient};
+use rein_server::{Parts, Server};
 use rein_store::{Durability, SqliteStore, Store};
 use rein_tools::Builtins;
 use serde_json::{Value, json};
@@ -142,7 +143,7 @@ fn steal_in_proc_stat(stat: &str) -> Option<Duration> {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let fake = FakeOpenAi::start_unrecorded(|_, _| FakeResponse::text("ok", 20, 5)).await?;
-    let http = crate::http_client()?;
+    let http = rein_app::wiring::http_client()?;
     let mut config = config::load(None)?;
     // A cap far above what the benchmark spends, so every call reserves and settles.
     config.budgets.defaults.tenant_daily = rein_core::budget::Cap {
@@ -153,7 +154,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         SqliteStore::open(tmp.path().join("bench-gateway.db"), Durability::Process).await?,
     );
     let tenant = TenantId::new("bench");
-    let key = crate::serve::admin::new_api_key()?;
+    let key = rein_app::admin::new_api_key()?;
     store
         .create_tenant(&tenant, rein_runtime::now_ms(), "bench")
         .await?;
@@ -166,11 +167,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<u8> {
             "bench",
         )
         .await?;
-    let runtime = crate::runtime_for(&config, &store, Builtins::standard(), http.clone()).await?;
+    let runtime =
+        rein_app::wiring::runtime_for(&config, &store, Builtins::standard(), http.clone()).await?;
     let model: Arc<dyn Model> = Arc::new(OpenAiClient::new(http.clone(), fake.base_url(), None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway = format!("http://{}/v1/chat/completions", listener.local_addr()?);
-    let server = crate::serve::spawn_api(config, store.clone(), runtime, model, listener)?;
+    let server = Server::new(Parts {
+        config,
+        store: store.clone(),
+        runtime,
+        builtins: Builtins::standard(),
+        model,
+        admin_key_sha256: None,
+    })?;
+    let server = tokio::spawn(server.serve_api(listener, std::future::pending()));
     let direct = format!("{}/chat/completions", fake.base_url());
     let body = json!({
         "model": "gpt-4o-mini",

@@ -4,8 +4,11 @@
 //! compiled in, so the demo needs nothing but the binary. The flaky and order-lookup tools are
 //! served by the demo itself on 127.0.0.1.
 
-use crate::{BadInput, config, exit, http_client, parse_agent, render};
+use crate::exit;
 use anyhow::{Context, anyhow};
+use rein_app::Error::BadInput;
+use rein_app::wiring::{http_client, parse_agent};
+use rein_app::{config, render};
 use rein_core::budget::{BudgetPolicy, Cap};
 use rein_core::{SessionId, TenantId, Usd, UserId};
 use rein_fakes::ToolService;
@@ -34,8 +37,8 @@ macro_rules! scenario {
         Scenario {
             name: $name,
             tenant: $tenant,
-            spec: include_str!(concat!("../../../examples/demo/", $name, ".yaml")),
-            script: include_str!(concat!("../../../examples/demo/", $name, ".script.yaml")),
+            spec: include_str!(concat!("../../../../examples/demo/", $name, ".yaml")),
+            script: include_str!(concat!("../../../../examples/demo/", $name, ".script.yaml")),
             files: (
                 concat!("examples/demo/", $name, ".yaml"),
                 concat!("examples/demo/", $name, ".script.yaml"),
@@ -115,8 +118,8 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "orchestrator",
         tenant: "default",
-        spec: include_str!("../../../examples/orchestrator/orchestrator.yaml"),
-        script: include_str!("../../../examples/orchestrator/script.yaml"),
+        spec: include_str!("../../../../examples/orchestrator/orchestrator.yaml"),
+        script: include_str!("../../../../examples/orchestrator/script.yaml"),
         files: (
             "examples/orchestrator/orchestrator.yaml",
             "examples/orchestrator/script.yaml",
@@ -144,15 +147,15 @@ const SCENARIOS: &[Scenario] = &[
 const WORKERS: &[(&str, &str)] = &[
     (
         "researcher.yaml",
-        include_str!("../../../examples/orchestrator/researcher.yaml"),
+        include_str!("../../../../examples/orchestrator/researcher.yaml"),
     ),
     (
         "checker.yaml",
-        include_str!("../../../examples/orchestrator/checker.yaml"),
+        include_str!("../../../../examples/orchestrator/checker.yaml"),
     ),
     (
         "summariser.yaml",
-        include_str!("../../../examples/orchestrator/summariser.yaml"),
+        include_str!("../../../../examples/orchestrator/summariser.yaml"),
     ),
 ];
 
@@ -177,15 +180,20 @@ impl rein_runtime::Workers for DemoWorkers {
                 .iter()
                 .find(|(name, _)| *name == reference)
                 .ok_or_else(|| format!("the demo has no worker `{reference}`"))?;
-            let (agent, source) =
-                crate::parse_worker(&self.prices, &self.builtins, reference, source.to_string())?;
+            let (agent, source) = rein_app::workers::parse_worker(
+                &self.prices,
+                &self.builtins,
+                reference,
+                source.to_string(),
+            )?;
             // The demo's workers ship with Rein.
             Ok((agent, source, rein_core::Trust::Operator))
         })
     }
 
     fn pinned(&self, reference: &str, source: String) -> Result<rein_core::Agent, String> {
-        crate::parse_worker(&self.prices, &self.builtins, reference, source).map(|(a, _)| a)
+        rein_app::workers::parse_worker(&self.prices, &self.builtins, reference, source)
+            .map(|(a, _)| a)
     }
 }
 
@@ -227,8 +235,8 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     );
     let builtins = Builtins::standard();
     let http = http_client()?;
-    let store = crate::open_store(store_args).await?;
-    let runtime = crate::runtime_for(&config, &store, builtins.clone(), http.clone())
+    let store = rein_app::wiring::open_store(&store_args.db).await?;
+    let runtime = rein_app::wiring::runtime_for(&config, &store, builtins.clone(), http.clone())
         .await?
         .with_workers(std::sync::Arc::new(DemoWorkers {
             prices: config.prices.clone(),

@@ -8,15 +8,19 @@
 //! with the answer) is its audit trail, its trace and its cost line. Tool calls in the answer
 //! go back to the caller, which runs them.
 
-use super::{App, Caller, MAX_ID_LEN, Problem, cache, check_len, json_body};
-use crate::config::Gateway;
-use crate::views::ProblemView;
+use crate::auth::Caller;
+use crate::cache;
+use crate::problem::Problem;
+use crate::request::{MAX_ID_LEN, check_len, json_body};
+use crate::state::App;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
+use rein_app::config::Gateway;
+use rein_app::views::ProblemView;
 use rein_core::spec::{Agent, ToolChoice};
 use rein_core::{
     ChatRequest, EventKind, Message, Role, SessionId, TenantId, TerminationReason, ToolCall,
@@ -48,8 +52,8 @@ impl Agents {
             return Ok(found);
         }
         let source: Arc<str> = spec_source(model, &app.config.gateway).into();
-        let agent =
-            crate::parse_agent(AGENT, &source, &app.config, &app.builtins).map_err(|e| {
+        let agent = rein_app::wiring::parse_agent(AGENT, &source, &app.config, &app.builtins)
+            .map_err(|e| {
                 Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("the gateway cannot call `{model}`: {e:#}"),
@@ -361,10 +365,10 @@ pub(super) async fn chat_completions(
         input,
         granted_scopes: Vec::new(),
         trust: rein_core::Trust::Operator,
-        trace_parent: super::trace_parent(&headers),
+        trace_parent: crate::request::trace_parent(&headers),
         chat: Some(chat),
         tenant: tenant.clone(),
-        user: UserId::new(body.user.as_deref().unwrap_or(super::ANONYMOUS)),
+        user: UserId::new(body.user.as_deref().unwrap_or(crate::runs::ANONYMOUS)),
         session: SessionId::new(run_id.as_str()),
         job: None,
     };

@@ -10,7 +10,7 @@
 //! long by design (an event stream, a `wait: true` run) are unaffected: they are past their
 //! head and body.
 
-use super::Problem;
+use crate::problem::Problem;
 use axum::Router;
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -39,7 +39,7 @@ pub(crate) struct Limits {
 
 impl Limits {
     /// The limits `[server]` sets.
-    pub(crate) fn of(server: &crate::config::Server) -> Self {
+    pub(crate) fn of(server: &rein_app::config::Server) -> Self {
         Limits {
             max_connections: server.max_connections,
             header_timeout: server.header_timeout,

@@ -11,9 +11,10 @@
 //!    the number of runs is the cost of one in-flight run. The gate then opens and every run
 //!    completes through a pool of at most 256 concurrent provider connections.
 
-use crate::{config, http_client, parse_agent};
 use anyhow::{Context, anyhow};
 use clap::Args;
+use rein_app::config;
+use rein_app::wiring::{http_client, parse_agent};
 use rein_core::{Agent, SessionId, TenantId, TerminationReason, UserId};
 use rein_fakes::{FakeOpenAi, FakeResponse};
 use rein_providers::{BoxFuture, Model, ModelError, ModelRequest, OpenAiClient};
@@ -158,7 +159,7 @@ impl Model for Gated {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     if args.gateway {
-        return crate::bench_gateway::run(&args).await;
+        return crate::commands::bench_gateway::run(&args).await;
     }
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());

@@ -11,8 +11,8 @@
 //! The cache sits in front of the provider as a [`Model`], so each attempt of each model in the
 //! fallback chain is looked up under its own model's name.
 
-use crate::config::GatewayCache;
 use axum::http::{HeaderMap, header};
+use rein_app::config::GatewayCache;
 use rein_core::event::sha256_hex;
 use rein_core::{ModelReply, TenantId, Usage};
 use rein_providers::{BoxFuture, Model, ModelError, ModelRequest, TokenSink};

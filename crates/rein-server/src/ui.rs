@@ -5,14 +5,16 @@
 //! the session's random token (an HttpOnly, SameSite=Strict cookie, never the key), and every
 //! page shows only that tenant's data, as the API does.
 
-use super::{App, Problem, decide_run, store_unavailable};
-use crate::render;
+use crate::approvals::decide_run;
+use crate::problem::{Problem, store_unavailable};
+use crate::state::App;
 use axum::Form;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use minijinja::{Environment, context};
+use rein_app::render;
 use rein_core::event::sha256_hex;
 use rein_core::{Event, EventKind, RunId, RunStatus, TenantId, TerminationReason, UserId};
 use rein_runtime::now_ms;
@@ -60,7 +62,7 @@ const REASONS: [&str; 15] = [
 pub(super) struct Templates(Environment<'static>);
 
 impl Templates {
-    pub(super) fn new() -> anyhow::Result<Self> {
+    pub(super) fn new() -> Result<Self, crate::ServerError> {
         let mut env = Environment::new();
         for (name, source) in [
             ("base.html", include_str!("ui/base.html")),
@@ -393,7 +395,7 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                 kind: e.kind.name(),
                 summary,
                 payload: serde_json::to_value(&e.kind)
-                    .map(crate::views::served)
+                    .map(rein_app::views::served)
                     .and_then(|v| serde_json::to_string_pretty(&v))
                     .unwrap_or_default(),
             }
@@ -432,7 +434,7 @@ pub(super) async fn login(
         *page.status_mut() = StatusCode::UNAUTHORIZED;
         page
     };
-    let token = match super::admin::random_secret() {
+    let token = match rein_app::admin::random_secret() {
         Ok(token) => token,
         Err(e) => {
             return Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
@@ -572,7 +574,7 @@ pub(super) async fn runs(
                 .await?
         }
     };
-    let limited = super::cut_page(&mut found, LIST_LIMIT);
+    let limited = rein_app::views::cut_page(&mut found, LIST_LIMIT);
     // The next page's query: these filters, from the run after this page's last.
     let older = found.last().filter(|_| limited).map(|last| {
         let mut next = form_urlencoded::Serializer::new(String::new());

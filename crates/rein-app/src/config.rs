@@ -71,7 +71,7 @@
 //! prefix = "rein"
 //! ```
 
-use anyhow::{Context, anyhow};
+use crate::error::{Error, Result};
 use rein_core::budget::{BudgetPolicy, Budgets, Cap};
 use rein_core::bulkhead::{BulkheadPolicy, Bulkheads};
 use rein_core::rate::{OverLimit, RateLimit, RateLimits, RatePolicy};
@@ -79,6 +79,13 @@ use rein_core::{Price, PriceTable, TenantId, Usd};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// A problem in the config file: bad input, named by file and key.
+macro_rules! bad {
+    ($($arg:tt)*) => {
+        Error::BadInput(format!($($arg)*))
+    };
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -265,12 +272,12 @@ impl Default for Server {
     }
 }
 
-fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
+fn server(entry: &ServerEntry, file: &str) -> Result<Server> {
     let defaults = Server::default();
     let duration = |key: &str, value: &Option<String>| {
         value
             .as_deref()
-            .map(|v| rein_core::parse_duration(v).map_err(|e| anyhow!("{file}: server.{key}: {e}")))
+            .map(|v| rein_core::parse_duration(v).map_err(|e| bad!("{file}: server.{key}: {e}")))
             .transpose()
     };
     let listen = entry
@@ -278,20 +285,18 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
         .as_deref()
         .map(|l| {
             l.parse().map_err(|_| {
-                anyhow!("{file}: server.listen: {l:?} is not an address like 127.0.0.1:8080")
+                bad!("{file}: server.listen: {l:?} is not an address like 127.0.0.1:8080")
             })
         })
         .transpose()?;
     let max_body_bytes = entry.max_body_bytes.unwrap_or(defaults.max_body_bytes);
     if max_body_bytes < 1024 {
-        return Err(anyhow!(
-            "{file}: server.max_body_bytes: must be at least 1024"
-        ));
+        return Err(bad!("{file}: server.max_body_bytes: must be at least 1024"));
     }
     let request_timeout =
         duration("request_timeout", &entry.request_timeout)?.unwrap_or(defaults.request_timeout);
     if request_timeout.is_zero() {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: server.request_timeout: must be longer than 0s"
         ));
     }
@@ -304,17 +309,15 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
         ("body_timeout", body_timeout),
     ] {
         if value.is_zero() {
-            return Err(anyhow!("{file}: server.{key}: must be longer than 0s"));
+            return Err(bad!("{file}: server.{key}: must be longer than 0s"));
         }
     }
     let max_connections = entry.max_connections.unwrap_or(defaults.max_connections);
     if max_connections == 0 {
-        return Err(anyhow!(
-            "{file}: server.max_connections: must be at least 1"
-        ));
+        return Err(bad!("{file}: server.max_connections: must be at least 1"));
     }
     if entry.max_runs_per_tenant == Some(0) {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: server.max_runs_per_tenant: must be at least 1"
         ));
     }
@@ -325,7 +328,7 @@ fn server(entry: &ServerEntry, file: &str) -> anyhow::Result<Server> {
         .as_deref()
         .is_some_and(|h| !is_sha256(h))
     {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: server.admin_key_sha256: must be a SHA-256 as 64 lowercase hex digits (`rein keys create --admin` prints one); never put the key itself here"
         ));
     }
@@ -431,11 +434,11 @@ impl RateEntry {
         }
     }
 
-    fn policy(&self, at: &str) -> anyhow::Result<RatePolicy> {
+    fn policy(&self, at: &str) -> Result<RatePolicy> {
         let window_ms = match &self.window {
             None => 60_000,
             Some(w) => {
-                let d = rein_core::parse_duration(w).map_err(|e| anyhow!("{at}.window: {e}"))?;
+                let d = rein_core::parse_duration(w).map_err(|e| bad!("{at}.window: {e}"))?;
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
             }
         };
@@ -450,18 +453,18 @@ impl RateEntry {
         })
     }
 
-    fn over_limit(&self, at: &str) -> anyhow::Result<OverLimit> {
+    fn over_limit(&self, at: &str) -> Result<OverLimit> {
         match self.mode.as_deref() {
             None | Some("delay") => {
                 let max_wait = self.max_wait.as_deref().unwrap_or("30s");
-                let d = rein_core::parse_duration(max_wait)
-                    .map_err(|e| anyhow!("{at}.max_wait: {e}"))?;
+                let d =
+                    rein_core::parse_duration(max_wait).map_err(|e| bad!("{at}.max_wait: {e}"))?;
                 Ok(OverLimit::Delay {
                     max_wait_ms: i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
                 })
             }
             Some("reject") => Ok(OverLimit::Reject),
-            Some(other) => Err(anyhow!("{at}.mode: `{other}` is not `delay` or `reject`")),
+            Some(other) => Err(bad!("{at}.mode: `{other}` is not `delay` or `reject`")),
         }
     }
 }
@@ -512,11 +515,11 @@ impl BudgetEntry {
         }
     }
 
-    fn policy(&self, at: &str) -> anyhow::Result<BudgetPolicy> {
-        let usd = |v: Option<f64>, key: &str| -> anyhow::Result<Option<Usd>> {
+    fn policy(&self, at: &str) -> Result<BudgetPolicy> {
+        let usd = |v: Option<f64>, key: &str| -> Result<Option<Usd>> {
             v.map(|d| {
                 Usd::from_dollars(d).ok_or_else(|| {
-                    anyhow!("{at}.{key}: must be a non-negative USD amount with at most 6 decimals")
+                    bad!("{at}.{key}: must be a non-negative USD amount with at most 6 decimals")
                 })
             })
             .transpose()
@@ -594,7 +597,7 @@ impl Config {
 }
 
 /// Loads `path` if given, else `./rein.toml` if it exists, else the defaults.
-pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+pub fn load(path: Option<&Path>) -> Result<Config> {
     let (path, required) = match path {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from("rein.toml"), false),
@@ -609,15 +612,18 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             });
         }
         Err(e) => {
-            return Err(e).with_context(|| format!("cannot read config file {}", path.display()));
+            return Err(Error::BadInput(format!(
+                "cannot read config file {}: {e}",
+                path.display()
+            )));
         }
     };
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| bad!("{}: {e}", path.display()))?;
     for (model, entry) in file.prices {
         let price = Price::per_million(entry.input, entry.cached_input.unwrap_or(entry.input), entry.output)
         .and_then(|p| p.with_cache_write(entry.cache_write.unwrap_or(entry.input)))
             .ok_or_else(|| {
-                anyhow!(
+                bad!(
                     "{}: prices.\"{model}\": prices must be non-negative USD per million tokens with at most 6 decimals",
                     path.display()
                 )
@@ -630,7 +636,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         .warn_at_percent
         .unwrap_or(rein_core::budget::DEFAULT_WARN_PERCENT);
     if !(1..=100).contains(&warn_percent) {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file_name}: budgets.warn_at_percent: must be from 1 to 100"
         ));
     }
@@ -660,7 +666,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             None => 60_000,
             Some(w) => {
                 let d = rein_core::parse_duration(w)
-                    .map_err(|e| anyhow!("{file_name}: bulkheads.queue_wait: {e}"))?;
+                    .map_err(|e| bad!("{file_name}: bulkheads.queue_wait: {e}"))?;
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
             }
         },
@@ -673,9 +679,9 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         if let Some(rates) = table.remove("rate_limits") {
             let entry: RateEntry = rates
                 .try_into()
-                .map_err(|e| anyhow!("{at}.rate_limits: {e}"))?;
+                .map_err(|e| bad!("{at}.rate_limits: {e}"))?;
             if entry.mode.is_some() || entry.max_wait.is_some() {
-                return Err(anyhow!(
+                return Err(bad!(
                     "{at}.rate_limits: `mode` and `max_wait` are set once for the whole deployment, under [rate_limits]"
                 ));
             }
@@ -689,13 +695,13 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         if let Some(runs) = table.remove("max_concurrent_runs") {
             let runs: u32 = runs
                 .try_into()
-                .map_err(|e| anyhow!("{at}.max_concurrent_runs: {e}"))?;
+                .map_err(|e| bad!("{at}.max_concurrent_runs: {e}"))?;
             bulkheads
                 .tenants
                 .insert(TenantId::new(name.clone()), bulkhead(runs));
         }
         if let Some(scopes) = table.remove("scopes") {
-            let scopes: Vec<String> = scopes.try_into().map_err(|e| anyhow!("{at}.scopes: {e}"))?;
+            let scopes: Vec<String> = scopes.try_into().map_err(|e| bad!("{at}.scopes: {e}"))?;
             tenant_scopes.insert(TenantId::new(name.clone()), scopes);
         }
         // A deployment-wide setting cannot differ per tenant: refuse it here rather than
@@ -706,14 +712,14 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             "global_hourly_tokens",
         ] {
             if table.contains_key(key) {
-                return Err(anyhow!(
+                return Err(bad!(
                     "{at}.{key}: this is set once for the whole deployment, under [budgets]"
                 ));
             }
         }
         let entry: BudgetEntry = toml::Value::Table(table)
             .try_into()
-            .map_err(|e| anyhow!("{at}: {e}"))?;
+            .map_err(|e| bad!("{at}: {e}"))?;
         let policy = entry.over(file.budgets).policy(&at)?;
         budgets.tenants.insert(TenantId::new(name), policy);
     }
@@ -729,13 +735,13 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         server,
         telemetry: telemetry(file.telemetry, &file_name)?,
         egress: rein_core::egress::EgressPolicy::new(&file.egress.allow)
-            .map_err(|e| anyhow!("{file_name}: egress.allow: {e}"))?,
+            .map_err(|e| bad!("{file_name}: egress.allow: {e}"))?,
         audit: Audit {
             anchor_every: match file.audit.anchor_every.as_deref() {
                 None => Audit::default().anchor_every,
                 Some(text) => Some(
                     rein_core::duration::parse_duration_or_zero(text)
-                        .map_err(|e| anyhow!("{file_name}: audit.anchor_every: {e}"))?,
+                        .map_err(|e| bad!("{file_name}: audit.anchor_every: {e}"))?,
                 )
                 .filter(|d| !d.is_zero()),
             },
@@ -744,51 +750,51 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
-fn telemetry(entry: Telemetry, file: &str) -> anyhow::Result<Telemetry> {
+fn telemetry(entry: Telemetry, file: &str) -> Result<Telemetry> {
     if let Some(url) = &entry.otlp_endpoint
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: telemetry.otlp_endpoint: must be an http:// or https:// URL (the collector's OTLP/HTTP base, such as http://127.0.0.1:4318), not {url:?}"
         ));
     }
     Ok(entry)
 }
 
-fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Result<Gateway> {
+fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> Result<Gateway> {
     let defaults = Gateway::default();
     let max_output_tokens = entry
         .max_output_tokens
         .unwrap_or(defaults.max_output_tokens);
     if max_output_tokens == 0 {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: gateway.max_output_tokens: must be at least 1"
         ));
     }
     let max_cost_usd = entry.max_cost_usd.unwrap_or(defaults.max_cost_usd);
     if !(max_cost_usd.is_finite() && max_cost_usd > 0.0) {
-        return Err(anyhow!(
+        return Err(bad!(
             "{file}: gateway.max_cost_usd: must be a positive number of USD"
         ));
     }
     let timeout = match &entry.timeout {
         None => defaults.timeout,
         Some(t) => {
-            rein_core::parse_duration(t).map_err(|e| anyhow!("{file}: gateway.timeout: {e}"))?
+            rein_core::parse_duration(t).map_err(|e| bad!("{file}: gateway.timeout: {e}"))?
         }
     };
     let cache = match &entry.cache_ttl {
         None if entry.cache_max_bytes.is_some() => {
-            return Err(anyhow!(
+            return Err(bad!(
                 "{file}: gateway.cache_max_bytes: the cache is off; set gateway.cache_ttl to turn it on"
             ));
         }
         None => None,
         Some(ttl) => {
             let ttl = rein_core::parse_duration(ttl)
-                .map_err(|e| anyhow!("{file}: gateway.cache_ttl: {e}"))?;
+                .map_err(|e| bad!("{file}: gateway.cache_ttl: {e}"))?;
             if ttl.is_zero() {
-                return Err(anyhow!(
+                return Err(bad!(
                     "{file}: gateway.cache_ttl: must be longer than 0s (leave it out to turn the cache off)"
                 ));
             }
@@ -801,7 +807,7 @@ fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Res
     for (model, fallbacks) in &entry.fallbacks {
         for m in std::iter::once(model).chain(fallbacks) {
             if prices.get(m).is_none() {
-                return Err(anyhow!(
+                return Err(bad!(
                     "{file}: gateway.fallbacks.\"{model}\": `{m}` has no price; name a `provider/model` from the price table or add it under [prices]"
                 ));
             }
@@ -820,11 +826,11 @@ fn gateway(entry: &GatewayEntry, prices: &PriceTable, file: &str) -> anyhow::Res
 mod tests {
     use super::*;
 
-    fn load_text(text: &str) -> anyhow::Result<Config> {
+    fn load_text(text: &str) -> Result<Config, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("rein.toml");
         std::fs::write(&path, text)?;
-        load(Some(&path))
+        Ok(load(Some(&path))?)
     }
 
     fn error(text: &str) -> String {

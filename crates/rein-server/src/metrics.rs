@@ -10,15 +10,16 @@
 //! series summed over them, and the per-tenant gauges (budget utilisation, open breakers) are
 //! not shown. Behind the admin key (`metrics_auth = "admin"`) every label is there.
 
-use super::admin::Admin;
-use super::{App, Problem};
-use crate::config::MetricsAuth;
+use crate::admin::Admin;
+use crate::problem::Problem;
+use crate::state::App;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics::Recorder as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rein_app::config::MetricsAuth;
 use rein_core::RunStatus;
 use rein_core::meter::{METRICS, Measure, buckets};
 use std::collections::HashSet;
@@ -134,13 +135,14 @@ impl Drop for Metrics {
 impl Metrics {
     /// A registry with every metric described and every histogram given its buckets, naming
     /// tenants when `named`.
-    pub(super) fn new(named: bool) -> anyhow::Result<Self> {
+    pub(super) fn new(named: bool) -> Result<Self, crate::ServerError> {
         let mut builder = PrometheusBuilder::new();
         for (name, _) in METRICS {
             let bounds = buckets(name);
             if !bounds.is_empty() {
-                builder =
-                    builder.set_buckets_for_metric(Matcher::Full(name.to_string()), bounds)?;
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.to_string()), bounds)
+                    .map_err(|e| crate::ServerError::Metrics(e.to_string()))?;
             }
         }
         let prometheus = builder.build_recorder();
@@ -231,8 +233,8 @@ impl Metrics {
 #[utoipa::path(get, path = "/metrics", tag = "server",
     responses(
         (status = 200, description = "The metrics, in Prometheus's text format", body = String, content_type = "text/plain"),
-        (status = 401, description = "`[telemetry] metrics_auth = \"admin\"` and no valid admin key", body = crate::views::ProblemView, content_type = "application/problem+json"),
-        (status = 404, description = "Metrics are off (`[telemetry] metrics = false`)", body = crate::views::ProblemView, content_type = "application/problem+json"),
+        (status = 401, description = "`[telemetry] metrics_auth = \"admin\"` and no valid admin key", body = rein_app::views::ProblemView, content_type = "application/problem+json"),
+        (status = 404, description = "Metrics are off (`[telemetry] metrics = false`)", body = rein_app::views::ProblemView, content_type = "application/problem+json"),
     ),
     security((), ("admin_key" = [])))]
 pub(super) async fn metrics(State(app): State<Arc<App>>, mut parts: Parts) -> Response {

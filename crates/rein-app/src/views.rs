@@ -410,3 +410,13 @@ pub struct KeyView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
 }
+
+/// Cuts `items`, read as one more than a page of `limit` to learn whether another page
+/// follows, to the page; returns whether one does. Every paged answer (runs, audits, the admin
+/// log, the dashboard's list) reads its page this way.
+pub fn cut_page<T>(items: &mut Vec<T>, limit: u32) -> bool {
+    let limit = limit as usize;
+    let more = items.len() > limit;
+    items.truncate(limit);
+    more
+}

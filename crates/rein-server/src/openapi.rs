@@ -1,7 +1,7 @@
 //! `GET /openapi.json`: the API's OpenAPI 3.1 document, generated from the code (utoipa): each
 //! handler's `#[utoipa::path]` (registered with the router by the same `routes!` call, so a
 //! route cannot be served without being documented) and the types of its bodies and
-//! parameters (`crate::views` for answers). What every `/v1` operation shares (its
+//! parameters (`rein_app::views` for answers). What every `/v1` operation shares (its
 //! authentication, the 401 and the problem+json default answer) is added here, once.
 
 use axum::http::{HeaderValue, header};

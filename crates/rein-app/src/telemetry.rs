@@ -9,7 +9,7 @@
 //! exits.
 
 use crate::config::{LogFormat, Telemetry};
-use anyhow::{Context, anyhow};
+use crate::error::{Error, Result};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
@@ -29,7 +29,7 @@ static EXPORTER: OnceLock<Option<Arc<Otlp>>> = OnceLock::new();
 
 /// The process's OTLP exporter, made on first use from the environment and `config`; `None`
 /// when export is off.
-pub fn exporter(config: &Telemetry) -> anyhow::Result<Option<Arc<Otlp>>> {
+pub fn exporter(config: &Telemetry) -> Result<Option<Arc<Otlp>>> {
     if let Some(made) = EXPORTER.get() {
         return Ok(made.clone());
     }
@@ -48,19 +48,19 @@ pub fn shutdown() {
 /// Sends the process's log lines to standard error, as text or JSON (`[telemetry] log_format`,
 /// or `REIN_LOG_FORMAT=json|text`, which wins), filtered by `REIN_LOG` (`info` by default; the
 /// `tracing` filter syntax, such as `rein_runtime=debug,warn`). Once per process.
-pub fn init_logs(config: &Telemetry) -> anyhow::Result<()> {
+pub fn init_logs(config: &Telemetry) -> Result<()> {
     let format = match env("REIN_LOG_FORMAT").as_deref() {
         None => config.log_format,
         Some("json") => LogFormat::Json,
         Some("text") => LogFormat::Text,
         Some(other) => {
-            return Err(anyhow!(
+            return Err(Error::BadInput(format!(
                 "REIN_LOG_FORMAT={other}: the log format is `text` or `json`"
-            ));
+            )));
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_new(env("REIN_LOG").unwrap_or("info".into()))
-        .map_err(|e| anyhow!("REIN_LOG: {e}"))?;
+        .map_err(|e| Error::BadInput(format!("REIN_LOG: {e}")))?;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -88,7 +88,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl Otlp {
-    fn from_env(config: &Telemetry) -> anyhow::Result<Option<Otlp>> {
+    fn from_env(config: &Telemetry) -> Result<Option<Otlp>> {
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
@@ -103,9 +103,9 @@ impl Otlp {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ] {
             if let Some(protocol) = env(name).filter(|p| p != "http/protobuf") {
-                return Err(anyhow!(
+                return Err(Error::BadInput(format!(
                     "{name}={protocol}: Rein exports traces over OTLP/HTTP with protobuf only; set it to http/protobuf or unset it"
-                ));
+                )));
             }
         }
         let mut builder = opentelemetry_otlp::SpanExporter::builder()
@@ -117,7 +117,7 @@ impl Otlp {
         }
         let exporter = builder
             .build()
-            .context("cannot set up the OTLP trace exporter")?;
+            .map_err(|e| Error::unavailable("cannot set up the OTLP trace exporter", e))?;
         let mut processor = BatchSpanProcessor::builder(exporter).build();
         let resource = match env("OTEL_SERVICE_NAME") {
             Some(_) => Resource::builder().build(),

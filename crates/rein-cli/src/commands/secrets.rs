@@ -7,13 +7,48 @@
 //! `REIN_SECRETS_KEY` before they reach the store, and never printed again; listing shows
 //! names and times. Each change is an admin-log entry naming the secret, never its value.
 
-use crate::{BadInput, StoreArgs, exit};
+use crate::{StoreArgs, exit};
 use anyhow::anyhow;
+use clap::Subcommand;
+use rein_app::Error::BadInput;
 use rein_core::TenantId;
 use rein_core::time::format_utc;
 use rein_runtime::{SecretKey, now_ms};
 use serde_json::json;
 use std::io::Read;
+
+#[derive(Subcommand)]
+pub(crate) enum SecretsCommand {
+    /// Print a new random key for REIN_SECRETS_KEY.
+    Key,
+    /// Set a tenant's secret to the value on standard input (never an argument, which `ps`
+    /// would show).
+    Set {
+        #[arg(long)]
+        tenant: String,
+        /// The name specs use: `${NAME}` in a tool's headers, `api_key_env: NAME`.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List a tenant's secrets by name (values are never shown).
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a tenant's secret.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
 
 /// The longest secret value accepted.
 const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -56,14 +91,14 @@ pub async fn set(tenant: &str, name: &str, store: &StoreArgs) -> anyhow::Result<
     }
     let tenant_id = TenantId::new(tenant);
     let sealed = key.seal(&tenant_id, name, value)?;
-    let store = crate::open_store(store).await?;
+    let store = rein_app::wiring::open_store(&store.db).await?;
     let set = store
         .set_secret(
             &tenant_id,
             name,
             &sealed,
             now_ms(),
-            &crate::serve::admin::cli_actor(),
+            &rein_app::admin::cli_actor(),
         )
         .await;
     store.close().await;
@@ -76,7 +111,7 @@ pub async fn set(tenant: &str, name: &str, store: &StoreArgs) -> anyhow::Result<
 
 /// `rein secrets list --tenant T [--json]`: names and when each was set, never values.
 pub async fn list(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::Result<u8> {
-    let store = crate::open_store(store).await?;
+    let store = rein_app::wiring::open_store(&store.db).await?;
     let names = store.secret_names(&TenantId::new(tenant)).await;
     store.close().await;
     let names = names?;
@@ -96,13 +131,13 @@ pub async fn list(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::Result
 
 /// `rein secrets delete --tenant T NAME`.
 pub async fn delete(tenant: &str, name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
-    let store = crate::open_store(store).await?;
+    let store = rein_app::wiring::open_store(&store.db).await?;
     let deleted = store
         .delete_secret(
             &TenantId::new(tenant),
             name,
             now_ms(),
-            &crate::serve::admin::cli_actor(),
+            &rein_app::admin::cli_actor(),
         )
         .await;
     store.close().await;
