@@ -11,7 +11,7 @@
 //! deterministic pieces the engine needs (conditions, arguments, the state schema of a node's
 //! answer) and its Mermaid drawing. The engine walks it ([`crate::engine`]).
 
-use crate::spec::Diagnostic;
+use crate::diagnostic::Diagnostic;
 use crate::yaml::Pos;
 use serde::Serialize;
 use serde_json::{Map, Value};

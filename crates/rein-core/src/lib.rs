@@ -11,6 +11,7 @@ pub mod anchor;
 pub mod breaker;
 pub mod budget;
 pub mod bulkhead;
+pub mod diagnostic;
 pub mod duration;
 pub mod egress;
 pub mod engine;

@@ -144,5 +144,19 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     /// Whether and which tool the model must call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_choice: Option<crate::spec::ToolChoice>,
+    pub tool_choice: Option<ToolChoice>,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// The model must call some tool.
+    Required,
+    /// The model must not call tools.
+    None,
+    /// The model must call this tool (some local servers only emit tool calls this way).
+    Tool(String),
 }

@@ -1,9 +1,13 @@
 use super::*;
+use crate::guard::Verdict;
 use crate::ids::{SessionId, TenantId, UserId};
 use crate::message::ModelReply;
+use crate::message::{ChatRequest, Role};
 use crate::price::PriceTable;
 use crate::spec::{Agent, BuiltinToolInfo, CheckContext};
+use crate::spec::{StepKind, ToolChoice};
 use crate::tool::ToolStatus;
+use crate::tool::{ErrorType, ToolResult};
 use serde_json::json;
 use std::collections::BTreeMap;
 

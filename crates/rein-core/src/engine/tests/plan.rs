@@ -2,9 +2,11 @@
 //! revisions and their bounds, and replay from any cut.
 
 use super::*;
+use crate::message::Role;
 use crate::plan::{
     ANSWER_INSTRUCTIONS, EXECUTOR_INSTRUCTIONS, PLANNER_INSTRUCTIONS, REPLANNER_INSTRUCTIONS,
 };
+use crate::spec::StepKind;
 
 fn plan_spec(policy: &str) -> String {
     format!(

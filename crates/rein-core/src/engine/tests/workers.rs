@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::event::{ParentLink, WorkerBudget};
+use crate::tool::{ErrorType, ToolResult};
 
 fn orchestrator(worker: &str, limits: &str) -> String {
     format!(
