@@ -18,7 +18,13 @@ fn tokens(u: &Usage) -> String {
     }
 }
 
+/// The width a trace tree's lines are cut to: a terminal of 100 columns.
+const TRACE_WIDTH: usize = 100;
+
+/// `text` on one line, cut to `max` characters. Secrets are redacted first: a cut can leave a
+/// secret's first characters, which no longer match what redaction looks for afterwards.
 fn short(text: &str, max: usize) -> String {
+    let (text, _) = rein_core::sanitize::redact_secrets(text);
     let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= max {
         one_line
@@ -51,7 +57,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 ..
             } => {
                 let what = if tool_calls.is_empty() {
-                    format!("answer: {}", short(content.as_deref().unwrap_or(""), 40))
+                    format!("answer: {}", short(content.as_deref().unwrap_or(""), 90))
                 } else {
                     let names: Vec<&str> = tool_calls.iter().map(|c| c.name.as_str()).collect();
                     format!("→ {}", names.join(", "))
@@ -91,7 +97,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     format!(
                         "FAILED after {attempts} attempt(s), {}: {}",
                         kind.as_str().unwrap_or("error"),
-                        short(message, 60)
+                        short(message, 90)
                     ),
                 ]);
             }
@@ -132,14 +138,14 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     (ToolStatus::Success, n) => format!("success after {n} attempts"),
                     (ToolStatus::Error, 0) => format!(
                         "refused: {}",
-                        short(result.message.as_deref().unwrap_or(""), 70)
+                        short(result.message.as_deref().unwrap_or(""), 90)
                     ),
                     (ToolStatus::Error, n) => {
                         let kind = serde_json::to_value(result.error_type).unwrap_or_default();
                         format!(
                             "error ({}, {n} attempt(s)): {}",
                             kind.as_str().unwrap_or("error"),
-                            short(result.message.as_deref().unwrap_or(""), 60)
+                            short(result.message.as_deref().unwrap_or(""), 90)
                         )
                     }
                 };
@@ -173,7 +179,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     format!(
                         "attempt {attempt} failed ({}): {}; retried after {retry_in_ms} ms",
                         kind.as_str().unwrap_or("error"),
-                        short(message, 50)
+                        short(message, 90)
                     ),
                 ]);
             }
@@ -187,7 +193,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                format!("passed over: {}", short(reason, 70)),
+                format!("passed over: {}", short(reason, 90)),
             ]),
             EventKind::ApprovalRequested {
                 step, tool, reason, ..
@@ -197,7 +203,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                format!("held: {}", short(reason, 70)),
+                format!("held: {}", short(reason, 90)),
             ]),
             EventKind::ApprovalDecided {
                 step,
@@ -216,7 +222,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     if *approved { "approved" } else { "DENIED" },
                     reason
                         .as_deref()
-                        .map_or(String::new(), |r| format!(": {}", short(r, 60)))
+                        .map_or(String::new(), |r| format!(": {}", short(r, 90)))
                 ),
             ]),
             // The governor at work: what a person asks about when a run was slow or stopped.
@@ -293,7 +299,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 format!(
                     "{} (score {score}): {}",
                     verdict.as_str().to_uppercase(),
-                    short(&rules.join(", "), 60)
+                    short(&rules.join(", "), 90)
                 ),
             ]),
             EventKind::JudgeVerdict {
@@ -311,7 +317,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 format!(
                     "{} ({score} vs {threshold}): {}",
                     if *passed { "passed" } else { "FAILED" },
-                    short(reason, 50)
+                    short(reason, 90)
                 ),
             ]),
             // Worker agents: each child run, its budget, what it spent, whether it was taken.
@@ -366,7 +372,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     } else {
                         format!(
                             "FAILED ({ended}): {}",
-                            short(detail.as_deref().unwrap_or(""), 60)
+                            short(detail.as_deref().unwrap_or(""), 90)
                         )
                     },
                 ]);
@@ -391,8 +397,8 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     format!(
                         "{} step(s): {} ({})",
                         steps.len(),
-                        short(&purposes.join("; "), 50),
-                        short(why, 40)
+                        short(&purposes.join("; "), 90),
+                        short(why, 90)
                     ),
                 ]);
             }
@@ -407,9 +413,9 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                 "-".into(),
                 "-".into(),
                 if *attempt > 1 {
-                    format!("started, attempt {attempt}: {}", short(purpose, 50))
+                    format!("started, attempt {attempt}: {}", short(purpose, 90))
                 } else {
-                    format!("started: {}", short(purpose, 60))
+                    format!("started: {}", short(purpose, 90))
                 },
             ]),
             EventKind::PlanStepFinished {
@@ -429,7 +435,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                         rein_core::plan::StepStatus::Done => "done",
                         rein_core::plan::StepStatus::Failed => "FAILED",
                     },
-                    short(result, 60)
+                    short(result, 90)
                 ),
             ]),
             // A graph's walk: each node as it is entered and left, with why it went where.
@@ -467,7 +473,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
                     "-".into(),
                     "-".into(),
                     "-".into(),
-                    format!("→ {next}: {}{wrote}", short(why, 50)),
+                    format!("→ {next}: {}{wrote}", short(why, 90)),
                 ]);
             }
             EventKind::OutputSanitized { findings, blocked } => rows.push([
@@ -496,7 +502,7 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
     let p = &run.progress;
     let _ = writeln!(
         out,
-        "run {}  {} v{}  tenant={} user={} session={}{}",
+        "run {}  {} v{}\ntenant={} user={} session={}{}",
         run.info.id,
         run.info.agent,
         run.info.agent_version,
@@ -518,27 +524,39 @@ pub fn trace(run: &RunRecord, events: &[Event]) -> String {
     let widths: Vec<usize> = (0..5)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
+    // Each line fits a 100-column terminal: the outcome column gets what the others leave.
+    let room = TRACE_WIDTH
+        .saturating_sub(3 + widths.iter().sum::<usize>() + 2 * widths.len())
+        .max(24);
     for (i, row) in rows.iter().enumerate() {
-        let branch = if i + 1 == rows.len() && finish.is_none() {
-            "└─"
+        let last = i + 1 == rows.len() && finish.is_none();
+        let branch = if last { "└─" } else { "├─" };
+        // An outcome too long for the line goes on a line of its own below its step.
+        let one_line = short(&row[5], usize::MAX);
+        let (outcome_head, more) = if one_line.chars().count() <= room {
+            (one_line, None)
         } else {
-            "├─"
+            (String::new(), Some(one_line))
         };
-        let _ = writeln!(
-            out,
+        let line = format!(
             "{branch} {:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:>w4$}  {}",
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
-            row[5],
+            outcome_head,
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
             w3 = widths[3],
             w4 = widths[4],
         );
+        let _ = writeln!(out, "{}", line.trim_end());
+        if let Some(more) = more {
+            let rail = if last { "  " } else { "│ " };
+            let _ = writeln!(out, "{rail}    {}", short(&more, TRACE_WIDTH - 6));
+        }
     }
     match &finish {
         Some((reason, detail)) => {
@@ -649,4 +667,22 @@ pub fn outcome_json(o: &RunOutcome) -> Value {
 /// A stored run as JSON.
 pub fn record_json(r: &RunRecord) -> Value {
     json!(crate::views::RunView::of(r))
+}
+
+/// Each tool call of a log that failed or was refused, as a line a person reads: the tool, the
+/// kind of failure and its message (`get_order_status (permanent): connection refused`).
+pub fn failed_tool_calls(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::ToolResult { tool, result, .. } if result.status == ToolStatus::Error => {
+                let kind = result
+                    .error_type
+                    .map_or("error", rein_core::ErrorType::as_str);
+                let message = result.message.as_deref().unwrap_or("no message");
+                Some(format!("`{tool}` ({kind}): {message}"))
+            }
+            _ => None,
+        })
+        .collect()
 }

@@ -134,6 +134,10 @@ enum Command {
     /// Run the bundled example agents offline and show the guarantees at work.
     #[cfg(feature = "demo")]
     Demo {
+        /// Serve only the example tool service (orders, refunds, tickets) on 127.0.0.1:8089
+        /// until Ctrl-C, for running the specs in `examples/` by hand.
+        #[arg(long)]
+        serve_tools: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -241,7 +245,11 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             store,
         } => costs::costs(by, since.as_deref(), &tenant, all_tenants, json, &store).await,
         #[cfg(feature = "demo")]
-        Command::Demo { store } => demo::run(&store).await,
+        Command::Demo {
+            serve_tools: true, ..
+        } => demo::serve_tools().await,
+        #[cfg(feature = "demo")]
+        Command::Demo { store, .. } => demo::run(&store).await,
         #[cfg(feature = "demo")]
         Command::Bench(args) => bench::run(args).await,
         Command::Worker(args) => worker::worker(args).await,

@@ -1112,3 +1112,99 @@ fn the_gateway_benchmark_records_every_call_it_times() {
     assert_eq!(report["gateway_calls_recorded"], 300, "{report}");
     assert!(report["added_p50_us"].is_u64(), "{report}");
 }
+
+/// Every spec shipped in `examples/` (the demo's included) checks clean and draws as a
+/// flowchart from the repository root, as the README and the demo tell a newcomer to run them.
+#[test]
+fn every_example_spec_checks_and_draws_from_the_repository_root() {
+    let mut specs = Vec::new();
+    for dir in ["examples", "examples/demo", "examples/orchestrator"] {
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".yaml") && !name.contains("script") {
+                specs.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    assert!(specs.len() >= 15, "{specs:?}");
+    for spec in &specs {
+        let text_of = |args: &[&str]| {
+            let out = rein(&repo(), args);
+            let (stdout, stderr) = text(&out);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "rein {args:?}: {stdout}{stderr}"
+            );
+            stdout
+        };
+        let checked = text_of(&["check", spec]);
+        assert!(checked.contains(": ok: "), "{spec}: {checked}");
+        assert!(
+            !std::fs::read_to_string(repo().join(spec))
+                .unwrap()
+                .contains("{{"),
+            "{spec}"
+        );
+        let drawn = text_of(&["graph", spec]);
+        assert!(drawn.starts_with("flowchart TD\n"), "{spec}: {drawn}");
+    }
+}
+
+/// A run that completes after its tool call failed says so on `rein run`'s normal output:
+/// the model answered without the tool, and a person reading the summary must not miss it.
+#[test]
+fn rein_run_names_a_tool_call_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: taken, then given back.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = std::fs::read_to_string(repo().join("examples/order-support.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:8089", &format!("127.0.0.1:{port}"));
+    std::fs::write(dir.path().join("spec.yaml"), spec).unwrap();
+    let script = repo().join("examples/order-support.script.yaml");
+    let args = [
+        "run",
+        "spec.yaml",
+        "--input",
+        "Where is order 42?",
+        "--script",
+        script.to_str().unwrap(),
+    ];
+    let out = rein(dir.path(), &args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("completed (completed)"), "{stdout}");
+    assert!(
+        stdout.contains("tool call failed: `get_order_status` (transient): "),
+        "{stdout}"
+    );
+}
+
+/// A spec's worker agents are files named relative to the spec, wherever `rein` runs from.
+#[test]
+fn worker_spec_files_are_found_next_to_the_spec_that_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = repo().join("examples/orchestrator/orchestrator.yaml");
+    let script = repo().join("examples/orchestrator/script.yaml");
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--input",
+        "Brief me on order 42.",
+        "--script",
+        script.to_str().unwrap(),
+        "--json",
+    ];
+    let out = rein(dir.path(), &args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let outcome: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(outcome["termination_reason"], "completed", "{outcome}");
+    assert_eq!(outcome["tool_calls"], 3, "{outcome}");
+}

@@ -9,6 +9,7 @@ mod common;
 
 use common::rein;
 use rein_fakes::ToolService;
+use rein_store::prelude::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -26,7 +26,7 @@ fn refund_graph(url: &str) -> String {
     );
     std::fs::read_to_string(path)
         .unwrap()
-        .replace("{{tools_url}}", url)
+        .replace("http://127.0.0.1:8089", url)
 }
 
 const REFUND_SCRIPT: &str = include_str!("../../../examples/demo/refund-graph.script.yaml");
@@ -86,9 +86,19 @@ fn check_rejects_a_bad_graph_naming_the_node_and_graph_draws_a_good_one() {
     );
     let react = good.replace(&good[good.find("flow:").unwrap()..], "flow: react\n");
     std::fs::write(dir.path().join("react.yaml"), react).unwrap();
+    // A spec without a graph is drawn as its loop: the model and each tool it may call.
     let out = rein(dir.path(), &["graph", "react.yaml"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).1.contains("not a graph"), "{}", text(&out).1);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.starts_with("flowchart TD\n"), "{stdout}");
+    assert!(
+        stdout.contains("model -->|answer| output([output])"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("model -->|call| tool0[[\"get_order\"]]"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -277,7 +287,7 @@ fn the_order_plan_retries_its_failed_step_then_revises_the_plan() {
         "/../../examples/demo/order-plan.yaml"
     ))
     .unwrap()
-    .replace("{{tools_url}}", &tools.url());
+    .replace("http://127.0.0.1:8089", &tools.url());
     std::fs::write(dir.path().join("plan.yaml"), spec).unwrap();
     std::fs::write(
         dir.path().join("script.yaml"),

@@ -4,7 +4,7 @@
 //! run, so both end in a `cache_control` breakpoint: later calls read them from the cache at a
 //! tenth of the input price. Cache reads and writes are reported and priced separately.
 
-use crate::openai::{MAX_BODY_BYTES, billed, error_from, read_limited, transport_error};
+use crate::exchange::{MAX_BODY_BYTES, billed, error_from, read_limited, transport_error};
 use crate::sse::{SseReader, broke};
 use crate::{BoxFuture, Model, ModelError, ModelRequest, TokenSink};
 use rein_core::spec::ToolChoice;

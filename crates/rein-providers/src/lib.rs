@@ -11,6 +11,7 @@
 //! This crate depends on the core only.
 
 mod anthropic;
+mod exchange;
 mod openai;
 mod scripted;
 mod sse;

@@ -3,7 +3,7 @@
 //! incrementally from the response, with a cap on the total size.
 
 use crate::ModelError;
-use crate::openai::billed;
+use crate::exchange::billed;
 
 /// Reads events off a streaming response.
 pub(crate) struct SseReader {

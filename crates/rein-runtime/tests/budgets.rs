@@ -9,6 +9,7 @@ use rein_core::{
 };
 use rein_providers::ScriptedModel;
 use rein_runtime::{Governor, RunRequest, Runtime};
+use rein_store::prelude::*;
 use rein_store::{SqliteStore, Store};
 use rein_tools::{Builtins, HttpTools, ToolBox};
 use std::sync::Arc;

@@ -2,10 +2,10 @@
 //! whoever holds the admin key (`rein_app::admin` holds what it shares with the `rein tenants`
 //! and `rein keys` commands). Changes and refusals are logged under the target `rein::admin`.
 
+use crate::App;
 use crate::auth::bearer;
 use crate::problem::Problem;
 use crate::request::json_body;
-use crate::state::App;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};

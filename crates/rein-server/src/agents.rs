@@ -1,8 +1,8 @@
 //! `/v1/agents`: a tenant's registered agent specs, versioned.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::problem::Problem;
-use crate::state::App;
 use crate::{connections, gateway};
 use axum::body::Bytes;
 use axum::extract::State;

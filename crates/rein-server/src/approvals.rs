@@ -1,10 +1,10 @@
 //! `POST /v1/runs/{id}/approval`: a person's decision on a paused run.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::request::{MAX_ID_LEN, check_len, json_body};
 use crate::runs::RunPath;
-use crate::state::App;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};

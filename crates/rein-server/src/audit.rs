@@ -1,8 +1,8 @@
 //! `GET /v1/audit/verify`: a tenant's runs checked against their hash chains.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::problem::Problem;
-use crate::state::App;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use rein_app::views::{AuditView, ProblemView};

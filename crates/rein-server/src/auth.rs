@@ -1,8 +1,8 @@
 //! Who is calling: the tenant of an API key (`Authorization: Bearer <key>`), remembered
 //! briefly and forgotten whenever the admin log shows keys changed.
 
+use crate::App;
 use crate::problem::{Problem, store_unavailable};
-use crate::state::App;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};

@@ -3,7 +3,7 @@
 
 use crate::ServerError;
 use crate::auth::watch_key_changes;
-use crate::state::{App, POLL};
+use crate::{App, POLL};
 use rein_runtime::now_ms;
 use std::sync::Arc;
 use std::time::Duration;

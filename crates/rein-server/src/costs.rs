@@ -1,8 +1,8 @@
 //! `GET /v1/costs`: a tenant's spend, grouped.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::problem::Problem;
-use crate::state::App;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use rein_app::views::{CostsView, ProblemView};

@@ -1,10 +1,10 @@
 //! `GET /v1/runs/{id}/events`: a run's event log as Server-Sent Events, resumable with
 //! `Last-Event-ID`.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::runs::RunPath;
-use crate::state::App;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};

@@ -8,11 +8,11 @@
 //! with the answer) is its audit trail, its trace and its cost line. Tool calls in the answer
 //! go back to the caller, which runs them.
 
+use crate::App;
 use crate::auth::Caller;
 use crate::cache;
 use crate::problem::Problem;
 use crate::request::{MAX_ID_LEN, check_len, json_body};
-use crate::state::App;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;

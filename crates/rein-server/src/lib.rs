@@ -29,11 +29,10 @@ mod openapi;
 mod problem;
 mod request;
 mod runs;
-mod state;
 mod ui;
 
+use crate::auth::KeyCache;
 use crate::problem::Problem;
-use crate::state::App;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -41,12 +40,88 @@ use axum::routing::{get, post};
 use rein_app::config::Config;
 use rein_app::views::ProblemView;
 use rein_providers::Model;
+use rein_runtime::RunOutcome;
 use rein_runtime::Runtime;
 use rein_store::{Store, StoreError};
 use rein_tools::Builtins;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+/// The longest a `wait: true` run request is held before answering 202 with the run so far.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(300);
+/// How often an idle worker or event stream looks for new work without being woken.
+pub(crate) const POLL: Duration = Duration::from_millis(250);
+
+/// Everything a handler needs.
+pub(crate) struct App {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) runtime: Runtime,
+    pub(crate) config: Config,
+    pub(crate) builtins: Builtins,
+    pub(crate) model: Arc<dyn Model>,
+    /// Woken when a run is queued or an event is appended by this process.
+    pub(crate) wake: Notify,
+    /// Runs this process's workers finished or paused, for `wait: true` requests.
+    pub(crate) outcomes: broadcast::Sender<Arc<RunOutcome>>,
+    /// The gateway's one-call agent per model, checked once.
+    pub(crate) gateway_agents: gateway::Agents,
+    /// The admin key's SHA-256; `None`: the admin API is off.
+    pub(crate) admin_key_sha256: Option<String>,
+    /// The gateway's exact-match response cache.
+    pub(crate) gateway_cache: cache::ResponseCache,
+    /// Tenants by API-key hash, as recently read from the store.
+    pub(crate) keys: KeyCache,
+    /// The Prometheus registry runs are measured into; `None` when `[telemetry] metrics` is
+    /// off.
+    pub(crate) metrics: Option<metrics::Metrics>,
+    /// The dashboard's templates.
+    pub(crate) ui: ui::Templates,
+}
+
+impl App {
+    pub(crate) fn new(parts: crate::Parts) -> Result<Arc<Self>, ServerError> {
+        let crate::Parts {
+            config,
+            store,
+            runtime,
+            builtins,
+            model,
+            admin_key_sha256,
+        } = parts;
+        let (outcomes, _) = broadcast::channel(1024);
+        let metrics = config
+            .telemetry
+            .metrics
+            .then(|| {
+                metrics::Metrics::new(
+                    config.telemetry.metrics_auth == rein_app::config::MetricsAuth::Admin,
+                )
+            })
+            .transpose()?;
+        let runtime = match &metrics {
+            Some(m) => runtime.with_metrics(m.recorder()),
+            None => runtime,
+        };
+        Ok(Arc::new(App {
+            metrics,
+            ui: ui::Templates::new()?,
+            admin_key_sha256,
+            gateway_cache: cache::ResponseCache::new(config.gateway.cache),
+            keys: KeyCache::new(),
+            store,
+            runtime,
+            config,
+            builtins,
+            model,
+            wake: Notify::new(),
+            outcomes,
+            gateway_agents: gateway::Agents::default(),
+        }))
+    }
+}
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]

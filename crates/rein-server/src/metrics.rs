@@ -10,9 +10,9 @@
 //! series summed over them, and the per-tenant gauges (budget utilisation, open breakers) are
 //! not shown. Behind the admin key (`metrics_auth = "admin"`) every label is there.
 
+use crate::App;
 use crate::admin::Admin;
 use crate::problem::Problem;
-use crate::state::App;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};

@@ -1,11 +1,16 @@
 //! Errors as RFC 9457 `application/problem+json` answers (with an OpenAI-style `error` member
 //! where the gateway's clients read one).
 
-use crate::request::REQUEST_ID;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rein_store::StoreError;
 use serde_json::json;
+
+tokio::task_local! {
+    /// The id of the request this task is answering ([`request_id`]), which problem+json
+    /// bodies repeat.
+    pub(crate) static REQUEST_ID: String;
+}
 
 /// An RFC 9457 problem: a status and a reason a person can act on.
 #[derive(Debug)]

@@ -2,8 +2,8 @@
 //! time limit.
 
 use crate::connections;
-use crate::problem::Problem;
-use crate::state::{App, MAX_WAIT};
+use crate::problem::{Problem, REQUEST_ID};
+use crate::{App, MAX_WAIT};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -113,12 +113,6 @@ pub(crate) fn nesting(json: &[u8]) -> usize {
 
 /// The header naming a request, for a client to quote and an operator to find in the logs.
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
-
-tokio::task_local! {
-    /// The id of the request this task is answering ([`request_id`]), which problem+json
-    /// bodies repeat.
-    pub(crate) static REQUEST_ID: String;
-}
 
 /// Names every request: the client's `X-Request-Id` when it is a plain token (1 to 128 letters,
 /// digits, `-`, `_`, `.` or `:`, so it cannot forge a log line), else a new UUIDv7. Every log line

@@ -3,7 +3,7 @@
 use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::request::{MAX_ID_LEN, MAX_INPUT_LEN, check_len, json_body, trace_parent};
-use crate::state::{App, MAX_WAIT};
+use crate::{App, MAX_WAIT};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, RawQuery, State};

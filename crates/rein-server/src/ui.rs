@@ -5,9 +5,11 @@
 //! the session's random token (an HttpOnly, SameSite=Strict cookie, never the key), and every
 //! page shows only that tenant's data, as the API does.
 
+mod charts;
+
+use crate::App;
 use crate::approvals::decide_run;
 use crate::problem::{Problem, store_unavailable};
-use crate::state::App;
 use axum::Form;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -190,7 +192,8 @@ struct RunRow {
     status: &'static str,
     reason: Option<&'static str>,
     detail: Option<String>,
-    iterations: u32,
+    /// Model and tool calls, as `rein runs list` counts them.
+    steps: u32,
     tokens: u64,
     cost: String,
     started: String,
@@ -207,7 +210,7 @@ impl RunRow {
             status: r.progress.status.as_str(),
             reason: r.progress.reason.map(|r| r.as_str()),
             detail: r.progress.detail.clone(),
-            iterations: r.progress.iterations,
+            steps: r.progress.iterations + r.progress.tool_calls,
             tokens: r.progress.usage.total(),
             cost: usd(r.progress.cost),
             started: rein_core::time::format_utc(r.info.created_ms),
@@ -620,10 +623,25 @@ pub(super) async fn run(
     let sealed = app.store.events(&tenant, &id).await?;
     let events: Vec<Event> = sealed.iter().filter_map(|s| s.decode().ok()).collect();
     let (trace, _) = rein_core::spans::log_trace(&id, &events);
+    let spans = rein_core::spans::spans(&id, &events);
+    // What a person reads first: what was asked and what came back (for an escalated run, its
+    // handoff), redacted as every view of a run is.
+    let output = record.progress.output.clone().map(rein_app::views::served);
+    let handoff = record.progress.status == RunStatus::Escalated
+        && output.as_ref().is_some_and(|o| o.get("handoff").is_some());
+    let output = output.map(|o| match o {
+        serde_json::Value::String(text) => text,
+        other => serde_json::to_string_pretty(&other).unwrap_or_default(),
+    });
+    let input = rein_app::views::served(serde_json::Value::String(record.info.input.clone()));
     Ok(app.ui.page(
         "run.html",
         context! {
             tenant => tenant.as_str(),
+            input => input.as_str().unwrap_or_default(),
+            output,
+            handoff,
+            waterfall => ser(&charts::waterfall(&spans)),
             run => ser(&RunRow::of(&record)),
             trace_id => rein_core::event::hex(&trace),
             pending => ser(&pending(&record, &events)),
@@ -736,17 +754,24 @@ struct CostRow {
 }
 
 /// `GET /ui/costs`: the tenant's spend by day, agent and model, with bars.
+/// How many days of spend the costs page draws.
+const CHART_DAYS: usize = 30;
+
 pub(super) async fn costs(
     State(app): State<Arc<App>>,
     Viewer(tenant): Viewer,
 ) -> Result<Response, Problem> {
     let mut groups = Vec::new();
+    let mut chart = Vec::new();
     for (by, group) in [
         ("day", CostGroup::Day),
         ("agent", CostGroup::Agent),
         ("model", CostGroup::Model),
     ] {
         let lines = app.store.costs(Some(&tenant), group, 0).await?;
+        if group == CostGroup::Day {
+            chart = charts::spend_by_day(&lines, CHART_DAYS);
+        }
         let most = lines
             .iter()
             .map(|l| l.cost.micros())
@@ -766,9 +791,17 @@ pub(super) async fn costs(
             .collect();
         groups.push(context! { by, lines => ser(&rows) });
     }
-    Ok(app
-        .ui
-        .page("costs.html", context! { tenant => tenant.as_str(), groups }))
+    Ok(app.ui.page(
+        "costs.html",
+        context! {
+            tenant => tenant.as_str(),
+            groups,
+            chart => ser(&chart),
+            chart_width => charts::CHART_WIDTH,
+            chart_height => charts::CHART_HEIGHT,
+            chart_days => CHART_DAYS,
+        },
+    ))
 }
 
 #[derive(Serialize)]

@@ -9,6 +9,7 @@ use rein_core::{
     Event, EventKind, GENESIS_HASH, RunId, RunStatus, SealedEvent, SessionId, TenantId,
     TerminationReason, ToolResult, Usage, Usd, UserId,
 };
+use rein_store::prelude::*;
 use rein_store::testing::TestSchema;
 use rein_store::{
     CostGroup, Hold, Lease, PgStore, RunFilter, RunInfo, Settlement, SqliteStore, Store,

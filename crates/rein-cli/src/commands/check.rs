@@ -16,7 +16,8 @@ pub(crate) fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
     let mut seen = std::collections::BTreeSet::from([file.clone()]);
-    check_workers(&file, &agent, &config, &mut seen)?;
+    let dir = spec.parent().unwrap_or(Path::new(""));
+    check_workers(&file, &agent, &config, dir, &mut seen)?;
     let s = &agent.spec;
     say!(
         "{file}: ok: {} v{}, {} tool{}, model {} ({} per M input, {} per M output); limits: {} iterations, {} tokens, {}, {:?} wall clock",
@@ -82,6 +83,7 @@ pub(crate) fn check_workers(
     file: &str,
     agent: &Agent,
     config: &config::Config,
+    dir: &Path,
     seen: &mut std::collections::BTreeSet<String>,
 ) -> anyhow::Result<()> {
     use rein_core::spec::{ToolSource, WorkerFallback};
@@ -104,7 +106,8 @@ pub(crate) fn check_workers(
             if !seen.insert(reference.clone()) {
                 continue;
             }
-            let source = std::fs::read_to_string(reference).map_err(|e| {
+            // As `rein run` reads them: relative to the directory of the spec being checked.
+            let source = std::fs::read_to_string(dir.join(reference)).map_err(|e| {
                 anyhow!(BadInput(format!(
                     "{file}: tools[{i}].source.agent.{field}: cannot read the worker spec {reference}: {e}"
                 )))
@@ -116,7 +119,7 @@ pub(crate) fn check_workers(
                 child.spec.name,
                 child.spec.version
             );
-            check_workers(reference, &child, config, seen)?;
+            check_workers(reference, &child, config, dir, seen)?;
         }
     }
     Ok(())
@@ -128,11 +131,43 @@ pub(crate) fn graph(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
         config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
-    let Some(graph) = agent.spec.flow.graph() else {
-        return Err(anyhow!(BadInput(format!(
-            "{file}: flow: this agent's flow is `react`, not a graph"
-        ))));
-    };
-    say!("{}", graph.mermaid().trim_end());
+    match agent.spec.flow.graph() {
+        Some(graph) => say!("{}", graph.mermaid().trim_end()),
+        None => say!("{}", loop_mermaid(&agent).trim_end()),
+    }
     Ok(exit::OK)
+}
+
+/// The Mermaid flowchart of an agent without an explicit graph: the model's loop over its
+/// tools (`react`), or a plan whose steps each run that loop (`plan_execute`).
+fn loop_mermaid(agent: &rein_core::Agent) -> String {
+    use std::fmt::Write as _;
+    let spec = &agent.spec;
+    let mut out = String::from("flowchart TD\n");
+    let caller = if spec.flow.plan().is_some() {
+        out.push_str(
+            "    input([input]) --> plan[plan]\n    plan --> step[execute the next step]\n",
+        );
+        out.push_str("    step -->|step done| step\n    step -->|step failed| plan\n");
+        out.push_str(
+            "    step -->|every step done| answer[answer]\n    answer --> output([output])\n",
+        );
+        "step"
+    } else {
+        let _ = writeln!(
+            out,
+            "    input([input]) --> model[\"{}\"]",
+            spec.model.primary
+        );
+        out.push_str("    model -->|answer| output([output])\n");
+        "model"
+    };
+    for (i, tool) in spec.tools.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "    {caller} -->|call| tool{i}[[\"{}\"]]\n    tool{i} --> {caller}",
+            tool.name
+        );
+    }
+    out
 }

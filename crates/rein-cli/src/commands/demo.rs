@@ -33,7 +33,7 @@ macro_rules! scenario {
     ($name:literal, $input:literal, $shows:literal, $expect:literal) => {
         scenario!($name, "default", $input, $shows, $expect)
     };
-    ($name:literal, $tenant:literal, $input:literal, $shows:literal, $expect:literal) => {
+    ($name:literal, $tenant:expr, $input:literal, $shows:literal, $expect:literal) => {
         Scenario {
             name: $name,
             tenant: $tenant,
@@ -50,13 +50,22 @@ macro_rules! scenario {
     };
 }
 
-/// The demo's own tenant with a small shared daily budget.
+/// The demo's own tenant with a small shared daily budget: a new one for each demo, named after
+/// the time it starts, so a second demo on the same day shows the refusal again instead of a
+/// budget the first one already spent.
 const BUDGET_TENANT: &str = "demo-budget";
+
+/// Where the checked-in example specs reach the example tool service (`rein demo --serve-tools`
+/// serves it there); the demo itself serves it on a free port and points the specs at that.
+const EXAMPLE_TOOLS_URL: &str = "http://127.0.0.1:8089";
+
+/// The example tool service's port, as [`EXAMPLE_TOOLS_URL`] names it.
+const EXAMPLE_TOOLS_PORT: u16 = 8089;
 
 const SCENARIOS: &[Scenario] = &[
     scenario!(
         "shared-budget",
-        "demo-budget",
+        BUDGET_TENANT,
         "Summarise the annual report.",
         "a tenant's shared daily budget refuses the call it cannot cover",
         "budget_exhausted"
@@ -125,7 +134,7 @@ const SCENARIOS: &[Scenario] = &[
             "examples/orchestrator/script.yaml",
         ),
         input: "Brief me on order 42.",
-        shows: "three worker agents under one budget: one times out (its fallback answers), one is repaired",
+        shows: "three workers share one budget; one times out and its fallback answers",
         expect: "completed",
     },
     scenario!(
@@ -200,8 +209,38 @@ impl rein_runtime::Workers for DemoWorkers {
 /// The scenario whose trace tree is printed in full.
 const TRACED: &str = "hallucinated-tool";
 
+/// `rein demo --serve-tools`: the example tool service alone, on [`EXAMPLE_TOOLS_URL`], until
+/// Ctrl-C, so the checked-in examples can be run by hand (`rein run examples/order-support.yaml
+/// --script ...`) against tools that answer.
+pub async fn serve_tools() -> anyhow::Result<u8> {
+    let tools = ToolService::start_on(EXAMPLE_TOOLS_PORT)
+        .await
+        .with_context(|| format!("cannot serve the example tools on {EXAMPLE_TOOLS_URL}"))?;
+    eprintln!(
+        "rein demo: the example tools answer on {} (orders 1 to 1000, refunds, tickets); Ctrl-C stops them",
+        tools.url()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(exit::OK)
+}
+
+/// How the user runs `rein`: the installed binary, or `cargo run --release --` from a checkout
+/// (a binary under a `target` directory), so the commands the demo suggests run as printed.
+fn rein_command() -> &'static str {
+    let in_target = std::env::current_exe()
+        .ok()
+        .is_some_and(|exe| exe.components().any(|c| c.as_os_str() == "target"));
+    if in_target {
+        "cargo run --release --"
+    } else {
+        "rein"
+    }
+}
+
 pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     let db = shell_word(&rein_store::redact_url(&store_args.db));
+    let rein = rein_command();
+    let budget_tenant = format!("{BUDGET_TENANT}-{}", rein_runtime::now_ms() / 1000);
     let live = std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty());
     if live {
         say!(
@@ -209,18 +248,23 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
         );
     } else {
         say!(
-            "No OPENAI_API_KEY: model answers are replayed by the scripted model (examples/demo/*.script.yaml) through the\n\
-             same driver a real provider uses. Limits, tools, retries and the hash-chained log are all real.\n"
+            "No OPENAI_API_KEY: model answers are replayed by the scripted model (examples/demo/*.script.yaml)\n\
+             through the same driver a real provider uses. Limits, tools, retries and the log are real.\n"
         );
     }
-    let tools = ToolService::start()
-        .await
-        .context("cannot start the demo's tool service on 127.0.0.1")?;
+    // On the examples' own port when it is free, so a held run's approval can make its call
+    // later against `rein demo --serve-tools`; on any free port otherwise.
+    let tools = match ToolService::start_on(EXAMPLE_TOOLS_PORT).await {
+        Ok(tools) => tools,
+        Err(_) => ToolService::start()
+            .await
+            .context("cannot start the demo's tool service on 127.0.0.1")?,
+    };
     let mut config = config::load(None).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
     // The demo's own policies, in this process only: a small daily budget for its budget tenant,
     // and order scopes for the default tenant (the unauthorised-tool agent itself lacks one).
     config.budgets.tenants.insert(
-        TenantId::new(BUDGET_TENANT),
+        TenantId::new(&budget_tenant),
         BudgetPolicy {
             tenant_daily: Cap {
                 usd: Usd::from_dollars(0.05),
@@ -244,9 +288,13 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
         }));
     let tenant = TenantId::new("default");
 
+    say!("What each agent shows:");
+    for scenario in SCENARIOS {
+        say!("  {:<18} {}", scenario.name, scenario.shows);
+    }
+    say!("");
     let mut rows = vec![[
         "AGENT".to_string(),
-        "SHOWS".into(),
         "STATUS".into(),
         "TERMINATION".into(),
         "STEPS".into(),
@@ -254,9 +302,17 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
         "COST".into(),
     ]];
     let mut outcomes: Vec<(&Scenario, RunOutcome)> = Vec::new();
+    let mut with_workers = Vec::new();
     for scenario in SCENARIOS {
         let file = scenario.files.0;
-        let source = scenario.spec.replace("{{tools_url}}", &tools.url());
+        let source = scenario.spec.replace(EXAMPLE_TOOLS_URL, &tools.url());
+        let tenant_of = |scenario: &Scenario| {
+            if scenario.tenant == BUDGET_TENANT {
+                budget_tenant.clone()
+            } else {
+                scenario.tenant.to_string()
+            }
+        };
         let agent = parse_agent(file, &source, &config, &builtins)?;
         let model: Box<dyn Model> = if live {
             Box::new(ProviderRouter::from_env(http.clone()))
@@ -270,11 +326,11 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
             agent,
             spec_source: source,
             input: scenario.input.to_string(),
-            tenant: TenantId::new(scenario.tenant),
+            tenant: TenantId::new(tenant_of(scenario)),
             user: UserId::new("demo"),
             session: SessionId::new(format!("demo-{}", scenario.name)),
             job: None,
-            granted_scopes: config.granted_scopes(&TenantId::new(scenario.tenant)),
+            granted_scopes: config.granted_scopes(&TenantId::new(tenant_of(scenario))),
             chat: None,
             trust: rein_core::Trust::Operator,
             trace_parent: None,
@@ -283,18 +339,37 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
         let ended = outcome
             .reason
             .map_or_else(|| outcome.status.to_string(), |r| r.to_string());
+        // The run's own calls, as `rein runs list` and the dashboard count them; what its
+        // worker runs spent under its limits is said apart.
+        let own = store
+            .run(&TenantId::new(tenant_of(scenario)), &outcome.run_id)
+            .await?
+            .progress;
+        if own.usage != outcome.usage {
+            with_workers.push(format!(
+                "{}: {} tokens, {} with its worker runs (its own calls: {} tokens, {})",
+                scenario.name,
+                outcome.usage.total(),
+                outcome.cost,
+                own.usage.total(),
+                own.cost
+            ));
+        }
         rows.push([
             scenario.name.to_string(),
-            scenario.shows.to_string(),
             outcome.status.to_string(),
             ended,
-            (outcome.iterations + outcome.tool_calls).to_string(),
-            outcome.usage.total().to_string(),
-            outcome.cost.to_string(),
+            (own.iterations + own.tool_calls).to_string(),
+            own.usage.total().to_string(),
+            own.cost.to_string(),
         ]);
         outcomes.push((scenario, outcome));
     }
-    say!("{}\n", render::table(&rows));
+    say!("{}", render::table(&rows));
+    for line in &with_workers {
+        say!("{}", wrap(line, 100));
+    }
+    say!("");
 
     if let Some((_, traced)) = outcomes.iter().find(|(s, _)| s.name == TRACED) {
         let record = store.run(&tenant, &traced.run_id).await?;
@@ -311,29 +386,24 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     }
     for (scenario, outcome) in &outcomes {
         if let Some(detail) = &outcome.detail {
-            say!("{}: {detail}", scenario.name);
+            say!("{}", wrap(&format!("{}: {detail}", scenario.name), 100));
         }
         if let Some(pending) = &outcome.awaiting {
+            let holds = format!(
+                "{}: holds `{}` with {} ({})",
+                scenario.name, pending.tool, pending.arguments, pending.reason
+            );
             say!(
-                "{}: holds `{}` with {} ({}); decide with `rein approve {} --db {}{}` (add `--deny --reason TEXT` to refuse)",
-                scenario.name,
-                pending.tool,
-                pending.arguments,
-                pending.reason,
+                "{}\n  decide: {rein} approve {} \\\n            --db {db}{}\n  (add --deny --reason TEXT to refuse)",
+                wrap(&holds, 100),
                 outcome.run_id,
-                db,
-                if live {
-                    String::new()
-                } else {
-                    format!(" --script {}", scenario.files.1)
-                }
+                script_flag(live, scenario),
             );
         }
     }
     store.close().await;
     say!(
-        "\nThe runs are recorded in {db}. Next:\n  rein runs list --db {db}\n  rein runs show <RUN> --db {db}\n  rein audit verify --db {db}",
-        db = db
+        "\nThe runs are recorded in {db}. Next:\n  {rein} runs list --db {db}\n  {rein} runs show <RUN> --db {db}\n  {rein} costs --db {db}\n  {rein} audit verify --db {db}\nThe shared-budget run has a tenant of its own:\n  {rein} runs list --db {db} --tenant {budget_tenant}"
     );
 
     let mismatched: Vec<String> = outcomes
@@ -361,4 +431,31 @@ fn shell_word(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
+}
+
+/// ` --script FILE` for a scripted scenario's follow-up commands (none when the real API answers).
+fn script_flag(live: bool, scenario: &Scenario) -> String {
+    if live {
+        String::new()
+    } else {
+        format!(" --script {}", scenario.files.1)
+    }
+}
+
+/// `text` broken at spaces into lines of at most `width` characters (a longer word stands
+/// alone), the lines after the first indented by two spaces.
+fn wrap(text: &str, width: usize) -> String {
+    let mut lines: Vec<String> = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last().map_or(0, |l| l.chars().count());
+        if line > 0 && line + 1 + word.chars().count() > width {
+            lines.push(format!("  {word}"));
+        } else if let Some(last) = lines.last_mut() {
+            if line > 0 {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines.join("\n")
 }

@@ -11,10 +11,11 @@ use rein_app::render;
 use rein_app::wiring::{
     http_client, model_for, open_existing_store, open_store, parse_agent, read_file, runtime_for,
 };
+use rein_app::workers::WorkerSpecs;
 use rein_core::{JobId, RunId, SessionId, TenantId, UserId};
 use rein_runtime::RunRequest;
 use rein_tools::Builtins;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How a run is executed and reported: shared by `run` and `runs resume`.
@@ -106,7 +107,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         )?),
     };
     let store = open_store(&args.exec.store.db).await?;
-    let runtime = runtime_for(&config, &store, builtins, http).await?;
+    // Worker spec files are named relative to the spec that names them.
+    let spec_dir = args.spec.parent().unwrap_or(Path::new(""));
+    let runtime = runtime_for(&config, &store, builtins.clone(), http)
+        .await?
+        .with_workers(WorkerSpecs::files_relative_to(
+            &config, &store, builtins, spec_dir,
+        ));
+    let tenant = TenantId::new(args.tenant.clone());
     let request = RunRequest {
         agent,
         spec_source: source,
@@ -165,8 +173,34 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
         outcome
     };
+    // A run can complete after a tool failed (the model answered without it): say so plainly.
+    // And where worker runs spent under its limits, the run's own share is said apart, as
+    // `rein runs list` counts it.
+    let mut notes = Vec::new();
+    if !args.exec.json {
+        let events: Vec<_> = store
+            .events(&tenant, &outcome.run_id)
+            .await?
+            .iter()
+            .filter_map(|e| e.decode().ok())
+            .collect();
+        for failure in render::failed_tool_calls(&events) {
+            notes.push(format!("tool call failed: {failure}"));
+        }
+        let own = store.run(&tenant, &outcome.run_id).await?.progress;
+        if own.usage != outcome.usage {
+            notes.push(format!(
+                "with its worker runs: this run's own calls used {} tokens, {}",
+                own.usage.total(),
+                own.cost
+            ));
+        }
+    }
     store.close().await;
     print_outcome(&outcome, args.exec.json, args.exec.json);
+    for note in notes {
+        say!("{note}");
+    }
     Ok(status_code(outcome.status))
 }
 

@@ -84,6 +84,12 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("rein serve: listening on http://{}", listener.local_addr()?);
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty());
+    if args.script.is_none() && !set("OPENAI_API_KEY") && !set("ANTHROPIC_API_KEY") {
+        tracing::warn!(
+            "no OPENAI_API_KEY or ANTHROPIC_API_KEY is set and no --script is given: calls to the configured OpenAI and Anthropic endpoints will fail (a spec's own compatible server, with its own key, still answers)"
+        );
+    }
     if std::env::var(rein_runtime::SECRETS_KEY_ENV).is_err() {
         tracing::warn!(
             "{} is not set: tenants' specs can use none of the secrets stored for them (`rein secrets key` makes one)",
