@@ -99,6 +99,13 @@ pub async fn add_key(
     Ok(Some((key, rein_store::api_key_id(&hash).to_string())))
 }
 
+/// The answer to a command naming a tenant that does not exist.
+pub fn no_tenant(tenant: &str) -> Error {
+    Error::BadInput(format!(
+        "no tenant named {tenant:?}; create it with `rein tenants create {tenant}`"
+    ))
+}
+
 /// The longest lifetime a key may be given: ten years.
 const MAX_KEY_DAYS: u64 = 3650;
 

@@ -21,10 +21,11 @@ fn tokens(u: &Usage) -> String {
 /// The width a trace tree's lines are cut to: a terminal of 100 columns.
 const TRACE_WIDTH: usize = 100;
 
-/// `text` on one line, cut to `max` characters. Secrets are redacted first: a cut can leave a
-/// secret's first characters, which no longer match what redaction looks for afterwards.
+/// `text` on one line, cut to `max` characters, redacted as every displayed payload is
+/// (secrets, card numbers, national ids). Redacted first: a cut can leave a secret's first
+/// characters, which no longer match what redaction looks for afterwards.
 fn short(text: &str, max: usize) -> String {
-    let (text, _) = rein_core::sanitize::redact_secrets(text);
+    let text = rein_core::sanitize::redacted_for_display(text);
     let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= max {
         one_line

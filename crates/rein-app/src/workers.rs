@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Finds the worker agents a spec calls: a reference ending in `.yaml` or `.yml` is a file,
-/// relative to the directory of the spec that names it (where files are allowed at all); any
+/// relative to the directory of the spec being run (`rein run`; `rein runs resume` and `rein
+/// approve` take it as `--spec-dir`), for nested workers too, where files are allowed at all; any
 /// other is an agent registered for the caller's tenant (`POST /v1/agents`), in its newest
 /// version.
 pub struct WorkerSpecs {

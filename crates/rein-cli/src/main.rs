@@ -178,10 +178,16 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The most threads tokio's blocking pool starts (its default is 512): the guards' checks run
+/// there, and a burst of runs would otherwise start a thread each, every one with its own stack
+/// and allocator heap, which stay resident until the thread idles out.
+const BLOCKING_THREADS: usize = 32;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

@@ -285,6 +285,17 @@ pub fn redact_for_display(value: &mut Value) {
     });
 }
 
+/// `text` as [`redact_for_display`] leaves a string: secrets, card numbers and national ids
+/// redacted.
+pub fn redacted_for_display(text: &str) -> String {
+    let mut value = Value::String(text.to_string());
+    redact_for_display(&mut value);
+    match value {
+        Value::String(text) => text,
+        _ => String::new(),
+    }
+}
+
 /// A tool's result with the secrets in its data and message redacted; the kinds found.
 pub fn redact_secrets_in_result(result: &mut crate::ToolResult) -> Vec<Finding> {
     let mut findings = redact_secrets_in_json(&mut result.data);

@@ -27,8 +27,10 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Whether `path` holds tests only: a `tests.rs`, or a file under a `tests` directory.
+/// Whether `path` holds tests only: a `tests.rs`, or a file under a `tests` directory of the
+/// source tree (the directories above the crates do not count).
 fn is_test_file(path: &Path) -> bool {
+    let path = path.strip_prefix(crates()).unwrap_or(path);
     path.file_name().is_some_and(|n| n == "tests.rs")
         || path.components().any(|c| c.as_os_str() == "tests")
 }

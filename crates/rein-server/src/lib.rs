@@ -165,6 +165,8 @@ pub struct Server {
 
 impl Server {
     /// A server for `parts`; nothing is served until [`Server::run`] or [`Server::router`].
+    /// Call it within a tokio runtime: with `[telemetry] metrics` on, the metrics registry
+    /// starts its upkeep task here.
     pub fn new(parts: Parts) -> Result<Self, ServerError> {
         Ok(Server {
             app: App::new(parts)?,

@@ -396,7 +396,7 @@ fn timeline(events: &[Event]) -> Vec<Line> {
                 at: rein_core::time::format_utc(e.ts_ms),
                 offset_ms: e.ts_ms - start,
                 kind: e.kind.name(),
-                summary,
+                summary: rein_core::sanitize::redacted_for_display(&summary),
                 payload: serde_json::to_value(&e.kind)
                     .map(rein_app::views::served)
                     .and_then(|v| serde_json::to_string_pretty(&v))
@@ -625,7 +625,7 @@ pub(super) async fn run(
     let (trace, _) = rein_core::spans::log_trace(&id, &events);
     let spans = rein_core::spans::spans(&id, &events);
     // What a person reads first: what was asked and what came back (for an escalated run, its
-    // handoff), redacted as every view of a run is.
+    // handoff), redacted for display as the event payloads below are.
     let output = record.progress.output.clone().map(rein_app::views::served);
     let handoff = record.progress.status == RunStatus::Escalated
         && output.as_ref().is_some_and(|o| o.get("handoff").is_some());
@@ -753,10 +753,11 @@ struct CostRow {
     width: u64,
 }
 
-/// `GET /ui/costs`: the tenant's spend by day, agent and model, with bars.
 /// How many days of spend the costs page draws.
 const CHART_DAYS: usize = 30;
 
+/// `GET /ui/costs`: the tenant's spend by day (a chart of the last [`CHART_DAYS`] days with
+/// spend, and a table), agent and model, with bars.
 pub(super) async fn costs(
     State(app): State<Arc<App>>,
     Viewer(tenant): Viewer,

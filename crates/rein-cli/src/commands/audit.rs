@@ -55,8 +55,7 @@ pub(crate) async fn anchor(
     store: &StoreArgs,
     config: &ConfigArgs,
 ) -> anyhow::Result<u8> {
-    let config =
-        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(config.config.as_deref())?;
     let store = open_existing_store(&store.db).await?;
     let made = anchors::make(
         store.as_ref(),
@@ -87,8 +86,7 @@ pub(crate) async fn audit(
     store: &StoreArgs,
     config: &ConfigArgs,
 ) -> anyhow::Result<u8> {
-    let config =
-        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(config.config.as_deref())?;
     let store = open_existing_store(&store.db).await?;
     let tenants = if all_tenants {
         store.tenants().await?

@@ -11,8 +11,7 @@ use rein_tools::Builtins;
 use std::path::Path;
 
 pub(crate) fn check(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
-    let config =
-        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(config.config.as_deref())?;
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
     let mut seen = std::collections::BTreeSet::from([file.clone()]);
@@ -96,7 +95,7 @@ pub(crate) fn check_workers(
             _ => None,
         };
         for (field, reference) in std::iter::once(("spec", &worker.spec)).chain(fallback) {
-            if !(reference.ends_with(".yaml") || reference.ends_with(".yml")) {
+            if !rein_app::workers::is_file_reference(reference) {
                 say!(
                     "{file}: worker `{}`: `{reference}` is looked up among the agents registered with rein serve",
                     tool.name
@@ -127,8 +126,7 @@ pub(crate) fn check_workers(
 
 /// `rein graph`: the spec's graph, checked, as Mermaid on stdout.
 pub(crate) fn graph(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
-    let config =
-        config::load(config.config.as_deref()).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(config.config.as_deref())?;
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
     match agent.spec.flow.graph() {
@@ -157,7 +155,7 @@ fn loop_mermaid(agent: &rein_core::Agent) -> String {
         let _ = writeln!(
             out,
             "    input([input]) --> model[\"{}\"]",
-            spec.model.primary
+            mermaid_text(&spec.model.primary.to_string())
         );
         out.push_str("    model -->|answer| output([output])\n");
         "model"
@@ -166,8 +164,13 @@ fn loop_mermaid(agent: &rein_core::Agent) -> String {
         let _ = writeln!(
             out,
             "    {caller} -->|call| tool{i}[[\"{}\"]]\n    tool{i} --> {caller}",
-            tool.name
+            mermaid_text(&tool.name)
         );
     }
     out
+}
+
+/// `text` safe inside a Mermaid label's quotes.
+fn mermaid_text(text: &str) -> String {
+    text.replace('"', "#quot;")
 }

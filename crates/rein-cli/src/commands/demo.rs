@@ -254,13 +254,16 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
     }
     // On the examples' own port when it is free, so a held run's approval can make its call
     // later against `rein demo --serve-tools`; on any free port otherwise.
-    let tools = match ToolService::start_on(EXAMPLE_TOOLS_PORT).await {
-        Ok(tools) => tools,
-        Err(_) => ToolService::start()
-            .await
-            .context("cannot start the demo's tool service on 127.0.0.1")?,
+    let (tools, on_example_port) = match ToolService::start_on(EXAMPLE_TOOLS_PORT).await {
+        Ok(tools) => (tools, true),
+        Err(_) => (
+            ToolService::start()
+                .await
+                .context("cannot start the demo's tool service on 127.0.0.1")?,
+            false,
+        ),
     };
-    let mut config = config::load(None).map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let mut config = config::load(None)?;
     // The demo's own policies, in this process only: a small daily budget for its budget tenant,
     // and order scopes for the default tenant (the unauthorised-tool agent itself lacks one).
     config.budgets.tenants.insert(
@@ -401,9 +404,32 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
             );
         }
     }
+    if outcomes.iter().any(|(_, o)| o.awaiting.is_some()) {
+        // An approved refund makes its call: the tools must answer where the run expects them.
+        if on_example_port {
+            say!(
+                "Approving makes the held call: start the example tools first ({rein} demo --serve-tools &)."
+            );
+        } else {
+            say!(
+                "{}",
+                wrap(
+                    &format!(
+                        "Port {EXAMPLE_TOOLS_PORT} was busy, so the demo's tools answered on {}; they stopped with the demo, and an approved call will fail to reach them.",
+                        tools.url()
+                    ),
+                    100
+                )
+            );
+        }
+    }
     store.close().await;
+    let traced = outcomes
+        .iter()
+        .find(|(s, _)| s.name == TRACED)
+        .map_or_else(|| "RUN_ID".to_string(), |(_, o)| o.run_id.to_string());
     say!(
-        "\nThe runs are recorded in {db}. Next:\n  {rein} runs list --db {db}\n  {rein} runs show <RUN> --db {db}\n  {rein} costs --db {db}\n  {rein} audit verify --db {db}\nThe shared-budget run has a tenant of its own:\n  {rein} runs list --db {db} --tenant {budget_tenant}"
+        "\nThe runs are recorded in {db}. Next:\n  {rein} runs list --db {db}\n  {rein} runs show {traced} --db {db}\n  {rein} costs --db {db}\n  {rein} audit verify --db {db}\nThe shared-budget run has a tenant of its own:\n  {rein} runs list --db {db} --tenant {budget_tenant}"
     );
 
     let mismatched: Vec<String> = outcomes

@@ -47,8 +47,7 @@ pub(crate) fn guard_scan(
     let guards = match spec {
         None => Guards::default(),
         Some(spec) => {
-            let config = config::load(config.config.as_deref())
-                .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+            let config = config::load(config.config.as_deref())?;
             let file = spec.display().to_string();
             parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?
                 .spec

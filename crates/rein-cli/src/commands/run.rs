@@ -67,6 +67,10 @@ pub(crate) struct ResumeArgs {
     /// Resume even while another process holds the run's lease (it is known to be dead).
     #[arg(long)]
     take_over: bool,
+    /// Where the worker spec files the run's spec names are: the directory of the spec it was
+    /// started from [default: the working directory].
+    #[arg(long)]
+    spec_dir: Option<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -85,13 +89,16 @@ pub(crate) struct ApproveArgs {
     /// Who decides, recorded with the decision (default: $USER).
     #[arg(long)]
     by: Option<String>,
+    /// Where the worker spec files the run's spec names are: the directory of the spec it was
+    /// started from [default: the working directory].
+    #[arg(long)]
+    spec_dir: Option<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,
 }
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let config = config::load(args.exec.config.config.as_deref())
-        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(args.exec.config.config.as_deref())?;
     let builtins = Builtins::standard();
     let file = args.spec.display().to_string();
     let source = read_file(&args.spec)?;
@@ -173,35 +180,45 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
         outcome
     };
-    // A run can complete after a tool failed (the model answered without it): say so plainly.
-    // And where worker runs spent under its limits, the run's own share is said apart, as
-    // `rein runs list` counts it.
-    let mut notes = Vec::new();
-    if !args.exec.json {
-        let events: Vec<_> = store
-            .events(&tenant, &outcome.run_id)
-            .await?
-            .iter()
-            .filter_map(|e| e.decode().ok())
-            .collect();
-        for failure in render::failed_tool_calls(&events) {
-            notes.push(format!("tool call failed: {failure}"));
-        }
-        let own = store.run(&tenant, &outcome.run_id).await?.progress;
-        if own.usage != outcome.usage {
-            notes.push(format!(
-                "with its worker runs: this run's own calls used {} tokens, {}",
-                own.usage.total(),
-                own.cost
-            ));
-        }
-    }
+    let notes = match args.exec.json {
+        true => Vec::new(),
+        false => notes(store.as_ref(), &tenant, &outcome).await?,
+    };
     store.close().await;
     print_outcome(&outcome, args.exec.json, args.exec.json);
     for note in notes {
         say!("{note}");
     }
     Ok(status_code(outcome.status))
+}
+
+/// What `rein run`, `rein runs resume` and `rein approve` add below a run's summary: every tool
+/// call that failed (a run can complete after one: the model answered without it), and, where
+/// worker runs spent under its limits, the run's own share, as `rein runs list` counts it.
+async fn notes(
+    store: &dyn rein_store::Store,
+    tenant: &TenantId,
+    outcome: &rein_runtime::RunOutcome,
+) -> anyhow::Result<Vec<String>> {
+    let events: Vec<_> = store
+        .events(tenant, &outcome.run_id)
+        .await?
+        .iter()
+        .filter_map(|e| e.decode().ok())
+        .collect();
+    let mut notes: Vec<String> = render::failed_tool_calls(&events)
+        .into_iter()
+        .map(|failure| format!("tool call failed: {failure}"))
+        .collect();
+    let own = store.run(tenant, &outcome.run_id).await?.progress;
+    if own.usage != outcome.usage {
+        notes.push(format!(
+            "with its worker runs: this run's own calls used {} tokens, {}",
+            own.usage.total(),
+            own.cost
+        ));
+    }
+    Ok(notes)
 }
 
 /// Prints how a run ended; `show_output` is false when its text was already streamed.
@@ -252,8 +269,7 @@ pub(crate) async fn continue_run(
     args: ResumeArgs,
     decision: Option<rein_runtime::Decision>,
 ) -> anyhow::Result<u8> {
-    let config = config::load(args.exec.config.config.as_deref())
-        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(args.exec.config.config.as_deref())?;
     let store = open_existing_store(&args.exec.store.db).await?;
     let tenant = TenantId::new(args.tenant);
     let id = RunId::new(args.run_id);
@@ -290,7 +306,12 @@ pub(crate) async fn continue_run(
     )?;
     let http = http_client()?;
     let model = model_for(&agent, args.exec.script.as_deref(), http.clone())?;
-    let runtime = runtime_for(&config, &store, builtins, http).await?;
+    let spec_dir = args.spec_dir.as_deref().unwrap_or(Path::new(""));
+    let runtime = runtime_for(&config, &store, builtins.clone(), http)
+        .await?
+        .with_workers(WorkerSpecs::files_relative_to(
+            &config, &store, builtins, spec_dir,
+        ));
     // A lease held by a process in this place that is gone (killed, crashed) is taken over at
     // once, unless someone claimed or renewed it meanwhile: waiting for it to expire would only
     // eat the run's time.
@@ -349,8 +370,15 @@ pub(crate) async fn continue_run(
             other => other?,
         },
     };
+    let notes = match args.exec.json {
+        true => Vec::new(),
+        false => notes(store.as_ref(), &tenant, &outcome).await?,
+    };
     store.close().await;
     print_outcome(&outcome, args.exec.json, true);
+    for note in notes {
+        say!("{note}");
+    }
     Ok(status_code(outcome.status))
 }
 
@@ -369,6 +397,7 @@ pub(crate) async fn approve(args: ApproveArgs) -> anyhow::Result<u8> {
         run_id: args.run_id,
         tenant: args.tenant,
         take_over: false,
+        spec_dir: args.spec_dir,
         exec: args.exec,
     };
     continue_run(resume, Some(decision)).await

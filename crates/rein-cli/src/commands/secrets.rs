@@ -103,7 +103,7 @@ pub async fn set(tenant: &str, name: &str, store: &StoreArgs) -> anyhow::Result<
         .await;
     store.close().await;
     if !set? {
-        return Err(no_tenant(tenant));
+        return Err(rein_app::admin::no_tenant(tenant).into());
     }
     eprintln!("secret {name} of tenant {tenant} set");
     Ok(exit::OK)
@@ -170,10 +170,4 @@ fn check_name(name: &str) -> anyhow::Result<()> {
             "secret name {name:?}: use 1 to 128 letters, digits and `_`, not starting with a digit (as `${{NAME}}` writes it)"
         ))))
     }
-}
-
-fn no_tenant(tenant: &str) -> anyhow::Error {
-    anyhow!(BadInput(format!(
-        "no tenant {tenant:?}; create it first with `rein tenants create {tenant}`"
-    )))
 }

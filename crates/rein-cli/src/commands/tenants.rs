@@ -72,12 +72,6 @@ pub(crate) enum KeysCommand {
     },
 }
 
-pub(crate) fn no_tenant(tenant: &str) -> anyhow::Error {
-    anyhow::anyhow!(BadInput(format!(
-        "no tenant named {tenant:?}; create it with `rein tenants create {tenant}`"
-    )))
-}
-
 /// `rein tenants create NAME`.
 pub async fn create_tenant(name: &str, store: &StoreArgs) -> anyhow::Result<u8> {
     check_name(name).map_err(|e| anyhow::anyhow!(BadInput(e)))?;
@@ -144,7 +138,7 @@ pub async fn create_key(
     )
     .await;
     store.close().await;
-    let (key, id) = added?.ok_or_else(|| no_tenant(tenant))?;
+    let (key, id) = added?.ok_or_else(|| rein_app::admin::no_tenant(tenant))?;
     let until = expires_ms
         .map(|ms| format!(", valid until {}", format_utc(ms)))
         .unwrap_or_default();
@@ -161,7 +155,7 @@ pub async fn list_keys(tenant: &str, json: bool, store: &StoreArgs) -> anyhow::R
     let keys = store.api_keys(&tenant).await;
     store.close().await;
     if !known? {
-        return Err(no_tenant(tenant.as_str()));
+        return Err(rein_app::admin::no_tenant(tenant.as_str()).into());
     }
     let keys = keys?;
     if json {

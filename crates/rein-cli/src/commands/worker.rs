@@ -3,13 +3,11 @@
 
 use crate::commands::run::{ExecArgs, print_outcome};
 use crate::exit;
-use anyhow::anyhow;
 use clap::Args;
-use rein_app::Error::BadInput;
 use rein_app::config;
-use rein_app::wiring::{http_client, open_store, read_file, runtime_for};
+use rein_app::wiring::{http_client, open_store, runtime_for};
 use rein_app::workers::WorkerSpecs;
-use rein_providers::{Model, ProviderRouter, ScriptedModel};
+use rein_providers::{Model, ProviderRouter};
 use rein_tools::Builtins;
 
 #[derive(Args)]
@@ -32,17 +30,13 @@ pub(crate) fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
 /// `rein worker`: claims and drives runs until stopped (or, with --until-idle, until none is
 /// queued or running).
 pub(crate) async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
-    let config = config::load(args.exec.config.config.as_deref())
-        .map_err(|e| anyhow!(BadInput(format!("{e:#}"))))?;
+    let config = config::load(args.exec.config.config.as_deref())?;
     rein_app::telemetry::init_logs(&config.telemetry)?;
     let store = open_store(&args.exec.store.db).await?;
     let builtins = Builtins::standard();
     let http = http_client()?;
     let model: Box<dyn Model> = match args.exec.script.as_deref() {
-        Some(path) => Box::new(
-            ScriptedModel::parse(&path.display().to_string(), &read_file(path)?)
-                .map_err(|e| anyhow!(BadInput(e.to_string())))?,
-        ),
+        Some(path) => Box::new(rein_app::wiring::scripted_model(path)?),
         None => Box::new(ProviderRouter::from_env(http.clone())),
     };
     let runtime = runtime_for(&config, &store, builtins.clone(), http)

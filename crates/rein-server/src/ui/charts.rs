@@ -4,6 +4,7 @@
 use rein_core::spans::{Span, Value};
 use rein_store::CostLine;
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// One span of a run's trace as a bar on the run's time axis.
 #[derive(Debug, Serialize)]
@@ -31,20 +32,24 @@ pub(super) fn waterfall(spans: &[Span]) -> Vec<WaterfallRow> {
     };
     let end = spans.iter().map(|s| s.end_ms).max().unwrap_or(start);
     let total = (end - start).max(1) as f64;
-    let depth = |span: &Span| {
+    // Each span's depth under the run's span, computed once (a chain longer than the spans, a
+    // cycle, cannot be: it stops there).
+    let parents: HashMap<[u8; 8], Option<[u8; 8]>> =
+        spans.iter().map(|s| (s.span_id, s.parent)).collect();
+    let depth_of = |span: &Span| {
         let mut depth = 0;
         let mut parent = span.parent;
-        while let Some(id) = parent {
-            match spans.iter().find(|s| s.span_id == id) {
-                Some(up) if depth < 16 => {
-                    depth += 1;
-                    parent = up.parent;
-                }
-                _ => break,
+        while let Some(up) = parent.and_then(|id| parents.get(&id)) {
+            if depth >= spans.len() {
+                break;
             }
+            depth += 1;
+            parent = *up;
         }
         depth
     };
+    let depths: HashMap<[u8; 8], usize> = spans.iter().map(|s| (s.span_id, depth_of(s))).collect();
+    let depth = |span: &Span| depths.get(&span.span_id).copied().unwrap_or(0);
     let mut ordered: Vec<&Span> = spans.iter().collect();
     ordered.sort_by_key(|s| (s.start_ms, depth(s)));
     ordered
@@ -59,7 +64,7 @@ pub(super) fn waterfall(spans: &[Span]) -> Vec<WaterfallRow> {
                 int("gen_ai.usage.output_tokens"),
             ) {
                 (None, None) => None,
-                (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
+                (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
             };
             let offset = (span.start_ms - start) as f64 / total * 100.0;
             WaterfallRow {
