@@ -45,13 +45,13 @@ use std::sync::Arc;
 pub enum StoreError {
     /// The database could not be opened, read or written.
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(DriverError),
     /// The schema could not be brought up to date.
     #[error(transparent)]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    Migration(DriverError),
     /// SQLite's writer connection could not write.
     #[error(transparent)]
-    Write(#[from] rusqlite::Error),
+    Write(DriverError),
     /// SQLite's writer thread could not take or answer a write.
     #[error("the SQLite writer: {0}")]
     Writer(String),
@@ -76,6 +76,74 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// A database driver's error, kept opaque so the drivers Rein uses stay its own business: it
+/// says what failed, and its source is the driver's own error.
+#[derive(Debug)]
+pub struct DriverError(Driver);
+
+#[derive(Debug)]
+enum Driver {
+    Sqlx(sqlx::Error),
+    Migrate(sqlx::migrate::MigrateError),
+    Sqlite(rusqlite::Error),
+}
+
+impl DriverError {
+    /// The sqlx error, where it is one (or a migration's statement failed with one).
+    pub(crate) fn sqlx(&self) -> Option<&sqlx::Error> {
+        match &self.0 {
+            Driver::Sqlx(e) | Driver::Migrate(sqlx::migrate::MigrateError::Execute(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether a migration's script failed (another process may be migrating at once).
+    pub(crate) fn migration_failed(&self) -> bool {
+        matches!(
+            &self.0,
+            Driver::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(..))
+        )
+    }
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Driver::Sqlx(e) => e.fmt(f),
+            Driver::Migrate(e) => e.fmt(f),
+            Driver::Sqlite(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            Driver::Sqlx(e) => Some(e),
+            Driver::Migrate(e) => Some(e),
+            Driver::Sqlite(e) => Some(e),
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(DriverError(Driver::Sqlx(e)))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migration(DriverError(Driver::Migrate(e)))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Write(DriverError(Driver::Sqlite(e)))
+    }
 }
 
 /// How [`Store::costs`] groups spend.

@@ -269,9 +269,8 @@ fn first_open_race(e: &StoreError) -> bool {
             .is_some_and(|code| code == "5" || code == "6")
     };
     match e {
-        StoreError::Migration(sqlx::migrate::MigrateError::ExecuteMigration(..)) => true,
-        StoreError::Migration(sqlx::migrate::MigrateError::Execute(e))
-        | StoreError::Database(e) => busy(e),
+        StoreError::Migration(e) if e.migration_failed() => true,
+        StoreError::Migration(e) | StoreError::Database(e) => e.sqlx().is_some_and(busy),
         _ => false,
     }
 }
