@@ -19,14 +19,14 @@ impl Engine {
         if self.finished.is_some() {
             return Err(ReplayError::AfterFinish { seq });
         }
-        match (&event.kind, self.started_ms) {
+        match (&event.kind, self.clock.started_ms) {
             (EventKind::RunStarted { .. }, Some(_)) => return Err(ReplayError::BadStart { seq }),
             (EventKind::RunStarted { .. }, None) => {}
             (_, None) => return Err(ReplayError::BadStart { seq }),
             _ => {}
         }
-        let previous_ts = self.last_ts_ms.replace(event.ts_ms);
-        if self.unchecked.is_some()
+        let previous_ts = self.clock.last_ts_ms.replace(event.ts_ms);
+        if self.review.unchecked.is_some()
             && matches!(
                 event.kind,
                 EventKind::ModelRequested { .. }
@@ -37,7 +37,7 @@ impl Engine {
                     | EventKind::ApprovalRequested { .. }
                     | EventKind::RunFinished { .. }
             )
-            && let Some(unchecked) = self.unchecked.take()
+            && let Some(unchecked) = self.review.unchecked.take()
         {
             // A log written before guards checked content: it went to the model unchecked.
             self.release(unchecked, Verdict::Allow, &[]);
@@ -51,19 +51,19 @@ impl Engine {
                 trust,
                 ..
             } => {
-                self.started_ms = Some(event.ts_ms);
+                self.clock.started_ms = Some(event.ts_ms);
                 self.trust = *trust;
                 // A worker's tree is bounded by its top run's limit and by its own.
                 let own = self.agent.spec.limits.max_depth;
-                (self.depth, self.max_depth) = match parent {
+                (self.tree.depth, self.tree.max_depth) = match parent {
                     Some(p) => (p.depth, p.max_depth.min(p.depth.saturating_add(own))),
                     None => (0, own),
                 };
                 self.granted_scopes = granted_scopes.clone();
                 self.input = input.clone();
-                self.input_message = input.clone();
+                self.review.input_message = input.clone();
                 let spec = &self.agent.spec;
-                self.fence = fence.clone().filter(|_| spec.guards.fences(&spec.tools));
+                self.review.fence = fence.clone().filter(|_| spec.guards.fences(&spec.tools));
                 if spec.flow.plan().is_some() {
                     self.start_plan();
                 }
@@ -78,7 +78,7 @@ impl Engine {
                     }));
                 }
                 if self.agent.spec.guards.input != Policy::Off {
-                    self.unchecked = Some(ContentCheck {
+                    self.review.unchecked = Some(ContentCheck {
                         source: Source::User,
                         step: 0,
                         call: None,
@@ -93,7 +93,7 @@ impl Engine {
                 passed,
                 reason,
             } => {
-                let Some((_, answer, ..)) = self.judged.take() else {
+                let Some((_, answer, ..)) = self.review.judged.take() else {
                     return Ok(());
                 };
                 if *passed {
@@ -110,8 +110,8 @@ impl Engine {
                     return Ok(());
                 };
                 match judge.on_fail {
-                    OnJudgeFail::Repair if self.judge_repairs < judge.max_repairs => {
-                        self.judge_repairs += 1;
+                    OnJudgeFail::Repair if self.review.judge_repairs < judge.max_repairs => {
+                        self.review.judge_repairs += 1;
                         self.repair_pending = true;
                         self.push_message(Message::text(
                             Role::User,
@@ -124,7 +124,7 @@ impl Engine {
                     ),
                     OnJudgeFail::Approve => {
                         self.held_answer = Some((*step, answer));
-                        self.held_reason = Some(why);
+                        self.review.held_reason = Some(why);
                     }
                     OnJudgeFail::Escalate => {
                         if self.finish.is_none() {
@@ -138,7 +138,7 @@ impl Engine {
                 }
             }
             EventKind::OutputSanitized { findings, blocked } => {
-                self.output_checked = true;
+                self.review.output_checked = true;
                 let completed = self
                     .finish
                     .as_ref()
@@ -176,9 +176,9 @@ impl Engine {
             } => {
                 let second_opinion = rules.iter().any(|r| r == guard::CLASSIFIER_RULE);
                 let held = if second_opinion {
-                    self.classified.take().map(|(check, ..)| check)
+                    self.review.classified.take().map(|(check, ..)| check)
                 } else {
-                    self.unchecked.take()
+                    self.review.unchecked.take()
                 };
                 let Some(unchecked) = held else {
                     return Ok(());
@@ -187,7 +187,7 @@ impl Engine {
                     || unchecked.call.as_ref().map(|(id, _)| id) != call_id.as_ref()
                 {
                     // A verdict on something else: keep waiting for the held content's own.
-                    self.unchecked = Some(unchecked);
+                    self.review.unchecked = Some(unchecked);
                     return Ok(());
                 }
                 if let Some(classifier) = self.agent.spec.guards.classifier
@@ -201,7 +201,7 @@ impl Engine {
                         guard::CLASSIFIER_INSTRUCTIONS.to_string(),
                         format!("The text to check:\n<text>\n{}\n</text>", unchecked.text),
                     );
-                    self.classifying = Some((unchecked, conversation));
+                    self.review.classifying = Some((unchecked, conversation));
                     return Ok(());
                 }
                 let origin = unchecked.origin();
@@ -301,7 +301,7 @@ impl Engine {
                 // A call re-requested after a crash (same step, still in flight) is the same
                 // iteration, not a new one.
                 if !(self.model_in_flight && *step == self.step) {
-                    self.iterations += 1;
+                    self.spend.iterations += 1;
                 }
                 self.step = self.step.max(*step);
                 self.model_in_flight = true;
@@ -316,21 +316,21 @@ impl Engine {
             } => {
                 self.model_in_flight = false;
                 self.repair_pending = false;
-                self.usage.add(usage);
-                self.cost += *cost;
-                if let Some((check, conversation)) = self.classifying.take() {
+                self.spend.usage.add(usage);
+                self.spend.cost += *cost;
+                if let Some((check, conversation)) = self.review.classifying.take() {
                     // The classifier's reply is a verdict, not a turn of the conversation.
                     self.restore(conversation);
                     let (injection, confidence) =
                         parse_classifier_reply(content.as_deref().unwrap_or(""));
-                    self.classified = Some((check, injection, confidence));
+                    self.review.classified = Some((check, injection, confidence));
                     return Ok(());
                 }
-                if let Some((answer, conversation)) = self.judging.take() {
+                if let Some((answer, conversation)) = self.review.judging.take() {
                     // The judge's reply is a verdict, not a turn of the conversation.
                     self.restore(conversation);
                     let (score, reason) = parse_judge_reply(content.as_deref().unwrap_or(""));
-                    self.judged = Some((self.step, answer, score, reason));
+                    self.review.judged = Some((self.step, answer, score, reason));
                     return Ok(());
                 }
                 if self.summarizing {
@@ -400,10 +400,10 @@ impl Engine {
             }) => {
                 // The caller's conversation replaces the spec's instructions and input: the
                 // caller owns it, so it is neither scanned nor fenced here.
-                self.unchecked = None;
-                self.fence = None;
-                self.fixed_tokens = tool_tokens(self.counter, tools);
-                self.tool_definitions = tools.clone();
+                self.review.unchecked = None;
+                self.review.fence = None;
+                self.context.fixed_tokens = tool_tokens(self.context.counter, tools);
+                self.context.tool_definitions = tools.clone();
                 self.forget_messages();
                 for m in messages {
                     self.push_message(m.clone());
@@ -424,7 +424,8 @@ impl Engine {
                 ..
             } => {
                 self.worker_started(budget);
-                self.worker_children
+                self.tree
+                    .worker_children
                     .entry((*step, call_id.clone()))
                     .or_default()
                     .push(WorkerChild {
@@ -446,6 +447,7 @@ impl Engine {
                 ..
             } => {
                 let budget = self
+                    .tree
                     .worker_children
                     .get_mut(&(*step, call_id.clone()))
                     .and_then(|children| {
@@ -482,22 +484,23 @@ impl Engine {
                 }
             }
             EventKind::RunClaimed { by } => {
-                if self.step == 0 && self.iterations == 0 {
+                if self.step == 0 && self.spend.iterations == 0 {
                     // A queued run's clock starts when a worker takes it up, not when it was
                     // queued.
-                    self.started_ms = Some(event.ts_ms);
+                    self.clock.started_ms = Some(event.ts_ms);
                 } else if let Some(previous) = previous_ts
-                    && self.takeovers < MAX_TAKEOVERS
+                    && self.clock.takeovers < MAX_TAKEOVERS
                 {
                     // Taken up again after its process stopped (a crash, a lost database):
                     // the time it lay unattended, lease expiry included, is not its own work.
                     // Only so many times: a run that keeps failing must still time out.
-                    self.takeovers += 1;
-                    self.paused_ms = self
+                    self.clock.takeovers += 1;
+                    self.clock.paused_ms = self
+                        .clock
                         .paused_ms
                         .saturating_add(event.ts_ms.saturating_sub(previous).max(0));
                 }
-                self.last_claimed_by = Some(by.clone());
+                self.clock.last_claimed_by = Some(by.clone());
             }
             EventKind::ToolResult {
                 step,
@@ -525,9 +528,14 @@ impl Engine {
                     "message": result.message,
                 }));
                 if let Some(call) = call {
-                    self.tool_calls += 1;
-                    *self.calls_per_tool.entry(call.name.clone()).or_default() += 1;
+                    self.spend.tool_calls += 1;
                     *self
+                        .spend
+                        .calls_per_tool
+                        .entry(call.name.clone())
+                        .or_default() += 1;
+                    *self
+                        .loops
                         .repeated_calls
                         .entry(call_signature(&call))
                         .or_default() += 1;
@@ -551,7 +559,7 @@ impl Engine {
                 });
                 match unchecked {
                     Some(u) if self.agent.spec.guards.policy(u.source) != Policy::Off => {
-                        self.unchecked = Some(u);
+                        self.review.unchecked = Some(u);
                     }
                     Some(u) => self.release(u, Verdict::Allow, &[]),
                     None => self.push_message(Message {
@@ -609,7 +617,8 @@ impl Engine {
                 ..
             } => {
                 if let Some(Approval::Pending(p)) = self.approvals.get(step) {
-                    self.paused_ms = self
+                    self.clock.paused_ms = self
+                        .clock
                         .paused_ms
                         .saturating_add(event.ts_ms.saturating_sub(p.requested_ms).max(0));
                     let decision = if *approved {

@@ -64,33 +64,7 @@ const MAX_TAKEOVERS: u32 = 5;
 #[derive(Clone, Debug)]
 pub struct Engine {
     agent: Arc<Agent>,
-    counter: TokenCounter,
-    tool_definitions: Vec<ToolDefinition>,
-    fixed_tokens: u64,
-    /// Who took the run up last (`run_claimed`), and how many times it was taken up again
-    /// after its process stopped.
-    last_claimed_by: Option<String>,
-    takeovers: u32,
-    /// When the last event applied was recorded.
-    last_ts_ms: Option<i64>,
-    started_ms: Option<i64>,
-    messages: Vec<Message>,
-    /// Tokens of the first `counted` messages. Messages are counted when an estimate first
-    /// needs them, not as they arrive: a reply a run ends on, or the spec's conversation a
-    /// gateway call replaces with its caller's, is never counted.
-    message_tokens: Cell<u64>,
-    counted: Cell<usize>,
     step: u32,
-    iterations: u32,
-    usage: Usage,
-    cost: Usd,
-    tool_calls: u32,
-    calls_per_tool: HashMap<String, u32>,
-    repeated_calls: HashMap<(String, String), u32>,
-    repeated_errors: HashMap<(String, String), u32>,
-    consecutive_failures: u32,
-    seen_results: HashSet<(String, String)>,
-    steps_without_progress: u32,
     pending_tools: VecDeque<ToolCall>,
     model_in_flight: bool,
     /// A tool call recorded as requested whose result is not recorded (only after a crash):
@@ -113,8 +87,6 @@ pub struct Engine {
     held_answer: Option<(u32, Value)>,
     /// Approvals by the step of the call they hold.
     approvals: BTreeMap<u32, Approval>,
-    /// Time spent awaiting approvals: it does not count against the run's wall clock.
-    paused_ms: i64,
     /// The last thing sent to the model is a request to repair its answer.
     repair_pending: bool,
     finish: Option<Finish>,
@@ -122,42 +94,118 @@ pub struct Engine {
     output: Option<Value>,
     /// A gateway call: one model call on the caller's conversation, whose answer is the output.
     chat: Option<Chat>,
-    /// The run's spotlighting boundary (from `run_started`), when the spec fences content.
-    fence: Option<String>,
-    /// Untrusted content waiting for its guard verdict before the model may see it.
-    unchecked: Option<ContentCheck>,
-    /// The user's input as the model sees it (fenced when the guard said so).
-    input_message: String,
-    /// Where untrusted content first entered the run, for the data-flow rule.
-    tainted: Option<String>,
-    /// The final answer's sanitisation is recorded (`output_sanitized`) or found nothing.
-    output_checked: bool,
-    /// An answer the judge is scoring, with the conversation set aside meanwhile.
-    judging: Option<(Value, Vec<Message>)>,
-    /// Content the classifier model is judging, with the conversation set aside meanwhile.
-    classifying: Option<(ContentCheck, Vec<Message>)>,
-    /// The classifier's reply, parsed, waiting to be recorded: the content, whether it is an
-    /// injection, and the model's confidence.
-    classified: Option<(ContentCheck, bool, f64)>,
-    /// The judge's reply, parsed, waiting to be recorded: its step, the answer, score, reason.
-    judged: Option<(u32, Value, f64, String)>,
-    /// Answers the judge sent back for revision.
-    judge_repairs: u32,
-    /// Why the held answer waits for a person, when it is not its confidence.
-    held_reason: Option<String>,
     /// For `flow: graph`: where the run is in its graph.
     graph: Option<Box<GraphRun>>,
     /// For `flow: plan_execute`: where the run is in its plan.
     plan: Option<Box<planning::PlanRun>>,
+    /// The run's time: when it started and was last recorded, who took it up, and what is
+    /// counted out of its wall clock.
+    clock: Clock,
+    /// What the model sees, and what it costs in tokens.
+    context: Context,
+    /// What the run has used, held against its limits.
+    spend: Spend,
+    /// Loop detection: repeated calls and errors, failures in a row, results that bring nothing
+    /// new.
+    loops: Loops,
+    /// Content under review: untrusted content waiting for its verdict, where it first entered the
+    /// run, the fenced input, and the final answer's sanitisation, classifier and judge.
+    review: Review,
+    /// The run's place in a tree of worker agents, and what its workers hold.
+    tree: Tree,
+}
+
+/// The run's time: when it started and was last recorded, who took it up, and what is
+/// counted out of its wall clock.
+#[derive(Clone, Debug, Default)]
+struct Clock {
+    /// Who took the run up last (`run_claimed`), and how many times it was taken up again
+    /// after its process stopped.
+    pub(super) last_claimed_by: Option<String>,
+    pub(super) takeovers: u32,
+    /// When the last event applied was recorded.
+    pub(super) last_ts_ms: Option<i64>,
+    pub(super) started_ms: Option<i64>,
+    /// Time spent awaiting approvals: it does not count against the run's wall clock.
+    pub(super) paused_ms: i64,
+}
+
+/// What the model sees, and what it costs in tokens.
+#[derive(Clone, Debug)]
+struct Context {
+    pub(super) counter: TokenCounter,
+    pub(super) tool_definitions: Vec<ToolDefinition>,
+    pub(super) fixed_tokens: u64,
+    pub(super) messages: Vec<Message>,
+    /// Tokens of the first `counted` messages. Messages are counted when an estimate first
+    /// needs them, not as they arrive: a reply a run ends on, or the spec's conversation a
+    /// gateway call replaces with its caller's, is never counted.
+    pub(super) message_tokens: Cell<u64>,
+    pub(super) counted: Cell<usize>,
+}
+
+/// What the run has used, held against its limits.
+#[derive(Clone, Debug, Default)]
+struct Spend {
+    pub(super) iterations: u32,
+    pub(super) usage: Usage,
+    pub(super) cost: Usd,
+    pub(super) tool_calls: u32,
+    pub(super) calls_per_tool: HashMap<String, u32>,
+}
+
+/// Loop detection: repeated calls and errors, failures in a row, results that bring nothing
+/// new.
+#[derive(Clone, Debug, Default)]
+struct Loops {
+    pub(super) repeated_calls: HashMap<(String, String), u32>,
+    pub(super) repeated_errors: HashMap<(String, String), u32>,
+    pub(super) consecutive_failures: u32,
+    pub(super) seen_results: HashSet<(String, String)>,
+    pub(super) steps_without_progress: u32,
+}
+
+/// Content under review: untrusted content waiting for its verdict, where it first entered the
+/// run, the fenced input, and the final answer's sanitisation, classifier and judge.
+#[derive(Clone, Debug, Default)]
+struct Review {
+    /// The run's spotlighting boundary (from `run_started`), when the spec fences content.
+    pub(super) fence: Option<String>,
+    /// Untrusted content waiting for its guard verdict before the model may see it.
+    pub(super) unchecked: Option<ContentCheck>,
+    /// The user's input as the model sees it (fenced when the guard said so).
+    pub(super) input_message: String,
+    /// Where untrusted content first entered the run, for the data-flow rule.
+    pub(super) tainted: Option<String>,
+    /// The final answer's sanitisation is recorded (`output_sanitized`) or found nothing.
+    pub(super) output_checked: bool,
+    /// An answer the judge is scoring, with the conversation set aside meanwhile.
+    pub(super) judging: Option<(Value, Vec<Message>)>,
+    /// Content the classifier model is judging, with the conversation set aside meanwhile.
+    pub(super) classifying: Option<(ContentCheck, Vec<Message>)>,
+    /// The classifier's reply, parsed, waiting to be recorded: the content, whether it is an
+    /// injection, and the model's confidence.
+    pub(super) classified: Option<(ContentCheck, bool, f64)>,
+    /// The judge's reply, parsed, waiting to be recorded: its step, the answer, score, reason.
+    pub(super) judged: Option<(u32, Value, f64, String)>,
+    /// Answers the judge sent back for revision.
+    pub(super) judge_repairs: u32,
+    /// Why the held answer waits for a person, when it is not its confidence.
+    pub(super) held_reason: Option<String>,
+}
+
+/// The run's place in a tree of worker agents, and what its workers hold.
+#[derive(Clone, Debug, Default)]
+struct Tree {
     /// This run's depth in its tree of worker agents (0 at the top).
-    depth: u32,
+    pub(super) depth: u32,
     /// The deepest the tree may grow.
-    max_depth: u32,
+    pub(super) max_depth: u32,
     /// Budget held by workers running (or whose end is not recorded): cost and tokens.
-    worker_reserved: (Usd, u64),
+    pub(super) worker_reserved: (Usd, u64),
     /// Each worker call's runs (its worker's, then its fallback's), by the step and call id of
     /// its tool call.
-    worker_children: HashMap<(u32, String), Vec<WorkerChild>>,
+    pub(super) worker_children: HashMap<(u32, String), Vec<WorkerChild>>,
 }
 
 /// A graph run's place in its graph, rebuilt from `node_entered` and `node_finished`.
@@ -230,27 +278,7 @@ impl Engine {
                 .map_or(0, |s| counter.count(&s.to_string()));
         Engine {
             agent,
-            counter,
-            tool_definitions,
-            fixed_tokens,
-            started_ms: None,
-            last_ts_ms: None,
-            last_claimed_by: None,
-            takeovers: 0,
-            messages: Vec::new(),
-            message_tokens: Cell::new(0),
-            counted: Cell::new(0),
             step: 0,
-            iterations: 0,
-            usage: Usage::default(),
-            cost: Usd::ZERO,
-            tool_calls: 0,
-            calls_per_tool: HashMap::new(),
-            repeated_calls: HashMap::new(),
-            repeated_errors: HashMap::new(),
-            consecutive_failures: 0,
-            seen_results: HashSet::new(),
-            steps_without_progress: 0,
             pending_tools: VecDeque::new(),
             model_in_flight: false,
             tool_in_flight: None,
@@ -263,29 +291,26 @@ impl Engine {
             steps_done: Vec::new(),
             held_answer: None,
             approvals: BTreeMap::new(),
-            paused_ms: 0,
             repair_pending: false,
             finish: None,
             finished: None,
             output: None,
             chat: None,
-            fence: None,
-            unchecked: None,
-            input_message: String::new(),
-            tainted: None,
-            output_checked: false,
-            judging: None,
-            classifying: None,
-            classified: None,
-            judged: None,
-            judge_repairs: 0,
-            held_reason: None,
             graph: None,
             plan: None,
-            depth: 0,
-            max_depth: 0,
-            worker_reserved: (Usd::ZERO, 0),
-            worker_children: HashMap::new(),
+            clock: Clock::default(),
+            context: Context {
+                counter,
+                tool_definitions,
+                fixed_tokens,
+                messages: Vec::new(),
+                message_tokens: Cell::new(0),
+                counted: Cell::new(0),
+            },
+            spend: Spend::default(),
+            loops: Loops::default(),
+            review: Review::default(),
+            tree: Tree::default(),
         }
     }
 
@@ -313,7 +338,7 @@ impl Engine {
 
     /// The process that took the run up last (`run_claimed`), if any did.
     pub fn last_claimed_by(&self) -> Option<&str> {
-        self.last_claimed_by.as_deref()
+        self.clock.last_claimed_by.as_deref()
     }
 
     /// Who wrote the run's spec, as `run_started` recorded it (`None` in logs from before it
@@ -324,12 +349,12 @@ impl Engine {
 
     /// The conversation so far, to send with the next model call.
     pub fn messages(&self) -> &[Message] {
-        &self.messages
+        &self.context.messages
     }
 
     /// The tools as the model sees them.
     pub fn tool_definitions(&self) -> &[ToolDefinition] {
-        &self.tool_definitions
+        &self.context.tool_definitions
     }
 
     /// Sampling temperature of the next call: a gateway caller's, else the spec's.
@@ -342,30 +367,32 @@ impl Engine {
 
     /// Model calls made.
     pub fn iterations(&self) -> u32 {
-        self.iterations
+        self.spend.iterations
     }
 
     /// Tokens used so far.
     pub fn usage(&self) -> Usage {
-        self.usage
+        self.spend.usage
     }
 
     /// Money spent so far.
     pub fn cost(&self) -> Usd {
-        self.cost
+        self.spend.cost
     }
 
     /// Tool calls made or refused so far.
     pub fn tool_calls(&self) -> u32 {
-        self.tool_calls
+        self.spend.tool_calls
     }
 
     /// When the run must end, in ms since the epoch (once started). Time spent waiting for a
     /// person's approval is not counted: a run's wall clock limits its own work.
     pub fn deadline_ms(&self) -> Option<i64> {
         let timeout = i64::try_from(self.agent.spec.limits.timeout.as_millis()).unwrap_or(i64::MAX);
-        self.started_ms
-            .map(|s| s.saturating_add(timeout).saturating_add(self.paused_ms))
+        self.clock.started_ms.map(|s| {
+            s.saturating_add(timeout)
+                .saturating_add(self.clock.paused_ms)
+        })
     }
 
     /// The tool call waiting for a person's decision, if any.
@@ -396,26 +423,28 @@ impl Engine {
     }
 
     fn push_message(&mut self, message: Message) {
-        self.messages.push(message);
+        self.context.messages.push(message);
     }
 
     /// Tokens of the conversation as it stands, counting the messages not counted yet.
     fn conversation_tokens(&self) -> u64 {
-        let counted = self.counted.get().min(self.messages.len());
-        let more: u64 = self.messages[counted..]
+        let counted = self.context.counted.get().min(self.context.messages.len());
+        let more: u64 = self.context.messages[counted..]
             .iter()
-            .map(|m| message_tokens(self.counter, m))
+            .map(|m| message_tokens(self.context.counter, m))
             .sum();
-        self.counted.set(self.messages.len());
-        self.message_tokens.set(self.message_tokens.get() + more);
-        self.message_tokens.get()
+        self.context.counted.set(self.context.messages.len());
+        self.context
+            .message_tokens
+            .set(self.context.message_tokens.get() + more);
+        self.context.message_tokens.get()
     }
 
     /// Empties the conversation.
     fn forget_messages(&mut self) {
-        self.messages.clear();
-        self.message_tokens.set(0);
-        self.counted.set(0);
+        self.context.messages.clear();
+        self.context.message_tokens.set(0);
+        self.context.counted.set(0);
     }
 
     fn finish_with(&mut self, reason: TerminationReason, detail: impl Into<String>) {
@@ -435,9 +464,9 @@ impl Engine {
         if self.finished.is_some() {
             return None;
         }
-        self.started_ms?;
+        self.clock.started_ms?;
         if let (Some((step, _, score, reason)), Some(judge)) =
-            (&self.judged, &self.agent.spec.guards.judge)
+            (&self.review.judged, &self.agent.spec.guards.judge)
         {
             return Some(Effect::Record(EventKind::JudgeVerdict {
                 step: *step,
@@ -460,7 +489,7 @@ impl Engine {
                 finish.output.clone(),
             ));
         }
-        if let Some((check, injection, confidence)) = &self.classified {
+        if let Some((check, injection, confidence)) = &self.review.classified {
             let policy = self.agent.spec.guards.policy(check.source);
             return Some(Effect::Record(check.verdict_event(
                 policy.verdict(*injection),
@@ -468,10 +497,10 @@ impl Engine {
                 vec![guard::CLASSIFIER_RULE.to_string()],
             )));
         }
-        if self.classifying.is_some() {
+        if self.review.classifying.is_some() {
             return Some(self.model_effect());
         }
-        if let Some(check) = &self.unchecked {
+        if let Some(check) = &self.review.unchecked {
             return Some(Effect::CheckContent(check.clone()));
         }
         if let Some(pending) = self.pending_approval() {
@@ -503,7 +532,7 @@ impl Engine {
                 .get("confidence")
                 .and_then(Value::as_f64)
                 .unwrap_or(0.0);
-            let reason = self.held_reason.clone().unwrap_or_else(|| {
+            let reason = self.review.held_reason.clone().unwrap_or_else(|| {
                 format!(
                     "the answer's confidence {confidence} is below {}",
                     self.agent.spec.approval.min_confidence.unwrap_or(0.0)
@@ -527,7 +556,7 @@ impl Engine {
             );
             return Some(self.finish_effect(TerminationReason::Timeout, Some(detail), None));
         }
-        if self.judging.is_none()
+        if self.review.judging.is_none()
             && let Some(effect) = self.graph_effect(now_ms).or_else(|| self.plan_effect())
         {
             return Some(effect);

@@ -126,19 +126,19 @@ impl Engine {
     /// Ends the run when the usage reported so far is over the run's token or money cap.
     pub(super) fn over_caps(&mut self) -> bool {
         let limits = &self.agent.spec.limits;
-        if self.usage.total() > limits.max_total_tokens {
+        if self.spend.usage.total() > limits.max_total_tokens {
             let detail = format!(
                 "usage reached {} tokens, over the cap of {}",
-                self.usage.total(),
+                self.spend.usage.total(),
                 limits.max_total_tokens
             );
             self.finish_with(TerminationReason::MaxTokens, detail);
             return true;
         }
-        if self.cost > limits.max_cost_usd {
+        if self.spend.cost > limits.max_cost_usd {
             let detail = format!(
                 "cost reached {}, over the cap of {}",
-                self.cost, limits.max_cost_usd
+                self.spend.cost, limits.max_cost_usd
             );
             self.finish_with(TerminationReason::MaxCost, detail);
             return true;
@@ -174,14 +174,14 @@ impl Engine {
             instructions,
             format!("The answer to score:\n<answer>\n{text}\n</answer>"),
         );
-        self.judging = Some((answer, conversation));
+        self.review.judging = Some((answer, conversation));
     }
 
     /// Sets the conversation aside for a verdict call (the judge's, the classifier's): the
     /// next model call sees only `instructions` and `request`. The conversation is returned, to
     /// be given back to [`Engine::restore`] when the verdict arrives.
     pub(super) fn set_aside(&mut self, instructions: String, request: String) -> Vec<Message> {
-        let conversation = std::mem::take(&mut self.messages);
+        let conversation = std::mem::take(&mut self.context.messages);
         self.forget_messages();
         self.push_message(Message::text(Role::System, instructions));
         self.push_message(Message::text(Role::User, request));
@@ -302,26 +302,26 @@ impl Engine {
         // A call recorded as requested but never answered (a crash) is made again; it was
         // already counted, so it does not count twice.
         let next_iteration = if self.model_in_flight {
-            self.iterations
+            self.spend.iterations
         } else {
-            self.iterations + 1
+            self.spend.iterations + 1
         };
         if next_iteration > limits.max_iterations {
-            let detail = format!("made {} model calls, the cap", self.iterations);
+            let detail = format!("made {} model calls, the cap", self.spend.iterations);
             return self.finish_effect(TerminationReason::MaxIterations, Some(detail), None);
         }
-        let estimated_input_tokens = 3 + self.fixed_tokens + self.conversation_tokens();
+        let estimated_input_tokens = 3 + self.context.fixed_tokens + self.conversation_tokens();
         let max_output_tokens = match self.chat.as_ref().and_then(|c| c.max_output_tokens) {
             Some(asked) => asked.min(spec.model.max_output_tokens),
             None => spec.model.max_output_tokens,
         };
         let worst_case_tokens = estimated_input_tokens + u64::from(max_output_tokens);
         // What workers hold counts as spent until they end.
-        let (held_cost, held_tokens) = self.worker_reserved;
-        if self.usage.total() + held_tokens + worst_case_tokens > limits.max_total_tokens {
+        let (held_cost, held_tokens) = self.tree.worker_reserved;
+        if self.spend.usage.total() + held_tokens + worst_case_tokens > limits.max_total_tokens {
             let detail = format!(
                 "refused the next model call before making it: {} tokens used + up to {} for the call would exceed the cap of {}",
-                self.usage.total(),
+                self.spend.usage.total(),
                 worst_case_tokens,
                 limits.max_total_tokens
             );
@@ -335,10 +335,10 @@ impl Engine {
             cache_write_tokens: 0,
             output_tokens: u64::from(max_output_tokens),
         });
-        if self.cost + held_cost + worst_case_cost > limits.max_cost_usd {
+        if self.spend.cost + held_cost + worst_case_cost > limits.max_cost_usd {
             let detail = format!(
                 "refused the next model call before making it: {} spent + up to {} for the call would exceed the cap of {}",
-                self.cost, worst_case_cost, limits.max_cost_usd
+                self.spend.cost, worst_case_cost, limits.max_cost_usd
             );
             return self.finish_effect(TerminationReason::MaxCost, Some(detail), None);
         }
@@ -361,8 +361,10 @@ impl Engine {
             estimated_input_tokens,
             max_output_tokens,
             worst_case_cost,
-            tokens_remaining: limits.max_total_tokens.saturating_sub(self.usage.total()),
-            cost_remaining: limits.max_cost_usd.saturating_sub(self.cost),
+            tokens_remaining: limits
+                .max_total_tokens
+                .saturating_sub(self.spend.usage.total()),
+            cost_remaining: limits.max_cost_usd.saturating_sub(self.spend.cost),
         })
     }
 
@@ -372,7 +374,7 @@ impl Engine {
         if self.summarizing {
             return StepKind::Summarize;
         }
-        if self.judging.is_some() || self.classifying.is_some() {
+        if self.review.judging.is_some() || self.review.classifying.is_some() {
             return StepKind::Judge;
         }
         if let Some(kind) = self.plan_step_kind() {
@@ -380,7 +382,7 @@ impl Engine {
         }
         let can_call_tools = self.offers_tools()
             && spec.model.tool_choice != Some(ToolChoice::None)
-            && self.tool_calls < spec.limits.max_tool_calls;
+            && self.spend.tool_calls < spec.limits.max_tool_calls;
         if self.repair_pending || !can_call_tools {
             StepKind::Final
         } else if iteration <= 1 + self.summary_calls {

@@ -69,12 +69,12 @@ impl Engine {
     /// Starts a plan run: the planner is offered no tools (it plans; executors act).
     pub(super) fn start_plan(&mut self) {
         self.plan = Some(Box::new(PlanRun::new()));
-        self.tool_definitions.clear();
-        self.fixed_tokens = self
+        self.context.tool_definitions.clear();
+        self.context.fixed_tokens = self
             .agent
             .step_validators
             .get("plan")
-            .map_or(0, |(s, _)| self.counter.count(&s.to_string()));
+            .map_or(0, |(s, _)| self.context.counter.count(&s.to_string()));
     }
 
     fn policy(&self) -> Option<&PlanPolicy> {
@@ -155,12 +155,15 @@ impl Engine {
         request: String,
         tools: Vec<crate::ToolDefinition>,
     ) {
-        self.tool_definitions = tools;
-        let schema_tokens = schema.as_deref().map_or(0, |s| self.counter.count(s));
-        self.fixed_tokens = tool_tokens(self.counter, &self.tool_definitions) + schema_tokens;
+        self.context.tool_definitions = tools;
+        let schema_tokens = schema
+            .as_deref()
+            .map_or(0, |s| self.context.counter.count(s));
+        self.context.fixed_tokens =
+            tool_tokens(self.context.counter, &self.context.tool_definitions) + schema_tokens;
         self.forget_messages();
         let mut system = format!("{}\n\n{task}", self.agent.spec.instructions);
-        if self.fence.is_some() {
+        if self.review.fence.is_some() {
             system.push_str(crate::guard::FENCE_INSTRUCTIONS);
         }
         if let Some(schema) = schema {
@@ -202,7 +205,7 @@ impl Engine {
         };
         format!(
             "The request:\n{}\n\nSteps done:\n{done}\n\nSteps left:\n{left}",
-            self.input_message
+            self.review.input_message
         )
     }
 

@@ -28,14 +28,14 @@ impl Engine {
         let mut instructions = self
             .planner_prompt()
             .unwrap_or_else(|| self.agent.spec.instructions.clone());
-        if self.fence.is_some() {
+        if self.review.fence.is_some() {
             instructions.push_str(guard::FENCE_INSTRUCTIONS);
         }
         self.push_message(Message::text(Role::System, instructions));
         for m in context {
             self.push_message(m);
         }
-        self.push_message(Message::text(Role::User, self.input_message.clone()));
+        self.push_message(Message::text(Role::User, self.review.input_message.clone()));
     }
 
     /// Releases content a guard has judged: to the model as it is, fenced, or not at all.
@@ -44,7 +44,7 @@ impl Engine {
         // (with a warning) whatever it judged, the user's input included.
         let warning = (verdict == Verdict::Fence).then_some(rules);
         let spotlit = self.agent.spec.guards.spotlight && unchecked.source != Source::User;
-        let text = match (verdict, &self.fence) {
+        let text = match (verdict, &self.review.fence) {
             (Verdict::Block | Verdict::Escalate, _) => format!(
                 "[Rein withheld this content: the injection guard found instructions in it ({}).]",
                 rules.join(", ")
@@ -63,28 +63,30 @@ impl Engine {
             }),
             None => {
                 // The user's input is the last message of the conversation begun at the start.
-                self.input_message = text;
+                self.review.input_message = text;
                 if !self.summarizing
-                    && let Some(last) = self.messages.pop()
+                    && let Some(last) = self.context.messages.pop()
                 {
-                    if self.messages.len() < self.counted.get() {
-                        self.counted.set(self.messages.len());
-                        self.message_tokens.set(
-                            self.message_tokens
+                    if self.context.messages.len() < self.context.counted.get() {
+                        self.context.counted.set(self.context.messages.len());
+                        self.context.message_tokens.set(
+                            self.context
+                                .message_tokens
                                 .get()
-                                .saturating_sub(message_tokens(self.counter, &last)),
+                                .saturating_sub(message_tokens(self.context.counter, &last)),
                         );
                     }
-                    self.push_message(Message::text(Role::User, self.input_message.clone()));
+                    self.push_message(Message::text(Role::User, self.review.input_message.clone()));
                 }
             }
         }
         if unchecked.source == Source::User {
-            if verdict != Verdict::Allow && self.tainted.is_none() {
-                self.tainted = Some("the user's input, which the injection guard flagged".into());
+            if verdict != Verdict::Allow && self.review.tainted.is_none() {
+                self.review.tainted =
+                    Some("the user's input, which the injection guard flagged".into());
             }
-        } else if self.tainted.is_none() {
-            self.tainted = Some(unchecked.origin());
+        } else if self.review.tainted.is_none() {
+            self.review.tainted = Some(unchecked.origin());
         }
     }
 
@@ -92,7 +94,7 @@ impl Engine {
     /// entered the run and the run fences: what a tool returned reaches a later model step
     /// through the state or a step's result, and must not arrive there as instructions.
     pub(super) fn spotlit(&self, origin: &str, text: &str) -> String {
-        match (&self.fence, &self.tainted) {
+        match (&self.review.fence, &self.review.tainted) {
             (Some(boundary), Some(_)) => guard::fence(boundary, origin.to_string(), text, None),
             _ => text.to_string(),
         }
@@ -103,20 +105,22 @@ impl Engine {
         let agent = self.agent.clone();
         let limits = &agent.spec.limits;
         if result.is_success() {
-            self.consecutive_failures = 0;
+            self.loops.consecutive_failures = 0;
             if self
+                .loops
                 .seen_results
                 .insert((tool.to_string(), result.data.to_string()))
             {
-                self.steps_without_progress = 0;
+                self.loops.steps_without_progress = 0;
             } else {
-                self.steps_without_progress += 1;
+                self.loops.steps_without_progress += 1;
             }
         } else {
-            self.consecutive_failures += 1;
-            self.steps_without_progress += 1;
+            self.loops.consecutive_failures += 1;
+            self.loops.steps_without_progress += 1;
             let message = result.message.clone().unwrap_or_default();
             let repeats = self
+                .loops
                 .repeated_errors
                 .entry((tool.to_string(), message.clone()))
                 .or_default();
@@ -132,10 +136,10 @@ impl Engine {
                 );
             }
         }
-        if self.consecutive_failures >= limits.max_consecutive_failures {
+        if self.loops.consecutive_failures >= limits.max_consecutive_failures {
             let detail = format!(
                 "{} tool calls in a row failed, so the run's own circuit breaker opened",
-                self.consecutive_failures
+                self.loops.consecutive_failures
             );
             self.end_or_escalate(
                 TerminationReason::CircuitOpen,
@@ -143,10 +147,10 @@ impl Engine {
                 detail,
             );
         }
-        if self.steps_without_progress >= limits.max_steps_without_progress {
+        if self.loops.steps_without_progress >= limits.max_steps_without_progress {
             let detail = format!(
                 "{} tool results in a row brought nothing new (failures or data already seen)",
-                self.steps_without_progress
+                self.loops.steps_without_progress
             );
             self.finish_with(TerminationReason::LoopDetected, detail);
         }
@@ -156,7 +160,7 @@ impl Engine {
     /// recorded; `None` when there is no such answer or nothing to report.
     pub(super) fn answer_findings(&self) -> Option<(Vec<sanitize::Finding>, bool)> {
         let finish = self.finish.as_ref()?;
-        if self.output_checked
+        if self.review.output_checked
             || self.chat.is_some()
             || finish.reason != TerminationReason::Completed
         {

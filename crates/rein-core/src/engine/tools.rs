@@ -29,7 +29,12 @@ impl Engine {
         let limits = &self.agent.spec.limits;
         let step = self.step + 1;
         let signature = call_signature(call);
-        let repeats = self.repeated_calls.get(&signature).copied().unwrap_or(0);
+        let repeats = self
+            .loops
+            .repeated_calls
+            .get(&signature)
+            .copied()
+            .unwrap_or(0);
         if repeats + 1 >= limits.max_repeated_tool_calls {
             let detail = format!(
                 "the model asked for `{}` with the same arguments {} times; the call was not made again",
@@ -48,7 +53,7 @@ impl Engine {
                 attempts: 0,
             })
         };
-        if self.tool_calls >= limits.max_tool_calls {
+        if self.spend.tool_calls >= limits.max_tool_calls {
             return refuse(format!(
                 "this run has used all {} tool calls it is allowed; answer with what you have",
                 limits.max_tool_calls
@@ -60,6 +65,7 @@ impl Engine {
             .filter(|_| self.may_call(&call.name))
         else {
             let names: Vec<&str> = self
+                .context
                 .tool_definitions
                 .iter()
                 .map(|d| d.name.as_str())
@@ -114,7 +120,13 @@ impl Engine {
             ));
         }
         if let Some(cap) = tool.contract.max_calls_per_run
-            && self.calls_per_tool.get(&call.name).copied().unwrap_or(0) >= cap
+            && self
+                .spend
+                .calls_per_tool
+                .get(&call.name)
+                .copied()
+                .unwrap_or(0)
+                >= cap
         {
             return refuse(format!(
                 "`{}` may be called at most {cap} times per run and that many calls were made",
@@ -134,7 +146,7 @@ impl Engine {
             ));
         }
         let guards = &self.agent.spec.guards;
-        let data_flow = self.tainted.as_ref().filter(|_| {
+        let data_flow = self.review.tainted.as_ref().filter(|_| {
             tool.contract.side_effects == SideEffects::External
                 && guards.data_flow != DataFlow::Off
                 && !guards.allows_host_of(&tool.source)

@@ -91,7 +91,7 @@ impl Engine {
     /// Whether the model is offered tools: the node's, in a graph; else the agent's.
     pub(super) fn offers_tools(&self) -> bool {
         if self.graph.is_some() || self.plan.is_some() {
-            !self.tool_definitions.is_empty()
+            !self.context.tool_definitions.is_empty()
         } else {
             !self.agent.spec.tools.is_empty()
         }
@@ -101,14 +101,16 @@ impl Engine {
     /// or one of the `llm` node's tools.
     pub(super) fn may_call(&self, tool: &str) -> bool {
         if self.plan.is_some() {
-            return self.tool_definitions.iter().any(|d| d.name == tool);
+            return self.context.tool_definitions.iter().any(|d| d.name == tool);
         }
         if self.graph.is_none() {
             return true;
         }
         match self.current_node().map(|(n, _)| &n.kind) {
             Some(NodeKind::Tool { tool: own, .. }) => own == tool,
-            Some(NodeKind::Llm { .. }) => self.tool_definitions.iter().any(|d| d.name == tool),
+            Some(NodeKind::Llm { .. }) => {
+                self.context.tool_definitions.iter().any(|d| d.name == tool)
+            }
             _ => false,
         }
     }
@@ -127,7 +129,7 @@ impl Engine {
         self.repairs = 0;
         self.repair_pending = false;
         self.pending_tools.clear();
-        self.tool_definitions.clear();
+        self.context.tool_definitions.clear();
         let Some(spec_node) = graph.node(node) else {
             self.finish_with(
                 TerminationReason::Error,
@@ -226,7 +228,7 @@ impl Engine {
         state: &Value,
         tools: &[String],
     ) {
-        self.tool_definitions = self
+        self.context.tool_definitions = self
             .agent
             .spec
             .tools
@@ -235,11 +237,12 @@ impl Engine {
             .map(|t| t.definition())
             .collect();
         let schema = schema.map_or(String::new(), Value::to_string);
-        self.fixed_tokens =
-            tool_tokens(self.counter, &self.tool_definitions) + self.counter.count(&schema);
+        self.context.fixed_tokens =
+            tool_tokens(self.context.counter, &self.context.tool_definitions)
+                + self.context.counter.count(&schema);
         self.forget_messages();
         let mut system = format!("{}\n\n{task}", self.agent.spec.instructions);
-        if self.fence.is_some() {
+        if self.review.fence.is_some() {
             system.push_str(guard::FENCE_INSTRUCTIONS);
         }
         system.push_str(&format!(
@@ -251,7 +254,7 @@ impl Engine {
             Role::User,
             format!(
                 "{}\n\nWhat the workflow knows so far (JSON):\n{state}",
-                self.input_message
+                self.review.input_message
             ),
         ));
     }

@@ -36,7 +36,8 @@ impl Engine {
     /// continues that run rather than starting another, so the worker's own recorded steps
     /// and side effects are not repeated.
     pub fn worker_child(&self, step: u32, call_id: &str, fallback: bool) -> Option<&WorkerChild> {
-        self.worker_children
+        self.tree
+            .worker_children
             .get(&(step, call_id.to_string()))?
             .iter()
             .rev()
@@ -46,7 +47,8 @@ impl Engine {
     /// The worker runs this run started whose end its log does not record: after a crash,
     /// the ones to end when this run ends without continuing them.
     pub fn unfinished_workers(&self) -> Vec<RunId> {
-        self.worker_children
+        self.tree
+            .worker_children
             .values()
             .flatten()
             .filter(|c| !c.finished)
@@ -64,23 +66,23 @@ impl Engine {
         let ToolSource::Agent(worker) = &tool.source else {
             return Ok(None);
         };
-        let depth = self.depth + 1;
-        if depth > self.max_depth {
+        let depth = self.tree.depth + 1;
+        if depth > self.tree.max_depth {
             let detail = format!(
                 "calling `{}` (the agent {}) would make the tree of agents {depth} deep, past max_depth {}",
-                tool.name, worker.spec, self.max_depth
+                tool.name, worker.spec, self.tree.max_depth
             );
             return Err((TerminationReason::MaxDepth, detail));
         }
         let limits = &self.agent.spec.limits;
-        let (held_cost, held_tokens) = self.worker_reserved;
+        let (held_cost, held_tokens) = self.tree.worker_reserved;
         let cost_left = limits
             .max_cost_usd
-            .saturating_sub(self.cost)
+            .saturating_sub(self.spend.cost)
             .saturating_sub(held_cost);
         let tokens_left = limits
             .max_total_tokens
-            .saturating_sub(self.usage.total())
+            .saturating_sub(self.spend.usage.total())
             .saturating_sub(held_tokens);
         let half = Usd::from_micros(cost_left.micros() / 2);
         let cost = worker.max_cost_usd.unwrap_or(half).min(cost_left);
@@ -99,14 +101,15 @@ impl Engine {
             max_cost_usd: cost,
             max_total_tokens: tokens,
             depth,
-            max_depth: self.max_depth,
+            max_depth: self.tree.max_depth,
         }))
     }
 
     /// Folds `worker_started`: the worker's budget is held against this run's limits.
     pub(super) fn worker_started(&mut self, budget: &WorkerBudget) {
-        self.worker_reserved.0 += budget.max_cost_usd;
-        self.worker_reserved.1 = self
+        self.tree.worker_reserved.0 += budget.max_cost_usd;
+        self.tree.worker_reserved.1 = self
+            .tree
             .worker_reserved
             .1
             .saturating_add(budget.max_total_tokens);
@@ -124,11 +127,16 @@ impl Engine {
         usage: &Usage,
     ) {
         if let Some(b) = budget {
-            self.worker_reserved.0 = self.worker_reserved.0.saturating_sub(b.max_cost_usd);
-            self.worker_reserved.1 = self.worker_reserved.1.saturating_sub(b.max_total_tokens);
+            self.tree.worker_reserved.0 =
+                self.tree.worker_reserved.0.saturating_sub(b.max_cost_usd);
+            self.tree.worker_reserved.1 = self
+                .tree
+                .worker_reserved
+                .1
+                .saturating_sub(b.max_total_tokens);
         }
-        self.cost += cost;
-        self.usage.add(usage);
+        self.spend.cost += cost;
+        self.spend.usage.add(usage);
         if reason == Some(TerminationReason::MaxDepth) {
             // The deepest run's own words say where the cascade was stopped.
             self.finish_with(

@@ -172,7 +172,7 @@ fn a_worker_still_running_holds_its_budget_against_the_callers_limits() {
     }
     // Had it not started, only what the held budget leaves could be given.
     let mut held = replayed.clone();
-    held.worker_children.clear();
+    held.tree.worker_children.clear();
     let Some(Effect::CallTool(fresh)) = held.next_effect(sim.now) else {
         panic!("expected the call")
     };
