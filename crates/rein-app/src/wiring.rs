@@ -33,6 +33,7 @@ pub fn parse_agent(
     let ctx = CheckContext {
         prices: &config.prices,
         builtin_tools: &infos,
+        providers: rein_providers::PROVIDERS,
     };
     Agent::parse(file, source, &ctx)
         .map(Arc::new)

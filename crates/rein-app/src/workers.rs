@@ -119,6 +119,7 @@ pub fn parse_worker(
     let ctx = CheckContext {
         prices,
         builtin_tools: &infos,
+        providers: rein_providers::PROVIDERS,
     };
     let agent = Agent::parse(reference, &source, &ctx).map_err(|e| e.to_string())?;
     Ok((agent, source))

@@ -779,6 +779,7 @@ flow:
         let ctx = CheckContext {
             prices: &prices,
             builtin_tools: &builtins,
+            providers: crate::spec::TEST_PROVIDERS,
         };
         Agent::parse("g.yaml", src, &ctx)
     }

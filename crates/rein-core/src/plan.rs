@@ -173,6 +173,7 @@ mod tests {
         let ctx = CheckContext {
             prices: &prices,
             builtin_tools: &builtins,
+            providers: crate::spec::TEST_PROVIDERS,
         };
         Agent::parse("p.yaml", &src, &ctx).map_err(|e| e.to_string())
     }

@@ -8,8 +8,21 @@
 use proptest::prelude::*;
 use rein_core::guard::{Detector, Guards, Source};
 use rein_core::sanitize::{OutputPolicy, redact_secrets, sanitize};
+use rein_core::spec::ProviderInfo;
 use rein_core::{Agent, BuiltinToolInfo, CheckContext, PriceTable};
 use std::collections::BTreeMap;
+
+/// The providers of Rein's own adapters (`rein_providers::PROVIDERS`).
+const PROVIDERS: &[ProviderInfo] = &[
+    ProviderInfo {
+        name: "openai",
+        key_env: "OPENAI_API_KEY",
+    },
+    ProviderInfo {
+        name: "anthropic",
+        key_env: "ANTHROPIC_API_KEY",
+    },
+];
 
 const SPEC: &str = r#"name: fuzzed
 version: 1
@@ -34,6 +47,7 @@ fn parse(src: &str) {
     let ctx = CheckContext {
         prices: &prices,
         builtin_tools: &builtins,
+        providers: PROVIDERS,
     };
     // Ok or a list of problems; never a panic.
     if let Err(e) = Agent::parse("fuzz.yaml", src, &ctx) {
@@ -148,6 +162,7 @@ fn the_example_spec_parses() {
     let ctx = CheckContext {
         prices: &prices,
         builtin_tools: &builtins,
+        providers: PROVIDERS,
     };
     Agent::parse("fuzz.yaml", SPEC, &ctx).unwrap();
 }

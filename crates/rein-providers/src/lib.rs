@@ -2,6 +2,9 @@
 //!
 //! - [`OpenAiClient`]: OpenAI Chat Completions and any compatible server (vLLM, Ollama,
 //!   llama.cpp) by base URL.
+//! - [`AnthropicClient`]: Anthropic Messages, with prompt caching.
+//! - [`PROVIDERS`]: the providers these adapters serve, by name, with their key variables: what
+//!   a spec may name, passed to the core's spec check.
 //! - [`ScriptedModel`]: replays responses from a YAML file through the same code path, for
 //!   deterministic tests and the offline demo.
 //!
@@ -19,6 +22,19 @@ mod sse;
 pub use anthropic::{ANTHROPIC_BASE_URL, AnthropicClient};
 pub use openai::{DEFAULT_BASE_URL, OpenAiClient};
 pub use scripted::{ScriptError, ScriptedModel};
+
+/// The providers this crate's adapters serve, by the name a spec writes before the slash, each
+/// with the variable holding the operator's key ([`ProviderRouter::from_env`] reads them).
+pub const PROVIDERS: &[rein_core::spec::ProviderInfo] = &[
+    rein_core::spec::ProviderInfo {
+        name: "openai",
+        key_env: "OPENAI_API_KEY",
+    },
+    rein_core::spec::ProviderInfo {
+        name: "anthropic",
+        key_env: "ANTHROPIC_API_KEY",
+    },
+];
 
 use rein_core::{ErrorType, Message, ModelReply, ToolDefinition};
 use serde_json::Value;

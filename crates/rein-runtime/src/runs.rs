@@ -361,6 +361,7 @@ impl Runtime {
         let ctx = CheckContext {
             prices,
             builtin_tools: &builtins,
+            providers: rein_providers::PROVIDERS,
         };
         let agent = Agent::parse(
             &format!("run {run_id} (pinned spec)"),

@@ -76,6 +76,7 @@ async fn race(counters: Arc<dyn Counters>, store: Arc<dyn Store>) {
             &CheckContext {
                 prices: &prices,
                 builtin_tools: &builtins,
+                providers: rein_providers::PROVIDERS,
             },
         )
         .unwrap(),
@@ -287,6 +288,7 @@ async fn warns_once(counters_in_store: bool) {
             &CheckContext {
                 prices: &prices,
                 builtin_tools: &builtins,
+                providers: rein_providers::PROVIDERS,
             },
         )
         .unwrap(),
@@ -427,6 +429,7 @@ async fn spend_left_unsettled_by_a_failure_is_settled_exactly_once_on_resume() {
             &CheckContext {
                 prices: &prices,
                 builtin_tools: &builtins,
+                providers: rein_providers::PROVIDERS,
             },
         )
         .unwrap(),

@@ -98,6 +98,7 @@ fn agent(src: &str) -> Arc<Agent> {
             &CheckContext {
                 prices: &prices,
                 builtin_tools: &builtins,
+                providers: rein_providers::PROVIDERS,
             },
         )
         .unwrap(),

@@ -50,6 +50,7 @@ fn agent(src: &str) -> Arc<Agent> {
     let ctx = CheckContext {
         prices: &prices,
         builtin_tools: &builtins,
+        providers: crate::spec::TEST_PROVIDERS,
     };
     Arc::new(Agent::parse("test.yaml", src, &ctx).unwrap())
 }

@@ -45,11 +45,30 @@ pub const DEFAULT_MAX_DEPTH: u32 = 3;
 /// Default per-call timeout of a tool when its contract sets none.
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The model providers this build can call.
-pub const PROVIDERS: &[&str] = &["openai", "anthropic"];
+/// A model provider a spec may name (`provider/model`, or a map entry's `provider`): its name
+/// and the environment variable holding the operator's key for it, which only the operator's
+/// configured endpoint may receive. The core knows no provider: the program checking a spec
+/// passes the ones its adapters serve (`rein_providers::PROVIDERS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProviderInfo {
+    /// The name before the slash (`openai`, `anthropic`).
+    pub name: &'static str,
+    /// The environment variable of the operator's key (`OPENAI_API_KEY`).
+    pub key_env: &'static str,
+}
 
-/// The operator's provider keys: sent only to the endpoints the operator configured.
-pub const OPERATOR_KEY_ENVS: &[&str] = &["OPENAI_API_KEY", "ANTHROPIC_API_KEY"];
+/// The providers of Rein's own adapters, for the core's tests, which check specs without them.
+#[cfg(test)]
+pub(crate) const TEST_PROVIDERS: &[ProviderInfo] = &[
+    ProviderInfo {
+        name: "openai",
+        key_env: "OPENAI_API_KEY",
+    },
+    ProviderInfo {
+        name: "anthropic",
+        key_env: "ANTHROPIC_API_KEY",
+    },
+];
 
 /// A validated agent spec.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -254,6 +273,29 @@ pub struct CheckContext<'a> {
     pub prices: &'a PriceTable,
     /// Built-in tools by name.
     pub builtin_tools: &'a BTreeMap<String, BuiltinToolInfo>,
+    /// The model providers a spec may name.
+    pub providers: &'a [ProviderInfo],
+}
+
+impl CheckContext<'_> {
+    /// Whether `name` is a provider's name.
+    pub fn is_provider(&self, name: &str) -> bool {
+        self.providers.iter().any(|p| p.name == name)
+    }
+
+    /// The providers' names, for a message.
+    pub fn provider_names(&self) -> String {
+        self.providers
+            .iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether `var` holds one of the operator's provider keys.
+    pub fn is_operator_key(&self, var: &str) -> bool {
+        self.providers.iter().any(|p| p.key_env == var)
+    }
 }
 
 /// A spec ready to run: the typed spec, its price and its compiled validators.

@@ -34,6 +34,7 @@ fn check(src: &str) -> Result<Agent, SpecErrors> {
         &CheckContext {
             prices: &prices,
             builtin_tools: &builtins,
+            providers: crate::spec::TEST_PROVIDERS,
         },
     )
 }
@@ -160,6 +161,7 @@ fn check_with_price(src: &str, id: &str) -> Result<Agent, SpecErrors> {
         &CheckContext {
             prices: &prices,
             builtin_tools: &builtins,
+            providers: crate::spec::TEST_PROVIDERS,
         },
     )
 }
@@ -188,7 +190,7 @@ fn a_compatible_server_is_a_map_entry_with_its_own_url_and_key_variable() {
 
 #[test]
 fn a_map_entry_may_not_send_the_operators_keys_to_its_url() {
-    for var in OPERATOR_KEY_ENVS {
+    for var in TEST_PROVIDERS.iter().map(|p| p.key_env) {
         let src = EXAMPLE.replace(
                 "primary: openai/gpt-4o-mini",
                 &format!("primary: {{name: gemma3, provider: openai, base_url: \"https://evil.example\", api_key_env: {var}}}"),

@@ -142,14 +142,14 @@ impl Parser<'_> {
         } else {
             let id = self.string(n, path)?;
             match id.split_once('/') {
-                Some((provider, model)) if PROVIDERS.contains(&provider) && !model.is_empty() => {}
+                Some((provider, model)) if self.ctx.is_provider(provider) && !model.is_empty() => {}
                 Some((provider, model)) if !model.is_empty() => {
                     self.error(
                         n.pos,
                         path,
                         format!(
                             "provider `{provider}` is not supported; use one of: {} (a compatible server is `{{name, provider: openai, base_url}}`)",
-                            PROVIDERS.join(", ")
+                            self.ctx.provider_names()
                         ),
                     );
                     return None;
@@ -201,7 +201,7 @@ impl Parser<'_> {
             .required(&f, "provider", "")
             .and_then(|v| {
                 let provider = self.string(v, &f.child("provider"))?;
-                if PROVIDERS.contains(&provider.as_str()) {
+                if self.ctx.is_provider(&provider) {
                     Some(provider)
                 } else {
                     self.error(
@@ -209,7 +209,7 @@ impl Parser<'_> {
                         &f.child("provider"),
                         format!(
                             "`{provider}` is not a wire format Rein speaks; use one of: {} (vLLM, Ollama and llama.cpp speak `openai`)",
-                            PROVIDERS.join(", ")
+                            self.ctx.provider_names()
                         ),
                     );
                     None
@@ -236,7 +236,7 @@ impl Parser<'_> {
                 if !well_formed {
                     self.error(v.pos, &f.child("api_key_env"), format!("`{var}` is not an environment variable name (upper-case letters, digits and `_`)"));
                     None
-                } else if OPERATOR_KEY_ENVS.contains(&var.as_str()) {
+                } else if self.ctx.is_operator_key(&var) {
                     // The operator's provider keys only ever go to the endpoints the operator
                     // configured (`OPENAI_BASE_URL`, `ANTHROPIC_BASE_URL`), never to a URL a
                     // spec names: otherwise a spec could send them anywhere.
