@@ -2,7 +2,7 @@
 //!
 //! Two engines behind one [`Store`] trait: SQLite, embedded, the default ([`SqliteStore`]),
 //! and PostgreSQL for several stateless workers on one database ([`PgStore`]). Both pass one
-//! conformance suite (`tests/conformance.rs`).
+//! conformance suite ([`conformance`], with the `testing` feature), which a third engine can run.
 //!
 //! The event log is the source of truth; the `runs` row is a projection of it, brought up to
 //! date by the write that appends the events (`summary::Appended`, once per append, on both
@@ -14,6 +14,8 @@
 
 mod appends;
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 mod postgres;
 mod roles;
 mod sqlite;
