@@ -460,13 +460,28 @@ fn shell_word(word: &str) -> String {
 }
 
 /// ` --script FILE` for a scripted scenario's follow-up commands (none when the real API answers).
+/// The script is the repository's file when `rein` runs in a checkout; otherwise (an installed
+/// `rein`) the demo writes its compiled-in copy to `rein-demo-scripts/`, so the printed command
+/// runs as written wherever the demo ran.
 fn script_flag(live: bool, scenario: &Scenario) -> String {
     if live {
-        String::new()
-    } else {
-        format!(" --script {}", scenario.files.1)
+        return String::new();
+    }
+    let in_checkout = std::path::Path::new(scenario.files.1).exists();
+    if in_checkout {
+        return format!(" --script {}", scenario.files.1);
+    }
+    let dir = std::path::Path::new(SCRIPTS_DIR);
+    let path = dir.join(format!("{}.script.yaml", scenario.name));
+    match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, scenario.script)) {
+        Ok(()) => format!(" --script {}", path.display()),
+        // Not writable here: name the repository's file, which a checkout has.
+        Err(_) => format!(" --script {}", scenario.files.1),
     }
 }
+
+/// Where an installed `rein demo` writes the scripts its follow-up commands name.
+const SCRIPTS_DIR: &str = "rein-demo-scripts";
 
 /// `text` broken at spaces into lines of at most `width` characters (a longer word stands
 /// alone), the lines after the first indented by two spaces.
