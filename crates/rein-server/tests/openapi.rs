@@ -1,4 +1,4 @@
-//! `GET /openapi.json` of `rein serve` as a process: an OpenAPI 3.1 document that a real
+//! `GET /openapi.json` of the server (in this test's process): an OpenAPI 3.1 document that a real
 //! validator accepts, that lists every endpoint of the API with its answers, and whose every
 //! operation is served (each one, called without a key, is refused as unauthorised rather than
 //! missing).
@@ -13,8 +13,7 @@ use std::process::{Command, Stdio};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_describes_every_endpoint_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = common::serve(dir.path(), &["--db", "rein.db"], &[]);
+    let server = common::serve("responses:\n  - text: unused\n").await;
     let http = reqwest::Client::new();
     let answer = http
         .get(format!("{}/openapi.json", server.base))
@@ -199,18 +198,11 @@ fn conforms(doc: &Value, (method, path, status, content): (&str, &str, u16, &str
 /// replayed, shown and listed; its events as the stream sends them; its trace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_answers_match_the_openapi_document() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("script.yaml"),
+    let server = common::serve(
         "responses:\n  - tool_calls: [{name: clock, arguments: {}}]\n  - text: It is late.\n",
     )
-    .unwrap();
-    let key = common::tenant_key(dir.path(), "acme");
-    let server = common::serve(
-        dir.path(),
-        &["--db", "rein.db", "--script", "script.yaml"],
-        &[],
-    );
+    .await;
+    let key = server.key.clone();
     let http = reqwest::Client::new();
     let base = &server.base;
     let doc: Value = http
