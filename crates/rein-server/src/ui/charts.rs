@@ -31,7 +31,7 @@ pub(super) fn waterfall(spans: &[Span]) -> Vec<WaterfallRow> {
         return Vec::new();
     };
     let end = spans.iter().map(|s| s.end_ms).max().unwrap_or(start);
-    let total = (end - start).max(1) as f64;
+    let total = end.saturating_sub(start).max(1) as f64;
     // Each span's depth under the run's span, computed once (a chain longer than the spans, a
     // cycle, cannot be: it stops there).
     let parents: HashMap<[u8; 8], Option<[u8; 8]>> =
@@ -66,18 +66,18 @@ pub(super) fn waterfall(spans: &[Span]) -> Vec<WaterfallRow> {
                 (None, None) => None,
                 (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
             };
-            let offset = (span.start_ms - start) as f64 / total * 100.0;
+            let offset = span.start_ms.saturating_sub(start) as f64 / total * 100.0;
             WaterfallRow {
                 name: span.name.clone(),
                 depth: depth(span),
                 offset: round(offset),
                 // Wide enough to see, and never past the axis's end.
                 width: round(
-                    ((span.end_ms - span.start_ms) as f64 / total * 100.0)
+                    (span.end_ms.saturating_sub(span.start_ms) as f64 / total * 100.0)
                         .max(0.4)
                         .min((100.0 - offset).max(0.0)),
                 ),
-                ms: span.end_ms - span.start_ms,
+                ms: span.end_ms.saturating_sub(span.start_ms),
                 tokens,
                 cost: match span.attribute("rein.cost_usd") {
                     Some(Value::Float(usd)) => Some(format!("{usd:.6}")),
