@@ -2,7 +2,7 @@
 //!
 //! Two engines behind one [`Store`] trait: SQLite, embedded, the default ([`SqliteStore`]),
 //! and PostgreSQL for several stateless workers on one database ([`PgStore`]). Both pass one
-//! conformance suite ([`conformance`], with the `testing` feature), which a third engine can run.
+//! conformance suite (`conformance`, with the `testing` feature), which a third engine can run.
 //!
 //! The event log is the source of truth; the `runs` row is a projection of it, brought up to
 //! date by the write that appends the events (`summary::Appended`, once per append, on both
@@ -81,7 +81,7 @@ pub enum StoreError {
 }
 
 /// A database driver's error, kept opaque so the drivers Rein uses stay its own business: it
-/// says what failed, and its source is the driver's own error.
+/// says what failed, and its source is what the driver says caused it.
 #[derive(Debug)]
 pub struct DriverError(Driver);
 
@@ -121,11 +121,13 @@ impl std::fmt::Display for DriverError {
 }
 
 impl std::error::Error for DriverError {
+    // The driver's error is shown by `Display` above, so the chain goes on with its cause, as it
+    // did when the driver's error itself was the variant.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.0 {
-            Driver::Sqlx(e) => Some(e),
-            Driver::Migrate(e) => Some(e),
-            Driver::Sqlite(e) => Some(e),
+            Driver::Sqlx(e) => e.source(),
+            Driver::Migrate(e) => e.source(),
+            Driver::Sqlite(e) => e.source(),
         }
     }
 }

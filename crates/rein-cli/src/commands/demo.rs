@@ -408,13 +408,7 @@ pub async fn run(store_args: &crate::StoreArgs) -> anyhow::Result<u8> {
         // An approved refund makes its call: the tools must answer where the run expects them.
         if on_example_port {
             say!(
-                "{}",
-                wrap(
-                    &format!(
-                        "Approving makes the held call: start the example tools first ({rein} demo --serve-tools &)."
-                    ),
-                    100
-                )
+                "Approving makes the held call; start the example tools first:\n  {rein} demo --serve-tools &"
             );
         } else {
             say!(

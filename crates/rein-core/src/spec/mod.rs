@@ -47,8 +47,8 @@ pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A model provider a spec may name (`provider/model`, or a map entry's `provider`): its name
 /// and the environment variable holding the operator's key for it, which only the operator's
-/// configured endpoint may receive. The core knows no provider: the program checking a spec
-/// passes the ones its adapters serve (`rein_providers::PROVIDERS`).
+/// configured endpoint may receive. The spec check knows no provider: the program checking a
+/// spec passes the ones its adapters serve (`rein_providers::PROVIDERS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProviderInfo {
     /// The name before the slash (`openai`, `anthropic`).

@@ -3,10 +3,12 @@
 //! turns them into one `#[tokio::test]` each for an engine, given how to make a fresh store.
 //!
 //! ```ignore
-//! async fn my_store() -> crate::conformance::Subject {
-//!     crate::conformance::Subject::new(std::sync::Arc::new(MyStore::open_fresh().await))
+//! // In the engine's tests, with `rein-store = { features = ["testing"] }` and `tokio` (its
+//! // `macros` and `rt-multi-thread` features) among the dev-dependencies:
+//! async fn my_store() -> rein_store::conformance::Subject {
+//!     rein_store::conformance::Subject::new(std::sync::Arc::new(MyStore::open_fresh().await))
 //! }
-//! crate::conformance_suite!(my_engine, super::my_store());
+//! rein_store::conformance_suite!(my_engine, super::my_store());
 //! ```
 //!
 //! Test support: it panics on the first broken expectation, as tests do.
@@ -71,7 +73,9 @@ impl Subject {
 
 /// One `#[tokio::test]` per conformance check for an engine: `conformance_suite!(name, make)`,
 /// where `make` is a future of a fresh [`Subject`] (evaluated inside the generated module, so a
-/// function of the calling module is `super::f()`).
+/// function of the calling module is `super::f()`). The calling crate needs `tokio` with its
+/// `macros` and `rt-multi-thread` features. A new check is added to the list below, or it does
+/// not run.
 #[macro_export]
 macro_rules! conformance_suite {
     ($engine:ident, $make:expr) => {
