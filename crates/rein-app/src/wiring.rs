@@ -98,9 +98,9 @@ pub fn model_for(
 }
 
 /// The runtime the configuration asks for: shared budgets, rate limits and breakers kept in
-/// Redis when `[counters]` names one, else in the embedded store. Worker specs may be files
-/// (a local user's runs); `rein serve` and `rein worker` replace them with registered agents
-/// only ([`WorkerSpecs::registered_only`]).
+/// Redis when `[counters]` names one, else in the embedded store. Its worker agents are
+/// registered agents only ([`WorkerSpecs::registered_only`]); a local user's run reads worker
+/// spec files by replacing them with [`WorkerSpecs::files_relative_to`].
 pub async fn runtime_for(
     config: &Config,
     store: &Arc<dyn Store>,
@@ -117,7 +117,7 @@ pub async fn runtime_for(
         ),
         None => store.clone(),
     };
-    let workers = WorkerSpecs::with_files(config, store, builtins.clone());
+    let workers = WorkerSpecs::registered_only(config, store, builtins.clone());
     let egress = rein_tools::Egress::new(config.egress.clone(), CONNECT_TIMEOUT)
         .map_err(|e| Error::unavailable("cannot build the HTTP client for tenants' calls", e))?;
     let secret_key =

@@ -25,11 +25,6 @@ pub struct WorkerSpecs {
 }
 
 impl WorkerSpecs {
-    /// File references relative to the working directory, and registered agents.
-    pub fn with_files(config: &Config, store: &Arc<dyn Store>, builtins: Builtins) -> Arc<Self> {
-        Self::files_relative_to(config, store, builtins, Path::new(""))
-    }
-
     /// File references relative to `dir` (the directory of the spec being run), and registered
     /// agents.
     pub fn files_relative_to(

@@ -635,7 +635,7 @@ impl Graph {
             if let Some(n) = node.max_visits {
                 let _ = write!(label, " ≤{n}");
             }
-            let label = label.replace('"', "#quot;");
+            let label = mermaid_label(&label);
             let shape = match node.kind {
                 NodeKind::Router { .. } => format!("{{\"{label}\"}}"),
                 NodeKind::Human { .. } => format!("[/\"{label}\"/]"),
@@ -649,7 +649,7 @@ impl Graph {
         for node in &self.nodes {
             for (to, label) in self.exits(node) {
                 let arrow = match label {
-                    Some(l) => format!("-->|\"{}\"|", l.replace('"', "#quot;")),
+                    Some(l) => format!("-->|\"{}\"|", mermaid_label(&l)),
                     None => "-->".to_string(),
                 };
                 let _ = writeln!(out, "    {} {arrow} {}", id(&node.name), id(&to));
@@ -731,6 +731,11 @@ fn unbounded_cycle(graph: &Graph) -> Option<Vec<String>> {
         }
     }
     None
+}
+
+/// `text` safe inside a Mermaid label's quotes.
+pub(crate) fn mermaid_label(text: &str) -> String {
+    text.replace('"', "#quot;")
 }
 
 #[cfg(test)]

@@ -633,12 +633,12 @@ pub(super) async fn run(
         serde_json::Value::String(text) => text,
         other => serde_json::to_string_pretty(&other).unwrap_or_default(),
     });
-    let input = rein_app::views::served(serde_json::Value::String(record.info.input.clone()));
+    let input = rein_core::sanitize::redacted_for_display(&record.info.input);
     Ok(app.ui.page(
         "run.html",
         context! {
             tenant => tenant.as_str(),
-            input => input.as_str().unwrap_or_default(),
+            input,
             output,
             handoff,
             waterfall => ser(&charts::waterfall(&spans)),

@@ -129,48 +129,6 @@ pub(crate) fn graph(spec: &Path, config: &ConfigArgs) -> anyhow::Result<u8> {
     let config = config::load(config.config.as_deref())?;
     let file = spec.display().to_string();
     let agent = parse_agent(&file, &read_file(spec)?, &config, &Builtins::standard())?;
-    match agent.spec.flow.graph() {
-        Some(graph) => say!("{}", graph.mermaid().trim_end()),
-        None => say!("{}", loop_mermaid(&agent).trim_end()),
-    }
+    say!("{}", agent.spec.mermaid().trim_end());
     Ok(exit::OK)
-}
-
-/// The Mermaid flowchart of an agent without an explicit graph: the model's loop over its
-/// tools (`react`), or a plan whose steps each run that loop (`plan_execute`).
-fn loop_mermaid(agent: &rein_core::Agent) -> String {
-    use std::fmt::Write as _;
-    let spec = &agent.spec;
-    let mut out = String::from("flowchart TD\n");
-    let caller = if spec.flow.plan().is_some() {
-        out.push_str(
-            "    input([input]) --> plan[plan]\n    plan --> step[execute the next step]\n",
-        );
-        out.push_str("    step -->|step done| step\n    step -->|step failed| plan\n");
-        out.push_str(
-            "    step -->|every step done| answer[answer]\n    answer --> output([output])\n",
-        );
-        "step"
-    } else {
-        let _ = writeln!(
-            out,
-            "    input([input]) --> model[\"{}\"]",
-            mermaid_text(&spec.model.primary.to_string())
-        );
-        out.push_str("    model -->|answer| output([output])\n");
-        "model"
-    };
-    for (i, tool) in spec.tools.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "    {caller} -->|call| tool{i}[[\"{}\"]]\n    tool{i} --> {caller}",
-            mermaid_text(&tool.name)
-        );
-    }
-    out
-}
-
-/// `text` safe inside a Mermaid label's quotes.
-fn mermaid_text(text: &str) -> String {
-    text.replace('"', "#quot;")
 }

@@ -5,7 +5,6 @@ use crate::{ConfigArgs, StoreArgs, exit};
 use anyhow::Context;
 use rein_app::admin::{ADMIN_KEY_ENV, admin_key_sha256};
 use rein_app::wiring::{http_client, open_store, runtime_for, scripted_model};
-use rein_app::workers::WorkerSpecs;
 use rein_providers::Model;
 use rein_server::{Parts, Server, runs_per_tenant};
 use rein_tools::Builtins;
@@ -63,11 +62,6 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .unwrap_or(Duration::from_secs(30));
     let runtime = runtime_for(&config, &store, builtins.clone(), http)
         .await?
-        .with_workers(WorkerSpecs::registered_only(
-            &config,
-            &store,
-            builtins.clone(),
-        ))
         .with_lease(lease)
         .with_runs_per_tenant(Some(runs_per_tenant(&config, workers)))
         // Its runs came over the API: one whose log predates the recorded author is a tenant's.

@@ -6,7 +6,6 @@ use crate::exit;
 use clap::Args;
 use rein_app::config;
 use rein_app::wiring::{http_client, open_store, runtime_for};
-use rein_app::workers::WorkerSpecs;
 use rein_providers::{Model, ProviderRouter};
 use rein_tools::Builtins;
 
@@ -39,9 +38,8 @@ pub(crate) async fn worker(args: WorkerArgs) -> anyhow::Result<u8> {
         Some(path) => Box::new(rein_app::wiring::scripted_model(path)?),
         None => Box::new(ProviderRouter::from_env(http.clone())),
     };
-    let runtime = runtime_for(&config, &store, builtins.clone(), http)
+    let runtime = runtime_for(&config, &store, builtins, http)
         .await?
-        .with_workers(WorkerSpecs::registered_only(&config, &store, builtins))
         .with_lease(args.lease)
         .with_runs_per_tenant(config.server.max_runs_per_tenant)
         // Its runs came over the API: one whose log predates the recorded author is a tenant's.

@@ -266,6 +266,46 @@ pub struct BuiltinToolInfo {
     pub input_schema: Value,
 }
 
+impl AgentSpec {
+    /// The agent's flow as a Mermaid flowchart: its state graph (`flow: graph`), or else the
+    /// model's loop over its tools (`react`), or a plan whose steps each run that loop
+    /// (`plan_execute`).
+    pub fn mermaid(&self) -> String {
+        use std::fmt::Write as _;
+        if let Some(graph) = self.flow.graph() {
+            return graph.mermaid();
+        }
+        let label = crate::graph::mermaid_label;
+        let mut out = String::from("flowchart TD\n");
+        let caller = if self.flow.plan().is_some() {
+            out.push_str(
+                "    input([input]) --> plan[plan]\n    plan --> step[execute the next step]\n",
+            );
+            out.push_str("    step -->|step done| step\n    step -->|step failed| plan\n");
+            out.push_str(
+                "    step -->|every step done| answer[answer]\n    answer --> output([output])\n",
+            );
+            "step"
+        } else {
+            let _ = writeln!(
+                out,
+                "    input([input]) --> model[\"{}\"]",
+                label(&self.model.primary.to_string())
+            );
+            out.push_str("    model -->|answer| output([output])\n");
+            "model"
+        };
+        for (i, tool) in self.tools.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "    {caller} -->|call| tool{i}[[\"{}\"]]\n    tool{i} --> {caller}",
+                label(&tool.name)
+            );
+        }
+        out
+    }
+}
+
 /// What checking a spec needs to know about the world outside the file.
 #[derive(Clone, Copy, Debug)]
 pub struct CheckContext<'a> {

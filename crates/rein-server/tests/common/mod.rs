@@ -47,11 +47,6 @@ pub async fn serve(script: &str) -> Api {
     let runtime = rein_app::wiring::runtime_for(&config, &store, builtins.clone(), http)
         .await
         .unwrap()
-        .with_workers(rein_app::workers::WorkerSpecs::registered_only(
-            &config,
-            &store,
-            builtins.clone(),
-        ))
         .with_unrecorded_trust(rein_core::Trust::Tenant);
     let tenant = TenantId::new("acme");
     store.create_tenant(&tenant, 0, "test").await.unwrap();
